@@ -1,0 +1,3 @@
+from llava_cli.cli import main
+
+main()

@@ -1,0 +1,125 @@
+"""Conversation: the history of a chat and how it is rendered into the model's prompt.
+
+A `Conversation` is a list of turns (the user's text, the images that turn added, the answer)
+plus an optional system text. It knows nothing about models: a `PromptFormat` renders it.
+
+`Llava15Format` writes the documented llava-1.5 format exactly:
+    [SYSTEM ]USER: <image>\n<prompt1> ASSISTANT: <answer1></s>USER: <prompt2> ASSISTANT:
+one `<image>` line per image, in the turn that added it. Other families use the checkpoint's own
+chat template (`ChatTemplateFormat`). The format is chosen from the checkpoint's config, never
+from its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llava_cli.images import ImageRef
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA15_TEXT_MODELS = {"llama", "mistral"}  # llava-1.5, bakLlava: the USER:/ASSISTANT: format
+
+
+@dataclass
+class Turn:
+    """One exchange: what the user said, the images it attached, and the answer once known."""
+
+    text: str
+    images: list[ImageRef] = field(default_factory=list)
+    answer: str | None = None
+
+
+@dataclass
+class Conversation:
+    """Multi-turn history; the last turn may be pending (asked, not yet answered)."""
+
+    system: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+
+    def ask(self, text: str, images: list[ImageRef] | None = None) -> Turn:
+        if self.pending:
+            raise ValueError("the last message has no answer yet")
+        turn = Turn(text=text, images=list(images or []))
+        self.turns.append(turn)
+        return turn
+
+    def answer(self, text: str) -> None:
+        if not self.pending:
+            raise ValueError("there is no message waiting for an answer")
+        self.turns[-1].answer = text.strip()
+
+    def discard_pending(self) -> Turn | None:
+        """Remove an unanswered last turn (after an error or Ctrl-C) and return it."""
+        return self.turns.pop() if self.pending else None
+
+    def clear(self) -> None:
+        self.turns.clear()
+
+    def without_oldest(self, count: int) -> Conversation:
+        """A view of this conversation with its `count` oldest turns left out."""
+        return Conversation(system=self.system, turns=self.turns[count:])
+
+    def drop_oldest(self, count: int) -> None:
+        del self.turns[:count]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.turns) and self.turns[-1].answer is None
+
+    @property
+    def images(self) -> list[ImageRef]:
+        """Every image in prompt order."""
+        return [image for turn in self.turns for image in turn.images]
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The history as Hugging Face chat messages, for `apply_chat_template`."""
+        messages: list[dict[str, Any]] = []
+        if self.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+        for turn in self.turns:
+            content = [{"type": "image"} for _ in turn.images] + [{"type": "text", "text": turn.text}]
+            messages.append({"role": "user", "content": content})
+            if turn.answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
+        return messages
+
+
+class PromptFormat(Protocol):
+    def render(self, conversation: Conversation) -> str:
+        """The full prompt text, ending where the model's answer begins."""
+        ...
+
+
+class Llava15Format:
+    """The llava-1.5 conversation format, exactly as the transformers documentation gives it."""
+
+    def render(self, conversation: Conversation) -> str:
+        parts = [f"{conversation.system} "] if conversation.system else []
+        for turn in conversation.turns:
+            images = f"{IMAGE_PLACEHOLDER}\n" * len(turn.images)
+            parts.append(f"USER: {images}{turn.text} ASSISTANT:")
+            if turn.answer is not None:
+                parts.append(f" {turn.answer}</s>")
+        return "".join(parts)
+
+
+class ChatTemplateFormat:
+    """The checkpoint's own chat template, through `processor.apply_chat_template`."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def render(self, conversation: Conversation) -> str:
+        return self.processor.apply_chat_template(
+            conversation.messages(), add_generation_prompt=True, tokenize=False
+        )
+
+
+def prompt_format_for(model_type: str, text_model_type: str, processor: Any) -> PromptFormat | None:
+    """Pick the format from the checkpoint's config.json; None when it has no usable one."""
+    if model_type == "llava" and text_model_type in LLAVA15_TEXT_MODELS:
+        return Llava15Format()
+    if getattr(processor, "chat_template", None):
+        return ChatTemplateFormat(processor)
+    return None

@@ -1,0 +1,135 @@
+"""Images: turn whatever the user points at into a clean RGB picture, or a one-line error.
+
+`load_image(path)` and `image_from_bytes(data, name)` return an `ImageRef`: the RGB image, the
+name the user gave it and a content digest (the generation cache keys images by it). Every way an
+image can be bad - missing, a directory, unreadable, not an image, truncated, a decompression
+bomb - raises `InputError`; nothing else escapes. Odd but valid images are made ordinary: the
+first frame of an animation, EXIF rotation applied, alpha composited on white, CMYK, palette,
+greyscale and 16-bit converted to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llava_cli.errors import InputError
+from llava_cli.settings import DEFAULT_MAX_IMAGE_PIXELS
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+MAX_IMAGE_BYTES = 200 * 1024 * 1024  # no real photo is this big; refuse before reading it all
+HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+BACKGROUND = (255, 255, 255)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".tga"}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image ready for the model, with where it came from and what it contains."""
+
+    name: str
+    digest: str
+    image: Image.Image = field(compare=False, repr=False)
+
+
+def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRef:
+    """Read the image file at `path`; raise `InputError` saying what is wrong with it."""
+    return image_from_bytes(read_image_file(Path(path)), path, max_pixels)
+
+
+def read_image_file(path: Path) -> bytes:
+    try:
+        if path.is_dir():
+            raise InputError(f"{path} is a directory, not an image")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise InputError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; is it really an image?")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except PermissionError:
+        raise InputError(f"cannot read {path}: permission denied") from None
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def image_from_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRef:
+    """Decode `data` into an RGB `ImageRef`; `name` is only used in messages."""
+    if not data:
+        raise InputError(f"{name} is empty, not an image")
+    return ImageRef(name=name, digest=hashlib.sha256(data).hexdigest(), image=decode(data, name, max_pixels))
+
+
+def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses bombs itself past twice this
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                check_size(img, name, max_pixels)
+                img.seek(0)  # animations: the first frame
+                img.load()
+                return to_rgb(img)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(f"{name} is too large to be a safe image (raise --max-image-pixels if you trust it)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name} is not an image Pillow can read (try PNG, JPEG, GIF, WebP, BMP or TIFF)") from None
+    except Exception as err:  # Pillow reports corrupt data with many exception types
+        raise InputError(f"{name} is truncated or corrupt ({err}); re-export or re-download it") from None
+
+
+def check_size(img: Image.Image, name: str, max_pixels: int) -> None:
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InputError(f"{name} has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(
+            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
+            "raise --max-image-pixels if you trust it"
+        )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Make any Pillow image an upright 8-bit RGB image."""
+    from PIL import Image, ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block only costs us the rotation
+        pass
+    if img.mode in HIGH_BIT_DEPTH_MODES:
+        img = to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Scale 16-bit, 32-bit or float greyscale to 0..255 instead of letting Pillow clip it."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(img, dtype=np.float64)
+    brightest = float(pixels.max()) if pixels.size else 0.0
+    full_scale = 65535.0 if brightest > 255 else 255.0 if brightest > 1 else 1.0
+    return Image.fromarray(np.clip(pixels * (255.0 / full_scale), 0, 255).astype(np.uint8), mode="L")
+
+
+
+def looks_like_image(arg: str) -> bool:
+    """True for an existing file or a name with an image extension (so a typo'd path is not a prompt)."""
+    if "\n" in arg:
+        return False
+    path = Path(arg).expanduser()
+    return path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES

@@ -1,0 +1,233 @@
+"""Model loading: from `--model` (a hub id or a folder) to a ready model, processor and prompt format.
+
+`load_model(settings)` returns a `LoadedModel` or raises `ModelError` with one line naming what was
+asked and what to do. A hub id already in the local Hugging Face cache loads with no network at
+all; only an id missing from the cache is fetched, with short timeouts. The checkpoint is checked
+before any weights are read (config, model type, weights, processor files), safetensors are
+loaded straight to the target device and dtype, and `trust_remote_code` is off unless asked for.
+This module never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_cli.conversation import PromptFormat, prompt_format_for
+from llava_cli.errors import LlavaError, ModelError, UsageError
+from llava_cli.settings import Settings
+
+SUPPORTED_MODEL_TYPES = {"llava"}
+HUB_TIMEOUT_S = "10"  # an unreachable hub must fail fast, not hang
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, and the facts about how it was loaded."""
+
+    name: str
+    model: Any
+    processor: Any
+    prompt_format: PromptFormat
+    device: str
+    dtype: str
+    load_seconds: float
+
+    @property
+    def context_window(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    started = time.perf_counter()
+    folder = resolve_model(settings.model)
+    config = read_config(settings.model, folder)
+    check_weights(settings.model, folder)
+    import torch
+
+    device = pick_device(settings.device, torch)
+    dtype = pick_dtype(settings.dtype, device, torch)
+    processor = load_processor(settings, folder)
+    text_model = (config.get("text_config") or {}).get("model_type", "llama")  # LlavaConfig's default
+    prompt_format = prompt_format_for(config["model_type"], text_model, processor)
+    if prompt_format is None:
+        raise ModelError(f"{settings.model} has no chat template and is not llava-1.5; it cannot be prompted")
+    model = load_weights(settings, folder, device, dtype, torch)
+    return LoadedModel(
+        name=settings.model,
+        model=model,
+        processor=processor,
+        prompt_format=prompt_format,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def resolve_model(name: str) -> Path:
+    """A local folder as is; a hub id from the local cache first, else downloaded."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"--model {name} is a file; point it at the checkpoint's folder")
+        return path
+    if looks_like_path(name):
+        raise ModelError(f"model folder not found: {name}")
+    return resolve_hub_id(name)
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", HUB_TIMEOUT_S)
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", HUB_TIMEOUT_S)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    if HF_HUB_OFFLINE:
+        raise ModelError(
+            f"{repo_id} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+            f"download it first (hf download {repo_id}) or pass a local folder"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS))
+    except Exception as err:
+        raise ModelError(describe_download_error(repo_id, err)) from None
+
+
+def describe_download_error(repo_id: str, err: Exception) -> str:
+    kind = type(err).__name__
+    if "RepositoryNotFound" in kind or "RevisionNotFound" in kind or "HFValidationError" in kind:
+        return f"model {repo_id!r} was not found on the Hugging Face hub nor in the local cache; check the id"
+    if "GatedRepo" in kind:
+        return f"{repo_id} is gated: accept its licence on the hub and log in (hf auth login)"
+    return (
+        f"{repo_id} is not in the local Hugging Face cache and the hub could not be reached; "
+        "connect to the internet once, or pass a local folder"
+    )
+
+
+def read_config(name: str, folder: Path) -> dict[str, Any]:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{name} has no config.json: it is not a Hugging Face model folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{name}/config.json cannot be read ({err}); re-download the model") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"{name} is a {model_type!r} model, not a LLaVA checkpoint (model_type 'llava'); "
+            "choose a LLaVA model such as llava-hf/llava-1.5-7b-hf"
+        )
+    return config
+
+
+def check_weights(name: str, folder: Path) -> None:
+    if any(folder.glob(pattern) for pattern in WEIGHT_PATTERNS):
+        return
+    if any(folder.glob(pattern) for pattern in PICKLE_PATTERNS):
+        raise ModelError(
+            f"{name} only has pickle (.bin) weights, which can run code when loaded; "
+            "convert them to safetensors or use a safetensors checkpoint"
+        )
+    raise ModelError(f"{name} has no weights (*.safetensors); the download is incomplete or the folder is wrong")
+
+
+def pick_device(requested: str, torch: Any) -> str:
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return requested
+
+
+def pick_dtype(requested: str, device: str, torch: Any) -> Any:
+    if requested == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def pick_attention(requested: str, device: str) -> str:
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def load_processor(settings: Settings, folder: Path) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"{settings.model}: its processor/tokenizer files cannot be loaded ({one_line(err)})") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not hasattr(processor, "image_processor"):
+        raise ModelError(f"{settings.model} has no image processor or tokenizer; it is not a complete LLaVA checkpoint")
+    image_token = getattr(processor, "image_token", "<image>")
+    if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
+        raise ModelError(f"{settings.model}: its tokenizer has no {image_token} token, so images cannot be placed")
+    return processor
+
+
+def quantization_config(settings: Settings, dtype: Any) -> Any:
+    if not (settings.load_4bit or settings.load_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("--load-4bit/--load-8bit need bitsandbytes: pip install 'llava-cli[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if settings.load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_weights(settings: Settings, folder: Path, device: str, dtype: Any, torch: Any) -> Any:
+    from transformers import LlavaForConditionalGeneration
+
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            folder,
+            dtype=dtype,
+            device_map=device,  # straight to the target device, no CPU float32 detour
+            attn_implementation=pick_attention(settings.attn, device),
+            quantization_config=quantization_config(settings, dtype),
+            use_safetensors=True,
+            trust_remote_code=settings.trust_remote_code,
+        )
+    except LlavaError:
+        raise
+    except torch.OutOfMemoryError:
+        raise LlavaError(
+            f"out of memory loading {settings.model}; try --load-4bit, --device cpu or a smaller model"
+        ) from None
+    except Exception as err:
+        raise ModelError(f"{settings.model} could not be loaded: {one_line(err)}") from None
+    return model.eval()
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,72 @@
+"""Settings: every knob a user can turn, validated once, in one frozen dataclass.
+
+Front-ends build a `Settings` from their options; `Settings(...)` raises `UsageError` with a
+one-line message for any bad value, so the rest of the program can trust what it is given.
+Change a value mid-session with `dataclasses.replace`, which validates again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llava_cli.errors import UsageError
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_TEMPERATURE = 0.0  # greedy: the same question gets the same answer
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # ~7000x7000; larger is almost surely a decompression bomb
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"--{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that shapes how the model is loaded and how it answers."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    load_4bit: bool = False
+    load_8bit: bool = False
+    trust_remote_code: bool = False
+    compile: bool = False
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int | None = None
+    system: str | None = None
+    max_context: int | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise UsageError("--model must name a hub id (org/name) or a local folder")
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("attn", self.attn, ATTENTION_BACKENDS)
+        if self.load_4bit and self.load_8bit:
+            raise UsageError("--load-4bit and --load-8bit exclude each other: pick one")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise UsageError(f"--temperature must be between 0 and 100 (got {self.temperature})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be between 0 and 2**63-1 (got {self.seed})")
+        if self.max_context is not None and self.max_context < 16:
+            raise UsageError(f"--max-context must be at least 16 tokens (got {self.max_context})")
+        if self.max_image_pixels < 1:
+            raise UsageError(f"--max-image-pixels must be positive (got {self.max_image_pixels})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

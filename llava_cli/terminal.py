@@ -1,0 +1,52 @@
+"""Terminal output: consoles that respect pipes and NO_COLOR, and text made safe to show.
+
+Model output and file names are untrusted: on a terminal they are shown with control and escape
+sequences removed (`safe_for_terminal`), so an answer cannot recolour, retitle, hyperlink, write to
+the clipboard or hide text with carriage returns. Piped output is left byte-for-byte as generated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# ESC-introduced sequences (CSI, OSC, DCS...) first, then any other C0/C1 control except \n and \t.
+ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves
+    r"|\x1b[\]PX^_].*?(?:\x07|\x1b\\|\x9c|$)"  # OSC/DCS/PM/APC up to their terminator
+    r"|\x1b[@-Z\\-_]?"  # other two-byte escapes, or a lone ESC
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]",
+    re.DOTALL,
+)
+
+
+def safe_for_terminal(text: str) -> str:
+    return ESCAPE_SEQUENCE.sub("", text)
+
+
+def is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def make_console(stream: IO[str] | None = None) -> Console:
+    """A Rich console on `stream` (stdout by default) with colour only for a terminal without NO_COLOR."""
+    from rich.console import Console
+
+    stream = stream or sys.stdout
+    colour = is_terminal(stream) and "NO_COLOR" not in os.environ
+    return Console(
+        file=stream,
+        no_color=not colour,
+        color_system="auto" if colour else None,
+        highlight=False,
+        soft_wrap=True,
+        emoji=False,
+    )

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random LLaVA checkpoint (as a folder and as a hub cache), test images,
+a plain-transformers reference, and a runner for the real `llava` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_checkpoint import build_checkpoint, lay_out_hub_cache
+
+HUB_ID = "llava-tests/tiny-llava"
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def hf_home(tiny_model, tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("hf-home")
+    lay_out_hub_cache(tiny_model, home, HUB_ID)
+    return home
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("images")
+    for index, (name, colour) in enumerate(COLOURS.items()):
+        image = Image.new("RGB", (48 + 16 * index, 40), colour)
+        ImageDraw.Draw(image).ellipse((4, 4, 30, 30), fill=(255, 255, 255))
+        image.save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def images(image_dir) -> dict[str, Path]:
+    return {name: image_dir / f"{name}.png" for name in COLOURS}
+
+
+def render_llava15(turns: list[tuple[str, int, str | None]], system: str | None = None) -> str:
+    """The documented llava-1.5 format, written out independently of llava_cli:
+    USER: <image>\\n<prompt1> ASSISTANT: <answer1></s>USER: <prompt2> ASSISTANT:"""
+    prompt = f"{system} " if system else ""
+    for text, image_count, answer in turns:
+        prompt += "USER: " + "<image>\n" * image_count + text + " ASSISTANT:"
+        if answer is not None:
+            prompt += " " + answer + "</s>"
+    return prompt
+
+
+class Reference:
+    """Plain transformers greedy generation on the full prompt: the answers llava-cli must match."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+
+    def answer(self, prompt: str, image_paths: list[Path], max_new_tokens: int) -> str:
+        from PIL import Image
+
+        pictures = [Image.open(path).convert("RGB") for path in image_paths] or None
+        inputs = self.processor(text=prompt, images=pictures, return_tensors="pt")
+        output = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        return self.processor.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model) -> Reference:
+    return Reference(tiny_model)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "LLAVA_MODEL", "LLAVA_DEBUG")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_llava(*args: str, stdin: bytes | str | None = b"", env: dict[str, str] | None = None, timeout: float = 120):
+    """Run the real command line in a subprocess; returns CompletedProcess with text output."""
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_cli", *map(str, args)],
+        input=data,
+        capture_output=True,
+        env=env or cli_env(),
+        timeout=timeout,
+    )
+    result.stdout_text = result.stdout.decode("utf-8", errors="replace")
+    result.stderr_text = result.stderr.decode("utf-8", errors="replace")
+    return result

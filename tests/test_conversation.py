@@ -1,0 +1,42 @@
+from llava_cli.conversation import Conversation, Llava15Format
+from llava_cli.images import ImageRef
+
+from conftest import render_llava15
+
+
+def image(name: str) -> ImageRef:
+    return ImageRef(name=name, digest=name, image=None)
+
+
+def test_llava15_format_matches_the_documented_multi_turn_prompt():
+    conversation = Conversation()
+    conversation.ask("What is shown?", [image("a")])
+    conversation.answer("  A red stop sign.\n")
+    conversation.ask("And now?", [image("b"), image("c")])
+    conversation.answer("Two cats.")
+    conversation.ask("Which is larger?")
+
+    expected = (
+        "USER: <image>\nWhat is shown? ASSISTANT: A red stop sign.</s>"
+        "USER: <image>\n<image>\nAnd now? ASSISTANT: Two cats.</s>"
+        "USER: Which is larger? ASSISTANT:"
+    )
+    assert Llava15Format().render(conversation) == expected
+    assert expected == render_llava15([("What is shown?", 1, "A red stop sign."), ("And now?", 2, "Two cats."), ("Which is larger?", 0, None)])
+
+
+def test_system_text_goes_before_the_first_user_turn():
+    conversation = Conversation(system="Answer briefly.")
+    conversation.ask("hi")
+    assert Llava15Format().render(conversation) == "Answer briefly. USER: hi ASSISTANT:"
+
+
+def test_images_are_listed_in_prompt_order_and_pending_turns_can_be_discarded():
+    conversation = Conversation()
+    conversation.ask("one", [image("a")])
+    conversation.answer("x")
+    conversation.ask("two", [image("b")])
+    assert [i.name for i in conversation.images] == ["a", "b"]
+    turn = conversation.discard_pending()
+    assert turn.text == "two" and [i.name for i in conversation.images] == ["a"]
+    assert not conversation.pending

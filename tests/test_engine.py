@@ -1,0 +1,134 @@
+"""The engine against plain transformers: identical greedy answers, with the KV cache reused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import render_llava15
+from llava_cli.conversation import Conversation
+from llava_cli.engine import Engine
+from llava_cli.errors import ContextError
+from llava_cli.images import load_image
+from llava_cli.loader import load_model
+from llava_cli.settings import Settings
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model) -> Settings:
+    return Settings(model=str(tiny_model), max_new_tokens=MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def loaded(settings):
+    return load_model(settings)
+
+
+@pytest.fixture
+def engine(loaded):
+    notes: list[str] = []
+    engine = Engine(loaded, notify=notes.append)
+    engine.notes = notes
+    return engine
+
+
+def chat(engine, settings, conversation, reference, script, system=None):
+    """Run `script` [(text, [image paths])] through the engine and the reference; return stats per turn."""
+    history = [(turn.text, len(turn.images), turn.answer) for turn in conversation.turns]
+    paths, stats = [image.name for image in conversation.images], []
+    for text, image_paths in script:
+        conversation.ask(text, [load_image(str(p)) for p in image_paths])
+        chunks = list(engine.generate(conversation, settings))
+        answer = conversation.turns[-1].answer
+        paths += map(str, image_paths)
+        expected = reference.answer(render_llava15(history + [(text, len(image_paths), None)], system), paths, settings.max_new_tokens)
+        assert answer == expected, f"turn {len(history) + 1}"
+        assert "".join(chunks) == answer
+        history.append((text, len(image_paths), answer))
+        stats.append(engine.last_stats)
+    return stats
+
+
+def test_six_turns_three_images_equal_plain_transformers_and_reuse_the_cache(engine, settings, reference, images):
+    script = [
+        ("What is in this picture?", [images["red"]]),
+        ("Describe the colours.", []),
+        ("Compare these two.", [images["green"], images["blue"]]),
+        ("Which one is brightest?", []),
+        ("Now look at this one again.", [images["red"]]),
+        ("Summarise everything.", []),
+    ]
+    stats = chat(engine, settings, Conversation(), reference, script)
+    assert stats[0].cached_tokens == 0
+    for previous, current in zip(stats, stats[1:]):
+        # Everything up to the previous answer is reused; at most that answer is re-run.
+        assert current.cached_tokens >= previous.prompt_tokens
+        assert current.prompt_tokens > current.cached_tokens
+
+
+def test_system_text_and_answers_match_reference(engine, settings, reference, images):
+    script = [("hello", [images["blue"]]), ("and again?", [])]
+    chat(engine, dataclasses.replace(settings, system="Be brief."), Conversation(system="Be brief."), reference, script, system="Be brief.")
+
+
+def test_a_different_image_in_the_same_place_is_not_taken_from_the_cache(engine, settings, reference, images):
+    chat(engine, settings, Conversation(), reference, [("what is this?", [images["red"]])])
+    # Same text, same token ids, different pixels: the cache must not serve the red image's keys.
+    stats = chat(engine, settings, Conversation(), reference, [("what is this?", [images["green"]])])
+    assert stats[0].cached_tokens <= 5  # at most the text before the image
+
+
+def test_editing_history_invalidates_only_what_changed(engine, settings, reference, images):
+    conversation = Conversation()
+    chat(engine, settings, conversation, reference, [("first", [images["red"]]), ("second", [])])
+    conversation.system = "Changed system text."
+    stats = chat(engine, settings, conversation, reference, [("third", [])], system="Changed system text.")
+    # The old history is kept in the prompt but the cache is not trusted: the image had to run again.
+    assert 0 < stats[0].cached_tokens < 5
+    assert conversation.turns[0].answer is not None
+
+
+def test_old_turns_are_dropped_to_fit_the_context_window(engine, loaded, images, reference):
+    settings = Settings(model=loaded.name, max_new_tokens=MAX_NEW, max_context=80)
+    conversation = Conversation()
+    for text in ["first question here", "second question", "third question please", "fourth"]:
+        conversation.ask(text, [load_image(str(images["red"]))] if text == "fourth" else [])
+        list(engine.generate(conversation, settings))
+        assert engine.last_stats.prompt_tokens + min(MAX_NEW, 40) <= 80
+    assert engine.notes and "dropped" in engine.notes[0]
+    assert engine.last_stats.dropped_turns >= 1
+    # What is left is answered exactly as plain transformers answers that shorter history.
+    kept = [(t.text, len(t.images), t.answer) for t in conversation.turns]
+    expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW)
+    assert conversation.turns[-1].answer == expected
+
+
+def test_a_message_too_long_for_the_window_is_refused_and_the_conversation_kept(engine, loaded):
+    settings = Settings(model=loaded.name, max_new_tokens=MAX_NEW, max_context=40)
+    conversation = Conversation()
+    conversation.ask("short")
+    list(engine.generate(conversation, settings))
+    conversation.ask("word " * 200)
+    with pytest.raises(ContextError, match="context window is 40"):
+        list(engine.generate(conversation, settings))
+    assert [t.text for t in conversation.turns] == ["short", "word " * 200]
+    conversation.discard_pending()
+    conversation.ask("still works")
+    assert list(engine.generate(conversation, settings)) is not None
+    assert conversation.turns[-1].answer is not None
+
+
+def test_sampling_with_a_seed_is_repeatable(engine, loaded):
+    settings = Settings(model=loaded.name, max_new_tokens=MAX_NEW, temperature=1.5, top_p=0.9, seed=7)
+    answers = []
+    for _ in range(2):
+        conversation = Conversation()
+        conversation.ask("tell me something")
+        answers.append("".join(engine.generate(conversation, settings)))
+    assert answers[0] == answers[1]
+    greedy = Conversation()
+    greedy.ask("tell me something")
+    assert "".join(engine.generate(greedy, dataclasses.replace(settings, temperature=0.0))) != answers[0]
