@@ -2,29 +2,45 @@
 
 stdout carries only the answer (streamed, newline-terminated) or, with --json, one JSON object;
 everything else goes to stderr. Images are checked before the model loads, so a bad path fails fast.
+With --each or --from-file, `batch.py` answers the question for every image separately instead.
+A single answer is saved as a conversation (store.py); `-c` continues the last saved one.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from llava_cli.conversation import Conversation
+from llava_cli.engine import stats_line
 from llava_cli.errors import InputError, UsageError
-from llava_cli.images import ImageRef, image_from_bytes, load_image, looks_like_image
+from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_stream
 from llava_cli.session import start_engine
 from llava_cli.settings import Settings
-from llava_cli.terminal import is_terminal
+from llava_cli.store import Recorder, SessionOptions, open_conversation
+from llava_cli.terminal import is_terminal, shown
+from llava_cli.urls import open_image
+
+if TYPE_CHECKING:
+    from llava_cli.batch import AskOptions
 
 STDIN = "-"
 
 
-def split_images_and_prompt(args: list[str]) -> tuple[list[str], str | None]:
-    """`IMAGE... [PROMPT]`: the last argument is the prompt unless it is `-` or looks like an image."""
+def split_images_and_prompt(
+    args: list[str], prompt: str | None = None, images_optional: bool = False
+) -> tuple[list[str], str | None]:
+    """`IMAGE... [PROMPT]`: the last argument is the prompt unless it is `-` or looks like an image
+    (with -p/--prompt, every argument is an image). `images_optional` (-c): `[IMAGE...] [PROMPT]`."""
     if not args:
+        if images_optional:
+            return [], prompt
         raise UsageError("give at least one image: llava ask IMAGE... [PROMPT]")
+    if prompt is not None:
+        return args, prompt
     *images, last = args
-    if not images:
+    if not images and not images_optional:
         return [last], None
     if last == STDIN:
         return images, None
@@ -48,30 +64,75 @@ def load_images(names: list[str], settings: Settings, stdin_taken: bool) -> list
         if name == STDIN:
             if stdin_taken:
                 raise UsageError("stdin can carry the image or the prompt, not both; give the prompt as an argument")
-            images.append(image_from_bytes(sys.stdin.buffer.read(), "<stdin>", settings.max_image_pixels))
+            images.append(image_from_bytes(read_image_from_stdin(), "<stdin>", settings.max_image_pixels))
         else:
-            images.append(load_image(name, settings.max_image_pixels))
+            images.append(open_image(name, settings.max_image_pixels))
     return images
 
 
-def run_ask(args: list[str], settings: Settings, as_json: bool) -> int:
-    image_names, prompt = split_images_and_prompt(args)
+def read_image_from_stdin() -> bytes:
+    if is_terminal(sys.stdin):
+        raise UsageError("'-' reads the image from stdin, but stdin is a terminal: pipe the image in")
+    return read_stream(sys.stdin.buffer, "<stdin>")
+
+
+def run_ask(
+    args: list[str],
+    settings: Settings,
+    as_json: bool,
+    options: AskOptions | None = None,
+    sessions: SessionOptions = SessionOptions(),
+) -> int:
+    """One question about the images; with --each or --from-file, one answer per image (batch.py)."""
+    from llava_cli.batch import AskOptions, run_batch, sigterm_as_interrupt
+
+    options = options or AskOptions(json=as_json)
+    with sigterm_as_interrupt():
+        if options.is_batch:
+            if sessions.resume:
+                raise UsageError("-c continues one conversation; it does not go with --each or --from-file")
+            return run_batch(args, settings, options)  # many separate answers are not saved as conversations
+        return answer_once(args, settings, options, sessions)
+
+
+def answer_once(args: list[str], settings: Settings, options: AskOptions, sessions: SessionOptions = SessionOptions()) -> int:
+    opened = open_conversation(settings, sessions)
+    settings = opened.settings
+    for note in opened.notes:
+        print(f"llava: note: {shown(note, sys.stderr)}", file=sys.stderr)
+    image_names, prompt = split_images_and_prompt(args, options.prompt, images_optional=sessions.resume)
     prompt_from_stdin = prompt is None
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
     engine = start_engine(settings)
-    conversation = Conversation(system=settings.system)
+    conversation = opened.conversation or Conversation(system=settings.system)
     conversation.ask(prompt, images)
     chunks = engine.generate(conversation, settings)
-    if as_json:
+    if options.format != "text":  # json and jsonl: one answer is one JSON object on one line
         answer = "".join(chunks)
-        record = {"answer": answer, "model": settings.model, "images": image_names, **engine.last_stats.as_dict()}
-        print(json.dumps(record, ensure_ascii=False))
+        session = save_answer(opened.recorder, conversation, settings)
+        record = {"answer": answer, "model": settings.model, "images": image_names, "session": session, **engine.last_stats.as_dict()}
+        print(shown(json.dumps(record, ensure_ascii=False), sys.stdout, settings.raw))
     else:
-        for chunk in chunks:
-            sys.stdout.write(chunk)
+        for chunk in chunks:  # on a terminal, escape sequences in the answer are removed unless --raw
+            sys.stdout.write(shown(chunk, sys.stdout, settings.raw))
             sys.stdout.flush()
         sys.stdout.write("\n")
+        save_answer(opened.recorder, conversation, settings)
     sys.stdout.flush()
+    if settings.verbose:
+        print(stats_line(engine.last_stats.as_dict()), file=sys.stderr)
     return 0
+
+
+def save_answer(recorder: Recorder | None, conversation: Conversation, settings: Settings) -> str | None:
+    """Save the conversation; its id, or None when not saved (--no-save, or a warning on stderr)."""
+    if recorder is None:
+        return None
+    try:
+        recorder.save(conversation, settings)
+    except OSError as err:
+        print(f"llava: warning: the conversation could not be saved: {err.strerror or err}", file=sys.stderr)
+        return None
+    return recorder.session_id

@@ -5,6 +5,10 @@ a `ChatIO`. `TerminalIO` gives a prompt-toolkit input line and streams the answe
 `PipeIO` reads one message per line from stdin and writes each answer as a plain line (or a JSON
 object per line with --json). A failed message leaves the conversation as it was, images attached
 to it included, and the loop goes on; Ctrl-C stops an answer and returns to the prompt.
+
+After each answer the conversation is saved through a `Recorder` (store.py); a save that fails
+(disk full, read-only folder) is reported once and the chat goes on. The commands beyond the
+basics (/retry, /undo, /set, /save, /load, /copy...) live in commands.py, mixed into `ChatLoop`.
 """
 
 from __future__ import annotations
@@ -12,31 +16,26 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
-from typing import Protocol
+from typing import Any, Protocol
 
+from llava_cli.commands import QUIT_COMMANDS, ReplCommands, suggestion
 from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
+from llava_cli.engine import Engine, stats_line
 from llava_cli.errors import InputError, LlavaError
 from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.settings import Settings
-from llava_cli.terminal import is_terminal, make_console, safe_for_terminal
+from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
+from llava_cli.terminal import is_terminal, make_console, safe_for_terminal, shown
 
-HELP = """\
-Type a message and press Enter. Commands:
-  /image PATH [PATH...] [question]  attach images to the next message (or ask about them now)
-  /clear                            forget the conversation and attached images
-  /stats                            figures for the last answer
-  /help                             this help
-  /quit                             leave (Ctrl-D too)
-Start a message with // to send text that begins with /. Ctrl-C stops an answer."""
 # A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
 PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
 
 
 class ChatIO(Protocol):
     interactive: bool  # a person is there: Ctrl-C stops an answer instead of the program
+    markdown: bool  # render answers as Markdown (only a terminal does)
 
     def read(self) -> str | None: ...
     def stream(self, chunks: Iterator[str]) -> None: ...
@@ -60,37 +59,68 @@ def split_image_command(argument: str) -> tuple[list[str], str]:
 
 
 def unescape(token: str) -> str:
+    """A typed path as meant: backslash escapes removed; a dragged-in file:// URL made a path."""
+    if token.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(token).path)
     return re.sub(r"\\(.)", r"\1", token)
 
 
-class ChatLoop:
-    """The conversation, the images waiting for the next message, and the slash commands."""
+class ChatLoop(ReplCommands):
+    """The conversation, the images waiting for the next message, and the slash commands.
 
-    def __init__(self, engine: Engine, settings: Settings, io: ChatIO) -> None:
+    `recorder` saves the conversation after each answer (None: not saved); `conversation` is
+    history to continue (a resumed conversation), else a new one starts.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        io: ChatIO,
+        recorder: Recorder | None = None,
+        conversation: Conversation | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.io = io
-        self.conversation = Conversation(system=settings.system)
+        self.recorder = recorder
+        self.conversation = conversation or Conversation(system=settings.system)
+        self.context_tokens: int | None = None if conversation else 0  # after the last answer
         self.attached: list[ImageRef] = []
         self.failures = 0
+        self.save_problem: str | None = None  # the last save failure reported, so it is said once
         self.commands = {
             "image": self.attach,
             "clear": self.clear,
             "stats": self.stats,
-            "help": lambda _: self.io.info(HELP),
+            "help": self.help,
+            "retry": self.retry,
+            "undo": self.undo,
+            "system": self.system,
+            "set": self.set_option,
+            "show": self.show,
+            "images": self.images,
+            "save": self.save,
+            "load": self.load,
+            "markdown": self.markdown,
+            "copy": self.copy,
         }
 
     def run(self, initial_images: list[str]) -> int:
-        """Chat until /quit or end of input; return 1 if any message failed, else 0."""
+        """Chat until /quit or end of input; return 1 if a piped message failed, else 0.
+
+        At a terminal the person saw each error and chatted on, so leaving is a success."""
         if initial_images:
             self.attach_paths(initial_images)
         while (line := self.io.read()) is not None:
             line = line.strip()
-            if line in ("/quit", "/exit", "/bye"):
+            if line.startswith("/") and line[1:] in QUIT_COMMANDS:
                 break
             if line:
                 self.handle(line)
-        return 1 if self.failures else 0
+        return 1 if self.failures and not self.io.interactive else 0
 
     def handle(self, line: str) -> None:
         try:
@@ -108,7 +138,8 @@ class ChatLoop:
     def command(self, name: str, argument: str) -> None:
         action = self.commands.get(name)
         if action is None:
-            raise InputError(f"unknown command /{name}; /help lists the commands")
+            hint = suggestion(name, [*self.commands, *QUIT_COMMANDS], prefix="/")
+            raise InputError(f"unknown command /{name}{hint} (/help lists the commands)")
         action(argument)
 
     def attach(self, argument: str) -> None:
@@ -129,6 +160,9 @@ class ChatLoop:
         self.conversation.clear()
         self.attached.clear()
         self.engine.reset()
+        self.context_tokens = 0
+        if self.recorder is not None:
+            self.recorder.switch(None)  # the old conversation stays saved; a new file starts
         self.io.info("conversation cleared")
 
     def stats(self, _: str) -> None:
@@ -138,20 +172,46 @@ class ChatLoop:
     def send(self, text: str) -> None:
         self.conversation.ask(text, self.attached)
         self.attached = []
+        self.respond(self.restore_pending, "answer stopped; the message was not added to the conversation")
+
+    def respond(self, undo: Callable[[], None], stopped: str) -> None:
+        """Answer the pending turn, then save; on failure or Ctrl-C, `undo` puts things back."""
         try:
             with closing(self.engine.generate(self.conversation, self.settings)) as chunks:
                 self.io.stream(chunks)
         except KeyboardInterrupt:
-            self.restore_pending()
+            undo()
             if not self.io.interactive:
                 raise
-            self.io.info("answer stopped; the message was not added to the conversation")
+            self.io.info(stopped)
             return
         except BaseException:
-            self.restore_pending()
+            undo()
             raise
-        self.io.answered(self.conversation.turns[-1].answer or "", self.engine.last_stats.as_dict())
+        figures = self.engine.last_stats.as_dict()
+        self.context_tokens = figures["prompt_tokens"] + figures["completion_tokens"]
+        self.io.answered(self.conversation.turns[-1].answer or "", figures)
+        self.autosave()
 
+    def autosave(self) -> None:
+        """Save the conversation if it is recorded; a failure is reported once and the chat goes on."""
+        if self.recorder is None or not (self.conversation.turns or self.recorder.path):
+            return
+        try:
+            self.recorder.save(self.conversation, self.settings)
+        except OSError as err:
+            problem = f"{err.strerror or err} ({err.filename or self.recorder.store.folder})"
+            if problem != self.save_problem:
+                self.io.error(f"the conversation could not be saved: {problem}; the chat goes on")
+            self.save_problem = problem
+        else:
+            self.save_problem = None
+
+    def status_line(self) -> str:
+        """The bottom toolbar: model, context used, temperature, and the conversation's id or name."""
+        saved = self.recorder.name or self.recorder.session_id if self.recorder else None
+        parts = [self.settings.model, f"context {self.context_summary()}", f"temperature {self.settings.temperature}"]
+        return " " + " · ".join(parts + ([saved] if saved else []))
 
     def restore_pending(self) -> None:
         """Take back an unanswered message; its images wait for the next one, so nothing is lost."""
@@ -164,9 +224,12 @@ class PipeIO:
     """Messages from stdin, one per line; answers on stdout as text lines or JSON lines."""
 
     interactive = False
+    markdown = False  # a script gets the answer as generated; /markdown changes nothing here
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, raw: bool = False, verbose: bool = False) -> None:
         self.as_json = as_json
+        self.verbose = verbose  # a stats line on stderr after each answer
+        self.raw = raw  # stdout may still be a terminal (`echo hi | llava chat`)
 
     def read(self) -> str | None:
         line = sys.stdin.readline()
@@ -178,18 +241,21 @@ class PipeIO:
                 pass
             return
         for chunk in chunks:
-            sys.stdout.write(chunk)
+            sys.stdout.write(shown(chunk, sys.stdout, self.raw))
             sys.stdout.flush()
 
     def answered(self, answer: str, stats: dict) -> None:
-        sys.stdout.write(json.dumps({"answer": answer, **stats}, ensure_ascii=False) + "\n" if self.as_json else "\n")
+        line = json.dumps({"answer": answer, **stats}, ensure_ascii=False) if self.as_json else ""
+        sys.stdout.write(shown(line, sys.stdout, self.raw) + "\n")
         sys.stdout.flush()
+        if self.verbose:
+            print(stats_line(stats), file=sys.stderr)
 
     def info(self, message: str) -> None:
         pass  # chatter would corrupt the transcript a script reads
 
     def error(self, message: str) -> None:
-        print(f"llava: error: {message}", file=sys.stderr)
+        print(f"llava: error: {shown(message, sys.stderr)}", file=sys.stderr)
 
 
 class TerminalIO:
@@ -197,48 +263,71 @@ class TerminalIO:
 
     interactive = True
 
-    def __init__(self, settings: Settings) -> None:
-        from prompt_toolkit import PromptSession
+    def __init__(self, settings: Settings, markdown: bool = True, **streams: Any) -> None:
+        """`streams` (input=, output=) are prompt-toolkit's, for tests."""
+        from llava_cli.inputline import make_prompt_session
 
         self.console = make_console()
         self.settings = settings
-        self.session: PromptSession = PromptSession()
+        self.markdown = markdown and not settings.raw  # --raw: the answer exactly as generated
+        self.command_names: list[str] = []  # for Tab completion; run_chat fills it in
+        self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; run_chat connects it
+        self.session = make_prompt_session(
+            data_dir() / "input-history", lambda: self.command_names, lambda: self.status(), **streams
+        )
 
     def read(self) -> str | None:
+        from llava_cli.inputline import message_text
+
         while True:
             try:
-                return self.session.prompt(">>> ")
+                return message_text(self.session.prompt(">>> "))
             except KeyboardInterrupt:
                 continue  # like a shell: Ctrl-C clears the line
             except EOFError:
                 return None
 
     def stream(self, chunks: Iterator[str]) -> None:
+        if self.markdown:
+            from llava_cli.render import stream_markdown
+
+            stream_markdown(self.console, chunks, lambda chunk: shown(chunk, self.console.file))
+            return
         try:
             for chunk in chunks:
-                self.console.print(safe_for_terminal(chunk), end="", markup=False)
+                self.console.print(shown(chunk, self.console.file, self.settings.raw), end="", markup=False)
         finally:
             self.console.print()
 
     def answered(self, answer: str, stats: dict) -> None:
         if self.settings.verbose:
-            self.info(f"{stats['completion_tokens']} tokens, {stats['tokens_per_s']} tok/s, ttft {stats['ttft_s']}s")
+            self.info(stats_line(stats))
 
     def info(self, message: str) -> None:
         self.console.print(message, style="dim", markup=False)
 
     def error(self, message: str) -> None:
-        self.console.print(f"error: {message}", style="bold red", markup=False)
+        self.console.print(f"error: {safe_for_terminal(message)}", style="bold red", markup=False)
 
 
-def run_chat(settings: Settings, images: list[str], as_json: bool) -> int:
+def run_chat(
+    settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions = SessionOptions(), markdown: bool = True
+) -> int:
     from llava_cli.session import start_engine
 
     for path in images:  # fail before the slow model load
         load_image(path, settings.max_image_pixels)
+    opened = open_conversation(settings, sessions)  # a resumed conversation is checked before loading, too
+    settings = opened.settings
+    for note in opened.notes:
+        print(f"note: {note}", file=sys.stderr)
     engine = start_engine(settings)
     interactive = is_terminal(sys.stdin) and is_terminal(sys.stdout) and not as_json
-    io: ChatIO = TerminalIO(settings) if interactive else PipeIO(as_json)
-    if interactive:
+    io: ChatIO = TerminalIO(settings, markdown) if interactive else PipeIO(as_json, settings.raw, settings.verbose)
+    loop = ChatLoop(engine, settings, io, opened.recorder, opened.conversation)
+    if isinstance(io, TerminalIO):
+        io.command_names, io.status = [*loop.commands, *QUIT_COMMANDS], loop.status_line
         io.info(f"{settings.model} on {engine.loaded.device}. /help for commands, /quit to leave.")
-    return ChatLoop(engine, settings, io).run(images)
+        if opened.conversation:
+            loop.recap()
+    return loop.run(images)

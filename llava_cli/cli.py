@@ -16,18 +16,23 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from llava_cli import __version__
-from llava_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, LlavaError
+from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, UsageError, one_line
 from llava_cli.settings import (
     ATTENTION_BACKENDS,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_REQUEST_MB,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
+    DEFAULT_SERVER_HOST,
+    DEFAULT_SERVER_PORT,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     DEVICES,
     DTYPES,
     Settings,
 )
+from llava_cli.terminal import shown
 
 app = typer.Typer(
     help="Talk to LLaVA vision-language models on your own machine.",
@@ -44,76 +49,213 @@ def option(*names: str, help: str, **kwargs: Any) -> Any:
 
 MODEL_HELP = "Model options"
 GENERATION_HELP = "Generation options"
+BATCH_HELP = "Many images (one answer each)"
+SESSION_HELP = "Saved conversations"
+NO_SAVE = typer.Option("--no-save", help="Do not save this conversation (nor update a resumed one).", rich_help_panel=SESSION_HELP)
+DROP_MISSING = typer.Option("--drop-missing-images", help="Continue a conversation without its images that have vanished or changed.", rich_help_panel=SESSION_HELP)
 # name -> (type, default, typer.Option): the options every command takes, in --help order.
 SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
     "model": (str, DEFAULT_MODEL, option("--model", "-m", envvar="LLAVA_MODEL", help="Hub id (org/name) or local folder.", rich_help_panel=MODEL_HELP)),
     "device": (str, "auto", option("--device", help=f"{'|'.join(DEVICES)}; auto picks CUDA when present.", rich_help_panel=MODEL_HELP)),
     "dtype": (str, "auto", option("--dtype", help=f"{'|'.join(DTYPES)}; auto is float16 on GPU, float32 on CPU.", rich_help_panel=MODEL_HELP)),
     "attn": (str, "auto", option("--attn", help=f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", rich_help_panel=MODEL_HELP)),
+    "compile": (bool, False, option("--compile", help="Static KV cache + torch.compile for faster decoding in long chats; the first answer pays for compiling.", rich_help_panel=MODEL_HELP)),
     "load_4bit": (bool, False, option("--load-4bit", help="Quantize to 4-bit NF4 with bitsandbytes.", rich_help_panel=MODEL_HELP)),
     "load_8bit": (bool, False, option("--load-8bit", help="Quantize to 8-bit with bitsandbytes.", rich_help_panel=MODEL_HELP)),
     "trust_remote_code": (bool, False, option("--trust-remote-code", help="Run Python code shipped in the model repo. Only for repos you trust.", rich_help_panel=MODEL_HELP)),
+    "allow_pickle": (bool, False, option("--allow-pickle", help="Load pickle (.bin) weights, which can run code. Only for repos you trust.", rich_help_panel=MODEL_HELP)),
     "max_image_pixels": (int, DEFAULT_MAX_IMAGE_PIXELS, option("--max-image-pixels", help="Refuse larger images (decompression-bomb guard).", rich_help_panel=MODEL_HELP)),
     "temperature": (float, DEFAULT_TEMPERATURE, option("--temperature", "-t", help="0 is greedy (deterministic).", rich_help_panel=GENERATION_HELP)),
     "top_p": (float, DEFAULT_TOP_P, option("--top-p", help="Nucleus sampling threshold (with temperature > 0).", rich_help_panel=GENERATION_HELP)),
     "max_new_tokens": (int, DEFAULT_MAX_NEW_TOKENS, option("--max-new-tokens", "-n", help="Longest answer, in tokens.", rich_help_panel=GENERATION_HELP)),
     "seed": (Optional[int], None, option("--seed", help="Seed for sampling, for repeatable answers.", rich_help_panel=GENERATION_HELP)),
     "system": (Optional[str], None, option("--system", help="System text placed before the first message.", rich_help_panel=GENERATION_HELP)),
+    "chat_template": (Optional[str], None, option("--chat-template", metavar="FILE", help="Jinja chat template (or chat_template.json) to prompt with, instead of the model's own.", rich_help_panel=GENERATION_HELP)),
     "max_context": (Optional[int], None, option("--max-context", help="Use at most this many tokens of context.", rich_help_panel=GENERATION_HELP)),
+    "raw": (bool, False, option("--raw", help="Write model output to a terminal unfiltered (escape sequences included).")),
     "verbose": (bool, False, option("--verbose", "-v", help="Show library warnings, load details and per-answer figures on stderr.")),
 }
 
 
-def with_settings(command: Callable[..., int]) -> Callable[..., None]:
+SERVER_HELP = "Answer through a server"
+# The commands that can answer through a server (ask, chat) also take these; `llava serve` does not.
+CLIENT_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
+    "server": (Optional[str], None, option("--server", envvar="LLAVA_SERVER", metavar="URL", help="Send the conversation to this OpenAI-compatible server (llava serve, vLLM, llama.cpp, Ollama) instead of loading the model.", rich_help_panel=SERVER_HELP)),
+    "no_server": (bool, False, option("--no-server", envvar="LLAVA_NO_SERVER", help="Load the model here: ignore --server, LLAVA_SERVER and any running llava serve.", rich_help_panel=SERVER_HELP)),
+}
+
+
+def with_settings(command: Callable[..., int], options: dict[str, tuple[Any, Any, Any]] = SHARED_OPTIONS) -> Callable[..., None]:
     """Give `command` the shared options; it receives them as one validated `settings` argument."""
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
     shared = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
-        for name, (kind, default, info) in SHARED_OPTIONS.items()
+        for name, (kind, default, info) in options.items()
     ]
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
-        settings = Settings(**{name: kwargs.pop(name) for name in SHARED_OPTIONS})
-        raise typer.Exit(command(settings=settings, **kwargs))
+        settings = Settings(**{name: kwargs.pop(name) for name in options})
+        try:
+            code = command(settings=settings, **kwargs)
+        except BrokenPipeError:  # handled here: click would turn it into exit 1
+            code = close_broken_pipe()
+        raise typer.Exit(code)
 
     wrapper.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
     return wrapper
 
 
+def given_options(ctx: typer.Context) -> frozenset[str]:
+    """The shared options typed on the command line: a resumed conversation keeps its own values for the rest."""
+    return frozenset(name for name in SHARED_OPTIONS if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE")
+
+
+def with_client_settings(command: Callable[..., int]) -> Callable[..., None]:
+    """`with_settings` plus --server/--no-server."""
+    return with_settings(command, SHARED_OPTIONS | CLIENT_OPTIONS)
+
+
 @app.command()
-@with_settings
+@with_client_settings
 def ask(
-    args: Annotated[list[str], typer.Argument(metavar="IMAGE... [PROMPT]", help="Images, then the question. No question, or '-', reads it from stdin.", show_default=False)],
+    ctx: typer.Context,
+    args: Annotated[list[str], typer.Argument(metavar="IMAGE... [PROMPT]", help="Images (files, http(s) URLs, '-' for stdin), then the question. No question, or '-', reads it from stdin.", show_default=False)] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, token counts, timings.")] = False,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The question; then every argument is an image.")] = None,
+    output_format: Annotated[Optional[str], typer.Option("--output-format", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
+    each: Annotated[bool, typer.Option("--each", help="Ask the question of each image separately: one answer (JSON line) per image.", rich_help_panel=BATCH_HELP)] = False,
+    from_file: Annotated[Optional[str], typer.Option("--from-file", metavar="FILE", help="Image paths or URLs, one per line ('-': stdin); implies --each.", rich_help_panel=BATCH_HELP)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Append JSON lines to FILE; a rerun skips images already answered there.", rich_help_panel=BATCH_HELP)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images answered together in one pass (same greedy answers, more throughput).", rich_help_panel=BATCH_HELP)] = DEFAULT_BATCH_SIZE,
+    continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation (chat or ask): images become optional.", rich_help_panel=SESSION_HELP)] = False,
+    no_save: Annotated[bool, NO_SAVE] = False,
+    drop_missing_images: Annotated[bool, DROP_MISSING] = False,
     settings: Settings = Settings(),
 ) -> int:
-    """Answer one question about one or more images, on stdout.
+    """Answer one question about one or more images, on stdout; --each: about every image separately.
 
     llava ask photo.jpg "what is in this picture?"
 
     echo "describe it" | llava ask photo.jpg --json | jq -r .answer
+
+    llava ask --each photos/*.jpg -p "describe it" -o captions.jsonl
+
+    llava ask -c "and what colour is it?"
     """
     from llava_cli.ask import run_ask
+    from llava_cli.batch import AskOptions
+    from llava_cli.store import SessionOptions
 
-    return run_ask(args, settings, json_output)
+    options = AskOptions(json=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)
+    sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=given_options(ctx))
+    return run_ask(args, settings, json_output, options, sessions)
 
 
 @app.command()
-@with_settings
+@with_client_settings
 def chat(
+    ctx: typer.Context,
+    session: Annotated[Optional[str], typer.Argument(metavar="ID", help="With --resume: the conversation's id or name (default: the last one).", show_default=False)] = None,
     images: Annotated[list[str], typer.Option("--image", "-i", help="Image for the first message (repeatable).")] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Without a terminal: one JSON object per answer per line.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", "-r", help="Continue a saved conversation: the last one, or ID.", rich_help_panel=SESSION_HELP)] = False,
+    no_save: Annotated[bool, NO_SAVE] = False,
+    drop_missing_images: Annotated[bool, DROP_MISSING] = False,
+    no_markdown: Annotated[bool, typer.Option("--no-markdown", help="Show answers as plain text, not rendered Markdown.")] = False,
     settings: Settings = Settings(),
 ) -> int:
     """Chat with the model; /image PATH adds pictures, /help lists commands.
 
     Without a terminal, reads one message per line from stdin and prints each answer on a line.
+    Every conversation is saved; `llava chat --resume` continues the last one.
     """
     from llava_cli.chat import run_chat
+    from llava_cli.store import SessionOptions
 
-    return run_chat(settings, images, json_output)
+    if session is not None and not resume:
+        raise UsageError(f"to continue conversation {session}, add --resume: llava chat --resume {session}")
+    sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=given_options(ctx))
+    return run_chat(settings, images, json_output, sessions, markdown=not no_markdown)
+
+
+@app.command()
+@with_settings
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVA_API_KEY", metavar="KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every request.")] = None,
+    max_request_mb: Annotated[int, typer.Option("--max-request-mb", help="Refuse larger request bodies (images included).")] = DEFAULT_MAX_REQUEST_MB,
+    settings: Settings = Settings(),
+) -> int:
+    """Keep the model loaded and serve the OpenAI chat-completions API on http://HOST:PORT/v1.
+
+    llava serve --model llava-hf/llava-1.5-7b-hf
+
+    `llava ask` and `llava chat` on this machine then use it by themselves; with --server URL from anywhere, as does any OpenAI client with base_url URL/v1.
+
+    Generation options are the defaults for requests. Ctrl-C stops it (exit 130), SIGTERM too (exit 0).
+    """
+    from llava_cli.server import run_serve
+
+    return run_serve(settings, host, port, api_key, max_request_mb)
+
+
+@app.command()
+def models(
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list: model, family, size_bytes, offline, missing.")] = False,
+) -> None:
+    """List the LLaVA-family checkpoints in the local Hugging Face cache, and whether each loads offline.
+
+    The cache is HF_HUB_CACHE, else HF_HOME/hub (~/.cache/huggingface/hub). Nothing is downloaded.
+    """
+    from llava_cli.models import run_models
+
+    raise typer.Exit(run_models(json_output))
+
+
+sessions_app = typer.Typer(help="List, show, export and remove saved conversations.", no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
+SESSION_REF = typer.Argument(metavar="ID", help="A conversation's id, unique id prefix, or name.", show_default=False)
+
+
+@sessions_app.command("list")
+def sessions_list(json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
+    """Saved conversations, newest first: id, date, turns, model, name, first words."""
+    from llava_cli.sessions import list_sessions
+
+    raise typer.Exit(list_sessions(json_output))
+
+
+@sessions_app.command("show")
+def sessions_show(
+    ref: Annotated[str, SESSION_REF],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the saved file's JSON.")] = False,
+) -> None:
+    """The transcript of a saved conversation."""
+    from llava_cli.sessions import show_session
+
+    raise typer.Exit(show_session(ref, json_output))
+
+
+@sessions_app.command("rm")
+def sessions_rm(ref: Annotated[str, SESSION_REF]) -> None:
+    """Delete a saved conversation."""
+    from llava_cli.sessions import remove_session
+
+    raise typer.Exit(remove_session(ref))
+
+
+@sessions_app.command("export")
+def sessions_export(
+    ref: Annotated[str, SESSION_REF],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="markdown|json")] = "markdown",
+) -> None:
+    """A saved conversation as a Markdown document or as JSON, on stdout."""
+    from llava_cli.sessions import export_session
+
+    raise typer.Exit(export_session(ref, fmt))
 
 
 def show_version(value: bool) -> None:
@@ -131,26 +273,43 @@ def root(
 
 def main() -> None:
     """Entry point: one line on stderr and a meaningful exit code for every failure."""
-    import click
-
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     try:
         code = typer.main.get_command(app).main(prog_name="llava", standalone_mode=False)
     except LlavaError as err:
-        if os.environ.get("LLAVA_DEBUG"):
-            raise
-        print(f"llava: error: {err}", file=sys.stderr)
-        code = err.exit_code
-    except click.exceptions.Exit as exit_:
+        code = report(err, str(err), err.exit_code)
+    except typer.Exit as exit_:
         code = exit_.exit_code
-    except click.ClickException as err:
-        err.show()
-        code = err.exit_code or EXIT_USAGE
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except typer.TyperException as err:  # typer's own click: bad option values, unknown options or commands
+        show_usage_error(err)
+        code = EXIT_USAGE
+    except (typer.Abort, KeyboardInterrupt):
         print(file=sys.stderr)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
         code = close_broken_pipe()
+    except Exception as err:  # a bug: still one line, and the way to a traceback for the report
+        message = f"unexpected {type(err).__name__}: {one_line(err)} (LLAVA_DEBUG=1 shows the traceback; please report it)"
+        code = report(err, message, EXIT_FAILURE)
     sys.exit(code or 0)
+
+
+def show_usage_error(err: Exception) -> None:
+    """Click's usage, hint and `Error: ...` lines (the message stripped of escapes on a terminal)."""
+    show = getattr(err, "show", None)
+    if callable(show):
+        show()
+    else:
+        print(f"Error: {shown(str(err), sys.stderr)}", file=sys.stderr)
+
+
+def report(err: Exception, message: str, code: int) -> int:
+    """One line on stderr (escape sequences stripped on a terminal); with LLAVA_DEBUG set, the traceback instead."""
+    if os.environ.get("LLAVA_DEBUG"):
+        raise err
+    print(f"llava: error: {shown(message, sys.stderr)}", file=sys.stderr)
+    return code
 
 
 def close_broken_pipe() -> int:

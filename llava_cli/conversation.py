@@ -12,9 +12,11 @@ from its name.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from llava_cli.errors import InputError, one_line
 from llava_cli.images import ImageRef
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -28,6 +30,7 @@ class Turn:
     text: str
     images: list[ImageRef] = field(default_factory=list)
     answer: str | None = None
+    answered_at: float | None = field(default=None, compare=False)  # epoch seconds, for saved conversations
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Conversation:
         if not self.pending:
             raise ValueError("there is no message waiting for an answer")
         self.turns[-1].answer = text.strip()
+        self.turns[-1].answered_at = time.time()
 
     def discard_pending(self) -> Turn | None:
         """Remove an unanswered last turn (after an error or Ctrl-C) and return it."""
@@ -111,9 +115,14 @@ class ChatTemplateFormat:
         self.processor = processor
 
     def render(self, conversation: Conversation) -> str:
-        return self.processor.apply_chat_template(
-            conversation.messages(), add_generation_prompt=True, tokenize=False
-        )
+        """The template's text; a template that refuses the conversation (many reject a system
+        message, or turns that do not alternate) raises `InputError` with its reason."""
+        try:
+            return self.processor.apply_chat_template(
+                conversation.messages(), add_generation_prompt=True, tokenize=False
+            )
+        except Exception as err:  # jinja2 errors, and the template's own raise_exception(...)
+            raise InputError(f"the chat template cannot render this conversation: {one_line(err)}") from None
 
 
 def prompt_format_for(model_type: str, text_model_type: str, processor: Any) -> PromptFormat | None:

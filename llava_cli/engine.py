@@ -9,11 +9,17 @@ Cache reuse: the engine keeps the KV cache of the tokens it has already run, wit
 and the digests of the images they hold. A new prompt keeps the longest common prefix (never
 splitting an image, never trusting an image whose content changed), drops the rest of the cache
 and runs only the new tokens; the vision tower sees only images that are not in the cache. Greedy
-answers are therefore the ones plain `model.generate` gives for the full prompt.
+answers are therefore the ones plain `model.generate` gives for the full prompt. How the model runs
+over the cache is a `ForwardPath` (forward.py): the default eager one, or `--compile`'s static
+cache with compiled decode steps, chosen from the settings of each `generate` call.
 
 Context: when history plus room for an answer would overflow the window, the oldest whole turns
 are dropped (reported through `notify`); a message that cannot fit alone raises `ContextError`
 and leaves the conversation as it was.
+
+Out of GPU memory in a forward: the cache is freed (`free_memory`) and `ResourceError` raised, naming
+the options that help; the conversation keeps its unanswered turn for the caller, as on any error.
+Prompt text becomes ids through prompting.py, where user text can never become a control token.
 """
 
 from __future__ import annotations
@@ -23,11 +29,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llava_cli.conversation import IMAGE_PLACEHOLDER, Conversation
-from llava_cli.errors import ContextError, InputError
+from llava_cli.conversation import Conversation
+from llava_cli.errors import ContextError, ResourceError
+from llava_cli.forward import EagerPath, ForwardPath, forward_path
 from llava_cli.images import ImageRef
 from llava_cli.loader import LoadedModel
+from llava_cli.prompting import expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
+from llava_cli.vision import VisionInputs
+
+
+OUT_OF_MEMORY = (
+    "out of memory while answering; try --load-4bit, a smaller --max-context, a shorter conversation "
+    "(/clear) or a smaller model"
+)
 
 
 @dataclass
@@ -49,6 +64,16 @@ class Stats:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
+def stats_line(figures: dict[str, Any]) -> str:
+    """One line of an answer's figures (`Stats.as_dict()`), as `--verbose` shows them on stderr."""
+    return (
+        f"stats: {figures['prompt_tokens']} prompt tokens ({figures['cached_tokens']} cached), "
+        f"first token {figures['ttft_s']:.3f}s, {figures['completion_tokens']} tokens at "
+        f"{figures['tokens_per_s']:.1f} tokens/s, {figures['seconds']:.2f}s in all, "
+        f"peak memory {figures['peak_memory_mb']:.0f} MB"
+    )
+
+
 @dataclass
 class Prompt:
     """A rendered, tokenized prompt and where each of its images sits in it."""
@@ -58,13 +83,20 @@ class Prompt:
     image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens
 
 
+def image_keys(prompt: Prompt) -> list[tuple[str, tuple[int, int]]]:
+    """Each image of `prompt` as the cache identifies it: content digest and token span."""
+    return [(image.digest, span) for image, span in zip(prompt.images, prompt.image_spans)]
+
+
 @dataclass
 class PrefixCache:
     """The KV cache and exactly which tokens and images it holds."""
 
     kv: Any = None
     ids: list[int] = field(default_factory=list)
-    image_digests: list[str] = field(default_factory=list)
+    # Each cached image as `image_keys` gives it: its content and the tokens its features fill (OneVision
+    # encodes the same picture with fewer tokens once a prompt holds several, so content alone is not enough).
+    images: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
 
     def reusable_prefix(self, prompt: Prompt) -> int:
         """How many leading tokens of `prompt` the cache already holds, ending on an image boundary."""
@@ -73,10 +105,10 @@ class PrefixCache:
             if cached != new:
                 break
             keep += 1
-        for index, (start, end) in enumerate(prompt.image_spans):
+        for index, (digest, (start, end)) in enumerate(image_keys(prompt)):
             if start >= keep:
                 break
-            same_image = index < len(self.image_digests) and self.image_digests[index] == prompt.images[index].digest
+            same_image = index < len(self.images) and self.images[index] == (digest, (start, end))
             if not same_image or end > keep:
                 return start
         return keep
@@ -86,10 +118,10 @@ class PrefixCache:
         if drop and self.kv is not None:
             self.kv.crop(-drop)
         del self.ids[keep:]
-        self.image_digests = [image.digest for image, (_, end) in zip(prompt.images, prompt.image_spans) if end <= keep]
+        self.images = [(digest, span) for digest, span in image_keys(prompt) if span[1] <= keep]
 
     def reset(self) -> None:
-        self.kv, self.ids, self.image_digests = None, [], []
+        self.kv, self.ids, self.images = None, [], []
 
 
 class TextStream:
@@ -175,9 +207,10 @@ class Engine:
         self.tokenizer = loaded.processor.tokenizer
         self.notify = notify
         self.cache = PrefixCache()
-        self.pixel_memo: dict[str, Any] = {}
+        self.vision = VisionInputs(loaded.processor)
         self.last_stats = Stats(load_s=loaded.load_seconds)
         self.eos_ids = self.end_of_sequence_ids()
+        self.path: ForwardPath = EagerPath(self.model)
 
     def end_of_sequence_ids(self) -> set[int]:
         configured = self.model.generation_config.eos_token_id
@@ -192,22 +225,29 @@ class Engine:
     def reset(self) -> None:
         """Forget the cache (after /clear, or when memory must be freed)."""
         self.cache.reset()
-        self.pixel_memo.clear()
+        self.vision.clear()
+
+    def use_path_for(self, settings: Settings) -> None:
+        """Switch to the forward path `settings` asks for (`--compile` or not); a switch empties the cache."""
+        window = self.context_window(settings)
+        if not self.path.suits(settings.compile, window):
+            self.cache.reset()
+            self.path = forward_path(self.model, settings.compile, window)
 
     def generate(self, conversation: Conversation, settings: Settings) -> Iterator[str]:
         started = time.perf_counter()
         self.reset_peak_memory()
         stats = Stats(load_s=self.loaded.load_seconds)
+        self.use_path_for(settings)
         prompt, stats.dropped_turns = self.fit(conversation, settings)
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
-        new_images = [image for image, (start, _) in zip(prompt.images, prompt.image_spans) if start >= keep]
         budget = min(settings.max_new_tokens, self.context_window(settings) - len(prompt.ids))
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
-        logits = self.run(prompt.ids[keep:], self.pixel_values(new_images))
-        self.cache.image_digests = [image.digest for image in prompt.images]
+        logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
+        self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
         stats.finish_reason = "length"
         for step in range(budget):
@@ -220,7 +260,7 @@ class Engine:
             if chunk:
                 yield chunk
             if step + 1 < budget:
-                logits = self.run([token], None)
+                logits = self.run([token], {})
         if tail := stream.finish():
             yield tail
         conversation.answer(stream.text)
@@ -232,6 +272,8 @@ class Engine:
 
     def fit(self, conversation: Conversation, settings: Settings) -> tuple[Prompt, int]:
         """Encode the conversation, dropping its oldest turns until it fits the context window."""
+        if not conversation.pending:
+            raise ValueError("generate() needs a conversation whose last message awaits an answer")
         window = self.context_window(settings)
         answer_room = min(settings.max_new_tokens, window // 2)
         for dropped in range(len(conversation.turns)):
@@ -249,22 +291,12 @@ class Engine:
         return prompt, dropped
 
     def encode(self, conversation: Conversation) -> Prompt:
-        """Render and tokenize once, expanding each image placeholder to its image tokens."""
-        text = self.loaded.prompt_format.render(conversation)
+        """Render, widen each image placeholder to its image tokens, tokenize (user text stays text)."""
         images = conversation.images
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        if len(pieces) - 1 != len(images):
-            raise InputError(f"the text {IMAGE_PLACEHOLDER} cannot be used in a message; it is reserved for images")
-        counts = self.image_token_counts(images)
-        expanded = pieces[0] + "".join(IMAGE_PLACEHOLDER * n + piece for n, piece in zip(counts, pieces[1:]))
-        ids = self.tokenizer(expanded)["input_ids"]
+        segments = render_segments(self.loaded.prompt_format, conversation)
+        counts = self.vision.token_counts(images)
+        ids = tokenize(self.tokenizer, expand_images(segments, self.processor.image_token, counts))
         return Prompt(ids=ids, images=images, image_spans=self.image_spans(ids, counts))
-
-    def image_token_counts(self, images: list[ImageRef]) -> list[int]:
-        if not images:
-            return []
-        sizes = [(image.image.height, image.image.width) for image in images]
-        return list(self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
 
     def image_spans(self, ids: list[int], counts: list[int]) -> list[tuple[int, int]]:
         image_id = self.model.config.image_token_id
@@ -275,43 +307,39 @@ class Engine:
             offset += count
         return spans
 
-    def pixel_values(self, images: list[ImageRef]) -> Any:
-        """Preprocess each image once per engine (memoized by content) and stack the new ones."""
-        if not images:
-            return None
-        import torch
+    def image_inputs(self, prompt: Prompt, keep: int) -> dict[str, Any]:
+        """The forward's image arguments for the images after the first `keep` tokens, on the model's device."""
+        cached = sum(1 for start, _ in prompt.image_spans if start < keep)
+        inputs = self.vision.model_inputs(prompt.images, skip=cached)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return {name: value.to(self.model.device) for name, value in inputs.items()}
 
-        for image in images:
-            if image.digest not in self.pixel_memo:
-                processed = self.processor.image_processor(images=[image.image], return_tensors="pt")
-                self.pixel_memo[image.digest] = processed["pixel_values"]
-        stacked = torch.cat([self.pixel_memo[image.digest] for image in images])
-        return stacked.to(self.model.device, self.model.dtype)
-
-    def run(self, ids: list[int], pixel_values: Any) -> Any:
-        """Run `ids` after what is cached and return the logits for the next token."""
-        import torch
-        from transformers import DynamicCache
-
+    def run(self, ids: list[int], image_inputs: dict[str, Any]) -> Any:
+        """Run `ids` (and the images in `image_inputs`) after what is cached; the logits for the next token."""
         if self.cache.kv is None:
-            self.cache.kv = DynamicCache(config=self.model.config.text_config)
-        start = len(self.cache.ids)
-        extra = {"pixel_values": pixel_values} if pixel_values is not None else {}
+            self.cache.kv = self.path.new_cache()
         try:
-            with torch.inference_mode():
-                output = self.model(
-                    input_ids=torch.tensor([ids], device=self.model.device),
-                    position_ids=torch.arange(start, start + len(ids), device=self.model.device).unsqueeze(0),
-                    cache=self.cache.kv,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **extra,
-                )
-        except BaseException:
+            logits = self.path(self.cache.kv, ids, len(self.cache.ids), image_inputs)
+        except BaseException as err:
             self.cache.reset()  # an interrupted forward may have updated only some layers
+            import torch
+
+            if isinstance(err, torch.OutOfMemoryError):
+                self.free_memory()
+                raise ResourceError(OUT_OF_MEMORY) from None
             raise
         self.cache.ids.extend(ids)
-        return output.logits[0, -1]
+        return logits
+
+    def free_memory(self) -> None:
+        """Give back what the cache and the image memo hold, so the next message has room."""
+        self.reset()
+        self.path = EagerPath(self.model)  # and a --compile cache; the next answer makes it again if asked
+        if self.loaded.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
     def reset_peak_memory(self) -> None:
         if self.loaded.device == "cuda":

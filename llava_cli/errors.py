@@ -35,7 +35,23 @@ class ModelError(LlavaError):
     exit_code = EXIT_USAGE
 
 
+class ResourceError(LlavaError):
+    """The machine ran out of something (GPU memory) while working; a smaller job may succeed."""
+
+
 class ContextError(LlavaError):
     """A message does not fit the model's context window even on its own."""
 
     exit_code = EXIT_USAGE
+
+
+class SessionError(LlavaError):
+    """A saved conversation cannot be found, read or continued."""
+
+    exit_code = EXIT_USAGE
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can be long), or its type name."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import select
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
-from llava_cli.errors import InputError
+from llava_cli.errors import InputError, one_line
 from llava_cli.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
     from PIL import Image
 
 MAX_IMAGE_BYTES = 200 * 1024 * 1024  # no real photo is this big; refuse before reading it all
+STDIN_IDLE_TIMEOUT_S = 60.0  # a pipe that sends nothing for this long is stuck, not slow
+READ_CHUNK = 1 << 16
 HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 BACKGROUND = (255, 255, 255)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".tga"}
@@ -36,11 +40,13 @@ class ImageRef:
     name: str
     digest: str
     image: Image.Image = field(compare=False, repr=False)
+    path: str | None = field(default=None, compare=False)  # absolute path of the file; None if not from a file
 
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRef:
     """Read the image file at `path`; raise `InputError` saying what is wrong with it."""
-    return image_from_bytes(read_image_file(Path(path)), path, max_pixels)
+    file = Path(path).expanduser()
+    return replace(image_from_bytes(read_image_file(file), path, max_pixels), path=os.path.abspath(file))
 
 
 def read_image_file(path: Path) -> bytes:
@@ -56,6 +62,25 @@ def read_image_file(path: Path) -> bytes:
         raise InputError(f"cannot read {path}: permission denied") from None
     except OSError as err:
         raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def read_stream(
+    stream: BinaryIO, name: str, max_bytes: int = MAX_IMAGE_BYTES, idle_timeout: float = STDIN_IDLE_TIMEOUT_S
+) -> bytes:
+    """Read a pipe (stdin) to its end: at most `max_bytes`, giving up when it sends nothing for `idle_timeout` s."""
+    fd = stream.fileno()
+    chunks, size = [], 0
+    while True:
+        ready, _, _ = select.select([fd], [], [], idle_timeout)
+        if not ready:
+            raise InputError(f"nothing arrived on {name} for {idle_timeout:g} s; pipe the image in (cat photo.png | llava ask - ...)")
+        chunk = os.read(fd, READ_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise InputError(f"{name} is larger than {max_bytes // 2**20} MiB; is it really an image?")
+        chunks.append(chunk)
 
 
 def image_from_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRef:
@@ -84,7 +109,7 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise InputError(f"{name} is not an image Pillow can read (try PNG, JPEG, GIF, WebP, BMP or TIFF)") from None
     except Exception as err:  # Pillow reports corrupt data with many exception types
-        raise InputError(f"{name} is truncated or corrupt ({err}); re-export or re-download it") from None
+        raise InputError(f"{name} is truncated or corrupt ({one_line(err)}); re-export or re-download it") from None
 
 
 def check_size(img: Image.Image, name: str, max_pixels: int) -> None:
@@ -121,9 +146,13 @@ def to_8bit(img: Image.Image) -> Image.Image:
     from PIL import Image
 
     pixels = np.asarray(img, dtype=np.float64)
-    brightest = float(pixels.max()) if pixels.size else 0.0
-    full_scale = 65535.0 if brightest > 255 else 255.0 if brightest > 1 else 1.0
-    return Image.fromarray(np.clip(pixels * (255.0 / full_scale), 0, 255).astype(np.uint8), mode="L")
+    if img.mode.startswith("I;16"):  # declared 16-bit: a dark picture must stay dark
+        full_scale = 65535.0
+    else:  # 32-bit integer or float say nothing of their range: judge by the brightest pixel
+        brightest = float(pixels.max()) if pixels.size else 0.0
+        full_scale = 65535.0 if brightest > 255 else 255.0 if brightest > 1 else 1.0
+    scaled = np.rint(pixels * (255.0 / full_scale))
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
 
 
 
@@ -132,4 +161,7 @@ def looks_like_image(arg: str) -> bool:
     if "\n" in arg:
         return False
     path = Path(arg).expanduser()
-    return path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        return path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES
+    except (OSError, ValueError):  # a long prompt is no valid file name at all
+        return False

@@ -5,7 +5,9 @@ asked and what to do. A hub id already in the local Hugging Face cache loads wit
 all; only an id missing from the cache is fetched, with short timeouts. The checkpoint is checked
 before any weights are read (config, model type, weights, processor files), safetensors are
 loaded straight to the target device and dtype, and `trust_remote_code` is off unless asked for.
-This module never prints.
+The transformers class comes from config.json's `model_type` (`SUPPORTED_MODEL_TYPES`), the prompt
+format from `--chat-template`, else the family (`prompt_format_for`), and is checked to render a
+message with an image before any weights are read. This module never prints.
 """
 
 from __future__ import annotations
@@ -17,11 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli.conversation import PromptFormat, prompt_format_for
-from llava_cli.errors import LlavaError, ModelError, UsageError
+from llava_cli.conversation import LLAVA15_TEXT_MODELS, ChatTemplateFormat, Conversation, PromptFormat, prompt_format_for
+from llava_cli.errors import LlavaError, ModelError, UsageError, one_line
+from llava_cli.images import ImageRef
 from llava_cli.settings import Settings
 
-SUPPORTED_MODEL_TYPES = {"llava"}
+# config.json's model_type -> the transformers class made for it (never chosen from the model's name)
+SUPPORTED_MODEL_TYPES = {
+    "llava": "LlavaForConditionalGeneration",  # llava-1.5, bakLlava, llava-interleave
+    "llava_next": "LlavaNextForConditionalGeneration",  # llava-v1.6 (LLaVA-NeXT)
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+}
+FAMILIES = {"llava_next": "llava-next", "llava_onevision": "llava-onevision", "llava_next_video": "llava-next-video"}
+NEEDS_TORCHVISION = {"llava_onevision", "llava_next_video"}  # transformers builds their video processors with it
 HUB_TIMEOUT_S = "10"  # an unreachable hub must fail fast, not hang
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
@@ -49,17 +60,16 @@ def load_model(settings: Settings) -> LoadedModel:
     started = time.perf_counter()
     folder = resolve_model(settings.model)
     config = read_config(settings.model, folder)
-    check_weights(settings.model, folder)
+    check_weights(settings.model, folder, settings.allow_pickle)
     import torch
 
     device = pick_device(settings.device, torch)
     dtype = pick_dtype(settings.dtype, device, torch)
+    check_torchvision(settings.model, config["model_type"])
     processor = load_processor(settings, folder)
-    text_model = (config.get("text_config") or {}).get("model_type", "llama")  # LlavaConfig's default
-    prompt_format = prompt_format_for(config["model_type"], text_model, processor)
-    if prompt_format is None:
-        raise ModelError(f"{settings.model} has no chat template and is not llava-1.5; it cannot be prompted")
-    model = load_weights(settings, folder, device, dtype, torch)
+    check_image_token(settings.model, config, processor)
+    prompt_format = choose_prompt_format(settings, config, processor)
+    model = load_weights(settings, folder, config["model_type"], device, dtype, torch)
     return LoadedModel(
         name=settings.model,
         model=model,
@@ -131,19 +141,98 @@ def read_config(name: str, folder: Path) -> dict[str, Any]:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
-            f"{name} is a {model_type!r} model, not a LLaVA checkpoint (model_type 'llava'); "
-            "choose a LLaVA model such as llava-hf/llava-1.5-7b-hf"
+            f"{name} is a {model_type!r} model, not a LLaVA checkpoint "
+            f"(model_type {', '.join(SUPPORTED_MODEL_TYPES)}); choose a LLaVA model such as llava-hf/llava-1.5-7b-hf"
         )
     return config
 
 
-def check_weights(name: str, folder: Path) -> None:
-    if any(folder.glob(pattern) for pattern in WEIGHT_PATTERNS):
-        return
-    if any(folder.glob(pattern) for pattern in PICKLE_PATTERNS):
+def text_model_type(config: dict[str, Any]) -> str:
+    return (config.get("text_config") or {}).get("model_type", "llama")  # LlavaConfig's default
+
+
+def family_name(config: dict[str, Any]) -> str:
+    """The LLaVA family a supported config.json describes, e.g. llava-1.5, llava-interleave, llava-next."""
+    model_type = config["model_type"]
+    if model_type != "llava":
+        return FAMILIES[model_type]
+    text_model = text_model_type(config)
+    if text_model in LLAVA15_TEXT_MODELS:
+        return "llava-1.5"
+    return "llava-interleave" if text_model == "qwen2" else f"llava ({text_model})"
+
+
+def check_torchvision(name: str, model_type: str) -> None:
+    import importlib.util
+
+    if model_type in NEEDS_TORCHVISION and importlib.util.find_spec("torchvision") is None:
         raise ModelError(
-            f"{name} only has pickle (.bin) weights, which can run code when loaded; "
-            "convert them to safetensors or use a safetensors checkpoint"
+            f"{name} is a {FAMILIES[model_type]} checkpoint, whose processor transformers builds with torchvision; "
+            "install the torchvision build that matches your torch"
+        )
+
+
+def choose_prompt_format(settings: Settings, config: dict[str, Any], processor: Any) -> PromptFormat:
+    """--chat-template when given, else the family's format; checked to render and to place images."""
+    if settings.chat_template:
+        processor.chat_template = read_chat_template(settings.chat_template)
+        prompt_format: PromptFormat | None = ChatTemplateFormat(processor)
+        source = f"the chat template in {settings.chat_template}"
+    else:
+        prompt_format = prompt_format_for(config["model_type"], text_model_type(config), processor)
+        source = f"{settings.model}'s chat template"
+    if prompt_format is None:
+        raise ModelError(
+            f"{settings.model} has no chat template and is not llava-1.5, so its prompt format is unknown; "
+            "give one with --chat-template FILE"
+        )
+    check_places_images(prompt_format, processor.image_token, source)
+    return prompt_format
+
+
+def read_chat_template(path: str) -> str:
+    """A Jinja chat template from a template file, or from a JSON file (chat_template.json) holding one."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--chat-template {path} cannot be read ({one_line(err)})") from None
+    if path.endswith(".json"):
+        try:
+            text = json.loads(text)["chat_template"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"--chat-template {path} is JSON without a \"chat_template\" string") from None
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"--chat-template {path} is empty; it must hold a Jinja chat template")
+    return text
+
+
+def check_places_images(prompt_format: PromptFormat, image_token: str, source: str) -> None:
+    """Render a one-image message, so a broken template fails at start-up, not mid-chat."""
+    probe = Conversation()
+    probe.ask("?", [ImageRef(name="probe", digest="probe", image=None)])
+    try:
+        text = prompt_format.render(probe)
+    except LlavaError as err:
+        raise ModelError(f"{source} does not render a simple message ({err}); fix it or pass --chat-template FILE") from None
+    if text.count(image_token) != 1:
+        raise ModelError(f"{source} does not place images (no {image_token} for an image); pass one that does with --chat-template FILE")
+
+
+def has_files(folder: Path, patterns: tuple[str, ...]) -> bool:
+    # A glob is a generator, truthy even when empty: look for a first match instead.
+    return any(next(folder.glob(pattern), None) is not None for pattern in patterns)
+
+
+def check_weights(name: str, folder: Path, allow_pickle: bool = False) -> None:
+    """Safetensors weights pass; pickle weights pass only when the user allowed them."""
+    if has_files(folder, WEIGHT_PATTERNS):
+        return
+    if has_files(folder, PICKLE_PATTERNS):
+        if allow_pickle:
+            return
+        raise ModelError(
+            f"{name} only has pickle (.bin) weights, which can run arbitrary code when loaded; "
+            "use a safetensors checkpoint, or pass --allow-pickle if you trust where it came from"
         )
     raise ModelError(f"{name} has no weights (*.safetensors); the download is incomplete or the folder is wrong")
 
@@ -190,6 +279,18 @@ def load_processor(settings: Settings, folder: Path) -> Any:
     return processor
 
 
+def check_image_token(name: str, config: dict[str, Any], processor: Any) -> None:
+    """The tokenizer's image token must be the one the weights expect, or images land nowhere."""
+    expected = config.get("image_token_id", config.get("image_token_index"))
+    image_token = getattr(processor, "image_token", "<image>")
+    actual = processor.tokenizer.convert_tokens_to_ids(image_token)
+    if expected is not None and actual != expected:
+        raise ModelError(
+            f"{name}: its tokenizer gives {image_token} the id {actual} but the model expects {expected}; "
+            "the tokenizer files do not belong to these weights"
+        )
+
+
 def quantization_config(settings: Settings, dtype: Any) -> Any:
     if not (settings.load_4bit or settings.load_8bit):
         return None
@@ -204,17 +305,19 @@ def quantization_config(settings: Settings, dtype: Any) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
-def load_weights(settings: Settings, folder: Path, device: str, dtype: Any, torch: Any) -> Any:
-    from transformers import LlavaForConditionalGeneration
+def load_weights(settings: Settings, folder: Path, model_type: str, device: str, dtype: Any, torch: Any) -> Any:
+    import transformers
+    from safetensors import SafetensorError
 
+    model_class = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type])
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = model_class.from_pretrained(
             folder,
             dtype=dtype,
             device_map=device,  # straight to the target device, no CPU float32 detour
             attn_implementation=pick_attention(settings.attn, device),
             quantization_config=quantization_config(settings, dtype),
-            use_safetensors=True,
+            use_safetensors=None if settings.allow_pickle else True,  # None: safetensors first, else .bin
             trust_remote_code=settings.trust_remote_code,
         )
     except LlavaError:
@@ -223,11 +326,10 @@ def load_weights(settings: Settings, folder: Path, device: str, dtype: Any, torc
         raise LlavaError(
             f"out of memory loading {settings.model}; try --load-4bit, --device cpu or a smaller model"
         ) from None
+    except SafetensorError as err:
+        raise ModelError(
+            f"{settings.model}: its weights are corrupt or incomplete ({one_line(err)}); re-download the model"
+        ) from None
     except Exception as err:
         raise ModelError(f"{settings.model} could not be loaded: {one_line(err)}") from None
     return model.eval()
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -7,6 +7,7 @@ Change a value mid-session with `dataclasses.replace`, which validates again.
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 
 from llava_cli.errors import UsageError
@@ -16,9 +17,26 @@ DEFAULT_TEMPERATURE = 0.0  # greedy: the same question gets the same answer
 DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # ~7000x7000; larger is almost surely a decompression bomb
+DEFAULT_BATCH_SIZE = 1  # llava ask --each: images per forward pass
+DEFAULT_SERVER_HOST = "127.0.0.1"  # llava serve: this machine only unless --host says otherwise
+DEFAULT_SERVER_PORT = 8700  # clear of vLLM's 8000, llama.cpp's 8080 and Ollama's 11434
+DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images included
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def server_url(url: str) -> urllib.parse.SplitResult:
+    """`url` split, or `UsageError` unless it is http(s)://HOST[:PORT][/PATH]."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
+        raise UsageError(f"--server must be an http:// or https:// URL such as http://127.0.0.1:8700 (got {url!r})")
+    return parts
+
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -42,9 +60,14 @@ class Settings:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int | None = None
     system: str | None = None
+    chat_template: str | None = None  # a file; overrides the checkpoint's prompt format
     max_context: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_pickle: bool = False
+    raw: bool = False
     verbose: bool = False
+    server: str | None = None  # answer through this OpenAI-compatible server (remote.py)
+    no_server: bool = False  # load the model here: no --server, no discovered `llava serve`
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -64,6 +87,10 @@ class Settings:
             raise UsageError(f"--seed must be between 0 and 2**63-1 (got {self.seed})")
         if self.max_context is not None and self.max_context < 16:
             raise UsageError(f"--max-context must be at least 16 tokens (got {self.max_context})")
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise UsageError("--chat-template must name a file holding a Jinja chat template")
+        if self.server is not None:
+            server_url(self.server)
         if self.max_image_pixels < 1:
             raise UsageError(f"--max-image-pixels must be positive (got {self.max_image_pixels})")
 

@@ -2,7 +2,8 @@
 
 Model output and file names are untrusted: on a terminal they are shown with control and escape
 sequences removed (`safe_for_terminal`), so an answer cannot recolour, retitle, hyperlink, write to
-the clipboard or hide text with carriage returns. Piped output is left byte-for-byte as generated.
+the clipboard or hide text with carriage returns. Piped output is left byte-for-byte as generated,
+and so is terminal output with `--raw` (`shown(text, stream, raw)` applies these rules).
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ ESCAPE_SEQUENCE = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves
     r"|\x1b[\]PX^_].*?(?:\x07|\x1b\\|\x9c|$)"  # OSC/DCS/PM/APC up to their terminator
     r"|\x1b[@-Z\\-_]?"  # other two-byte escapes, or a lone ESC
-    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]",
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    r"|[\u202a-\u202e\u2066-\u2069]",  # bidi overrides/isolates: they can make text read differently
     re.DOTALL,
 )
 
 
 def safe_for_terminal(text: str) -> str:
     return ESCAPE_SEQUENCE.sub("", text)
+
+
+def shown(text: str, stream: IO[str], raw: bool = False) -> str:
+    """`text` as it may be written to `stream`: stripped on a terminal unless `raw`, untouched when piped."""
+    return text if raw or not is_terminal(stream) else safe_for_terminal(text)
 
 
 def is_terminal(stream: IO[str]) -> bool:

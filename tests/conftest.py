@@ -14,11 +14,44 @@ from tiny_checkpoint import build_checkpoint, lay_out_hub_cache
 
 HUB_ID = "llava-tests/tiny-llava"
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
+SHORT_ANSWER = 12  # tokens: enough to tell answers apart, quick on a CPU
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llava_home(tmp_path_factory) -> Path:
+    """Saved conversations and input history go to a temporary LLAVA_HOME, never the real home dir."""
+    home = tmp_path_factory.mktemp("llava-home")
+    os.environ["LLAVA_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture
+def tiny_settings(tiny_model):
+    """Settings for the tiny checkpoint with short answers (SHORT_ANSWER tokens)."""
+    from llava_cli.settings import Settings
+
+    return Settings(model=str(tiny_model), max_new_tokens=SHORT_ANSWER)
+
+
+@pytest.fixture
+def llava_home_dir(tmp_path, monkeypatch) -> Path:
+    """A test's own empty LLAVA_HOME (saved conversations, input history)."""
+    monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model):
+    """The tiny checkpoint loaded once (float32 on CPU): build an `Engine` on it for in-process tests."""
+    from llava_cli.loader import load_model
+    from llava_cli.settings import Settings
+
+    return load_model(Settings(model=str(tiny_model)))
 
 
 @pytest.fixture(scope="session")

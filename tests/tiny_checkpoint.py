@@ -1,8 +1,12 @@
 """Build tiny random LLaVA checkpoints on the fly (no download, no committed weights).
 
-The checkpoint is llava-1.5 shaped: a CLIP vision tower, a two-layer MLP projector, a Llama decoder,
-a byte-level BPE tokenizer trained here with `<image>` as a special token, and a `LlavaProcessor`
-with a chat template. Hidden sizes are multiples of 64 so bitsandbytes 4-bit runs on the CPU.
+`build_checkpoint` writes a llava-1.5 shaped one: a CLIP vision tower, a two-layer MLP projector, a
+Llama decoder, a byte-level BPE tokenizer trained here with `<image>` as a special token, and a
+`LlavaProcessor` with a chat template. `build_family_checkpoint(family, folder)` writes one of each
+LLaVA family (`FAMILIES`) the way the llava-hf checkpoints are laid out: llava-interleave (SigLIP +
+Qwen2, ChatML tokens), LLaVA-NeXT and llava-next-video (CLIP + Llama with anyres tiling),
+LLaVA-OneVision (SigLIP + Qwen2 with anyres tiling). Hidden sizes are multiples of 64 so
+bitsandbytes 4-bit runs on the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ CORPUS = [
     "numbers 0 1 2 3 4 5 6 7 8 9 and punctuation . , ! ? : ; ' \" ( )",
 ]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 IMAGE_SIZE = 32
 PATCH_SIZE = 8  # 16 patches -> 16 image tokens with the "default" (drop CLS) strategy
 CONTEXT = 1024
@@ -33,50 +38,76 @@ LLAVA15_TEMPLATE = (
     "{% else %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+IMAGES_THEN_TEXT = (
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+)
+# llava-interleave and llava-onevision: ChatML.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    + IMAGES_THEN_TEXT
+    + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# llava-v1.6-mistral: [INST] ... [/INST] answer</s>
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}\n"
+    "{% elif message['role'] == 'user' %}[INST] " + IMAGES_THEN_TEXT + " [/INST]"
+    "{% else %} {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+)
+# Tiles of 32x32: 1x2, 2x1, 2x2, 1x3 and 3x1 grids, as llava-v1.6 uses 336-pixel tiles.
+GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "llava-onevision", "llava-next-video")
 
 
-def build_tokenizer():
+def build_tokenizer(*, chatml: bool = False, video: bool = False):
+    """Llama-like (`<s>` first, `</s>` ends answers) or, with `chatml`, Qwen2-like (no BOS, `<|im_end|>`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    specials = (CHATML_SPECIAL_TOKENS if chatml else SPECIAL_TOKENS) + (["<video>"] if video else [])
+    tok = Tokenizer(models.BPE(unk_token=None if chatml else "<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=384,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    extra = {"image_token": "<image>"} | ({"video_token": "<video>"} if video else {})
+    if chatml:
+        named = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        named = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens=extra, **named)
 
 
-def build_config(tokenizer, *, context: int = CONTEXT, seed_scale: float = 0.2):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+TOWER_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE
+)
+DECODER_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=64,
-    )
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+
+def clip_vision():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**TOWER_SIZES, projection_dim=64)
+
+
+def siglip_vision():
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**TOWER_SIZES, vision_use_head=False)
+
+
+def text_config(tokenizer, *, qwen2: bool = False, context: int = CONTEXT, seed_scale: float = 0.2):
+    """A Llama (or Qwen2) decoder sized for `tokenizer`."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    return (Qwen2Config if qwen2 else LlamaConfig)(
+        **DECODER_SIZES,
         vocab_size=len(tokenizer),
         max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
@@ -85,9 +116,14 @@ def build_config(tokenizer, *, context: int = CONTEXT, seed_scale: float = 0.2):
         # Large random weights give peaked logits, so greedy answers have no near-ties.
         initializer_range=seed_scale,
     )
+
+
+def build_config(tokenizer, *, context: int = CONTEXT, seed_scale: float = 0.2):
+    from transformers import LlavaConfig
+
     return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=clip_vision(),
+        text_config=text_config(tokenizer, context=context, seed_scale=seed_scale),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
         projector_hidden_act="gelu",
@@ -115,13 +151,16 @@ def build_processor(tokenizer):
 
 def build_checkpoint(folder: Path, *, seed: int = 0, context: int = CONTEXT) -> Path:
     """Write a tiny random llava-1.5 checkpoint (safetensors) to `folder` and return it."""
-    import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    return build_family_checkpoint("llava-1.5", folder, seed=seed, context=context)
 
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    config = build_config(tokenizer, context=context)
-    model = LlavaForConditionalGeneration(config).eval()
+
+def save_checkpoint(folder: Path, model, processor) -> Path:
+    """Save `model` and `processor` to `folder` as a hub checkpoint is laid out; return the folder."""
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer = processor.tokenizer
+    model.eval()
     with torch.no_grad():  # a rarer end-of-sequence gives answers of many lengths, not mostly empty ones
         model.lm_head.weight[tokenizer.eos_token_id] *= 0.5
     model.generation_config = GenerationConfig(
@@ -131,8 +170,145 @@ def build_checkpoint(folder: Path, *, seed: int = 0, context: int = CONTEXT) -> 
     )
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    build_processor(tokenizer).save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
+
+
+def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, context: int = CONTEXT) -> Path:
+    """Write a tiny random checkpoint of `family` (one of `FAMILIES`) to `folder` and return it."""
+    import torch
+
+    torch.manual_seed(seed)
+    model, processor = FAMILY_BUILDERS[family](context)
+    return save_checkpoint(folder, model, processor)
+
+
+def image_token_id(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids("<image>")
+
+
+def llava15(context: int):
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    return LlavaForConditionalGeneration(build_config(tokenizer, context=context)), build_processor(tokenizer)
+
+
+def llava_interleave(context: int):
+    """llava-interleave-qwen: a plain `llava` model type whose decoder is Qwen2, prompted in ChatML."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessor
+
+    tokenizer = build_tokenizer(chatml=True)
+    config = LlavaConfig(
+        vision_config=siglip_vision(),
+        text_config=text_config(tokenizer, qwen2=True, context=context),
+        image_token_index=image_token_id(tokenizer),
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    processor = LlavaProcessor(
+        image_processor=SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=CHATML_TEMPLATE,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def next_parts(tokenizer, context: int) -> tuple[dict, dict]:
+    """Config and processor arguments LLaVA-NeXT and LLaVA-NeXT-Video share: anyres CLIP tiles, a Llama decoder."""
+    from transformers import LlavaNextImageProcessor
+
+    config = dict(
+        vision_config=clip_vision(),
+        text_config=text_config(tokenizer, context=context),
+        image_token_index=image_token_id(tokenizer),
+        image_grid_pinpoints=GRID_PINPOINTS,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+    )
+    processor = dict(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_grid_pinpoints=GRID_PINPOINTS,
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return config, processor
+
+
+def llava_next(context: int):
+    """llava-v1.6-mistral shaped: anyres tiles, a variable number of image tokens per image."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    config, processor = next_parts(build_tokenizer(), context)
+    return (
+        LlavaNextForConditionalGeneration(LlavaNextConfig(**config)),
+        LlavaNextProcessor(**processor, chat_template=MISTRAL_TEMPLATE),
+    )
+
+
+def llava_next_video(context: int):
+    """LLaVA-NeXT-Video-7B shaped: LLaVA-NeXT with a video path, vicuna-style prompts."""
+    from transformers import (
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    tokenizer = build_tokenizer(video=True)
+    config, processor = next_parts(tokenizer, context)
+    frames = LlavaNextVideoVideoProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return (
+        LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(**config, video_token_index=tokenizer.convert_tokens_to_ids("<video>"))),
+        LlavaNextVideoProcessor(**processor, video_processor=frames, chat_template=LLAVA15_TEMPLATE),
+    )
+
+
+def llava_onevision(context: int):
+    """llava-onevision-qwen2 shaped: SigLIP + Qwen2, anyres for one image, base tiles for several."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tokenizer = build_tokenizer(chatml=True, video=True)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    config = LlavaOnevisionConfig(
+        vision_config=siglip_vision(),
+        text_config=text_config(tokenizer, qwen2=True, context=context),
+        image_token_index=image_token_id(tokenizer),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=GRID_PINPOINTS,
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=GRID_PINPOINTS),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHATML_TEMPLATE,
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+FAMILY_BUILDERS = {
+    "llava-1.5": llava15,
+    "llava-interleave": llava_interleave,
+    "llava-next": llava_next,
+    "llava-onevision": llava_onevision,
+    "llava-next-video": llava_next_video,
+}
 
 
 def lay_out_hub_cache(checkpoint: Path, hf_home: Path, repo_id: str) -> Path:

@@ -1,0 +1,70 @@
+"""Decode tokens/s of llava-cli's default path vs `--compile`, on the CPU with the tests' tiny model.
+
+    python bench/compile_cpu.py                  # ~1 minute, most of it compiling once
+    python bench/compile_cpu.py --answers 4 --new-tokens 200
+
+Builds tests/tiny_checkpoint.py's model and, for each path, answers the same question `--answers`
+times on one engine (the cache emptied in between), every answer exactly `--new-tokens` long
+(end-of-sequence ignored). The first `--compile` answer compiles the decode step and is not
+counted; the medians of the other answers and their ratio are printed, and the greedy answers
+of both paths must be identical. torch runs on one thread. On a GPU, bench/gpu.py measures this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_model import median  # noqa: E402
+from gpu import fixed_length  # noqa: E402
+from llava_cli.conversation import Conversation  # noqa: E402
+from llava_cli.engine import Engine  # noqa: E402
+from llava_cli.loader import load_model  # noqa: E402
+from llava_cli.settings import Settings  # noqa: E402
+from tiny_checkpoint import build_checkpoint  # noqa: E402
+
+
+def answers(engine: Engine, settings: Settings, count: int) -> tuple[list[float], set[str]]:
+    """`count` answers to the same question; each one's decode tokens/s, and the distinct answers."""
+    rates, texts = [], set()
+    for _ in range(count):
+        engine.reset()
+        conversation = Conversation()
+        conversation.ask("tell me something about the quick brown fox")
+        texts.add("".join(engine.generate(conversation, settings)))
+        rates.append(engine.last_stats.tokens_per_s)
+    return rates, texts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--answers", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = Settings(model=str(build_checkpoint(Path(scratch) / "tiny")), max_new_tokens=args.new_tokens)
+        loaded = load_model(settings)
+        results = {}
+        for name, compile in (("default", False), ("--compile", True)):
+            engine = fixed_length(Engine(loaded))
+            results[name] = answers(engine, dataclasses.replace(settings, compile=compile), args.answers)
+    default, compiled = median(results["default"][0]), median(results["--compile"][0][1:])
+    for name, (rates, _) in results.items():
+        print(f"{name:>10}: {', '.join(f'{rate:.0f}' for rate in rates)} tokens/s")
+    print(f"same answers: {'yes' if len(results['default'][1] | results['--compile'][1]) == 1 else 'NO'}")
+    print(f"--compile / default (medians, first compiled answer left out): {compiled / default:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

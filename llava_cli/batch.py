@@ -1,0 +1,283 @@
+"""`llava ask --each IMAGE...` / `--from-file FILE`: one question for many images, answered one by one.
+
+Every image gets its own answer, in input order, as one record per line (`records.py` has the
+keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text lines. An image
+that cannot be used (missing, broken, a URL that fails, too long for the context) gets a record
+carrying its `error` and a line on stderr; the batch goes on and the exit code is 1 at the end.
+`--batch-size N` answers N images per forward pass (`batched.generate_batch`); greedy answers
+are the same as one at a time. With `-o FILE`, images already answered there for the same
+prompt are skipped, so an interrupted run is finished by running the same command again.
+
+stderr carries only error lines, plus a progress bar when stderr is a terminal and there is
+more than one image to answer. Images are read lazily, a batch at a time, so memory does not
+grow with the number of images. Failures that are not about one image (the model cannot be
+loaded, the output cannot be written) stop the run, with every finished line already written.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_cli.ask import STDIN, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.batched import BatchAnswer, generate_batch, seed_sampling, token_budget
+from llava_cli.conversation import Conversation
+from llava_cli.engine import Engine, Prompt
+from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
+from llava_cli.images import image_from_bytes, looks_like_image
+from llava_cli.records import RecordFile, StdoutRecords, make_record
+from llava_cli.session import load_engine
+from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
+from llava_cli.terminal import is_terminal, make_console, shown
+from llava_cli.urls import is_url, open_image
+
+MAX_BATCH_SIZE = 256
+OUTPUT_FORMATS = ("text", "json", "jsonl")
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    """How `llava ask` takes its images and prompt and writes its answers; validated on creation."""
+
+    json: bool = False
+    output_format: str | None = None  # None: text for one question, JSON lines for --each
+    prompt: str | None = None
+    each: bool = False
+    from_file: str | None = None
+    output: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
+            raise UsageError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)} (got {self.output_format!r})")
+        if self.json and self.output_format == "text":
+            raise UsageError("--json and --output-format text exclude each other: pick one")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE} (got {self.batch_size})")
+        if not self.is_batch and (self.output is not None or self.batch_size != DEFAULT_BATCH_SIZE):
+            raise UsageError("-o/--output and --batch-size answer images one by one: add --each or --from-file")
+        if self.output is not None and self.format == "text":
+            raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
+
+    @property
+    def is_batch(self) -> bool:
+        return self.each or self.from_file is not None
+
+    @property
+    def format(self) -> str:
+        if self.output_format:
+            return self.output_format
+        return "json" if self.json else "jsonl" if self.is_batch else "text"
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM stop the run as Ctrl-C does: finished lines written, exit 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may install handlers
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
+    """Answer `prompt` for every image; 0 when all were answered, 1 when any failed."""
+    names, prompt = batch_inputs(args, options)
+    stdin_image = read_image_from_stdin() if STDIN in names else b""
+    sink = RecordFile(Path(options.output)) if options.output else StdoutRecords(options.format == "text", settings.raw)
+    try:
+        todo = [name for name in names if not sink.answered(name, prompt)]
+        if not todo:
+            return EXIT_OK
+        return answer_all(todo, prompt, settings, options.batch_size, sink, stdin_image)
+    finally:
+        sink.close()
+
+
+def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
+    """The image names (arguments, then --from-file lines) and the prompt, from wherever they come."""
+    names, prompt = split_batch_args(args, options.prompt)
+    stdin_uses = [options.from_file == STDIN, STDIN in names, prompt is None]
+    if sum(stdin_uses) > 1:
+        raise UsageError("stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p")
+    if options.from_file is not None:
+        names += read_image_list(options.from_file)
+    if not names:
+        raise UsageError("no images: list them after --each, or one per line in the --from-file file")
+    return names, prompt if prompt is not None else read_prompt_from_stdin()
+
+
+def split_batch_args(args: list[str], prompt: str | None) -> tuple[list[str], str | None]:
+    """Without -p, the last argument is the prompt unless it looks like an image; `-` is an image."""
+    if prompt is not None or not args:
+        return list(args), prompt
+    *images, last = args
+    if last == STDIN or looks_like_image(last) or is_url(last):
+        return list(args), None
+    return images, last
+
+
+def read_image_list(source: str) -> list[str]:
+    """One image per line of `source` (`-`: stdin); blank lines are skipped."""
+    if source == STDIN and is_terminal(sys.stdin):
+        raise UsageError("--from-file - reads the image list from stdin, but stdin is a terminal: pipe it in")
+    try:
+        data = sys.stdin.buffer.read() if source == STDIN else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"--from-file {source}: no such file") from None
+    except OSError as err:
+        raise UsageError(f"--from-file {source}: cannot read it ({err.strerror or err})") from None
+    # File names need not be UTF-8: undecodable bytes pass through as they do in arguments.
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    return [line.strip() for line in lines if line.strip()]
+
+
+def answer_all(
+    names: list[str], prompt: str, settings: Settings, batch_size: int, sink: StdoutRecords | RecordFile, stdin_image: bytes
+) -> int:
+    if settings.server and not settings.no_server:
+        raise UsageError("--each and --from-file batch images on a model loaded here; they do not work with --server yet")
+    engine = load_engine(settings)  # batching needs the model itself, never a discovered `llava serve`
+    seed_sampling(settings)
+    failed = 0
+    with BatchProgress(len(names)) as progress:
+        for start in range(0, len(names), batch_size):
+            for record in answer_chunk(engine, names[start : start + batch_size], prompt, settings, stdin_image):
+                if isinstance(sink, StdoutRecords):
+                    progress.before_output()
+                sink.write(record)
+                if record["error"] is not None:
+                    failed += 1
+                    progress.report(f"llava: error: {record['error']}")
+                progress.advance()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes) -> list[dict[str, Any]]:
+    """Records for `names`, in order: the usable images answered in one batch, the others' errors."""
+    started = time.perf_counter()
+    prompts: dict[int, Prompt] = {}
+    errors: dict[int, str] = {}
+    for index, name in enumerate(names):
+        try:
+            prompts[index] = encode(engine, name, prompt, settings, stdin_image)
+        except LlavaError as err:
+            errors[index] = str(err)
+    answers = dict(zip(prompts, generate_batch(engine, list(prompts.values()), settings))) if prompts else {}
+    share = (time.perf_counter() - started) / max(len(answers), 1)  # each image's part of the batch time
+    return [
+        answer_record(name, prompt, settings, answers[index], share)
+        if index in answers
+        else make_record(name, prompt, settings.model, error=errors[index])
+        for index, name in enumerate(names)
+    ]
+
+
+def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Prompt:
+    """Read the image and encode the single-turn question about it; LlavaError if it cannot be used."""
+    if name == STDIN:
+        image = image_from_bytes(stdin_image, "<stdin>", settings.max_image_pixels)
+    else:
+        image = open_image(name, settings.max_image_pixels)
+    conversation = Conversation(system=settings.system)
+    conversation.ask(prompt, [image])
+    encoded = engine.encode(conversation)
+    if token_budget(engine, encoded, settings) < 1:
+        raise ContextError(
+            f"{name}: the prompt with its image needs {len(encoded.ids)} tokens but the context window is "
+            f"{engine.context_window(settings)}"
+        )
+    return encoded
+
+
+def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswer, seconds: float) -> dict[str, Any]:
+    return make_record(
+        name,
+        prompt,
+        settings.model,
+        answer=answer.text,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        seconds=round(seconds, 4),
+        finish_reason=answer.finish_reason,
+    )
+
+
+class BatchProgress:
+    """A progress bar (count, rate, ETA) on stderr when it is a terminal and there are 2+ images.
+
+    Redrawn only when an image is done (no refresh thread), so the lines written to stdout on
+    the same terminal never interleave with it: `before_output` clears the bar's line first.
+    """
+
+    def __init__(self, total: int, console: Any = None) -> None:
+        self.bar = None
+        if total > 1 and (console is not None or is_terminal(sys.stderr)):
+            self.bar = make_progress(console or make_console(sys.stderr))
+            self.task = self.bar.add_task("answering", total=total)
+
+    def __enter__(self) -> BatchProgress:
+        if self.bar is not None:
+            self.bar.start()
+            self.bar.refresh()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def before_output(self) -> None:
+        """Call before writing to stdout: when it shares the terminal, the bar's line is cleared."""
+        if self.bar is not None and is_terminal(sys.stdout):
+            self.bar.console.file.write("\r\x1b[2K")
+            self.bar.console.file.flush()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+            self.bar.refresh()
+
+    def report(self, message: str) -> None:
+        """An error line on stderr (above the bar when there is one)."""
+        if self.bar is not None:
+            self.bar.console.print(shown(message, self.bar.console.file), markup=False, highlight=False)
+        else:
+            print(shown(message, sys.stderr), file=sys.stderr, flush=True)
+
+
+def make_progress(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.2f} images/s" if speed else "… images/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        auto_refresh=False,  # drawn only between lines, never while one is being written
+        redirect_stdout=False,  # stdout carries the answers; it must never be captured
+        redirect_stderr=False,
+        transient=True,
+    )

@@ -1,0 +1,169 @@
+"""The chat's input line at a terminal: history, completion and multi-line messages (prompt-toolkit).
+
+`make_prompt_session(...)` builds the session `TerminalIO` reads from:
+- input history kept across runs in `<data dir>/input-history` (0600); in memory when that file
+  cannot be written;
+- Tab completes slash commands, and file paths after `/image` (written back quoted or with
+  backslash-escaped spaces, as typed, so `split_image_command` reads them);
+- Enter sends; Alt-Enter (or Esc then Enter) inserts a newline; a message that starts with `\"\"\"`
+  goes on over several lines until a closing `\"\"\"`; pasted text (bracketed paste) is inserted as
+  it is, newlines included, and sent as one message;
+- a bottom toolbar shows `status()` (the model and how much of the context is used).
+`message_text` removes the `\"\"\"` around a multi-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import Completion
+    from prompt_toolkit.history import History
+
+BLOCK_QUOTES = '"""'
+SHELL_SPECIAL = re.compile(r"""([\s"'\\])""")
+
+
+def block_is_open(text: str) -> bool:
+    """True while a message started with \"\"\" has not been closed by another \"\"\"."""
+    stripped = text.strip()
+    return stripped.startswith(BLOCK_QUOTES) and (len(stripped) < 2 * len(BLOCK_QUOTES) or not stripped.endswith(BLOCK_QUOTES))
+
+
+def message_text(text: str) -> str:
+    """The message typed: a \"\"\"...\"\"\" block without its quotes, anything else as it is."""
+    stripped = text.strip()
+    if stripped.startswith(BLOCK_QUOTES) and stripped.endswith(BLOCK_QUOTES) and len(stripped) >= 2 * len(BLOCK_QUOTES):
+        return stripped[len(BLOCK_QUOTES) : -len(BLOCK_QUOTES)].strip("\n")
+    return text
+
+
+def current_path_token(text: str) -> tuple[str, str, str | None]:
+    """The path being typed at the end of `text`: (as typed, as meant, the quote it opened or None)."""
+    start, value, quote = 0, [], None
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and quote != "'" and index + 1 < len(text):
+            index += 1
+            value.append(text[index])
+        elif quote is not None:
+            quote = None if char == quote else quote
+            if quote is not None:
+                value.append(char)
+        elif char in "\"'":
+            quote = char
+        elif char.isspace():
+            start, value = index + 1, []
+        else:
+            value.append(char)
+        index += 1
+    typed = text[start:]
+    return typed, "".join(value), typed[0] if typed[:1] in ("'", '"') else None
+
+
+def path_completions(text: str) -> Iterator[Completion]:
+    """Files and folders that complete the path at the end of `text`, written as the user writes them."""
+    from prompt_toolkit.completion import Completion
+
+    typed, meant, quote = current_path_token(text)
+    folder, prefix = os.path.split(meant)
+    try:
+        names = sorted(os.listdir(os.path.expanduser(folder or ".")))
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix) or (name.startswith(".") and not prefix.startswith(".")):
+            continue
+        full = os.path.join(folder, name)
+        is_dir = os.path.isdir(os.path.expanduser(full))
+        if quote:
+            written = f"{quote}{full}/" if is_dir else f"{quote}{full}{quote}"
+        else:
+            written = SHELL_SPECIAL.sub(r"\\\1", full) + ("/" if is_dir else "")
+        yield Completion(written, start_position=-len(typed), display=name + ("/" if is_dir else ""))
+
+
+def make_completer(commands: Callable[[], Iterable[str]]) -> Any:
+    from prompt_toolkit.completion import Completer, Completion
+
+    class ChatCompleter(Completer):
+        """Slash commands at the start of the line; file paths after /image."""
+
+        def get_completions(self, document: Any, complete_event: Any) -> Iterator[Completion]:
+            text = document.text_before_cursor
+            if not text.startswith("/") or "\n" in text:
+                return
+            name, space, rest = text[1:].partition(" ")
+            if not space:
+                for command in sorted(commands()):
+                    if command.startswith(name):
+                        yield Completion(command, start_position=-len(name), display=f"/{command}")
+            elif name == "image":
+                yield from path_completions(rest)
+
+    return ChatCompleter()
+
+
+def make_key_bindings() -> Any:
+    from prompt_toolkit.enums import DEFAULT_BUFFER
+    from prompt_toolkit.filters import has_focus
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+    editing = has_focus(DEFAULT_BUFFER)  # not while Ctrl-R search has the focus: Enter ends the search there
+
+    @bindings.add("enter", filter=editing)
+    def enter(event: Any) -> None:
+        buffer = event.current_buffer
+        if buffer.complete_state is not None:  # Enter picks the highlighted completion; it does not send
+            buffer.complete_state = None
+        elif block_is_open(buffer.text):
+            buffer.insert_text("\n")
+        else:
+            buffer.validate_and_handle()
+
+    @bindings.add("escape", "enter", filter=editing)
+    def newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+def history_at(path: Path) -> History:
+    """A history file readable by its owner only, or an in-memory history when it cannot be written."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+    except OSError:
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+def make_prompt_session(
+    history: Path,
+    commands: Callable[[], Iterable[str]],
+    status: Callable[[], str],
+    **streams: Any,
+) -> PromptSession:
+    """The chat's prompt session; `streams` (input=, output=) are for tests."""
+    from prompt_toolkit import PromptSession
+
+    return PromptSession(
+        history=history_at(history),
+        completer=make_completer(commands),
+        complete_while_typing=False,  # Tab completes, as in a shell; typing a message shows no menus
+        key_bindings=make_key_bindings(),
+        multiline=True,  # Enter is bound above: it sends unless a \"\"\" block is open
+        prompt_continuation="... ",
+        bottom_toolbar=lambda: status(),
+        enable_history_search=False,
+        **streams,
+    )

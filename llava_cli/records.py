@@ -1,0 +1,127 @@
+"""Where batch answers go: stdout, or a JSON-lines file that a rerun resumes.
+
+Each answer is one record, written as one whole line and flushed at once (a single `write` to the
+file), so a run that is interrupted or killed never loses a finished answer and never leaves a
+half-written line behind it - except if it dies inside that very write, and a half line at the
+end of the file is cut off when the file is opened again. `RecordFile` reads an existing file
+before appending: the images it already answered for the same prompt are skipped by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from llava_cli.errors import UsageError
+from llava_cli.terminal import shown
+
+# The keys of every record, in this order, each always present (null when it does not apply).
+RECORD_KEYS = ("image", "prompt", "answer", "error", "model", "prompt_tokens", "completion_tokens", "seconds", "finish_reason")
+RECORD_START = b'{"image":'  # how every line we write begins: recognises our own half-written line
+LINE_BREAKS = re.compile(r"\s*[\r\n\t]+\s*")
+
+
+def make_record(image: str, prompt: str, model: str, **fields: Any) -> dict[str, Any]:
+    """A record with every key of `RECORD_KEYS`; `fields` fills in the answer or the error."""
+    record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+    record.update(image=image, prompt=prompt, model=model, **fields)
+    return record
+
+
+def json_line(record: dict[str, Any]) -> bytes:
+    """One line of valid UTF-8 JSON. A file name that is not UTF-8 reaches us with surrogate
+    escapes; `backslashreplace` writes them as JSON `\\udcXX` escapes, which read back the same."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+
+
+def text_line(record: dict[str, Any], raw: bool) -> bytes:
+    """`IMAGE<TAB>ANSWER` on one line: breaks and tabs inside the answer become spaces."""
+    answer = LINE_BREAKS.sub(" ", record["answer"])
+    return (shown(f"{record['image']}\t{answer}", sys.stdout, raw) + "\n").encode("utf-8", "backslashreplace")
+
+
+class StdoutRecords:
+    """Records on stdout: JSON lines, or text lines for answers only (errors go to stderr)."""
+
+    def __init__(self, as_text: bool, raw: bool = False) -> None:
+        self.as_text = as_text
+        self.raw = raw  # --raw: keep escape sequences even on a terminal
+
+    def answered(self, image: str, prompt: str) -> bool:
+        return False
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.as_text and record["error"] is not None:
+            return
+        sys.stdout.flush()  # anything written through the text layer goes first
+        sys.stdout.buffer.write(text_line(record, self.raw) if self.as_text else json_line(record))
+        sys.stdout.buffer.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class RecordFile:
+    """An append-only JSON-lines file of records, resumed from what it already holds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done = read_answered(path)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+
+    def answered(self, image: str, prompt: str) -> bool:
+        """True when the file already holds an answer (not an error) for this image and prompt.
+        An image read from stdin is never taken as answered: its name says nothing of its content."""
+        return image != "-" and (image, prompt) in self.done
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = memoryview(json_line(record))
+        while data:  # os.write may write less than asked (a full disk); finish the line
+            data = data[os.write(self.fd, data) :]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_answered(path: Path) -> set[tuple[str, str]]:
+    """(image, prompt) of every answered record in `path`; cut off a half-written last line.
+
+    Refuses (UsageError) a file that is not ours, so `-o` cannot damage an unrelated file.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+    complete, _, partial = data.rpartition(b"\n")
+    done = set()
+    for number, line in enumerate(complete.splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = parse_record(line)
+        if record is None:
+            raise UsageError(f"{path} line {number} is not a llava answer record; choose another -o")
+        if record.get("error") is None and isinstance(record.get("answer"), str):
+            done.add((record["image"], record["prompt"]))
+    if partial:
+        if not partial.startswith(RECORD_START):
+            raise UsageError(f"{path} is not a llava JSON-lines file (its last line is not a record); choose another -o")
+        os.truncate(path, len(complete) + 1 if complete else 0)  # a run died mid-line: redo that image
+    return done
+
+
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("image"), str) and isinstance(record.get("prompt"), str)
+    return record if ok else None

@@ -1,0 +1,271 @@
+"""Client mode: answer through an OpenAI-compatible server instead of loading a model here.
+
+`RemoteEngine` has what the front-ends use of `Engine`: `generate(conversation, settings)` yields
+text chunks (joined: the answer with surrounding whitespace stripped) and, once the answer is
+complete, adds it to the conversation; `last_stats`, `reset()`, and `loaded` (`name`, `device` =
+the server's url, `load_seconds`). The API is stateless, so every turn sends the whole
+conversation: images as PNG `data:` URLs, the system text as a system message, `temperature`,
+`top_p`, `max_tokens` and `seed`; the answer streams back as server-sent events. Plain OpenAI
+chat-completions: it works against `llava serve`, vLLM, llama.cpp's server and Ollama's `/v1`.
+
+Errors keep the local exit codes: a message over the context window raises `ContextError` (2), any
+other refused request (image, model, API key) exit 2, an unreachable or failing server exit 1.
+Closing the generator early (Ctrl-C) closes the connection, which stops the answer on a
+`llava serve`. `--max-context` is the server's business; turns the server dropped to fit its
+window are dropped from the conversation here too, with the same note as locally.
+
+`connect(settings, notify)` returns the remote engine to use, or None to load the model here:
+none with `--no-server`; else `--server`/LLAVA_SERVER; else a running `llava serve` for the same
+model found through discovery.py, if it answers. LLAVA_API_KEY is sent as `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from llava_cli.conversation import Conversation
+from llava_cli.discovery import find_server
+from llava_cli.engine import Stats, TextStream
+from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
+from llava_cli.images import ImageRef
+from llava_cli.settings import Settings, server_url
+
+API_KEY_ENV = "LLAVA_API_KEY"
+CONNECT_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 2.0  # a discovered server that does not answer this fast is not used
+SERVER_FIGURES = ("load_s", "peak_memory_mb", "dropped_turns")  # from `llava serve`'s `llava` object
+
+
+@dataclass
+class RemoteModel:
+    """What the front-ends show about where the model runs."""
+
+    name: str
+    device: str  # the server's url
+    load_seconds: float = 0.0
+
+
+class RemoteEngine:
+    """Answers conversations through an OpenAI-compatible chat-completions server."""
+
+    def __init__(self, url: str, model: str, api_key: str | None = None,
+                 notify: Callable[[str], None] = lambda message: None) -> None:
+        self.parts = parts = server_url(url)
+        self.url = url.rstrip("/")
+        # Both http://host:port and the OpenAI-style base http://host:port/v1 are accepted.
+        self.prefix = parts.path.rstrip("/").removesuffix("/v1") + "/v1"
+        self.loaded = RemoteModel(name=model, device=self.url)
+        self.api_key = api_key
+        self.notify = notify
+        self.last_stats = Stats()
+        self.data_urls: dict[str, str] = {}  # image digest -> encoded once per session
+
+    def reset(self) -> None:
+        self.data_urls.clear()
+
+    def generate(self, conversation: Conversation, settings: Settings) -> Iterator[str]:
+        reply = Reply(time.perf_counter())
+        connection, response = self.open("POST", "/chat/completions", self.request_body(conversation, settings))
+        try:
+            for event in self.events(response):
+                if chunk := reply.take(event, self.url):
+                    yield chunk
+        finally:
+            connection.close()  # early close (Ctrl-C) tells the server to stop
+        self.last_stats = reply.stats()
+        if self.last_stats.dropped_turns:
+            conversation.drop_oldest(self.last_stats.dropped_turns)
+            self.notify(f"the server dropped the {self.last_stats.dropped_turns} oldest turn(s) to fit its context window")
+        conversation.answer(reply.text)
+
+    def reachable(self) -> bool:
+        """True if the server answers GET /v1/models at once (used before trusting a discovered one)."""
+        try:
+            connection, _ = self.open("GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S)
+        except LlavaError:
+            return False
+        connection.close()
+        return True
+
+    def request_body(self, conversation: Conversation, settings: Settings) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.loaded.name,
+            "messages": self.messages(conversation),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "max_tokens": settings.max_new_tokens,
+        }
+        if settings.seed is not None:
+            body["seed"] = settings.seed
+        return body
+
+    def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        if conversation.system:
+            messages.append({"role": "system", "content": conversation.system})
+        for turn in conversation.turns:
+            images = [{"type": "image_url", "image_url": {"url": self.data_url(image)}} for image in turn.images]
+            content = [*images, {"type": "text", "text": turn.text}] if images else turn.text
+            messages.append({"role": "user", "content": content})
+            if turn.answer is not None:
+                messages.append({"role": "assistant", "content": turn.answer})
+        return messages
+
+    def data_url(self, image: ImageRef) -> str:
+        """PNG is lossless, so the server sees exactly the pixels `llava` would use here."""
+        if image.digest not in self.data_urls:
+            buffer = io.BytesIO()
+            image.image.save(buffer, format="PNG")
+            self.data_urls[image.digest] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        return self.data_urls[image.digest]
+
+    def open(self, method: str, path: str, body: dict[str, Any] | None, read_timeout: float | None = None,
+             connect_timeout: float = CONNECT_TIMEOUT_S) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send a request; return the open connection and a 200 response, or raise what went wrong."""
+        kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(self.parts.hostname, self.parts.port, timeout=connect_timeout)
+        try:
+            connection.connect()
+            connection.sock.settimeout(read_timeout)  # an answer may wait its turn behind others: no limit
+            data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+            connection.request(method, self.prefix + path, body=data, headers=self.headers())
+            response = connection.getresponse()
+            if response.status != 200:
+                raise refusal(response.status, read_json(response), self.url)
+        except (OSError, http.client.HTTPException) as err:
+            connection.close()
+            raise LlavaError(f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?") from None
+        except LlavaError:
+            connection.close()
+            raise
+        return connection, response
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def events(self, response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+        """The JSON payloads of the server-sent events, up to `data: [DONE]` or the end of the stream."""
+        try:
+            while line := response.readline():
+                data = line.decode("utf-8").strip()
+                if not data.startswith("data:"):
+                    continue  # blank separators, comments, `event:` lines
+                data = data[len("data:"):].strip()
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if isinstance(event, dict):
+                    yield event
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise LlavaError(f"the connection to {self.url} broke mid-answer ({describe(err)})") from None
+
+
+class Reply:
+    """One streamed answer as it arrives: the text, its timing, usage and finish reason."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.trimmer = TextStream(tokenizer=None)  # only its whitespace trimming: the server sends text
+        self.ttft_s = 0.0
+        self.deltas = 0
+        self.finish_reason = "stop"
+        self.usage: dict[str, Any] = {}
+        self.figures: dict[str, Any] = {}
+
+    @property
+    def text(self) -> str:
+        return self.trimmer.text
+
+    def take(self, event: dict[str, Any], url: str) -> str:
+        """Record one event; return the text it makes visible."""
+        if event.get("error"):
+            raise LlavaError(f"the server at {url} stopped the answer: {error_message(event)}")
+        self.usage = event.get("usage") or self.usage
+        self.figures = event.get("llava") or self.figures
+        visible = ""
+        for choice in event.get("choices") or []:
+            if content := (choice.get("delta") or {}).get("content"):
+                self.deltas += 1
+                self.ttft_s = self.ttft_s or time.perf_counter() - self.started
+                visible += self.trimmer.release(content)
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        return visible
+
+    def stats(self) -> Stats:
+        seconds = time.perf_counter() - self.started
+        completion = int(self.usage.get("completion_tokens", self.deltas))
+        decode_seconds = seconds - self.ttft_s
+        stats = Stats(
+            prompt_tokens=int(self.usage.get("prompt_tokens", 0)),
+            cached_tokens=int((self.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+            completion_tokens=completion,
+            ttft_s=self.ttft_s,
+            tokens_per_s=(completion - 1) / decode_seconds if completion > 1 and decode_seconds > 0 else 0.0,
+            seconds=seconds,
+            finish_reason=self.finish_reason,
+        )
+        for name in SERVER_FIGURES:
+            if isinstance(self.figures.get(name), (int, float)):
+                setattr(stats, name, self.figures[name])
+        return stats
+
+
+def read_json(response: http.client.HTTPResponse) -> Any:
+    try:
+        return json.loads(response.read())
+    except ValueError:
+        return None
+
+
+def error_message(body: Any) -> str:
+    """OpenAI's {"error": {"message"}}, or vLLM's flat {"message"}."""
+    error = body.get("error") if isinstance(body, dict) else None
+    source = error if isinstance(error, dict) else body if isinstance(body, dict) else {}
+    return str(source.get("message") or error or "no details")
+
+
+def refusal(status: int, body: Any, url: str) -> LlavaError:
+    """A non-200 answer as the error the local engine would have raised, with its exit code."""
+    message = error_message(body)
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("code") == "context_length_exceeded":
+        return ContextError(message)
+    if status in (401, 403):
+        return UsageError(f"{url} refused the request ({message}); set {API_KEY_ENV} to the server's API key")
+    if status == 404:
+        return ModelError(f"{url}: {message} (--model must name a model the server lists at /v1/models)")
+    if 400 <= status < 500:
+        return InputError(f"{url} refused the request: {message}")
+    return LlavaError(f"the server at {url} failed (HTTP {status}): {message}")
+
+
+def describe(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
+def connect(settings: Settings, notify: Callable[[str], None]) -> RemoteEngine | None:
+    """The remote engine these settings ask for, or None to load the model in this process."""
+    if settings.no_server:
+        return None
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if settings.server:
+        return RemoteEngine(settings.server, settings.model, api_key, notify)
+    found = find_server(settings.model)
+    if found is None:
+        return None
+    url, served_as = found
+    engine = RemoteEngine(url, served_as, api_key, notify)
+    return engine if engine.reachable() else None

@@ -1,0 +1,122 @@
+"""`llava sessions`: list, show, export and remove saved conversations (files described in store.py).
+
+Everything goes to stdout (escape sequences removed when it is a terminal); warnings about files
+that cannot be read go to stderr. `show --json` and `export --format json` print the file's
+document as stored; `export --format markdown` writes a Markdown transcript with image links.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from llava_cli.errors import UsageError
+from llava_cli.store import SavedConversation, SessionStore, describe_settings, parse_time, shorten
+from llava_cli.terminal import shown
+
+EXPORT_FORMATS = ("markdown", "json")
+LIST_COLUMNS = "{id:<21} {updated:<16} {turns:>5}  {model:<28} {name:<12} {words}"
+
+
+def out(text: str) -> None:
+    print(shown(text, sys.stdout))
+
+
+def local_time(iso: str) -> str:
+    """An ISO UTC time as local 'YYYY-MM-DD HH:MM' (the text itself if it is not a time)."""
+    from datetime import datetime
+
+    seconds = parse_time(iso)
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M") if seconds is not None else iso
+
+
+def list_sessions(as_json: bool) -> int:
+    store = SessionStore.default()
+    found = []
+    for saved in store.scan():
+        if isinstance(saved, SavedConversation):
+            found.append(saved)
+        else:
+            print(f"llava: warning: {shown(str(saved), sys.stderr)}", file=sys.stderr)
+    if as_json:
+        out(json.dumps([summary(saved) for saved in found], ensure_ascii=False, indent=2))
+        return 0
+    if not found:
+        print(f"no saved conversations yet (in {store.folder})", file=sys.stderr)
+        return 0
+    out(LIST_COLUMNS.format(id="ID", updated="UPDATED", turns="TURNS", model="MODEL", name="NAME", words="FIRST WORDS"))
+    for saved in found:
+        row = summary(saved)
+        out(LIST_COLUMNS.format(**row, words=row["first_words"]).rstrip())
+    return 0
+
+
+def summary(saved: SavedConversation) -> dict[str, object]:
+    return {
+        "id": saved.id,
+        "updated": local_time(saved.updated),
+        "turns": len(saved.turns),
+        "model": shorten(saved.model, 28),
+        "name": saved.name or "-",
+        "first_words": saved.first_words,
+    }
+
+
+def show_session(ref: str, as_json: bool) -> int:
+    saved = SessionStore.default().find(ref)
+    out(as_json_text(saved) if as_json else transcript(saved))
+    return 0
+
+
+def export_session(ref: str, fmt: str) -> int:
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
+    saved = SessionStore.default().find(ref)
+    out(as_json_text(saved) if fmt == "json" else as_markdown(saved))
+    return 0
+
+
+def remove_session(ref: str) -> int:
+    out(f"removed {SessionStore.default().remove(ref)}")
+    return 0
+
+
+def as_json_text(saved: SavedConversation) -> str:
+    return json.dumps(saved.document, ensure_ascii=False, indent=2)
+
+
+def transcript(saved: SavedConversation) -> str:
+    """The conversation as a person reads it: a header, then each message and answer."""
+    lines = [
+        f"conversation {saved.label}",
+        f"model     {saved.model}",
+        f"created   {local_time(saved.created)} · updated {local_time(saved.updated)}",
+        f"settings  {describe_settings(saved.settings)}",
+    ]
+    if saved.system:
+        lines.append(f"system    {saved.system}")
+    for turn in saved.turns:
+        lines.append("")
+        lines += [f">>> [image: {image.name}]" for image in turn.images]
+        lines += [f">>> {turn.user}", turn.assistant]
+    return "\n".join(lines)
+
+
+def as_markdown(saved: SavedConversation) -> str:
+    """A Markdown document of the conversation; images are links to the files they came from."""
+    lines = [
+        f"# Conversation {saved.label}",
+        "",
+        f"- Model: `{saved.model}`",
+        f"- Created: {saved.created}; updated: {saved.updated}",
+        f"- Settings: {describe_settings(saved.settings, ', ')}",
+    ]
+    if saved.system:
+        lines.append(f"- System: {saved.system}")
+    for number, turn in enumerate(saved.turns, 1):
+        lines += ["", f"## {number}. User", ""]
+        for image in turn.images:
+            link = f"![{image.name}](<{image.path}>)" if image.path else f"*(image {image.name}, not from a file)*"
+            lines += [f"{link} <!-- sha256 {image.sha256} -->", ""]
+        lines += [turn.user, "", f"## {number}. Assistant", "", turn.assistant]
+    return "\n".join(lines)

@@ -1,0 +1,447 @@
+"""Saved conversations: one versioned JSON file per conversation in the user's data folder.
+
+Where: `$LLAVA_HOME` when set, else the platform's data folder (`$XDG_DATA_HOME/llava-cli` or
+`~/.local/share/llava-cli` on Linux, `~/Library/Application Support/llava-cli` on macOS,
+`%LOCALAPPDATA%\\llava-cli` on Windows). Conversations live in `sessions/<id>.json`.
+
+Format (version 1), documented in README.md ("Saved conversations"):
+    {"format": "llava-cli-conversation", "version": 1, "id", "name", "created", "updated",
+     "model", "settings": {temperature, top_p, max_new_tokens, seed, max_context}, "system",
+     "turns": [{"user", "images": [{"name", "path", "sha256"}], "assistant", "answered_at"}]}
+Times are ISO 8601 UTC; `path` is absolute (null for an image read from stdin).
+
+Writes are atomic (a 0600 temp file in the same folder, fsync, `os.replace`), so a crash or Ctrl-C
+leaves the old file or the new one, never half of one; the folder is 0700. Reading a file that is
+not valid JSON, not this format or from an unknown version raises `SessionError` and never
+changes the file. `restore_conversation` re-reads every image from its path and checks its
+content hash: a vanished or changed image is refused, or left out with `drop_missing`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from llava_cli.conversation import Conversation, Turn
+from llava_cli.errors import InputError, SessionError, UsageError
+from llava_cli.images import ImageRef, load_image
+from llava_cli.settings import Settings
+
+APP_NAME = "llava-cli"
+FORMAT = "llava-cli-conversation"
+VERSION = 1
+SAVED_SETTINGS = ("temperature", "top_p", "max_new_tokens", "seed", "max_context")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Each saved setting and the JSON types it may have (bool is excluded: JSON true is not a number).
+SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "max_new_tokens": (int,),
+    "seed": (int, type(None)),
+    "max_context": (int, type(None)),
+}
+
+
+def data_dir() -> Path:
+    """llava-cli's data folder: $LLAVA_HOME, else the platform's per-user data location."""
+    if home := os.environ.get("LLAVA_HOME"):
+        return Path(home).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / APP_NAME
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / APP_NAME
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"  # the XDG spec ignores relative paths
+    return base / APP_NAME
+
+
+def describe_settings(values: dict[str, Any], separator: str = " · ") -> str:
+    """Generation settings as their option names say them: temperature 0.2 · top-p 1.0 · seed none."""
+    return separator.join(f"{key.replace('_', '-')} {'none' if value is None else value}" for key, value in values.items())
+
+
+def iso_time(seconds: float) -> str:
+    """ISO 8601 UTC to the second: 2026-11-25T12:44:03Z."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def shorten(text: str, width: int = 40) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def utc_now() -> str:
+    return iso_time(time.time())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` all at once; the file is readable by its owner only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(temp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    name: str  # as the user typed it
+    path: str | None  # absolute; None when it came from stdin
+    sha256: str
+
+
+@dataclass
+class SavedTurn:
+    user: str
+    images: list[SavedImage]
+    assistant: str
+    answered_at: str | None
+
+
+@dataclass
+class SavedConversation:
+    """One conversation file, parsed and checked."""
+
+    id: str
+    model: str
+    settings: dict[str, Any]
+    created: str
+    updated: str
+    name: str | None = None
+    system: str | None = None
+    turns: list[SavedTurn] = field(default_factory=list)
+    document: dict[str, Any] = field(default_factory=dict, repr=False)  # the file as read
+    path: Path | None = None  # the file it was read from
+
+    @property
+    def label(self) -> str:
+        return f"{self.id} ({self.name})" if self.name else self.id
+
+    @property
+    def first_words(self) -> str:
+        return shorten(self.turns[0].user) if self.turns else ""
+
+
+def parse_document(document: Any, where: str) -> SavedConversation:
+    """Check a decoded conversation file; raise `SessionError` naming what is wrong."""
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise SessionError(f"{where} is not a llava-cli conversation file; it was left as it is")
+    version = document.get("version")
+    if version != VERSION:
+        newer = isinstance(version, int) and version > VERSION
+        hint = "upgrade llava-cli to read it" if newer else "this llava-cli reads only version 1"
+        raise SessionError(f"{where} has format version {version!r}; {hint} (the file was left as it is)")
+    try:
+        return SavedConversation(
+            id=expect(document, "id", str),
+            name=expect(document, "name", (str, type(None))),
+            model=expect(document, "model", str),
+            settings={key: expect(document["settings"], key, kinds) for key, kinds in SETTING_TYPES.items()},
+            created=expect(document, "created", str),
+            updated=expect(document, "updated", str),
+            system=expect(document, "system", (str, type(None))),
+            turns=[parse_turn(turn) for turn in expect(document, "turns", list)],
+            document=document,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise SessionError(f"{where} is damaged ({err}); it was left as it is") from None
+
+
+def expect(mapping: Any, key: str, kinds: type | tuple[type, ...]) -> Any:
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise KeyError(f"no {key!r}")
+    value = mapping[key]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{key!r} has the wrong type")
+    return value
+
+
+def parse_turn(turn: Any) -> SavedTurn:
+    return SavedTurn(
+        user=expect(turn, "user", str),
+        images=[
+            SavedImage(expect(image, "name", str), expect(image, "path", (str, type(None))), expect(image, "sha256", str))
+            for image in expect(turn, "images", list)
+        ],
+        assistant=expect(turn, "assistant", str),
+        answered_at=expect(turn, "answered_at", (str, type(None))),
+    )
+
+
+def image_entry(image: ImageRef) -> dict[str, Any]:
+    return {"name": image.name, "path": image.path, "sha256": image.digest}
+
+
+def turn_entry(turn: Turn) -> dict[str, Any]:
+    return {
+        "user": turn.text,
+        "images": [image_entry(image) for image in turn.images],
+        "assistant": turn.answer,
+        "answered_at": iso_time(turn.answered_at) if turn.answered_at is not None else None,
+    }
+
+
+def model_id(model: str) -> str:
+    """A local folder is recorded as an absolute path, so resuming works from any directory."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def modified(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # removed since it was listed
+        return 0
+
+
+class SessionStore:
+    """The folder of conversation files: save, find by id, name or id prefix, list, remove."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @classmethod
+    def default(cls) -> SessionStore:
+        return cls(data_dir() / "sessions")
+
+    def path(self, session_id: str) -> Path:
+        return self.folder / f"{session_id}.json"
+
+    def new_id(self) -> str:
+        while True:
+            candidate = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+            if not self.path(candidate).exists():
+                return candidate
+
+    def write(self, document: dict[str, Any]) -> Path:
+        path = self.path(document["id"])
+        write_atomic(path, json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+        return path
+
+    def read(self, path: Path) -> SavedConversation:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SessionError(f"no saved conversation {path.stem}; `llava sessions list` shows them") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise SessionError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SessionError(f"{path} is not valid JSON ({err}); it was left as it is") from None
+        return dataclasses.replace(parse_document(document, str(path)), path=path)
+
+    def files(self) -> list[Path]:
+        """Conversation files, most recently saved first (temp files of a save in progress excluded)."""
+        try:
+            found = [p for p in self.folder.glob("*.json") if not p.name.startswith(".")]
+        except OSError:
+            return []
+        return sorted(found, key=modified, reverse=True)
+
+    def scan(self) -> Iterator[SavedConversation | SessionError]:
+        """Every conversation, newest first; a file that cannot be read yields its error instead."""
+        for path in self.files():
+            try:
+                yield self.read(path)
+            except SessionError as err:
+                yield err
+
+    def last(self) -> SavedConversation:
+        files = self.files()
+        if not files:
+            raise SessionError(f"no saved conversations yet (in {self.folder})")
+        return self.read(files[0])
+
+    def find(self, ref: str) -> SavedConversation:
+        """The conversation with this id, name or unique id prefix."""
+        return self.read(self.locate(ref))
+
+    def locate(self, ref: str) -> Path:
+        if not NAME_PATTERN.fullmatch(ref):
+            raise SessionError(f"{ref!r} is not a conversation id or name; `llava sessions list` shows them")
+        exact = self.path(ref)
+        if exact.exists():
+            return exact
+        named = self.named(ref)
+        if named is not None and named.path is not None:
+            return named.path
+        matches = [path for path in self.files() if path.stem.startswith(ref)]
+        if len(matches) > 1:
+            raise SessionError(f"{ref} matches {len(matches)} conversations ({', '.join(p.stem for p in matches[:4])}); give more of the id")
+        if not matches:
+            raise SessionError(f"no saved conversation {ref}; `llava sessions list` shows them")
+        return matches[0]
+
+    def named(self, name: str) -> SavedConversation | None:
+        """The newest readable conversation given this name with /save."""
+        return next((saved for saved in self.scan() if isinstance(saved, SavedConversation) and saved.name == name), None)
+
+    def owner_of_name(self, name: str) -> str | None:
+        """The id of the conversation that has this name (or this id), if any."""
+        if self.path(name).exists():
+            return name
+        named = self.named(name)
+        return named.id if named else None
+
+    def remove(self, ref: str) -> str:
+        path = self.locate(ref)
+        try:
+            path.unlink()
+        except OSError as err:
+            raise SessionError(f"cannot remove {path}: {err.strerror or err}") from None
+        return path.stem
+
+
+class Recorder:
+    """Keeps one conversation's file up to date: the same id, name and creation time on every save."""
+
+    def __init__(self, store: SessionStore, saved: SavedConversation | None = None) -> None:
+        self.store = store
+        self.switch(saved)
+
+    def save(self, conversation: Conversation, settings: Settings) -> Path:
+        """Write the conversation's answered turns now; raises OSError (disk full, read-only...)."""
+        if self.session_id is None:
+            self.session_id, self.created = self.store.new_id(), utc_now()
+        document = {
+            "format": FORMAT,
+            "version": VERSION,
+            "id": self.session_id,
+            "name": self.name,
+            "created": self.created,
+            "updated": utc_now(),
+            "model": model_id(settings.model),
+            "settings": {key: getattr(settings, key) for key in SAVED_SETTINGS},
+            "system": conversation.system,
+            "turns": [turn_entry(turn) for turn in conversation.turns if turn.answer is not None],
+        }
+        self.path = self.store.write(document)
+        return self.path
+
+    def rename(self, name: str) -> None:
+        if not NAME_PATTERN.fullmatch(name):
+            raise InputError(f"a name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (got {name!r})")
+        owner = self.store.owner_of_name(name)
+        if owner is not None and owner != self.session_id:
+            raise InputError(f"the name {name} is taken by conversation {owner}; pick another, or `llava sessions rm {name}` first")
+        self.name = name
+
+    def switch(self, saved: SavedConversation | None) -> None:
+        """Record into `saved` from now on (after /load), or into a new file (None, after /clear)."""
+        self.session_id = saved.id if saved else None
+        self.name = saved.name if saved else None
+        self.created = saved.created if saved else None
+        self.path: Path | None = saved.path if saved else None
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a front-end uses saved conversations: save or not, and which one to continue."""
+
+    save: bool = True
+    resume: bool = False
+    session: str | None = None  # with resume: id, name or id prefix; None for the last one
+    drop_missing_images: bool = False
+    given: frozenset[str] = frozenset()  # options typed on the command line: they beat saved values
+
+
+@dataclass
+class Opened:
+    """What a front-end starts from: settings, history to continue (or None), where to save, notes."""
+
+    settings: Settings
+    conversation: Conversation | None
+    recorder: Recorder | None
+    notes: list[str]
+
+
+def open_conversation(settings: Settings, options: SessionOptions) -> Opened:
+    """Start a new conversation or bring back a saved one, before the model loads (so errors are fast)."""
+    store = SessionStore.default()
+    if not options.resume:
+        return Opened(settings, None, Recorder(store) if options.save else None, [])
+    saved = store.find(options.session) if options.session else store.last()
+    conversation, notes = restore_conversation(saved, settings.max_image_pixels, options.drop_missing_images)
+    restored = restored_settings(settings, saved, options.given)
+    if "system" in options.given:
+        conversation.system = settings.system
+    if "model" in options.given and model_id(settings.model) != saved.model:
+        notes.append(f"continuing with {settings.model}; the conversation was held with {saved.model}")
+    return Opened(restored, conversation, Recorder(store, saved) if options.save else None, notes)
+
+
+def restored_settings(settings: Settings, saved: SavedConversation, given: frozenset[str]) -> Settings:
+    """`settings` with the saved model and generation settings, except those the user just gave."""
+    values = {key: value for key, value in saved.settings.items() if key not in given}
+    if "model" not in given:
+        values["model"] = saved.model
+    try:
+        return dataclasses.replace(settings, **values)
+    except UsageError as err:
+        raise SessionError(f"{saved.label} holds a setting this llava-cli refuses: {err}") from None
+
+
+def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing: bool) -> tuple[Conversation, list[str]]:
+    """The saved history with every image read again and checked against its hash.
+
+    A vanished or changed image is refused with one message naming each; with `drop_missing` it
+    is left out of its turn instead and a note says so.
+    """
+    problems: list[str] = []
+    turns = []
+    for number, saved_turn in enumerate(saved.turns, 1):
+        images = []
+        for image in saved_turn.images:
+            try:
+                images.append(reload_image(image, max_pixels))
+            except InputError as err:
+                problems.append(f"turn {number}: {err}")
+        answered_at = parse_time(saved_turn.answered_at)
+        turns.append(Turn(text=saved_turn.user, images=images, answer=saved_turn.assistant, answered_at=answered_at))
+    if problems and not drop_missing:
+        raise SessionError(
+            f"cannot continue {saved.label}: {'; '.join(problems)}. "
+            "Put the image back, or continue without it with --drop-missing-images"
+        )
+    return Conversation(system=saved.system, turns=turns), [f"continuing without an image ({problem})" for problem in problems]
+
+
+def reload_image(image: SavedImage, max_pixels: int) -> ImageRef:
+    if image.path is None:
+        raise InputError(f"{image.name} was read from stdin and cannot be read again")
+    if not os.path.exists(image.path):
+        raise InputError(f"{image.name} is gone ({image.path} no longer exists)")
+    ref = load_image(image.path, max_pixels)
+    if ref.digest != image.sha256:
+        raise InputError(f"{image.name} has changed since it was attached ({image.path} has different content now)")
+    return dataclasses.replace(ref, name=image.name)
+
+
+def parse_time(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

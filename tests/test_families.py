@@ -1,0 +1,366 @@
+"""Every LLaVA family end to end: loaded through its own transformers class, prompted in its own
+format, and answering a multi-turn, multi-image greedy chat exactly as plain `transformers` does
+when the checkpoint's processor renders and tokenizes the whole history (`apply_chat_template`).
+
+Tiny checkpoints of each family are built once per session. LLaVA-OneVision and LLaVA-NeXT-Video
+processors cannot be built without torchvision (transformers needs it for their video
+processors), so their cases are skipped, with that reason, where torchvision is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cli_runner import invoke
+from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
+from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
+from llava_cli.engine import Engine
+from llava_cli.images import load_image
+from llava_cli.loader import load_model
+from llava_cli.settings import Settings
+
+MAX_NEW = 10
+README = Path(__file__).resolve().parent.parent / "README.md"
+MODEL_CLASSES = {
+    "llava-1.5": "LlavaForConditionalGeneration",
+    "llava-interleave": "LlavaForConditionalGeneration",
+    "llava-next": "LlavaNextForConditionalGeneration",
+    "llava-onevision": "LlavaOnevisionForConditionalGeneration",
+    "llava-next-video": "LlavaNextVideoForConditionalGeneration",
+}
+# The hub id README's example uses for each family.
+README_IDS = {
+    "llava-1.5": "llava-hf/llava-1.5-7b-hf",
+    "llava-interleave": "llava-hf/llava-interleave-qwen-0.5b-hf",
+    "llava-next": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "llava-onevision": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    "llava-next-video": "llava-hf/LLaVA-NeXT-Video-7B-hf",
+}
+NEEDS_TORCHVISION = {"llava-onevision", "llava-next-video"}
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+SCRIPT = [
+    ("What is in this picture?", ["red"]),
+    ("Compare these two.", ["green", "blue"]),
+    ("Which one is brightest?", []),
+    ("Look at the first one again.", ["red"]),
+]
+
+
+def available(family: str) -> bool:
+    return HAS_TORCHVISION or family not in NEEDS_TORCHVISION
+
+
+def family_params() -> list:
+    reason = "transformers builds this family's processor with torchvision, which is not installed"
+    return [pytest.param(family, marks=pytest.mark.skipif(not available(family), reason=reason)) for family in FAMILIES]
+
+
+class FamilyReference:
+    """Plain transformers: the checkpoint's processor renders and tokenizes the whole history, greedy `generate`."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+
+    def inputs(self, messages: list[dict], template: str | None = None) -> dict:
+        return self.processor.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+
+    def ids(self, messages: list[dict], template: str | None = None) -> list[int]:
+        return self.inputs(messages, template)["input_ids"][0].tolist()
+
+    def answer(self, messages: list[dict]) -> str:
+        inputs = self.inputs(messages)
+        output = self.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+        return self.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def user(text: str, paths: list[Path]) -> dict:
+    from PIL import Image
+
+    pictures = [{"type": "image", "image": Image.open(path).convert("RGB")} for path in paths]
+    return {"role": "user", "content": pictures + [{"type": "text", "text": text}]}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def history(conversation: Conversation) -> list[dict]:
+    """The conversation's turns as chat messages, written out independently of llava_cli."""
+    messages = []
+    for turn in conversation.turns:
+        messages.append(user(turn.text, [Path(image.name) for image in turn.images]))
+        if turn.answer is not None:
+            messages.append(assistant(turn.answer))
+    return messages
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_model, tmp_path_factory):
+    """family -> its tiny checkpoint folder, built on first use (llava-1.5 is the shared `tiny_model`)."""
+    built = {"llava-1.5": tiny_model}
+
+    def checkpoint(family: str) -> Path:
+        if family not in built:
+            built[family] = build_family_checkpoint(family, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def references(checkpoints):
+    """family -> its `FamilyReference`, made on first use."""
+    made: dict[str, FamilyReference] = {}
+
+    def reference(family: str) -> FamilyReference:
+        if family not in made:
+            made[family] = FamilyReference(checkpoints(family))
+        return made[family]
+
+    return reference
+
+
+@pytest.fixture(scope="module", params=family_params())
+def family(request, checkpoints, references):
+    settings = Settings(model=str(checkpoints(request.param)), max_new_tokens=MAX_NEW)
+    return SimpleNamespace(name=request.param, settings=settings, loaded=load_model(settings), reference=references(request.param))
+
+
+def test_each_family_loads_through_its_own_class_and_prompt_format(family):
+    assert type(family.loaded.model).__name__ == MODEL_CLASSES[family.name]
+    assert type(family.loaded.prompt_format) is (Llava15Format if family.name == "llava-1.5" else ChatTemplateFormat)
+
+
+def test_multi_turn_multi_image_chat_equals_plain_transformers_on_the_full_prompt(family, images):
+    engine = Engine(family.loaded)
+    conversation, messages, prompts, stats = Conversation(), [], [], []
+    for turn, (text, names) in enumerate(SCRIPT, start=1):
+        paths = [images[name] for name in names]
+        conversation.ask(text, [load_image(str(path)) for path in paths])
+        messages.append(user(text, paths))
+        prompts.append(engine.encode(conversation))
+        # The same tokens, image tokens included (LLaVA-NeXT's count depends on each image's size).
+        assert prompts[-1].ids == family.reference.ids(messages), f"turn {turn}"
+        chunks = list(engine.generate(conversation, family.settings))
+        answer = conversation.turns[-1].answer
+        assert answer == family.reference.answer(messages), f"turn {turn}"
+        assert "".join(chunks) == answer
+        messages.append(assistant(answer))
+        stats.append(engine.last_stats)
+    assert stats[0].cached_tokens == 0
+    for turn, (previous, current) in enumerate(zip(stats, stats[1:]), start=2):
+        if family.name == "llava-onevision" and turn == 2:
+            # With three images in the prompt the first is encoded untiled: only the text before it is reused.
+            assert current.cached_tokens == prompts[1].image_spans[0][0]
+        else:  # everything up to the previous answer is reused
+            assert current.cached_tokens >= previous.prompt_tokens, f"turn {turn}"
+
+
+def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
+    questions = [("first question", "red"), ("second question", "green"), ("third question", "blue")]
+    # Room for the largest single turn and its answer, not for all three.
+    largest = max(len(family.reference.ids([user(text, [images[name]])])) for text, name in questions)
+    settings = dataclasses.replace(family.settings, max_context=largest + MAX_NEW + 8)
+    notes: list[str] = []
+    engine = Engine(family.loaded, notify=notes.append)
+    conversation = Conversation()
+    for text, name in questions:
+        conversation.ask(text, [load_image(str(images[name]))])
+        list(engine.generate(conversation, settings))
+        assert engine.last_stats.prompt_tokens + MAX_NEW <= settings.max_context
+    assert notes and "dropped" in notes[0]
+    assert [turn.text for turn in conversation.turns][-1] == "third question" and len(conversation.turns) < 3
+    asked = history(conversation)[:-1]
+    assert conversation.turns[-1].answer == family.reference.answer(asked)
+
+
+def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, images):
+    from llava_cli.batched import generate_batch
+
+    engine = Engine(family.loaded)
+    prompts, expected = [], []
+    for text, names in [("What is in this picture?", ["red"]), ("Compare these two.", ["green", "blue"]), ("And this?", ["blue"])]:
+        paths = [images[name] for name in names]
+        conversation = Conversation()
+        conversation.ask(text, [load_image(str(path)) for path in paths])
+        prompts.append(engine.encode(conversation))
+        expected.append(family.reference.answer([user(text, paths)]))
+    assert [answer.text for answer in generate_batch(engine, prompts, family.settings)] == expected
+
+
+@pytest.fixture(scope="module")
+def untemplated(checkpoints, tmp_path_factory) -> Path:
+    """The llava-interleave checkpoint without its chat template: a `llava` model of no known format."""
+    folder = tmp_path_factory.mktemp("untemplated")
+    for path in checkpoints("llava-interleave").iterdir():
+        if path.name != "chat_template.jinja":
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
+def test_a_checkpoint_without_template_of_unknown_family_is_refused_naming_chat_template(untemplated, images, monkeypatch):
+    outcome = invoke(monkeypatch, "ask", "--model", untemplated, images["red"], "What is it?")
+    assert outcome.code == 2
+    assert outcome.first_error_line.startswith("llava: error: ")
+    assert "has no chat template" in outcome.first_error_line and "--chat-template FILE" in outcome.first_error_line
+
+
+def test_chat_template_file_prompts_an_untemplated_checkpoint(untemplated, images, tmp_path, references):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    settings = Settings(model=str(untemplated), max_new_tokens=MAX_NEW, chat_template=str(template))
+    conversation = Conversation()
+    conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
+    answer = "".join(Engine(load_model(settings)).generate(conversation, settings))
+    # The same weights with that template shipped: the llava-interleave checkpoint.
+    assert answer == references("llava-interleave").answer([user("What is in this picture?", [images["red"]])])
+
+
+def test_chat_template_json_overrides_the_llava15_format(tiny_model, tmp_path):
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+    loaded = load_model(Settings(model=str(tiny_model), chat_template=str(tmp_path / "chat_template.json")))
+    conversation = Conversation()
+    conversation.ask("hi")
+    assert loaded.prompt_format.render(conversation) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_chat_template_that_writes_the_bos_gets_no_second_one(checkpoints, references, images, tmp_path):
+    template = "{{ bos_token }}" + MISTRAL_TEMPLATE
+    (tmp_path / "bos.jinja").write_text(template)
+    settings = Settings(model=str(checkpoints("llava-next")), chat_template=str(tmp_path / "bos.jinja"))
+    loaded = load_model(settings)
+    conversation = Conversation()
+    conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
+    ids = Engine(loaded).encode(conversation).ids
+    assert ids == references("llava-next").ids([user("What is in this picture?", [images["red"]])], template)
+    assert ids.count(loaded.processor.tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{% for m in messages %}{{ m['content'][-1]['text'] }}{% endfor %}", "does not place images"),
+        ("{{ raise_exception('no conversations today') }}", "no conversations today"),
+        ("  \n", "is empty"),
+        ('{"template": "x"}', 'JSON without a "chat_template" string'),
+        (None, "cannot be read"),
+    ],
+)
+def test_unusable_chat_templates_are_refused_at_start_up(tiny_model, images, tmp_path, monkeypatch, content, message):
+    path = tmp_path / ("template.json" if content and content.startswith("{\"") else "template.jinja")
+    if content is not None:
+        path.write_text(content)
+    outcome = invoke(monkeypatch, "ask", "--model", tiny_model, "--chat-template", path, images["red"], "What is it?")
+    assert outcome.code == 2
+    assert outcome.first_error_line.startswith("llava: error: ") and message in outcome.first_error_line
+
+
+@pytest.mark.skipif(HAS_TORCHVISION, reason="torchvision is installed here")
+@pytest.mark.parametrize("model_type, family_name", [("llava_onevision", "llava-onevision"), ("llava_next_video", "llava-next-video")])
+def test_a_family_that_needs_torchvision_says_so_when_it_is_missing(tiny_model, images, tmp_path, monkeypatch, model_type, family_name):
+    for path in tiny_model.iterdir():
+        shutil.copy2(path, tmp_path / path.name)
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tiny_model / "config.json").read_text()), "model_type": model_type}))
+    outcome = invoke(monkeypatch, "ask", "--model", tmp_path, images["red"], "What is it?")
+    assert outcome.code == 2
+    assert outcome.first_error_line == (
+        f"llava: error: {tmp_path} is a {family_name} checkpoint, whose processor transformers builds with torchvision; "
+        "install the torchvision build that matches your torch"
+    )
+
+
+@pytest.fixture(scope="module")
+def family_hub(checkpoints, tmp_path_factory) -> Path:
+    """A Hugging Face home whose cache holds each available family under README's id, a download cut
+    off before its weights, and a model that is not LLaVA."""
+    home = tmp_path_factory.mktemp("families-home")
+    for family, repo_id in README_IDS.items():
+        if available(family):
+            lay_out_hub_cache(checkpoints(family), home, repo_id)
+    snapshot = lay_out_hub_cache(checkpoints("llava-next"), home, "llava-tests/cut-off")
+    (snapshot / "model.safetensors").unlink()
+    other = home / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (other / "model.safetensors").write_bytes(b"\0" * 64)
+    lay_out_hub_cache(other, home, "someone/not-llava")
+    return home
+
+
+@pytest.fixture
+def hub_cache(family_hub, monkeypatch) -> Path:
+    """Point this process's huggingface_hub at `family_hub`, offline (as HF_HOME=... HF_HUB_OFFLINE=1 would)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(family_hub / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return family_hub / "hub"
+
+
+def snapshot_size(hub: Path, repo_id: str) -> int:
+    snapshots = hub / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    return sum(path.stat().st_size for path in snapshots.rglob("*") if path.is_file())
+
+
+def test_llava_models_lists_the_llava_checkpoints_in_the_cache(hub_cache, monkeypatch):
+    listed = [(family, repo_id) for family, repo_id in README_IDS.items() if available(family)]
+    expected = sorted(
+        [{"model": repo_id, "family": family, "size_bytes": snapshot_size(hub_cache, repo_id), "missing": [], "offline": True} for family, repo_id in listed]
+        + [{"model": "llava-tests/cut-off", "family": "llava-next", "size_bytes": snapshot_size(hub_cache, "llava-tests/cut-off"), "missing": ["weights"], "offline": False}],
+        key=lambda row: row["model"].lower(),
+    )
+    as_json = invoke(monkeypatch, "models", "--json")
+    assert as_json.code == 0
+    assert json.loads(as_json.stdout) == expected
+
+    table = invoke(monkeypatch, "models")
+    assert table.code == 0 and table.stderr == ""
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["MODEL", "FAMILY", "SIZE", "OFFLINE"]
+    assert [line.split() for line in lines[1:]] == [
+        [row["model"], row["family"], f"{row['size_bytes'] / 1000:.1f}", "kB"] + (["yes"] if row["offline"] else ["no:", "no", "weights"])
+        for row in expected
+    ]  # the tiny checkpoints are all under 1 MB
+
+
+def test_llava_models_with_an_empty_cache_says_so_on_stderr(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "nothing-here"))
+    outcome = invoke(monkeypatch, "models")
+    assert (outcome.code, outcome.stdout) == (0, "")
+    assert outcome.stderr == f"no LLaVA-family checkpoints in the Hugging Face cache ({tmp_path / 'nothing-here'})\n"
+
+
+def readme_example(repo_id: str) -> list[str]:
+    """The arguments of README's family-table example that uses `repo_id` (exactly one must)."""
+    commands = re.findall(r"^\| [^|]+ \| [^|]+ \| `(llava [^`]+)` \|$", README.read_text(encoding="utf-8"), re.M)
+    matching = [command for command in commands if f"--model {repo_id} " in command]
+    assert len(matching) == 1, f"README's family table has no single example for {repo_id}"
+    return shlex.split(matching[0])[1:]
+
+
+@pytest.mark.parametrize("family_name", family_params())
+def test_readme_family_example_runs_offline_from_the_hub_cache(family_name, hub_cache, images, references, monkeypatch):
+    args = readme_example(README_IDS[family_name])
+    # README's image names stand for the test pictures, in order; the last argument is the question.
+    pictures = iter([images["red"], images["green"], images["blue"]])
+    args = [str(next(pictures)) if arg.endswith(".jpg") else arg for arg in args]
+    paths = [Path(arg) for arg in args if arg.endswith(".png")]
+    outcome = invoke(monkeypatch, *args, "--max-new-tokens", str(MAX_NEW))
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.stdout == references(family_name).answer([user(args[-1], paths)]) + "\n"

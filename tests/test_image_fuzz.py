@@ -1,0 +1,139 @@
+"""Hostile image bytes: random and mutated real images give a clean InputError or a valid RGB image.
+
+Also the stdin reader's limits: a size cap and an idle timeout, so a pipe cannot hang or exhaust us.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llava_cli.errors import InputError
+from llava_cli.images import image_from_bytes, read_stream
+
+MAX_PIXELS = 1_000_000  # small, so a mutated header claiming a huge size is refused, not decoded slowly
+
+
+def encoded(fmt: str, mode: str = "RGB", frames: int = 1, **options) -> bytes:
+    from PIL import Image, ImageDraw
+
+    pictures = []
+    for index in range(frames):
+        picture = Image.new(mode, (23, 17), "white" if mode != "P" else 1)
+        ImageDraw.Draw(picture).rectangle((2 + index, 3, 12, 11), fill=(200, 30 * index, 40) if mode in ("RGB", "RGBA") else 7)
+        pictures.append(picture)
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, fmt, save_all=frames > 1, append_images=pictures[1:], **options)
+    return buffer.getvalue()
+
+
+SEEDS = [
+    encoded("PNG"),
+    encoded("PNG", "RGBA"),
+    encoded("PNG", "P", transparency=0),
+    encoded("JPEG", quality=80),
+    encoded("JPEG", "CMYK"),
+    encoded("GIF", "P", frames=3, duration=50, loop=0),
+    encoded("BMP"),
+    encoded("TIFF", "L"),
+    encoded("WEBP"),
+]
+
+
+@st.composite
+def mutated_images(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        operation = draw(st.sampled_from(["flip", "truncate", "splice", "insert"]))
+        position = draw(st.integers(0, max(len(data) - 1, 0)))
+        if operation == "flip" and data:
+            data[position] ^= draw(st.integers(1, 255))
+        elif operation == "truncate":
+            del data[position:]
+        elif operation == "splice":
+            donor = draw(st.sampled_from(SEEDS))
+            start = draw(st.integers(0, len(donor) - 1))
+            data[position : position + draw(st.integers(0, 64))] = donor[start : start + draw(st.integers(1, 256))]
+        else:
+            data[position:position] = draw(st.binary(min_size=1, max_size=32))
+    return bytes(data)
+
+
+def assert_clean(data: bytes) -> None:
+    try:
+        ref = image_from_bytes(data, "fuzz.img", MAX_PIXELS)
+    except InputError as err:
+        assert str(err).startswith("fuzz.img") and "\n" not in str(err)
+        return
+    assert ref.image.mode == "RGB"
+    assert ref.image.width >= 1 and ref.image.height >= 1
+    ref.image.tobytes()  # the pixels are really there
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_images())
+def test_mutated_real_images_decode_or_fail_cleanly(data):
+    assert_clean(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes_decode_or_fail_cleanly(data):
+    assert_clean(data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from(SEEDS), st.binary(max_size=16))
+def test_magic_bytes_followed_by_garbage_fail_cleanly(seed, garbage):
+    assert_clean(seed[:16] + garbage)
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda data: data[:4].hex())
+def test_every_seed_decodes_to_rgb(seed):
+    assert image_from_bytes(seed, "seed", MAX_PIXELS).image.mode == "RGB"
+
+
+def writer(fd: int, data: bytes, keep_open: threading.Event | None = None) -> threading.Thread:
+    def write() -> None:
+        with os.fdopen(fd, "wb") as pipe:
+            try:
+                pipe.write(data)
+                pipe.flush()
+            except BrokenPipeError:
+                return
+            if keep_open is not None:
+                keep_open.wait(5)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stdin_reads_the_whole_pipe():
+    read_fd, write_fd = os.pipe()
+    writer(write_fd, SEEDS[0] * 3)
+    with os.fdopen(read_fd, "rb") as pipe:
+        assert read_stream(pipe, "<stdin>") == SEEDS[0] * 3
+
+
+def test_stdin_larger_than_the_cap_is_refused():
+    read_fd, write_fd = os.pipe()
+    writer(write_fd, b"x" * (3 * 2**20))
+    with os.fdopen(read_fd, "rb") as pipe, pytest.raises(InputError, match=r"^<stdin> is larger than 2 MiB"):
+        read_stream(pipe, "<stdin>", max_bytes=2 * 2**20)
+
+
+def test_a_stalled_pipe_times_out():
+    read_fd, write_fd = os.pipe()
+    release = threading.Event()
+    writer(write_fd, SEEDS[0][:10], keep_open=release)
+    try:
+        with os.fdopen(read_fd, "rb") as pipe, pytest.raises(InputError, match=r"^nothing arrived on <stdin> for 0.3 s"):
+            read_stream(pipe, "<stdin>", idle_timeout=0.3)
+    finally:
+        release.set()

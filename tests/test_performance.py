@@ -1,0 +1,95 @@
+"""Issue 4: `--compile` answers like the default path, and the figures reach `--json` and `--verbose`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from conftest import HUB_ID, cli_env, render_llava15, run_llava
+from llava_cli.conversation import Conversation
+from llava_cli.engine import Engine
+from llava_cli.forward import CompiledPath, EagerPath
+from llava_cli.loader import load_model
+from llava_cli.settings import Settings
+from test_engine import chat
+
+MAX_NEW = 10
+FIGURES = ("prompt_tokens", "cached_tokens", "ttft_s", "completion_tokens", "tokens_per_s", "seconds")
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model) -> Settings:
+    return Settings(model=str(tiny_model), max_new_tokens=MAX_NEW, compile=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(settings):
+    return load_model(settings)
+
+
+def test_static_cache_path_equals_plain_transformers_across_turns_and_crops(loaded, settings, reference, images):
+    """The --compile path with compiling switched off: the static cache, its crops and masks."""
+    engine = Engine(loaded)
+    path = engine.path = CompiledPath(loaded.model, loaded.context_window, compile_step=False)
+    script = [
+        ("What is in this picture?", [images["red"]]),
+        ("Describe the colours.", []),
+        ("Compare these two.", [images["green"], images["blue"]]),
+        ("Which one is brightest?", []),
+    ]
+    stats = chat(engine, settings, Conversation(), reference, script)
+    assert [s.cached_tokens >= previous.prompt_tokens for previous, s in zip(stats, stats[1:])] == [True] * 3
+    # A shorter, different conversation: the write position moves back over stale keys, which must not leak.
+    stats = chat(engine, settings, Conversation(), reference, [("what is this?", [images["green"]])])
+    assert stats[0].cached_tokens <= 5
+    engine.reset()  # /clear: the same cache, emptied
+    stats = chat(engine, settings, Conversation(), reference, [("and this?", [images["blue"]]), ("colours?", [])])
+    assert stats[0].cached_tokens == 0 and stats[1].cached_tokens >= stats[0].prompt_tokens
+    assert engine.path is path  # the preallocated cache was reused, not rebuilt
+
+
+def test_compiled_decode_gives_the_default_paths_answers(loaded, settings, reference, images):
+    """Really compiled (torch.compile on the CPU): same greedy answers as the default path and the reference."""
+    compiled, default = Engine(loaded), Engine(loaded)
+    script = [("What is in this picture?", [images["blue"]]), ("And the colours?", [])]
+    chat(compiled, settings, Conversation(), reference, script)
+    assert isinstance(compiled.path, CompiledPath) and compiled.path.step is not loaded.model
+    chat(default, dataclasses.replace(settings, compile=False), Conversation(), reference, script)
+    assert isinstance(default.path, EagerPath)
+
+
+def test_switching_compile_off_empties_the_cache_and_keeps_answers_right(loaded, settings, reference, images):
+    engine = Engine(loaded)
+    engine.path = CompiledPath(loaded.model, loaded.context_window, compile_step=False)
+    conversation = Conversation()
+    chat(engine, settings, conversation, reference, [("What is in this picture?", [images["red"]])])
+    stats = chat(engine, dataclasses.replace(settings, compile=False), conversation, reference, [("more?", [])])
+    assert isinstance(engine.path, EagerPath) and stats[0].cached_tokens == 0
+
+
+def test_piped_chat_json_shows_reused_tokens_and_verbose_stats(hf_home, images, reference):
+    script = f"/image {images['red']} what is it?\nand the colour?\nanything else?\n"
+    result = run_llava("chat", "--model", HUB_ID, "--json", "--verbose", "-n", MAX_NEW, stdin=script, env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"))
+    assert result.returncode == 0, result.stderr_text
+    records = [json.loads(line) for line in result.stdout_text.splitlines()]
+    assert [set(FIGURES) <= record.keys() for record in records] == [True] * 3
+    assert records[0]["cached_tokens"] == 0
+    assert records[1]["cached_tokens"] > 0 and records[2]["cached_tokens"] > 0
+    assert records[2]["cached_tokens"] >= records[1]["prompt_tokens"]
+    history = [("what is it?", 1, records[0]["answer"]), ("and the colour?", 0, records[1]["answer"])]
+    expected = reference.answer(render_llava15(history + [("anything else?", 0, None)]), [images["red"]], MAX_NEW)
+    assert records[2]["answer"] == expected
+    stats_lines = [line for line in result.stderr_text.splitlines() if line.startswith("stats: ")]
+    assert [f"{r['prompt_tokens']} prompt tokens ({r['cached_tokens']} cached)" in line for r, line in zip(records, stats_lines)] == [True] * 3
+    assert len(stats_lines) == 3
+
+
+def test_ask_with_compile_and_verbose_answers_right_with_one_stats_line_on_stderr(hf_home, images, reference):
+    result = run_llava("ask", "--model", HUB_ID, "--compile", "--verbose", "-n", MAX_NEW, images["green"], "what is it?", env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"))
+    assert result.returncode == 0, result.stderr_text
+    expected = reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW)
+    assert result.stdout_text == expected + "\n"
+    stats_lines = [line for line in result.stderr_text.splitlines() if line.startswith("stats: ")]
+    assert len(stats_lines) == 1 and "(0 cached)" in stats_lines[0] and "tokens/s" in stats_lines[0]
