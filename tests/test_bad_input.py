@@ -300,6 +300,6 @@ def test_a_chat_with_failing_commands_answers_on_and_exits_1(piped_chat):
     assert "Traceback" not in piped_chat.stderr
 
 
-@pytest.mark.parametrize(("index", "case"), enumerate(SLASH_CASES), ids=[line.split(" ")[0] + f"-{i}" for i, (line, _) in enumerate(SLASH_CASES)])
+@pytest.mark.parametrize(("index", "case"), list(enumerate(SLASH_CASES)), ids=[line.split(" ")[0] + f"-{i}" for i, (line, _) in enumerate(SLASH_CASES)])
 def test_slash_command(index, case, piped_chat, paths):
     assert piped_chat.stderr.splitlines()[index] == case[1].format(**paths)
