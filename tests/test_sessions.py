@@ -274,7 +274,9 @@ def test_sessions_show_prints_the_transcript_and_json(monkeypatch, two_saved, im
     assert lines[1] == f"model     {Path(tiny_model).resolve()}"
     assert lines[3] == f"settings  temperature 0.0 · top-p 1.0 · max-new-tokens {MAX_NEW} · seed none · max-context none"
     assert lines[4:] == ["system    Be brief.", "", f">>> [image: {images['red']}]", ">>> What is in this picture?", "A red circle.", "", ">>> And the colour?", "Red."]
-    as_json = invoke(monkeypatch, "sessions", "show", cats.session_id[:17], "--json")  # by unique id prefix
+    other = two_saved[1].session_id
+    unique = next(cats.session_id[:n] for n in range(1, 64) if not other.startswith(cats.session_id[:n]))
+    as_json = invoke(monkeypatch, "sessions", "show", unique, "--json")  # by unique id prefix
     assert json.loads(as_json.stdout) == json.loads(cats.path.read_text())
 
 
