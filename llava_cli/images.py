@@ -2,8 +2,9 @@
 
 `load_image(path)` and `image_from_bytes(data, name)` return an `ImageRef`: the RGB image, the
 name the user gave it and a content digest (the generation cache keys images by it). Every way an
-image can be bad - missing, a directory, unreadable, not an image, truncated, a decompression
-bomb - raises `InputError`; nothing else escapes. Odd but valid images are made ordinary: the
+image can be bad - missing, a directory, a FIFO or device, unreadable, not an image, truncated, a
+decompression bomb - raises `InputError`; nothing else escapes. Files are read through
+`safeio.read_regular` (regular files only, never blocking, capped at MAX_IMAGE_BYTES). Odd but valid images are made ordinary: the
 first frame of an animation, EXIF rotation applied, alpha composited on white, CMYK, palette,
 greyscale and 16-bit converted to 8-bit RGB.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from llava_cli.errors import InputError, one_line
+from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
 from llava_cli.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
@@ -50,14 +52,15 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRe
 
 
 def read_image_file(path: Path) -> bytes:
+    """The bytes of an image file: a regular file only (a FIFO or /dev/zero is refused at once), at most MAX_IMAGE_BYTES."""
     try:
-        if path.is_dir():
-            raise InputError(f"{path} is a directory, not an image")
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise InputError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; is it really an image?")
-        return path.read_bytes()
+        return read_regular(path, MAX_IMAGE_BYTES)
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
+    except NotRegularFile as err:
+        raise InputError(f"{path} is {err.kind}, not an image") from None
+    except FileTooLarge:
+        raise InputError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; is it really an image?") from None
     except PermissionError:
         raise InputError(f"cannot read {path}: permission denied") from None
     except OSError as err:
