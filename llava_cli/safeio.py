@@ -14,8 +14,10 @@ the user's own doing (images, saved conversations, discovery files, the input hi
   special files report 0): one byte more raises `FileTooLarge`.
 All three are `OSError`s whose `strerror` is a readable reason, so a caller's existing
 `cannot read PATH: {err.strerror}` message reads well; errors from `open` itself (missing file,
-permission denied) pass through unchanged. `private_folder(path)` applies the ownership rule to a
-folder. This module imports nothing of llava-cli's, so anything may use it.
+permission denied) pass through unchanged. `open_regular(path, flags)` does the same checks and
+returns the descriptor (for files that are written, such as the input history). `private_folder(path)` applies the ownership rule to a
+folder; `make_private_dir(path)` creates llava-cli's own folders 0700 whatever the umask. This
+module imports nothing of llava-cli's, so anything may use it.
 """
 
 from __future__ import annotations
@@ -80,17 +82,38 @@ def private_folder(path: str | os.PathLike[str]) -> None:
     check_private(status, path)
 
 
-def open_flags(follow_symlinks: bool) -> int:
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    return flags if follow_symlinks else flags | getattr(os, "O_NOFOLLOW", 0)
+def make_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create `path` (and any missing parents) as 0700 whatever the umask; an existing `path` of ours is tightened to 0700.
+
+    `mkdir(mode=0o700)` alone is not enough: `parents=True` creates the parents with the umask's
+    default (0755, or 0777 under umask 000), and an umask can even take the owner's own bits away.
+    """
+    folder = Path(path)
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        try:
+            os.mkdir(created, 0o700)
+        except FileExistsError:  # made by someone else meanwhile: checked below like any existing folder
+            continue
+        os.chmod(created, 0o700)
+    status = os.stat(path)
+    if hasattr(os, "getuid") and status.st_uid == os.getuid() and stat.S_IMODE(status.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return Path(path)
 
 
-def read_regular(
-    path: str | os.PathLike[str], max_bytes: int, follow_symlinks: bool = True, private: bool = False
-) -> bytes:
-    """The bytes of the regular file at `path`, at most `max_bytes` of them; see the module docstring."""
+def open_regular(
+    path: str | os.PathLike[str], flags: int = os.O_RDONLY, follow_symlinks: bool = True, private: bool = False
+) -> int:
+    """A descriptor of the regular file at `path` (opened without blocking), checked as the module docstring says."""
+    flags |= getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, open_flags(follow_symlinks))
+        fd = os.open(path, flags, 0o600)  # the mode only matters with O_CREAT
     except OSError as err:
         if err.errno == errno.ELOOP and not follow_symlinks and Path(path).is_symlink():
             raise NotRegularFile(path, "a symbolic link") from None
@@ -101,6 +124,18 @@ def read_regular(
             raise NotRegularFile(path, kind_of(status.st_mode))
         if private:
             check_private(status, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(
+    path: str | os.PathLike[str], max_bytes: int, follow_symlinks: bool = True, private: bool = False
+) -> bytes:
+    """The bytes of the regular file at `path`, at most `max_bytes` of them; see the module docstring."""
+    fd = open_regular(path, os.O_RDONLY, follow_symlinks, private)
+    try:
         return read_capped(fd, path, max_bytes)
     finally:
         os.close(fd)
