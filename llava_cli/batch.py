@@ -35,7 +35,7 @@ from llava_cli.images import image_from_bytes, looks_like_image
 from llava_cli.records import RecordFile, StdoutRecords, make_record
 from llava_cli.session import load_engine
 from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
-from llava_cli.terminal import is_terminal, make_console, shown
+from llava_cli.terminal import emit, is_terminal, make_console
 from llava_cli.urls import is_url, open_image
 
 MAX_BATCH_SIZE = 256
@@ -254,9 +254,9 @@ class BatchProgress:
     def report(self, message: str) -> None:
         """An error line on stderr (above the bar when there is one)."""
         if self.bar is not None:
-            self.bar.console.print(shown(message, self.bar.console.file), markup=False, highlight=False)
+            self.bar.console.print(message, markup=False, highlight=False)
         else:
-            print(shown(message, sys.stderr), file=sys.stderr, flush=True)
+            emit(message, sys.stderr, flush=True)
 
 
 def make_progress(console: Any) -> Any:

@@ -27,7 +27,7 @@ from llava_cli.errors import InputError, LlavaError
 from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
-from llava_cli.terminal import is_terminal, make_console, safe_for_terminal, shown
+from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
 
 # A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
 PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
@@ -153,7 +153,7 @@ class ChatLoop(ReplCommands):
     def attach_paths(self, paths: list[str]) -> None:
         images = [load_image(path, self.settings.max_image_pixels) for path in paths]  # all or none
         self.attached.extend(images)
-        names = ", ".join(safe_for_terminal(image.name) for image in images)
+        names = ", ".join(image.name for image in images)
         self.io.info(f"attached {names}; it goes with your next message")
 
     def clear(self, _: str) -> None:
@@ -211,7 +211,7 @@ class ChatLoop(ReplCommands):
         """The bottom toolbar: model, context used, temperature, and the conversation's id or name."""
         saved = self.recorder.name or self.recorder.session_id if self.recorder else None
         parts = [self.settings.model, f"context {self.context_summary()}", f"temperature {self.settings.temperature}"]
-        return " " + " · ".join(parts + ([saved] if saved else []))
+        return safe_for_terminal(" " + " · ".join(parts + ([saved] if saved else [])))  # prompt-toolkit draws it
 
     def restore_pending(self) -> None:
         """Take back an unanswered message; its images wait for the next one, so nothing is lost."""
@@ -241,21 +241,19 @@ class PipeIO:
                 pass
             return
         for chunk in chunks:
-            sys.stdout.write(shown(chunk, sys.stdout, self.raw))
-            sys.stdout.flush()
+            emit(chunk, sys.stdout, self.raw, end="", flush=True)
 
     def answered(self, answer: str, stats: dict) -> None:
         line = json.dumps({"answer": answer, **stats}, ensure_ascii=False) if self.as_json else ""
-        sys.stdout.write(shown(line, sys.stdout, self.raw) + "\n")
-        sys.stdout.flush()
+        emit(line, sys.stdout, self.raw, flush=True)
         if self.verbose:
-            print(stats_line(stats), file=sys.stderr)
+            emit(stats_line(stats), sys.stderr)
 
     def info(self, message: str) -> None:
         pass  # chatter would corrupt the transcript a script reads
 
     def error(self, message: str) -> None:
-        print(f"llava: error: {shown(message, sys.stderr)}", file=sys.stderr)
+        emit_error(message)
 
 
 class TerminalIO:
@@ -296,7 +294,10 @@ class TerminalIO:
             return
         try:
             for chunk in chunks:
-                self.console.print(shown(chunk, self.console.file, self.settings.raw), end="", markup=False)
+                if self.settings.raw:
+                    self.console.print_raw(chunk)
+                else:
+                    self.console.print(chunk, end="", markup=False)
         finally:
             self.console.print()
 
@@ -308,7 +309,7 @@ class TerminalIO:
         self.console.print(message, style="dim", markup=False)
 
     def error(self, message: str) -> None:
-        self.console.print(f"error: {safe_for_terminal(message)}", style="bold red", markup=False)
+        self.console.print(f"error: {one_line_text(message)}", style="bold red", markup=False)
 
 
 def run_chat(
@@ -321,7 +322,7 @@ def run_chat(
     opened = open_conversation(settings, sessions)  # a resumed conversation is checked before loading, too
     settings = opened.settings
     for note in opened.notes:
-        print(f"note: {note}", file=sys.stderr)
+        emit(f"note: {one_line_text(note)}", sys.stderr)
     engine = start_engine(settings)
     interactive = is_terminal(sys.stdin) and is_terminal(sys.stdout) and not as_json
     io: ChatIO = TerminalIO(settings, markdown) if interactive else PipeIO(as_json, settings.raw, settings.verbose)
