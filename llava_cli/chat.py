@@ -7,7 +7,8 @@ object per line with --json). A failed message leaves the conversation as it was
 to it included, and the loop goes on; Ctrl-C stops an answer and returns to the prompt.
 
 After each answer the conversation is saved through a `Recorder` (store.py); a save that fails
-(disk full, read-only folder) is reported once and the chat goes on. The commands beyond the
+(disk full, read-only folder) is reported once and the chat goes on. SIGTERM ends the chat like
+/quit (exit 0, what was answered is saved, no traceback, no temp file left). The commands beyond the
 basics (/retry, /undo, /set, /save, /load, /copy...) live in commands.py, mixed into `ChatLoop`.
 """
 
@@ -23,9 +24,10 @@ from typing import Any, Protocol
 from llava_cli.commands import QUIT_COMMANDS, ReplCommands, suggestion
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine, stats_line
-from llava_cli.errors import InputError, LlavaError
+from llava_cli.errors import EXIT_OK, InputError, LlavaError
 from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.settings import Settings
+from llava_cli.signals import Terminated, sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
 from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
 
@@ -268,8 +270,8 @@ class TerminalIO:
         self.console = make_console()
         self.settings = settings
         self.markdown = markdown and not settings.raw  # --raw: the answer exactly as generated
-        self.command_names: list[str] = []  # for Tab completion; run_chat fills it in
-        self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; run_chat connects it
+        self.command_names: list[str] = []  # for Tab completion; start_chat fills it in
+        self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; start_chat connects it
         self.session = make_prompt_session(
             data_dir() / "input-history", lambda: self.command_names, lambda: self.status(),
             notify=lambda message: self.info(f"note: {message}"), **streams,
@@ -315,6 +317,19 @@ class TerminalIO:
 def run_chat(
     settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions = SessionOptions(), markdown: bool = True
 ) -> int:
+    """Chat until the end; SIGTERM ends it cleanly too (exit 0): answered turns saved, no temp file left."""
+    loop: ChatLoop | None = None
+    try:
+        with sigterm_raises(Terminated):
+            loop = start_chat(settings, images, as_json, sessions, markdown)
+            return loop.run(images)
+    except Terminated:
+        if loop is not None:
+            loop.autosave()  # a save the signal cut short removed its temp file; this one completes it
+        return EXIT_OK
+
+
+def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions, markdown: bool) -> ChatLoop:
     from llava_cli.session import start_engine
 
     for path in images:  # fail before the slow model load
@@ -332,4 +347,4 @@ def run_chat(
         io.info(f"{settings.model} on {engine.loaded.device}. /help for commands, /quit to leave.")
         if opened.conversation:
             loop.recap()
-    return loop.run(images)
+    return loop
