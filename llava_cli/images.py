@@ -3,10 +3,10 @@
 `load_image(path)` and `image_from_bytes(data, name)` return an `ImageRef`: the RGB image, the
 name the user gave it and a content digest (the generation cache keys images by it). Every way an
 image can be bad - missing, a directory, unreadable, not an image, truncated, a decompression
-bomb, a video (`refuse_video`, by extension, before anything is read) - raises `InputError`;
-nothing else escapes. Odd but valid images are made ordinary: the
-first frame of an animation, EXIF rotation applied, alpha composited on white, CMYK, palette,
-greyscale and 16-bit converted to 8-bit RGB.
+bomb, a video (`refuse_video`: by extension, before anything is read) - raises `InputError`;
+nothing else escapes. Odd but valid images are made ordinary: the first frame of an animation,
+EXIF rotation applied, alpha composited on white, CMYK, palette, greyscale and 16-bit converted
+to 8-bit RGB.
 """
 
 from __future__ import annotations
