@@ -3,7 +3,7 @@
 `load_image(path)` and `image_from_bytes(data, name)` return an `ImageRef`: the RGB image, the
 name the user gave it and a content digest (the generation cache keys images by it). Every way an
 image can be bad - missing, a directory, a FIFO or device, unreadable, not an image, truncated, a
-decompression bomb - raises `InputError`; nothing else escapes. Files are read through
+decompression bomb, a video (`refuse_video`: by extension, before anything is read) - raises `InputError`; nothing else escapes. Files are read through
 `safeio.read_regular` (regular files only, never blocking, capped at MAX_IMAGE_BYTES). Odd but valid images are made ordinary: the
 first frame of an animation, EXIF rotation applied, alpha composited on white, CMYK, palette,
 greyscale and 16-bit converted to 8-bit RGB.
@@ -31,7 +31,7 @@ import os
 import select
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, BinaryIO
 
 from llava_cli.errors import InputError, one_line
@@ -50,6 +50,8 @@ DECODED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "T
 MAX_ASPECT_RATIO = 50  # see the module docstring
 MAX_IMAGE_SIDE = 4096  # pixels; beyond any family's input size (2304 at most), see the module docstring
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".tga"}
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".wmv", ".flv", ".mpg", ".mpeg", ".ogv", ".3gp"}
+FRAMES_HINT = "ffmpeg -i VIDEO -vf fps=1 frame-%03d.png"
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,23 @@ class ImageRef:
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRef:
     """Read the image file at `path`; raise `InputError` saying what is wrong with it."""
+    refuse_video(path, path)
     file = Path(path).expanduser()
     return replace(image_from_bytes(read_image_file(file), path, max_pixels), path=os.path.abspath(file))
+
+
+def refuse_video(name: str, path: str) -> None:
+    """A video (named by `path`'s extension) is no image: say so before reading it, however large."""
+    if PurePath(path).suffix.lower() not in VIDEO_SUFFIXES:
+        return
+    from llava_cli.processors import torchvision_installed
+
+    if torchvision_installed():
+        raise InputError(f"{name} is a video; llava-cli reads still images: pass frames instead ({FRAMES_HINT})")
+    raise InputError(
+        f"{name} is a video: videos need torchvision, which is not installed, and llava-cli reads still images: "
+        f"pass frames instead ({FRAMES_HINT})"
+    )
 
 
 def read_image_file(path: Path) -> bytes:
@@ -192,11 +209,11 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 
 def looks_like_image(arg: str) -> bool:
-    """True for an existing file or a name with an image extension (so a typo'd path is not a prompt)."""
+    """True for an existing file or a name with an image (or video) extension (so a typo'd path is not a prompt)."""
     if "\n" in arg:
         return False
     path = Path(arg).expanduser()
     try:
-        return path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES
+        return path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
     except (OSError, ValueError):  # a long prompt is no valid file name at all
         return False

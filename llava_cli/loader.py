@@ -5,9 +5,11 @@ asked and what to do. A hub id already in the local Hugging Face cache loads wit
 all; only an id missing from the cache is fetched, with short timeouts. The checkpoint is checked
 before any weights are read (config, model type, weights, processor files), safetensors are
 loaded straight to the target device and dtype, and `trust_remote_code` is off unless asked for.
-The transformers class comes from config.json's `model_type` (`SUPPORTED_MODEL_TYPES`), the prompt
-format from `--chat-template`, else the family (`prompt_format_for`), and is checked to render a
-message with an image before any weights are read. This module never prints.
+The transformers class comes from config.json's `model_type` (`SUPPORTED_MODEL_TYPES`), the processor
+from transformers' AutoProcessor (or, for `BUILT_FROM_IMAGE_PARTS` families without torchvision, from
+the checkpoint's image parts: processors.py), the prompt format from `--chat-template`, else the family
+(`prompt_format_for`), and is checked to render a message with an image before any weights are read.
+This module never prints.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from llava_cli.conversation import LLAVA15_TEXT_MODELS, ChatTemplateFormat, Conversation, PromptFormat, prompt_format_for
 from llava_cli.errors import LlavaError, ModelError, UsageError, one_line
 from llava_cli.images import ImageRef
+from llava_cli.processors import image_parts_processor, torchvision_installed
 from llava_cli.settings import Settings
 
 # config.json's model_type -> the transformers class made for it (never chosen from the model's name)
@@ -32,7 +35,9 @@ SUPPORTED_MODEL_TYPES = {
     "llava_next_video": "LlavaNextVideoForConditionalGeneration",
 }
 FAMILIES = {"llava_next": "llava-next", "llava_onevision": "llava-onevision", "llava_next_video": "llava-next-video"}
-NEEDS_TORCHVISION = {"llava_onevision", "llava_next_video"}  # transformers builds their video processors with it
+# transformers builds these families' processors only with a video processor, which needs torchvision;
+# without torchvision their processors are built from the checkpoint's image parts (processors.py).
+BUILT_FROM_IMAGE_PARTS = {"llava_onevision", "llava_next_video"}
 HUB_TIMEOUT_S = "10"  # an unreachable hub must fail fast, not hang
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
@@ -65,8 +70,7 @@ def load_model(settings: Settings) -> LoadedModel:
 
     device = pick_device(settings.device, torch)
     dtype = pick_dtype(settings.dtype, device, torch)
-    check_torchvision(settings.model, config["model_type"])
-    processor = load_processor(settings, folder)
+    processor = load_processor(settings, folder, config["model_type"])
     check_image_token(settings.model, config, processor)
     prompt_format = choose_prompt_format(settings, config, processor)
     model = load_weights(settings, folder, config["model_type"], device, dtype, torch)
@@ -162,16 +166,6 @@ def family_name(config: dict[str, Any]) -> str:
     return "llava-interleave" if text_model == "qwen2" else f"llava ({text_model})"
 
 
-def check_torchvision(name: str, model_type: str) -> None:
-    import importlib.util
-
-    if model_type in NEEDS_TORCHVISION and importlib.util.find_spec("torchvision") is None:
-        raise ModelError(
-            f"{name} is a {FAMILIES[model_type]} checkpoint, whose processor transformers builds with torchvision; "
-            "install the torchvision build that matches your torch"
-        )
-
-
 def choose_prompt_format(settings: Settings, config: dict[str, Any], processor: Any) -> PromptFormat:
     """--chat-template when given, else the family's format; checked to render and to place images."""
     if settings.chat_template:
@@ -263,11 +257,15 @@ def pick_attention(requested: str, device: str) -> str:
     return "sdpa"
 
 
-def load_processor(settings: Settings, folder: Path) -> Any:
+def load_processor(settings: Settings, folder: Path, model_type: str) -> Any:
+    """transformers' AutoProcessor, or the same processor from its image parts where that needs torchvision."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
+        if model_type in BUILT_FROM_IMAGE_PARTS and not torchvision_installed():
+            processor = image_parts_processor(folder, model_type, settings.trust_remote_code)
+        else:
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
     except Exception as err:
         raise ModelError(f"{settings.model}: its processor/tokenizer files cannot be loaded ({one_line(err)})") from None
     tokenizer = getattr(processor, "tokenizer", None)

@@ -3,7 +3,8 @@
 `open_image(name)` fetches a URL or reads a file. `fetch_image_url(url, max_pixels)` returns an
 `ImageRef` like `images.load_image` does, and raises `InputError` for anything that goes wrong: an
 HTTP error status, a server that does not answer in time, a body larger than the limit, a
-redirect to anything but http(s), or data that is not an image. The body is read in chunks and
+redirect to anything but http(s), a video (by the URL's extension, before any download), or data
+that is not an image. The body is read in chunks and
 abandoned as soon as it passes the limit, so a huge or endless response costs at most the limit.
 User names and passwords in a URL are never shown in messages."""
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from llava_cli import __version__
 from llava_cli.errors import InputError
-from llava_cli.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, load_image
+from llava_cli.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, load_image, refuse_video
 from llava_cli.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 URL_SCHEMES = ("http", "https")
@@ -58,6 +59,7 @@ def fetch_image_url(
     max_bytes: int = MAX_IMAGE_BYTES,
 ) -> ImageRef:
     """Download and decode the image at `url`; `ImageRef.name` is the URL as given."""
+    refuse_video(redacted(url), urllib.parse.urlsplit(url).path)
     return image_from_bytes(download(url, timeout, max_bytes), redacted(url), max_pixels)
 
 

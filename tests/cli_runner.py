@@ -28,6 +28,17 @@ class FakeTerminal(io.StringIO):
         return True
 
 
+class BytesStdout(io.TextIOWrapper):
+    """A stdout with a byte layer (`.buffer`), as `ask --each` writes its JSON lines through, and `getvalue()`."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO(), encoding="utf-8")
+
+    def getvalue(self) -> str:
+        self.flush()
+        return self.buffer.getvalue().decode("utf-8")
+
+
 def stdin_pipe(data: bytes) -> io.TextIOWrapper:
     """A real pipe holding `data` (select() and fileno() work on it, as on a shell's stdin)."""
     read_fd, write_fd = os.pipe()
@@ -43,7 +54,7 @@ def quiet_progress_bars() -> None:
     logging.disable_progress_bar()
 
 
-def invoke(monkeypatch, *args: str, stdin: bytes = b"", stdout: io.StringIO | None = None, stderr: io.StringIO | None = None) -> Outcome:
+def invoke(monkeypatch, *args: str, stdin: bytes = b"", stdout: io.StringIO | BytesStdout | None = None, stderr: io.StringIO | None = None) -> Outcome:
     from llava_cli.cli import main
 
     out, err = stdout or io.StringIO(), stderr or io.StringIO()

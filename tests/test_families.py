@@ -2,9 +2,10 @@
 format, and answering a multi-turn, multi-image greedy chat exactly as plain `transformers` does
 when the checkpoint's processor renders and tokenizes the whole history (`apply_chat_template`).
 
-Tiny checkpoints of each family are built once per session. LLaVA-OneVision and LLaVA-NeXT-Video
-processors cannot be built without torchvision (transformers needs it for their video
-processors), so their cases are skipped, with that reason, where torchvision is not installed.
+Tiny checkpoints of each family are built once per session. Where torchvision is not installed,
+transformers cannot build the LLaVA-OneVision and LLaVA-NeXT-Video processors (it builds them only
+with a video processor), so their reference is plain transformers without a processor
+(`ImagePartsReference`): the same answers, from transformers' PIL image processor and the model itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cli_runner import invoke
+from cli_runner import BytesStdout, invoke
 from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
 from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
 from llava_cli.engine import Engine
@@ -45,7 +46,8 @@ README_IDS = {
     "llava-onevision": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
     "llava-next-video": "llava-hf/LLaVA-NeXT-Video-7B-hf",
 }
-NEEDS_TORCHVISION = {"llava-onevision", "llava-next-video"}
+# The families whose processor transformers builds only with torchvision, and their PIL image processors.
+PIL_IMAGE_PROCESSORS = {"llava-onevision": "LlavaOnevisionImageProcessorPil", "llava-next-video": "LlavaNextImageProcessorPil"}
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 SCRIPT = [
     ("What is in this picture?", ["red"]),
@@ -55,15 +57,6 @@ SCRIPT = [
 ]
 
 
-def available(family: str) -> bool:
-    return HAS_TORCHVISION or family not in NEEDS_TORCHVISION
-
-
-def family_params() -> list:
-    reason = "transformers builds this family's processor with torchvision, which is not installed"
-    return [pytest.param(family, marks=pytest.mark.skipif(not available(family), reason=reason)) for family in FAMILIES]
-
-
 class FamilyReference:
     """Plain transformers: the checkpoint's processor renders and tokenizes the whole history, greedy `generate`."""
 
@@ -71,6 +64,7 @@ class FamilyReference:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(folder)
+        self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForImageTextToText.from_pretrained(folder).eval()
 
     def inputs(self, messages: list[dict], template: str | None = None) -> dict:
@@ -84,7 +78,49 @@ class FamilyReference:
     def answer(self, messages: list[dict]) -> str:
         inputs = self.inputs(messages)
         output = self.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-        return self.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+class ImagePartsReference(FamilyReference):
+    """Plain transformers for a checkpoint whose processor it cannot build, with no processor and no
+    llava_cli code: the tokenizer renders the history with the checkpoint's chat_template.json,
+    transformers' PIL image processor prepares the prompt's images, each <image> widens to as many
+    tokens as the model's own vision tower gives that image features, and greedy `generate` runs."""
+
+    def __init__(self, folder: Path, image_processor_class: str) -> None:
+        import transformers
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.image_processor = getattr(transformers, image_processor_class).from_pretrained(folder)
+        self.template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))["chat_template"]
+        self.model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+
+    def pixels(self, messages: list[dict]) -> dict:
+        """The image processor's output for the prompt's images, all at once as the processor hands them over."""
+        pictures = [part["image"] for message in messages for part in message["content"] if part["type"] == "image"]
+        return dict(self.image_processor(images=[pictures], return_tensors="pt")) if pictures else {}
+
+    def token_counts(self, pixels: dict) -> list[int]:
+        import torch
+
+        if not pixels:
+            return []
+        with torch.no_grad():
+            return [len(features) for features in self.model.get_image_features(**pixels).pooler_output]
+
+    def inputs(self, messages: list[dict], template: str | None = None) -> dict:
+        text = self.tokenizer.apply_chat_template(messages, chat_template=template or self.template, add_generation_prompt=True, tokenize=False)
+        pixels = self.pixels(messages)
+        widths = iter(self.token_counts(pixels))
+        text = re.sub("<image>", lambda _: "<image>" * next(widths), text)
+        return dict(self.tokenizer(text, return_tensors="pt")) | pixels
+
+
+def make_reference(family: str, folder: Path) -> FamilyReference:
+    if family in PIL_IMAGE_PROCESSORS and not HAS_TORCHVISION:
+        return ImagePartsReference(folder, PIL_IMAGE_PROCESSORS[family])
+    return FamilyReference(folder)
 
 
 def user(text: str, paths: list[Path]) -> dict:
@@ -128,13 +164,13 @@ def references(checkpoints):
 
     def reference(family: str) -> FamilyReference:
         if family not in made:
-            made[family] = FamilyReference(checkpoints(family))
+            made[family] = make_reference(family, checkpoints(family))
         return made[family]
 
     return reference
 
 
-@pytest.fixture(scope="module", params=family_params())
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request, checkpoints, references):
     settings = Settings(model=str(checkpoints(request.param)), max_new_tokens=MAX_NEW)
     return SimpleNamespace(name=request.param, settings=settings, loaded=load_model(settings), reference=references(request.param))
@@ -269,28 +305,13 @@ def test_unusable_chat_templates_are_refused_at_start_up(tiny_model, images, tmp
     assert outcome.first_error_line.startswith("llava: error: ") and message in outcome.first_error_line
 
 
-@pytest.mark.skipif(HAS_TORCHVISION, reason="torchvision is installed here")
-@pytest.mark.parametrize("model_type, family_name", [("llava_onevision", "llava-onevision"), ("llava_next_video", "llava-next-video")])
-def test_a_family_that_needs_torchvision_says_so_when_it_is_missing(tiny_model, images, tmp_path, monkeypatch, model_type, family_name):
-    for path in tiny_model.iterdir():
-        shutil.copy2(path, tmp_path / path.name)
-    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tiny_model / "config.json").read_text()), "model_type": model_type}))
-    outcome = invoke(monkeypatch, "ask", "--model", tmp_path, images["red"], "What is it?")
-    assert outcome.code == 2
-    assert outcome.first_error_line == (
-        f"llava: error: {tmp_path} is a {family_name} checkpoint, whose processor transformers builds with torchvision; "
-        "install the torchvision build that matches your torch"
-    )
-
-
 @pytest.fixture(scope="module")
 def family_hub(checkpoints, tmp_path_factory) -> Path:
-    """A Hugging Face home whose cache holds each available family under README's id, a download cut
+    """A Hugging Face home whose cache holds each family under README's id, a download cut
     off before its weights, and a model that is not LLaVA."""
     home = tmp_path_factory.mktemp("families-home")
     for family, repo_id in README_IDS.items():
-        if available(family):
-            lay_out_hub_cache(checkpoints(family), home, repo_id)
+        lay_out_hub_cache(checkpoints(family), home, repo_id)
     snapshot = lay_out_hub_cache(checkpoints("llava-next"), home, "llava-tests/cut-off")
     (snapshot / "model.safetensors").unlink()
     other = home / "bert"
@@ -317,9 +338,8 @@ def snapshot_size(hub: Path, repo_id: str) -> int:
 
 
 def test_llava_models_lists_the_llava_checkpoints_in_the_cache(hub_cache, monkeypatch):
-    listed = [(family, repo_id) for family, repo_id in README_IDS.items() if available(family)]
     expected = sorted(
-        [{"model": repo_id, "family": family, "size_bytes": snapshot_size(hub_cache, repo_id), "missing": [], "offline": True} for family, repo_id in listed]
+        [{"model": repo_id, "family": family, "size_bytes": snapshot_size(hub_cache, repo_id), "missing": [], "offline": True} for family, repo_id in README_IDS.items()]
         + [{"model": "llava-tests/cut-off", "family": "llava-next", "size_bytes": snapshot_size(hub_cache, "llava-tests/cut-off"), "missing": ["weights"], "offline": False}],
         key=lambda row: row["model"].lower(),
     )
@@ -354,7 +374,7 @@ def readme_example(repo_id: str) -> list[str]:
     return shlex.split(matching[0])[1:]
 
 
-@pytest.mark.parametrize("family_name", family_params())
+@pytest.mark.parametrize("family_name", FAMILIES)
 def test_readme_family_example_runs_offline_from_the_hub_cache(family_name, hub_cache, images, references, monkeypatch):
     args = readme_example(README_IDS[family_name])
     # README's image names stand for the test pictures, in order; the last argument is the question.
@@ -364,3 +384,93 @@ def test_readme_family_example_runs_offline_from_the_hub_cache(family_name, hub_
     outcome = invoke(monkeypatch, *args, "--max-new-tokens", str(MAX_NEW))
     assert outcome.code == 0, outcome.stderr
     assert outcome.stdout == references(family_name).answer([user(args[-1], paths)]) + "\n"
+
+
+# LLaVA-OneVision and LLaVA-NeXT-Video from their image parts (the way they load without torchvision) --
+
+
+@pytest.mark.parametrize(
+    "family_name, processor_class, video_processor_type",
+    [("llava-onevision", "LlavaOnevisionProcessor", "LlavaOnevisionVideoProcessor"), ("llava-next-video", "LlavaNextVideoProcessor", "LlavaNextVideoVideoProcessor")],
+)
+def test_video_family_checkpoints_are_laid_out_as_the_hub_repos(checkpoints, family_name, processor_class, video_processor_type):
+    folder = checkpoints(family_name)
+    config = {name: json.loads((folder / name).read_text()) for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")}
+    assert config["processor_config.json"]["processor_class"] == processor_class
+    assert config["preprocessor_config.json"]["processor_class"] == processor_class
+    assert config["video_preprocessor_config.json"]["video_processor_type"] == video_processor_type
+    assert "chat_template" in json.loads((folder / "chat_template.json").read_text())
+
+
+@pytest.fixture
+def without_torchvision(monkeypatch):
+    """llava_cli as it runs where torchvision is not installed, whether or not it is here."""
+    import llava_cli.loader
+    import llava_cli.processors
+
+    monkeypatch.setattr(llava_cli.loader, "torchvision_installed", lambda: False)
+    monkeypatch.setattr(llava_cli.processors, "torchvision_installed", lambda: False)
+
+
+@pytest.mark.parametrize("family_name", PIL_IMAGE_PROCESSORS)
+def test_image_parts_give_the_pixels_of_transformers_pil_image_processor_and_the_models_token_counts(
+    family_name, checkpoints, images, tmp_path, without_torchvision
+):
+    from PIL import Image
+
+    from llava_cli.loader import load_processor
+    from llava_cli.vision import VisionInputs
+
+    folder = checkpoints(family_name)
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    processor = load_processor(Settings(model=str(folder)), folder, model_type)
+    assert processor.video_processor is None
+    Image.new("RGB", (20, 90), (250, 200, 0)).save(tmp_path / "tall.png")  # a 1x3 grid: fewer tiles than the others
+    reference = ImagePartsReference(folder, PIL_IMAGE_PROCESSORS[family_name])
+    for names in (["red"], ["tall"], ["red", "tall", "blue"]):
+        paths = [tmp_path / "tall.png" if name == "tall" else images[name] for name in names]
+        expected = reference.pixels([user("?", paths)])
+        vision = VisionInputs(processor)
+        refs = [load_image(str(path)) for path in paths]
+        tiles = [image.pixel_values.reshape(-1, *image.pixel_values.shape[-3:]) for image in vision.prepare(refs)]
+        for index, image_tiles in enumerate(tiles):  # the processor pads every image to the most tiles
+            assert torch_equal(image_tiles, expected["pixel_values"][index][: len(image_tiles)]), names
+            assert not expected["pixel_values"][index][len(image_tiles) :].any(), names
+        assert vision.model_inputs(refs, 0)["image_sizes"].tolist() == expected["image_sizes"].tolist()
+        assert vision.token_counts(refs) == reference.token_counts(expected), names
+
+
+def torch_equal(left, right) -> bool:
+    import torch
+
+    return torch.equal(left, right)
+
+
+@pytest.mark.parametrize("family_name", PIL_IMAGE_PROCESSORS)
+def test_ask_each_with_batches_of_two_answers_each_image_as_plain_transformers(family_name, checkpoints, references, images, monkeypatch):
+    question = "What is in this picture?"
+    paths = [images["red"], images["green"], images["blue"]]
+    args = ["ask", "--model", checkpoints(family_name), "--each", *paths, "-p", question, "--batch-size", "2", "-n", str(MAX_NEW)]
+    outcome = invoke(monkeypatch, *args, stdout=BytesStdout())
+    assert (outcome.code, outcome.stderr) == (0, "")
+    answers = [json.loads(line)["answer"] for line in outcome.stdout.splitlines()]
+    assert answers == [references(family_name).answer([user(question, [path])]) for path in paths]
+
+
+@pytest.mark.parametrize(
+    "installed, message",
+    [
+        (False, "clip.mp4 is a video: videos need torchvision, which is not installed, and llava-cli reads still images: "),
+        (True, "clip.mp4 is a video; llava-cli reads still images: "),
+    ],
+)
+@pytest.mark.parametrize("where", ["", "https://example.invalid/"])
+def test_a_video_is_refused_in_one_line_saying_what_it_needs(tiny_model, tmp_path, monkeypatch, installed, message, where):
+    import llava_cli.processors
+
+    monkeypatch.setattr(llava_cli.processors, "torchvision_installed", lambda: installed)
+    video = f"{where}clip.mp4" if where else tmp_path / "clip.mp4"
+    name = str(video)
+    outcome = invoke(monkeypatch, "ask", "--model", tiny_model, video, "What happens?")
+    assert outcome.code == 2
+    assert outcome.stderr == f"llava: error: {name.removesuffix('clip.mp4')}{message}pass frames instead (ffmpeg -i VIDEO -vf fps=1 frame-%03d.png)\n"

@@ -5,8 +5,9 @@ Llama decoder, a byte-level BPE tokenizer trained here with `<image>` as a speci
 `LlavaProcessor` with a chat template. `build_family_checkpoint(family, folder)` writes one of each
 LLaVA family (`FAMILIES`) the way the llava-hf checkpoints are laid out: llava-interleave (SigLIP +
 Qwen2, ChatML tokens), LLaVA-NeXT and llava-next-video (CLIP + Llama with anyres tiling),
-LLaVA-OneVision (SigLIP + Qwen2 with anyres tiling). Hidden sizes are multiples of 64 so
-bitsandbytes 4-bit runs on the CPU.
+LLaVA-OneVision (SigLIP + Qwen2 with anyres tiling). OneVision and NeXT-Video processors are written
+file by file as their hub repos hold them (`HubLayoutProcessor`), since transformers builds them only
+with torchvision. Hidden sizes are multiples of 64 so bitsandbytes 4-bit runs on the CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -57,6 +60,7 @@ MISTRAL_TEMPLATE = (
 )
 # Tiles of 32x32: 1x2, 2x1, 2x2, 1x3 and 3x1 grids, as llava-v1.6 uses 336-pixel tiles.
 GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+CROP_SIZE = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
 FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "llava-onevision", "llava-next-video")
 
 
@@ -232,7 +236,7 @@ def next_parts(tokenizer, context: int) -> tuple[dict, dict]:
     processor = dict(
         image_processor=LlavaNextImageProcessor(
             size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            crop_size=CROP_SIZE,
             image_grid_pinpoints=GRID_PINPOINTS,
         ),
         tokenizer=tokenizer,
@@ -256,31 +260,26 @@ def llava_next(context: int):
 
 def llava_next_video(context: int):
     """LLaVA-NeXT-Video-7B shaped: LLaVA-NeXT with a video path, vicuna-style prompts."""
-    from transformers import (
-        LlavaNextVideoConfig,
-        LlavaNextVideoForConditionalGeneration,
-        LlavaNextVideoProcessor,
-        LlavaNextVideoVideoProcessor,
-    )
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
     tokenizer = build_tokenizer(video=True)
-    config, processor = next_parts(tokenizer, context)
-    frames = LlavaNextVideoVideoProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return (
-        LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(**config, video_token_index=tokenizer.convert_tokens_to_ids("<video>"))),
-        LlavaNextVideoProcessor(**processor, video_processor=frames, chat_template=LLAVA15_TEMPLATE),
+    config, parts = next_parts(tokenizer, context)
+    image_processor = parts.pop("image_processor")
+    processor = HubLayoutProcessor(
+        processor_class="LlavaNextVideoProcessor",
+        tokenizer=parts.pop("tokenizer"),
+        image_processor=image_processor,
+        video_processor=video_processor_config("LlavaNextVideoVideoProcessor", image_processor, crop_size=CROP_SIZE, do_center_crop=True),
+        settings=parts | {"video_token": "<video>"},
+        chat_template=LLAVA15_TEMPLATE,
     )
+    model = LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(**config, video_token_index=tokenizer.convert_tokens_to_ids("<video>")))
+    return model, processor
 
 
 def llava_onevision(context: int):
     """llava-onevision-qwen2 shaped: SigLIP + Qwen2, anyres for one image, base tiles for several."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
     tokenizer = build_tokenizer(chatml=True, video=True)
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -291,15 +290,51 @@ def llava_onevision(context: int):
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=GRID_PINPOINTS,
     )
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=GRID_PINPOINTS),
-        video_processor=LlavaOnevisionVideoProcessor(size=size),
+    image_processor = LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=GRID_PINPOINTS)
+    processor = HubLayoutProcessor(
+        processor_class="LlavaOnevisionProcessor",
         tokenizer=tokenizer,
-        num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-        vision_feature_select_strategy="full",
+        image_processor=image_processor,
+        video_processor=video_processor_config("LlavaOnevisionVideoProcessor", image_processor),
+        settings=dict(num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_select_strategy="full", video_token="<video>"),
         chat_template=CHATML_TEMPLATE,
     )
     return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+@dataclass
+class HubLayoutProcessor:
+    """A processor written file by file as the llava-hf repos hold it: `preprocessor_config.json` (the
+    image processor), `video_preprocessor_config.json`, `processor_config.json` naming the processor
+    class, `chat_template.json` and the tokenizer files. OneVision and NeXT-Video processors are saved
+    this way because transformers builds them only with a torchvision video processor, so their
+    configs are written out by hand here."""
+
+    processor_class: str
+    tokenizer: Any
+    image_processor: Any
+    video_processor: dict
+    settings: dict
+    chat_template: str
+
+    def save_pretrained(self, folder: Path) -> None:
+        named = {"processor_class": self.processor_class}
+        self.tokenizer.save_pretrained(folder)
+        write_json(folder / "preprocessor_config.json", self.image_processor.to_dict() | named)
+        write_json(folder / "video_preprocessor_config.json", self.video_processor | named)
+        write_json(folder / "processor_config.json", {"image_token": "<image>"} | self.settings | named)
+        write_json(folder / "chat_template.json", {"chat_template": self.chat_template})
+
+
+def video_processor_config(video_processor_type: str, image_processor, **extra) -> dict:
+    """A video processor's config as transformers saves it: the image processor's resizing and normalisation."""
+    keys = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    settings = image_processor.to_dict()
+    return {"video_processor_type": video_processor_type} | {key: settings[key] for key in keys} | extra
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 FAMILY_BUILDERS = {
