@@ -156,8 +156,9 @@ def pull(repo_id: str, incomplete: list[str] | None = None) -> PullResult:
     folder = snapshot_folder(repo_id, commit)
     needed = [file for file in files if not (folder / file.name).is_file()]
     with ModelProgress(repo_id, total=sum(f.size for f in files), done=sum(f.size for f in files if f not in needed)) as progress:
+        bar_class = progress.file_bar_class()
         for file in needed:
-            fetch(repo_id, file, commit, progress.file_bar_class(), incomplete or [])
+            fetch(repo_id, file, commit, bar_class, incomplete or [])
     return PullResult(
         folder=folder,
         files=len(files),
@@ -191,9 +192,12 @@ def snapshot_folder(repo_id: str, commit: str) -> Path:
 
 def fetch(repo_id: str, file: HubFile, commit: str, bar_class: type, incomplete: list[str]) -> None:
     """One file into the cache; `refs/main` is written too, so the next run finds the snapshot offline."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     try:
+        # hf_hub_download retries a silent file look-up for minutes (60 s a try, whatever the settings):
+        # one look-up first, with the short timeout and no retry, turns a dead hub into an error at once.
+        get_hf_file_metadata(hf_hub_url(repo_id, file.name), timeout=constants.HF_HUB_ETAG_TIMEOUT)
         downloaded = hf_hub_download(repo_id, file.name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT, tqdm_class=bar_class)
     except Exception as err:
         raise download_error(repo_id, err, incomplete) from None
@@ -212,11 +216,19 @@ def download_error(repo_id: str, err: Exception, incomplete: list[str]) -> Llava
     if "GatedRepo" in kind:
         return ModelError(f"{repo_id} is gated: accept its licence on the hub and log in (hf auth login)")
     state = f"the download of {repo_id} is incomplete ({'; '.join(incomplete)})" if incomplete else f"{repo_id} could not be downloaded"
-    if "Timeout" in kind:
+    cause = root_cause(err)
+    if "Timeout" in type(cause).__name__:
         reason = f"{hub} did not answer within {constants.HF_HUB_DOWNLOAD_TIMEOUT} s (HF_HUB_DOWNLOAD_TIMEOUT, HF_HUB_ETAG_TIMEOUT)"
     else:
-        reason = f"{hub} could not be reached ({one_line(err)})"
+        reason = f"{hub} could not be reached ({type(cause).__name__}: {one_line(cause)})"
     return LlavaError(f"{state}: {reason}; check the connection and run again (finished files are kept)")
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The network error under huggingface_hub's own (a failed file look-up wraps the timeout)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 class FileBar:

@@ -5,7 +5,7 @@
 sizes), `HEAD`/`GET /{id}/resolve/{rev}/{file}` with ETag, X-Repo-Commit, Content-Length and byte
 ranges (206 + Content-Range). An unknown repo gets 404 with `X-Error-Code: RepoNotFound`, as the hub
 sends. Point a process at it with HF_ENDPOINT=hub.url. Misbehaviour, set per test:
-- `stall_api`: accept API requests and never answer;
+- `stall_api`: accept API requests and never answer; `stall_heads`: the same for file look-ups (HEAD);
 - `stall_files`: send these files' headers and first `STALL_AFTER` bytes (none to a retry), then nothing;
 - `slow_files`: send these files in small chunks with a pause between them (`sending` is set once a
   file's first bytes are out, so a test can interrupt the download mid-file);
@@ -35,6 +35,7 @@ class StandInHub:
         self.repos = repos
         self.requests: list[tuple[str, str, str | None]] = []
         self.stall_api = False
+        self.stall_heads = False
         self.stall_files: set[str] = set()
         self.slow_files: set[str] = set()
         self.cut_once: set[str] = set()
@@ -92,6 +93,8 @@ def make_handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, path, self.headers.get("Range")))
             if match := API.match(path):
                 self.model_info(match["repo"])
+            elif (match := RESOLVE.match(path)) and self.command == "HEAD" and hub.stall_heads:
+                hub.closing.wait()
             elif match := RESOLVE.match(path):
                 self.resolve(match["repo"], match["file"], send_body)
             else:

@@ -135,10 +135,12 @@ def test_a_repo_that_does_not_exist_is_one_line_naming_it(hub, env, images):
     assert result.stderr_text == f"llava: error: model 'nobody/no-such-model' was not found on the hub at {hub.url} nor in the local cache; check the id\n"
 
 
-@pytest.mark.parametrize("stall", ["api", "file"])
+@pytest.mark.parametrize("stall", ["file list", "file look-up", "file body"])
 def test_a_hub_that_stops_answering_fails_with_one_line_not_a_hang(stall, hub, env, images):
-    if stall == "api":
+    if stall == "file list":
         hub.stall_api = True
+    elif stall == "file look-up":
+        hub.stall_heads = True
     else:
         hub.stall_files.add(SHARDS[0])
     result = ask(images, env)  # run_llava's own timeout (120 s) fails the test on a hang
