@@ -227,3 +227,9 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
     assert {(shown_total, shown_unit) for _, shown_total, shown_unit in bars} == {(number, unit)}  # one bar: the model's total, never one file's
     assert float(bars[-1][0]) > float(bars[0][0])
     assert "downloaded " + REPO in output
+
+
+def test_pull_offline_says_it_cannot_download(tmp_path):
+    result = run_llava("pull", REPO, env=cli_env(HF_HOME=str(tmp_path / "empty-home")))
+    assert (result.returncode, result.stdout_text) == (2, "")
+    assert result.stderr_text == f"llava: error: cannot download {REPO}: HF_HUB_OFFLINE is set; unset it and run `llava pull {REPO}` again\n"
