@@ -176,7 +176,7 @@ def list_wanted_files(repo_id: str, incomplete: list[str]) -> tuple[str, list[Hu
     try:
         info = HfApi().model_info(repo_id, files_metadata=True, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as err:
-        raise download_error(repo_id, err, incomplete) from None
+        raise download_error(repo_id, err, incomplete, kept=bool(incomplete)) from None
     files = [HubFile(s.rfilename, s.size or 0) for s in info.siblings or [] if is_wanted(s.rfilename)]
     if not any(file.is_weights for file in files):
         raise ModelError(f"{repo_id} has no safetensors weights on the hub (llava-cli never downloads pickle .bin weights)")
@@ -200,13 +200,14 @@ def fetch(repo_id: str, file: HubFile, commit: str, bar_class: type, incomplete:
         get_hf_file_metadata(hf_hub_url(repo_id, file.name), timeout=constants.HF_HUB_ETAG_TIMEOUT)
         downloaded = hf_hub_download(repo_id, file.name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT, tqdm_class=bar_class)
     except Exception as err:
-        raise download_error(repo_id, err, incomplete) from None
+        raise download_error(repo_id, err, incomplete, kept=True) from None
     if Path(downloaded).parent.name != commit:  # main moved on while we were downloading
         raise LlavaError(f"{repo_id} changed on the hub during the download; run again to fetch the new version")
 
 
-def download_error(repo_id: str, err: Exception, incomplete: list[str]) -> LlavaError:
-    """One line for a failed hub request; names the hub when it is not the default one."""
+def download_error(repo_id: str, err: Exception, incomplete: list[str], kept: bool) -> ModelError:
+    """One line for a failed hub request; names the hub when it is not the default one, and says
+    whether files already downloaded are `kept`. Exit 2, as for any model that cannot be had."""
     from huggingface_hub import constants
 
     kind = type(err).__name__
@@ -221,7 +222,8 @@ def download_error(repo_id: str, err: Exception, incomplete: list[str]) -> Llava
         reason = f"{hub} did not answer within {constants.HF_HUB_DOWNLOAD_TIMEOUT} s (HF_HUB_DOWNLOAD_TIMEOUT, HF_HUB_ETAG_TIMEOUT)"
     else:
         reason = f"{hub} could not be reached ({type(cause).__name__}: {one_line(cause)})"
-    return LlavaError(f"{state}: {reason}; check the connection and run again (finished files are kept)")
+    again = "run again: the files already downloaded are kept" if kept else "run again"
+    return ModelError(f"{state}: {reason}; check the connection and {again}")
 
 
 def root_cause(err: BaseException) -> BaseException:
