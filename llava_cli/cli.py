@@ -215,6 +215,19 @@ def models(
     raise typer.Exit(run_models(json_output))
 
 
+@app.command()
+def pull(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id (org/name), e.g. llava-hf/llava-1.5-7b-hf.", show_default=False)],
+) -> None:
+    """Download a model ahead of time: only the files llava-cli loads, with progress; an interrupted pull resumes.
+
+    llava pull llava-hf/llava-1.5-7b-hf
+    """
+    from llava_cli.download import run_pull
+
+    raise typer.Exit(run_pull(model))
+
+
 sessions_app = typer.Typer(help="List, show, export and remove saved conversations.", no_args_is_help=True)
 app.add_typer(sessions_app, name="sessions")
 SESSION_REF = typer.Argument(metavar="ID", help="A conversation's id, unique id prefix, or name.", show_default=False)

@@ -1,15 +1,16 @@
 """Model loading: from `--model` (a hub id or a folder) to a ready model, processor and prompt format.
 
 `load_model(settings)` returns a `LoadedModel` or raises `ModelError` with one line naming what was
-asked and what to do. A hub id already in the local Hugging Face cache loads with no network at
-all; only an id missing from the cache is fetched, with short timeouts. The checkpoint is checked
+asked and what to do. `resolve_model` turns `--model` into a folder: a local folder as is, a hub id
+through download.py (a complete cached snapshot with no network at all; else the missing files are
+downloaded, with short timeouts and a progress bar on a terminal's stderr). The checkpoint is checked
 before any weights are read (config, model type, weights, processor files), safetensors are
 loaded straight to the target device and dtype, and `trust_remote_code` is off unless asked for.
 The transformers class comes from config.json's `model_type` (`SUPPORTED_MODEL_TYPES`), the processor
 from transformers' AutoProcessor (or, for `BUILT_FROM_IMAGE_PARTS` families without torchvision, from
 the checkpoint's image parts: processors.py), the prompt format from `--chat-template`, else the family
 (`prompt_format_for`), and is checked to render a message with an image before any weights are read.
-This module never prints.
+This module never prints (download.py draws its progress bar).
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ FAMILIES = {"llava_next": "llava-next", "llava_onevision": "llava-onevision", "l
 # transformers builds these families' processors only with a video processor, which needs torchvision;
 # without torchvision their processors are built from the checkpoint's image parts (processors.py).
 BUILT_FROM_IMAGE_PARTS = {"llava_onevision", "llava_next_video"}
-HUB_TIMEOUT_S = "10"  # an unreachable hub must fail fast, not hang
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
 @dataclass
@@ -61,9 +60,10 @@ class LoadedModel:
         return int(self.model.config.text_config.max_position_embeddings)
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: Settings, folder: Path | None = None) -> LoadedModel:
+    """`settings.model` loaded; from `folder` when the caller already resolved it (`resolve_model`)."""
     started = time.perf_counter()
-    folder = resolve_model(settings.model)
+    folder = folder or resolve_model(settings.model)
     config = read_config(settings.model, folder)
     check_weights(settings.model, folder, settings.allow_pickle)
     import torch
@@ -94,44 +94,13 @@ def resolve_model(name: str) -> Path:
         return path
     if looks_like_path(name):
         raise ModelError(f"model folder not found: {name}")
-    return resolve_hub_id(name)
+    from llava_cli.download import snapshot_for
+
+    return snapshot_for(name)
 
 
 def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
-def resolve_hub_id(repo_id: str) -> Path:
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", HUB_TIMEOUT_S)
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", HUB_TIMEOUT_S)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        pass
-    if HF_HUB_OFFLINE:
-        raise ModelError(
-            f"{repo_id} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
-            f"download it first (hf download {repo_id}) or pass a local folder"
-        )
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS))
-    except Exception as err:
-        raise ModelError(describe_download_error(repo_id, err)) from None
-
-
-def describe_download_error(repo_id: str, err: Exception) -> str:
-    kind = type(err).__name__
-    if "RepositoryNotFound" in kind or "RevisionNotFound" in kind or "HFValidationError" in kind:
-        return f"model {repo_id!r} was not found on the Hugging Face hub nor in the local cache; check the id"
-    if "GatedRepo" in kind:
-        return f"{repo_id} is gated: accept its licence on the hub and log in (hf auth login)"
-    return (
-        f"{repo_id} is not in the local Hugging Face cache and the hub could not be reached; "
-        "connect to the internet once, or pass a local folder"
-    )
 
 
 def read_config(name: str, folder: Path) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 `find_models(cache)` scans the hub cache (`HF_HUB_CACHE`, else `$HF_HOME/hub`) with
 `huggingface_hub.scan_cache_dir` and returns one `CachedModel` per model repo whose snapshot (the
 one `refs/main` names, else the newest) has a config.json of a supported family: its id, family,
-size on disk and what, if anything, keeps it from loading offline (config, safetensors weights with
-every shard their index names, tokenizer and image-processor files). Nothing is downloaded or
+size on disk and what, if anything, keeps it from loading offline, in `download.snapshot_gaps`'s
+words ("1 of 3 weight shards missing: model-00002-of-00003.safetensors"). Nothing is downloaded or
 loaded; the output is a table on stdout, or JSON with --json.
 """
 
@@ -16,15 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_cli.download import human_size, read_json, snapshot_gaps
 from llava_cli.loader import SUPPORTED_MODEL_TYPES, family_name
-from llava_cli.safeio import read_regular
 from llava_cli.terminal import emit
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-WEIGHT_INDEX = "model.safetensors.index.json"
-MAX_CONFIG_BYTES = 16 * 1024 * 1024  # config and index files are kilobytes
-
 
 @dataclass(frozen=True)
 class CachedModel:
@@ -77,7 +71,7 @@ def describe(repo: Any) -> CachedModel | None:
     config = read_json(snapshot / "config.json")
     if not isinstance(config, dict) or config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         return None
-    return CachedModel(model=repo.repo_id, family=family_name(config), size_bytes=repo.size_on_disk, missing=missing_files(snapshot))
+    return CachedModel(model=repo.repo_id, family=family_name(config), size_bytes=repo.size_on_disk, missing=snapshot_gaps(snapshot))
 
 
 def current_snapshot(repo: Any) -> Path:
@@ -86,48 +80,10 @@ def current_snapshot(repo: Any) -> Path:
     return Path(revisions[-1].snapshot_path)
 
 
-def missing_files(snapshot: Path) -> list[str]:
-    """What an offline load of this snapshot would lack (the loader's needs, checked on disk)."""
-    missing = []
-    if not has_weights(snapshot):
-        missing.append("weights")
-    if not any((snapshot / name).is_file() for name in TOKENIZER_FILES):
-        missing.append("tokenizer")
-    if not any((snapshot / name).is_file() for name in IMAGE_PROCESSOR_FILES):
-        missing.append("image processor")
-    return missing
-
-
-def has_weights(snapshot: Path) -> bool:
-    """Safetensors weights, with every shard that an index names present (a cut-off download has fewer)."""
-    index = read_json(snapshot / WEIGHT_INDEX)
-    if isinstance(index, dict):
-        shards = set((index.get("weight_map") or {}).values())
-        return bool(shards) and all((snapshot / shard).is_file() for shard in shards)
-    return any(path.is_file() for path in snapshot.glob("*.safetensors"))
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(read_regular(path, MAX_CONFIG_BYTES))  # a downloaded repo may hold a FIFO or a huge file
-    except (OSError, ValueError, RecursionError):  # absent (a broken blob link too) or unreadable
-        return None
-
-
 def format_table(models: list[CachedModel]) -> str:
     rows = [("MODEL", "FAMILY", "SIZE", "OFFLINE")] + [
-        (model.model, model.family, human_size(model.size_bytes), "yes" if model.offline else "no: no " + ", no ".join(model.missing))
+        (model.model, model.family, human_size(model.size_bytes), "yes" if model.offline else "no: " + "; ".join(model.missing))
         for model in models
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in rows)
-
-
-def human_size(size: int) -> str:
-    """Sizes as `du -h --si` prints them: 512 B, 3.4 MB, 13.5 GB."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"

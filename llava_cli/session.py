@@ -4,8 +4,9 @@
 `llava serve` for the model; see remote.py) or a model loaded here (`load_engine`, which
 `llava serve` itself uses). Both give the front-ends the same interface.
 
-Loading messages go to stderr only: a spinner when stderr is a terminal, a line with --verbose,
-nothing otherwise, so stdout stays clean for pipes.
+Loading messages go to stderr only: a spinner when stderr is a terminal (after the download's
+progress bar, when the model has to be fetched), a line with --verbose, nothing otherwise, so
+stdout stays clean for pipes.
 """
 
 from __future__ import annotations
@@ -51,18 +52,19 @@ def start_engine(settings: Settings) -> Engine | RemoteEngine:
 
 
 def load_engine(settings: Settings) -> Engine:
-    from llava_cli.loader import load_model
+    from llava_cli.loader import load_model, resolve_model
 
     if not settings.verbose:
         quiet_libraries()
     stderr = make_console(sys.stderr)
+    folder = resolve_model(settings.model)  # before the spinner: a download draws its own progress bar
     if is_terminal(sys.stderr):
         from rich.text import Text
 
-        with stderr.status(Text(shown(f"Loading {settings.model}…", sys.stderr))):  # a spinner label is no print
-            loaded = load_model(settings)
+        with stderr.status(Text(shown(f"Loading {settings.model}…", sys.stderr))):
+            loaded = load_model(settings, folder)
     else:
-        loaded = load_model(settings)
+        loaded = load_model(settings, folder)
     if settings.verbose:
         say(stderr, f"loaded {loaded.name} on {loaded.device} ({loaded.dtype}) in {loaded.load_seconds:.1f}s")
     return Engine(loaded, notify=lambda message: say(stderr, f"note: {message}"))

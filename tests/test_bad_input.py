@@ -108,7 +108,7 @@ MODEL_CASES = [
     Case(
         "hub id not cached, offline", ask("--model", "nobody/not-cached"), 2,
         error("nobody/not-cached is not in the local Hugging Face cache ({hub_cache}) and HF_HUB_OFFLINE is set; "
-              "download it first (hf download nobody/not-cached) or pass a local folder"),
+              "download it first (llava pull nobody/not-cached) or pass a local folder"),
     ),
 ]
 

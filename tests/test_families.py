@@ -340,7 +340,7 @@ def snapshot_size(hub: Path, repo_id: str) -> int:
 def test_llava_models_lists_the_llava_checkpoints_in_the_cache(hub_cache, monkeypatch):
     expected = sorted(
         [{"model": repo_id, "family": family, "size_bytes": snapshot_size(hub_cache, repo_id), "missing": [], "offline": True} for family, repo_id in README_IDS.items()]
-        + [{"model": "llava-tests/cut-off", "family": "llava-next", "size_bytes": snapshot_size(hub_cache, "llava-tests/cut-off"), "missing": ["weights"], "offline": False}],
+        + [{"model": "llava-tests/cut-off", "family": "llava-next", "size_bytes": snapshot_size(hub_cache, "llava-tests/cut-off"), "missing": ["no weights (*.safetensors)"], "offline": False}],
         key=lambda row: row["model"].lower(),
     )
     as_json = invoke(monkeypatch, "models", "--json")
@@ -352,7 +352,7 @@ def test_llava_models_lists_the_llava_checkpoints_in_the_cache(hub_cache, monkey
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["MODEL", "FAMILY", "SIZE", "OFFLINE"]
     assert [line.split() for line in lines[1:]] == [
-        [row["model"], row["family"], f"{row['size_bytes'] / 1000:.1f}", "kB"] + (["yes"] if row["offline"] else ["no:", "no", "weights"])
+        [row["model"], row["family"], f"{row['size_bytes'] / 1000:.1f}", "kB"] + (["yes"] if row["offline"] else ["no:", "no", "weights", "(*.safetensors)"])
         for row in expected
     ]  # the tiny checkpoints are all under 1 MB
 
