@@ -33,12 +33,14 @@ from llava_cli.settings import (
     Settings,
 )
 from llava_cli.terminal import shown
+from llava_cli.usage import preflight
 
 app = typer.Typer(
     help="Talk to LLaVA vision-language models on your own machine.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help pages come from usage.py; typer's Rich ones are never drawn
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -55,10 +57,10 @@ NO_SAVE = typer.Option("--no-save", help="Do not save this conversation (nor upd
 DROP_MISSING = typer.Option("--drop-missing-images", help="Continue a conversation without its images that have vanished or changed.", rich_help_panel=SESSION_HELP)
 # name -> (type, default, typer.Option): the options every command takes, in --help order.
 SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
-    "model": (str, DEFAULT_MODEL, option("--model", "-m", envvar="LLAVA_MODEL", help="Hub id (org/name) or local folder.", rich_help_panel=MODEL_HELP)),
-    "device": (str, "auto", option("--device", help=f"{'|'.join(DEVICES)}; auto picks CUDA when present.", rich_help_panel=MODEL_HELP)),
-    "dtype": (str, "auto", option("--dtype", help=f"{'|'.join(DTYPES)}; auto is float16 on GPU, float32 on CPU.", rich_help_panel=MODEL_HELP)),
-    "attn": (str, "auto", option("--attn", help=f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", rich_help_panel=MODEL_HELP)),
+    "model": (str, DEFAULT_MODEL, option("--model", "-m", envvar="LLAVA_MODEL", metavar="MODEL", help="Hub id (org/name) or local folder.", rich_help_panel=MODEL_HELP)),
+    "device": (str, "auto", option("--device", metavar="DEVICE", help=f"{'|'.join(DEVICES)}; auto picks CUDA when present.", rich_help_panel=MODEL_HELP)),
+    "dtype": (str, "auto", option("--dtype", metavar="DTYPE", help=f"{'|'.join(DTYPES)}; auto is float16 on GPU, float32 on CPU.", rich_help_panel=MODEL_HELP)),
+    "attn": (str, "auto", option("--attn", metavar="BACKEND", help=f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", rich_help_panel=MODEL_HELP)),
     "compile": (bool, False, option("--compile", help="Static KV cache + torch.compile for faster decoding in long chats; the first answer pays for compiling.", rich_help_panel=MODEL_HELP)),
     "load_4bit": (bool, False, option("--load-4bit", help="Quantize to 4-bit NF4 with bitsandbytes.", rich_help_panel=MODEL_HELP)),
     "load_8bit": (bool, False, option("--load-8bit", help="Quantize to 8-bit with bitsandbytes.", rich_help_panel=MODEL_HELP)),
@@ -123,8 +125,8 @@ def ask(
     ctx: typer.Context,
     args: Annotated[list[str], typer.Argument(metavar="IMAGE... [PROMPT]", help="Images (files, http(s) URLs, '-' for stdin), then the question. No question, or '-', reads it from stdin.", show_default=False)] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, token counts, timings.")] = False,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The question; then every argument is an image.")] = None,
-    output_format: Annotated[Optional[str], typer.Option("--output-format", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="The question; then every argument is an image.")] = None,
+    output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="FORMAT", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
     each: Annotated[bool, typer.Option("--each", help="Ask the question of each image separately: one answer (JSON line) per image.", rich_help_panel=BATCH_HELP)] = False,
     from_file: Annotated[Optional[str], typer.Option("--from-file", metavar="FILE", help="Image paths or URLs, one per line ('-': stdin); implies --each.", rich_help_panel=BATCH_HELP)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Append JSON lines to FILE; a rerun skips images already answered there.", rich_help_panel=BATCH_HELP)] = None,
@@ -158,7 +160,7 @@ def ask(
 def chat(
     ctx: typer.Context,
     session: Annotated[Optional[str], typer.Argument(metavar="ID", help="With --resume: the conversation's id or name (default: the last one).", show_default=False)] = None,
-    images: Annotated[list[str], typer.Option("--image", "-i", help="Image for the first message (repeatable).")] = [],  # noqa: B006
+    images: Annotated[list[str], typer.Option("--image", "-i", metavar="IMAGE", help="Image for the first message (repeatable).")] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Without a terminal: one JSON object per answer per line.")] = False,
     resume: Annotated[bool, typer.Option("--resume", "-r", help="Continue a saved conversation: the last one, or ID.", rich_help_panel=SESSION_HELP)] = False,
     no_save: Annotated[bool, NO_SAVE] = False,
@@ -183,8 +185,8 @@ def chat(
 @app.command()
 @with_settings
 def serve(
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
-    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVA_API_KEY", metavar="KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every request.")] = None,
     max_request_mb: Annotated[int, typer.Option("--max-request-mb", help="Refuse larger request bodies (images included).")] = DEFAULT_MAX_REQUEST_MB,
     settings: Settings = Settings(),
@@ -250,7 +252,7 @@ def sessions_rm(ref: Annotated[str, SESSION_REF]) -> None:
 @sessions_app.command("export")
 def sessions_export(
     ref: Annotated[str, SESSION_REF],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="markdown|json")] = "markdown",
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="markdown|json")] = "markdown",
 ) -> None:
     """A saved conversation as a Markdown document or as JSON, on stdout."""
     from llava_cli.sessions import export_session
@@ -276,14 +278,16 @@ def main() -> None:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     try:
-        code = typer.main.get_command(app).main(prog_name="llava", standalone_mode=False)
+        command = typer.main.get_command(app)
+        code = preflight(command, sys.argv[1:])
+        if code is None:
+            code = command.main(args=sys.argv[1:], prog_name="llava", standalone_mode=False)
     except LlavaError as err:
         code = report(err, str(err), err.exit_code)
     except typer.Exit as exit_:
         code = exit_.exit_code
-    except typer.TyperException as err:  # typer's own click: bad option values, unknown options or commands
-        show_usage_error(err)
-        code = EXIT_USAGE
+    except typer.TyperException as err:  # what preflight cannot see: a bad value from an environment variable
+        code = report(err, err.format_message(), EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
         print(file=sys.stderr)
         code = EXIT_INTERRUPTED
@@ -293,15 +297,6 @@ def main() -> None:
         message = f"unexpected {type(err).__name__}: {one_line(err)} (LLAVA_DEBUG=1 shows the traceback; please report it)"
         code = report(err, message, EXIT_FAILURE)
     sys.exit(code or 0)
-
-
-def show_usage_error(err: Exception) -> None:
-    """Click's usage, hint and `Error: ...` lines (the message stripped of escapes on a terminal)."""
-    show = getattr(err, "show", None)
-    if callable(show):
-        show()
-    else:
-        print(f"Error: {shown(str(err), sys.stderr)}", file=sys.stderr)
 
 
 def report(err: Exception, message: str, code: int) -> int:

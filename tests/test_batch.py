@@ -227,8 +227,9 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(output="a.jsonl"), "-o/--output and --batch-size answer images one by one: add --each or --from-file"),
-        (dict(batch_size=4), "-o/--output and --batch-size answer images one by one: add --each or --from-file"),
+        (dict(output="a.jsonl"), "-o a.jsonl: only with --each or --from-file, which answer images one by one"),
+        (dict(batch_size=4), "--batch-size 4: only with --each or --from-file, which answer images one by one"),
+        (dict(output="a.jsonl", batch_size=4), "-o a.jsonl and --batch-size 4: only with --each or --from-file, which answer images one by one"),
         (dict(each=True, batch_size=0), "--batch-size must be between 1 and 256 (got 0)"),
         (dict(each=True, output="a.jsonl", output_format="text"), "-o writes JSON lines (so that a rerun can resume); drop --output-format text"),
         (dict(json=True, output_format="text"), "--json and --output-format text exclude each other: pick one"),
