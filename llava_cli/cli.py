@@ -97,7 +97,8 @@ def with_settings(command: Callable[..., int], options: dict[str, tuple[Any, Any
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
-        settings = Settings(**{name: kwargs.pop(name) for name in options})
+        chosen = given_options(kwargs["ctx"]) if "ctx" in kwargs else frozenset()
+        settings = Settings(**{name: kwargs.pop(name) for name in options}, chosen=chosen)
         try:
             code = command(settings=settings, **kwargs)
         except BrokenPipeError:  # handled here: click would turn it into exit 1
@@ -151,7 +152,7 @@ def ask(
     from llava_cli.store import SessionOptions
 
     options = AskOptions(json=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)
-    sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=given_options(ctx))
+    sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_ask(args, settings, json_output, options, sessions)
 
 
@@ -178,7 +179,7 @@ def chat(
 
     if session is not None and not resume:
         raise UsageError(f"to continue conversation {session}, add --resume: llava chat --resume {session}")
-    sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=given_options(ctx))
+    sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_chat(settings, images, json_output, sessions, markdown=not no_markdown)
 
 

@@ -244,7 +244,7 @@ def changed_settings(settings: Settings, name: str, text: str) -> Settings:
     except ValueError:
         raise InputError(f"{name} must be {kind} (got {text!r})") from None
     try:
-        return dataclasses.replace(settings, **{field: value})
+        return dataclasses.replace(settings, **{field: value}, chosen=settings.chosen | {field})
     except UsageError as err:
         raise InputError(str(err).removeprefix("--")) from None
 
