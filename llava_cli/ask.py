@@ -19,6 +19,7 @@ from llava_cli.conversation import Conversation
 from llava_cli.engine import stats_line
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_stream
+from llava_cli.records import answer_record
 from llava_cli.session import start_engine
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionOptions, open_conversation
@@ -140,7 +141,7 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     if options.format != "text":  # json and jsonl: one answer is one JSON object on one line
         answer = "".join(chunks)
         session = save_answer(opened.recorder, conversation, settings)
-        record = {"answer": answer, "model": settings.model, "images": image_names, "session": session, **engine.last_stats.as_dict()}
+        record = answer_record(answer, settings.model, image_names, session, engine.last_stats.as_dict())
         print(shown(json.dumps(record, ensure_ascii=False), sys.stdout, settings.raw))
     else:
         for chunk in chunks:  # on a terminal, escape sequences in the answer are removed unless --raw

@@ -25,6 +25,7 @@ from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine, stats_line
 from llava_cli.errors import InputError, LlavaError
 from llava_cli.images import ImageRef, load_image, looks_like_image
+from llava_cli.records import answer_record
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
 from llava_cli.terminal import is_terminal, make_console, safe_for_terminal, shown
@@ -39,7 +40,7 @@ class ChatIO(Protocol):
 
     def read(self) -> str | None: ...
     def stream(self, chunks: Iterator[str]) -> None: ...
-    def answered(self, answer: str, stats: dict) -> None: ...
+    def answered(self, record: dict) -> None: ...  # records.answer_record: the answer and its figures
     def info(self, message: str) -> None: ...
     def error(self, message: str) -> None: ...
 
@@ -190,8 +191,10 @@ class ChatLoop(ReplCommands):
             raise
         figures = self.engine.last_stats.as_dict()
         self.context_tokens = figures["prompt_tokens"] + figures["completion_tokens"]
-        self.io.answered(self.conversation.turns[-1].answer or "", figures)
         self.autosave()
+        turn = self.conversation.turns[-1]
+        images = [image.name for image in turn.images]
+        self.io.answered(answer_record(turn.answer or "", self.settings.model, images, self.saved_id(), figures))
 
     def autosave(self) -> None:
         """Save the conversation if it is recorded; a failure is reported once and the chat goes on."""
@@ -206,6 +209,12 @@ class ChatLoop(ReplCommands):
             self.save_problem = problem
         else:
             self.save_problem = None
+
+    def saved_id(self) -> str | None:
+        """The id the conversation is saved under, or None (--no-save, or the last save failed)."""
+        if self.recorder is None or self.recorder.path is None or self.save_problem is not None:
+            return None
+        return self.recorder.session_id
 
     def status_line(self) -> str:
         """The bottom toolbar: model, context used, temperature, and the conversation's id or name."""
@@ -244,12 +253,12 @@ class PipeIO:
             sys.stdout.write(shown(chunk, sys.stdout, self.raw))
             sys.stdout.flush()
 
-    def answered(self, answer: str, stats: dict) -> None:
-        line = json.dumps({"answer": answer, **stats}, ensure_ascii=False) if self.as_json else ""
+    def answered(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) if self.as_json else ""
         sys.stdout.write(shown(line, sys.stdout, self.raw) + "\n")
         sys.stdout.flush()
         if self.verbose:
-            print(stats_line(stats), file=sys.stderr)
+            print(stats_line(record), file=sys.stderr)
 
     def info(self, message: str) -> None:
         pass  # chatter would corrupt the transcript a script reads
@@ -299,9 +308,9 @@ class TerminalIO:
         finally:
             self.console.print()
 
-    def answered(self, answer: str, stats: dict) -> None:
+    def answered(self, record: dict) -> None:
         if self.settings.verbose:
-            self.info(stats_line(stats))
+            self.info(stats_line(record))
 
     def info(self, message: str) -> None:
         self.console.print(message, style="dim", markup=False)

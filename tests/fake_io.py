@@ -24,8 +24,8 @@ class FakeIO:
         for _ in chunks:
             pass
 
-    def answered(self, answer: str, stats: dict) -> None:
-        self.answers.append(answer)
+    def answered(self, record: dict) -> None:
+        self.answers.append(record["answer"])
 
     def info(self, message: str) -> None:
         self.infos.append(message)

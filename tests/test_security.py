@@ -114,7 +114,7 @@ class RecordingIO:
     def stream(self, chunks) -> None:
         self.answers.append("".join(chunks))
 
-    def answered(self, answer: str, stats: dict) -> None:
+    def answered(self, record: dict) -> None:
         pass
 
     def info(self, message: str) -> None:
