@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from llava_cli.conversation import Conversation
@@ -144,15 +145,28 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
         record = answer_record(answer, settings.model, image_names, session, engine.last_stats.as_dict())
         print(shown(json.dumps(record, ensure_ascii=False), sys.stdout, settings.raw))
     else:
-        for chunk in chunks:  # on a terminal, escape sequences in the answer are removed unless --raw
-            sys.stdout.write(shown(chunk, sys.stdout, settings.raw))
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        stream_answer(chunks, settings.raw)
         save_answer(opened.recorder, conversation, settings)
     sys.stdout.flush()
     if settings.verbose:
         print(stats_line(engine.last_stats.as_dict()), file=sys.stderr)
     return 0
+
+
+def stream_answer(chunks: Iterator[str], raw: bool) -> None:
+    """The answer on stdout as it comes, ended by a newline even when it is stopped (Ctrl-C) midway."""
+    started = False
+    try:
+        for chunk in chunks:  # on a terminal, escape sequences in the answer are removed unless --raw
+            sys.stdout.write(shown(chunk, sys.stdout, raw))
+            sys.stdout.flush()
+            started = True
+    except BaseException:
+        if started:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+    sys.stdout.write("\n")
 
 
 def save_answer(recorder: Recorder | None, conversation: Conversation, settings: Settings) -> str | None:

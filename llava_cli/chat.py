@@ -28,7 +28,7 @@ from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.records import answer_record
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
-from llava_cli.terminal import is_terminal, make_console, safe_for_terminal, shown
+from llava_cli.terminal import is_terminal, make_console, safe_for_terminal, shown, table
 
 # A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
 PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
@@ -37,6 +37,7 @@ PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
 class ChatIO(Protocol):
     interactive: bool  # a person is there: Ctrl-C stops an answer instead of the program
     markdown: bool  # render answers as Markdown (only a terminal does)
+    columns: int  # the width to lay out /help and /stats for
 
     def read(self) -> str | None: ...
     def stream(self, chunks: Iterator[str]) -> None: ...
@@ -168,7 +169,7 @@ class ChatLoop(ReplCommands):
 
     def stats(self, _: str) -> None:
         figures = self.engine.last_stats.as_dict()
-        self.io.info("  ".join(f"{key}={value}" for key, value in figures.items()))
+        self.io.info("\n".join(table([(key, str(value)) for key, value in figures.items()], self.io.columns)))
 
     def send(self, text: str) -> None:
         self.conversation.ask(text, self.attached)
@@ -234,6 +235,7 @@ class PipeIO:
 
     interactive = False
     markdown = False  # a script gets the answer as generated; /markdown changes nothing here
+    columns = 80  # infos are not shown; only for ChatIO's sake
 
     def __init__(self, as_json: bool, raw: bool = False, verbose: bool = False) -> None:
         self.as_json = as_json
@@ -308,12 +310,16 @@ class TerminalIO:
         finally:
             self.console.print()
 
+    @property
+    def columns(self) -> int:
+        return self.console.width
+
     def answered(self, record: dict) -> None:
         if self.settings.verbose:
             self.info(stats_line(record))
 
     def info(self, message: str) -> None:
-        self.console.print(message, style="dim", markup=False)
+        self.console.print(message, style="dim", markup=False, soft_wrap=False)  # wrapped between words
 
     def error(self, message: str) -> None:
         self.console.print(f"error: {safe_for_terminal(message)}", style="bold red", markup=False)

@@ -26,11 +26,9 @@ from typing import Any
 import typer
 
 from llava_cli.errors import EXIT_OK, UsageError
+from llava_cli.terminal import table
 
 MIN_WIDTH, MAX_WIDTH = 40, 100
-TERM_COLUMN = 28  # option names and metavars; longer ones put their help on the next line
-MIN_HELP_COLUMNS = 40  # narrower than this beside the terms, help goes below them
-STACKED_INDENT = 6
 GENERAL_PANEL = "Options"
 EXAMPLE = re.compile(r"^(llava|echo|cat|find) ")
 METAVARS = {str: "TEXT", int: "N", float: "NUMBER"}  # for options that do not name their own
@@ -213,24 +211,6 @@ def option_help(param: Any) -> str:
     if param.show_default and not getattr(param, "is_flag", False) and param.default not in (None, [], ()):
         notes.append(f"default {param.default}")
     return f"{param.help or ''}" + (f" [{'; '.join(notes)}]" if notes else "")
-
-
-def table(rows: list[tuple[str, str]], columns: int) -> list[str]:
-    """Terms on the left, help wrapped on the right (below a term too long to share its line);
-    on a narrow terminal every help goes below its term, indented."""
-    column = min(max(len(term) for term, _ in rows) + 4, TERM_COLUMN)
-    if columns - column < MIN_HELP_COLUMNS:
-        column = STACKED_INDENT
-    lines = []
-    for term, text in rows:
-        left = f"  {term}"
-        help_lines = textwrap.wrap(text, columns - column, break_long_words=False, break_on_hyphens=False) or [""]
-        if len(left) + 2 > column:
-            lines.append(left)
-        else:
-            lines.append(left.ljust(column) + help_lines.pop(0))
-        lines += [" " * column + line for line in help_lines]
-    return [line.rstrip() for line in lines]
 
 
 def wrap(text: str, columns: int, first: str, rest: str) -> list[str]:

@@ -9,6 +9,7 @@ class FakeIO:
     """Reads `lines` one by one; keeps streamed answers, infos and errors in order."""
 
     interactive = True
+    columns = 80
 
     def __init__(self, lines: list[str] | None = None) -> None:
         self.lines = list(lines or [])

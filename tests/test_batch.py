@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, render_llava15, run_llava
+from conftest import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.batch import AskOptions, BatchProgress, run_batch, sigterm_as_interrupt
 from llava_cli.batched import generate_batch
 from llava_cli.conversation import Conversation
@@ -196,7 +196,7 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
     output = tmp_path / "answers.jsonl"
     command = llava_command("-n", MAX_NEW, "--each", *paths, "-p", PROMPT, "-o", output)
     env = cli_env(HF_HOME=str(hf_home))
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (output.exists() and output.read_bytes().count(b"\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.02)
