@@ -2,16 +2,19 @@
 
 Every command shares the model and generation options (`with_settings` adds them and passes one
 validated `Settings`). `main` turns every `LlavaError` into one line on stderr and its exit code;
-torch and transformers are only imported once a command runs, so `--help` answers at once.
+torch and transformers are only imported once a command runs, so `--help` answers at once (help
+pages and usage errors come from usage.py). `program`, the installed entry point, exits without
+the interpreter's slow teardown once torch is loaded.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import os
 import sys
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -298,6 +301,31 @@ def main() -> None:
         message = f"unexpected {type(err).__name__}: {one_line(err)} (LLAVA_DEBUG=1 shows the traceback; please report it)"
         code = report(err, message, EXIT_FAILURE)
     sys.exit(code or 0)
+
+
+def program() -> NoReturn:
+    """The `llava` program (`python -m llava_cli`, the console script): `main`, then `exit_now`."""
+    try:
+        main()
+    except SystemExit as done:
+        exit_now(done.code)
+    exit_now(0)
+
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """Exit with `code`, without the interpreter's teardown once torch is loaded: freeing a model and
+    unloading torch module by module takes seconds (`/quit`, Ctrl-C on `llava serve`; measured by
+    bench/exit_speed.py), while by now every answer is written and every conversation saved.
+    The exit handlers still run, and the output streams are flushed."""
+    if "torch" not in sys.modules or not isinstance(code, (int, type(None))):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging's flush, libraries' own handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a stream already closed
+            pass
+    os._exit(code or 0)
 
 
 def report(err: Exception, message: str, code: int) -> int:
