@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any, Protocol
 
-from llava_cli.commands import QUIT_COMMANDS, ReplCommands, suggestion
+from llava_cli.commands import QUIT_COMMANDS, ReplCommands
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine, stats_line
-from llava_cli.errors import InputError, LlavaError
+from llava_cli.errors import InputError, LlavaError, suggestion
 from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.records import answer_record
 from llava_cli.settings import Settings

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from llava_cli.clipboard import copy_to_clipboard
 from llava_cli.conversation import Conversation, Turn
-from llava_cli.errors import InputError, LlavaError, UsageError
+from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.images import ImageRef
 from llava_cli.store import (
     SAVED_SETTINGS,
@@ -259,11 +259,3 @@ def changed_settings(settings: Settings, name: str, text: str) -> Settings:
         return dataclasses.replace(settings, **{field: value}, chosen=settings.chosen | {field})
     except UsageError as err:
         raise InputError(str(err).removeprefix("--")) from None
-
-
-def suggestion(name: str, choices: Any, prefix: str = "") -> str:
-    """'; did you mean {prefix}X?' for the closest of `choices`, or nothing."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{close[0]}?" if close else ""

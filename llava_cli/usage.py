@@ -16,7 +16,6 @@ width (at least 40 columns) between words, never inside one.
 
 from __future__ import annotations
 
-import difflib
 import re
 import shutil
 import textwrap
@@ -25,7 +24,7 @@ from typing import Any
 
 import typer
 
-from llava_cli.errors import EXIT_OK, UsageError
+from llava_cli.errors import EXIT_OK, UsageError, suggestion
 from llava_cli.terminal import table
 
 MIN_WIDTH, MAX_WIDTH = 40, 100
@@ -51,7 +50,7 @@ def preflight(group: Any, argv: list[str], prog: str = "llava") -> int | None:
             return None  # options only (--version): typer answers them
         name, args = positional[0], positional[1:]
         if name not in command.commands:
-            raise UsageError(f"no such command '{name}' in '{' '.join(path)}'{did_you_mean(name, command.commands)}")
+            raise UsageError(f"no such command '{name}' in '{' '.join(path)}'{suggestion(name, command.commands)}")
         command, path = command.commands[name], [*path, name]
 
 
@@ -83,7 +82,7 @@ def parse_error(command: Any, context: Any, err: Any, where: str) -> str:
         return f"{option} goes after the command: {where} COMMAND {option} ..."
     if option:
         names = [name for param in command.get_params(context) for name in param.opts if name.startswith("-")]
-        return f"no such option {option} for '{where}'{did_you_mean(option, names)} ({where} --help lists them)"
+        return f"no such option {option} for '{where}'{suggestion(option, names)} ({where} --help lists them)"
     return err.format_message()
 
 
@@ -91,11 +90,6 @@ def takes_option(command: Any, option: str) -> bool:
     if is_group(command):
         return any(takes_option(sub, option) for sub in command.commands.values())
     return any(option in param.opts for param in command.params)
-
-
-def did_you_mean(name: str, choices: Any) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
 
 
 def find_option(command: Any, name: str) -> Any:
