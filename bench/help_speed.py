@@ -29,6 +29,9 @@ CASES: list[tuple[str, list[str], int]] = [
     ("llava ask --temprature 0.5 ...", ["-m", "llava_cli", "ask", "--temprature", "0.5", "x.png", "hi"], 2),
     ("llava ask -n lots ...", ["-m", "llava_cli", "ask", "-n", "lots", "x.png", "hi"], 2),
     ("llava frobnicate", ["-m", "llava_cli", "frobnicate"], 2),
+    ("llava ask --device tpu ...", ["-m", "llava_cli", "ask", "--device", "tpu", "x.png", "hi"], 2),
+    # refused by the command itself, after typer has converted every option (pydantic):
+    ("llava ask ... --batch-size 4 (no --each)", ["-m", "llava_cli", "ask", "x.png", "hi", "--batch-size", "4"], 2),
 ]
 
 
@@ -53,10 +56,10 @@ def main() -> None:
         for name, args, expected in CASES:
             times[name].append(timed(args, expected, env))
     baseline = statistics.median(times[CASES[0][0]])
-    print(f"{'case':<34} {'median s':>9} {'x python -c pass':>17}  under {TARGET_S} s")
+    print(f"{'case':<42} {'median s':>9} {'x python -c pass':>17}  under {TARGET_S} s")
     for name, _, _ in CASES:
         median = statistics.median(times[name])
-        print(f"{name:<34} {median:9.3f} {median / baseline:17.2f}  {'yes' if median < TARGET_S else 'NO'}")
+        print(f"{name:<42} {median:9.3f} {median / baseline:17.2f}  {'yes' if median < TARGET_S else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ option parser (the one typer uses, without value conversion) over the command li
 - prints the help page of the command named (`-h`/`--help`, or a group given no command), returns 0;
 - raises `UsageError` (one line, exit 2) for an unknown command or option, with a did-you-mean
   found by difflib among that command's real names, an option missing its value, a value that is
-  not a number where one is needed, a missing or unexpected argument;
+  not a number where one is needed, a model or generation option `Settings` refuses, a missing
+  or unexpected argument;
 - returns None for a well-formed command line, which typer then runs.
 
 A help page reads like a man page: a usage line, the description, the options grouped by panel,
@@ -16,6 +17,7 @@ width (at least 40 columns) between words, never inside one.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import textwrap
@@ -25,6 +27,7 @@ from typing import Any
 import typer
 
 from llava_cli.errors import EXIT_OK, UsageError, suggestion
+from llava_cli.settings import Settings
 from llava_cli.terminal import table
 
 MIN_WIDTH, MAX_WIDTH = 40, 100
@@ -43,7 +46,8 @@ def preflight(group: Any, argv: list[str], prog: str = "llava") -> int | None:
             print(help_page(command, context, " ".join(path), width()))
             return EXIT_OK
         if not is_group(command):
-            check_values(command, options, " ".join(path))
+            check_values(command, options)
+            check_settings(command, options)
             check_arguments(command, options, positional, " ".join(path))
             return None
         if not positional:
@@ -104,7 +108,7 @@ def value_type(param: Any) -> Any:
     return annotation
 
 
-def check_values(command: Any, options: dict[str, Any], where: str) -> None:
+def check_values(command: Any, options: dict[str, Any]) -> None:
     """Numbers where numbers are needed, checked as typer would, without typer's cost."""
     for param in command.params:
         kind = value_type(param)
@@ -117,6 +121,18 @@ def check_values(command: Any, options: dict[str, Any], where: str) -> None:
             except ValueError:
                 wanted = "a whole number" if kind is int else "a number"
                 raise UsageError(f"{param.opts[0]} wants {wanted} (got {value!r})") from None
+
+
+def check_settings(command: Any, options: dict[str, Any]) -> None:
+    """The model and generation options given, validated by `Settings` as the command will
+    (choices, ranges, exclusions); values from the environment are left to the command."""
+    fields = {field.name for field in dataclasses.fields(Settings)}
+    given = {}
+    for param in command.params:
+        if param.name in fields and options.get(param.name) is not None:
+            kind = value_type(param)
+            given[param.name] = kind(options[param.name]) if kind in (int, float) else options[param.name]
+    Settings(**given)
 
 
 def check_arguments(command: Any, values: dict[str, Any], left_over: list[str], where: str) -> None:
