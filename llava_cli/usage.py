@@ -82,7 +82,7 @@ def parse_error(command: Any, context: Any, err: Any, where: str) -> str:
         return f"{option} needs a value: {where} {option} {metavar(find_option(command, option))}"
     if option and "does not take a value" in err.format_message():
         return f"{option.split('=')[0]} is a flag and takes no value"
-    if option and is_group(command) and any(takes_option(sub, option) for sub in command.commands.values()):
+    if option and is_group(command) and takes_option(command, option):  # `llava --model M ask`
         return f"{option} goes after the command: {where} COMMAND {option} ..."
     if option:
         names = [name for param in command.get_params(context) for name in param.opts if name.startswith("-")]
@@ -91,6 +91,7 @@ def parse_error(command: Any, context: Any, err: Any, where: str) -> str:
 
 
 def takes_option(command: Any, option: str) -> bool:
+    """True when `command`, or one of its subcommands, takes `option`."""
     if is_group(command):
         return any(takes_option(sub, option) for sub in command.commands.values())
     return any(option in param.opts for param in command.params)
