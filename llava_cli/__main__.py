@@ -1,3 +1,3 @@
-from llava_cli.cli import main
+from llava_cli.cli import program
 
-main()
+program()

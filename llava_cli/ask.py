@@ -9,23 +9,29 @@ A single answer is saved as a conversation (store.py); `-c` continues the last s
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from llava_cli.conversation import Conversation
 from llava_cli.engine import stats_line
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_stream
+from llava_cli.records import answer_record
 from llava_cli.session import start_engine
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionOptions, open_conversation
 from llava_cli.terminal import emit, is_terminal, one_line_text
-from llava_cli.urls import open_image
+from llava_cli.urls import is_url, open_image
 
 if TYPE_CHECKING:
     from llava_cli.batch import AskOptions
 
 STDIN = "-"
+SHELL_SAFE_IN_DOUBLE_QUOTES = re.compile(r'[^"$`\\!]*')
 
 
 def split_images_and_prompt(
@@ -52,10 +58,30 @@ def split_images_and_prompt(
 def read_prompt_from_stdin() -> str:
     if sys.stdin is None or is_terminal(sys.stdin):
         raise UsageError("no prompt: give it after the images, or pipe it in (echo 'what is this?' | llava ask IMG)")
-    prompt = sys.stdin.read().strip()
-    if not prompt:
-        raise InputError("the prompt read from stdin is empty")
+    return checked_prompt(sys.stdin.read().strip(), "the prompt read from stdin")
+
+
+def checked_prompt(prompt: str, source: str = "the prompt") -> str:
+    """`prompt`, unless it is empty or blank: a question about nothing gets an answer about nothing."""
+    if not prompt.strip():
+        raise InputError(f'{source} is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"')
     return prompt
+
+
+def refuse_unquoted_prompt(images: list[str], prompt: str | None, command: str = "llava ask") -> None:
+    """`llava ask img.png what is this`: the words before the prompt are no files but the rest of a
+    sentence the shell split; say how to quote it rather than 'image not found: what'."""
+    words: list[str] = []
+    for name in reversed(images):
+        if name == STDIN or is_url(name) or looks_like_image(name) or "/" in name or os.path.lexists(name):
+            break
+        words.insert(0, name)
+    if prompt is None or not words:
+        return
+    kept = [shlex.quote(name) for name in images[: len(images) - len(words)]]
+    sentence = " ".join([*words, prompt])
+    quoted = f'"{sentence}"' if SHELL_SAFE_IN_DOUBLE_QUOTES.fullmatch(sentence) else shlex.quote(sentence)
+    raise UsageError(f"the prompt must be one argument; quote it: {' '.join([command, *kept, quoted])}")
 
 
 def load_images(names: list[str], settings: Settings, stdin_taken: bool) -> list[ImageRef]:
@@ -101,7 +127,11 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     for note in opened.notes:
         emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     image_names, prompt = split_images_and_prompt(args, options.prompt, images_optional=sessions.resume)
+    if options.prompt is None:
+        refuse_unquoted_prompt(image_names, prompt, "llava ask -c" if sessions.resume else "llava ask")
     prompt_from_stdin = prompt is None
+    if prompt is not None:
+        checked_prompt(prompt)
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
@@ -112,18 +142,30 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     if options.format != "text":  # json and jsonl: one answer is one JSON object on one line
         answer = "".join(chunks)
         session = save_answer(opened.recorder, conversation, settings)
-        record = {"answer": answer, "model": settings.model, "images": image_names, "session": session, **engine.last_stats.as_dict()}
+        record = answer_record(answer, settings.model, image_names, session, engine.last_stats.as_dict())
         emit(json.dumps(record, ensure_ascii=False), sys.stdout, settings.raw)
     else:
-        for chunk in chunks:  # on a terminal, escape sequences in the answer are removed unless --raw
-            emit(chunk, sys.stdout, settings.raw, end="")
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        stream_answer(chunks, settings.raw)
         save_answer(opened.recorder, conversation, settings)
     sys.stdout.flush()
     if settings.verbose:
         emit(stats_line(engine.last_stats.as_dict()), sys.stderr)
     return 0
+
+
+def stream_answer(chunks: Iterator[str], raw: bool) -> None:
+    """The answer on stdout as it comes, ended by a newline even when it is stopped (Ctrl-C) midway."""
+    started = False
+    try:
+        for chunk in chunks:  # on a terminal, escape sequences in the answer are removed unless --raw
+            emit(chunk, sys.stdout, raw, end="", flush=True)
+            started = True
+    except BaseException:
+        if started:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+    sys.stdout.write("\n")
 
 
 def save_answer(recorder: Recorder | None, conversation: Conversation, settings: Settings) -> str | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli.ask import STDIN, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.ask import STDIN, checked_prompt, read_image_from_stdin, read_prompt_from_stdin, refuse_unquoted_prompt
 from llava_cli.batched import BatchAnswer, generate_batch, seed_sampling, token_budget
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine, Prompt
@@ -61,10 +61,16 @@ class AskOptions:
             raise UsageError("--json and --output-format text exclude each other: pick one")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE} (got {self.batch_size})")
-        if not self.is_batch and (self.output is not None or self.batch_size != DEFAULT_BATCH_SIZE):
-            raise UsageError("-o/--output and --batch-size answer images one by one: add --each or --from-file")
+        if not self.is_batch and (used := self.batch_only_options()):
+            raise UsageError(f"{used}: only with --each or --from-file, which answer images one by one")
         if self.output is not None and self.format == "text":
             raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
+
+    def batch_only_options(self) -> str:
+        """The options given that only --each and --from-file use, as typed, or ''."""
+        used = [f"-o {self.output}"] if self.output is not None else []
+        used += [f"--batch-size {self.batch_size}"] if self.batch_size != DEFAULT_BATCH_SIZE else []
+        return " and ".join(used)
 
     @property
     def is_batch(self) -> bool:
@@ -99,6 +105,10 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
 def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
     """The image names (arguments, then --from-file lines) and the prompt, from wherever they come."""
     names, prompt = split_batch_args(args, options.prompt)
+    if options.prompt is None:
+        refuse_unquoted_prompt(names, prompt, "llava ask --each")
+    if prompt is not None:
+        checked_prompt(prompt)
     stdin_uses = [options.from_file == STDIN, STDIN in names, prompt is None]
     if sum(stdin_uses) > 1:
         raise UsageError("stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p")

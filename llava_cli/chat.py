@@ -21,15 +21,16 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any, Protocol
 
-from llava_cli.commands import QUIT_COMMANDS, ReplCommands, suggestion
+from llava_cli.commands import QUIT_COMMANDS, ReplCommands
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine, stats_line
-from llava_cli.errors import EXIT_OK, InputError, LlavaError
+from llava_cli.errors import EXIT_OK, InputError, LlavaError, suggestion
 from llava_cli.images import ImageRef, load_image, looks_like_image
+from llava_cli.records import answer_record
 from llava_cli.settings import Settings
 from llava_cli.signals import Terminated, sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
-from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
+from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown, table
 
 # A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
 PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
@@ -38,10 +39,11 @@ PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
 class ChatIO(Protocol):
     interactive: bool  # a person is there: Ctrl-C stops an answer instead of the program
     markdown: bool  # render answers as Markdown (only a terminal does)
+    columns: int  # the width to lay out /help and /stats for
 
     def read(self) -> str | None: ...
     def stream(self, chunks: Iterator[str]) -> None: ...
-    def answered(self, answer: str, stats: dict) -> None: ...
+    def answered(self, record: dict) -> None: ...  # records.answer_record: the answer and its figures
     def info(self, message: str) -> None: ...
     def error(self, message: str) -> None: ...
 
@@ -169,7 +171,7 @@ class ChatLoop(ReplCommands):
 
     def stats(self, _: str) -> None:
         figures = self.engine.last_stats.as_dict()
-        self.io.info("  ".join(f"{key}={value}" for key, value in figures.items()))
+        self.io.info("\n".join(table([(key, str(value)) for key, value in figures.items()], self.io.columns)))
 
     def send(self, text: str) -> None:
         self.conversation.ask(text, self.attached)
@@ -192,8 +194,10 @@ class ChatLoop(ReplCommands):
             raise
         figures = self.engine.last_stats.as_dict()
         self.context_tokens = figures["prompt_tokens"] + figures["completion_tokens"]
-        self.io.answered(self.conversation.turns[-1].answer or "", figures)
         self.autosave()
+        turn = self.conversation.turns[-1]
+        images = [image.name for image in turn.images]
+        self.io.answered(answer_record(turn.answer or "", self.settings.model, images, self.saved_id(), figures))
 
     def autosave(self) -> None:
         """Save the conversation if it is recorded; a failure is reported once and the chat goes on."""
@@ -208,6 +212,12 @@ class ChatLoop(ReplCommands):
             self.save_problem = problem
         else:
             self.save_problem = None
+
+    def saved_id(self) -> str | None:
+        """The id the conversation is saved under, or None (--no-save, or the last save failed)."""
+        if self.recorder is None or self.recorder.path is None or self.save_problem is not None:
+            return None
+        return self.recorder.session_id
 
     def status_line(self) -> str:
         """The bottom toolbar: model, context used, temperature, and the conversation's id or name."""
@@ -227,6 +237,7 @@ class PipeIO:
 
     interactive = False
     markdown = False  # a script gets the answer as generated; /markdown changes nothing here
+    columns = 80  # infos are not shown; only for ChatIO's sake
 
     def __init__(self, as_json: bool, raw: bool = False, verbose: bool = False) -> None:
         self.as_json = as_json
@@ -245,11 +256,11 @@ class PipeIO:
         for chunk in chunks:
             emit(chunk, sys.stdout, self.raw, end="", flush=True)
 
-    def answered(self, answer: str, stats: dict) -> None:
-        line = json.dumps({"answer": answer, **stats}, ensure_ascii=False) if self.as_json else ""
+    def answered(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) if self.as_json else ""
         emit(line, sys.stdout, self.raw, flush=True)
         if self.verbose:
-            emit(stats_line(stats), sys.stderr)
+            emit(stats_line(record), sys.stderr)
 
     def info(self, message: str) -> None:
         pass  # chatter would corrupt the transcript a script reads
@@ -303,12 +314,16 @@ class TerminalIO:
         finally:
             self.console.print()
 
-    def answered(self, answer: str, stats: dict) -> None:
+    @property
+    def columns(self) -> int:
+        return self.console.width
+
+    def answered(self, record: dict) -> None:
         if self.settings.verbose:
-            self.info(stats_line(stats))
+            self.info(stats_line(record))
 
     def info(self, message: str) -> None:
-        self.console.print(message, style="dim", markup=False)
+        self.console.print(message, style="dim", markup=False, soft_wrap=False)  # wrapped between words
 
     def error(self, message: str) -> None:
         self.console.print(f"error: {one_line_text(message)}", style="bold red", markup=False)

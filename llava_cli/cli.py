@@ -2,16 +2,19 @@
 
 Every command shares the model and generation options (`with_settings` adds them and passes one
 validated `Settings`). `main` turns every `LlavaError` into one line on stderr and its exit code;
-torch and transformers are only imported once a command runs, so `--help` answers at once.
+torch and transformers are only imported once a command runs, so `--help` answers at once (help
+pages and usage errors come from usage.py). `program`, the installed entry point, exits without
+the interpreter's slow teardown once torch is loaded.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import os
 import sys
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -33,12 +36,14 @@ from llava_cli.settings import (
     Settings,
 )
 from llava_cli.terminal import emit_error
+from llava_cli.usage import preflight
 
 app = typer.Typer(
     help="Talk to LLaVA vision-language models on your own machine.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help pages come from usage.py; typer's Rich ones are never drawn
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -55,10 +60,10 @@ NO_SAVE = typer.Option("--no-save", help="Do not save this conversation (nor upd
 DROP_MISSING = typer.Option("--drop-missing-images", help="Continue a conversation without its images that have vanished or changed.", rich_help_panel=SESSION_HELP)
 # name -> (type, default, typer.Option): the options every command takes, in --help order.
 SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
-    "model": (str, DEFAULT_MODEL, option("--model", "-m", envvar="LLAVA_MODEL", help="Hub id (org/name) or local folder.", rich_help_panel=MODEL_HELP)),
-    "device": (str, "auto", option("--device", help=f"{'|'.join(DEVICES)}; auto picks CUDA when present.", rich_help_panel=MODEL_HELP)),
-    "dtype": (str, "auto", option("--dtype", help=f"{'|'.join(DTYPES)}; auto is float16 on GPU, float32 on CPU.", rich_help_panel=MODEL_HELP)),
-    "attn": (str, "auto", option("--attn", help=f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", rich_help_panel=MODEL_HELP)),
+    "model": (str, DEFAULT_MODEL, option("--model", "-m", envvar="LLAVA_MODEL", metavar="MODEL", help="Hub id (org/name) or local folder.", rich_help_panel=MODEL_HELP)),
+    "device": (str, "auto", option("--device", metavar="DEVICE", help=f"{'|'.join(DEVICES)}; auto picks CUDA when present.", rich_help_panel=MODEL_HELP)),
+    "dtype": (str, "auto", option("--dtype", metavar="DTYPE", help=f"{'|'.join(DTYPES)}; auto is float16 on GPU, float32 on CPU.", rich_help_panel=MODEL_HELP)),
+    "attn": (str, "auto", option("--attn", metavar="BACKEND", help=f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", rich_help_panel=MODEL_HELP)),
     "compile": (bool, False, option("--compile", help="Static KV cache + torch.compile for faster decoding in long chats; the first answer pays for compiling.", rich_help_panel=MODEL_HELP)),
     "load_4bit": (bool, False, option("--load-4bit", help="Quantize to 4-bit NF4 with bitsandbytes.", rich_help_panel=MODEL_HELP)),
     "load_8bit": (bool, False, option("--load-8bit", help="Quantize to 8-bit with bitsandbytes.", rich_help_panel=MODEL_HELP)),
@@ -95,7 +100,8 @@ def with_settings(command: Callable[..., int], options: dict[str, tuple[Any, Any
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
-        settings = Settings(**{name: kwargs.pop(name) for name in options})
+        chosen = given_options(kwargs["ctx"]) if "ctx" in kwargs else frozenset()
+        settings = Settings(**{name: kwargs.pop(name) for name in options}, chosen=chosen)
         try:
             code = command(settings=settings, **kwargs)
         except BrokenPipeError:  # handled here: click would turn it into exit 1
@@ -123,8 +129,8 @@ def ask(
     ctx: typer.Context,
     args: Annotated[list[str], typer.Argument(metavar="IMAGE... [PROMPT]", help="Images (files, http(s) URLs, '-' for stdin), then the question. No question, or '-', reads it from stdin.", show_default=False)] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, token counts, timings.")] = False,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The question; then every argument is an image.")] = None,
-    output_format: Annotated[Optional[str], typer.Option("--output-format", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="The question; then every argument is an image.")] = None,
+    output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="FORMAT", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
     each: Annotated[bool, typer.Option("--each", help="Ask the question of each image separately: one answer (JSON line) per image.", rich_help_panel=BATCH_HELP)] = False,
     from_file: Annotated[Optional[str], typer.Option("--from-file", metavar="FILE", help="Image paths or URLs, one per line ('-': stdin); implies --each.", rich_help_panel=BATCH_HELP)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Append JSON lines to FILE; a rerun skips images already answered there.", rich_help_panel=BATCH_HELP)] = None,
@@ -149,7 +155,7 @@ def ask(
     from llava_cli.store import SessionOptions
 
     options = AskOptions(json=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)
-    sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=given_options(ctx))
+    sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_ask(args, settings, json_output, options, sessions)
 
 
@@ -158,7 +164,7 @@ def ask(
 def chat(
     ctx: typer.Context,
     session: Annotated[Optional[str], typer.Argument(metavar="ID", help="With --resume: the conversation's id or name (default: the last one).", show_default=False)] = None,
-    images: Annotated[list[str], typer.Option("--image", "-i", help="Image for the first message (repeatable).")] = [],  # noqa: B006
+    images: Annotated[list[str], typer.Option("--image", "-i", metavar="IMAGE", help="Image for the first message (repeatable).")] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Without a terminal: one JSON object per answer per line.")] = False,
     resume: Annotated[bool, typer.Option("--resume", "-r", help="Continue a saved conversation: the last one, or ID.", rich_help_panel=SESSION_HELP)] = False,
     no_save: Annotated[bool, NO_SAVE] = False,
@@ -176,15 +182,15 @@ def chat(
 
     if session is not None and not resume:
         raise UsageError(f"to continue conversation {session}, add --resume: llava chat --resume {session}")
-    sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=given_options(ctx))
+    sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_chat(settings, images, json_output, sessions, markdown=not no_markdown)
 
 
 @app.command()
 @with_settings
 def serve(
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
-    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVA_API_KEY", metavar="KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every request.")] = None,
     max_request_mb: Annotated[int, typer.Option("--max-request-mb", help="Refuse larger request bodies (images included).")] = DEFAULT_MAX_REQUEST_MB,
     settings: Settings = Settings(),
@@ -263,7 +269,7 @@ def sessions_rm(ref: Annotated[str, SESSION_REF]) -> None:
 @sessions_app.command("export")
 def sessions_export(
     ref: Annotated[str, SESSION_REF],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="markdown|json")] = "markdown",
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="markdown|json")] = "markdown",
 ) -> None:
     """A saved conversation as a Markdown document or as JSON, on stdout."""
     from llava_cli.sessions import export_session
@@ -289,14 +295,16 @@ def main() -> None:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     try:
-        code = typer.main.get_command(app).main(prog_name="llava", standalone_mode=False)
+        command = typer.main.get_command(app)
+        code = preflight(command, sys.argv[1:])
+        if code is None:
+            code = command.main(args=sys.argv[1:], prog_name="llava", standalone_mode=False)
     except LlavaError as err:
         code = report(err, str(err), err.exit_code)
     except typer.Exit as exit_:
         code = exit_.exit_code
-    except typer.TyperException as err:  # typer's own click: bad option values, unknown options or commands
-        show_usage_error(err)
-        code = EXIT_USAGE
+    except typer.TyperException as err:  # what preflight cannot see: a bad value from an environment variable
+        code = report(err, err.format_message(), EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
         print(file=sys.stderr)
         code = EXIT_INTERRUPTED
@@ -308,13 +316,29 @@ def main() -> None:
     sys.exit(code or 0)
 
 
-def show_usage_error(err: Exception) -> None:
-    """Click's usage, hint and `Error: ...` lines (the message stripped of escapes on a terminal)."""
-    show = getattr(err, "show", None)
-    if callable(show):
-        show()
-    else:
-        emit_error(str(err), prefix="Error: ")
+def program() -> NoReturn:
+    """The `llava` program (`python -m llava_cli`, the console script): `main`, then `exit_now`."""
+    try:
+        main()
+    except SystemExit as done:
+        exit_now(done.code)
+    exit_now(0)
+
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """Exit with `code`, without the interpreter's teardown once torch is loaded: freeing a model and
+    unloading torch module by module takes seconds (`/quit`, Ctrl-C on `llava serve`; measured by
+    bench/exit_speed.py), while by now every answer is written and every conversation saved.
+    The exit handlers still run, and the output streams are flushed."""
+    if "torch" not in sys.modules or not isinstance(code, (int, type(None))):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging's flush, libraries' own handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a stream already closed
+            pass
+    os._exit(code or 0)
 
 
 def report(err: Exception, message: str, code: int) -> int:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import textwrap
 from typing import TYPE_CHECKING, Any, Callable
 
 from llava_cli.clipboard import copy_to_clipboard
 from llava_cli.conversation import Conversation, Turn
-from llava_cli.errors import InputError, LlavaError, UsageError
+from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.images import ImageRef
 from llava_cli.store import (
     SAVED_SETTINGS,
@@ -28,7 +29,7 @@ from llava_cli.store import (
     restored_settings,
     shorten,
 )
-from llava_cli.terminal import is_terminal
+from llava_cli.terminal import is_terminal, table
 
 if TYPE_CHECKING:
     from llava_cli.chat import ChatIO
@@ -53,14 +54,16 @@ COMMAND_HELP = [
     ("/help", "this help"),
     ("/quit", "leave (Ctrl-D too)"),
 ]
-HELP = "\n".join(
-    [
-        "Type a message and press Enter. Commands:",
-        *(f"  {usage:<34}{meaning}" for usage, meaning in COMMAND_HELP),
-        'Alt-Enter (or Esc, Enter) starts a new line; """ begins and ends a multi-line message.',
-        "Tab completes commands and image paths. // sends text that begins with /. Ctrl-C stops an answer.",
-    ]
+HELP_NOTES = (
+    'Alt-Enter (or Esc, Enter) starts a new line; """ begins and ends a multi-line message. '
+    "Tab completes commands and image paths. // sends text that begins with /. Ctrl-C stops an answer."
 )
+
+
+def help_text(columns: int) -> str:
+    """/help laid out for a terminal `columns` wide: commands in a table, notes wrapped between words."""
+    notes = textwrap.wrap(HELP_NOTES, columns, break_long_words=False, break_on_hyphens=False)
+    return "\n".join(["Type a message and press Enter. Commands:", *table(COMMAND_HELP, columns), *notes])
 
 
 def optional_int(text: str) -> int | None:
@@ -91,7 +94,7 @@ class ReplCommands:
     autosave: Callable[[], None]
 
     def help(self, _: str) -> None:
-        self.io.info(HELP)
+        self.io.info(help_text(self.io.columns))
 
     def recap(self) -> None:
         """After --resume: which conversation this is, and its last exchange to pick up from."""
@@ -172,14 +175,23 @@ class ReplCommands:
         ]
 
     def context_summary(self) -> str:
-        """How much of the context window the conversation filled at the last answer."""
-        used = "?" if self.context_tokens is None else str(self.context_tokens)
+        """How much of the context window the conversation fills."""
+        tokens = self.context_used()
+        used = "?" if tokens is None else str(tokens)
         window_of = getattr(self.engine, "context_window", None)  # a server does not tell its window
         if window_of is None:
             return f"{used} tokens"
         window = window_of(self.settings)
-        share = f" ({100 * self.context_tokens // window}%)" if self.context_tokens is not None else ""
+        share = f" ({100 * tokens // window}%)" if tokens is not None else ""
         return f"{used} of {window} tokens{share}"
+
+    def context_used(self) -> int | None:
+        """Tokens in the conversation: from the last answer's figures, else (after /undo, /load, a
+        resume, a new system text) counted once by encoding the history; None through a server."""
+        counted = self.context_tokens is None and not self.conversation.pending and hasattr(self.engine, "encode")
+        if counted:
+            self.context_tokens = len(self.engine.encode(self.conversation).ids) if self.conversation.turns or self.conversation.system else 0
+        return self.context_tokens
 
     def saved_summary(self) -> str:
         if self.recorder is None:
@@ -246,14 +258,6 @@ def changed_settings(settings: Settings, name: str, text: str) -> Settings:
     except ValueError:
         raise InputError(f"{name} must be {kind} (got {text!r})") from None
     try:
-        return dataclasses.replace(settings, **{field: value})
+        return dataclasses.replace(settings, **{field: value}, chosen=settings.chosen | {field})
     except UsageError as err:
         raise InputError(str(err).removeprefix("--")) from None
-
-
-def suggestion(name: str, choices: Any, prefix: str = "") -> str:
-    """'; did you mean {prefix}X?' for the closest of `choices`, or nothing."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{close[0]}?" if close else ""

@@ -5,6 +5,8 @@ Anything raised as a `LlavaError` is shown as one line on stderr, never as a tra
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # something went wrong while running
 EXIT_USAGE = 2  # bad options, bad input, a model that cannot be found
@@ -55,3 +57,11 @@ def one_line(err: BaseException) -> str:
     """The first line of an exception's message (library errors can be long), or its type name."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def suggestion(name: str, choices: Iterable[str], prefix: str = "") -> str:
+    """'; did you mean {prefix}X?' for the closest of `choices` (difflib), or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""

@@ -200,6 +200,14 @@ def check_weights(name: str, folder: Path, allow_pickle: bool = False) -> None:
     raise ModelError(f"{name} has no weights (*.safetensors); the download is incomplete or the folder is wrong")
 
 
+def check_device(requested: str) -> None:
+    """Refuse --device cuda on a machine without a GPU before anything slow (a download, the weights)."""
+    if requested == "cuda":
+        import torch
+
+        pick_device(requested, torch)
+
+
 def pick_device(requested: str, torch: Any) -> str:
     has_cuda = torch.cuda.is_available()
     if requested == "cuda" and not has_cuda:

@@ -1,4 +1,7 @@
-"""Where batch answers go: stdout, or a JSON-lines file that a rerun resumes.
+"""The JSON records scripts read: one answer (`ask --json`, piped `chat --json`), and where batch
+answers go: stdout, or a JSON-lines file that a rerun resumes.
+
+`answer_record` is the object of one answer, the same keys for `ask` and `chat` (README lists them).
 
 Each answer is one record, written as one whole line and flushed at once (a single `write` to the
 file), so a run that is interrupted or killed never loses a finished answer and never leaves a
@@ -19,7 +22,13 @@ from typing import Any
 from llava_cli.errors import UsageError
 from llava_cli.terminal import shown
 
-# The keys of every record, in this order, each always present (null when it does not apply).
+def answer_record(answer: str, model: str, images: list[str], session: str | None, figures: dict[str, Any]) -> dict[str, Any]:
+    """One answer as `--json` prints it: the answer, the model, the turn's images as given, the id of
+    the saved conversation (null when not saved), then the figures of `Stats.as_dict()`."""
+    return {"answer": answer, "model": model, "images": images, "session": session, **figures}
+
+
+# The keys of every batch record, in this order, each always present (null when it does not apply).
 RECORD_KEYS = ("image", "prompt", "answer", "error", "model", "prompt_tokens", "completion_tokens", "seconds", "finish_reason")
 RECORD_START = b'{"image":'  # how every line we write begins: recognises our own half-written line
 LINE_BREAKS = re.compile(r"\s*[\r\n\t]+\s*")

@@ -4,8 +4,9 @@
 text chunks (joined: the answer with surrounding whitespace stripped) and, once the answer is
 complete, adds it to the conversation; `last_stats`, `reset()`, and `loaded` (`name`, `device` =
 the server's url, `load_seconds`). The API is stateless, so every turn sends the whole
-conversation: images as PNG `data:` URLs, the system text as a system message, `temperature`,
-`top_p`, `max_tokens` and `seed`; the answer streams back as server-sent events. Plain OpenAI
+conversation: images as PNG `data:` URLs, the system text as a system message, and of `temperature`,
+`top_p`, `max_tokens` and `seed` only those the user set (`Settings.chosen`), so that the server's
+own defaults apply to the rest; the answer streams back as server-sent events. Plain OpenAI
 chat-completions: it works against `llava serve`, vLLM, llama.cpp's server and Ollama's `/v1`.
 
 Errors keep the local exit codes: a message over the context window raises `ContextError` (2), any
@@ -43,6 +44,8 @@ from llava_cli.settings import Settings, server_url
 API_KEY_ENV = "LLAVA_API_KEY"
 CONNECT_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0  # a discovered server that does not answer this fast is not used
+# Settings field -> request key; each sent only when the user set it (`Settings.chosen`).
+REQUEST_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens", "seed": "seed"}
 SERVER_FIGURES = ("load_s", "peak_memory_mb", "dropped_turns")  # from `llava serve`'s `llava` object
 
 
@@ -103,12 +106,10 @@ class RemoteEngine:
             "messages": self.messages(conversation),
             "stream": True,
             "stream_options": {"include_usage": True},
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "max_tokens": settings.max_new_tokens,
         }
-        if settings.seed is not None:
-            body["seed"] = settings.seed
+        for name, key in REQUEST_OPTIONS.items():  # the rest is left to the server's own defaults
+            if name in settings.chosen and getattr(settings, name) is not None:
+                body[key] = getattr(settings, name)
         return body
 
     def messages(self, conversation: Conversation) -> list[dict[str, Any]]:

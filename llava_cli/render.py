@@ -1,8 +1,8 @@
 """Answers at a terminal: streamed live as they are generated, shown as Markdown once complete.
 
 `stream_markdown(console, chunks, clean)` prints each block of the answer (the text up to a blank
-line outside a code fence) as Rich Markdown as soon as the block is finished: headings, lists,
-tables, code blocks with syntax highlighting, all wrapped to the terminal's width, links shown
+line outside a code fence) as Rich Markdown as soon as the block is finished, after a blank line
+as in the text: headings, lists, tables, code blocks with syntax highlighting, all wrapped to the terminal's width, links shown
 as text rather than terminal hyperlinks. The block still being written is shown live below, as
 plain text, and is the only part ever redrawn; only its last screenful is drawn, so a long
 answer never asks the terminal to redraw what has scrolled away. When the stream stops early
@@ -61,7 +61,7 @@ def stream_markdown(console: Console, chunks: Iterator[str], clean: Callable[[st
                 text += clean(chunk)
                 end = block_end(text)
                 if end > rendered:
-                    console.print(as_markdown(text[rendered:end]), soft_wrap=False)
+                    print_block(console, text[rendered:end], first=rendered == 0)
                     rendered = end
                 live.update(tail(console, text[rendered:]), refresh=True)
         except BaseException:
@@ -70,4 +70,18 @@ def stream_markdown(console: Console, chunks: Iterator[str], clean: Callable[[st
             raise
         live.update(Text(""), refresh=True)
     if text[rendered:].strip():
-        console.print(as_markdown(text[rendered:]), soft_wrap=False)
+        print_block(console, text[rendered:], first=rendered == 0)
+
+
+def print_block(console: Console, block: str, first: bool) -> None:
+    """A finished block as Markdown, after one blank line unless it opens the answer: Rich separates
+    the blocks inside one Markdown, not blocks printed one by one (and starts a list with an empty
+    line of its own, dropped here so that every block gets the same single blank line)."""
+    from rich.segment import Segment, Segments
+
+    lines = console.render_lines(as_markdown(block), pad=False)
+    while lines and not "".join(segment.text for segment in lines[0]):
+        lines.pop(0)
+    if not first:
+        console.line()
+    console.print(Segments([segment for line in lines for segment in (*line, Segment.line())]), end="")

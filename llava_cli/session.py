@@ -52,8 +52,9 @@ def start_engine(settings: Settings) -> Engine | RemoteEngine:
 
 
 def load_engine(settings: Settings) -> Engine:
-    from llava_cli.loader import load_model, resolve_model
+    from llava_cli.loader import check_device, load_model, resolve_model
 
+    check_device(settings.device)
     if not settings.verbose:
         quiet_libraries()
     stderr = make_console(sys.stderr)

@@ -46,18 +46,19 @@ def list_sessions(as_json: bool) -> int:
         return 0
     out(LIST_COLUMNS.format(id="ID", updated="UPDATED", turns="TURNS", model="MODEL", name="NAME", words="FIRST WORDS"))
     for saved in found:
-        row = summary(saved)
+        row = dict(summary(saved), updated=local_time(saved.updated), model=shorten(saved.model, 28), name=saved.name or "-")
         out(LIST_COLUMNS.format(**row, words=row["first_words"]).rstrip())
     return 0
 
 
 def summary(saved: SavedConversation) -> dict[str, object]:
+    """A conversation as `list --json` gives it: values as in the saved file (UTC ISO 8601 times, null name)."""
     return {
         "id": saved.id,
-        "updated": local_time(saved.updated),
+        "updated": saved.updated,
         "turns": len(saved.turns),
-        "model": shorten(saved.model, 28),
-        "name": saved.name or "-",
+        "model": saved.model,
+        "name": saved.name,
         "first_words": saved.first_words,
     }
 

@@ -68,6 +68,8 @@ class Settings:
     verbose: bool = False
     server: str | None = None  # answer through this OpenAI-compatible server (remote.py)
     no_server: bool = False  # load the model here: no --server, no discovered `llava serve`
+    # The options the user set (command line, /set): a server is sent only these, its own defaults apply to the rest.
+    chosen: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.model.strip():

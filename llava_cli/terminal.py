@@ -12,6 +12,8 @@ The choke point, so that no call site can forget:
   carriage return in a file name is shown as `\\n` / `\\r`;
 - `make_console(stream)` returns a Rich console that strips every string and `Text` it prints when
   its stream is a terminal; only `print_raw` (an answer with `--raw`) writes bytes as they are.
+
+`table(rows, columns)` lays out two columns of plain text (help pages, /help, /stats) for a width.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from __future__ import annotations
 import os
 import re
 import sys
+import textwrap
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+TERM_COLUMN = 28  # the widest left column of a `table`; longer terms put their text on the next line
+MIN_TEXT_COLUMNS = 40  # narrower than this beside the terms, each text goes below its term
+STACKED_INDENT = 6
 
 # ESC-introduced sequences (CSI, OSC, DCS...) first, then any other C0/C1 control except \n and \t.
 ESCAPE_SEQUENCE = re.compile(
@@ -108,3 +115,19 @@ def safe_text(item: Any, stream: IO[str]) -> Any:
     if isinstance(item, Text) and is_terminal(stream) and ESCAPE_SEQUENCE.search(item.plain):
         return Text(safe_for_terminal(item.plain), style=item.style, end=item.end)
     return item
+def table(rows: list[tuple[str, str]], columns: int) -> list[str]:
+    """Two columns as plain lines: terms on the left, texts wrapped between words on the right
+    (below a term too long to share its line); `columns` too narrow, each text goes below its term."""
+    column = min(max(len(term) for term, _ in rows) + 4, TERM_COLUMN)
+    if columns - column < MIN_TEXT_COLUMNS:
+        column = STACKED_INDENT
+    lines = []
+    for term, text in rows:
+        left = f"  {term}"
+        help_lines = textwrap.wrap(text, columns - column, break_long_words=False, break_on_hyphens=False) or [""]
+        if len(left) + 2 > column:
+            lines.append(left)
+        else:
+            lines.append(left.ljust(column) + help_lines.pop(0))
+        lines += [" " * column + line for line in help_lines]
+    return [line.rstrip() for line in lines]

@@ -4,6 +4,7 @@ a plain-transformers reference, and a runner for the real `llava` command."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,13 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def default_sigint() -> None:
+    """`preexec_fn` of every process a test starts: SIGINT back to its default action. An ignored
+    signal is inherited (`nohup ... &`, some CI runners), and a Python started with SIGINT ignored
+    never turns Ctrl-C into KeyboardInterrupt, so the Ctrl-C tests would fail under such a launcher."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_llava(*args: str, stdin: bytes | str | None = b"", env: dict[str, str] | None = None, timeout: float = 120):
     """Run the real command line in a subprocess; returns CompletedProcess with text output."""
     data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -128,6 +136,7 @@ def run_llava(*args: str, stdin: bytes | str | None = b"", env: dict[str, str] |
         capture_output=True,
         env=env or cli_env(),
         timeout=timeout,
+        preexec_fn=default_sigint,
     )
     result.stdout_text = result.stdout.decode("utf-8", errors="replace")
     result.stderr_text = result.stderr.decode("utf-8", errors="replace")

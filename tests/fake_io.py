@@ -9,6 +9,7 @@ class FakeIO:
     """Reads `lines` one by one; keeps streamed answers, infos and errors in order."""
 
     interactive = True
+    columns = 80
 
     def __init__(self, lines: list[str] | None = None) -> None:
         self.lines = list(lines or [])
@@ -24,8 +25,8 @@ class FakeIO:
         for _ in chunks:
             pass
 
-    def answered(self, answer: str, stats: dict) -> None:
-        self.answers.append(answer)
+    def answered(self, record: dict) -> None:
+        self.answers.append(record["answer"])
 
     def info(self, message: str) -> None:
         self.infos.append(message)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from cli_runner import invoke
-
-USAGE_ASK = "Usage: llava ask [OPTIONS] [IMAGE... [PROMPT]]..."
-
 
 @dataclass(frozen=True)
 class Case:
@@ -26,11 +23,13 @@ class Case:
     code: int
     first_line: str
     stdin: bytes = b""
-    also: tuple[str, ...] = field(default=())  # further lines stderr must hold (click's "Error: ..." line)
 
 
 def ask(*options: str) -> tuple[str, ...]:
     return ("ask", "{red}", "what is it?", *options)
+
+
+EMPTY_STDIN_PROMPT = 'the prompt read from stdin is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'
 
 
 def error(message: str) -> str:
@@ -46,10 +45,7 @@ OPTION_CASES = [
     Case("top-p above one", ask("--top-p", "1.5"), 2, error("--top-p must be in (0, 1] (got 1.5)")),
     Case("zero new tokens", ask("--max-new-tokens", "0"), 2, error("--max-new-tokens must be at least 1 (got 0)")),
     Case("negative new tokens", ask("-n", "-3"), 2, error("--max-new-tokens must be at least 1 (got -3)")),
-    Case(
-        "non-numeric new tokens", ask("-n", "lots"), 2, USAGE_ASK,
-        also=("Error: Invalid value for '--max-new-tokens' / '-n': Input should be a valid integer, unable to parse string as an integer",),
-    ),
+    Case("non-numeric new tokens", ask("-n", "lots"), 2, error("--max-new-tokens wants a whole number (got 'lots')")),
     Case("negative seed", ask("--seed", "-1"), 2, error("--seed must be between 0 and 2**63-1 (got -1)")),
     Case("huge seed", ask("--seed", str(2**64)), 2, error(f"--seed must be between 0 and 2**63-1 (got {2**64})")),
     Case("tiny context", ask("--max-context", "8"), 2, error("--max-context must be at least 16 tokens (got 8)")),
@@ -59,8 +55,8 @@ OPTION_CASES = [
     Case("unknown attention", ask("--attn", "magic"), 2, error("--attn must be one of auto, sdpa, eager, flash_attention_2 (got 'magic')")),
     Case("4-bit and 8-bit", ask("--load-4bit", "--load-8bit"), 2, error("--load-4bit and --load-8bit exclude each other: pick one")),
     Case("empty model name", ask("--model", " "), 2, error("--model must name a hub id (org/name) or a local folder")),
-    Case("unknown option", ask("--bogus"), 2, USAGE_ASK, also=("Error: No such option: --bogus (Possible options: --verbose)",)),
-    Case("unknown command", ("frobnicate",), 2, "Usage: llava [OPTIONS] COMMAND [ARGS]...", also=("Error: No such command 'frobnicate'.",)),
+    Case("unknown option", ask("--bogus"), 2, error("no such option --bogus for 'llava ask'; did you mean --verbose? (llava ask --help lists them)")),
+    Case("unknown command", ("frobnicate",), 2, error("no such command 'frobnicate' in 'llava'")),
     Case("ask without arguments", ("ask",), 2, error("give at least one image: llava ask IMAGE... [PROMPT]")),
 ]
 
@@ -142,8 +138,8 @@ STDIN_CASES = [
         "stdin image garbage", ("ask", "-", "q"), 2,
         error("<stdin> is not an image Pillow can read (try PNG, JPEG, GIF, WebP, BMP or TIFF)"), stdin=b"GIF89a not really",
     ),
-    Case("stdin prompt empty", ("ask", "{red}", "-"), 2, error("the prompt read from stdin is empty")),
-    Case("stdin prompt blank", ("ask", "{red}"), 2, error("the prompt read from stdin is empty"), stdin=b" \n\t\n"),
+    Case("stdin prompt empty", ("ask", "{red}", "-"), 2, error(EMPTY_STDIN_PROMPT)),
+    Case("stdin prompt blank", ("ask", "{red}"), 2, error(EMPTY_STDIN_PROMPT), stdin=b" \n\t\n"),
     Case(
         "stdin for image and prompt", ("ask", "-", "-"), 2,
         error("stdin can carry the image or the prompt, not both; give the prompt as an argument"), stdin=b"x",
@@ -257,9 +253,6 @@ def test_bad_input(case, paths, monkeypatch):
     outcome = invoke(monkeypatch, *args, stdin=case.stdin)
     assert outcome.code == case.code, outcome.stderr
     assert outcome.first_error_line == case.first_line.format(**paths)
-    lines = outcome.stderr.splitlines()
-    for line in case.also:
-        assert line in lines
     assert "Traceback" not in outcome.stderr
     if case.code:
         assert outcome.stdout == ""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, render_llava15, run_llava
+from conftest import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.batch import AskOptions, BatchProgress, run_batch, sigterm_as_interrupt
 from llava_cli.batched import generate_batch
 from llava_cli.conversation import Conversation
@@ -196,7 +196,7 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
     output = tmp_path / "answers.jsonl"
     command = llava_command("-n", MAX_NEW, "--each", *paths, "-p", PROMPT, "-o", output)
     env = cli_env(HF_HOME=str(hf_home))
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (output.exists() and output.read_bytes().count(b"\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -227,8 +227,9 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(output="a.jsonl"), "-o/--output and --batch-size answer images one by one: add --each or --from-file"),
-        (dict(batch_size=4), "-o/--output and --batch-size answer images one by one: add --each or --from-file"),
+        (dict(output="a.jsonl"), "-o a.jsonl: only with --each or --from-file, which answer images one by one"),
+        (dict(batch_size=4), "--batch-size 4: only with --each or --from-file, which answer images one by one"),
+        (dict(output="a.jsonl", batch_size=4), "-o a.jsonl and --batch-size 4: only with --each or --from-file, which answer images one by one"),
         (dict(each=True, batch_size=0), "--batch-size must be between 1 and 256 (got 0)"),
         (dict(each=True, output="a.jsonl", output_format="text"), "-o writes JSON lines (so that a rerun can resume); drop --output-format text"),
         (dict(json=True, output_format="text"), "--json and --output-format text exclude each other: pick one"),

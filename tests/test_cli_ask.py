@@ -169,7 +169,7 @@ BAD_INPUT = {
         "{bad}/no-weights has no weights (*.safetensors); the download is incomplete or the folder is wrong",
     ),
     "dtype float64": (["ask", "{red}", "q", "--dtype", "float64"], "--dtype must be one of auto, float16, bfloat16, float32 (got 'float64')"),
-    "empty stdin prompt": (["ask", "{red}", "--model", "{tiny}"], "the prompt read from stdin is empty"),
+    "empty stdin prompt": (["ask", "{red}", "--model", "{tiny}"], 'the prompt read from stdin is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
 }
 
 

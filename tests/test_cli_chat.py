@@ -13,7 +13,7 @@ import time
 
 import pexpect
 
-from conftest import cli_env, render_llava15, run_llava
+from conftest import cli_env, default_sigint, render_llava15, run_llava
 
 MAX_NEW = 12
 # What a terminal shows is not what was written: colours, cursor moves and control characters go.
@@ -78,7 +78,7 @@ class Repl:
         # --no-markdown: the answer is shown exactly as streamed, so it can be compared with the reference.
         args = ["-m", "llava_cli", "chat", "--model", str(model), "-n", str(max_new), "--no-markdown"]
         self.log = io.BytesIO()
-        self.child = pexpect.spawn(sys.executable, args, env=env, timeout=120, dimensions=(40, 400))
+        self.child = pexpect.spawn(sys.executable, args, env=env, timeout=120, dimensions=(40, 400), preexec_fn=default_sigint)
         self.child.logfile_read = self.log
         self.prompt()
 

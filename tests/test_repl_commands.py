@@ -16,11 +16,11 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import SHORT_ANSWER as MAX_NEW, cli_env, render_llava15
+from conftest import SHORT_ANSWER as MAX_NEW, cli_env, default_sigint, render_llava15
 from fake_io import FakeIO
 from llava_cli.chat import ChatLoop, TerminalIO, split_image_command
 from llava_cli.clipboard import copy_to_clipboard
-from llava_cli.commands import COMMAND_HELP, HELP
+from llava_cli.commands import COMMAND_HELP, help_text
 from llava_cli.engine import Engine
 from llava_cli.errors import LlavaError
 from llava_cli.store import Recorder, SessionStore
@@ -137,7 +137,7 @@ def loop_id(llava_home_dir: Path, name: str) -> str:
 def test_unknown_commands_get_a_suggestion_and_help_lists_every_command(repl):
     loop, io = repl(["/retyr", "/frobnicate", "/help", "//etc/hosts is a path"])
     assert io.errors == ["unknown command /retyr; did you mean /retry? (/help lists the commands)", "unknown command /frobnicate (/help lists the commands)"]
-    assert io.infos[0] == HELP
+    assert io.infos[0] == help_text(io.columns)
     listed = {usage.split()[0].lstrip("/") for usage, _ in COMMAND_HELP}
     assert listed == set(loop.commands) | {"quit"}
     assert loop.conversation.turns[0].text == "/etc/hosts is a path"
@@ -269,7 +269,7 @@ def drawn(text: str) -> str:
 def test_a_session_at_a_pseudo_terminal(tiny_model, tmp_path, reference):
     env = cli_env(LLAVA_HOME=str(tmp_path / "home"), TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
     args = ["-m", "llava_cli", "chat", "--model", str(tiny_model), "-n", str(MAX_NEW), "--no-server", "--no-markdown"]
-    child = pexpect.spawn(sys.executable, args, env=env, timeout=60, dimensions=(30, 100), encoding="utf-8")
+    child = pexpect.spawn(sys.executable, args, env=env, timeout=60, dimensions=(30, 100), encoding="utf-8", preexec_fn=default_sigint)
     child.expect_exact(">>>")
     child.send('"""\r')
     child.send("two\r")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import FakeTerminal, invoke
-from conftest import cli_env, render_llava15, run_llava
+from conftest import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.chat import ChatLoop
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine, Stats
@@ -114,7 +114,7 @@ class RecordingIO:
     def stream(self, chunks) -> None:
         self.answers.append("".join(chunks))
 
-    def answered(self, answer: str, stats: dict) -> None:
+    def answered(self, record: dict) -> None:
         pass
 
     def info(self, message: str) -> None:
@@ -188,7 +188,7 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback(tmp_path, tiny_model
     env = cli_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
     process = subprocess.Popen(
         [sys.executable, "-m", "llava_cli", "ask", str(images["red"]), "hi", "--model", str(tiny_model)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint,
     )
     try:
         if moment == "importing torch":

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import cli_env, render_llava15, run_llava
+from conftest import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.discovery import find_server, remove_server_file, write_server_file
 from llava_cli.engine import Stats
 
@@ -43,7 +43,7 @@ class Server:
         command = [sys.executable, "-m", "llava_cli", "serve", "--model", self.model, "--port", "0",
                    "-n", str(MAX_NEW), "--max-request-mb", "1"]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=self.env)
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=self.env, preexec_fn=default_sigint)
 
     @functools.cached_property
     def url(self) -> str:

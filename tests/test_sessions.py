@@ -265,7 +265,7 @@ def test_sessions_list_newest_first_with_id_date_turns_model_name_and_first_word
     assert oldest.startswith(two_saved[0].session_id) and oldest.endswith("cats         What is in this picture?")
     assert " 2  " in oldest and " 1  " in newest
     records = json.loads(invoke(monkeypatch, "sessions", "list", "--json").stdout)
-    assert [(r["id"], r["turns"], r["name"]) for r in records] == [(two_saved[1].session_id, 1, "-"), (two_saved[0].session_id, 2, "cats")]
+    assert [(r["id"], r["turns"], r["name"]) for r in records] == [(two_saved[1].session_id, 1, None), (two_saved[0].session_id, 2, "cats")]
 
 
 def test_sessions_show_prints_the_transcript_and_json(monkeypatch, two_saved, images, tiny_model):
