@@ -76,7 +76,7 @@ class Row:
 
     budget: int
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (end-of-sequence) or "length" (budget spent)
+    finish_reason: str = ""  # "" while it runs, then "stop" (end-of-sequence) or "length" (budget spent)
 
     def take(self, token: int, eos_ids: set[int]) -> None:
         if token in eos_ids:
@@ -132,7 +132,7 @@ def decode_batch(
         while True:
             for index, token in zip(running, sampler.pick_rows(logits, running)):
                 rows[index].take(token, eos_ids)
-            keep = [place for place, index in enumerate(running) if rows[index].finish_reason is None]
+            keep = [place for place, index in enumerate(running) if not rows[index].finish_reason]
             if not keep:
                 return rows
             if len(keep) < len(running):

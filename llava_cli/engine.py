@@ -166,13 +166,13 @@ class Engine:
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
-        while row.finish_reason is None:
+        while not row.finish_reason:
             row.take(sampler.pick(logits), self.eos_ids)
             if row.finish_reason == "stop":
                 break
             if chunk := stream.push(row.tokens[-1]):
                 yield chunk
-            if row.finish_reason is None:
+            if not row.finish_reason:
                 logits = self.run(row.tokens[-1:], {})
         stats.completion_tokens, stats.finish_reason = len(row.tokens), row.finish_reason
         if tail := stream.finish():
@@ -204,7 +204,7 @@ class Engine:
         finally:
             self.vision.clear()
         return [
-            BatchAnswer(self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), len(prompt.ids), len(row.tokens), row.finish_reason or "length")
+            BatchAnswer(self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), len(prompt.ids), len(row.tokens), row.finish_reason)
             for row, prompt in zip(rows, prompts)
         ]
 
