@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from llava_cli.conversation import Conversation
-from llava_cli.engine import stats_line
+from llava_cli.streaming import stats_line
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_stream
 from llava_cli.records import answer_record

@@ -4,8 +4,8 @@ Every image gets its own answer, in input order, as one record per line (`record
 keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text lines. An image
 that cannot be used (missing, broken, a URL that fails, too long for the context) gets a record
 carrying its `error` and a line on stderr; the batch goes on and the exit code is 1 at the end.
-`--batch-size N` answers N images per forward pass (`batched.generate_batch`); greedy answers
-are the same as one at a time. With `-o FILE`, images already answered there for the same
+`--batch-size N` answers N images per forward pass (`Engine.generate_batch`); answers are the
+same as one at a time (greedy, or sampled with the same --seed). With `-o FILE`, images already answered there for the same
 prompt are skipped, so an interrupted run is finished by running the same command again.
 
 stderr carries only error lines, plus a progress bar when stderr is a terminal and there is
@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.ask import STDIN, checked_prompt, read_image_from_stdin, read_prompt_from_stdin, refuse_unquoted_prompt
-from llava_cli.batched import BatchAnswer, generate_batch, seed_sampling, token_budget
 from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine, Prompt
+from llava_cli.engine import BatchAnswer, Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
 from llava_cli.images import image_from_bytes, looks_like_image
 from llava_cli.records import RecordFile, StdoutRecords, make_record
@@ -155,7 +154,6 @@ def answer_all(
     if settings.server and not settings.no_server:
         raise UsageError("--each and --from-file batch images on a model loaded here; they do not work with --server yet")
     engine = load_engine(settings)  # batching needs the model itself, never a discovered `llava serve`
-    seed_sampling(settings)
     failed = 0
     with BatchProgress(len(names)) as progress:
         for start in range(0, len(names), batch_size):
@@ -180,7 +178,7 @@ def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settin
             prompts[index] = encode(engine, name, prompt, settings, stdin_image)
         except LlavaError as err:
             errors[index] = str(err)
-    answers = dict(zip(prompts, generate_batch(engine, list(prompts.values()), settings))) if prompts else {}
+    answers = dict(zip(prompts, engine.generate_batch(list(prompts.values()), settings))) if prompts else {}
     share = (time.perf_counter() - started) / max(len(answers), 1)  # each image's part of the batch time
     return [
         answer_record(name, prompt, settings, answers[index], share)
@@ -199,7 +197,7 @@ def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_ima
     conversation = Conversation(system=settings.system)
     conversation.ask(prompt, [image])
     encoded = engine.encode(conversation)
-    if token_budget(engine, encoded, settings) < 1:
+    if engine.token_budget(encoded, settings) < 1:
         raise ContextError(
             f"{name}: the prompt with its image needs {len(encoded.ids)} tokens but the context window is "
             f"{engine.context_window(settings)}"

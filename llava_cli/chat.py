@@ -23,13 +23,14 @@ from typing import Any, Protocol
 
 from llava_cli.commands import QUIT_COMMANDS, ReplCommands
 from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine, stats_line
+from llava_cli.engine import Engine
 from llava_cli.errors import EXIT_OK, InputError, LlavaError, suggestion
 from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.records import answer_record
 from llava_cli.settings import Settings
 from llava_cli.signals import Terminated, sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
+from llava_cli.streaming import stats_line
 from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown, table
 
 # A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).

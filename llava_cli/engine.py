@@ -4,6 +4,9 @@
 exactly the answer with surrounding whitespace stripped; when the generator finishes, that answer
 has been added to the conversation and `engine.last_stats` holds its figures. If it is closed early
 (Ctrl-C) or raises, the conversation keeps its unanswered turn for the caller to discard.
+`Engine.generate_batch(prompts, settings)` answers independent prompts together, with no cache
+reuse. Both draw tokens through decoding.py (one sampler, one token budget, one stopping rule), so
+a batch row's answer is the one `generate` gives that prompt alone, greedy or seeded.
 
 Cache reuse: the engine keeps the KV cache of the tokens it has already run, with their token ids
 and the digests of the images they hold. A new prompt keeps the longest common prefix (never
@@ -26,16 +29,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from llava_cli.conversation import Conversation
+from llava_cli.decoding import Row, Sampler, decode_batch, token_budget
 from llava_cli.errors import ContextError, ResourceError
 from llava_cli.forward import EagerPath, ForwardPath, forward_path
 from llava_cli.images import ImageRef
 from llava_cli.loader import LoadedModel
 from llava_cli.prompting import expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
+from llava_cli.streaming import Stats, TextStream
 from llava_cli.vision import VisionInputs
 
 
@@ -43,35 +48,6 @@ OUT_OF_MEMORY = (
     "out of memory while answering; try --load-4bit, a smaller --max-context, a shorter conversation "
     "(/clear) or a smaller model"
 )
-
-
-@dataclass
-class Stats:
-    """Figures for one answer; `as_dict` gives the stable JSON keys."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    tokens_per_s: float = 0.0
-    seconds: float = 0.0
-    load_s: float = 0.0
-    peak_memory_mb: float = 0.0
-    dropped_turns: int = 0
-    finish_reason: str = "stop"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
-
-
-def stats_line(figures: dict[str, Any]) -> str:
-    """One line of an answer's figures (`Stats.as_dict()`), as `--verbose` shows them on stderr."""
-    return (
-        f"stats: {figures['prompt_tokens']} prompt tokens ({figures['cached_tokens']} cached), "
-        f"first token {figures['ttft_s']:.3f}s, {figures['completion_tokens']} tokens at "
-        f"{figures['tokens_per_s']:.1f} tokens/s, {figures['seconds']:.2f}s in all, "
-        f"peak memory {figures['peak_memory_mb']:.0f} MB"
-    )
 
 
 @dataclass
@@ -86,6 +62,16 @@ class Prompt:
 def image_keys(prompt: Prompt) -> list[tuple[str, tuple[int, int]]]:
     """Each image of `prompt` as the cache identifies it: content digest and token span."""
     return [(image.digest, span) for image, span in zip(prompt.images, prompt.image_spans)]
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """One prompt's answer from `Engine.generate_batch`: the stripped text and its figures."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence) or "length" (token budget spent)
 
 
 @dataclass
@@ -124,79 +110,6 @@ class PrefixCache:
         self.kv, self.ids, self.images = None, [], []
 
 
-class TextStream:
-    """Incremental detokenizer: each pushed token gives the newly visible text, whitespace-stripped.
-
-    Decodes a sliding window of tokens (as text-generation-inference does) so multi-byte characters
-    split across tokens are held back until complete, and holds back trailing whitespace so the
-    chunks joined equal `decode(all tokens).strip()`.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.held_whitespace = ""
-        self.text = ""  # what has been handed out so far
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self.decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self.decode(self.ids[self.prefix_offset :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self.release(after[len(before) :])
-
-    def finish(self) -> str:
-        """Release what was held back waiting for more tokens (an incomplete character at the end)."""
-        before = self.decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self.decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return self.release(after[len(before) :]) if len(after) > len(before) else ""
-
-    def release(self, new_text: str) -> str:
-        pending = self.held_whitespace + new_text
-        if not self.text:
-            pending = pending.lstrip()
-        visible = pending.rstrip()
-        self.held_whitespace = pending[len(visible) :]
-        self.text += visible
-        return visible
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-
-
-class Sampler:
-    """Greedy argmax at temperature 0, else temperature + top-p sampling with an optional seed."""
-
-    def __init__(self, settings: Settings, device: str) -> None:
-        import torch
-
-        self.torch = torch
-        self.settings = settings
-        self.generator = None
-        if not settings.greedy:
-            self.generator = torch.Generator(device=device)
-            if settings.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(settings.seed)
-
-    def pick(self, logits: Any) -> int:
-        torch = self.torch
-        if self.generator is None:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1)
-        if self.settings.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > self.settings.top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-
 class Engine:
     """Answers conversations with a loaded model, reusing the KV cache across turns."""
 
@@ -222,6 +135,10 @@ class Engine:
         window = self.loaded.context_window
         return min(window, settings.max_context) if settings.max_context else window
 
+    def token_budget(self, prompt: Prompt, settings: Settings) -> int:
+        """New tokens an answer to `prompt` may have: --max-new-tokens, within the context window."""
+        return token_budget(settings, self.context_window(settings), len(prompt.ids))
+
     def reset(self) -> None:
         """Forget the cache (after /clear, or when memory must be freed)."""
         self.cache.reset()
@@ -243,24 +160,21 @@ class Engine:
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
-        budget = min(settings.max_new_tokens, self.context_window(settings) - len(prompt.ids))
+        row = Row(budget=self.token_budget(prompt, settings))
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
-        stats.finish_reason = "length"
-        for step in range(budget):
-            token = sampler.pick(logits)
-            if token in self.eos_ids:
-                stats.finish_reason = "stop"
+        while not row.finish_reason:
+            row.take(sampler.pick(logits), self.eos_ids)
+            if row.finish_reason == "stop":
                 break
-            stats.completion_tokens += 1
-            chunk = stream.push(token)
-            if chunk:
+            if chunk := stream.push(row.tokens[-1]):
                 yield chunk
-            if step + 1 < budget:
-                logits = self.run([token], {})
+            if not row.finish_reason:
+                logits = self.run(row.tokens[-1:], {})
+        stats.completion_tokens, stats.finish_reason = len(row.tokens), row.finish_reason
         if tail := stream.finish():
             yield tail
         conversation.answer(stream.text)
@@ -269,6 +183,41 @@ class Engine:
         stats.tokens_per_s = (stats.completion_tokens - 1) / decode_seconds if stats.completion_tokens > 1 else 0.0
         stats.peak_memory_mb = self.peak_memory_mb()
         self.last_stats = stats
+
+    def generate_batch(self, prompts: list[Prompt], settings: Settings) -> list[BatchAnswer]:
+        """Answer independent prompts (from `encode`, each with a budget of at least one token) together.
+
+        Each answer is the one `generate` gives its prompt alone (greedy; and sampled with a seed):
+        see decoding.py. The KV cache is not touched; the memo of preprocessed images is emptied,
+        since a batch sees each image once and keeping them would grow with a long run.
+        """
+        import torch
+
+        budgets = [self.token_budget(prompt, settings) for prompt in prompts]
+        sampler = Sampler(settings, self.loaded.device, rows=len(prompts))
+        try:
+            rows = decode_batch(
+                self.model, [p.ids for p in prompts], self.batch_image_inputs(prompts), budgets, sampler, self.eos_ids, self.pad_id()
+            )
+        except torch.OutOfMemoryError:
+            raise ResourceError(f"out of memory answering {len(prompts)} images at once; lower --batch-size") from None
+        finally:
+            self.vision.clear()
+        return [
+            BatchAnswer(self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), len(prompt.ids), len(row.tokens), row.finish_reason)
+            for row, prompt in zip(rows, prompts)
+        ]
+
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else min(self.eos_ids)
+
+    def batch_image_inputs(self, prompts: list[Prompt]) -> dict[str, Any]:
+        """The image arguments of every prompt, in prompt order, joined into one batch."""
+        import torch
+
+        per_prompt = [self.image_inputs(prompt, keep=0) for prompt in prompts if prompt.images]
+        return {name: torch.cat([inputs[name] for inputs in per_prompt]) for name in per_prompt[0]} if per_prompt else {}
 
     def fit(self, conversation: Conversation, settings: Settings) -> tuple[Prompt, int]:
         """Encode the conversation, dropping its oldest turns until it fits the context window."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from llava_cli.conversation import Conversation
 from llava_cli.discovery import find_server
-from llava_cli.engine import Stats, TextStream
+from llava_cli.streaming import Stats, TextStream
 from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
 from llava_cli.images import ImageRef
 from llava_cli.settings import Settings, server_url

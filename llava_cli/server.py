@@ -48,10 +48,11 @@ from typing import TYPE_CHECKING, Any
 
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.discovery import remove_server_file, write_server_file
-from llava_cli.engine import Engine, Stats
+from llava_cli.engine import Engine
 from llava_cli.errors import EXIT_INTERRUPTED, EXIT_OK, ContextError, InputError, LlavaError, UsageError
 from llava_cli.images import ImageRef, image_from_bytes, load_image
 from llava_cli.settings import Settings
+from llava_cli.streaming import Stats
 
 if TYPE_CHECKING:
     from starlette.requests import Request

@@ -18,6 +18,17 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
 SHORT_ANSWER = 12  # tokens: enough to tell answers apart, quick on a CPU
 
 
+CHECKPOINT_FIXTURE = "tiny_model"  # every checkpoint the tests build or load starts from this one
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that builds or loads a checkpoint is `slow`, marked here once rather than in every file;
+    tests that start processes without one carry the mark themselves."""
+    for item in items:
+        if CHECKPOINT_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def llava_home(tmp_path_factory) -> Path:
     """Saved conversations and input history go to a temporary LLAVA_HOME, never the real home dir."""

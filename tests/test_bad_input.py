@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import invoke
+from conftest import render_llava15
 
 @dataclass(frozen=True)
 class Case:
@@ -242,10 +243,6 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def test_the_catalogue_is_large_enough():
-    assert len(CASES) + len(SLASH_CASES) >= 40
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_bad_input(case, paths, monkeypatch):
     monkeypatch.setenv("LLAVA_HOME", paths["home"])
@@ -286,10 +283,11 @@ def piped_chat(paths):
         return invoke(monkeypatch, "chat", "--model", paths["model"], "-n", "3", "--max-context", "64", "--max-image-pixels", "100000", stdin=stdin)
 
 
-def test_a_chat_with_failing_commands_answers_on_and_exits_1(piped_chat):
+def test_a_chat_with_failing_commands_answers_on_and_exits_1(piped_chat, reference):
     assert piped_chat.code == 1
     assert len(piped_chat.stderr.splitlines()) == len(SLASH_CASES)
-    assert piped_chat.stdout.count("\n") >= 1  # the last message was answered
+    # Only the last message was answered, as if it had been the first: the failures left no trace.
+    assert piped_chat.stdout == reference.answer(render_llava15([("still answering?", 0, None)]), [], 3) + "\n"
     assert "Traceback" not in piped_chat.stderr
 
 

@@ -25,7 +25,6 @@ import pytest
 
 from conftest import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.batch import AskOptions, BatchProgress, run_batch, sigterm_as_interrupt
-from llava_cli.batched import generate_batch
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import InputError, UsageError
@@ -114,7 +113,7 @@ def test_a_batch_of_prompts_of_different_lengths_answers_each_as_plain_transform
         prompts.append(engine.encode(conversation))
     assert len({len(prompt.ids) for prompt in prompts}) == 4  # every row is padded differently
 
-    answers = generate_batch(engine, prompts, settings)
+    answers = engine.generate_batch(prompts, settings)
 
     for (text, colour), answer, prompt in zip(questions, answers, prompts):
         assert answer.text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], MAX_NEW)
@@ -130,7 +129,7 @@ def test_each_row_stops_at_its_own_budget(engine, settings, reference, images):
     prompts = [engine.encode(red), engine.encode(green)]
     tight = Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=len(prompts[1].ids) + 3)
 
-    short, long = generate_batch(engine, prompts, tight)
+    short, long = engine.generate_batch(prompts, tight)
 
     assert (short.completion_tokens, long.completion_tokens) == (MAX_NEW, 3)
     assert long.text == reference.answer(render_llava15([(green.turns[0].text, 1, None)]), [images["green"]], 3)

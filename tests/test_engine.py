@@ -106,7 +106,7 @@ def test_old_turns_are_dropped_to_fit_the_context_window(engine, loaded, images,
     assert conversation.turns[-1].answer == expected
 
 
-def test_a_message_too_long_for_the_window_is_refused_and_the_conversation_kept(engine, loaded):
+def test_a_message_too_long_for_the_window_is_refused_and_the_conversation_kept(engine, loaded, reference):
     settings = Settings(model=loaded.name, max_new_tokens=MAX_NEW, max_context=40)
     conversation = Conversation()
     conversation.ask("short")
@@ -117,8 +117,10 @@ def test_a_message_too_long_for_the_window_is_refused_and_the_conversation_kept(
     assert [t.text for t in conversation.turns] == ["short", "word " * 200]
     conversation.discard_pending()
     conversation.ask("still works")
-    assert list(engine.generate(conversation, settings)) is not None
-    assert conversation.turns[-1].answer is not None
+    chunks = list(engine.generate(conversation, settings))
+    assert conversation.turns[-1].answer == "".join(chunks)
+    kept = [(turn.text, 0, turn.answer) for turn in conversation.turns]
+    assert kept[-1][2] == reference.answer(render_llava15(kept[:-1] + [("still works", 0, None)]), [], MAX_NEW)
 
 
 def test_sampling_with_a_seed_is_repeatable(engine, loaded):

@@ -225,8 +225,6 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
 
 
 def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, images):
-    from llava_cli.batched import generate_batch
-
     engine = Engine(family.loaded)
     prompts, expected = [], []
     for text, names in [("What is in this picture?", ["red"]), ("Compare these two.", ["green", "blue"]), ("And this?", ["blue"])]:
@@ -235,7 +233,7 @@ def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, im
         conversation.ask(text, [load_image(str(path)) for path in paths])
         prompts.append(engine.encode(conversation))
         expected.append(family.reference.answer([user(text, paths)]))
-    assert [answer.text for answer in generate_batch(engine, prompts, family.settings)] == expected
+    assert [answer.text for answer in engine.generate_batch(prompts, family.settings)] == expected
 
 
 @pytest.fixture(scope="module")

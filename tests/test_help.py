@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import cli_env
 
 # Runs in a fresh interpreter: each --help through the real entry point, then what got imported.
@@ -28,6 +30,7 @@ print(json.dumps({"results": results, "heavy": heavy}))
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_help_does_not_import_torch_or_transformers():
     env = cli_env(COLUMNS="200")
     probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=60)

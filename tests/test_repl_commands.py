@@ -143,12 +143,28 @@ def test_unknown_commands_get_a_suggestion_and_help_lists_every_command(repl):
     assert loop.conversation.turns[0].text == "/etc/hosts is a path"
 
 
-def test_markdown_on_off(repl):
-    loop, io = repl(["/markdown on", "/markdown sideways"])
-    assert io.markdown is True
-    assert io.errors == ["usage: /markdown on|off (now on)"]
-    repl(["/markdown off"])
-    assert io.markdown is False
+def test_markdown_off_shows_answers_as_written_and_on_renders_them(tiny_loaded, tiny_settings, llava_home_dir):
+    from rich.console import Console
+
+    terminal = TerminalIO(tiny_settings)
+    terminal.console = Console(file=io.StringIO(), width=60, color_system=None)
+    loop = ChatLoop(Engine(tiny_loaded), tiny_settings, terminal, Recorder(SessionStore.default()))
+
+    def shown_after(commands: list[str]) -> str:
+        lines = iter(commands)
+        terminal.read = lambda: next(lines, None)
+        loop.run([])
+        terminal.console.file.seek(0)
+        terminal.console.file.truncate()
+        terminal.stream(iter(["Some **bo", "ld** text"]))
+        return terminal.console.file.getvalue()
+
+    assert shown_after(["/markdown off"]) == "Some **bold** text\n"
+    assert shown_after(["/markdown on"]).strip() == "Some bold text"
+    lines = iter(["/markdown sideways"])
+    terminal.read = lambda: next(lines, None)
+    loop.run([])
+    assert terminal.console.file.getvalue().splitlines()[-1] == "error: usage: /markdown on|off (now on)"
 
 
 def test_copy_uses_a_clipboard_tool_when_there_is_one(repl, tmp_path, monkeypatch):

@@ -311,7 +311,8 @@ def test_an_api_key_is_required_when_set_and_ctrl_c_stops_the_server(servers, im
     without = run_llava(*ask, env={k: v for k, v in keyed.client_env().items() if k != "LLAVA_API_KEY"})
     assert without.returncode == 2 and "LLAVA_API_KEY" in without.stderr_text
     with_key = run_llava(*ask, env=keyed.client_env())
-    assert with_key.returncode == 0 and with_key.stdout_text.strip()
+    answer = reference.answer(render_llava15([("hello", 1, None)]), [images["red"]], MAX_NEW)
+    assert with_key.returncode == 0 and with_key.stdout_text == answer + "\n"
 
     assert keyed.stop(signal.SIGINT) == 130
     assert "Traceback" not in keyed.log() and key not in keyed.log()

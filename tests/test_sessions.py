@@ -127,6 +127,7 @@ def test_ctrl_c_in_the_middle_of_a_write_leaves_the_old_file(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [path]
 
 
+@pytest.mark.slow  # starts processes
 def test_a_process_killed_while_saving_leaves_a_complete_file(tmp_path):
     """SIGKILL a process that keeps rewriting the file: what is left is always one whole version."""
     path = tmp_path / "conversation.json"
