@@ -45,6 +45,13 @@ OUT_OF_MEMORY = (
 )
 
 
+class Stopped(Exception):
+    """`Engine.fit` was told to stop (the answer it was fitting for is no longer wanted)."""
+# A history of up to this many characters per token of the window is encoded whole before any
+# trimming: that encode is cheap and usually all it takes. A longer one is trimmed from its newest end.
+WHOLE_FIRST_CHARS_PER_TOKEN = 8
+
+
 @dataclass
 class Stats:
     """Figures for one answer; `as_dict` gives the stable JSON keys."""
@@ -197,6 +204,75 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+class TrimSearch:
+    """The fewest oldest turns to drop so that a conversation's prompt fits in `limit` tokens.
+
+    Dropping a turn never lengthens the text part of a prompt, but the image part can grow: a
+    LLaVA-OneVision image is tiled only when it is the prompt's sole image. So the number of turns
+    dropped is split into runs over which the prompt keeps 0, 1 or several images; within a run
+    the prompt only shrinks as turns are dropped. The runs are tried oldest-first and, in the first
+    whose last candidate fits, the smallest fitting candidate is found by galloping back from that
+    end: every prompt encoded then is about the window's size, so the cost does not grow with the
+    length of the history. The answer is the one trying 0, 1, 2... drops in turn would give.
+    """
+
+    def __init__(self, encode: Callable[[int], Prompt], limit: int) -> None:
+        self.encode = encode
+        self.limit = limit
+        self.prompts: dict[int, Prompt] = {}
+
+    def prompt(self, dropped: int) -> Prompt:
+        if dropped not in self.prompts:
+            self.prompts[dropped] = self.encode(dropped)
+        return self.prompts[dropped]
+
+    def fits(self, dropped: int) -> bool:
+        return len(self.prompt(dropped).ids) <= self.limit
+
+    def fewest_drops(self, images_per_turn: list[int], whole_first: bool = True) -> int:
+        """The smallest count that fits; all but the last turn when none does. `whole_first` tries
+        the whole conversation first (the usual case, one encode), worth it unless it is long."""
+        if whole_first and self.fits(0):
+            return 0
+        for first, last in image_runs(images_per_turn):
+            if self.fits(last):
+                return self.smallest_fitting(first, last)
+        return len(images_per_turn) - 1
+
+    def smallest_fitting(self, first: int, last: int) -> int:
+        """In [first, last], where `last` fits and fitting is monotone, the smallest count that fits."""
+        fitting, step = last, 1
+        while fitting - step >= first and self.fits(fitting - step):
+            fitting -= step
+            step *= 2
+        low = max(first, fitting - step)  # candidates below `low` do not fit (or lie outside the run)
+        if low < fitting and self.fits(low):
+            return low
+        while fitting - low > 1:
+            middle = (low + fitting) // 2
+            if self.fits(middle):
+                fitting = middle
+            else:
+                low = middle
+        return fitting
+
+
+def image_runs(images_per_turn: list[int]) -> list[tuple[int, int]]:
+    """Ranges [first, last] of drop counts (0 .. turns-1) over which the kept images stay 0, 1 or several."""
+    kept_after: list[int] = []
+    remaining = sum(images_per_turn)
+    for count in images_per_turn:
+        kept_after.append(min(remaining, 2))
+        remaining -= count
+    runs: list[tuple[int, int]] = []
+    for dropped, kind in enumerate(kept_after):
+        if runs and kept_after[runs[-1][0]] == kind:
+            runs[-1] = (runs[-1][0], dropped)
+        else:
+            runs.append((dropped, dropped))
+    return runs
+
+
 class Engine:
     """Answers conversations with a loaded model, reusing the KV cache across turns."""
 
@@ -234,12 +310,19 @@ class Engine:
             self.cache.reset()
             self.path = forward_path(self.model, settings.compile, window)
 
-    def generate(self, conversation: Conversation, settings: Settings) -> Iterator[str]:
+    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Stream the answer; `stop()` is asked before each step (fitting, prefill, every token), and
+        when it says True the generator ends at once with the conversation's turn left unanswered."""
         started = time.perf_counter()
         self.reset_peak_memory()
         stats = Stats(load_s=self.loaded.load_seconds)
         self.use_path_for(settings)
-        prompt, stats.dropped_turns = self.fit(conversation, settings)
+        try:
+            prompt, stats.dropped_turns = self.fit(conversation, settings, stop)
+        except Stopped:
+            return
+        if stop():
+            return
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
@@ -251,6 +334,8 @@ class Engine:
         stats.ttft_s = time.perf_counter() - started
         stats.finish_reason = "length"
         for step in range(budget):
+            if stop():
+                return
             token = sampler.pick(logits)
             if token in self.eos_ids:
                 stats.finish_reason = "stop"
@@ -270,16 +355,28 @@ class Engine:
         stats.peak_memory_mb = self.peak_memory_mb()
         self.last_stats = stats
 
-    def fit(self, conversation: Conversation, settings: Settings) -> tuple[Prompt, int]:
-        """Encode the conversation, dropping its oldest turns until it fits the context window."""
+    def fit(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> tuple[Prompt, int]:
+        """Encode the conversation, dropping its oldest turns until it fits the context window.
+
+        The result is the smallest number of oldest turns whose removal leaves room for an answer
+        (all but the last turn when nothing fits), found with a few encodes (`TrimSearch`) instead of
+        one encode per dropped turn. Raises `Stopped` when `stop()` says so between two encodes.
+        """
         if not conversation.pending:
             raise ValueError("generate() needs a conversation whose last message awaits an answer")
         window = self.context_window(settings)
         answer_room = min(settings.max_new_tokens, window // 2)
-        for dropped in range(len(conversation.turns)):
-            prompt = self.encode(conversation.without_oldest(dropped))
-            if len(prompt.ids) + answer_room <= window:
-                break
+
+        def encode_without(dropped: int) -> Prompt:
+            if stop():
+                raise Stopped
+            return self.encode(conversation.without_oldest(dropped))
+
+        search = TrimSearch(encode_without, window - answer_room)
+        history_chars = sum(len(turn.text) + len(turn.answer or "") for turn in conversation.turns)
+        whole_first = history_chars <= WHOLE_FIRST_CHARS_PER_TOKEN * window
+        dropped = search.fewest_drops([len(turn.images) for turn in conversation.turns], whole_first)
+        prompt = search.prompt(dropped)
         if len(prompt.ids) >= window:
             raise ContextError(
                 f"this message needs {len(prompt.ids)} tokens with its images but the context window is "
