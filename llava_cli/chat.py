@@ -273,7 +273,8 @@ class TerminalIO:
         self.command_names: list[str] = []  # for Tab completion; run_chat fills it in
         self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; run_chat connects it
         self.session = make_prompt_session(
-            data_dir() / "input-history", lambda: self.command_names, lambda: self.status(), **streams
+            data_dir() / "input-history", lambda: self.command_names, lambda: self.status(),
+            notify=lambda message: self.info(f"note: {message}"), **streams,
         )
 
     def read(self) -> str | None:

@@ -3,17 +3,32 @@
 A running server writes `server-<pid>.json` (url, model, model_key, pid) into `runtime_dir()` and
 removes it when it shuts down. `find_server(model)` returns (url, the model's name on that server)
 of a live server for `model`, or None: a file whose process is gone is deleted, a file that cannot
-be read is ignored. The model is matched by `model_key`: a local folder by its absolute path (so `./m` and `/abs/m` match), a hub
-id as written. The files hold no secrets (never the API key) and are readable by their owner only.
+be read is ignored. The model is matched by `model_key`: a local folder by its absolute path (so
+`./m` and `/abs/m` match), a hub id as written. The files hold no secrets (never the API key) and
+are readable by their owner only.
+
+Another local user could plant a file pointing at a server of theirs, which would then receive
+the user's images and prompts. So a discovery file is trusted only when the folder and the file
+both belong to the current user and nobody else may write to them, the file is a regular file
+(not a link) of at most MAX_RECORD_BYTES, and its url is http:// on a loopback address; anything
+else is skipped and reported through `notify`. The folder is created 0700 whatever the umask.
 
 Location: `$LLAVA_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/llava-cli`, else `~/.cache/llava-cli/run`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
+
+from llava_cli.safeio import FileTooLarge, NotPrivate, NotRegularFile, make_private_dir, private_folder, read_regular
+
+MAX_RECORD_BYTES = 64 * 1024  # a record is about 200 bytes
+LOOPBACK_NAMES = ("localhost",)
 
 
 def runtime_dir() -> Path:
@@ -32,8 +47,7 @@ def model_key(model: str) -> str:
 
 def write_server_file(url: str, model: str) -> Path:
     """Announce this process's server; returns the file to remove at shutdown."""
-    folder = runtime_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = make_private_dir(runtime_dir())
     record = {"url": url, "model": model, "model_key": model_key(model), "pid": os.getpid()}
     path = folder / f"server-{os.getpid()}.json"
     temporary = path.with_suffix(".tmp")
@@ -47,15 +61,25 @@ def remove_server_file(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def find_server(model: str) -> tuple[str, str] | None:
-    """(url, the model's name on that server) of a running server for `model`, or None."""
+def find_server(model: str, notify: Callable[[str], None] = lambda message: None) -> tuple[str, str] | None:
+    """(url, the model's name on that server) of a running server for `model`, or None.
+
+    Files and folders that others could have planted or changed are skipped, with a note."""
     wanted = model_key(model)
     folder = runtime_dir()
     if not folder.is_dir():
         return None
+    try:
+        private_folder(folder)
+    except OSError as err:
+        notify(f"not looking for a running server in {folder}: {err.strerror or err}")
+        return None
     for path in sorted(folder.glob("server-*.json")):
-        record = read_record(path)
+        record = read_record(path, notify)
         if record is None or record.get("model_key") != wanted:
+            continue
+        if not is_loopback_url(record.get("url")):
+            notify(f"ignoring {path}: its url {record.get('url')!r} is not on this machine")
             continue
         if process_alive(record.get("pid")):
             return str(record.get("url")), str(record.get("model"))
@@ -63,12 +87,34 @@ def find_server(model: str) -> tuple[str, str] | None:
     return None
 
 
-def read_record(path: Path) -> dict | None:
+def read_record(path: Path, notify: Callable[[str], None]) -> dict | None:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = json.loads(read_regular(path, MAX_RECORD_BYTES, follow_symlinks=False, private=True))
+    except (NotRegularFile, NotPrivate, FileTooLarge) as err:
+        notify(f"ignoring {path}: {err.strerror}")
+        return None
+    except (OSError, ValueError, RecursionError):  # vanished (its server stopped) or half-written
         return None
     return record if isinstance(record, dict) else None
+
+
+def is_loopback_url(url: object) -> bool:
+    """True for http://HOST[:PORT] where HOST is localhost or a loopback address (127.0.0.0/8, ::1)."""
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises ValueError for a bad port
+    except ValueError:
+        return False
+    if parts.scheme != "http" or not host:
+        return False
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def process_alive(pid: object) -> bool:

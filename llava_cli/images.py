@@ -2,10 +2,25 @@
 
 `load_image(path)` and `image_from_bytes(data, name)` return an `ImageRef`: the RGB image, the
 name the user gave it and a content digest (the generation cache keys images by it). Every way an
-image can be bad - missing, a directory, unreadable, not an image, truncated, a decompression
-bomb - raises `InputError`; nothing else escapes. Odd but valid images are made ordinary: the
+image can be bad - missing, a directory, a FIFO or device, unreadable, not an image, truncated, a
+decompression bomb - raises `InputError`; nothing else escapes. Files are read through
+`safeio.read_regular` (regular files only, never blocking, capped at MAX_IMAGE_BYTES). Odd but valid images are made ordinary: the
 first frame of an animation, EXIF rotation applied, alpha composited on white, CMYK, palette,
 greyscale and 16-bit converted to 8-bit RGB.
+
+Image bytes are hostile, so decoding is limited:
+- only the formats in DECODED_FORMATS are tried (`Image.open(formats=...)`): never EPS, PS or PDF,
+  which Pillow hands to Ghostscript, nor any other plugin nobody needs for a photo;
+- an image whose sides differ by more than MAX_ASPECT_RATIO:1 is refused before it is decoded: the
+  processor scales the short side up to its input size (336 or 384 px), so a 177-byte 1x100000 PNG
+  would become a 336x33,600,000 image of several GB. 50:1 is far beyond photos (at most 3:1),
+  panoramas (a full 360-degree sweep is about 10:1) and long phone screenshots (about 25:1), and
+  keeps the upscaled long side under 50 x 384 = 19,200 px;
+- an image whose long side is over MAX_IMAGE_SIDE is shrunk to it (aspect kept) before the processor
+  sees it. No LLaVA family uses more than 2304 px (OneVision's largest anyres grid; llava-1.5 uses
+  336, LLaVA-NeXT at most 1344), so the model loses nothing, while the processor's float copies
+  of a 7000x7000 picture (about 600 MB each) do not happen. Smaller images are left pixel for pixel
+  as they are, so their answers are exactly those of plain transformers.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from llava_cli.errors import InputError, one_line
+from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
 from llava_cli.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
@@ -30,6 +46,9 @@ STDIN_IDLE_TIMEOUT_S = 60.0  # a pipe that sends nothing for this long is stuck,
 READ_CHUNK = 1 << 16
 HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 BACKGROUND = (255, 255, 255)
+DECODED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA")  # JPEG covers MPO (phone photos)
+MAX_ASPECT_RATIO = 50  # see the module docstring
+MAX_IMAGE_SIDE = 4096  # pixels; beyond any family's input size (2304 at most), see the module docstring
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".tga"}
 
 
@@ -50,14 +69,15 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRe
 
 
 def read_image_file(path: Path) -> bytes:
+    """The bytes of an image file: a regular file only (a FIFO or /dev/zero is refused at once), at most MAX_IMAGE_BYTES."""
     try:
-        if path.is_dir():
-            raise InputError(f"{path} is a directory, not an image")
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise InputError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; is it really an image?")
-        return path.read_bytes()
+        return read_regular(path, MAX_IMAGE_BYTES)
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
+    except NotRegularFile as err:
+        raise InputError(f"{path} is {err.kind}, not an image") from None
+    except FileTooLarge:
+        raise InputError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; is it really an image?") from None
     except PermissionError:
         raise InputError(f"cannot read {path}: permission denied") from None
     except OSError as err:
@@ -97,11 +117,11 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as img:
                 check_size(img, name, max_pixels)
                 img.seek(0)  # animations: the first frame
                 img.load()
-                return to_rgb(img)
+                return shrink_to_usable(to_rgb(img))
     except InputError:
         raise
     except Image.DecompressionBombError:
@@ -121,6 +141,21 @@ def check_size(img: Image.Image, name: str, max_pixels: int) -> None:
             f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
             "raise --max-image-pixels if you trust it"
         )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InputError(
+            f"{name} is {width}x{height}: its sides differ by more than {MAX_ASPECT_RATIO}:1, "
+            "which the model cannot use; crop it or cut it into pieces"
+        )
+
+
+def shrink_to_usable(img: Image.Image) -> Image.Image:
+    """`img` with its long side cut to MAX_IMAGE_SIDE (aspect kept); smaller images are returned untouched."""
+    from PIL import Image
+
+    if max(img.size) <= MAX_IMAGE_SIDE:
+        return img
+    img.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), Image.Resampling.LANCZOS)
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

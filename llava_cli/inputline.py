@@ -1,8 +1,9 @@
 """The chat's input line at a terminal: history, completion and multi-line messages (prompt-toolkit).
 
 `make_prompt_session(...)` builds the session `TerminalIO` reads from:
-- input history kept across runs in `<data dir>/input-history` (0600); in memory when that file
-  cannot be written;
+- input history kept across runs in `<data dir>/input-history` (0600, in a 0700 folder); in memory
+  when that file cannot be written, or when it or its folder is not private (another user's file,
+  writable by others, a link or not a regular file: it could collect what is typed), with a note;
 - Tab completes slash commands, and file paths after `/image` (written back quoted or with
   backslash-escaped spaces, as typed, so `split_image_command` reads them);
 - Enter sends; Alt-Enter (or Esc then Enter) inserts a newline; a message that starts with `\"\"\"`
@@ -19,6 +20,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llava_cli.safeio import NotPrivate, NotRegularFile, make_private_dir, open_regular, private_folder
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -135,29 +138,39 @@ def make_key_bindings() -> Any:
     return bindings
 
 
-def history_at(path: Path) -> History:
-    """A history file readable by its owner only, or an in-memory history when it cannot be written."""
+def history_at(path: Path, notify: Callable[[str], None] = lambda message: None) -> History:
+    """A history file of ours only, or an in-memory history when it cannot be written or is not private."""
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+        make_private_dir(path.parent)
+        private_folder(path.parent)
+        check_private_history(path)
+    except (NotRegularFile, NotPrivate) as err:
+        notify(f"input history is kept for this session only: {err.filename}: {err.strerror}")
+        return InMemoryHistory()
     except OSError:
         return InMemoryHistory()
     return FileHistory(str(path))
+
+
+def check_private_history(path: Path) -> None:
+    """Create the history file 0600 if needed; refuse a link, a non-regular file or one others may write."""
+    os.close(open_regular(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, follow_symlinks=False, private=True))
 
 
 def make_prompt_session(
     history: Path,
     commands: Callable[[], Iterable[str]],
     status: Callable[[], str],
+    notify: Callable[[str], None] = lambda message: None,
     **streams: Any,
 ) -> PromptSession:
-    """The chat's prompt session; `streams` (input=, output=) are for tests."""
+    """The chat's prompt session; `notify` hears why the history is not kept; `streams` (input=, output=) are for tests."""
     from prompt_toolkit import PromptSession
 
     return PromptSession(
-        history=history_at(history),
+        history=history_at(history, notify),
         completer=make_completer(commands),
         complete_while_typing=False,  # Tab completes, as in a shell; typing a message shows no menus
         key_bindings=make_key_bindings(),

@@ -16,7 +16,9 @@ window are dropped from the conversation here too, with the same note as locally
 
 `connect(settings, notify)` returns the remote engine to use, or None to load the model here:
 none with `--no-server`; else `--server`/LLAVA_SERVER; else a running `llava serve` for the same
-model found through discovery.py, if it answers. LLAVA_API_KEY is sent as `Authorization: Bearer`.
+model found through discovery.py, if it answers. LLAVA_API_KEY is sent as `Authorization: Bearer`,
+but only to a server the user named (--server, LLAVA_SERVER): a discovered server is found through
+a file and is never given the key (a server that needs one is then not used; name it instead).
 """
 
 from __future__ import annotations
@@ -263,9 +265,9 @@ def connect(settings: Settings, notify: Callable[[str], None]) -> RemoteEngine |
     api_key = os.environ.get(API_KEY_ENV) or None
     if settings.server:
         return RemoteEngine(settings.server, settings.model, api_key, notify)
-    found = find_server(settings.model)
+    found = find_server(settings.model, notify)
     if found is None:
         return None
     url, served_as = found
-    engine = RemoteEngine(url, served_as, api_key, notify)
+    engine = RemoteEngine(url, served_as, None, notify)  # never the key: the user did not name this server
     return engine if engine.reachable() else None

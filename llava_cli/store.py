@@ -10,10 +10,16 @@ Format (version 1), documented in README.md ("Saved conversations"):
      "turns": [{"user", "images": [{"name", "path", "sha256"}], "assistant", "answered_at"}]}
 Times are ISO 8601 UTC; `path` is absolute (null for an image read from stdin).
 
-Writes are atomic (a 0600 temp file in the same folder, fsync, `os.replace`), so a crash or Ctrl-C
-leaves the old file or the new one, never half of one; the folder is 0700. Reading a file that is
-not valid JSON, not this format or from an unknown version raises `SessionError` and never
-changes the file. `restore_conversation` re-reads every image from its path and checks its
+Writes are atomic (a 0600 temp file `.ID.json.PID.*.tmp` in the same folder, fsync, `os.replace`),
+so a crash or Ctrl-C leaves the old file or the new one, never half of one; temp files left by a
+process that was killed are removed when the next store opens. The folders are 0700 whatever the
+umask. Reading a file that is not valid JSON, not this format or from an unknown version raises
+`SessionError` and never changes the file.
+
+Session files are untrusted input (they can be edited, planted or shared): they are read through
+`safeio.read_regular` (regular files only, never a symlink, at most MAX_SESSION_BYTES); the id and
+name inside must match NAME_PATTERN, and where a conversation is saved is decided by the name of
+the file it was read from, never by the `id` inside it. `restore_conversation` re-reads every image from its path and checks its
 content hash: a vanished or changed image is refused, or left out with `drop_missing`.
 """
 
@@ -35,15 +41,19 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.conversation import Conversation, Turn
-from llava_cli.errors import InputError, SessionError, UsageError
+from llava_cli.discovery import process_alive
+from llava_cli.errors import InputError, SessionError, UsageError, one_line
 from llava_cli.images import ImageRef, load_image
+from llava_cli.safeio import FileTooLarge, NotRegularFile, make_private_dir, read_regular
 from llava_cli.settings import Settings
 
 APP_NAME = "llava-cli"
 FORMAT = "llava-cli-conversation"
 VERSION = 1
 SAVED_SETTINGS = ("temperature", "top_p", "max_new_tokens", "seed", "max_context")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # ids and names: never a path
+MAX_SESSION_BYTES = 32 * 1024 * 1024  # text only (images are referenced): far beyond any real conversation
+TEMP_FILE = re.compile(r"\..+\.json\.(\d+)\..*\.tmp")  # write_atomic's temp files, with the writer's pid
 # Each saved setting and the JSON types it may have (bool is excluded: JSON true is not a number).
 SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (int, float),
@@ -89,8 +99,8 @@ def utc_now() -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` all at once; the file is readable by its owner only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
+    make_private_dir(path.parent)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")  # created 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
@@ -142,6 +152,22 @@ class SavedConversation:
         return shorten(self.turns[0].user) if self.turns else ""
 
 
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files of saves whose process is gone (killed mid-save); others may be saving now."""
+    with suppress(OSError):
+        for entry in os.scandir(folder):
+            match = TEMP_FILE.fullmatch(entry.name)
+            if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
+                with suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def check_name(value: str | None, what: str, where: str) -> None:
+    """Refuse an id or name that is not a plain file-name-safe word (it could be a path: `../../x`)."""
+    if value is not None and not NAME_PATTERN.fullmatch(value):
+        raise SessionError(f"{where} has an invalid {what} {value!r}; it was left as it is")
+
+
 def parse_document(document: Any, where: str) -> SavedConversation:
     """Check a decoded conversation file; raise `SessionError` naming what is wrong."""
     if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -152,7 +178,7 @@ def parse_document(document: Any, where: str) -> SavedConversation:
         hint = "upgrade llava-cli to read it" if newer else "this llava-cli reads only version 1"
         raise SessionError(f"{where} has format version {version!r}; {hint} (the file was left as it is)")
     try:
-        return SavedConversation(
+        saved = SavedConversation(
             id=expect(document, "id", str),
             name=expect(document, "name", (str, type(None))),
             model=expect(document, "model", str),
@@ -165,6 +191,9 @@ def parse_document(document: Any, where: str) -> SavedConversation:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise SessionError(f"{where} is damaged ({err}); it was left as it is") from None
+    check_name(saved.id, "id", where)
+    check_name(saved.name, "name", where)
+    return saved
 
 
 def expect(mapping: Any, key: str, kinds: type | tuple[type, ...]) -> Any:
@@ -219,6 +248,7 @@ class SessionStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        remove_stale_temp_files(folder)
 
     @classmethod
     def default(cls) -> SessionStore:
@@ -233,23 +263,26 @@ class SessionStore:
             if not self.path(candidate).exists():
                 return candidate
 
-    def write(self, document: dict[str, Any]) -> Path:
-        path = self.path(document["id"])
+    def write(self, document: dict[str, Any], path: Path) -> Path:
         write_atomic(path, json.dumps(document, ensure_ascii=False, indent=2) + "\n")
         return path
 
     def read(self, path: Path) -> SavedConversation:
+        """The conversation in `path`; its id is the file's name (the `id` inside must be valid, and is not used)."""
+        check_name(path.stem, "file name", str(path))
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_regular(path, MAX_SESSION_BYTES, follow_symlinks=False).decode("utf-8")
         except FileNotFoundError:
             raise SessionError(f"no saved conversation {path.stem}; `llava sessions list` shows them") from None
+        except (NotRegularFile, FileTooLarge) as err:
+            raise SessionError(f"{path} is not a conversation file: {err.strerror}; it was left as it is") from None
         except (OSError, UnicodeDecodeError) as err:
             raise SessionError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
         try:
             document = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SessionError(f"{path} is not valid JSON ({err}); it was left as it is") from None
-        return dataclasses.replace(parse_document(document, str(path)), path=path)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise SessionError(f"{path} is not valid JSON ({one_line(err)}); it was left as it is") from None
+        return dataclasses.replace(parse_document(document, str(path)), id=path.stem, path=path)
 
     def files(self) -> list[Path]:
         """Conversation files, most recently saved first (temp files of a save in progress excluded)."""
@@ -336,7 +369,8 @@ class Recorder:
             "system": conversation.system,
             "turns": [turn_entry(turn) for turn in conversation.turns if turn.answer is not None],
         }
-        self.path = self.store.write(document)
+        # A loaded conversation goes back to the file it came from, whatever its `id` says.
+        self.path = self.store.write(document, self.path or self.store.path(self.session_id))
         return self.path
 
     def rename(self, name: str) -> None:
