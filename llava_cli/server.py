@@ -48,7 +48,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.discovery import remove_server_file, write_server_file
@@ -98,7 +98,10 @@ def one_line_records(record: logging.LogRecord) -> bool:
     """A logging filter: a record with a traceback (uvicorn cancelling a request at shutdown) becomes one line."""
     if record.exc_info and record.exc_info[1] is not None:
         error = record.exc_info[1]
-        record.msg = f"{record.getMessage()}: {type(error).__name__}: {one_line(error) or 'no details'}"
+        if isinstance(error, asyncio.CancelledError):
+            record.msg = "a request still open at shutdown was cancelled"
+        else:
+            record.msg = f"{record.getMessage().strip()}: {type(error).__name__}: {one_line(error)}"
         record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
     return True
 
@@ -683,8 +686,8 @@ def require_server_libraries() -> None:
         raise LlavaError("llava serve needs starlette and uvicorn: pip install 'llava-cli[serve]'")
 
 
-def run_serve(settings: Settings, options: ServeOptions) -> int:
-    """Load the model, serve until SIGINT (exit 130) or SIGTERM (exit 0)."""
+def run_serve(settings: Settings, options: ServeOptions) -> NoReturn:
+    """Load the model, serve until SIGINT (exit 130) or SIGTERM (exit 0), then end the process."""
     from llava_cli.session import load_engine
 
     require_server_libraries()
@@ -700,14 +703,14 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     finally:
         remove_server_file(announced)
         finished = service.worker.stop()
-    if not finished:
-        # The engine is inside one long forward; it checks for the stop only between steps. The
-        # discovery file is gone and no client is waiting: leave without it.
+    if not finished:  # the engine is inside one long forward, and checks for the stop only between steps
         log("the answer in progress did not stop in time; exiting without it")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    # Leave now: the discovery file is gone, no client is waiting and nothing is left to save, while
+    # the interpreter's own teardown (torch's) takes seconds on a busy machine and would wait for
+    # a forward still running.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def serve_until_signal(service: Service, sock: socket.socket, verbose: bool) -> int:

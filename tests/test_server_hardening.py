@@ -7,6 +7,7 @@ model); what needs signals or a slow socket runs a real `llava serve` subprocess
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -341,25 +342,38 @@ def test_bad_server_options_are_refused_with_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a real server: slow bodies, signals, ps
 
 
-@pytest.fixture
-def served(tiny_model, tmp_path):
-    """A `llava serve` subprocess with a key file and a 1 s body timeout; (process, url, log path)."""
-    key_file = tmp_path / "key"
+def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[subprocess.Popen, str, Path]:
+    """A `llava serve` subprocess with a key file; (process, url, log path) once it is ready."""
+    key_file = folder / "key"
     key_file.write_text(SECRET)
-    runtime, log_path = tmp_path / "run", tmp_path / "serve.log"
+    runtime, log_path = folder / "run", folder / "serve.log"
     command = [sys.executable, "-m", "llava_cli", "serve", "--model", str(tiny_model), "--port", "0", "-n", "4",
-               "--api-key-file", str(key_file), "--request-timeout", "1"]
+               "--api-key-file", str(key_file), *options]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not (runtime.is_dir() and list(runtime.glob("server-*.json"))):
         assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
         time.sleep(0.1)
-    url = json.loads(next(runtime.glob("server-*.json")).read_text())["url"]
+    return process, json.loads(next(runtime.glob("server-*.json")).read_text())["url"], log_path
+
+
+@pytest.fixture
+def served(tiny_model, tmp_path):
+    """A server with a 1 s body timeout."""
+    process, url, log_path = start_server(tiny_model, tmp_path, "--request-timeout", "1")
     yield process, url, log_path
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+def send_half_a_body(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                       f"Authorization: Bearer {SECRET}\r\nContent-Length: 1000\r\n\r\n{{".encode())
+    return connection
 
 
 def test_the_key_file_works_and_the_key_is_not_in_ps(served, tiny_model):
@@ -372,21 +386,32 @@ def test_the_key_file_works_and_the_key_is_not_in_ps(served, tiny_model):
 
 def test_a_body_that_trickles_in_is_cut_off(served):
     process, url, log_path = served
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                           f"Authorization: Bearer {SECRET}\r\nContent-Length: 1000\r\n\r\n{{".encode())
+    with send_half_a_body(url) as connection:
         started, answer = time.monotonic(), b""
+        connection.settimeout(0.3)
         while time.monotonic() - started < 8 and b"\r\n\r\n" not in answer:
-            with __import__("contextlib").suppress(OSError):
+            with contextlib.suppress(OSError):
                 connection.sendall(b" ")
-            connection.settimeout(0.3)
-            try:
+            with contextlib.suppress(TimeoutError):
                 answer += connection.recv(4096)
-            except TimeoutError:
-                pass
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - started < 4
+
+
+def test_shutdown_with_a_request_still_open_says_so_in_one_line(tiny_model, tmp_path):
+    process, url, log_path = start_server(tiny_model, tmp_path)
+    try:
+        with send_half_a_body(url):
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert process.wait(timeout=20) == 0
+        assert time.monotonic() - started < 6
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = log_path.read_text()
+    assert "Traceback" not in log and "a request still open at shutdown was cancelled" in log
 
 
 def test_sigterm_ends_the_server_within_seconds_while_a_huge_request_is_worked_on(served, tiny_model):
@@ -396,7 +421,7 @@ def test_sigterm_ends_the_server_within_seconds_while_a_huge_request_is_worked_o
     payload = body(str(tiny_model), [*history, {"role": "user", "content": "now?"}], max_tokens=900)
 
     def send() -> None:
-        with __import__("contextlib").suppress(httpx.HTTPError):
+        with contextlib.suppress(httpx.HTTPError):
             httpx.post(f"{url}/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {SECRET}"}, timeout=60)
 
     threading.Thread(target=send, daemon=True).start()
