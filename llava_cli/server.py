@@ -3,13 +3,19 @@
 Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent events) and
 `GET /v1/models`, served by uvicorn + Starlette. Contract:
 
-- A request's `messages` become a `Conversation` (system/developer, user and assistant messages;
-  `image_url` parts as `data:` URLs or paths of files on this machine) answered by
-  `Engine.generate`, so a greedy answer is exactly the one `llava ask`/`llava chat` give locally, and
-  the engine's prefix cache serves a multi-turn client's growing history without re-running it.
-- One engine, one worker thread: requests wait their turn in arrival order and never share the
-  cache mid-answer. A client that disconnects, or a server shutting down, stops its answer at the
-  next chunk and frees the worker.
+- Before anything else, serveguard.py's `Guard` checks Host, Origin and Content-Type (403, 415),
+  then the API key (401); the body must arrive within `--request-timeout` (408) and under
+  `--max-request-mb` (413).
+- A request's `messages` (at most MAX_MESSAGES, every field's type checked: `true` is not 1)
+  become a `Conversation` (system/developer, user and assistant messages; `image_url` parts as
+  `data:` URLs, or paths the Guard allows) answered by `Engine.generate`, so a greedy answer is
+  exactly the one `llava ask`/`llava chat` give locally, and the engine's prefix cache serves a
+  multi-turn client's growing history without re-running it.
+- One engine, one daemon worker thread: requests wait their turn in arrival order and never share
+  the cache mid-answer. A request's images (at most MAX_IMAGES_PER_REQUEST, MAX_REQUEST_PIXELS in
+  all) are decoded only when its turn comes, and dropped afterwards (glibc's heap trimmed), so
+  memory holds one request's images at a time. A client that disconnects, or a server shutting
+  down, stops its request wherever it is (queued, decoding, trimming, answering) and frees the worker.
 - `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`) and `seed` override the
   server's own options for one request; left out, the server's apply (greedy unless `llava serve`
   was given `--temperature`, unlike OpenAI's default of 1).
@@ -19,9 +25,11 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   chunk when `stream_options.include_usage` is true.
 - Every refused request gets a 4xx status and an OpenAI-style body
   `{"error": {"message", "type", "param", "code"}}`; the server keeps serving.
-- With an API key (`--api-key` or LLAVA_API_KEY) every endpoint needs `Authorization: Bearer KEY`.
-- Shutdown: SIGTERM exits 0, SIGINT (Ctrl-C) exits 130; answers in flight are stopped and the
-  discovery file (discovery.py) is removed. Nothing is printed but one-line messages on stderr.
+- With an API key (`--api-key-file`, LLAVA_API_KEY or `--api-key`) every endpoint needs
+  `Authorization: Bearer KEY`.
+- Shutdown: SIGTERM exits 0, SIGINT (Ctrl-C) exits 130, within a few seconds whatever the worker is
+  doing; answers in flight are stopped and the discovery file (discovery.py) is removed. Nothing is
+  printed but one-line messages on stderr (uvicorn's tracebacks are folded into one line).
 """
 
 from __future__ import annotations

@@ -432,3 +432,84 @@ def test_sigterm_ends_the_server_within_seconds_while_a_huge_request_is_worked_o
     assert time.monotonic() - started < 6
     log = log_path.read_text()
     assert "Traceback" not in log and SECRET not in log
+
+
+# ---------------------------------------------------------------- the client against a hostile server
+
+
+class CannedServer:
+    """A local HTTP server that answers every POST with `status` and `body` (bytes or a callable writing them)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        canned = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(canned.status)
+                self.send_header("Content-Type", "text/event-stream" if canned.status == 200 else "application/json")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    canned.body(self.wfile) if callable(canned.body) else self.wfile.write(canned.body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.status, self.body = 200, b""
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def canned():
+    server = CannedServer()
+    yield server
+    server.httpd.shutdown()
+
+
+def answer_through(canned: CannedServer, status: int, body) -> tuple[str | None, str | None, Conversation]:
+    """(answer, error message) of one remote turn against the canned server."""
+    from llava_cli.errors import LlavaError
+    from llava_cli.remote import RemoteEngine
+
+    canned.status, canned.body = status, body
+    conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])
+    try:
+        return "".join(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m"))), None, conversation
+    except LlavaError as err:
+        return None, str(err), conversation
+
+
+def events(*payloads) -> bytes:
+    return b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p).encode()) + b"\n\n" for p in payloads) + b"data: [DONE]\n\n"
+
+
+def test_the_client_survives_events_of_the_wrong_shape(canned):
+    answer, error, conversation = answer_through(canned, 200, events(
+        {"choices": [5, {"delta": {"content": 7}}, {"delta": "x"}, {"delta": {"content": "Hello"}, "finish_reason": 3}]},
+        {"choices": "nope", "usage": [1], "llava": {"dropped_turns": 10**9}},
+        {"choices": [{"delta": {"content": " there"}}], "usage": {"prompt_tokens": "many", "completion_tokens": True}},
+    ))
+    assert (answer, error) == ("Hello there", None)
+    assert [turn.text for turn in conversation.turns] == ["old", "hi"]  # the lie about dropped turns is ignored
+
+
+def test_the_client_refuses_an_endless_line_or_deep_json_with_one_line(canned):
+    def endless(out) -> None:
+        out.write(b"data: " + b"x" * (2 << 20))
+
+    _, long_line, _ = answer_through(canned, 200, endless)
+    _, deep, _ = answer_through(canned, 200, b"data: " + b"[" * 100_000 + b"\n\n")
+    assert long_line.startswith(f"the connection to {canned.url} broke mid-answer (an event over 1,048,576 bytes")
+    assert deep.startswith(f"the connection to {canned.url} broke mid-answer")
+    _, refused, _ = answer_through(canned, 400, b"[" * 100_000)
+    assert refused == f"{canned.url} refused the request: no details"
+
+
+def test_a_host_refusal_is_not_reported_as_a_missing_api_key(canned):
+    body = json.dumps({"error": {"message": "this server does not answer to that Host name", "code": "host_not_allowed"}}).encode()
+    _, error, _ = answer_through(canned, 403, body)
+    assert error == f"{canned.url} refused the request: this server does not answer to that Host name"
