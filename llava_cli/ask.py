@@ -19,7 +19,7 @@ from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_
 from llava_cli.session import start_engine
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionOptions, open_conversation
-from llava_cli.terminal import is_terminal, shown
+from llava_cli.terminal import emit, is_terminal, one_line_text
 from llava_cli.urls import open_image
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     opened = open_conversation(settings, sessions)
     settings = opened.settings
     for note in opened.notes:
-        print(f"llava: note: {shown(note, sys.stderr)}", file=sys.stderr)
+        emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     image_names, prompt = split_images_and_prompt(args, options.prompt, images_optional=sessions.resume)
     prompt_from_stdin = prompt is None
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
@@ -113,16 +113,16 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
         answer = "".join(chunks)
         session = save_answer(opened.recorder, conversation, settings)
         record = {"answer": answer, "model": settings.model, "images": image_names, "session": session, **engine.last_stats.as_dict()}
-        print(shown(json.dumps(record, ensure_ascii=False), sys.stdout, settings.raw))
+        emit(json.dumps(record, ensure_ascii=False), sys.stdout, settings.raw)
     else:
         for chunk in chunks:  # on a terminal, escape sequences in the answer are removed unless --raw
-            sys.stdout.write(shown(chunk, sys.stdout, settings.raw))
+            emit(chunk, sys.stdout, settings.raw, end="")
             sys.stdout.flush()
         sys.stdout.write("\n")
         save_answer(opened.recorder, conversation, settings)
     sys.stdout.flush()
     if settings.verbose:
-        print(stats_line(engine.last_stats.as_dict()), file=sys.stderr)
+        emit(stats_line(engine.last_stats.as_dict()), sys.stderr)
     return 0
 
 
@@ -133,6 +133,6 @@ def save_answer(recorder: Recorder | None, conversation: Conversation, settings:
     try:
         recorder.save(conversation, settings)
     except OSError as err:
-        print(f"llava: warning: the conversation could not be saved: {err.strerror or err}", file=sys.stderr)
+        emit(f"llava: warning: the conversation could not be saved: {err.strerror or err}", sys.stderr)
         return None
     return recorder.session_id

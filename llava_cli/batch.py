@@ -16,12 +16,9 @@ loaded, the output cannot be written) stop the run, with every finished line alr
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +30,16 @@ from llava_cli.engine import Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
 from llava_cli.images import image_from_bytes, looks_like_image
 from llava_cli.records import RecordFile, StdoutRecords, make_record
+from llava_cli.safeio import NotRegularFile, read_regular
 from llava_cli.session import load_engine
 from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
-from llava_cli.terminal import is_terminal, make_console, shown
+from llava_cli.signals import sigterm_raises
+from llava_cli.terminal import emit, is_terminal, make_console
 from llava_cli.urls import is_url, open_image
 
 MAX_BATCH_SIZE = 256
 OUTPUT_FORMATS = ("text", "json", "jsonl")
+MAX_LIST_BYTES = 64 * 1024 * 1024  # --from-file: about a million paths
 
 
 @dataclass(frozen=True)
@@ -77,21 +77,9 @@ class AskOptions:
         return "json" if self.json else "jsonl" if self.is_batch else "text"
 
 
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> AbstractContextManager[None]:
     """Let SIGTERM stop the run as Ctrl-C does: finished lines written, exit 130."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may install handlers
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return sigterm_raises(KeyboardInterrupt)
 
 
 def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
@@ -132,13 +120,18 @@ def split_batch_args(args: list[str], prompt: str | None) -> tuple[list[str], st
 
 
 def read_image_list(source: str) -> list[str]:
-    """One image per line of `source` (`-`: stdin); blank lines are skipped."""
+    """One image per line of `source` (`-`: stdin); blank lines are skipped.
+
+    A named list must be a regular file of at most MAX_LIST_BYTES (read through safeio: a FIFO or
+    /dev/zero is refused at once instead of hanging or filling the memory)."""
     if source == STDIN and is_terminal(sys.stdin):
         raise UsageError("--from-file - reads the image list from stdin, but stdin is a terminal: pipe it in")
     try:
-        data = sys.stdin.buffer.read() if source == STDIN else Path(source).read_bytes()
+        data = sys.stdin.buffer.read() if source == STDIN else read_regular(source, MAX_LIST_BYTES)
     except FileNotFoundError:
         raise UsageError(f"--from-file {source}: no such file") from None
+    except NotRegularFile as err:
+        raise UsageError(f"--from-file {source}: {err.strerror}; pipe a list in with --from-file -") from None
     except OSError as err:
         raise UsageError(f"--from-file {source}: cannot read it ({err.strerror or err})") from None
     # File names need not be UTF-8: undecodable bytes pass through as they do in arguments.
@@ -254,9 +247,9 @@ class BatchProgress:
     def report(self, message: str) -> None:
         """An error line on stderr (above the bar when there is one)."""
         if self.bar is not None:
-            self.bar.console.print(shown(message, self.bar.console.file), markup=False, highlight=False)
+            self.bar.console.print(message, markup=False, highlight=False)
         else:
-            print(shown(message, sys.stderr), file=sys.stderr, flush=True)
+            emit(message, sys.stderr, flush=True)
 
 
 def make_progress(console: Any) -> Any:

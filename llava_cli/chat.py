@@ -7,7 +7,8 @@ object per line with --json). A failed message leaves the conversation as it was
 to it included, and the loop goes on; Ctrl-C stops an answer and returns to the prompt.
 
 After each answer the conversation is saved through a `Recorder` (store.py); a save that fails
-(disk full, read-only folder) is reported once and the chat goes on. The commands beyond the
+(disk full, read-only folder) is reported once and the chat goes on. SIGTERM ends the chat like
+/quit (exit 0, what was answered is saved, no traceback, no temp file left). The commands beyond the
 basics (/retry, /undo, /set, /save, /load, /copy...) live in commands.py, mixed into `ChatLoop`.
 """
 
@@ -23,11 +24,12 @@ from typing import Any, Protocol
 from llava_cli.commands import QUIT_COMMANDS, ReplCommands, suggestion
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine, stats_line
-from llava_cli.errors import InputError, LlavaError
+from llava_cli.errors import EXIT_OK, InputError, LlavaError
 from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.settings import Settings
+from llava_cli.signals import Terminated, sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
-from llava_cli.terminal import is_terminal, make_console, safe_for_terminal, shown
+from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
 
 # A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
 PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
@@ -153,7 +155,7 @@ class ChatLoop(ReplCommands):
     def attach_paths(self, paths: list[str]) -> None:
         images = [load_image(path, self.settings.max_image_pixels) for path in paths]  # all or none
         self.attached.extend(images)
-        names = ", ".join(safe_for_terminal(image.name) for image in images)
+        names = ", ".join(image.name for image in images)
         self.io.info(f"attached {names}; it goes with your next message")
 
     def clear(self, _: str) -> None:
@@ -211,7 +213,7 @@ class ChatLoop(ReplCommands):
         """The bottom toolbar: model, context used, temperature, and the conversation's id or name."""
         saved = self.recorder.name or self.recorder.session_id if self.recorder else None
         parts = [self.settings.model, f"context {self.context_summary()}", f"temperature {self.settings.temperature}"]
-        return " " + " · ".join(parts + ([saved] if saved else []))
+        return safe_for_terminal(" " + " · ".join(parts + ([saved] if saved else [])))  # prompt-toolkit draws it
 
     def restore_pending(self) -> None:
         """Take back an unanswered message; its images wait for the next one, so nothing is lost."""
@@ -241,21 +243,19 @@ class PipeIO:
                 pass
             return
         for chunk in chunks:
-            sys.stdout.write(shown(chunk, sys.stdout, self.raw))
-            sys.stdout.flush()
+            emit(chunk, sys.stdout, self.raw, end="", flush=True)
 
     def answered(self, answer: str, stats: dict) -> None:
         line = json.dumps({"answer": answer, **stats}, ensure_ascii=False) if self.as_json else ""
-        sys.stdout.write(shown(line, sys.stdout, self.raw) + "\n")
-        sys.stdout.flush()
+        emit(line, sys.stdout, self.raw, flush=True)
         if self.verbose:
-            print(stats_line(stats), file=sys.stderr)
+            emit(stats_line(stats), sys.stderr)
 
     def info(self, message: str) -> None:
         pass  # chatter would corrupt the transcript a script reads
 
     def error(self, message: str) -> None:
-        print(f"llava: error: {shown(message, sys.stderr)}", file=sys.stderr)
+        emit_error(message)
 
 
 class TerminalIO:
@@ -270,8 +270,8 @@ class TerminalIO:
         self.console = make_console()
         self.settings = settings
         self.markdown = markdown and not settings.raw  # --raw: the answer exactly as generated
-        self.command_names: list[str] = []  # for Tab completion; run_chat fills it in
-        self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; run_chat connects it
+        self.command_names: list[str] = []  # for Tab completion; start_chat fills it in
+        self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; start_chat connects it
         self.session = make_prompt_session(
             data_dir() / "input-history", lambda: self.command_names, lambda: self.status(),
             notify=lambda message: self.info(f"note: {message}"), **streams,
@@ -296,7 +296,10 @@ class TerminalIO:
             return
         try:
             for chunk in chunks:
-                self.console.print(shown(chunk, self.console.file, self.settings.raw), end="", markup=False)
+                if self.settings.raw:
+                    self.console.print_raw(chunk)
+                else:
+                    self.console.print(chunk, end="", markup=False)
         finally:
             self.console.print()
 
@@ -308,12 +311,25 @@ class TerminalIO:
         self.console.print(message, style="dim", markup=False)
 
     def error(self, message: str) -> None:
-        self.console.print(f"error: {safe_for_terminal(message)}", style="bold red", markup=False)
+        self.console.print(f"error: {one_line_text(message)}", style="bold red", markup=False)
 
 
 def run_chat(
     settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions = SessionOptions(), markdown: bool = True
 ) -> int:
+    """Chat until the end; SIGTERM ends it cleanly too (exit 0): answered turns saved, no temp file left."""
+    loop: ChatLoop | None = None
+    try:
+        with sigterm_raises(Terminated):
+            loop = start_chat(settings, images, as_json, sessions, markdown)
+            return loop.run(images)
+    except Terminated:
+        if loop is not None:
+            loop.autosave()  # a save the signal cut short removed its temp file; this one completes it
+        return EXIT_OK
+
+
+def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions, markdown: bool) -> ChatLoop:
     from llava_cli.session import start_engine
 
     for path in images:  # fail before the slow model load
@@ -321,7 +337,7 @@ def run_chat(
     opened = open_conversation(settings, sessions)  # a resumed conversation is checked before loading, too
     settings = opened.settings
     for note in opened.notes:
-        print(f"note: {note}", file=sys.stderr)
+        emit(f"note: {one_line_text(note)}", sys.stderr)
     engine = start_engine(settings)
     interactive = is_terminal(sys.stdin) and is_terminal(sys.stdout) and not as_json
     io: ChatIO = TerminalIO(settings, markdown) if interactive else PipeIO(as_json, settings.raw, settings.verbose)
@@ -331,4 +347,4 @@ def run_chat(
         io.info(f"{settings.model} on {engine.loaded.device}. /help for commands, /quit to leave.")
         if opened.conversation:
             loop.recap()
-    return loop.run(images)
+    return loop

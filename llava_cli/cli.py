@@ -33,7 +33,7 @@ from llava_cli.settings import (
     DTYPES,
     Settings,
 )
-from llava_cli.terminal import shown
+from llava_cli.terminal import emit_error
 
 app = typer.Typer(
     help="Talk to LLaVA vision-language models on your own machine.",
@@ -315,14 +315,14 @@ def show_usage_error(err: Exception) -> None:
     if callable(show):
         show()
     else:
-        print(f"Error: {shown(str(err), sys.stderr)}", file=sys.stderr)
+        emit_error(str(err), prefix="Error: ")
 
 
 def report(err: Exception, message: str, code: int) -> int:
     """One line on stderr (escape sequences stripped on a terminal); with LLAVA_DEBUG set, the traceback instead."""
     if os.environ.get("LLAVA_DEBUG"):
         raise err
-    print(f"llava: error: {shown(message, sys.stderr)}", file=sys.stderr)
+    emit_error(message)
     return code
 
 

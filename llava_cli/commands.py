@@ -3,7 +3,9 @@
 `ReplCommands` is mixed into `ChatLoop` (chat.py), which registers each method in its `commands`
 dict and provides what they use: `engine`, `settings`, `io`, `conversation`, `attached`,
 `recorder`, `context_tokens`, `respond()` and `autosave()`. Every command reports through the
-`ChatIO` and raises `InputError` with a one-line message when it cannot do what was asked.
+`ChatIO` and raises `InputError` with a one-line message when it cannot do what was asked. Text
+from saved conversations (names, model, system text, image names) is passed on as it is: the
+`ChatIO` shows it through terminal.py's choke point, which strips escape sequences at a terminal.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from llava_cli.store import (
     restored_settings,
     shorten,
 )
-from llava_cli.terminal import is_terminal, safe_for_terminal
+from llava_cli.terminal import is_terminal
 
 if TYPE_CHECKING:
     from llava_cli.chat import ChatIO
@@ -97,7 +99,7 @@ class ReplCommands:
         label = (self.recorder.name or self.recorder.session_id) if self.recorder else "the conversation"
         self.io.info(f"resumed {label}: {len(turns)} turn(s)")
         if turns:
-            self.io.info(f">>> {shorten(safe_for_terminal(turns[-1].text), 200)}\n{shorten(safe_for_terminal(turns[-1].answer or ''), 400)}")
+            self.io.info(f">>> {shorten(turns[-1].text, 200)}\n{shorten(turns[-1].answer or '', 400)}")
 
     def last_exchange(self, action: str) -> Turn:
         if not self.conversation.turns:
@@ -120,7 +122,7 @@ class ReplCommands:
         turn = self.last_exchange("undo")
         self.conversation.turns.pop()
         self.context_tokens = None
-        self.io.info(f"dropped your last message (“{shorten(safe_for_terminal(turn.text))}”) and its answer")
+        self.io.info(f"dropped your last message (“{shorten(turn.text)}”) and its answer")
         self.autosave()
 
     def system(self, argument: str) -> None:
@@ -160,9 +162,9 @@ class ReplCommands:
         loaded = self.engine.loaded
         turns = self.conversation.turns
         return [
-            ("model", f"{safe_for_terminal(self.settings.model)} on {loaded.device} ({getattr(loaded, 'dtype', 'server')})"),
+            ("model", f"{self.settings.model} on {loaded.device} ({getattr(loaded, 'dtype', 'server')})"),
             ("settings", self.settings_text()),
-            ("system", safe_for_terminal(self.conversation.system or "(none)")),
+            ("system", self.conversation.system or "(none)"),
             ("context", self.context_summary()),
             ("history", f"{len(turns)} turn(s), {len(self.conversation.images)} image(s), {len(self.attached)} waiting"),
             ("saved", self.saved_summary()),
@@ -189,11 +191,11 @@ class ReplCommands:
 
     def images(self, _: str) -> None:
         lines = [
-            f"turn {number}: {safe_for_terminal(image.name)}"
+            f"turn {number}: {image.name}"
             for number, turn in enumerate(self.conversation.turns, 1)
             for image in turn.images
         ]
-        lines += [f"next message: {safe_for_terminal(image.name)}" for image in self.attached]
+        lines += [f"next message: {image.name}" for image in self.attached]
         self.io.info("\n".join(lines) if lines else "no images; /image PATH attaches one")
 
     def save(self, argument: str) -> None:

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.loader import SUPPORTED_MODEL_TYPES, family_name
-from llava_cli.terminal import shown
+from llava_cli.safeio import read_regular
+from llava_cli.terminal import emit
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 WEIGHT_INDEX = "model.safetensors.index.json"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # config and index files are kilobytes
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,11 @@ def run_models(as_json: bool) -> int:
     cache = constants.HF_HUB_CACHE  # HF_HUB_CACHE, else HF_HOME/hub
     found = find_models(cache)
     if as_json:
-        print(json.dumps([model.as_dict() for model in found], ensure_ascii=False))
+        emit(json.dumps([model.as_dict() for model in found], ensure_ascii=False), sys.stdout)
     elif found:
-        print(shown(format_table(found), sys.stdout))  # ids and config text come from downloaded files
+        emit(format_table(found), sys.stdout)  # ids and config text come from downloaded files
     else:
-        print(f"no LLaVA-family checkpoints in the Hugging Face cache ({cache})", file=sys.stderr)
+        emit(f"no LLaVA-family checkpoints in the Hugging Face cache ({cache})", sys.stderr)
     return 0
 
 
@@ -107,8 +109,8 @@ def has_weights(snapshot: Path) -> bool:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent (a broken blob link too) or unreadable
+        return json.loads(read_regular(path, MAX_CONFIG_BYTES))  # a downloaded repo may hold a FIFO or a huge file
+    except (OSError, ValueError, RecursionError):  # absent (a broken blob link too) or unreadable
         return None
 
 

@@ -59,7 +59,7 @@ def load_engine(settings: Settings) -> Engine:
     if is_terminal(sys.stderr):
         from rich.text import Text
 
-        with stderr.status(Text(shown(f"Loading {settings.model}…", sys.stderr))):
+        with stderr.status(Text(shown(f"Loading {settings.model}…", sys.stderr))):  # a spinner label is no print
             loaded = load_model(settings)
     else:
         loaded = load_model(settings)
@@ -70,4 +70,4 @@ def load_engine(settings: Settings) -> Engine:
 
 def say(console: Console, message: str) -> None:
     """A diagnostic on stderr: no Rich markup, escape sequences stripped on a terminal (names are untrusted)."""
-    console.print(shown(message, console.file), markup=False, highlight=False)
+    console.print(message, markup=False, highlight=False)

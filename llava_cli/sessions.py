@@ -12,14 +12,14 @@ import sys
 
 from llava_cli.errors import UsageError
 from llava_cli.store import SavedConversation, SessionStore, describe_settings, parse_time, shorten
-from llava_cli.terminal import shown
+from llava_cli.terminal import emit, one_line_text
 
 EXPORT_FORMATS = ("markdown", "json")
 LIST_COLUMNS = "{id:<21} {updated:<16} {turns:>5}  {model:<28} {name:<12} {words}"
 
 
 def out(text: str) -> None:
-    print(shown(text, sys.stdout))
+    emit(text, sys.stdout)
 
 
 def local_time(iso: str) -> str:
@@ -37,12 +37,12 @@ def list_sessions(as_json: bool) -> int:
         if isinstance(saved, SavedConversation):
             found.append(saved)
         else:
-            print(f"llava: warning: {shown(str(saved), sys.stderr)}", file=sys.stderr)
+            emit(f"llava: warning: {one_line_text(str(saved))}", sys.stderr)
     if as_json:
         out(json.dumps([summary(saved) for saved in found], ensure_ascii=False, indent=2))
         return 0
     if not found:
-        print(f"no saved conversations yet (in {store.folder})", file=sys.stderr)
+        emit(f"no saved conversations yet (in {store.folder})", sys.stderr)
         return 0
     out(LIST_COLUMNS.format(id="ID", updated="UPDATED", turns="TURNS", model="MODEL", name="NAME", words="FIRST WORDS"))
     for saved in found:

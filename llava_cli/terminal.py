@@ -1,9 +1,17 @@
-"""Terminal output: consoles that respect pipes and NO_COLOR, and text made safe to show.
+"""Terminal output: the one way text reaches a terminal, made safe to show, respecting pipes and NO_COLOR.
 
-Model output and file names are untrusted: on a terminal they are shown with control and escape
-sequences removed (`safe_for_terminal`), so an answer cannot recolour, retitle, hyperlink, write to
-the clipboard or hide text with carriage returns. Piped output is left byte-for-byte as generated,
-and so is terminal output with `--raw` (`shown(text, stream, raw)` applies these rules).
+Model output, file names and everything read from a saved conversation are untrusted: on a
+terminal they are shown with control and escape sequences removed (`safe_for_terminal`), so they
+cannot recolour, retitle, hyperlink, clear the screen, write to the clipboard (OSC 52) or hide
+text with carriage returns. Piped output is left byte-for-byte as generated, and so is an answer
+on a terminal with `--raw` (`shown(text, stream, raw)` applies these rules).
+
+The choke point, so that no call site can forget:
+- `emit(text, stream)` for plain streams (stdout, stderr): every `print` of llava-cli goes through it;
+- `emit_error(message)` / `one_line_text`: an error is one line whatever it names: a newline or
+  carriage return in a file name is shown as `\\n` / `\\r`;
+- `make_console(stream)` returns a Rich console that strips every string and `Text` it prints when
+  its stream is a terminal; only `print_raw` (an answer with `--raw`) writes bytes as they are.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -36,6 +44,24 @@ def shown(text: str, stream: IO[str], raw: bool = False) -> str:
     return text if raw or not is_terminal(stream) else safe_for_terminal(text)
 
 
+def one_line_text(text: str) -> str:
+    """`text` on one line: newlines and carriage returns (a file may be named so) shown as \\n and \\r."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def emit(text: str, stream: IO[str] | None = None, raw: bool = False, end: str = "\n", flush: bool = False) -> None:
+    """Write `text` to `stream` (stdout by default), stripped of escape sequences if it is a terminal (unless `raw`)."""
+    stream = stream or sys.stdout
+    stream.write(shown(text, stream, raw) + end)
+    if flush:
+        stream.flush()
+
+
+def emit_error(message: str, stream: IO[str] | None = None, prefix: str = "llava: error: ") -> None:
+    """A one-line error on stderr (by default): `prefix` and `message`, newlines made visible."""
+    emit(prefix + one_line_text(message), stream or sys.stderr)
+
+
 def is_terminal(stream: IO[str]) -> bool:
     try:
         return stream.isatty()
@@ -44,12 +70,28 @@ def is_terminal(stream: IO[str]) -> bool:
 
 
 def make_console(stream: IO[str] | None = None) -> Console:
-    """A Rich console on `stream` (stdout by default) with colour only for a terminal without NO_COLOR."""
+    """A Rich console on `stream` (stdout by default) that never lets an escape sequence of a text it
+    prints through to a terminal, with colour only for a terminal without NO_COLOR."""
     from rich.console import Console
+    from rich.text import Text
+
+    class SafeConsole(Console):
+        """Strips the strings and `Text`s it prints (its own colours and redraws are not in them)."""
+
+        def render_str(self, text: str, **options: Any) -> Text:
+            return super().render_str(shown(text, self.file), **options)
+
+        def print(self, *objects: Any, **options: Any) -> None:
+            super().print(*(safe_text(item, self.file) for item in objects), **options)
+
+        def print_raw(self, text: str) -> None:
+            """An answer exactly as generated (`--raw`): the one output that may carry escapes."""
+            self.file.write(text)
+            self.file.flush()
 
     stream = stream or sys.stdout
     colour = is_terminal(stream) and "NO_COLOR" not in os.environ
-    return Console(
+    return SafeConsole(
         file=stream,
         no_color=not colour,
         color_system="auto" if colour else None,
@@ -57,3 +99,12 @@ def make_console(stream: IO[str] | None = None) -> Console:
         soft_wrap=True,
         emoji=False,
     )
+
+
+def safe_text(item: Any, stream: IO[str]) -> Any:
+    """A Rich `Text` with escape sequences in it rebuilt without them (style kept) on a terminal; anything else as is."""
+    from rich.text import Text
+
+    if isinstance(item, Text) and is_terminal(stream) and ESCAPE_SEQUENCE.search(item.plain):
+        return Text(safe_for_terminal(item.plain), style=item.style, end=item.end)
+    return item
