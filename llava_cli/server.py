@@ -11,7 +11,8 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   `data:` URLs, or paths the Guard allows) answered by `Engine.generate`, so a greedy answer is
   exactly the one `llava ask`/`llava chat` give locally, and the engine's prefix cache serves a
   multi-turn client's growing history without re-running it.
-- One engine, one daemon worker thread: requests wait their turn in arrival order and never share
+- At most MAX_OPEN_REQUESTS are open at once (503 beyond). One engine, one daemon worker thread:
+  requests wait their turn in arrival order and never share
   the cache mid-answer. A request's images (at most MAX_IMAGES_PER_REQUEST, MAX_REQUEST_PIXELS in
   all) are decoded only when its turn comes, and dropped afterwards (glibc's heap trimmed), so
   memory holds one request's images at a time. A client that disconnects, or a server shutting
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
 MAX_MESSAGES = 4096  # per request: a 2,000-turn chat; trimming to the window costs a few encodes whatever the count
 MAX_IMAGES_PER_REQUEST = 16
+MAX_OPEN_REQUESTS = 32  # being read, queued or answered (until a stream starts): with --max-request-mb, bounds what bodies hold
 MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_SIDE**2  # decoded pixels of one request's images together (after shrinking)
 LOCAL_IMAGE_REFUSED = (
     "the image cannot be used: send it as a data: URL (a path is read only when it lies under the "
@@ -513,6 +515,7 @@ class Service:
         self.api_key = options.api_key
         self.max_request_bytes = options.max_request_mb * 2**20
         self.request_timeout_s = options.request_timeout_s
+        self.open_requests = 0  # changed on the event loop only
         self.started = int(time.time())
 
     def app(self) -> Any:
@@ -563,6 +566,16 @@ class Service:
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def chat_completions(self, request: Request) -> Response:
+        if self.open_requests >= MAX_OPEN_REQUESTS:
+            raise ApiError(503, f"the server is busy with {MAX_OPEN_REQUESTS} requests; try again shortly",
+                           code="server_busy", kind="server_error")
+        self.open_requests += 1
+        try:
+            return await self.answer(request)
+        finally:
+            self.open_requests -= 1
+
+    async def answer(self, request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
 
         body = parse_json(await read_body(request, self.max_request_bytes, self.request_timeout_s))

@@ -175,6 +175,20 @@ def test_too_many_messages_or_images_are_refused_before_any_work(app, settings, 
     assert error_of(post(app, body(settings.model, [pictures]))) == (400, "too_many_images")
 
 
+def test_a_server_holding_its_maximum_of_requests_says_busy_and_recovers(tiny_loaded, settings):
+    from llava_cli.server import MAX_OPEN_REQUESTS
+
+    client, service = client_for(tiny_loaded, settings)
+    try:
+        service.open_requests = MAX_OPEN_REQUESTS  # as if that many clients were sending or waiting
+        assert error_of(post(client, body(settings.model, max_tokens=1))) == (503, "server_busy")
+        service.open_requests = MAX_OPEN_REQUESTS - 1
+        assert post(client, body(settings.model, max_tokens=1)).status_code == 200
+        assert service.open_requests == MAX_OPEN_REQUESTS - 1
+    finally:
+        service.worker.stop()
+
+
 def test_a_long_history_within_the_cap_is_trimmed_and_answered(app, settings):
     history = [message for i in range(MAX_MESSAGES // 2 - 1) for message in
                ({"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"})]
