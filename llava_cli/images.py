@@ -163,7 +163,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     from PIL import Image, ImageOps
 
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: a copy of a 7000x7000 picture costs 150 MB
     except Exception:  # a broken EXIF block only costs us the rotation
         pass
     if img.mode in HIGH_BIT_DEPTH_MODES:
@@ -172,7 +172,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def to_8bit(img: Image.Image) -> Image.Image:

@@ -19,8 +19,10 @@ umask. Reading a file that is not valid JSON, not this format or from an unknown
 Session files are untrusted input (they can be edited, planted or shared): they are read through
 `safeio.read_regular` (regular files only, never a symlink, at most MAX_SESSION_BYTES); the id and
 name inside must match NAME_PATTERN, and where a conversation is saved is decided by the name of
-the file it was read from, never by the `id` inside it. `restore_conversation` re-reads every image from its path and checks its
-content hash: a vanished or changed image is refused, or left out with `drop_missing`.
+the file it was read from, never by the `id` inside it.
+
+`restore_conversation` re-reads every image from its path and checks its content hash: a vanished
+or changed image is refused, or left out with `drop_missing`.
 """
 
 from __future__ import annotations

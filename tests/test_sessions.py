@@ -140,6 +140,8 @@ def test_a_process_killed_while_saving_leaves_a_complete_file(tmp_path):
     for delay in (0.05, 0.2):
         process = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE)
         process.stdout.readline()
+        while not path.exists():  # on a busy machine the first save alone can take longer than `delay`
+            time.sleep(0.01)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
