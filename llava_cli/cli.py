@@ -25,6 +25,7 @@ from llava_cli.settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_SERVER_HOST,
@@ -191,8 +192,13 @@ def chat(
 def serve(
     host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
     port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVA_API_KEY", metavar="KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every request.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVA_API_KEY", metavar="KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every request. On the command line the key shows in `ps` to every local user: prefer LLAVA_API_KEY or --api-key-file.")] = None,
+    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", metavar="FILE", show_default=False, help="Read the API key from FILE (one line; keep it 0600).")] = None,
     max_request_mb: Annotated[int, typer.Option("--max-request-mb", help="Refuse larger request bodies (images included).")] = DEFAULT_MAX_REQUEST_MB,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", metavar="SECONDS", help="A request body must arrive within this time (408 otherwise).")] = DEFAULT_REQUEST_TIMEOUT_S,
+    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", metavar="NAME", show_default=False, help="Also answer requests whose Host header is NAME (repeatable; '*': any). localhost, IP addresses and --host always work.")] = None,
+    allowed_origin: Annotated[Optional[list[str]], typer.Option("--allowed-origin", metavar="ORIGIN", show_default=False, help="Answer requests from web pages of ORIGIN, e.g. http://localhost:3000 (repeatable; '*': any). Others are refused.")] = None,
+    allowed_local_media_path: Annotated[Optional[str], typer.Option("--allowed-local-media-path", metavar="DIR", show_default=False, help="Let requests name image files under DIR (symlinks resolved). Without it only data: URLs are accepted.")] = None,
     settings: Settings = Settings(),
 ) -> int:
     """Keep the model loaded and serve the OpenAI chat-completions API on http://HOST:PORT/v1.
@@ -204,8 +210,16 @@ def serve(
     Generation options are the defaults for requests. Ctrl-C stops it (exit 130), SIGTERM too (exit 0).
     """
     from llava_cli.server import run_serve
+    from llava_cli.serveguard import ServeOptions, api_key_from_file
 
-    return run_serve(settings, host, port, api_key, max_request_mb)
+    if api_key_file is not None:
+        api_key = api_key_from_file(api_key_file)
+    options = ServeOptions(
+        host=host, port=port, api_key=api_key, max_request_mb=max_request_mb, request_timeout_s=request_timeout,
+        allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
+        allowed_local_media_path=allowed_local_media_path,
+    )
+    return run_serve(settings, options)
 
 
 @app.command()

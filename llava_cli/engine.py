@@ -41,6 +41,7 @@ from llava_cli.loader import LoadedModel
 from llava_cli.prompting import expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats, TextStream
+from llava_cli.trimming import TrimSearch
 from llava_cli.vision import VisionInputs
 
 
@@ -48,6 +49,15 @@ OUT_OF_MEMORY = (
     "out of memory while answering; try --load-4bit, a smaller --max-context, a shorter conversation "
     "(/clear) or a smaller model"
 )
+
+
+class Stopped(Exception):
+    """`Engine.fit` was told to stop (the answer it was fitting for is no longer wanted)."""
+
+
+# A history of up to this many characters per token of the window is encoded whole before any
+# trimming: that encode is cheap and usually all it takes. A longer one is trimmed from its newest end.
+WHOLE_FIRST_CHARS_PER_TOKEN = 8
 
 
 @dataclass
@@ -151,12 +161,19 @@ class Engine:
             self.cache.reset()
             self.path = forward_path(self.model, settings.compile, window)
 
-    def generate(self, conversation: Conversation, settings: Settings) -> Iterator[str]:
+    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Stream the answer; `stop()` is asked before each step (fitting, prefill, every token), and
+        when it says True the generator ends at once with the conversation's turn left unanswered."""
         started = time.perf_counter()
         self.reset_peak_memory()
         stats = Stats(load_s=self.loaded.load_seconds)
         self.use_path_for(settings)
-        prompt, stats.dropped_turns = self.fit(conversation, settings)
+        try:
+            prompt, stats.dropped_turns = self.fit(conversation, settings, stop)
+        except Stopped:
+            return
+        if stop():
+            return
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
@@ -167,6 +184,8 @@ class Engine:
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
         while not row.finish_reason:
+            if stop():
+                return
             row.take(sampler.pick(logits), self.eos_ids)
             if row.finish_reason == "stop":
                 break
@@ -219,16 +238,28 @@ class Engine:
         per_prompt = [self.image_inputs(prompt, keep=0) for prompt in prompts if prompt.images]
         return {name: torch.cat([inputs[name] for inputs in per_prompt]) for name in per_prompt[0]} if per_prompt else {}
 
-    def fit(self, conversation: Conversation, settings: Settings) -> tuple[Prompt, int]:
-        """Encode the conversation, dropping its oldest turns until it fits the context window."""
+    def fit(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> tuple[Prompt, int]:
+        """Encode the conversation, dropping its oldest turns until it fits the context window.
+
+        The result is the smallest number of oldest turns whose removal leaves room for an answer
+        (all but the last turn when nothing fits), found with a few encodes (`TrimSearch`) instead of
+        one encode per dropped turn. Raises `Stopped` when `stop()` says so between two encodes.
+        """
         if not conversation.pending:
             raise ValueError("generate() needs a conversation whose last message awaits an answer")
         window = self.context_window(settings)
         answer_room = min(settings.max_new_tokens, window // 2)
-        for dropped in range(len(conversation.turns)):
-            prompt = self.encode(conversation.without_oldest(dropped))
-            if len(prompt.ids) + answer_room <= window:
-                break
+
+        def encode_without(dropped: int) -> Prompt:
+            if stop():
+                raise Stopped
+            return self.encode(conversation.without_oldest(dropped))
+
+        search = TrimSearch(encode_without, window - answer_room)
+        history_chars = sum(len(turn.text) + len(turn.answer or "") for turn in conversation.turns)
+        whole_first = history_chars <= WHOLE_FIRST_CHARS_PER_TOKEN * window
+        dropped = search.fewest_drops([len(turn.images) for turn in conversation.turns], whole_first)
+        prompt = search.prompt(dropped)
         if len(prompt.ids) >= window:
             raise ContextError(
                 f"this message needs {len(prompt.ids)} tokens with its images but the context window is "

@@ -18,6 +18,7 @@ and the model reads it as what the user typed.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -115,8 +116,11 @@ def content_span(text: str, offset: tuple[int, int], content: str) -> tuple[int,
 
 
 def overlaps(span: tuple[int, int], ranges: list[tuple[int, int]]) -> bool:
+    """Whether `span` overlaps one of `ranges` (sorted and disjoint): a bisection, so that a long
+    history with many control tokens costs no more than its length."""
     start, end = span
-    return any(start < range_end and end > range_start for range_start, range_end in ranges)
+    before_end = bisect.bisect_left(ranges, end, key=lambda candidate: candidate[0])  # ranges starting before `end`
+    return before_end > 0 and ranges[before_end - 1][1] > start
 
 
 def retokenize_plain(

@@ -47,6 +47,9 @@ PROBE_TIMEOUT_S = 2.0  # a discovered server that does not answer this fast is n
 # Settings field -> request key; each sent only when the user set it (`Settings.chosen`).
 REQUEST_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens", "seed": "seed"}
 SERVER_FIGURES = ("load_s", "peak_memory_mb", "dropped_turns")  # from `llava serve`'s `llava` object
+MAX_EVENT_BYTES = 1 << 20  # one server-sent event line; a server's answer comes in small pieces
+MAX_ERROR_BYTES = 1 << 16  # the body of a refusal: a short JSON message
+GUARD_CODES = {"host_not_allowed", "origin_not_allowed"}  # llava serve's 403s that are not about the key
 
 
 @dataclass
@@ -86,6 +89,8 @@ class RemoteEngine:
         finally:
             connection.close()  # early close (Ctrl-C) tells the server to stop
         self.last_stats = reply.stats()
+        if not 0 <= self.last_stats.dropped_turns < len(conversation.turns):  # a server is not trusted
+            self.last_stats.dropped_turns = 0
         if self.last_stats.dropped_turns:
             conversation.drop_oldest(self.last_stats.dropped_turns)
             self.notify(f"the server dropped the {self.last_stats.dropped_turns} oldest turn(s) to fit its context window")
@@ -162,7 +167,9 @@ class RemoteEngine:
     def events(self, response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
         """The JSON payloads of the server-sent events, up to `data: [DONE]` or the end of the stream."""
         try:
-            while line := response.readline():
+            while line := response.readline(MAX_EVENT_BYTES + 1):
+                if len(line) > MAX_EVENT_BYTES:
+                    raise ValueError(f"an event over {MAX_EVENT_BYTES:,} bytes")
                 data = line.decode("utf-8").strip()
                 if not data.startswith("data:"):
                     continue  # blank separators, comments, `event:` lines
@@ -172,7 +179,7 @@ class RemoteEngine:
                 event = json.loads(data)
                 if isinstance(event, dict):
                     yield event
-        except (OSError, http.client.HTTPException, ValueError) as err:
+        except (OSError, http.client.HTTPException, ValueError, RecursionError) as err:
             raise LlavaError(f"the connection to {self.url} broke mid-answer ({describe(err)})") from None
 
 
@@ -196,24 +203,30 @@ class Reply:
         """Record one event; return the text it makes visible."""
         if event.get("error"):
             raise LlavaError(f"the server at {url} stopped the answer: {error_message(event)}")
-        self.usage = event.get("usage") or self.usage
-        self.figures = event.get("llava") or self.figures
+        if isinstance(usage := event.get("usage"), dict):
+            self.usage = usage
+        if isinstance(figures := event.get("llava"), dict):
+            self.figures = figures
         visible = ""
-        for choice in event.get("choices") or []:
-            if content := (choice.get("delta") or {}).get("content"):
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and isinstance(content := delta.get("content"), str) and content:
                 self.deltas += 1
                 self.ttft_s = self.ttft_s or time.perf_counter() - self.started
                 visible += self.trimmer.release(content)
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                self.finish_reason = choice["finish_reason"]
         return visible
 
     def stats(self) -> Stats:
         seconds = time.perf_counter() - self.started
-        completion = int(self.usage.get("completion_tokens", self.deltas))
+        completion = whole_number(self.usage.get("completion_tokens"), self.deltas)
+        details = self.usage.get("prompt_tokens_details")
         decode_seconds = seconds - self.ttft_s
         stats = Stats(
-            prompt_tokens=int(self.usage.get("prompt_tokens", 0)),
-            cached_tokens=int((self.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+            prompt_tokens=whole_number(self.usage.get("prompt_tokens"), 0),
+            cached_tokens=whole_number(details.get("cached_tokens"), 0) if isinstance(details, dict) else 0,
             completion_tokens=completion,
             ttft_s=self.ttft_s,
             tokens_per_s=(completion - 1) / decode_seconds if completion > 1 and decode_seconds > 0 else 0.0,
@@ -221,15 +234,20 @@ class Reply:
             finish_reason=self.finish_reason,
         )
         for name in SERVER_FIGURES:
-            if isinstance(self.figures.get(name), (int, float)):
+            if type(self.figures.get(name)) in ((int,) if name == "dropped_turns" else (int, float)):
                 setattr(stats, name, self.figures[name])
         return stats
 
 
+def whole_number(value: Any, default: int) -> int:
+    """A count the server reported, or `default` when it sent something else (a server is not trusted)."""
+    return value if type(value) is int and value >= 0 else default
+
+
 def read_json(response: http.client.HTTPResponse) -> Any:
     try:
-        return json.loads(response.read())
-    except ValueError:
+        return json.loads(response.read(MAX_ERROR_BYTES))
+    except (ValueError, RecursionError):
         return None
 
 
@@ -246,7 +264,7 @@ def refusal(status: int, body: Any, url: str) -> LlavaError:
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and error.get("code") == "context_length_exceeded":
         return ContextError(message)
-    if status in (401, 403):
+    if status == 401 or (status == 403 and not (isinstance(error, dict) and error.get("code") in GUARD_CODES)):
         return UsageError(f"{url} refused the request ({message}); set {API_KEY_ENV} to the server's API key")
     if status == 404:
         return ModelError(f"{url}: {message} (--model must name a model the server lists at /v1/models)")

@@ -3,13 +3,20 @@
 Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent events) and
 `GET /v1/models`, served by uvicorn + Starlette. Contract:
 
-- A request's `messages` become a `Conversation` (system/developer, user and assistant messages;
-  `image_url` parts as `data:` URLs or paths of files on this machine) answered by
-  `Engine.generate`, so a greedy answer is exactly the one `llava ask`/`llava chat` give locally, and
-  the engine's prefix cache serves a multi-turn client's growing history without re-running it.
-- One engine, one worker thread: requests wait their turn in arrival order and never share the
-  cache mid-answer. A client that disconnects, or a server shutting down, stops its answer at the
-  next chunk and frees the worker.
+- Before anything else, serveguard.py's `Guard` checks Host, Origin and Content-Type (403, 415),
+  then the API key (401); the body must arrive within `--request-timeout` (408) and under
+  `--max-request-mb` (413).
+- A request's `messages` (at most MAX_MESSAGES, every field's type checked: `true` is not 1)
+  become a `Conversation` (system/developer, user and assistant messages; `image_url` parts as
+  `data:` URLs, or paths the Guard allows) answered by `Engine.generate`, so a greedy answer is
+  exactly the one `llava ask`/`llava chat` give locally, and the engine's prefix cache serves a
+  multi-turn client's growing history without re-running it.
+- At most MAX_OPEN_REQUESTS are open at once (503 beyond). One engine, one daemon worker thread:
+  requests wait their turn in arrival order and never share
+  the cache mid-answer. A request's images (at most MAX_IMAGES_PER_REQUEST, MAX_REQUEST_PIXELS in
+  all) are decoded only when its turn comes, and dropped afterwards (glibc's heap trimmed), so
+  memory holds one request's images at a time. A client that disconnects, or a server shutting
+  down, stops its request wherever it is (queued, decoding, trimming, answering) and frees the worker.
 - `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`) and `seed` override the
   server's own options for one request; left out, the server's apply (greedy unless `llava serve`
   was given `--temperature`, unlike OpenAI's default of 1).
@@ -19,9 +26,11 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   chunk when `stream_options.include_usage` is true.
 - Every refused request gets a 4xx status and an OpenAI-style body
   `{"error": {"message", "type", "param", "code"}}`; the server keeps serving.
-- With an API key (`--api-key` or LLAVA_API_KEY) every endpoint needs `Authorization: Bearer KEY`.
-- Shutdown: SIGTERM exits 0, SIGINT (Ctrl-C) exits 130; answers in flight are stopped and the
-  discovery file (discovery.py) is removed. Nothing is printed but one-line messages on stderr.
+- With an API key (`--api-key-file`, LLAVA_API_KEY or `--api-key`) every endpoint needs
+  `Authorization: Bearer KEY`.
+- Shutdown: SIGTERM exits 0, SIGINT (Ctrl-C) exits 130, within a few seconds whatever the worker is
+  doing; answers in flight are stopped and the discovery file (discovery.py) is removed. Nothing is
+  printed but one-line messages on stderr (uvicorn's tracebacks are folded into one line).
 """
 
 from __future__ import annotations
@@ -30,10 +39,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import hmac
 import importlib.util
 import json
+import logging
+import queue
 import signal
 import socket
 import sys
@@ -42,15 +55,15 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.discovery import remove_server_file, write_server_file
 from llava_cli.engine import Engine
-from llava_cli.errors import EXIT_INTERRUPTED, EXIT_OK, ContextError, InputError, LlavaError, UsageError
-from llava_cli.images import ImageRef, image_from_bytes, load_image
+from llava_cli.errors import EXIT_INTERRUPTED, EXIT_OK, ContextError, InputError, LlavaError, UsageError, one_line
+from llava_cli.images import MAX_IMAGE_SIDE, ImageRef, image_from_bytes, load_image
+from llava_cli.serveguard import Guard, MediaRefused, ServeOptions
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
 
@@ -59,6 +72,14 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
+MAX_MESSAGES = 4096  # per request: a 2,000-turn chat; trimming to the window costs a few encodes whatever the count
+MAX_IMAGES_PER_REQUEST = 16
+MAX_OPEN_REQUESTS = 32  # being read, queued or answered (until a stream starts): with --max-request-mb, bounds what bodies hold
+MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_SIDE**2  # decoded pixels of one request's images together (after shrinking)
+LOCAL_IMAGE_REFUSED = (
+    "the image cannot be used: send it as a data: URL (a path is read only when it lies under the "
+    "server's --allowed-local-media-path and is an image)"
+)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # request field -> Settings field
 REQUEST_OPTIONS = {
@@ -71,8 +92,28 @@ REQUEST_OPTIONS = {
 INTEGER_OPTIONS = {"max_new_tokens", "seed"}
 
 
+VERBOSE = False  # --verbose: also log why requests were refused (details a client is not told)
+
+
 def log(message: str) -> None:
     print(f"llava serve: {message}", file=sys.stderr, flush=True)
+
+
+def log_detail(message: str) -> None:
+    if VERBOSE:
+        log(message)
+
+
+def one_line_records(record: logging.LogRecord) -> bool:
+    """A logging filter: a record with a traceback (uvicorn cancelling a request at shutdown) becomes one line."""
+    if record.exc_info and record.exc_info[1] is not None:
+        error = record.exc_info[1]
+        if isinstance(error, asyncio.CancelledError):
+            record.msg = "a request still open at shutdown was cancelled"
+        else:
+            record.msg = f"{record.getMessage().strip()}: {type(error).__name__}: {one_line(error)}"
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+    return True
 
 
 class ApiError(Exception):
@@ -107,15 +148,35 @@ def api_error_from(err: LlavaError) -> ApiError:
 
 @dataclass
 class Job:
-    """One request, ready for the engine."""
+    """One request, ready for the engine once `load_images` has decoded its images into their turns."""
 
     conversation: Conversation
     settings: Settings
+    images: list[PendingImage] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def load_images(self, guard: Guard, max_pixels: int, stop: Callable[[], bool]) -> bool:
+        """Decode the images in order, within MAX_REQUEST_PIXELS; False if told to stop meanwhile."""
+        pixels = 0
+        for pending in self.images:
+            if stop():
+                return False
+            width, height = pending.load(guard, max_pixels).image.size
+            pixels += width * height
+            if pixels > MAX_REQUEST_PIXELS:
+                raise ApiError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels in all; send fewer or smaller ones",
+                               code="invalid_image", param=pending.where)
+        return True
+
+    def release(self) -> None:
+        """Drop the decoded images (the handler keeps the job until its response is sent)."""
+        self.images.clear()
+        for turn in self.conversation.turns:
+            turn.images = []
 
 
 def parse_job(body: Any, served_model: str, base: Settings) -> Job:
@@ -128,15 +189,26 @@ def parse_job(body: Any, served_model: str, base: Settings) -> Job:
     if model != served_model:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
                        code="model_not_found", param="model")
-    if body.get("n", 1) != 1:
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # bool is an int to Python, not to the API
         raise ApiError(400, "only n=1 is supported", param="n")
-    stream_options = body.get("stream_options") or {}
+    stream_options = optional(body, "stream_options", dict, "an object") or {}
+    conversation, images = conversation_from_messages(body.get("messages"), base)
     return Job(
-        conversation=conversation_from_messages(body.get("messages"), base),
+        conversation=conversation,
+        images=images,
         settings=request_settings(body, base),
-        stream=body.get("stream") is True,
-        include_usage=isinstance(stream_options, dict) and stream_options.get("include_usage") is True,
+        stream=optional(body, "stream", bool, "true or false") is True,
+        include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
     )
+
+
+def optional(body: dict[str, Any], key: str, kind: type, described: str, prefix: str = "") -> Any:
+    """`body[key]` when it is absent, null or of type `kind`; else a 400 naming the field."""
+    value = body.get(key)
+    if value is not None and type(value) is not kind:
+        raise ApiError(400, f"`{prefix}{key}` must be {described}", param=prefix + key)
+    return value
 
 
 def request_settings(body: dict[str, Any], base: Settings) -> Settings:
@@ -156,12 +228,18 @@ def request_settings(body: dict[str, Any], base: Settings) -> Settings:
         raise ApiError(400, f"invalid sampling option: {err}") from None
 
 
-def conversation_from_messages(messages: Any, base: Settings) -> Conversation:
-    """System texts joined; consecutive user messages make one turn; the last message must be the user's."""
+def conversation_from_messages(messages: Any, base: Settings) -> tuple[Conversation, list[PendingImage]]:
+    """System texts joined; consecutive user messages make one turn; the last message must be the user's.
+
+    The images are checked for form here but decoded later, by the worker (`Job.load_images`)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "`messages` must be a non-empty list", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"a request may hold at most {MAX_MESSAGES:,} messages (this one has {len(messages):,})",
+                       code="too_many_messages", param="messages")
     system: list[str] = []
     turns: list[Turn] = []
+    images: list[PendingImage] = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -170,7 +248,11 @@ def conversation_from_messages(messages: Any, base: Settings) -> Conversation:
         if role in ("system", "developer"):
             system.append(text_only(content, where))
         elif role == "user":
-            add_user_message(turns, *message_content(content, where, base.max_image_pixels))
+            text, sources = message_content(content, where)
+            turn = add_user_message(turns, text)
+            images += [PendingImage(turn, source, where) for source in sources]
+            if len(images) > MAX_IMAGES_PER_REQUEST:
+                raise ApiError(400, f"a request may hold at most {MAX_IMAGES_PER_REQUEST} images", code="too_many_images", param=where)
         elif role == "assistant":
             if not turns or turns[-1].answer is not None:
                 raise ApiError(400, f"{where}: an assistant message must follow a user message", param=where)
@@ -179,57 +261,82 @@ def conversation_from_messages(messages: Any, base: Settings) -> Conversation:
             raise ApiError(400, f"{where}: unsupported role {role!r}", param=where)
     if not turns or turns[-1].answer is not None:
         raise ApiError(400, "the last message must be the user's", param="messages")
-    return Conversation(system="\n".join(system) if system else base.system, turns=turns)
+    return Conversation(system="\n".join(system) if system else base.system, turns=turns), images
 
 
-def add_user_message(turns: list[Turn], text: str, images: list[ImageRef]) -> None:
+def add_user_message(turns: list[Turn], text: str) -> Turn:
+    """The turn this user message belongs to (consecutive user messages make one)."""
     if turns and turns[-1].answer is None:
         turns[-1].text = "\n".join(part for part in (turns[-1].text, text) if part)
-        turns[-1].images.extend(images)
     else:
-        turns.append(Turn(text=text, images=images))
+        turns.append(Turn(text=text))
+    return turns[-1]
 
 
 def text_only(content: Any, where: str) -> str:
-    text, images = message_content(content, where, max_pixels=1)
+    text, images = message_content(content, where)
     if images:
-        raise ApiError(400, f"{where}: only user messages can carry images", param=where)
+        raise ApiError(400, f"{where}: only user messages can carry images; put the image in a user message", param=where)
     return text
 
 
-def message_content(content: Any, where: str, max_pixels: int) -> tuple[str, list[ImageRef]]:
-    """A string, or a list of `text` and `image_url` parts -> (text, images)."""
+def message_content(content: Any, where: str) -> tuple[str, list[str]]:
+    """A string, or a list of `text` and `image_url` parts -> (text, the images' urls)."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
         raise ApiError(400, f"{where}.content must be a string or a list of parts", param=where)
     texts: list[str] = []
-    images: list[ImageRef] = []
+    urls: list[str] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url":
-            images.append(image_from_url(part.get("image_url"), where, max_pixels))
+            urls.append(image_url(part.get("image_url"), where))
         else:
             raise ApiError(400, f"{where}: unsupported content part {kind!r}; use text and image_url parts", param=where)
-    return "\n".join(texts), images
+    return "\n".join(texts), urls
 
 
-def image_from_url(spec: Any, where: str, max_pixels: int) -> ImageRef:
-    """A `data:` URL, a `file://` URL or a path on this machine -> image; `ApiError` if unusable."""
+def image_url(spec: Any, where: str) -> str:
     url = spec.get("url") if isinstance(spec, dict) else spec
-    try:
-        if not isinstance(url, str) or not url:
-            raise InputError("an image_url part needs a url")
-        if url.startswith("data:"):
-            return image_from_bytes(decode_data_url(url), "the data: URL", max_pixels)
-        if url.startswith(("http://", "https://")):
-            raise InputError("images must be data: URLs or file paths on the server's machine, not http(s) URLs")
+    if not isinstance(url, str) or not url:
+        raise ApiError(400, f"{where}: an image_url part needs a url", code="invalid_image", param=where)
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, f"{where}: images must be data: URLs (or files the server allows), not http(s) URLs",
+                       code="invalid_image", param=where)
+    return url
+
+
+@dataclass
+class PendingImage:
+    """An image of a request, not decoded until the worker reaches the request."""
+
+    turn: Turn
+    url: str
+    where: str
+
+    def load(self, guard: Guard, max_pixels: int) -> ImageRef:
+        """Decode into its turn; `ApiError` if unusable (one message for any local-file problem)."""
+        try:
+            if self.url.startswith("data:"):
+                image = image_from_bytes(decode_data_url(self.url), "the data: URL", max_pixels)
+            else:
+                image = self.local_file(guard, max_pixels)
+        except InputError as err:
+            raise ApiError(400, f"{self.where}: {err}", code="invalid_image", param=self.where) from None
+        self.turn.images.append(image)
+        return image
+
+    def local_file(self, guard: Guard, max_pixels: int) -> ImageRef:
+        url = self.url
         path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
-        return load_image(path, max_pixels)
-    except InputError as err:
-        raise ApiError(400, f"{where}: {err}", code="invalid_image", param=where) from None
+        try:
+            return load_image(guard.local_media(path), max_pixels)
+        except (MediaRefused, InputError) as err:
+            log_detail(f"{self.where}: refused the local image {path!r}: {err}")
+            raise InputError(LOCAL_IMAGE_REFUSED) from None
 
 
 def decode_data_url(url: str) -> bytes:
@@ -261,58 +368,101 @@ Item = str | Finished | Failed  # what a job sends back: text chunks, then Finis
 
 
 class Worker:
-    """Runs jobs on one thread, one at a time, in the order they were submitted."""
+    """Runs jobs on one daemon thread, one at a time, in the order they were submitted.
 
-    def __init__(self, engine: Engine) -> None:
+    A daemon thread, so that a job deep in a forward never keeps a stopping server alive."""
+
+    def __init__(self, engine: Engine, guard: Guard) -> None:
         self.engine = engine
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-engine")
+        self.guard = guard
+        self.jobs: queue.SimpleQueue[tuple[Job, Callable[[Item], None]] | None] = queue.SimpleQueue()
+        self.waiting: dict[str, Callable[[Item], None]] = {}  # job id -> emit, for jobs not finished yet
         self.stopping = threading.Event()  # the server is shutting down: stop every answer
+        self.thread = threading.Thread(target=self.loop, name="llava-engine", daemon=True)
+        self.thread.start()
 
     def submit(self, job: Job) -> asyncio.Queue[Item]:
         """Queue `job`; its chunks, then a `Finished` or `Failed`, arrive on the returned queue."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Item] = asyncio.Queue()
+        items: asyncio.Queue[Item] = asyncio.Queue()
 
         def emit(item: Item) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(items.put_nowait, item)
 
-        self.executor.submit(self.run, job, emit)
-        return queue
+        self.waiting[job.id] = emit
+        self.jobs.put((job, emit))
+        return items
+
+    def loop(self) -> None:
+        while (entry := self.jobs.get()) is not None:
+            self.run(*entry)
 
     def run(self, job: Job, emit: Callable[[Item], None]) -> None:
         try:
             emit(self.generate(job, emit))
+        except ApiError as err:
+            emit(Failed(err))
         except LlavaError as err:
             emit(Failed(api_error_from(err)))
         except Exception as err:  # a bug or a broken model: report it, keep serving
             log(f"generation failed: {type(err).__name__}: {err}")
             emit(Failed(ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error")))
         finally:
+            self.waiting.pop(job.id, None)
             # The preprocessed-image memo pays off within one chat, but a server sees endless
             # images: keep it from growing without bound (the KV cache of the chat stays).
             self.engine.vision.clear()
+            if job.images:
+                job.release()
+                give_memory_back()
 
     def generate(self, job: Job, emit: Callable[[Item], None]) -> Finished:
-        if self.must_stop(job):  # its client left while it waited
-            return Finished(None)
+        stop = functools.partial(self.must_stop, job)
+        if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
+            return self.stopped(0, job)
         sent = 0
-        with contextlib.closing(self.engine.generate(job.conversation, job.settings)) as chunks:
+        with contextlib.closing(self.engine.generate(job.conversation, job.settings, stop)) as chunks:
             for chunk in chunks:
-                if self.must_stop(job):
-                    reason = "the server is shutting down" if self.stopping.is_set() else "the client disconnected"
-                    log(f"stopped an answer after {sent} chunk(s): {reason}")
-                    return Finished(None)
+                if stop():
+                    break
                 emit(chunk)
                 sent += 1
+        if stop():
+            return self.stopped(sent, job)
         return Finished(self.engine.last_stats)
+
+    def stopped(self, sent: int, job: Job) -> Finished:
+        reason = "the server is shutting down" if self.stopping.is_set() else "the client disconnected"
+        log(f"stopped an answer after {sent} chunk(s): {reason}")
+        return Finished(None)
 
     def must_stop(self, job: Job) -> bool:
         return job.cancelled.is_set() or self.stopping.is_set()
 
-    def stop(self) -> None:
+    def abandon(self) -> None:
+        """On a signal: stop every answer and tell every waiting request at once (not when the engine gets to it)."""
         self.stopping.set()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        for emit in list(self.waiting.values()):
+            emit(Finished(None))
+
+    def stop(self) -> bool:
+        """Stop, waiting SHUTDOWN_GRACE_S at most for the job in hand; True if the thread ended."""
+        self.abandon()
+        self.jobs.put(None)
+        self.thread.join(SHUTDOWN_GRACE_S)
+        return not self.thread.is_alive()
+
+
+def give_memory_back() -> None:
+    """After big images, hand glibc's freed-but-kept heap back to the system (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return
+    trim(0)
 
 
 async def job_items(queue: asyncio.Queue[Item], first: Item) -> AsyncIterator[Item]:
@@ -357,12 +507,15 @@ SHUTTING_DOWN = ApiError(503, "the server is shutting down", kind="server_error"
 class Service:
     """The HTTP endpoints around one loaded model."""
 
-    def __init__(self, engine: Engine, settings: Settings, api_key: str | None, max_request_bytes: int) -> None:
-        self.worker = Worker(engine)
+    def __init__(self, engine: Engine, settings: Settings, options: ServeOptions) -> None:
+        self.guard = Guard(options)
+        self.worker = Worker(engine, self.guard)
         self.settings = settings
         self.model = settings.model
-        self.api_key = api_key
-        self.max_request_bytes = max_request_bytes
+        self.api_key = options.api_key
+        self.max_request_bytes = options.max_request_mb * 2**20
+        self.request_timeout_s = options.request_timeout_s
+        self.open_requests = 0  # changed on the event loop only
         self.started = int(time.time())
 
     def app(self) -> Any:
@@ -382,10 +535,13 @@ class Service:
         return ApiError(status, f"{request.method} {request.url.path}: {getattr(err, 'detail', 'not found')}").response()
 
     def guarded(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        """Check the API key, and turn every `ApiError` (and any bug) into its response."""
+        """Check Host, Origin, Content-Type and the API key, and turn every `ApiError` (and any bug) into its response."""
 
         async def endpoint(request: Request) -> Response:
             try:
+                if refusal := self.guard.refusal(request.method, request.headers):
+                    log_detail(f"refused {request.method} {request.url.path}: {refusal.message}")
+                    raise ApiError(refusal.status, refusal.message, code=refusal.code)
                 self.check_key(request)
                 return await handler(request)
             except ApiError as err:
@@ -410,10 +566,20 @@ class Service:
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def chat_completions(self, request: Request) -> Response:
+        if self.open_requests >= MAX_OPEN_REQUESTS:
+            raise ApiError(503, f"the server is busy with {MAX_OPEN_REQUESTS} requests; try again shortly",
+                           code="server_busy", kind="server_error")
+        self.open_requests += 1
+        try:
+            return await self.answer(request)
+        finally:
+            self.open_requests -= 1
+
+    async def answer(self, request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
 
-        body = parse_json(await read_body(request, self.max_request_bytes))
-        job = await run_in_threadpool(parse_job, body, self.model, self.settings)  # images decode off the loop
+        body = parse_json(await read_body(request, self.max_request_bytes, self.request_timeout_s))
+        job = await run_in_threadpool(parse_job, body, self.model, self.settings)  # long histories: off the loop
         queue = self.worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         streaming = False
@@ -480,23 +646,34 @@ class Service:
         return {**self.envelope(job, "chat.completion.chunk"), "choices": [choice]}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, at most `limit` bytes, all of it within `timeout_s` (a body that trickles in is cut off: 408)."""
     too_large = ApiError(413, f"the request body is over {limit:,} bytes (llava serve --max-request-mb raises the limit)",
                          code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for piece in request.stream():
-        body.extend(piece)
-        if len(body) > limit:
-            raise too_large
+
+    async def receive() -> None:
+        async for piece in request.stream():
+            body.extend(piece)
+            if len(body) > limit:
+                raise too_large
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (llava serve --request-timeout)",
+                       code="request_timeout") from None
     return bytes(body)
 
 
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     except ValueError:
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
 
@@ -530,25 +707,27 @@ def require_server_libraries() -> None:
         raise LlavaError("llava serve needs starlette and uvicorn: pip install 'llava-cli[serve]'")
 
 
-def run_serve(settings: Settings, host: str, port: int, api_key: str | None, max_request_mb: int) -> int:
-    """Load the model, serve until SIGINT (exit 130) or SIGTERM (exit 0)."""
+def run_serve(settings: Settings, options: ServeOptions) -> int:
+    """Load the model, serve until SIGINT (exit code 130) or SIGTERM (0). The caller should leave at
+    once (`cli.exit_now`): a forward may still be running, and torch's teardown takes seconds."""
     from llava_cli.session import load_engine
 
     require_server_libraries()
-    if max_request_mb < 1:
-        raise UsageError(f"--max-request-mb must be at least 1 (got {max_request_mb})")
-    if api_key is not None and not api_key.strip():
-        raise UsageError("--api-key is empty; give a key or leave the option (and LLAVA_API_KEY) out")
-    sock = bind(host, port)
-    service = Service(load_engine(settings), settings, api_key, max_request_mb * 2**20)
+    global VERBOSE
+    VERBOSE = settings.verbose
+    sock = bind(options.host, options.port)
+    service = Service(load_engine(settings), settings, options)
     url = local_url(sock)
     announced = write_server_file(url, settings.model)
     try:
-        log(f"serving {settings.model} at {url}/v1{' (API key required)' if api_key else ''}; Ctrl-C stops")
-        return serve_until_signal(service, sock, settings.verbose)
+        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}; Ctrl-C stops")
+        code = serve_until_signal(service, sock, settings.verbose)
     finally:
         remove_server_file(announced)
-        service.worker.stop()
+        finished = service.worker.stop()
+    if not finished:  # the engine is inside one long forward, and checks for the stop only between steps
+        log("the answer in progress did not stop in time; exiting without it")
+    return code
 
 
 def serve_until_signal(service: Service, sock: socket.socket, verbose: bool) -> int:
@@ -572,7 +751,7 @@ def serve_until_signal(service: Service, sock: socket.socket, verbose: bool) -> 
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             self.signals.append(sig)
-            service.worker.stopping.set()
+            service.worker.abandon()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -583,5 +762,7 @@ def serve_until_signal(service: Service, sock: socket.socket, verbose: bool) -> 
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = Server(config)
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).addFilter(one_line_records)
     asyncio.run(server.serve(sockets=[sock]))
     return EXIT_INTERRUPTED if signal.SIGINT in server.signals else EXIT_OK

@@ -21,6 +21,7 @@ DEFAULT_BATCH_SIZE = 1  # llava ask --each: images per forward pass
 DEFAULT_SERVER_HOST = "127.0.0.1"  # llava serve: this machine only unless --host says otherwise
 DEFAULT_SERVER_PORT = 8700  # clear of vLLM's 8000, llama.cpp's 8080 and Ollama's 11434
 DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images included
+DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive within this (slow-body clients)
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")

@@ -35,13 +35,13 @@ API_KEY = "sk-test-0123456789"
 class Server:
     """A `llava serve` subprocess, started at once; `url` (from the discovery file) waits until it is ready."""
 
-    def __init__(self, model: Path, folder: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, model: Path, folder: Path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> None:
         self.model = str(model)
         self.runtime = folder / "run"
         self.log_path = folder / "serve.log"
         self.env = cli_env(LLAVA_RUNTIME_DIR=str(self.runtime), **(env or {}))
         command = [sys.executable, "-m", "llava_cli", "serve", "--model", self.model, "--port", "0",
-                   "-n", str(MAX_NEW), "--max-request-mb", "1"]
+                   "-n", str(MAX_NEW), "--max-request-mb", "1", *options]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=self.env, preexec_fn=default_sigint)
 
@@ -62,6 +62,7 @@ class Server:
 
     def post(self, body: dict | bytes, **headers: str) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **headers}
         return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, timeout=120)
 
     def client_env(self, **extra: str) -> dict[str, str]:
@@ -73,10 +74,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model, tmp_path_factory):
+def servers(tiny_model, image_dir, tmp_path_factory):
     """Every server this module needs, started together so that their start-ups overlap."""
     started = {
-        "main": Server(tiny_model, tmp_path_factory.mktemp("serve")),
+        "main": Server(tiny_model, tmp_path_factory.mktemp("serve"), options=("--allowed-local-media-path", str(image_dir))),
         "keyed": Server(tiny_model, tmp_path_factory.mktemp("serve-keyed"), env={"LLAVA_API_KEY": API_KEY}),
         "doomed": Server(tiny_model, tmp_path_factory.mktemp("serve-doomed")),
     }

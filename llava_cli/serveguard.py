@@ -1,0 +1,148 @@
+"""Who and what `llava serve` accepts: the checks made before a request reaches the model.
+
+`ServeOptions` holds the server's network and access options, validated once. `Guard(options)`
+then answers, for each request, with a `Refusal` (HTTP status, message, error code) or None:
+
+- Host: the `Host` header must name the server as its clients reach it: `localhost`, an IP
+  address (a page cannot make a browser send another site's IP as Host, so IP literals are safe),
+  the `--host` it listens on, or a name given with `--allowed-host` (`*` turns the check off).
+  This defeats DNS rebinding, where a web page's own name is pointed at 127.0.0.1 (the attack of
+  Ollama's CVE-2024-28224; the check follows Ollama's fix).
+- Origin: a request carrying a browser `Origin` header (sent by web pages, never by API clients)
+  is refused with 403 unless `--allowed-origin` names that origin (or is `*`).
+- Content-Type: a POST must say `application/json` (415 otherwise), so a cross-site "simple"
+  form or `text/plain` POST, which browsers send without asking, is never parsed.
+- Local files: an `image_url` that is a path (or `file://` URL) is read only when
+  `--allowed-local-media-path DIR` is given and the path, with every symlink resolved, lies inside
+  DIR; `local_media(path)` returns the resolved path or raises `MediaRefused` with one message
+  for every reason (outside DIR, missing, not a file...), so a client learns nothing about the
+  server's disk. Reading itself goes through images.py's hardened reader.
+
+The API key can come from `--api-key-file` (read with safeio's hardened reader), LLAVA_API_KEY or
+`--api-key`; the last is visible to every local user in `ps`, so the help says to prefer the others.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llava_cli.errors import UsageError
+from llava_cli.safeio import read_regular
+from llava_cli.settings import DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+ANY = "*"
+MAX_API_KEY_FILE_BYTES = 4096  # a key is a line; anything longer is not a key file
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    message: str
+    code: str
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`llava serve`'s own options (the model's are in `Settings`), checked when built."""
+
+    host: str
+    port: int
+    api_key: str | None = None
+    max_request_mb: int = DEFAULT_MAX_REQUEST_MB
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    allowed_local_media_path: str | None = None
+    media_root: Path | None = field(default=None, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_request_mb < 1:
+            raise UsageError(f"--max-request-mb must be at least 1 (got {self.max_request_mb})")
+        if not self.request_timeout_s > 0:
+            raise UsageError(f"--request-timeout must be more than 0 seconds (got {self.request_timeout_s:g})")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("the API key is empty; give a key or leave --api-key, --api-key-file and LLAVA_API_KEY out")
+        for origin in self.allowed_origins:
+            if origin != ANY and ("://" not in origin or origin.endswith("/")):
+                raise UsageError(f"--allowed-origin {origin!r} is not an origin; write it as scheme://host[:port], e.g. http://localhost:3000")
+        if self.allowed_local_media_path is not None:
+            root = Path(self.allowed_local_media_path).expanduser()
+            if not root.is_dir():
+                raise UsageError(f"--allowed-local-media-path {self.allowed_local_media_path}: not a folder")
+            object.__setattr__(self, "media_root", Path(os.path.realpath(root)))
+
+
+def api_key_from_file(path: str) -> str:
+    """The key in `path` (surrounding whitespace removed); `UsageError` naming the file if unusable."""
+    try:
+        key = read_regular(Path(path).expanduser(), MAX_API_KEY_FILE_BYTES).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or "it is not UTF-8 text"
+        raise UsageError(f"cannot read the API key from --api-key-file {path}: {reason}") from None
+    if not key or "\n" in key:
+        raise UsageError(f"--api-key-file {path} must hold the key alone, on one line")
+    return key
+
+
+class MediaRefused(Exception):
+    """A local image path the server will not read; deliberately says nothing about why."""
+
+
+class Guard:
+    """The per-request checks of the module docstring."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.any_host = ANY in options.allowed_hosts
+        names = {options.host, *options.allowed_hosts} - WILDCARD_HOSTS
+        self.hosts = frozenset(name.lower().strip("[]") for name in names) | LOOPBACK_NAMES
+        self.any_origin = ANY in options.allowed_origins
+        self.origins = frozenset(origin.lower() for origin in options.allowed_origins)
+        self.media_root = options.media_root
+
+    def refusal(self, method: str, headers: dict[str, str]) -> Refusal | None:
+        """Why this request is refused before its body is read, or None."""
+        if not self.any_host and not self.host_allowed(headers.get("host", "")):
+            return Refusal(403, "this server does not answer to that Host name (llava serve --allowed-host NAME adds one)", "host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and not self.any_origin and origin.lower() not in self.origins:
+            return Refusal(403, "requests from web pages are refused (llava serve --allowed-origin ORIGIN allows one)", "origin_not_allowed")
+        if method == "POST" and media_type(headers.get("content-type", "")) != "application/json":
+            return Refusal(415, "send the request body as JSON with Content-Type: application/json", "unsupported_media_type")
+        return None
+
+    def host_allowed(self, header: str) -> bool:
+        host = host_name(header)
+        if host in self.hosts:
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+
+    def local_media(self, path: str) -> str:
+        """The real path of an image file the client may have read; `MediaRefused` otherwise (see module docstring)."""
+        if self.media_root is None:
+            raise MediaRefused("reading local files is off (no --allowed-local-media-path)")
+        real = Path(os.path.realpath(Path(path).expanduser()))
+        if not real.is_relative_to(self.media_root):
+            raise MediaRefused(f"{real} is outside {self.media_root}")
+        return str(real)
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port or IPv6 brackets, lower-case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    name, colon, port = header.rpartition(":")
+    return name if colon and port.isdigit() and ":" not in name else header
+
+
+def media_type(content_type: str) -> str:
+    return content_type.partition(";")[0].strip().lower()
