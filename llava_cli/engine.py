@@ -112,7 +112,13 @@ class PrefixCache:
     def truncate(self, keep: int, prompt: Prompt) -> None:
         drop = len(self.ids) - keep
         if drop and self.kv is not None:
-            self.kv.crop(-drop)
+            import torch
+
+            # Under inference mode, like the forwards that filled the cache: on a GPU a StaticCache's
+            # write position became an inference tensor there (`.to("cuda")` in its first prefill),
+            # and changing one in place outside inference mode raises.
+            with torch.inference_mode():
+                self.kv.crop(-drop)
         del self.ids[keep:]
         self.images = [(digest, span) for digest, span in image_keys(prompt) if span[1] <= keep]
 

@@ -20,6 +20,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from llava_cli.errors import LlavaError
+from llava_cli.settings import COMPILE_ATTENTION_REASON
+
+MASKED_ATTENTION = ("sdpa", "eager")  # the attentions that take the mask hiding a static cache's unused slots
 
 
 class ForwardPath(Protocol):
@@ -82,6 +85,8 @@ class CompiledPath:
     def __init__(self, model: Any, window: int, *, compile_step: bool = True) -> None:
         from transformers import StaticCache
 
+        if model.config._attn_implementation not in MASKED_ATTENTION:
+            raise LlavaError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
         self.model = model
         self.window = window
         self.cache = StaticCache(config=model.config, max_cache_len=window)

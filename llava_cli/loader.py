@@ -223,10 +223,12 @@ def pick_dtype(requested: str, device: str, torch: Any) -> Any:
     return getattr(torch, requested)
 
 
-def pick_attention(requested: str, device: str) -> str:
+def pick_attention(requested: str, device: str, compile: bool = False) -> str:
+    """auto: flash-attention 2 when installed on a GPU, else SDPA; always SDPA with --compile, whose
+    static cache holds empty and stale slots that only an attention mask hides (flash takes none)."""
     if requested != "auto":
         return requested
-    if device == "cuda":
+    if device == "cuda" and not compile:
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is not None:
@@ -290,7 +292,7 @@ def load_weights(settings: Settings, folder: Path, model_type: str, device: str,
             folder,
             dtype=dtype,
             device_map=device,  # straight to the target device, no CPU float32 detour
-            attn_implementation=pick_attention(settings.attn, device),
+            attn_implementation=pick_attention(settings.attn, device, settings.compile),
             quantization_config=quantization_config(settings, dtype),
             use_safetensors=None if settings.allow_pickle else True,  # None: safetensors first, else .bin
             trust_remote_code=settings.trust_remote_code,

@@ -25,6 +25,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive with
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
+# --compile's static cache holds empty and stale slots that only an attention mask hides.
+COMPILE_ATTENTION_REASON = "flash-attention 2 would attend over the static cache's empty and stale slots"
 
 
 def server_url(url: str) -> urllib.parse.SplitResult:
@@ -80,6 +82,8 @@ class Settings:
         _choice("attn", self.attn, ATTENTION_BACKENDS)
         if self.load_4bit and self.load_8bit:
             raise UsageError("--load-4bit and --load-8bit exclude each other: pick one")
+        if self.compile and self.attn == "flash_attention_2":
+            raise UsageError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
         if not 0.0 <= self.temperature <= 100.0:
             raise UsageError(f"--temperature must be between 0 and 100 (got {self.temperature})")
         if not 0.0 < self.top_p <= 1.0:
