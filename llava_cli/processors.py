@@ -3,13 +3,14 @@
 transformers builds the processors of some families (`processor_needs_torchvision` in families.py:
 LLaVA-OneVision, LLaVA-NeXT-Video) only together with a video processor, and every video processor
 needs torchvision, while their images need none. `image_parts_processor(folder, processor_class)`
-builds that processor class (the family row's) from the checkpoint's own files, without a video processor: the tokenizer, transformers' PIL
-image processor configured by `preprocessor_config.json` (or the `image_processor` entry of
-`processor_config.json`), the processor settings of `processor_config.json` (image token, tokens per
-image) and the chat template (`chat_template.jinja` or `chat_template.json`). Prompts, image-token
-counts and pixel values are then exactly transformers' own: the class's `apply_chat_template` and
-`replace_image_token`, and the PIL image processor's output. It takes images only; `images.py`
-refuses a video before it gets here. `torchvision_installed()` says which way to go.
+builds the family row's processor class from the checkpoint's own files, without a video
+processor: the tokenizer, transformers' PIL image processor configured by `preprocessor_config.json`
+(or the `image_processor` entry of `processor_config.json`), the processor settings of
+`processor_config.json` (image token, tokens per image) and the chat template (`chat_template.jinja`
+or `chat_template.json`). Prompts, image-token counts and pixel values are then exactly
+transformers' own: the class's `apply_chat_template` and `replace_image_token`, and the PIL image
+processor's output. It takes images only; `images.py` refuses a video before it gets here.
+`torchvision_installed()` says which way to go.
 """
 
 from __future__ import annotations

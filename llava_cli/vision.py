@@ -1,7 +1,7 @@
 """Images to model inputs for every LLaVA family: how many tokens each image takes, and its pixels.
 
-`VisionInputs(processor, tiling)` answers, for the images of one prompt, exactly what the checkpoint's own
-processor answers when `apply_chat_template` hands it the whole conversation
+`VisionInputs(processor, tiling)` answers, for the images of one prompt, exactly what the
+checkpoint's own processor answers when `apply_chat_template` hands it the whole conversation
 (`processor(text=prompt, images=[images])`):
 
 - `token_counts(images)`: how many image tokens each image placeholder widens to, by the family's
@@ -39,7 +39,7 @@ class VisionInputs:
     def __init__(self, processor: Any, tiling: Tiling) -> None:
         self.processor = processor
         self.image_processor = processor.image_processor
-        # Such a processor decides per prompt whether to tile (from `batch_num_images`): only a lone image is.
+        # Such a processor (OneVision's) decides per prompt whether to tile: only a lone image is tiled.
         self.tiles_per_prompt = tiling is Tiling.ANYRES_LONE_IMAGE
         self.memo: dict[tuple[str, bool], ProcessedImage] = {}
 
