@@ -87,7 +87,10 @@ MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(family.model_type for family 
 
 
 def text_model_type(config: Mapping[str, Any]) -> str:
-    return (config.get("text_config") or {}).get("model_type", DEFAULT_TEXT_MODEL)
+    """config.json's text model type; LlavaConfig's default where it names none (or no string)."""
+    text_config = config.get("text_config")
+    model_type = text_config.get("model_type") if isinstance(text_config, dict) else None
+    return model_type if isinstance(model_type, str) else DEFAULT_TEXT_MODEL
 
 
 def family_for(config: Mapping[str, Any]) -> Family:

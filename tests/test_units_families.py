@@ -121,6 +121,8 @@ def tiling_of(image_processor_class: str) -> Tiling:
         ({"model_type": "mistral"}, "llava-1.5", PromptStyle.LLAVA15),  # bakLlava
         ({"model_type": "qwen2"}, "llava-interleave", PromptStyle.CHAT_TEMPLATE),
         ({"model_type": "gemma"}, "llava (gemma)", PromptStyle.CHAT_TEMPLATE),
+        ("not a dict", "llava-1.5", PromptStyle.LLAVA15),  # a hostile config.json: LlavaConfig's default
+        ({"model_type": ["qwen2"]}, "llava-1.5", PromptStyle.LLAVA15),
     ],
 )
 def test_a_llava_checkpoint_is_told_apart_by_its_text_model(text_config, label, style):
