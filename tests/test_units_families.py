@@ -129,3 +129,14 @@ def test_a_llava_checkpoint_is_told_apart_by_its_text_model(text_config, label, 
     config = {"model_type": "llava"} | ({"text_config": text_config} if text_config else {})
     family = family_for(config)
     assert (family.label, family.prompt_style, family.model_class, family.tiling) == (label, style, "LlavaForConditionalGeneration", Tiling.FIXED)
+
+
+@pytest.mark.parametrize("model_type", [["llava"], {"llava": 1}, None])
+def test_a_model_type_that_is_not_a_string_is_refused_in_one_line(model_type, tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ModelError) as refused:
+        read_config("m", tmp_path)
+    assert str(refused.value) == (
+        f"m is a {model_type!r} model, not a LLaVA checkpoint (model_type llava, llava_next, llava_onevision, "
+        "llava_next_video); choose a LLaVA model such as llava-hf/llava-1.5-7b-hf"
+    )
