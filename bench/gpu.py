@@ -108,6 +108,7 @@ def build_loaded(shape: Shape, device: str, dtype):
     )
 
     from llava_cli.conversation import Llava15Format
+    from llava_cli.families import family_for
     from llava_cli.loader import LoadedModel
 
     started = time.perf_counter()
@@ -135,7 +136,7 @@ def build_loaded(shape: Shape, device: str, dtype):
     )
     return LoadedModel(
         name="random llava-1.5-7b-shaped", model=model, processor=processor, prompt_format=Llava15Format(),
-        device=device, dtype=str(dtype).removeprefix("torch."), load_seconds=time.perf_counter() - started,
+        family=family_for({"model_type": "llava"}), device=device, dtype=str(dtype).removeprefix("torch."), load_seconds=time.perf_counter() - started,
     )
 
 

@@ -6,8 +6,8 @@ plus an optional system text. It knows nothing about models: a `PromptFormat` re
 `Llava15Format` writes the documented llava-1.5 format exactly:
     [SYSTEM ]USER: <image>\n<prompt1> ASSISTANT: <answer1></s>USER: <prompt2> ASSISTANT:
 one `<image>` line per image, in the turn that added it. Other families use the checkpoint's own
-chat template (`ChatTemplateFormat`). The format is chosen from the checkpoint's config, never
-from its name.
+chat template (`ChatTemplateFormat`). `prompt_format_for` builds the format a family's row names
+(families.py: chosen from the checkpoint's config, never from its name).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llava_cli.errors import InputError, one_line
+from llava_cli.families import PromptStyle
 from llava_cli.images import ImageRef
 
 IMAGE_PLACEHOLDER = "<image>"
-LLAVA15_TEXT_MODELS = {"llama", "mistral"}  # llava-1.5, bakLlava: the USER:/ASSISTANT: format
 
 
 @dataclass
@@ -125,9 +125,9 @@ class ChatTemplateFormat:
             raise InputError(f"the chat template cannot render this conversation: {one_line(err)}") from None
 
 
-def prompt_format_for(model_type: str, text_model_type: str, processor: Any) -> PromptFormat | None:
-    """Pick the format from the checkpoint's config.json; None when it has no usable one."""
-    if model_type == "llava" and text_model_type in LLAVA15_TEXT_MODELS:
+def prompt_format_for(style: PromptStyle, processor: Any) -> PromptFormat | None:
+    """The format of a family's `style`; None when that is a chat template the checkpoint lacks."""
+    if style is PromptStyle.LLAVA15:
         return Llava15Format()
     if getattr(processor, "chat_template", None):
         return ChatTemplateFormat(processor)

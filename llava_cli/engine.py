@@ -136,7 +136,7 @@ class Engine:
         self.tokenizer = loaded.processor.tokenizer
         self.notify = notify
         self.cache = PrefixCache()
-        self.vision = VisionInputs(loaded.processor)
+        self.vision = VisionInputs(loaded.processor, loaded.family.tiling)
         self.last_stats = Stats(load_s=loaded.load_seconds)
         self.eos_ids = self.end_of_sequence_ids()
         self.path: ForwardPath = EagerPath(self.model)

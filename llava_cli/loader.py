@@ -6,10 +6,10 @@ through download.py (a complete cached snapshot with no network at all; else the
 downloaded, with short timeouts and a progress bar on a terminal's stderr). The checkpoint is checked
 before any weights are read (config, model type, weights, processor files), safetensors are
 loaded straight to the target device and dtype, and `trust_remote_code` is off unless asked for.
-The transformers class comes from config.json's `model_type` (`SUPPORTED_MODEL_TYPES`), the processor
-from transformers' AutoProcessor (or, for `BUILT_FROM_IMAGE_PARTS` families without torchvision, from
-the checkpoint's image parts: processors.py), the prompt format from `--chat-template`, else the family
-(`prompt_format_for`), and is checked to render a message with an image before any weights are read.
+config.json picks the family's row (families.py): the transformers class, the processor (transformers'
+AutoProcessor or, for a family whose processor needs torchvision when it is missing, the checkpoint's
+image parts: processors.py) and the prompt format (`--chat-template`, else the family's:
+`prompt_format_for`), checked to render a message with an image before any weights are read.
 This module never prints (download.py draws its progress bar).
 """
 
@@ -22,23 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli.conversation import LLAVA15_TEXT_MODELS, ChatTemplateFormat, Conversation, PromptFormat, prompt_format_for
+from llava_cli.conversation import ChatTemplateFormat, Conversation, PromptFormat, prompt_format_for
 from llava_cli.errors import LlavaError, ModelError, UsageError, one_line
+from llava_cli.families import FAMILIES, MODEL_TYPES, Family, family_for
 from llava_cli.images import ImageRef
 from llava_cli.processors import image_parts_processor, torchvision_installed
 from llava_cli.settings import Settings
 
-# config.json's model_type -> the transformers class made for it (never chosen from the model's name)
-SUPPORTED_MODEL_TYPES = {
-    "llava": "LlavaForConditionalGeneration",  # llava-1.5, bakLlava, llava-interleave
-    "llava_next": "LlavaNextForConditionalGeneration",  # llava-v1.6 (LLaVA-NeXT)
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-}
-FAMILIES = {"llava_next": "llava-next", "llava_onevision": "llava-onevision", "llava_next_video": "llava-next-video"}
-# transformers builds these families' processors only with a video processor, which needs torchvision;
-# without torchvision their processors are built from the checkpoint's image parts (processors.py).
-BUILT_FROM_IMAGE_PARTS = {"llava_onevision", "llava_next_video"}
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
@@ -51,6 +41,7 @@ class LoadedModel:
     model: Any
     processor: Any
     prompt_format: PromptFormat
+    family: Family
     device: str
     dtype: str
     load_seconds: float
@@ -65,20 +56,22 @@ def load_model(settings: Settings, folder: Path | None = None) -> LoadedModel:
     started = time.perf_counter()
     folder = folder or resolve_model(settings.model)
     config = read_config(settings.model, folder)
+    family = family_for(config)
     check_weights(settings.model, folder, settings.allow_pickle)
     import torch
 
     device = pick_device(settings.device, torch)
     dtype = pick_dtype(settings.dtype, device, torch)
-    processor = load_processor(settings, folder, config["model_type"])
+    processor = load_processor(settings, folder, family)
     check_image_token(settings.model, config, processor)
-    prompt_format = choose_prompt_format(settings, config, processor)
-    model = load_weights(settings, folder, config["model_type"], device, dtype, torch)
+    prompt_format = choose_prompt_format(settings, family, processor)
+    model = load_weights(settings, folder, family, device, dtype, torch)
     return LoadedModel(
         name=settings.model,
         model=model,
         processor=processor,
         prompt_format=prompt_format,
+        family=family,
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         load_seconds=time.perf_counter() - started,
@@ -112,37 +105,22 @@ def read_config(name: str, folder: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ModelError(f"{name}/config.json cannot be read ({err}); re-download the model") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         raise ModelError(
             f"{name} is a {model_type!r} model, not a LLaVA checkpoint "
-            f"(model_type {', '.join(SUPPORTED_MODEL_TYPES)}); choose a LLaVA model such as llava-hf/llava-1.5-7b-hf"
+            f"(model_type {', '.join(MODEL_TYPES)}); choose a LLaVA model such as {FAMILIES[0].example}"
         )
     return config
 
 
-def text_model_type(config: dict[str, Any]) -> str:
-    return (config.get("text_config") or {}).get("model_type", "llama")  # LlavaConfig's default
-
-
-def family_name(config: dict[str, Any]) -> str:
-    """The LLaVA family a supported config.json describes, e.g. llava-1.5, llava-interleave, llava-next."""
-    model_type = config["model_type"]
-    if model_type != "llava":
-        return FAMILIES[model_type]
-    text_model = text_model_type(config)
-    if text_model in LLAVA15_TEXT_MODELS:
-        return "llava-1.5"
-    return "llava-interleave" if text_model == "qwen2" else f"llava ({text_model})"
-
-
-def choose_prompt_format(settings: Settings, config: dict[str, Any], processor: Any) -> PromptFormat:
+def choose_prompt_format(settings: Settings, family: Family, processor: Any) -> PromptFormat:
     """--chat-template when given, else the family's format; checked to render and to place images."""
     if settings.chat_template:
         processor.chat_template = read_chat_template(settings.chat_template)
         prompt_format: PromptFormat | None = ChatTemplateFormat(processor)
         source = f"the chat template in {settings.chat_template}"
     else:
-        prompt_format = prompt_format_for(config["model_type"], text_model_type(config), processor)
+        prompt_format = prompt_format_for(family.prompt_style, processor)
         source = f"{settings.model}'s chat template"
     if prompt_format is None:
         raise ModelError(
@@ -236,13 +214,13 @@ def pick_attention(requested: str, device: str, compile: bool = False) -> str:
     return "sdpa"
 
 
-def load_processor(settings: Settings, folder: Path, model_type: str) -> Any:
+def load_processor(settings: Settings, folder: Path, family: Family) -> Any:
     """transformers' AutoProcessor, or the same processor from its image parts where that needs torchvision."""
     from transformers import AutoProcessor
 
     try:
-        if model_type in BUILT_FROM_IMAGE_PARTS and not torchvision_installed():
-            processor = image_parts_processor(folder, model_type, settings.trust_remote_code)
+        if family.processor_needs_torchvision and not torchvision_installed():
+            processor = image_parts_processor(folder, family.processor_class, settings.trust_remote_code)
         else:
             processor = AutoProcessor.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
     except Exception as err:
@@ -282,11 +260,11 @@ def quantization_config(settings: Settings, dtype: Any) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
-def load_weights(settings: Settings, folder: Path, model_type: str, device: str, dtype: Any, torch: Any) -> Any:
+def load_weights(settings: Settings, folder: Path, family: Family, device: str, dtype: Any, torch: Any) -> Any:
     import transformers
     from safetensors import SafetensorError
 
-    model_class = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type])
+    model_class = getattr(transformers, family.model_class)
     try:
         model = model_class.from_pretrained(
             folder,

@@ -1,15 +1,16 @@
 """A checkpoint's processor built from its image parts, for when transformers cannot build the whole one.
 
-transformers builds the processors of some families (`loader.BUILT_FROM_IMAGE_PARTS`: LLaVA-OneVision,
-LLaVA-NeXT-Video) only together with a video processor, and every video processor needs torchvision,
-while their images need none. `image_parts_processor(folder, model_type)` builds the same processor
-class from the checkpoint's own files, without a video processor: the tokenizer, transformers' PIL
-image processor configured by `preprocessor_config.json` (or the `image_processor` entry of
-`processor_config.json`), the processor settings of `processor_config.json` (image token, tokens per
-image) and the chat template (`chat_template.jinja` or `chat_template.json`). Prompts, image-token
-counts and pixel values are then exactly transformers' own: the class's `apply_chat_template` and
-`replace_image_token`, and the PIL image processor's output. It takes images only; `images.py`
-refuses a video before it gets here. `torchvision_installed()` says which way to go.
+transformers builds the processors of some families (`processor_needs_torchvision` in families.py:
+LLaVA-OneVision, LLaVA-NeXT-Video) only together with a video processor, and every video processor
+needs torchvision, while their images need none. `image_parts_processor(folder, processor_class)`
+builds the family row's processor class from the checkpoint's own files, without a video
+processor: the tokenizer, transformers' PIL image processor configured by `preprocessor_config.json`
+(or the `image_processor` entry of `processor_config.json`), the processor settings of
+`processor_config.json` (image token, tokens per image) and the chat template (`chat_template.jinja`
+or `chat_template.json`). Prompts, image-token counts and pixel values are then exactly
+transformers' own: the class's `apply_chat_template` and `replace_image_token`, and the PIL image
+processor's output. It takes images only; `images.py` refuses a video before it gets here.
+`torchvision_installed()` says which way to go.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ def torchvision_installed() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def image_parts_processor(folder: Path, model_type: str, trust_remote_code: bool = False) -> Any:
-    """`model_type`'s transformers processor, built from `folder`'s files with no video processor."""
+def image_parts_processor(folder: Path, processor_class_name: str, trust_remote_code: bool = False) -> Any:
+    """The transformers processor class `processor_class_name`, built from `folder`'s files with no video processor."""
+    import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    processor_class = without_video_processor(processor_class_for(model_type))
+    processor_class = without_video_processor(getattr(transformers, processor_class_name))
     parts = {
         "tokenizer": AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code),
         "image_processor": AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=trust_remote_code),
@@ -36,14 +38,6 @@ def image_parts_processor(folder: Path, model_type: str, trust_remote_code: bool
     # In the order of the class's own parts; the video processor's place stays empty.
     ordered = [parts.get(name) for name in processor_class.get_attributes()]
     return processor_class.from_args_and_dict(ordered, settings)
-
-
-def processor_class_for(model_type: str) -> type:
-    """The processor class transformers' AutoProcessor uses for `model_type`."""
-    import transformers
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-    return getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
 
 
 def without_video_processor(processor_class: type) -> type:

@@ -1,14 +1,14 @@
 """Images to model inputs for every LLaVA family: how many tokens each image takes, and its pixels.
 
-`VisionInputs(processor)` answers, for the images of one prompt, exactly what the checkpoint's own
-processor answers when `apply_chat_template` hands it the whole conversation
+`VisionInputs(processor, tiling)` answers, for the images of one prompt, exactly what the
+checkpoint's own processor answers when `apply_chat_template` hands it the whole conversation
 (`processor(text=prompt, images=[images])`):
 
-- `token_counts(images)`: how many image tokens each image placeholder widens to. llava-1.5 and
-  llava-interleave: a fixed number; LLaVA-NeXT (and -Video): it depends on each image's size
-  (anyres tiles); LLaVA-OneVision: anyres tiles when the prompt holds one image, only the base
-  tile (and a newline) when it holds several. The count is the processor's own
-  `replace_image_token`, so it cannot drift from what plain `transformers` does.
+- `token_counts(images)`: how many image tokens each image placeholder widens to, by the family's
+  `Tiling` (families.py). llava-1.5 and llava-interleave: a fixed number; LLaVA-NeXT (and -Video):
+  it depends on each image's size (anyres tiles); LLaVA-OneVision: anyres tiles when the prompt
+  holds one image, only the base tile (and a newline) when it holds several. The count is the
+  processor's own `replace_image_token`, so it cannot drift from what plain `transformers` does.
 - `model_inputs(images, skip)`: the forward's image arguments for `images[skip:]` (the images not
   in the KV cache yet): `pixel_values` as one 4-D batch of tiles, plus `image_sizes` and
   `batch_num_images` for the families whose image processor returns them.
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llava_cli.families import Tiling
 from llava_cli.images import ImageRef
 
 
@@ -35,11 +36,11 @@ class ProcessedImage:
 class VisionInputs:
     """The image side of prompt building for one loaded processor; see the module docstring."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, tiling: Tiling) -> None:
         self.processor = processor
         self.image_processor = processor.image_processor
-        # OneVision's processor decides per prompt whether to tile: only a lone image is tiled.
-        self.tiles_per_prompt = "batch_num_images" in self.image_processor.model_input_names
+        # Such a processor (OneVision's) decides per prompt whether to tile: only a lone image is tiled.
+        self.tiles_per_prompt = tiling is Tiling.ANYRES_LONE_IMAGE
         self.memo: dict[tuple[str, bool], ProcessedImage] = {}
 
     def clear(self) -> None:

@@ -25,28 +25,19 @@ from cli_runner import BytesStdout, invoke
 from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
 from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
 from llava_cli.engine import Engine
+from llava_cli.families import FAMILIES as ROWS, family_for
 from llava_cli.images import load_image
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings
 
 MAX_NEW = 10
 README = Path(__file__).resolve().parent.parent / "README.md"
-MODEL_CLASSES = {
-    "llava-1.5": "LlavaForConditionalGeneration",
-    "llava-interleave": "LlavaForConditionalGeneration",
-    "llava-next": "LlavaNextForConditionalGeneration",
-    "llava-onevision": "LlavaOnevisionForConditionalGeneration",
-    "llava-next-video": "LlavaNextVideoForConditionalGeneration",
-}
+ROW = {family.label: family for family in ROWS}
 # The hub id README's example uses for each family.
-README_IDS = {
-    "llava-1.5": "llava-hf/llava-1.5-7b-hf",
-    "llava-interleave": "llava-hf/llava-interleave-qwen-0.5b-hf",
-    "llava-next": "llava-hf/llava-v1.6-mistral-7b-hf",
-    "llava-onevision": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-    "llava-next-video": "llava-hf/LLaVA-NeXT-Video-7B-hf",
-}
-# The families whose processor transformers builds only with torchvision, and their PIL image processors.
+README_IDS = {family.label: family.example for family in ROWS}
+# The families whose processor transformers builds only with torchvision ...
+IMAGE_PARTS_FAMILIES = [family.label for family in ROWS if family.processor_needs_torchvision]
+# ... and the PIL image processor of each, for their reference.
 PIL_IMAGE_PROCESSORS = {"llava-onevision": "LlavaOnevisionImageProcessorPil", "llava-next-video": "LlavaNextImageProcessorPil"}
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 SCRIPT = [
@@ -118,7 +109,7 @@ class ImagePartsReference(FamilyReference):
 
 
 def make_reference(family: str, folder: Path) -> FamilyReference:
-    if family in PIL_IMAGE_PROCESSORS and not HAS_TORCHVISION:
+    if family in IMAGE_PARTS_FAMILIES and not HAS_TORCHVISION:
         return ImagePartsReference(folder, PIL_IMAGE_PROCESSORS[family])
     return FamilyReference(folder)
 
@@ -177,7 +168,7 @@ def family(request, checkpoints, references):
 
 
 def test_each_family_loads_through_its_own_class_and_prompt_format(family):
-    assert type(family.loaded.model).__name__ == MODEL_CLASSES[family.name]
+    assert type(family.loaded.model).__name__ == ROW[family.name].model_class
     assert type(family.loaded.prompt_format) is (Llava15Format if family.name == "llava-1.5" else ChatTemplateFormat)
 
 
@@ -387,11 +378,10 @@ def test_readme_family_example_runs_offline_from_the_hub_cache(family_name, hub_
 # LLaVA-OneVision and LLaVA-NeXT-Video from their image parts (the way they load without torchvision) --
 
 
-@pytest.mark.parametrize(
-    "family_name, processor_class, video_processor_type",
-    [("llava-onevision", "LlavaOnevisionProcessor", "LlavaOnevisionVideoProcessor"), ("llava-next-video", "LlavaNextVideoProcessor", "LlavaNextVideoVideoProcessor")],
-)
-def test_video_family_checkpoints_are_laid_out_as_the_hub_repos(checkpoints, family_name, processor_class, video_processor_type):
+@pytest.mark.parametrize("family_name", IMAGE_PARTS_FAMILIES)
+def test_video_family_checkpoints_are_laid_out_as_the_hub_repos(checkpoints, family_name):
+    processor_class = ROW[family_name].processor_class  # e.g. LlavaOnevisionProcessor
+    video_processor_type = processor_class.removesuffix("Processor") + "VideoProcessor"  # LlavaOnevisionVideoProcessor
     folder = checkpoints(family_name)
     config = {name: json.loads((folder / name).read_text()) for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")}
     assert config["processor_config.json"]["processor_class"] == processor_class
@@ -410,7 +400,7 @@ def without_torchvision(monkeypatch):
     monkeypatch.setattr(llava_cli.processors, "torchvision_installed", lambda: False)
 
 
-@pytest.mark.parametrize("family_name", PIL_IMAGE_PROCESSORS)
+@pytest.mark.parametrize("family_name", IMAGE_PARTS_FAMILIES)
 def test_image_parts_give_the_pixels_of_transformers_pil_image_processor_and_the_models_token_counts(
     family_name, checkpoints, images, tmp_path, without_torchvision
 ):
@@ -420,15 +410,15 @@ def test_image_parts_give_the_pixels_of_transformers_pil_image_processor_and_the
     from llava_cli.vision import VisionInputs
 
     folder = checkpoints(family_name)
-    model_type = json.loads((folder / "config.json").read_text())["model_type"]
-    processor = load_processor(Settings(model=str(folder)), folder, model_type)
+    row = family_for(json.loads((folder / "config.json").read_text()))
+    processor = load_processor(Settings(model=str(folder)), folder, row)
     assert processor.video_processor is None
     Image.new("RGB", (20, 90), (250, 200, 0)).save(tmp_path / "tall.png")  # a 1x3 grid: fewer tiles than the others
     reference = ImagePartsReference(folder, PIL_IMAGE_PROCESSORS[family_name])
     for names in (["red"], ["tall"], ["red", "tall", "blue"]):
         paths = [tmp_path / "tall.png" if name == "tall" else images[name] for name in names]
         expected = reference.pixels([user("?", paths)])
-        vision = VisionInputs(processor)
+        vision = VisionInputs(processor, row.tiling)
         refs = [load_image(str(path)) for path in paths]
         tiles = [image.pixel_values.reshape(-1, *image.pixel_values.shape[-3:]) for image in vision.prepare(refs)]
         for index, image_tiles in enumerate(tiles):  # the processor pads every image to the most tiles
@@ -444,7 +434,7 @@ def torch_equal(left, right) -> bool:
     return torch.equal(left, right)
 
 
-@pytest.mark.parametrize("family_name", PIL_IMAGE_PROCESSORS)
+@pytest.mark.parametrize("family_name", IMAGE_PARTS_FAMILIES)
 def test_ask_each_with_batches_of_two_answers_each_image_as_plain_transformers(family_name, checkpoints, references, images, monkeypatch):
     question = "What is in this picture?"
     paths = [images["red"], images["green"], images["blue"]]

@@ -3,11 +3,12 @@
 `build_checkpoint` writes a llava-1.5 shaped one: a CLIP vision tower, a two-layer MLP projector, a
 Llama decoder, a byte-level BPE tokenizer trained here with `<image>` as a special token, and a
 `LlavaProcessor` with a chat template. `build_family_checkpoint(family, folder)` writes one of each
-LLaVA family (`FAMILIES`) the way the llava-hf checkpoints are laid out: llava-interleave (SigLIP +
-Qwen2, ChatML tokens), LLaVA-NeXT and llava-next-video (CLIP + Llama with anyres tiling),
-LLaVA-OneVision (SigLIP + Qwen2 with anyres tiling). OneVision and NeXT-Video processors are written
-file by file as their hub repos hold them (`HubLayoutProcessor`), since transformers builds them only
-with torchvision. Hidden sizes are multiples of 64 so bitsandbytes 4-bit runs on the CPU.
+LLaVA family (`FAMILIES`: the labels of llava_cli/families.py's rows; `FAMILY_BUILDERS` has one
+builder per label) the way the llava-hf checkpoints are laid out: llava-interleave (SigLIP + Qwen2,
+ChatML tokens), LLaVA-NeXT and llava-next-video (CLIP + Llama with anyres tiling), LLaVA-OneVision
+(SigLIP + Qwen2 with anyres tiling). OneVision and NeXT-Video processors are written file by file
+as their hub repos hold them (`HubLayoutProcessor`), since transformers builds them only with
+torchvision. Hidden sizes are multiples of 64 so bitsandbytes 4-bit runs on the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from llava_cli import families
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -61,7 +64,7 @@ MISTRAL_TEMPLATE = (
 # Tiles of 32x32: 1x2, 2x1, 2x2, 1x3 and 3x1 grids, as llava-v1.6 uses 336-pixel tiles.
 GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 CROP_SIZE = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "llava-onevision", "llava-next-video")
+FAMILIES = tuple(family.label for family in families.FAMILIES)
 
 
 def build_tokenizer(*, chatml: bool = False, video: bool = False):
