@@ -63,6 +63,7 @@ from llava_cli.discovery import remove_server_file, write_server_file
 from llava_cli.engine import Engine
 from llava_cli.errors import EXIT_INTERRUPTED, EXIT_OK, ContextError, InputError, LlavaError, UsageError, one_line
 from llava_cli.images import MAX_IMAGE_SIDE, ImageRef, image_from_bytes, load_image
+from llava_cli.options import REQUEST_FIELDS
 from llava_cli.serveguard import Guard, MediaRefused, ServeOptions
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
@@ -81,15 +82,6 @@ LOCAL_IMAGE_REFUSED = (
     "server's --allowed-local-media-path and is an image)"
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# request field -> Settings field
-REQUEST_OPTIONS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "max_tokens": "max_new_tokens",
-    "max_completion_tokens": "max_new_tokens",
-    "seed": "seed",
-}
-INTEGER_OPTIONS = {"max_new_tokens", "seed"}
 
 
 VERBOSE = False  # --verbose: also log why requests were refused (details a client is not told)
@@ -214,14 +206,13 @@ def optional(body: dict[str, Any], key: str, kind: type, described: str, prefix:
 def request_settings(body: dict[str, Any], base: Settings) -> Settings:
     """The server's settings with this request's sampling options applied (validated again)."""
     changes: dict[str, Any] = {}
-    for key, name in REQUEST_OPTIONS.items():
+    for key, option in REQUEST_FIELDS.items():
         value = body.get(key)
         if value is None:
             continue
-        wanted = int if name in INTEGER_OPTIONS else (int, float)
-        if isinstance(value, bool) or not isinstance(value, wanted):
-            raise ApiError(400, f"`{key}` must be {'an integer' if wanted is int else 'a number'}", param=key)
-        changes[name] = value if name in INTEGER_OPTIONS else float(value)
+        if isinstance(value, bool) or not isinstance(value, option.json_kinds):
+            raise ApiError(400, f"`{key}` must be {option.json_described}", param=key)
+        changes[option.name] = option.kind(value)
     try:
         return dataclasses.replace(base, **changes)
     except UsageError as err:
