@@ -11,7 +11,7 @@ panel and metavar. Everything else is built from `OPTIONS`:
 - settings.py: `Settings` validates each field with its row's `check` (one place for ranges);
 - commands.py: `/set KEY VALUE` (`SETTABLE`, `Option.parse_text`) and its help line;
 - store.py: what a conversation saves and restores (`SAVED`, `Option.json_kinds`);
-- server.py: which request fields are read and their JSON types (`REQUEST_FIELDS`);
+- apirequest.py (llava serve): which request fields are read and their JSON types (`REQUEST_FIELDS`);
 - remote.py: the request fields sent to a server, only those the user chose (`request_fields`).
 
 This module is a leaf: it imports nothing of llava-cli but errors.py, and nothing heavy.

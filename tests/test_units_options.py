@@ -15,7 +15,7 @@ from typing import Any, Optional
 import pytest
 import typer
 
-from llava_cli import server
+from llava_cli import apirequest
 from llava_cli.cli import app
 from llava_cli.commands import COMMAND_HELP, changed_settings
 from llava_cli.conversation import Conversation
@@ -144,14 +144,14 @@ def test_every_request_field_is_read_and_the_one_sent_is_read_back(option):
     if not option.request:
         return
     for field in option.request:
-        assert getattr(server.request_settings({field: sample(option)}, Settings()), option.name) == sample(option)
-        with pytest.raises(server.ApiError) as wrong_type:
-            server.request_settings({field: "7"}, Settings())
+        assert getattr(apirequest.request_settings({field: sample(option)}, Settings()), option.name) == sample(option)
+        with pytest.raises(apirequest.ApiError) as wrong_type:
+            apirequest.request_settings({field: "7"}, Settings())
         assert (wrong_type.value.status, wrong_type.value.param) == (400, field)
     chosen = Settings(**{option.name: sample(option)}, chosen=frozenset({option.name}))
     sent = request_fields(chosen)
     assert sent == {option.request[0]: sample(option)}
-    assert getattr(server.request_settings(sent, Settings()), option.name) == sample(option)
+    assert getattr(apirequest.request_settings(sent, Settings()), option.name) == sample(option)
     assert request_fields(Settings(**{option.name: sample(option)})) == {}  # not chosen: not sent
 
 
