@@ -48,7 +48,8 @@ LOCAL_IMAGE_REFUSED = (
     "the image cannot be used: send it as a data: URL (a path is read only when it lies under the "
     "server's --allowed-local-media-path and is an image)"
 )
-# request field -> Settings field
+
+
 class ApiError(Exception):
     """A refused request: its HTTP status and the OpenAI-style error it is answered with."""
 
