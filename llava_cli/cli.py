@@ -20,22 +20,8 @@ import typer
 
 from llava_cli import __version__
 from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, UsageError, one_line
-from llava_cli.settings import (
-    ATTENTION_BACKENDS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_MAX_REQUEST_MB,
-    DEFAULT_REQUEST_TIMEOUT_S,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MODEL,
-    DEFAULT_SERVER_HOST,
-    DEFAULT_SERVER_PORT,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    DEVICES,
-    DTYPES,
-    Settings,
-)
+from llava_cli.options import OPTIONS, Option
+from llava_cli.settings import DEFAULT_BATCH_SIZE, DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings
 from llava_cli.terminal import emit_error
 from llava_cli.usage import preflight
 
@@ -49,46 +35,25 @@ app = typer.Typer(
 )
 
 
-def option(*names: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, help=help, show_default=True, **kwargs)
-
-
-MODEL_HELP = "Model options"
-GENERATION_HELP = "Generation options"
 BATCH_HELP = "Many images (one answer each)"
 SESSION_HELP = "Saved conversations"
 NO_SAVE = typer.Option("--no-save", help="Do not save this conversation (nor update a resumed one).", rich_help_panel=SESSION_HELP)
 DROP_MISSING = typer.Option("--drop-missing-images", help="Continue a conversation without its images that have vanished or changed.", rich_help_panel=SESSION_HELP)
-# name -> (type, default, typer.Option): the options every command takes, in --help order.
-SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
-    "model": (str, DEFAULT_MODEL, option("--model", "-m", envvar="LLAVA_MODEL", metavar="MODEL", help="Hub id (org/name) or local folder.", rich_help_panel=MODEL_HELP)),
-    "device": (str, "auto", option("--device", metavar="DEVICE", help=f"{'|'.join(DEVICES)}; auto picks CUDA when present.", rich_help_panel=MODEL_HELP)),
-    "dtype": (str, "auto", option("--dtype", metavar="DTYPE", help=f"{'|'.join(DTYPES)}; auto is float16 on GPU, float32 on CPU.", rich_help_panel=MODEL_HELP)),
-    "attn": (str, "auto", option("--attn", metavar="BACKEND", help=f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", rich_help_panel=MODEL_HELP)),
-    "compile": (bool, False, option("--compile", help="Static KV cache + torch.compile for faster decoding in long chats; the first answer pays for compiling.", rich_help_panel=MODEL_HELP)),
-    "load_4bit": (bool, False, option("--load-4bit", help="Quantize to 4-bit NF4 with bitsandbytes.", rich_help_panel=MODEL_HELP)),
-    "load_8bit": (bool, False, option("--load-8bit", help="Quantize to 8-bit with bitsandbytes.", rich_help_panel=MODEL_HELP)),
-    "trust_remote_code": (bool, False, option("--trust-remote-code", help="Run Python code shipped in the model repo. Only for repos you trust.", rich_help_panel=MODEL_HELP)),
-    "allow_pickle": (bool, False, option("--allow-pickle", help="Load pickle (.bin) weights, which can run code. Only for repos you trust.", rich_help_panel=MODEL_HELP)),
-    "max_image_pixels": (int, DEFAULT_MAX_IMAGE_PIXELS, option("--max-image-pixels", help="Refuse larger images (decompression-bomb guard).", rich_help_panel=MODEL_HELP)),
-    "temperature": (float, DEFAULT_TEMPERATURE, option("--temperature", "-t", help="0 is greedy (deterministic).", rich_help_panel=GENERATION_HELP)),
-    "top_p": (float, DEFAULT_TOP_P, option("--top-p", help="Nucleus sampling threshold (with temperature > 0).", rich_help_panel=GENERATION_HELP)),
-    "max_new_tokens": (int, DEFAULT_MAX_NEW_TOKENS, option("--max-new-tokens", "-n", help="Longest answer, in tokens.", rich_help_panel=GENERATION_HELP)),
-    "seed": (Optional[int], None, option("--seed", help="Seed for sampling, for repeatable answers.", rich_help_panel=GENERATION_HELP)),
-    "system": (Optional[str], None, option("--system", help="System text placed before the first message.", rich_help_panel=GENERATION_HELP)),
-    "chat_template": (Optional[str], None, option("--chat-template", metavar="FILE", help="Jinja chat template (or chat_template.json) to prompt with, instead of the model's own.", rich_help_panel=GENERATION_HELP)),
-    "max_context": (Optional[int], None, option("--max-context", help="Use at most this many tokens of context.", rich_help_panel=GENERATION_HELP)),
-    "raw": (bool, False, option("--raw", help="Write model output to a terminal unfiltered (escape sequences included).")),
-    "verbose": (bool, False, option("--verbose", "-v", help="Show library warnings, load details and per-answer figures on stderr.")),
-}
 
 
-SERVER_HELP = "Answer through a server"
-# The commands that can answer through a server (ask, chat) also take these; `llava serve` does not.
-CLIENT_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
-    "server": (Optional[str], None, option("--server", envvar="LLAVA_SERVER", metavar="URL", help="Send the conversation to this OpenAI-compatible server (llava serve, vLLM, llama.cpp, Ollama) instead of loading the model.", rich_help_panel=SERVER_HELP)),
-    "no_server": (bool, False, option("--no-server", envvar="LLAVA_NO_SERVER", help="Load the model here: ignore --server, LLAVA_SERVER and any running llava serve.", rich_help_panel=SERVER_HELP)),
-}
+def typer_option(option: Option) -> tuple[Any, Any, Any]:
+    """(type, default, typer.Option) for a row of the option table."""
+    kind = Optional[option.kind] if option.optional else option.kind
+    info = typer.Option(
+        *option.flags, help=option.help, show_default=True, metavar=option.metavar, envvar=option.envvar, rich_help_panel=option.panel
+    )
+    return kind, option.default, info
+
+
+# name -> (type, default, typer.Option): the options every command takes, in --help order (options.py declares them).
+SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {name: typer_option(option) for name, option in OPTIONS.items() if not option.client}
+# The commands that can answer through a server (ask, chat) also take these (--server, --no-server); `llava serve` does not.
+CLIENT_OPTIONS: dict[str, tuple[Any, Any, Any]] = {name: typer_option(option) for name, option in OPTIONS.items() if option.client}
 
 
 def with_settings(command: Callable[..., int], options: dict[str, tuple[Any, Any, Any]] = SHARED_OPTIONS) -> Callable[..., None]:

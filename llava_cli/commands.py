@@ -19,8 +19,8 @@ from llava_cli.clipboard import copy_to_clipboard
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.images import ImageRef
+from llava_cli.options import SAVED, SETTABLE
 from llava_cli.store import (
-    SAVED_SETTINGS,
     Recorder,
     SessionStore,
     describe_settings,
@@ -42,7 +42,7 @@ COMMAND_HELP = [
     ("/retry", "answer the last message again"),
     ("/undo", "drop the last message and its answer"),
     ("/system [TEXT|off]", "show, set or remove the system text (applies to the whole conversation)"),
-    ("/set [KEY VALUE]", "show or change temperature, top-p, max-new-tokens, seed, max-context"),
+    ("/set [KEY VALUE]", f"show or change {', '.join(SETTABLE)}"),
     ("/show", "model, device, settings, context used, where the conversation is saved"),
     ("/images", "the images in the conversation and the turn each belongs to"),
     ("/save [NAME]", "save now, optionally under a name for /load and --resume"),
@@ -64,20 +64,6 @@ def help_text(columns: int) -> str:
     """/help laid out for a terminal `columns` wide: commands in a table, notes wrapped between words."""
     notes = textwrap.wrap(HELP_NOTES, columns, break_long_words=False, break_on_hyphens=False)
     return "\n".join(["Type a message and press Enter. Commands:", *table(COMMAND_HELP, columns), *notes])
-
-
-def optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "off") else int(text)
-
-
-# /set KEY: (Settings field, parser of the typed value, what the value must be)
-SETTABLE: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "temperature": ("temperature", float, "a number"),
-    "top-p": ("top_p", float, "a number"),
-    "max-new-tokens": ("max_new_tokens", int, "a whole number"),
-    "seed": ("seed", optional_int, "a whole number or none"),
-    "max-context": ("max_context", optional_int, "a whole number or none"),
-}
 
 
 class ReplCommands:
@@ -152,11 +138,11 @@ class ReplCommands:
         self.autosave()
 
     def setting(self, name: str) -> Any:
-        value = getattr(self.settings, SETTABLE[name][0])
+        value = getattr(self.settings, SETTABLE[name].name)
         return "none" if value is None else value
 
     def settings_text(self) -> str:
-        return describe_settings({key: getattr(self.settings, key) for key in SAVED_SETTINGS})
+        return describe_settings({key: getattr(self.settings, key) for key in SAVED})
 
     def show(self, _: str) -> None:
         self.io.info("\n".join(f"{label:<9} {value}" for label, value in self.facts()))
@@ -252,12 +238,12 @@ class ReplCommands:
 
 def changed_settings(settings: Settings, name: str, text: str) -> Settings:
     """`settings` with one value changed; the new value is checked as the command-line option is."""
-    field, parse, kind = SETTABLE[name]
+    option = SETTABLE[name]
     try:
-        value = parse(text)
+        value = option.parse_text(text)
     except ValueError:
-        raise InputError(f"{name} must be {kind} (got {text!r})") from None
+        raise InputError(f"{name} must be {option.described} (got {text!r})") from None
     try:
-        return dataclasses.replace(settings, **{field: value}, chosen=settings.chosen | {field})
+        return dataclasses.replace(settings, **{option.name: value}, chosen=settings.chosen | {option.name})
     except UsageError as err:
         raise InputError(str(err).removeprefix("--")) from None

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from llava_cli.errors import InputError, one_line
 from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
-from llava_cli.settings import DEFAULT_MAX_IMAGE_PIXELS
+from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -39,13 +39,12 @@ from llava_cli.discovery import find_server
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
 from llava_cli.images import ImageRef
-from llava_cli.settings import Settings, server_url
+from llava_cli.options import request_fields, server_url
+from llava_cli.settings import Settings
 
 API_KEY_ENV = "LLAVA_API_KEY"
 CONNECT_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0  # a discovered server that does not answer this fast is not used
-# Settings field -> request key; each sent only when the user set it (`Settings.chosen`).
-REQUEST_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens", "seed": "seed"}
 SERVER_FIGURES = ("load_s", "peak_memory_mb", "dropped_turns")  # from `llava serve`'s `llava` object
 MAX_EVENT_BYTES = 1 << 20  # one server-sent event line; a server's answer comes in small pieces
 MAX_ERROR_BYTES = 1 << 16  # the body of a refusal: a short JSON message
@@ -106,16 +105,13 @@ class RemoteEngine:
         return True
 
     def request_body(self, conversation: Conversation, settings: Settings) -> dict[str, Any]:
-        body: dict[str, Any] = {
+        return {
             "model": self.loaded.name,
             "messages": self.messages(conversation),
             "stream": True,
             "stream_options": {"include_usage": True},
+            **request_fields(settings),  # only the options the user chose: the rest is left to the server's defaults
         }
-        for name, key in REQUEST_OPTIONS.items():  # the rest is left to the server's own defaults
-            if name in settings.chosen and getattr(settings, name) is not None:
-                body[key] = getattr(settings, name)
-        return body
 
     def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []

@@ -2,48 +2,34 @@
 
 Front-ends build a `Settings` from their options; `Settings(...)` raises `UsageError` with a
 one-line message for any bad value, so the rest of the program can trust what it is given.
-Change a value mid-session with `dataclasses.replace`, which validates again.
+Change a value mid-session with `dataclasses.replace`, which validates again. Each field is a
+row of the option table (options.py), which holds its default and the rule checked here.
 """
 
 from __future__ import annotations
 
-import urllib.parse
 from dataclasses import dataclass
 
 from llava_cli.errors import UsageError
+from llava_cli.options import (
+    DEFAULT_ATTN,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    OPTIONS,
+)
 
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
-DEFAULT_TEMPERATURE = 0.0  # greedy: the same question gets the same answer
-DEFAULT_TOP_P = 1.0
-DEFAULT_MAX_NEW_TOKENS = 512
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # ~7000x7000; larger is almost surely a decompression bomb
 DEFAULT_BATCH_SIZE = 1  # llava ask --each: images per forward pass
 DEFAULT_SERVER_HOST = "127.0.0.1"  # llava serve: this machine only unless --host says otherwise
 DEFAULT_SERVER_PORT = 8700  # clear of vLLM's 8000, llama.cpp's 8080 and Ollama's 11434
 DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images included
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive within this (slow-body clients)
-DTYPES = ("auto", "float16", "bfloat16", "float32")
-DEVICES = ("auto", "cuda", "cpu")
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
 # --compile's static cache holds empty and stale slots that only an attention mask hides.
 COMPILE_ATTENTION_REASON = "flash-attention 2 would attend over the static cache's empty and stale slots"
-
-
-def server_url(url: str) -> urllib.parse.SplitResult:
-    """`url` split, or `UsageError` unless it is http(s)://HOST[:PORT][/PATH]."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a port that is not a number
-        valid = False
-    if not valid:
-        raise UsageError(f"--server must be an http:// or https:// URL such as http://127.0.0.1:8700 (got {url!r})")
-    return parts
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsageError(f"--{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
 @dataclass(frozen=True)
@@ -51,9 +37,9 @@ class Settings:
     """Everything that shapes how the model is loaded and how it answers."""
 
     model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
+    attn: str = DEFAULT_ATTN
     load_4bit: bool = False
     load_8bit: bool = False
     trust_remote_code: bool = False
@@ -75,31 +61,12 @@ class Settings:
     chosen: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        if not self.model.strip():
-            raise UsageError("--model must name a hub id (org/name) or a local folder")
-        _choice("device", self.device, DEVICES)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("attn", self.attn, ATTENTION_BACKENDS)
+        for option in OPTIONS.values():
+            option.check(getattr(self, option.name))
         if self.load_4bit and self.load_8bit:
             raise UsageError("--load-4bit and --load-8bit exclude each other: pick one")
         if self.compile and self.attn == "flash_attention_2":
             raise UsageError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise UsageError(f"--temperature must be between 0 and 100 (got {self.temperature})")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise UsageError(f"--seed must be between 0 and 2**63-1 (got {self.seed})")
-        if self.max_context is not None and self.max_context < 16:
-            raise UsageError(f"--max-context must be at least 16 tokens (got {self.max_context})")
-        if self.chat_template is not None and not self.chat_template.strip():
-            raise UsageError("--chat-template must name a file holding a Jinja chat template")
-        if self.server is not None:
-            server_url(self.server)
-        if self.max_image_pixels < 1:
-            raise UsageError(f"--max-image-pixels must be positive (got {self.max_image_pixels})")
 
     @property
     def greedy(self) -> bool:

@@ -46,24 +46,16 @@ from llava_cli.conversation import Conversation, Turn
 from llava_cli.discovery import process_alive
 from llava_cli.errors import InputError, SessionError, UsageError, one_line
 from llava_cli.images import ImageRef, load_image
+from llava_cli.options import OPTIONS, SAVED
 from llava_cli.safeio import FileTooLarge, NotRegularFile, make_private_dir, read_regular
 from llava_cli.settings import Settings
 
 APP_NAME = "llava-cli"
 FORMAT = "llava-cli-conversation"
 VERSION = 1
-SAVED_SETTINGS = ("temperature", "top_p", "max_new_tokens", "seed", "max_context")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # ids and names: never a path
 MAX_SESSION_BYTES = 32 * 1024 * 1024  # text only (images are referenced): far beyond any real conversation
 TEMP_FILE = re.compile(r"\..+\.json\.(\d+)\..*\.tmp")  # write_atomic's temp files, with the writer's pid
-# Each saved setting and the JSON types it may have (bool is excluded: JSON true is not a number).
-SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "max_new_tokens": (int,),
-    "seed": (int, type(None)),
-    "max_context": (int, type(None)),
-}
 
 
 def data_dir() -> Path:
@@ -81,7 +73,7 @@ def data_dir() -> Path:
 
 def describe_settings(values: dict[str, Any], separator: str = " · ") -> str:
     """Generation settings as their option names say them: temperature 0.2 · top-p 1.0 · seed none."""
-    return separator.join(f"{key.replace('_', '-')} {'none' if value is None else value}" for key, value in values.items())
+    return separator.join(f"{OPTIONS[key].key} {'none' if value is None else value}" for key, value in values.items())
 
 
 def iso_time(seconds: float) -> str:
@@ -184,7 +176,7 @@ def parse_document(document: Any, where: str) -> SavedConversation:
             id=expect(document, "id", str),
             name=expect(document, "name", (str, type(None))),
             model=expect(document, "model", str),
-            settings={key: expect(document["settings"], key, kinds) for key, kinds in SETTING_TYPES.items()},
+            settings={key: expect(document["settings"], key, OPTIONS[key].json_kinds) for key in SAVED},
             created=expect(document, "created", str),
             updated=expect(document, "updated", str),
             system=expect(document, "system", (str, type(None))),
@@ -367,7 +359,7 @@ class Recorder:
             "created": self.created,
             "updated": utc_now(),
             "model": model_id(settings.model),
-            "settings": {key: getattr(settings, key) for key in SAVED_SETTINGS},
+            "settings": {key: getattr(settings, key) for key in SAVED},
             "system": conversation.system,
             "turns": [turn_entry(turn) for turn in conversation.turns if turn.answer is not None],
         }

@@ -20,7 +20,7 @@ from typing import Any
 from llava_cli import __version__
 from llava_cli.errors import InputError
 from llava_cli.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, load_image, refuse_video
-from llava_cli.settings import DEFAULT_MAX_IMAGE_PIXELS
+from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
 
 URL_SCHEMES = ("http", "https")
 URL_TIMEOUT_S = 30.0  # for the whole download, not just each read

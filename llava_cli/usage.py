@@ -17,7 +17,6 @@ width (at least 40 columns) between words, never inside one.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import textwrap
@@ -27,6 +26,7 @@ from typing import Any
 import typer
 
 from llava_cli.errors import EXIT_OK, UsageError, suggestion
+from llava_cli.options import OPTIONS
 from llava_cli.settings import Settings
 from llava_cli.terminal import table
 
@@ -127,12 +127,11 @@ def check_values(command: Any, options: dict[str, Any]) -> None:
 def check_settings(command: Any, options: dict[str, Any]) -> None:
     """The model and generation options given, validated by `Settings` as the command will
     (choices, ranges, exclusions); values from the environment are left to the command."""
-    fields = {field.name for field in dataclasses.fields(Settings)}
     given = {}
     for param in command.params:
-        if param.name in fields and options.get(param.name) is not None:
-            kind = value_type(param)
-            given[param.name] = kind(options[param.name]) if kind in (int, float) else options[param.name]
+        option = OPTIONS.get(param.name)
+        if option is not None and options.get(param.name) is not None:
+            given[param.name] = option.kind(options[param.name]) if option.kind in (int, float) else options[param.name]
     Settings(**given)
 
 

@@ -27,15 +27,9 @@ from conftest import cli_env, render_llava15
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine
 from llava_cli.errors import UsageError
-from llava_cli.server import (
-    LOCAL_IMAGE_REFUSED,
-    MAX_IMAGES_PER_REQUEST,
-    MAX_MESSAGES,
-    Finished,
-    Job,
-    Service,
-    Worker,
-)
+from llava_cli.apirequest import LOCAL_IMAGE_REFUSED, MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, Job
+from llava_cli.serveapp import Service
+from llava_cli.serveworker import Finished, Worker
 from llava_cli.serveguard import Guard, ServeOptions, api_key_from_file
 from llava_cli.settings import Settings
 
@@ -176,7 +170,7 @@ def test_too_many_messages_or_images_are_refused_before_any_work(app, settings, 
 
 
 def test_a_server_holding_its_maximum_of_requests_says_busy_and_recovers(tiny_loaded, settings):
-    from llava_cli.server import MAX_OPEN_REQUESTS
+    from llava_cli.serveapp import MAX_OPEN_REQUESTS
 
     client, service = client_for(tiny_loaded, settings)
     try:
@@ -304,7 +298,7 @@ def test_a_job_queued_behind_another_is_dropped_when_its_client_leaves(tiny_load
 
 
 def test_a_request_with_images_does_not_keep_them(app, settings, images):
-    from llava_cli import server
+    from llava_cli import serveworker
 
     kept = []
     release = Job.release
@@ -318,7 +312,7 @@ def test_a_request_with_images_does_not_keep_them(app, settings, images):
         assert post(app, body(settings.model, [user("what?", data_url(images["blue"]))], max_tokens=1)).status_code == 200
     finally:
         Job.release = release
-    assert kept == [[]] and server.give_memory_back() is None
+    assert kept == [[]] and serveworker.give_memory_back() is None
 
 
 # ---------------------------------------------------------------- the API key

@@ -1,0 +1,283 @@
+"""A chat-completions request body, validated into a `Job` for `llava serve`'s worker.
+
+Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or raises `ApiError`
+(HTTP status and OpenAI-style error body) naming the first thing wrong with the request:
+
+- `model` must be the served one (404 otherwise); only `n=1`; `stream` and
+  `stream_options.include_usage` are booleans (`true` is not 1, and 1 is not `true`).
+- `messages` (at most MAX_MESSAGES) become a `Conversation`: system/developer texts joined,
+  consecutive user messages one turn, assistant messages that turn's answer; the last message
+  must be the user's. `image_url` parts (at most MAX_IMAGES_PER_REQUEST) are `data:` URLs or paths
+  the Guard allows; they are checked for form here and decoded only by the worker
+  (`Job.load_images`, within MAX_REQUEST_PIXELS), so memory holds one request's images at a time.
+- The request fields of the option table (options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
+  `max_tokens`/`max_completion_tokens`, `seed`) override the server's `Settings` for this request,
+  each type-checked, then validated by `Settings`.
+
+`api_error_from` turns what the engine refused (`LlavaError`) into the `ApiError` a client gets.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llava_cli.conversation import Conversation, Turn
+from llava_cli.errors import ContextError, InputError, LlavaError, UsageError
+from llava_cli.images import MAX_IMAGE_SIDE, ImageRef, image_from_bytes, load_image
+from llava_cli.options import REQUEST_FIELDS
+from llava_cli.serveguard import Guard, MediaRefused
+from llava_cli.servelog import log_detail
+from llava_cli.settings import Settings
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+MAX_MESSAGES = 4096  # per request: a 2,000-turn chat; trimming to the window costs a few encodes whatever the count
+MAX_IMAGES_PER_REQUEST = 16
+MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_SIDE**2  # decoded pixels of one request's images together (after shrinking)
+LOCAL_IMAGE_REFUSED = (
+    "the image cannot be used: send it as a data: URL (a path is read only when it lies under the "
+    "server's --allowed-local-media-path and is an image)"
+)
+
+
+class ApiError(Exception):
+    """A refused request: its HTTP status and the OpenAI-style error it is answered with."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.code, self.param, self.kind = status, code, param, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        from starlette.responses import JSONResponse
+
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def api_error_from(err: LlavaError) -> ApiError:
+    """What the engine refused, as the API reports it."""
+    if isinstance(err, ContextError):
+        return ApiError(400, str(err), code="context_length_exceeded", param="messages")
+    if isinstance(err, (InputError, UsageError)):
+        return ApiError(400, str(err), param="messages")
+    return ApiError(500, str(err), kind="server_error")
+
+
+# ---------------------------------------------------------------- request -> Job
+
+
+@dataclass
+class Job:
+    """One request, ready for the engine once `load_images` has decoded its images into their turns."""
+
+    conversation: Conversation
+    settings: Settings
+    images: list[PendingImage] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def load_images(self, guard: Guard, max_pixels: int, stop: Callable[[], bool]) -> bool:
+        """Decode the images in order, within MAX_REQUEST_PIXELS; False if told to stop meanwhile."""
+        pixels = 0
+        for pending in self.images:
+            if stop():
+                return False
+            width, height = pending.load(guard, max_pixels).image.size
+            pixels += width * height
+            if pixels > MAX_REQUEST_PIXELS:
+                raise ApiError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels in all; send fewer or smaller ones",
+                               code="invalid_image", param=pending.where)
+        return True
+
+    def release(self) -> None:
+        """Drop the decoded images (the handler keeps the job until its response is sent)."""
+        self.images.clear()
+        for turn in self.conversation.turns:
+            turn.images = []
+
+
+def parse_job(body: Any, served_model: str, base: Settings) -> Job:
+    """Validate a chat-completions request; raise `ApiError` naming the first thing wrong with it."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "`model` is required", param="model")
+    if model != served_model:
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
+                       code="model_not_found", param="model")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # bool is an int to Python, not to the API
+        raise ApiError(400, "only n=1 is supported", param="n")
+    stream_options = optional(body, "stream_options", dict, "an object") or {}
+    conversation, images = conversation_from_messages(body.get("messages"), base)
+    return Job(
+        conversation=conversation,
+        images=images,
+        settings=request_settings(body, base),
+        stream=optional(body, "stream", bool, "true or false") is True,
+        include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
+    )
+
+
+def optional(body: dict[str, Any], key: str, kind: type, described: str, prefix: str = "") -> Any:
+    """`body[key]` when it is absent, null or of type `kind`; else a 400 naming the field."""
+    value = body.get(key)
+    if value is not None and type(value) is not kind:
+        raise ApiError(400, f"`{prefix}{key}` must be {described}", param=prefix + key)
+    return value
+
+
+def request_settings(body: dict[str, Any], base: Settings) -> Settings:
+    """The server's settings with this request's sampling options applied (validated again)."""
+    changes: dict[str, Any] = {}
+    for key, option in REQUEST_FIELDS.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, option.json_kinds):
+            raise ApiError(400, f"`{key}` must be {option.json_described}", param=key)
+        changes[option.name] = option.kind(value)
+    try:
+        return dataclasses.replace(base, **changes)
+    except UsageError as err:
+        raise ApiError(400, f"invalid sampling option: {err}") from None
+
+
+def conversation_from_messages(messages: Any, base: Settings) -> tuple[Conversation, list[PendingImage]]:
+    """System texts joined; consecutive user messages make one turn; the last message must be the user's.
+
+    The images are checked for form here but decoded later, by the worker (`Job.load_images`)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "`messages` must be a non-empty list", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"a request may hold at most {MAX_MESSAGES:,} messages (this one has {len(messages):,})",
+                       code="too_many_messages", param="messages")
+    system: list[str] = []
+    turns: list[Turn] = []
+    images: list[PendingImage] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where} must be an object", param=where)
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer"):
+            system.append(text_only(content, where))
+        elif role == "user":
+            text, sources = message_content(content, where)
+            turn = add_user_message(turns, text)
+            images += [PendingImage(turn, source, where) for source in sources]
+            if len(images) > MAX_IMAGES_PER_REQUEST:
+                raise ApiError(400, f"a request may hold at most {MAX_IMAGES_PER_REQUEST} images", code="too_many_images", param=where)
+        elif role == "assistant":
+            if not turns or turns[-1].answer is not None:
+                raise ApiError(400, f"{where}: an assistant message must follow a user message", param=where)
+            turns[-1].answer = text_only(content, where).strip()
+        else:
+            raise ApiError(400, f"{where}: unsupported role {role!r}", param=where)
+    if not turns or turns[-1].answer is not None:
+        raise ApiError(400, "the last message must be the user's", param="messages")
+    return Conversation(system="\n".join(system) if system else base.system, turns=turns), images
+
+
+def add_user_message(turns: list[Turn], text: str) -> Turn:
+    """The turn this user message belongs to (consecutive user messages make one)."""
+    if turns and turns[-1].answer is None:
+        turns[-1].text = "\n".join(part for part in (turns[-1].text, text) if part)
+    else:
+        turns.append(Turn(text=text))
+    return turns[-1]
+
+
+def text_only(content: Any, where: str) -> str:
+    text, images = message_content(content, where)
+    if images:
+        raise ApiError(400, f"{where}: only user messages can carry images; put the image in a user message", param=where)
+    return text
+
+
+def message_content(content: Any, where: str) -> tuple[str, list[str]]:
+    """A string, or a list of `text` and `image_url` parts -> (text, the images' urls)."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of parts", param=where)
+    texts: list[str] = []
+    urls: list[str] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            urls.append(image_url(part.get("image_url"), where))
+        else:
+            raise ApiError(400, f"{where}: unsupported content part {kind!r}; use text and image_url parts", param=where)
+    return "\n".join(texts), urls
+
+
+def image_url(spec: Any, where: str) -> str:
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not url:
+        raise ApiError(400, f"{where}: an image_url part needs a url", code="invalid_image", param=where)
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, f"{where}: images must be data: URLs (or files the server allows), not http(s) URLs",
+                       code="invalid_image", param=where)
+    return url
+
+
+@dataclass
+class PendingImage:
+    """An image of a request, not decoded until the worker reaches the request."""
+
+    turn: Turn
+    url: str
+    where: str
+
+    def load(self, guard: Guard, max_pixels: int) -> ImageRef:
+        """Decode into its turn; `ApiError` if unusable (one message for any local-file problem)."""
+        try:
+            if self.url.startswith("data:"):
+                image = image_from_bytes(decode_data_url(self.url), "the data: URL", max_pixels)
+            else:
+                image = self.local_file(guard, max_pixels)
+        except InputError as err:
+            raise ApiError(400, f"{self.where}: {err}", code="invalid_image", param=self.where) from None
+        self.turn.images.append(image)
+        return image
+
+    def local_file(self, guard: Guard, max_pixels: int) -> ImageRef:
+        url = self.url
+        path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
+        try:
+            return load_image(guard.local_media(path), max_pixels)
+        except (MediaRefused, InputError) as err:
+            log_detail(f"{self.where}: refused the local image {path!r}: {err}")
+            raise InputError(LOCAL_IMAGE_REFUSED) from None
+
+
+def decode_data_url(url: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise InputError("a data: URL must be base64-encoded (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise InputError("the data: URL is not valid base64") from None
+
