@@ -139,7 +139,7 @@ def test_unknown_commands_get_a_suggestion_and_help_lists_every_command(repl):
     loop, io = repl(["/retyr", "/frobnicate", "/help", "//etc/hosts is a path"])
     assert io.errors == ["unknown command /retyr; did you mean /retry? (/help lists the commands)", "unknown command /frobnicate (/help lists the commands)"]
     assert io.infos[0] == help_text(io.columns)
-    assert all(f"{entry.usage} " in io.infos[0] for entry in COMMANDS)  # /help lists every registered command
+    assert all(f"  {entry.usage}" in io.infos[0] for entry in COMMANDS)  # /help lists every registered command
     assert [entry.name for entry in COMMANDS if entry.handler is None] == ["quit"]  # the loop's own: it ends the chat
     assert loop.conversation.turns[0].text == "/etc/hosts is a path"
 
