@@ -58,6 +58,19 @@ def split_images_and_prompt(
     return images, last
 
 
+def images_and_prompt(
+    args: list[str], prompt: str | None, command: str, images_optional: bool = False, each: bool = False
+) -> tuple[list[str], str | None]:
+    """`split_images_and_prompt`, then checked: an unquoted prompt (the shell split it) and a blank
+    one are refused with a one-line error naming `command` (`llava ask`, `llava ask --each`...)."""
+    images, chosen = split_images_and_prompt(args, prompt, images_optional, each)
+    if prompt is None:
+        refuse_unquoted_prompt(images, chosen, command)
+    if chosen is not None:
+        checked_prompt(chosen)
+    return images, chosen
+
+
 def split_image_command(argument: str) -> tuple[list[str], str]:
     """`/image a.png "my b.png" what is this?` -> (["a.png", "my b.png"], "what is this?").
 

@@ -12,15 +12,7 @@ from __future__ import annotations
 import sys
 from contextlib import AbstractContextManager
 
-from llava_cli.arguments import (
-    STDIN,
-    AskOptions,
-    checked_prompt,
-    read_image_from_stdin,
-    read_prompt_from_stdin,
-    refuse_unquoted_prompt,
-    split_images_and_prompt,
-)
+from llava_cli.arguments import STDIN, AskOptions, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.batch import run_batch
 from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
@@ -75,12 +67,9 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     settings = opened.settings
     for note in opened.notes:
         emit(f"llava: note: {one_line_text(note)}", sys.stderr)
-    image_names, prompt = split_images_and_prompt(args, options.prompt, images_optional=sessions.resume)
-    if options.prompt is None:
-        refuse_unquoted_prompt(image_names, prompt, "llava ask -c" if sessions.resume else "llava ask")
+    command = "llava ask -c" if sessions.resume else "llava ask"
+    image_names, prompt = images_and_prompt(args, options.prompt, command, images_optional=sessions.resume)
     prompt_from_stdin = prompt is None
-    if prompt is not None:
-        checked_prompt(prompt)
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()

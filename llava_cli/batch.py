@@ -21,15 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llava_cli.arguments import (
-    STDIN,
-    AskOptions,
-    checked_prompt,
-    read_image_from_stdin,
-    read_prompt_from_stdin,
-    refuse_unquoted_prompt,
-    split_images_and_prompt,
-)
+from llava_cli.arguments import STDIN, AskOptions, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.conversation import Conversation
 from llava_cli.engine import BatchAnswer, Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
@@ -61,11 +53,7 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
 
 def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
     """The image names (arguments, then --from-file lines) and the prompt, from wherever they come."""
-    names, prompt = split_images_and_prompt(args, options.prompt, each=True)
-    if options.prompt is None:
-        refuse_unquoted_prompt(names, prompt, "llava ask --each")
-    if prompt is not None:
-        checked_prompt(prompt)
+    names, prompt = images_and_prompt(args, options.prompt, "llava ask --each", each=True)
     stdin_uses = [options.from_file == STDIN, STDIN in names, prompt is None]
     if sum(stdin_uses) > 1:
         raise UsageError("stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p")
