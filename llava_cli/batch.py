@@ -1,7 +1,7 @@
 """`llava ask --each IMAGE...` / `--from-file FILE`: one question for many images, answered one by one.
 
 Every image gets its own answer, in input order, as one record per line (`records.py` has the
-keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text lines. An image
+keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text lines (output.py). An image
 that cannot be used (missing, broken, a URL that fails, too long for the context) gets a record
 carrying its `error` and a line on stderr; the batch goes on and the exit code is 1 at the end.
 `--batch-size N` answers N images per forward pass (`Engine.generate_batch`); answers are the
@@ -18,80 +18,30 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli.ask import STDIN, checked_prompt, read_image_from_stdin, read_prompt_from_stdin, refuse_unquoted_prompt
+from llava_cli.arguments import STDIN, AskOptions, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.conversation import Conversation
 from llava_cli.engine import BatchAnswer, Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
-from llava_cli.images import image_from_bytes, looks_like_image
-from llava_cli.records import RecordFile, StdoutRecords, make_record
+from llava_cli.images import image_from_bytes
+from llava_cli.output import StdoutRecords
+from llava_cli.records import RecordFile, make_record
 from llava_cli.safeio import NotRegularFile, read_regular
 from llava_cli.session import load_engine
-from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
-from llava_cli.signals import sigterm_raises
+from llava_cli.settings import Settings
 from llava_cli.terminal import emit, is_terminal, make_console
-from llava_cli.urls import is_url, open_image
+from llava_cli.urls import open_image
 
-MAX_BATCH_SIZE = 256
-OUTPUT_FORMATS = ("text", "json", "jsonl")
 MAX_LIST_BYTES = 64 * 1024 * 1024  # --from-file: about a million paths
-
-
-@dataclass(frozen=True)
-class AskOptions:
-    """How `llava ask` takes its images and prompt and writes its answers; validated on creation."""
-
-    json: bool = False
-    output_format: str | None = None  # None: text for one question, JSON lines for --each
-    prompt: str | None = None
-    each: bool = False
-    from_file: str | None = None
-    output: str | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-
-    def __post_init__(self) -> None:
-        if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
-            raise UsageError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)} (got {self.output_format!r})")
-        if self.json and self.output_format == "text":
-            raise UsageError("--json and --output-format text exclude each other: pick one")
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE} (got {self.batch_size})")
-        if not self.is_batch and (used := self.batch_only_options()):
-            raise UsageError(f"{used}: only with --each or --from-file, which answer images one by one")
-        if self.output is not None and self.format == "text":
-            raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
-
-    def batch_only_options(self) -> str:
-        """The options given that only --each and --from-file use, as typed, or ''."""
-        used = [f"-o {self.output}"] if self.output is not None else []
-        used += [f"--batch-size {self.batch_size}"] if self.batch_size != DEFAULT_BATCH_SIZE else []
-        return " and ".join(used)
-
-    @property
-    def is_batch(self) -> bool:
-        return self.each or self.from_file is not None
-
-    @property
-    def format(self) -> str:
-        if self.output_format:
-            return self.output_format
-        return "json" if self.json else "jsonl" if self.is_batch else "text"
-
-
-def sigterm_as_interrupt() -> AbstractContextManager[None]:
-    """Let SIGTERM stop the run as Ctrl-C does: finished lines written, exit 130."""
-    return sigterm_raises(KeyboardInterrupt)
 
 
 def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
     """Answer `prompt` for every image; 0 when all were answered, 1 when any failed."""
     names, prompt = batch_inputs(args, options)
     stdin_image = read_image_from_stdin() if STDIN in names else b""
-    sink = RecordFile(Path(options.output)) if options.output else StdoutRecords(options.format == "text", settings.raw)
+    sink = RecordFile(Path(options.output)) if options.output else StdoutRecords(options.format, settings.raw)
     try:
         todo = [name for name in names if not sink.answered(name, prompt)]
         if not todo:
@@ -103,11 +53,7 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
 
 def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
     """The image names (arguments, then --from-file lines) and the prompt, from wherever they come."""
-    names, prompt = split_batch_args(args, options.prompt)
-    if options.prompt is None:
-        refuse_unquoted_prompt(names, prompt, "llava ask --each")
-    if prompt is not None:
-        checked_prompt(prompt)
+    names, prompt = images_and_prompt(args, options.prompt, "llava ask --each", each=True)
     stdin_uses = [options.from_file == STDIN, STDIN in names, prompt is None]
     if sum(stdin_uses) > 1:
         raise UsageError("stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p")
@@ -116,16 +62,6 @@ def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
     if not names:
         raise UsageError("no images: list them after --each, or one per line in the --from-file file")
     return names, prompt if prompt is not None else read_prompt_from_stdin()
-
-
-def split_batch_args(args: list[str], prompt: str | None) -> tuple[list[str], str | None]:
-    """Without -p, the last argument is the prompt unless it looks like an image; `-` is an image."""
-    if prompt is not None or not args:
-        return list(args), prompt
-    *images, last = args
-    if last == STDIN or looks_like_image(last) or is_url(last):
-        return list(args), None
-    return images, last
 
 
 def read_image_list(source: str) -> list[str]:

@@ -1,6 +1,6 @@
 """`llava chat`: a multi-turn conversation, typed at a terminal or piped in line by line.
 
-`ChatLoop` holds the conversation logic and the slash commands; it talks to the user only through
+`ChatLoop` holds the conversation logic and runs the slash commands; it talks to the user only through
 a `ChatIO`. `TerminalIO` gives a prompt-toolkit input line and streams the answer with Rich;
 `PipeIO` reads one message per line from stdin and writes each answer as a plain line (or a JSON
 object per line with --json). A failed message leaves the conversation as it was, images attached
@@ -8,71 +8,34 @@ to it included, and the loop goes on; Ctrl-C stops an answer and returns to the 
 
 After each answer the conversation is saved through a `Recorder` (store.py); a save that fails
 (disk full, read-only folder) is reported once and the chat goes on. SIGTERM ends the chat like
-/quit (exit 0, what was answered is saved, no traceback, no temp file left). The commands beyond the
-basics (/retry, /undo, /set, /save, /load, /copy...) live in commands.py, mixed into `ChatLoop`.
+/quit (exit 0, what was answered is saved, no traceback, no temp file left). The slash commands
+(/image, /retry, /set, /save...) are registered in commands.py and see the chat through
+chatio.`Chat`, which `ChatLoop` implements; `PipeIO` writes answers through output.py's writers.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from typing import Any, Protocol
+from typing import Any
 
-from llava_cli.commands import QUIT_COMMANDS, ReplCommands
+from llava_cli.chatio import ChatIO
+from llava_cli.commands import context_summary, ends_chat, recap, run_command
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
-from llava_cli.errors import EXIT_OK, InputError, LlavaError, suggestion
-from llava_cli.images import ImageRef, load_image, looks_like_image
+from llava_cli.errors import EXIT_OK, LlavaError
+from llava_cli.images import ImageRef, load_image
+from llava_cli.output import WRITERS
 from llava_cli.records import answer_record
 from llava_cli.settings import Settings
 from llava_cli.signals import Terminated, sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
 from llava_cli.streaming import stats_line
-from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown, table
-
-# A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
-PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
+from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
 
 
-class ChatIO(Protocol):
-    interactive: bool  # a person is there: Ctrl-C stops an answer instead of the program
-    markdown: bool  # render answers as Markdown (only a terminal does)
-    columns: int  # the width to lay out /help and /stats for
-
-    def read(self) -> str | None: ...
-    def stream(self, chunks: Iterator[str]) -> None: ...
-    def answered(self, record: dict) -> None: ...  # records.answer_record: the answer and its figures
-    def info(self, message: str) -> None: ...
-    def error(self, message: str) -> None: ...
-
-
-def split_image_command(argument: str) -> tuple[list[str], str]:
-    """`/image a.png "my b.png" what is this?` -> (["a.png", "my b.png"], "what is this?")."""
-    paths, position = [], 0
-    while match := PATH_TOKEN.match(argument, position):
-        token = next(group for group in match.groups() if group is not None)
-        if paths and not looks_like_image(unescape(token)):
-            break
-        paths.append(unescape(token))
-        position = match.end()
-        while position < len(argument) and argument[position].isspace():
-            position += 1
-    return paths, argument[position:].strip()
-
-
-def unescape(token: str) -> str:
-    """A typed path as meant: backslash escapes removed; a dragged-in file:// URL made a path."""
-    if token.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        return unquote(urlparse(token).path)
-    return re.sub(r"\\(.)", r"\1", token)
-
-
-class ChatLoop(ReplCommands):
+class ChatLoop:
     """The conversation, the images waiting for the next message, and the slash commands.
 
     `recorder` saves the conversation after each answer (None: not saved); `conversation` is
@@ -96,22 +59,6 @@ class ChatLoop(ReplCommands):
         self.attached: list[ImageRef] = []
         self.failures = 0
         self.save_problem: str | None = None  # the last save failure reported, so it is said once
-        self.commands = {
-            "image": self.attach,
-            "clear": self.clear,
-            "stats": self.stats,
-            "help": self.help,
-            "retry": self.retry,
-            "undo": self.undo,
-            "system": self.system,
-            "set": self.set_option,
-            "show": self.show,
-            "images": self.images,
-            "save": self.save,
-            "load": self.load,
-            "markdown": self.markdown,
-            "copy": self.copy,
-        }
 
     def run(self, initial_images: list[str]) -> int:
         """Chat until /quit or end of input; return 1 if a piped message failed, else 0.
@@ -121,7 +68,7 @@ class ChatLoop(ReplCommands):
             self.attach_paths(initial_images)
         while (line := self.io.read()) is not None:
             line = line.strip()
-            if line.startswith("/") and line[1:] in QUIT_COMMANDS:
+            if line.startswith("/") and ends_chat(line[1:]):
                 break
             if line:
                 self.handle(line)
@@ -141,38 +88,13 @@ class ChatLoop(ReplCommands):
             self.io.error(str(err))
 
     def command(self, name: str, argument: str) -> None:
-        action = self.commands.get(name)
-        if action is None:
-            hint = suggestion(name, [*self.commands, *QUIT_COMMANDS], prefix="/")
-            raise InputError(f"unknown command /{name}{hint} (/help lists the commands)")
-        action(argument)
-
-    def attach(self, argument: str) -> None:
-        paths, question = split_image_command(argument)
-        if not paths:
-            raise InputError("usage: /image PATH [PATH...] [question]")
-        self.attach_paths(paths)
-        if question:
-            self.send(question)
+        run_command(self, name, argument)
 
     def attach_paths(self, paths: list[str]) -> None:
         images = [load_image(path, self.settings.max_image_pixels) for path in paths]  # all or none
         self.attached.extend(images)
         names = ", ".join(image.name for image in images)
         self.io.info(f"attached {names}; it goes with your next message")
-
-    def clear(self, _: str) -> None:
-        self.conversation.clear()
-        self.attached.clear()
-        self.engine.reset()
-        self.context_tokens = 0
-        if self.recorder is not None:
-            self.recorder.switch(None)  # the old conversation stays saved; a new file starts
-        self.io.info("conversation cleared")
-
-    def stats(self, _: str) -> None:
-        figures = self.engine.last_stats.as_dict()
-        self.io.info("\n".join(table([(key, str(value)) for key, value in figures.items()], self.io.columns)))
 
     def send(self, text: str) -> None:
         self.conversation.ask(text, self.attached)
@@ -223,7 +145,7 @@ class ChatLoop(ReplCommands):
     def status_line(self) -> str:
         """The bottom toolbar: model, context used, temperature, and the conversation's id or name."""
         saved = self.recorder.name or self.recorder.session_id if self.recorder else None
-        parts = [self.settings.model, f"context {self.context_summary()}", f"temperature {self.settings.temperature}"]
+        parts = [self.settings.model, f"context {context_summary(self)}", f"temperature {self.settings.temperature}"]
         return safe_for_terminal(" " + " · ".join(parts + ([saved] if saved else [])))  # prompt-toolkit draws it
 
     def restore_pending(self) -> None:
@@ -241,7 +163,7 @@ class PipeIO:
     columns = 80  # infos are not shown; only for ChatIO's sake
 
     def __init__(self, as_json: bool, raw: bool = False, verbose: bool = False) -> None:
-        self.as_json = as_json
+        self.writer = WRITERS["json" if as_json else "text"]
         self.verbose = verbose  # a stats line on stderr after each answer
         self.raw = raw  # stdout may still be a terminal (`echo hi | llava chat`)
 
@@ -250,16 +172,10 @@ class PipeIO:
         return line.rstrip("\n") if line else None
 
     def stream(self, chunks: Iterator[str]) -> None:
-        if self.as_json:
-            for _ in chunks:  # the whole answer is written by `answered`
-                pass
-            return
-        for chunk in chunks:
-            emit(chunk, sys.stdout, self.raw, end="", flush=True)
+        self.writer.stream(chunks, self.raw)
 
     def answered(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False) if self.as_json else ""
-        emit(line, sys.stdout, self.raw, flush=True)
+        self.writer.finish(record, self.raw)
         if self.verbose:
             emit(stats_line(record), sys.stderr)
 
@@ -282,10 +198,9 @@ class TerminalIO:
         self.console = make_console()
         self.settings = settings
         self.markdown = markdown and not settings.raw  # --raw: the answer exactly as generated
-        self.command_names: list[str] = []  # for Tab completion; start_chat fills it in
         self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; start_chat connects it
         self.session = make_prompt_session(
-            data_dir() / "input-history", lambda: self.command_names, lambda: self.status(),
+            data_dir() / "input-history", lambda: self.status(),
             notify=lambda message: self.info(f"note: {message}"), **streams,
         )
 
@@ -359,8 +274,8 @@ def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: S
     io: ChatIO = TerminalIO(settings, markdown) if interactive else PipeIO(as_json, settings.raw, settings.verbose)
     loop = ChatLoop(engine, settings, io, opened.recorder, opened.conversation)
     if isinstance(io, TerminalIO):
-        io.command_names, io.status = [*loop.commands, *QUIT_COMMANDS], loop.status_line
+        io.status = loop.status_line
         io.info(f"{settings.model} on {engine.loaded.device}. /help for commands, /quit to leave.")
         if opened.conversation:
-            loop.recap()
+            recap(loop)
     return loop

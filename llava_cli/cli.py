@@ -117,7 +117,7 @@ def ask(
     llava ask -c "and what colour is it?"
     """
     from llava_cli.ask import run_ask
-    from llava_cli.batch import AskOptions
+    from llava_cli.arguments import AskOptions
     from llava_cli.store import SessionOptions
 
     options = AskOptions(json=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)

@@ -1,11 +1,12 @@
-"""The chat's slash commands beyond the basics: retry, undo, settings, saving, clipboard, display.
+"""The chat's slash commands, by registration: each is declared once, with its name, aliases, usage,
+help line and handler, and /help, Tab completion (inputline.py) and "did you mean" read `COMMANDS`.
 
-`ReplCommands` is mixed into `ChatLoop` (chat.py), which registers each method in its `commands`
-dict and provides what they use: `engine`, `settings`, `io`, `conversation`, `attached`,
-`recorder`, `context_tokens`, `respond()` and `autosave()`. Every command reports through the
-`ChatIO` and raises `InputError` with a one-line message when it cannot do what was asked. Text
-from saved conversations (names, model, system text, image names) is passed on as it is: the
-`ChatIO` shows it through terminal.py's choke point, which strips escape sequences at a terminal.
+A handler is a function `(chat, argument)`; `chat` is chatio.`Chat` (chat.py's `ChatLoop`), so
+commands know the chat only through that protocol. To add a command, write its handler here under
+`@command(name, arguments, help)`; the order of registration is /help's order. Every command
+reports through the `ChatIO` and raises `InputError` with a one-line message when it cannot do what
+was asked. Text from saved conversations (names, model, system text, image names) is passed on as
+it is: the `ChatIO` shows it through terminal.py's choke point, which strips escape sequences.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 import textwrap
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from llava_cli.arguments import split_image_command
 from llava_cli.clipboard import copy_to_clipboard
-from llava_cli.conversation import Conversation, Turn
+from llava_cli.conversation import Turn
 from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
-from llava_cli.images import ImageRef
 from llava_cli.options import SAVED, SETTABLE
 from llava_cli.store import (
-    Recorder,
     SessionStore,
     describe_settings,
     model_id,
@@ -32,208 +33,290 @@ from llava_cli.store import (
 from llava_cli.terminal import is_terminal, table
 
 if TYPE_CHECKING:
-    from llava_cli.chat import ChatIO
-    from llava_cli.engine import Engine
+    from llava_cli.chatio import Chat
     from llava_cli.settings import Settings
 
-QUIT_COMMANDS = ("quit", "exit", "bye")
-COMMAND_HELP = [
-    ("/image PATH [PATH...] [question]", "attach images to the next message (or ask about them now)"),
-    ("/retry", "answer the last message again"),
-    ("/undo", "drop the last message and its answer"),
-    ("/system [TEXT|off]", "show, set or remove the system text (applies to the whole conversation)"),
-    ("/set [KEY VALUE]", f"show or change {', '.join(SETTABLE)}"),
-    ("/show", "model, device, settings, context used, where the conversation is saved"),
-    ("/images", "the images in the conversation and the turn each belongs to"),
-    ("/save [NAME]", "save now, optionally under a name for /load and --resume"),
-    ("/load NAME|ID", "switch to a saved conversation"),
-    ("/markdown on|off", "render answers as Markdown (on by default at a terminal)"),
-    ("/copy", "copy the last answer to the clipboard"),
-    ("/clear", "start a new conversation (the old one stays saved)"),
-    ("/stats", "figures for the last answer"),
-    ("/help", "this help"),
-    ("/quit", "leave (Ctrl-D too)"),
-]
+Handler = Callable[["Chat", str], None]
 HELP_NOTES = (
     'Alt-Enter (or Esc, Enter) starts a new line; """ begins and ends a multi-line message. '
     "Tab completes commands and image paths. // sends text that begins with /. Ctrl-C stops an answer."
 )
 
 
+@dataclass(frozen=True)
+class Command:
+    name: str
+    arguments: str  # as /help shows them after the name: "PATH [PATH...] [question]", or ""
+    help: str
+    handler: Handler | None  # None: the chat loop itself acts on it (/quit)
+    aliases: tuple[str, ...] = ()
+    completes_paths: bool = False  # Tab completes file paths after it
+
+    @property
+    def usage(self) -> str:
+        return f"/{self.name} {self.arguments}".rstrip()
+
+
+COMMANDS: list[Command] = []  # in /help's order
+
+
+def register(entry: Command) -> None:
+    COMMANDS.append(entry)
+
+
+def command(name: str, arguments: str, help: str, completes_paths: bool = False) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of /`name`."""
+
+    def registered(handler: Handler) -> Handler:
+        register(Command(name, arguments, help, handler, completes_paths=completes_paths))
+        return handler
+
+    return registered
+
+
+def find(name: str) -> Command | None:
+    """The command called `name` (or one of its aliases), if any."""
+    return next((entry for entry in COMMANDS if name == entry.name or name in entry.aliases), None)
+
+
+def command_names() -> list[str]:
+    """Every name and alias, for Tab completion and "did you mean"."""
+    return [name for entry in COMMANDS for name in (entry.name, *entry.aliases)]
+
+
+def ends_chat(name: str) -> bool:
+    entry = find(name)
+    return entry is not None and entry.handler is None
+
+
+def run_command(chat: Chat, name: str, argument: str) -> None:
+    entry = find(name)
+    if entry is None or entry.handler is None:
+        raise InputError(f"unknown command /{name}{suggestion(name, command_names(), prefix='/')} (/help lists the commands)")
+    entry.handler(chat, argument)
+
+
 def help_text(columns: int) -> str:
     """/help laid out for a terminal `columns` wide: commands in a table, notes wrapped between words."""
+    rows = [(entry.usage, entry.help) for entry in COMMANDS]
     notes = textwrap.wrap(HELP_NOTES, columns, break_long_words=False, break_on_hyphens=False)
-    return "\n".join(["Type a message and press Enter. Commands:", *table(COMMAND_HELP, columns), *notes])
+    return "\n".join(["Type a message and press Enter. Commands:", *table(rows, columns), *notes])
 
 
-class ReplCommands:
-    """Slash commands for `ChatLoop`; see the module docstring for what they rely on."""
+@command("image", "PATH [PATH...] [question]", "attach images to the next message (or ask about them now)", completes_paths=True)
+def attach(chat: Chat, argument: str) -> None:
+    paths, question = split_image_command(argument)
+    if not paths:
+        raise InputError("usage: /image PATH [PATH...] [question]")
+    chat.attach_paths(paths)
+    if question:
+        chat.send(question)
 
-    engine: Engine
-    settings: Settings
-    conversation: Conversation
-    attached: list[ImageRef]
-    io: ChatIO
-    recorder: Recorder | None
-    context_tokens: int | None
-    respond: Callable[[Callable[[], None], str], None]  # answer the pending turn; `undo` on failure
-    autosave: Callable[[], None]
 
-    def help(self, _: str) -> None:
-        self.io.info(help_text(self.io.columns))
+def recap(chat: Chat) -> None:
+    """After --resume: which conversation this is, and its last exchange to pick up from."""
+    turns = chat.conversation.turns
+    label = (chat.recorder.name or chat.recorder.session_id) if chat.recorder else "the conversation"
+    chat.io.info(f"resumed {label}: {len(turns)} turn(s)")
+    if turns:
+        chat.io.info(f">>> {shorten(turns[-1].text, 200)}\n{shorten(turns[-1].answer or '', 400)}")
 
-    def recap(self) -> None:
-        """After --resume: which conversation this is, and its last exchange to pick up from."""
-        turns = self.conversation.turns
-        label = (self.recorder.name or self.recorder.session_id) if self.recorder else "the conversation"
-        self.io.info(f"resumed {label}: {len(turns)} turn(s)")
-        if turns:
-            self.io.info(f">>> {shorten(turns[-1].text, 200)}\n{shorten(turns[-1].answer or '', 400)}")
 
-    def last_exchange(self, action: str) -> Turn:
-        if not self.conversation.turns:
-            raise InputError(f"nothing to {action} yet")
-        return self.conversation.turns[-1]
+def last_exchange(chat: Chat, action: str) -> Turn:
+    if not chat.conversation.turns:
+        raise InputError(f"nothing to {action} yet")
+    return chat.conversation.turns[-1]
 
-    def retry(self, _: str) -> None:
-        """Answer the last message again; if that fails or is stopped, the old answer stays."""
-        old = self.last_exchange("retry")
-        self.conversation.turns.pop()
-        self.conversation.ask(old.text, old.images)
 
-        def put_back() -> None:
-            self.conversation.discard_pending()
-            self.conversation.turns.append(old)
+@command("retry", "", "answer the last message again")
+def retry(chat: Chat, _: str) -> None:
+    """Answer the last message again; if that fails or is stopped, the old answer stays."""
+    old = last_exchange(chat, "retry")
+    chat.conversation.turns.pop()
+    chat.conversation.ask(old.text, old.images)
 
-        self.respond(put_back, "answer stopped; the previous answer was kept")
+    def put_back() -> None:
+        chat.conversation.discard_pending()
+        chat.conversation.turns.append(old)
 
-    def undo(self, _: str) -> None:
-        turn = self.last_exchange("undo")
-        self.conversation.turns.pop()
-        self.context_tokens = None
-        self.io.info(f"dropped your last message (“{shorten(turn.text)}”) and its answer")
-        self.autosave()
+    chat.respond(put_back, "answer stopped; the previous answer was kept")
 
-    def system(self, argument: str) -> None:
-        if not argument:
-            self.io.info(f"system text: {self.conversation.system}" if self.conversation.system else "no system text")
-            return
-        self.conversation.system = None if argument == "off" else argument
-        self.context_tokens = None
-        self.io.info("system text removed" if argument == "off" else "system text set; it applies from the next answer")
-        self.autosave()
 
-    def set_option(self, argument: str) -> None:
-        key, _, value = argument.partition(" ")
-        if not key:
-            self.io.info(self.settings_text())
-            return
-        name = key.replace("_", "-")
-        if name not in SETTABLE:
-            raise InputError(f"cannot set {key}{suggestion(name, SETTABLE)} (settable: {', '.join(SETTABLE)})")
-        if not value.strip():
-            raise InputError(f"usage: /set {name} VALUE (now {self.setting(name)})")
-        self.settings = changed_settings(self.settings, name, value.strip())
-        self.io.info(f"{name} = {self.setting(name)}")
-        self.autosave()
+@command("undo", "", "drop the last message and its answer")
+def undo(chat: Chat, _: str) -> None:
+    turn = last_exchange(chat, "undo")
+    chat.conversation.turns.pop()
+    chat.context_tokens = None
+    chat.io.info(f"dropped your last message (“{shorten(turn.text)}”) and its answer")
+    chat.autosave()
 
-    def setting(self, name: str) -> Any:
-        value = getattr(self.settings, SETTABLE[name].name)
-        return "none" if value is None else value
 
-    def settings_text(self) -> str:
-        return describe_settings({key: getattr(self.settings, key) for key in SAVED})
+@command("system", "[TEXT|off]", "show, set or remove the system text (applies to the whole conversation)")
+def system(chat: Chat, argument: str) -> None:
+    if not argument:
+        chat.io.info(f"system text: {chat.conversation.system}" if chat.conversation.system else "no system text")
+        return
+    chat.conversation.system = None if argument == "off" else argument
+    chat.context_tokens = None
+    chat.io.info("system text removed" if argument == "off" else "system text set; it applies from the next answer")
+    chat.autosave()
 
-    def show(self, _: str) -> None:
-        self.io.info("\n".join(f"{label:<9} {value}" for label, value in self.facts()))
 
-    def facts(self) -> list[tuple[str, str]]:
-        loaded = self.engine.loaded
-        turns = self.conversation.turns
-        return [
-            ("model", f"{self.settings.model} on {loaded.device} ({getattr(loaded, 'dtype', 'server')})"),
-            ("settings", self.settings_text()),
-            ("system", self.conversation.system or "(none)"),
-            ("context", self.context_summary()),
-            ("history", f"{len(turns)} turn(s), {len(self.conversation.images)} image(s), {len(self.attached)} waiting"),
-            ("saved", self.saved_summary()),
-            ("markdown", "on" if self.io.markdown else "off"),
-        ]
+@command("set", "[KEY VALUE]", f"show or change {', '.join(SETTABLE)}")
+def set_option(chat: Chat, argument: str) -> None:
+    key, _, value = argument.partition(" ")
+    if not key:
+        chat.io.info(settings_text(chat))
+        return
+    name = key.replace("_", "-")
+    if name not in SETTABLE:
+        raise InputError(f"cannot set {key}{suggestion(name, SETTABLE)} (settable: {', '.join(SETTABLE)})")
+    if not value.strip():
+        raise InputError(f"usage: /set {name} VALUE (now {setting(chat, name)})")
+    chat.settings = changed_settings(chat.settings, name, value.strip())
+    chat.io.info(f"{name} = {setting(chat, name)}")
+    chat.autosave()
 
-    def context_summary(self) -> str:
-        """How much of the context window the conversation fills."""
-        tokens = self.context_used()
-        used = "?" if tokens is None else str(tokens)
-        window_of = getattr(self.engine, "context_window", None)  # a server does not tell its window
-        if window_of is None:
-            return f"{used} tokens"
-        window = window_of(self.settings)
-        share = f" ({100 * tokens // window}%)" if tokens is not None else ""
-        return f"{used} of {window} tokens{share}"
 
-    def context_used(self) -> int | None:
-        """Tokens in the conversation: from the last answer's figures, else (after /undo, /load, a
-        resume, a new system text) counted once by encoding the history; None through a server."""
-        counted = self.context_tokens is None and not self.conversation.pending and hasattr(self.engine, "encode")
-        if counted:
-            self.context_tokens = len(self.engine.encode(self.conversation).ids) if self.conversation.turns or self.conversation.system else 0
-        return self.context_tokens
+def setting(chat: Chat, name: str) -> Any:
+    value = getattr(chat.settings, SETTABLE[name].name)
+    return "none" if value is None else value
 
-    def saved_summary(self) -> str:
-        if self.recorder is None:
-            return "no (--no-save)"
-        if self.recorder.path is None:
-            return "after the first answer"
-        name = f" as {self.recorder.name}" if self.recorder.name else ""
-        return f"{self.recorder.session_id}{name} in {self.recorder.path}"
 
-    def images(self, _: str) -> None:
-        lines = [
-            f"turn {number}: {image.name}"
-            for number, turn in enumerate(self.conversation.turns, 1)
-            for image in turn.images
-        ]
-        lines += [f"next message: {image.name}" for image in self.attached]
-        self.io.info("\n".join(lines) if lines else "no images; /image PATH attaches one")
+def settings_text(chat: Chat) -> str:
+    return describe_settings({key: getattr(chat.settings, key) for key in SAVED})
 
-    def save(self, argument: str) -> None:
-        if self.recorder is None:
-            raise InputError("this chat is not being saved (it was started with --no-save)")
-        if not argument and not self.conversation.turns:
-            raise InputError("nothing to save yet")
-        if argument:
-            self.recorder.rename(argument)
-        try:
-            path = self.recorder.save(self.conversation, self.settings)
-        except OSError as err:
-            raise LlavaError(f"could not save: {err.strerror or err}") from None
-        handle = self.recorder.name or self.recorder.session_id
-        self.io.info(f"saved to {path}; /load {handle} or `llava chat --resume {handle}` brings it back")
 
-    def load(self, argument: str) -> None:
-        if not argument:
-            raise InputError("usage: /load NAME|ID (`llava sessions list` shows them)")
-        store = self.recorder.store if self.recorder else SessionStore.default()
-        saved = store.find(argument)
-        conversation, _ = restore_conversation(saved, self.settings.max_image_pixels, drop_missing=False)
-        self.settings = restored_settings(self.settings, saved, given=frozenset({"model"}))  # the model stays loaded
-        self.conversation, self.attached, self.context_tokens = conversation, [], None
-        if self.recorder is not None:
-            self.recorder.switch(saved)
-        self.io.info(f"loaded {saved.label}: {len(conversation.turns)} turn(s)")
-        if saved.model != model_id(self.settings.model):
-            self.io.info(f"note: it was held with {saved.model}; answers now come from {self.settings.model}")
+@command("show", "", "model, device, settings, context used, where the conversation is saved")
+def show(chat: Chat, _: str) -> None:
+    chat.io.info("\n".join(f"{label:<9} {value}" for label, value in facts(chat)))
 
-    def markdown(self, argument: str) -> None:
-        if argument not in ("on", "off"):
-            raise InputError(f"usage: /markdown on|off (now {'on' if self.io.markdown else 'off'})")
-        self.io.markdown = argument == "on"
-        self.io.info(f"markdown {argument}")
 
-    def copy(self, _: str) -> None:
-        answer = self.last_exchange("copy").answer or ""
-        terminal = sys.stdout if self.io.interactive and is_terminal(sys.stdout) else None
-        self.io.info(copy_to_clipboard(answer, terminal))
+def facts(chat: Chat) -> list[tuple[str, str]]:
+    loaded = chat.engine.loaded
+    turns = chat.conversation.turns
+    return [
+        ("model", f"{chat.settings.model} on {loaded.device} ({getattr(loaded, 'dtype', 'server')})"),
+        ("settings", settings_text(chat)),
+        ("system", chat.conversation.system or "(none)"),
+        ("context", context_summary(chat)),
+        ("history", f"{len(turns)} turn(s), {len(chat.conversation.images)} image(s), {len(chat.attached)} waiting"),
+        ("saved", saved_summary(chat)),
+        ("markdown", "on" if chat.io.markdown else "off"),
+    ]
+
+
+def context_summary(chat: Chat) -> str:
+    """How much of the context window the conversation fills."""
+    tokens = context_used(chat)
+    used = "?" if tokens is None else str(tokens)
+    window_of = getattr(chat.engine, "context_window", None)  # a server does not tell its window
+    if window_of is None:
+        return f"{used} tokens"
+    window = window_of(chat.settings)
+    share = f" ({100 * tokens // window}%)" if tokens is not None else ""
+    return f"{used} of {window} tokens{share}"
+
+
+def context_used(chat: Chat) -> int | None:
+    """Tokens in the conversation: from the last answer's figures, else (after /undo, /load, a
+    resume, a new system text) counted once by encoding the history; None through a server."""
+    counted = chat.context_tokens is None and not chat.conversation.pending and hasattr(chat.engine, "encode")
+    if counted:
+        chat.context_tokens = len(chat.engine.encode(chat.conversation).ids) if chat.conversation.turns or chat.conversation.system else 0
+    return chat.context_tokens
+
+
+def saved_summary(chat: Chat) -> str:
+    if chat.recorder is None:
+        return "no (--no-save)"
+    if chat.recorder.path is None:
+        return "after the first answer"
+    name = f" as {chat.recorder.name}" if chat.recorder.name else ""
+    return f"{chat.recorder.session_id}{name} in {chat.recorder.path}"
+
+
+@command("images", "", "the images in the conversation and the turn each belongs to")
+def images(chat: Chat, _: str) -> None:
+    lines = [
+        f"turn {number}: {image.name}"
+        for number, turn in enumerate(chat.conversation.turns, 1)
+        for image in turn.images
+    ]
+    lines += [f"next message: {image.name}" for image in chat.attached]
+    chat.io.info("\n".join(lines) if lines else "no images; /image PATH attaches one")
+
+
+@command("save", "[NAME]", "save now, optionally under a name for /load and --resume")
+def save(chat: Chat, argument: str) -> None:
+    if chat.recorder is None:
+        raise InputError("this chat is not being saved (it was started with --no-save)")
+    if not argument and not chat.conversation.turns:
+        raise InputError("nothing to save yet")
+    if argument:
+        chat.recorder.rename(argument)
+    try:
+        path = chat.recorder.save(chat.conversation, chat.settings)
+    except OSError as err:
+        raise LlavaError(f"could not save: {err.strerror or err}") from None
+    handle = chat.recorder.name or chat.recorder.session_id
+    chat.io.info(f"saved to {path}; /load {handle} or `llava chat --resume {handle}` brings it back")
+
+
+@command("load", "NAME|ID", "switch to a saved conversation")
+def load(chat: Chat, argument: str) -> None:
+    if not argument:
+        raise InputError("usage: /load NAME|ID (`llava sessions list` shows them)")
+    store = chat.recorder.store if chat.recorder else SessionStore.default()
+    saved = store.find(argument)
+    conversation, _ = restore_conversation(saved, chat.settings.max_image_pixels, drop_missing=False)
+    chat.settings = restored_settings(chat.settings, saved, given=frozenset({"model"}))  # the model stays loaded
+    chat.conversation, chat.attached, chat.context_tokens = conversation, [], None
+    if chat.recorder is not None:
+        chat.recorder.switch(saved)
+    chat.io.info(f"loaded {saved.label}: {len(conversation.turns)} turn(s)")
+    if saved.model != model_id(chat.settings.model):
+        chat.io.info(f"note: it was held with {saved.model}; answers now come from {chat.settings.model}")
+
+
+@command("markdown", "on|off", "render answers as Markdown (on by default at a terminal)")
+def markdown(chat: Chat, argument: str) -> None:
+    if argument not in ("on", "off"):
+        raise InputError(f"usage: /markdown on|off (now {'on' if chat.io.markdown else 'off'})")
+    chat.io.markdown = argument == "on"
+    chat.io.info(f"markdown {argument}")
+
+
+@command("copy", "", "copy the last answer to the clipboard")
+def copy(chat: Chat, _: str) -> None:
+    answer = last_exchange(chat, "copy").answer or ""
+    terminal = sys.stdout if chat.io.interactive and is_terminal(sys.stdout) else None
+    chat.io.info(copy_to_clipboard(answer, terminal))
+
+
+@command("clear", "", "start a new conversation (the old one stays saved)")
+def clear(chat: Chat, _: str) -> None:
+    chat.conversation.clear()
+    chat.attached.clear()
+    chat.engine.reset()
+    chat.context_tokens = 0
+    if chat.recorder is not None:
+        chat.recorder.switch(None)  # the old conversation stays saved; a new file starts
+    chat.io.info("conversation cleared")
+
+
+@command("stats", "", "figures for the last answer")
+def stats(chat: Chat, _: str) -> None:
+    figures = chat.engine.last_stats.as_dict()
+    chat.io.info("\n".join(table([(key, str(value)) for key, value in figures.items()], chat.io.columns)))
+
+
+@command("help", "", "this help")
+def show_help(chat: Chat, _: str) -> None:
+    chat.io.info(help_text(chat.io.columns))
+
+
+register(Command("quit", "", "leave (Ctrl-D too)", handler=None, aliases=("exit", "bye")))  # the chat loop ends on it
 
 
 def changed_settings(settings: Settings, name: str, text: str) -> Settings:

@@ -4,8 +4,9 @@
 - input history kept across runs in `<data dir>/input-history` (0600, in a 0700 folder); in memory
   when that file cannot be written, or when it or its folder is not private (another user's file,
   writable by others, a link or not a regular file: it could collect what is typed), with a note;
-- Tab completes slash commands, and file paths after `/image` (written back quoted or with
-  backslash-escaped spaces, as typed, so `split_image_command` reads them);
+- Tab completes slash commands (those registered in commands.py), and file paths after a command
+  that takes them, `/image` (written back quoted or with backslash-escaped spaces, as typed, so
+  arguments.py's `split_image_command` reads them);
 - Enter sends; Alt-Enter (or Esc then Enter) inserts a newline; a message that starts with `\"\"\"`
   goes on over several lines until a closing `\"\"\"`; pasted text (bracketed paste) is inserted as
   it is, newlines included, and sent as one message;
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llava_cli.commands import command_names, find
 from llava_cli.safeio import NotPrivate, NotRegularFile, make_private_dir, open_regular, private_folder
 
 if TYPE_CHECKING:
@@ -92,7 +94,7 @@ def path_completions(text: str) -> Iterator[Completion]:
         yield Completion(written, start_position=-len(typed), display=name + ("/" if is_dir else ""))
 
 
-def make_completer(commands: Callable[[], Iterable[str]]) -> Any:
+def make_completer() -> Any:
     from prompt_toolkit.completion import Completer, Completion
 
     class ChatCompleter(Completer):
@@ -104,10 +106,10 @@ def make_completer(commands: Callable[[], Iterable[str]]) -> Any:
                 return
             name, space, rest = text[1:].partition(" ")
             if not space:
-                for command in sorted(commands()):
+                for command in sorted(command_names()):
                     if command.startswith(name):
                         yield Completion(command, start_position=-len(name), display=f"/{command}")
-            elif name == "image":
+            elif (command := find(name)) is not None and command.completes_paths:
                 yield from path_completions(rest)
 
     return ChatCompleter()
@@ -161,7 +163,6 @@ def check_private_history(path: Path) -> None:
 
 def make_prompt_session(
     history: Path,
-    commands: Callable[[], Iterable[str]],
     status: Callable[[], str],
     notify: Callable[[str], None] = lambda message: None,
     **streams: Any,
@@ -171,7 +172,7 @@ def make_prompt_session(
 
     return PromptSession(
         history=history_at(history, notify),
-        completer=make_completer(commands),
+        completer=make_completer(),
         complete_while_typing=False,  # Tab completes, as in a shell; typing a message shows no menus
         key_bindings=make_key_bindings(),
         multiline=True,  # Enter is bound above: it sends unless a \"\"\" block is open

@@ -1,5 +1,6 @@
-"""The JSON records scripts read: one answer (`ask --json`, piped `chat --json`), and where batch
-answers go: stdout, or a JSON-lines file that a rerun resumes.
+"""The JSON records scripts read: one answer (`ask --json`, piped `chat --json`), one `ask --each`
+answer or error, and the JSON-lines file (`-o`) that a rerun resumes. How a record is written to
+stdout in each output format is output.py's.
 
 `answer_record` is the object of one answer, the same keys for `ask` and `chat` (README lists them).
 
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
 from llava_cli.errors import UsageError
-from llava_cli.terminal import shown
+from llava_cli.output import json_line
+
 
 def answer_record(answer: str, model: str, images: list[str], session: str | None, figures: dict[str, Any]) -> dict[str, Any]:
     """One answer as `--json` prints it: the answer, the model, the turn's images as given, the id of
@@ -31,7 +31,6 @@ def answer_record(answer: str, model: str, images: list[str], session: str | Non
 # The keys of every batch record, in this order, each always present (null when it does not apply).
 RECORD_KEYS = ("image", "prompt", "answer", "error", "model", "prompt_tokens", "completion_tokens", "seconds", "finish_reason")
 RECORD_START = b'{"image":'  # how every line we write begins: recognises our own half-written line
-LINE_BREAKS = re.compile(r"\s*[\r\n\t]+\s*")
 
 
 def make_record(image: str, prompt: str, model: str, **fields: Any) -> dict[str, Any]:
@@ -39,39 +38,6 @@ def make_record(image: str, prompt: str, model: str, **fields: Any) -> dict[str,
     record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
     record.update(image=image, prompt=prompt, model=model, **fields)
     return record
-
-
-def json_line(record: dict[str, Any]) -> bytes:
-    """One line of valid UTF-8 JSON. A file name that is not UTF-8 reaches us with surrogate
-    escapes; `backslashreplace` writes them as JSON `\\udcXX` escapes, which read back the same."""
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
-
-
-def text_line(record: dict[str, Any], raw: bool) -> bytes:
-    """`IMAGE<TAB>ANSWER` on one line: breaks and tabs inside the answer become spaces."""
-    answer = LINE_BREAKS.sub(" ", record["answer"])
-    return (shown(f"{record['image']}\t{answer}", sys.stdout, raw) + "\n").encode("utf-8", "backslashreplace")
-
-
-class StdoutRecords:
-    """Records on stdout: JSON lines, or text lines for answers only (errors go to stderr)."""
-
-    def __init__(self, as_text: bool, raw: bool = False) -> None:
-        self.as_text = as_text
-        self.raw = raw  # --raw: keep escape sequences even on a terminal
-
-    def answered(self, image: str, prompt: str) -> bool:
-        return False
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.as_text and record["error"] is not None:
-            return
-        sys.stdout.flush()  # anything written through the text layer goes first
-        sys.stdout.buffer.write(text_line(record, self.raw) if self.as_text else json_line(record))
-        sys.stdout.buffer.flush()
-
-    def close(self) -> None:
-        pass
 
 
 class RecordFile:

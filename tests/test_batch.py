@@ -24,12 +24,15 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, default_sigint, render_llava15, run_llava
-from llava_cli.batch import AskOptions, BatchProgress, run_batch, sigterm_as_interrupt
+from llava_cli.arguments import AskOptions
+from llava_cli.ask import sigterm_as_interrupt
+from llava_cli.batch import BatchProgress, run_batch
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import load_image
-from llava_cli.records import RECORD_KEYS, json_line, make_record, read_answered
+from llava_cli.output import json_line
+from llava_cli.records import RECORD_KEYS, make_record, read_answered
 from llava_cli.settings import Settings
 from llava_cli.urls import fetch_image_url
 

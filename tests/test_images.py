@@ -111,7 +111,7 @@ def test_the_same_bytes_from_a_file_and_from_memory_give_the_same_digest(tmp_pat
 
 
 def test_a_prompt_too_long_to_be_a_file_name_is_a_prompt_not_an_error(tmp_path):
-    from llava_cli.ask import split_images_and_prompt
+    from llava_cli.arguments import split_images_and_prompt
 
     prompt = "describe this picture in detail " * 200  # longer than any file name may be
     assert split_images_and_prompt([str(tmp_path / "a.png"), prompt]) == ([str(tmp_path / "a.png")], prompt)

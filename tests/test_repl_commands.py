@@ -18,9 +18,10 @@ import pytest
 
 from conftest import SHORT_ANSWER as MAX_NEW, cli_env, default_sigint, render_llava15
 from fake_io import FakeIO
-from llava_cli.chat import ChatLoop, TerminalIO, split_image_command
+from llava_cli.arguments import split_image_command
+from llava_cli.chat import ChatLoop, TerminalIO
 from llava_cli.clipboard import copy_to_clipboard
-from llava_cli.commands import COMMAND_HELP, help_text
+from llava_cli.commands import COMMANDS, help_text
 from llava_cli.engine import Engine
 from llava_cli.errors import LlavaError
 from llava_cli.store import Recorder, SessionStore
@@ -138,8 +139,8 @@ def test_unknown_commands_get_a_suggestion_and_help_lists_every_command(repl):
     loop, io = repl(["/retyr", "/frobnicate", "/help", "//etc/hosts is a path"])
     assert io.errors == ["unknown command /retyr; did you mean /retry? (/help lists the commands)", "unknown command /frobnicate (/help lists the commands)"]
     assert io.infos[0] == help_text(io.columns)
-    listed = {usage.split()[0].lstrip("/") for usage, _ in COMMAND_HELP}
-    assert listed == set(loop.commands) | {"quit"}
+    assert all(f"  {entry.usage}" in io.infos[0] for entry in COMMANDS)  # /help lists every registered command
+    assert [entry.name for entry in COMMANDS if entry.handler is None] == ["quit"]  # the loop's own: it ends the chat
     assert loop.conversation.turns[0].text == "/etc/hosts is a path"
 
 
@@ -211,7 +212,6 @@ def terminal(llava_home_dir, tiny_settings):
     def read(*keys: str, waits: dict[int, str] | None = None) -> str | None:
         with create_pipe_input() as pipe:
             io_ = TerminalIO(tiny_settings, input=pipe, output=DummyOutput())
-            io_.command_names = ["image", "retry", "help", "quit"]
             feeder = threading.Thread(target=feed, args=(io_, pipe, keys, waits or {}), daemon=True)
             feeder.start()
             return io_.read()

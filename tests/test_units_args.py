@@ -1,11 +1,11 @@
-"""The `IMAGE... [PROMPT]` grammar of `llava ask` and of `ask --each`, on argument lists alone (no model)."""
+"""The `IMAGE... [PROMPT]` grammar of `llava ask` and of `ask --each` (arguments.py), on argument
+lists alone (no model)."""
 
 from __future__ import annotations
 
 import pytest
 
-from llava_cli.ask import split_images_and_prompt
-from llava_cli.batch import split_batch_args
+from llava_cli.arguments import split_images_and_prompt
 from llava_cli.errors import UsageError
 
 LONG_PROMPT = "describe " * 100  # longer than any file name may be
@@ -21,9 +21,11 @@ LONG_PROMPT = "describe " * 100  # longer than any file name may be
         (["what is it?"], (["what is it?"], None)),  # one argument is always an image (a missing one fails later)
         (["a.png", "two\nlines.png"], (["a.png"], "two\nlines.png")),  # a name never holds a newline
         (["a.png", LONG_PROMPT], (["a.png"], LONG_PROMPT)),
+        (["a.png", "https://example.com/picture"], (["a.png", "https://example.com/picture"], None)),  # a URL is an image
+        (["a.png", "HTTP://example.com/cat?size=2"], (["a.png", "HTTP://example.com/cat?size=2"], None)),
     ],
 )
-def test_ask_takes_the_last_argument_as_the_prompt_unless_it_is_an_image(args, expected):
+def test_ask_takes_the_last_argument_as_the_prompt_unless_it_is_an_image_or_url(args, expected):
     assert split_images_and_prompt(args) == expected
 
 
@@ -39,20 +41,20 @@ def test_ask_takes_the_last_argument_as_the_prompt_unless_it_is_an_image(args, e
     ],
 )
 def test_each_takes_the_last_argument_as_the_prompt_unless_it_is_an_image_or_url(args, expected):
-    assert split_batch_args(args, None) == expected
+    assert split_images_and_prompt(args, each=True) == expected
 
 
 def test_an_existing_file_without_an_image_extension_is_an_image(tmp_path):
     photo = tmp_path / "photo"
     photo.write_bytes(b"")
     assert split_images_and_prompt(["a.png", str(photo)]) == (["a.png", str(photo)], None)
-    assert split_batch_args(["a.png", str(photo)], None) == (["a.png", str(photo)], None)
+    assert split_images_and_prompt(["a.png", str(photo)], each=True) == (["a.png", str(photo)], None)
 
 
 def test_with_a_prompt_option_every_argument_is_an_image():
     args = ["a.png", "what is it?"]
     assert split_images_and_prompt(args, prompt="Q") == (args, "Q")
-    assert split_batch_args(args, "Q") == (args, "Q")
+    assert split_images_and_prompt(args, "Q", each=True) == (args, "Q")
 
 
 def test_no_images_is_a_usage_error_unless_continuing():

@@ -1,0 +1,172 @@
+"""The `IMAGE... [PROMPT]` grammar of `llava ask` and `ask --each`, the chat's `/image PATH...
+[question]`, where a prompt or an image comes from (argument or stdin), and `AskOptions`.
+
+One rule decides what is an image: `is_image_argument` (an http(s) URL, an existing file, or a
+name with an image or video extension); the last argument is the prompt unless it is one. Every
+error is a `UsageError`/`InputError` with a one-line message that says what to type instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+
+from llava_cli.errors import InputError, UsageError
+from llava_cli.images import looks_like_image, read_stream
+from llava_cli.output import OUTPUT_FORMATS
+from llava_cli.settings import DEFAULT_BATCH_SIZE
+from llava_cli.terminal import is_terminal
+from llava_cli.urls import is_url
+
+STDIN = "-"
+MAX_BATCH_SIZE = 256
+SHELL_SAFE_IN_DOUBLE_QUOTES = re.compile(r'[^"$`\\!]*')
+# A path in /image: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
+PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
+
+
+def is_image_argument(arg: str) -> bool:
+    """An http(s) URL, or what `looks_like_image` (a file that exists, or an image's extension)."""
+    return is_url(arg) or looks_like_image(arg)
+
+
+def split_images_and_prompt(
+    args: list[str], prompt: str | None = None, images_optional: bool = False, each: bool = False
+) -> tuple[list[str], str | None]:
+    """`IMAGE... [PROMPT]`: the last argument is the prompt unless it is an image argument (with
+    -p/--prompt, every argument is an image); None: the prompt comes from stdin.
+
+    `llava ask`: a lone argument is an image, and `-` last asks for the prompt from stdin;
+    `images_optional` (-c): `[IMAGE...] [PROMPT]`. `each` (--each, --from-file): images may all
+    come from the list file, so a lone argument is the prompt, and `-` is an image read from stdin."""
+    if not args:
+        if images_optional or each:
+            return [], prompt
+        raise UsageError("give at least one image: llava ask IMAGE... [PROMPT]")
+    if prompt is not None:
+        return list(args), prompt
+    *images, last = args
+    if not images and not (images_optional or each):
+        return [last], None
+    if last == STDIN:
+        return (list(args) if each else images), None
+    if is_image_argument(last):
+        return list(args), None
+    return images, last
+
+
+def images_and_prompt(
+    args: list[str], prompt: str | None, command: str, images_optional: bool = False, each: bool = False
+) -> tuple[list[str], str | None]:
+    """`split_images_and_prompt`, then checked: an unquoted prompt (the shell split it) and a blank
+    one are refused with a one-line error naming `command` (`llava ask`, `llava ask --each`...)."""
+    images, chosen = split_images_and_prompt(args, prompt, images_optional, each)
+    if prompt is None:
+        refuse_unquoted_prompt(images, chosen, command)
+    if chosen is not None:
+        checked_prompt(chosen)
+    return images, chosen
+
+
+def split_image_command(argument: str) -> tuple[list[str], str]:
+    """`/image a.png "my b.png" what is this?` -> (["a.png", "my b.png"], "what is this?").
+
+    Only local files: the chat reads no URLs, so an image needs a name that `looks_like_image`."""
+    paths, position = [], 0
+    while match := PATH_TOKEN.match(argument, position):
+        token = next(group for group in match.groups() if group is not None)
+        if paths and not looks_like_image(unescape(token)):
+            break
+        paths.append(unescape(token))
+        position = match.end()
+        while position < len(argument) and argument[position].isspace():
+            position += 1
+    return paths, argument[position:].strip()
+
+
+def unescape(token: str) -> str:
+    """A typed path as meant: backslash escapes removed; a dragged-in file:// URL made a path."""
+    if token.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(token).path)
+    return re.sub(r"\\(.)", r"\1", token)
+
+
+def refuse_unquoted_prompt(images: list[str], prompt: str | None, command: str = "llava ask") -> None:
+    """`llava ask img.png what is this`: the words before the prompt are no files but the rest of a
+    sentence the shell split; say how to quote it rather than 'image not found: what'."""
+    words: list[str] = []
+    for name in reversed(images):
+        if name == STDIN or is_image_argument(name) or "/" in name or os.path.lexists(name):
+            break
+        words.insert(0, name)
+    if prompt is None or not words:
+        return
+    kept = [shlex.quote(name) for name in images[: len(images) - len(words)]]
+    sentence = " ".join([*words, prompt])
+    quoted = f'"{sentence}"' if SHELL_SAFE_IN_DOUBLE_QUOTES.fullmatch(sentence) else shlex.quote(sentence)
+    raise UsageError(f"the prompt must be one argument; quote it: {' '.join([command, *kept, quoted])}")
+
+
+def checked_prompt(prompt: str, source: str = "the prompt") -> str:
+    """`prompt`, unless it is empty or blank: a question about nothing gets an answer about nothing."""
+    if not prompt.strip():
+        raise InputError(f'{source} is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"')
+    return prompt
+
+
+def read_prompt_from_stdin() -> str:
+    if sys.stdin is None or is_terminal(sys.stdin):
+        raise UsageError("no prompt: give it after the images, or pipe it in (echo 'what is this?' | llava ask IMG)")
+    return checked_prompt(sys.stdin.read().strip(), "the prompt read from stdin")
+
+
+def read_image_from_stdin() -> bytes:
+    if is_terminal(sys.stdin):
+        raise UsageError("'-' reads the image from stdin, but stdin is a terminal: pipe the image in")
+    return read_stream(sys.stdin.buffer, "<stdin>")
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    """How `llava ask` takes its images and prompt and writes its answers; validated on creation."""
+
+    json: bool = False
+    output_format: str | None = None  # None: text for one question, JSON lines for --each
+    prompt: str | None = None
+    each: bool = False
+    from_file: str | None = None
+    output: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
+            raise UsageError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)} (got {self.output_format!r})")
+        if self.json and self.output_format == "text":
+            raise UsageError("--json and --output-format text exclude each other: pick one")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE} (got {self.batch_size})")
+        if not self.is_batch and (used := self.batch_only_options()):
+            raise UsageError(f"{used}: only with --each or --from-file, which answer images one by one")
+        if self.output is not None and self.format == "text":
+            raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
+
+    def batch_only_options(self) -> str:
+        """The options given that only --each and --from-file use, as typed, or ''."""
+        used = [f"-o {self.output}"] if self.output is not None else []
+        used += [f"--batch-size {self.batch_size}"] if self.batch_size != DEFAULT_BATCH_SIZE else []
+        return " and ".join(used)
+
+    @property
+    def is_batch(self) -> bool:
+        return self.each or self.from_file is not None
+
+    @property
+    def format(self) -> str:
+        if self.output_format:
+            return self.output_format
+        return "json" if self.json else "jsonl" if self.is_batch else "text"
