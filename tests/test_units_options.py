@@ -17,7 +17,7 @@ import typer
 
 from llava_cli import apirequest
 from llava_cli.cli import app
-from llava_cli.commands import COMMAND_HELP, changed_settings
+from llava_cli.commands import changed_settings, find
 from llava_cli.conversation import Conversation
 from llava_cli.errors import InputError, UsageError
 from llava_cli.options import OPTIONS, REQUEST_FIELDS, SAVED, SETTABLE, Option, request_fields
@@ -128,7 +128,7 @@ def test_set_accepts_every_settable_option_by_its_key(option):
     changed = changed_settings(Settings(), option.key, str(sample(option)))
     assert getattr(changed, option.name) == sample(option)
     assert option.name in changed.chosen
-    set_help = dict(COMMAND_HELP)["/set [KEY VALUE]"]
+    set_help = find("set").help
     assert option.key in set_help.removeprefix("show or change ").split(", ")
 
 
