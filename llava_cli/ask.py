@@ -16,12 +16,12 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from llava_cli.backend import Answer
 from llava_cli.conversation import Conversation
 from llava_cli.streaming import stats_line
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_stream
 from llava_cli.records import answer_record
-from llava_cli.session import start_engine
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionOptions, open_conversation
 from llava_cli.terminal import emit, is_terminal, one_line_text
@@ -135,21 +135,23 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
+    from llava_cli.session import start_engine  # looked up here, so a test replaces the backend in one place
+
     engine = start_engine(settings)
     conversation = opened.conversation or Conversation(system=settings.system)
     conversation.ask(prompt, images)
-    chunks = engine.generate(conversation, settings)
+    answer = Answer(engine.generate(conversation, settings))
     if options.format != "text":  # json and jsonl: one answer is one JSON object on one line
-        answer = "".join(chunks)
+        text = "".join(answer)
         session = save_answer(opened.recorder, conversation, settings)
-        record = answer_record(answer, settings.model, image_names, session, engine.last_stats.as_dict())
+        record = answer_record(text, settings.model, image_names, session, answer.stats.as_dict())
         emit(json.dumps(record, ensure_ascii=False), sys.stdout, settings.raw)
     else:
-        stream_answer(chunks, settings.raw)
+        stream_answer(answer, settings.raw)
         save_answer(opened.recorder, conversation, settings)
     sys.stdout.flush()
     if settings.verbose:
-        emit(stats_line(engine.last_stats.as_dict()), sys.stderr)
+        emit(stats_line(answer.stats.as_dict()), sys.stderr)
     return 0
 
 

@@ -21,16 +21,16 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any, Protocol
 
+from llava_cli.backend import Answer, Backend
 from llava_cli.commands import QUIT_COMMANDS, ReplCommands
 from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
 from llava_cli.errors import EXIT_OK, InputError, LlavaError, suggestion
 from llava_cli.images import ImageRef, load_image, looks_like_image
 from llava_cli.records import answer_record
 from llava_cli.settings import Settings
 from llava_cli.signals import Terminated, sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
-from llava_cli.streaming import stats_line
+from llava_cli.streaming import Stats, stats_line
 from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown, table
 
 # A path: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
@@ -81,7 +81,7 @@ class ChatLoop(ReplCommands):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Backend,
         settings: Settings,
         io: ChatIO,
         recorder: Recorder | None = None,
@@ -93,6 +93,7 @@ class ChatLoop(ReplCommands):
         self.recorder = recorder
         self.conversation = conversation or Conversation(system=settings.system)
         self.context_tokens: int | None = None if conversation else 0  # after the last answer
+        self.last_figures = Stats(load_s=engine.info().load_seconds)  # from the last answer's `Done`, for /stats
         self.attached: list[ImageRef] = []
         self.failures = 0
         self.save_problem: str | None = None  # the last save failure reported, so it is said once
@@ -171,7 +172,7 @@ class ChatLoop(ReplCommands):
         self.io.info("conversation cleared")
 
     def stats(self, _: str) -> None:
-        figures = self.engine.last_stats.as_dict()
+        figures = self.last_figures.as_dict()
         self.io.info("\n".join(table([(key, str(value)) for key, value in figures.items()], self.io.columns)))
 
     def send(self, text: str) -> None:
@@ -182,8 +183,8 @@ class ChatLoop(ReplCommands):
     def respond(self, undo: Callable[[], None], stopped: str) -> None:
         """Answer the pending turn, then save; on failure or Ctrl-C, `undo` puts things back."""
         try:
-            with closing(self.engine.generate(self.conversation, self.settings)) as chunks:
-                self.io.stream(chunks)
+            with closing(Answer(self.engine.generate(self.conversation, self.settings))) as answer:
+                self.io.stream(answer)
         except KeyboardInterrupt:
             undo()
             if not self.io.interactive:
@@ -193,7 +194,8 @@ class ChatLoop(ReplCommands):
         except BaseException:
             undo()
             raise
-        figures = self.engine.last_stats.as_dict()
+        self.last_figures = answer.stats
+        figures = self.last_figures.as_dict()
         self.context_tokens = figures["prompt_tokens"] + figures["completion_tokens"]
         self.autosave()
         turn = self.conversation.turns[-1]
@@ -360,7 +362,7 @@ def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: S
     loop = ChatLoop(engine, settings, io, opened.recorder, opened.conversation)
     if isinstance(io, TerminalIO):
         io.command_names, io.status = [*loop.commands, *QUIT_COMMANDS], loop.status_line
-        io.info(f"{settings.model} on {engine.loaded.device}. /help for commands, /quit to leave.")
+        io.info(f"{settings.model} on {engine.info().where}. /help for commands, /quit to leave.")
         if opened.conversation:
             loop.recap()
     return loop

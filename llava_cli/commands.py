@@ -33,7 +33,7 @@ from llava_cli.terminal import is_terminal, table
 
 if TYPE_CHECKING:
     from llava_cli.chat import ChatIO
-    from llava_cli.engine import Engine
+    from llava_cli.backend import Backend
     from llava_cli.settings import Settings
 
 QUIT_COMMANDS = ("quit", "exit", "bye")
@@ -83,7 +83,7 @@ SETTABLE: dict[str, tuple[str, Callable[[str], Any], str]] = {
 class ReplCommands:
     """Slash commands for `ChatLoop`; see the module docstring for what they rely on."""
 
-    engine: Engine
+    engine: Backend
     settings: Settings
     conversation: Conversation
     attached: list[ImageRef]
@@ -162,10 +162,10 @@ class ReplCommands:
         self.io.info("\n".join(f"{label:<9} {value}" for label, value in self.facts()))
 
     def facts(self) -> list[tuple[str, str]]:
-        loaded = self.engine.loaded
+        info = self.engine.info()
         turns = self.conversation.turns
         return [
-            ("model", f"{self.settings.model} on {loaded.device} ({getattr(loaded, 'dtype', 'server')})"),
+            ("model", f"{self.settings.model} on {info.where} ({info.dtype or 'server'})"),
             ("settings", self.settings_text()),
             ("system", self.conversation.system or "(none)"),
             ("context", self.context_summary()),
@@ -178,19 +178,17 @@ class ReplCommands:
         """How much of the context window the conversation fills."""
         tokens = self.context_used()
         used = "?" if tokens is None else str(tokens)
-        window_of = getattr(self.engine, "context_window", None)  # a server does not tell its window
-        if window_of is None:
+        window = self.engine.info().window(self.settings)
+        if window is None:  # a server does not tell its window
             return f"{used} tokens"
-        window = window_of(self.settings)
         share = f" ({100 * tokens // window}%)" if tokens is not None else ""
         return f"{used} of {window} tokens{share}"
 
     def context_used(self) -> int | None:
         """Tokens in the conversation: from the last answer's figures, else (after /undo, /load, a
         resume, a new system text) counted once by encoding the history; None through a server."""
-        counted = self.context_tokens is None and not self.conversation.pending and hasattr(self.engine, "encode")
-        if counted:
-            self.context_tokens = len(self.engine.encode(self.conversation).ids) if self.conversation.turns or self.conversation.system else 0
+        if self.context_tokens is None and not self.conversation.pending:
+            self.context_tokens = self.engine.prompt_tokens(self.conversation)
         return self.context_tokens
 
     def saved_summary(self) -> str:
