@@ -14,12 +14,12 @@ from contextlib import AbstractContextManager
 
 from llava_cli.arguments import STDIN, AskOptions, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.batch import run_batch
+from llava_cli.backend import Answer
 from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
 from llava_cli.images import ImageRef, image_from_bytes
 from llava_cli.output import WRITERS
 from llava_cli.records import answer_record
-from llava_cli.session import start_engine
 from llava_cli.settings import Settings
 from llava_cli.signals import sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, open_conversation
@@ -73,15 +73,18 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
+    from llava_cli.session import start_engine  # looked up here, so a test replaces the backend in one place
+
     engine = start_engine(settings)
     conversation = opened.conversation or Conversation(system=settings.system)
     conversation.ask(prompt, images)
     writer = WRITERS[options.format]
-    answer = writer.stream(engine.generate(conversation, settings), settings.raw)
+    answer = Answer(engine.generate(conversation, settings))
+    text = writer.stream(answer, settings.raw)
     session = save_answer(opened.recorder, conversation, settings)
-    writer.finish(answer_record(answer, settings.model, image_names, session, engine.last_stats.as_dict()), settings.raw)
+    writer.finish(answer_record(text, settings.model, image_names, session, answer.stats.as_dict()), settings.raw)
     if settings.verbose:
-        emit(stats_line(engine.last_stats.as_dict()), sys.stderr)
+        emit(stats_line(answer.stats.as_dict()), sys.stderr)
     return 0
 
 

@@ -21,9 +21,9 @@ from contextlib import closing
 from typing import Any
 
 from llava_cli.chatio import ChatIO
+from llava_cli.backend import Answer, Backend
 from llava_cli.commands import context_summary, ends_chat, recap, run_command
 from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
 from llava_cli.errors import EXIT_OK, LlavaError
 from llava_cli.images import ImageRef, load_image
 from llava_cli.output import WRITERS
@@ -31,7 +31,7 @@ from llava_cli.records import answer_record
 from llava_cli.settings import Settings
 from llava_cli.signals import Terminated, sigterm_raises
 from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
-from llava_cli.streaming import stats_line
+from llava_cli.streaming import Stats, stats_line
 from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
 
 
@@ -44,7 +44,7 @@ class ChatLoop:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Backend,
         settings: Settings,
         io: ChatIO,
         recorder: Recorder | None = None,
@@ -56,6 +56,7 @@ class ChatLoop:
         self.recorder = recorder
         self.conversation = conversation or Conversation(system=settings.system)
         self.context_tokens: int | None = None if conversation else 0  # after the last answer
+        self.last_figures = Stats(load_s=engine.info().load_seconds)  # from the last answer's `Done`, for /stats
         self.attached: list[ImageRef] = []
         self.failures = 0
         self.save_problem: str | None = None  # the last save failure reported, so it is said once
@@ -104,8 +105,8 @@ class ChatLoop:
     def respond(self, undo: Callable[[], None], stopped: str) -> None:
         """Answer the pending turn, then save; on failure or Ctrl-C, `undo` puts things back."""
         try:
-            with closing(self.engine.generate(self.conversation, self.settings)) as chunks:
-                self.io.stream(chunks)
+            with closing(Answer(self.engine.generate(self.conversation, self.settings))) as answer:
+                self.io.stream(answer)
         except KeyboardInterrupt:
             undo()
             if not self.io.interactive:
@@ -115,7 +116,8 @@ class ChatLoop:
         except BaseException:
             undo()
             raise
-        figures = self.engine.last_stats.as_dict()
+        self.last_figures = answer.stats
+        figures = self.last_figures.as_dict()
         self.context_tokens = figures["prompt_tokens"] + figures["completion_tokens"]
         self.autosave()
         turn = self.conversation.turns[-1]
@@ -275,7 +277,7 @@ def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: S
     loop = ChatLoop(engine, settings, io, opened.recorder, opened.conversation)
     if isinstance(io, TerminalIO):
         io.status = loop.status_line
-        io.info(f"{settings.model} on {engine.loaded.device}. /help for commands, /quit to leave.")
+        io.info(f"{settings.model} on {engine.info().where}. /help for commands, /quit to leave.")
         if opened.conversation:
             recap(loop)
     return loop

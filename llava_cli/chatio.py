@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from llava_cli.conversation import Conversation
-    from llava_cli.engine import Engine
+    from llava_cli.backend import Backend
     from llava_cli.images import ImageRef
     from llava_cli.settings import Settings
     from llava_cli.store import Recorder
+    from llava_cli.streaming import Stats
 
 
 class ChatIO(Protocol):
@@ -30,13 +31,14 @@ class ChatIO(Protocol):
 class Chat(Protocol):
     """The running chat as its commands see it: state they read and change, and the steps they reuse."""
 
-    engine: Engine
+    engine: Backend
     settings: Settings
     io: ChatIO
     recorder: Recorder | None  # None: not saved (--no-save)
     conversation: Conversation
     attached: list[ImageRef]  # images waiting for the next message
     context_tokens: int | None  # tokens after the last answer; None: to be counted again
+    last_figures: Stats  # the last answer's figures (/stats)
 
     def send(self, text: str) -> None: ...
     def attach_paths(self, paths: list[str]) -> None: ...

@@ -193,10 +193,10 @@ def show(chat: Chat, _: str) -> None:
 
 
 def facts(chat: Chat) -> list[tuple[str, str]]:
-    loaded = chat.engine.loaded
+    info = chat.engine.info()
     turns = chat.conversation.turns
     return [
-        ("model", f"{chat.settings.model} on {loaded.device} ({getattr(loaded, 'dtype', 'server')})"),
+        ("model", f"{chat.settings.model} on {info.where} ({info.dtype or 'server'})"),
         ("settings", settings_text(chat)),
         ("system", chat.conversation.system or "(none)"),
         ("context", context_summary(chat)),
@@ -210,10 +210,9 @@ def context_summary(chat: Chat) -> str:
     """How much of the context window the conversation fills."""
     tokens = context_used(chat)
     used = "?" if tokens is None else str(tokens)
-    window_of = getattr(chat.engine, "context_window", None)  # a server does not tell its window
-    if window_of is None:
+    window = chat.engine.info().window(chat.settings)
+    if window is None:  # a server does not tell its window
         return f"{used} tokens"
-    window = window_of(chat.settings)
     share = f" ({100 * tokens // window}%)" if tokens is not None else ""
     return f"{used} of {window} tokens{share}"
 
@@ -221,9 +220,8 @@ def context_summary(chat: Chat) -> str:
 def context_used(chat: Chat) -> int | None:
     """Tokens in the conversation: from the last answer's figures, else (after /undo, /load, a
     resume, a new system text) counted once by encoding the history; None through a server."""
-    counted = chat.context_tokens is None and not chat.conversation.pending and hasattr(chat.engine, "encode")
-    if counted:
-        chat.context_tokens = len(chat.engine.encode(chat.conversation).ids) if chat.conversation.turns or chat.conversation.system else 0
+    if chat.context_tokens is None and not chat.conversation.pending:
+        chat.context_tokens = chat.engine.prompt_tokens(chat.conversation)
     return chat.context_tokens
 
 
@@ -307,7 +305,7 @@ def clear(chat: Chat, _: str) -> None:
 
 @command("stats", "", "figures for the last answer")
 def stats(chat: Chat, _: str) -> None:
-    figures = chat.engine.last_stats.as_dict()
+    figures = chat.last_figures.as_dict()
     chat.io.info("\n".join(table([(key, str(value)) for key, value in figures.items()], chat.io.columns)))
 
 

@@ -1,9 +1,10 @@
 """Generation: stream the answer to a conversation, paying only for what is new since last turn.
 
-`Engine.generate(conversation, settings)` is a generator of text chunks. Joined, the chunks are
-exactly the answer with surrounding whitespace stripped; when the generator finishes, that answer
-has been added to the conversation and `engine.last_stats` holds its figures. If it is closed early
-(Ctrl-C) or raises, the conversation keeps its unanswered turn for the caller to discard.
+`Engine` is the local `Backend` (backend.py): `Engine.generate(conversation, settings)` yields
+`TextChunk`s (joined: exactly the answer with surrounding whitespace stripped), then, once the answer
+has been added to the conversation, one `Done` with its figures. If it is stopped, closed early
+(Ctrl-C) or raises, no `Done` comes and the conversation keeps its unanswered turn for the caller.
+Its extra capability, beyond the protocol:
 `Engine.generate_batch(prompts, settings)` answers independent prompts together, with no cache
 reuse. Both draw tokens through decoding.py (one sampler, one token budget, one stopping rule), so
 a batch row's answer is the one `generate` gives that prompt alone, greedy or seeded.
@@ -28,10 +29,11 @@ Prompt text becomes ids through prompting.py, where user text can never become a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llava_cli.backend import BackendInfo, Done, Events, TextChunk, window_within
 from llava_cli.conversation import Conversation
 from llava_cli.decoding import Row, Sampler, decode_batch, token_budget
 from llava_cli.errors import ContextError, ResourceError
@@ -137,7 +139,6 @@ class Engine:
         self.notify = notify
         self.cache = PrefixCache()
         self.vision = VisionInputs(loaded.processor, loaded.family.tiling)
-        self.last_stats = Stats(load_s=loaded.load_seconds)
         self.eos_ids = self.end_of_sequence_ids()
         self.path: ForwardPath = EagerPath(self.model)
 
@@ -147,9 +148,15 @@ class Engine:
         ids.add(self.tokenizer.eos_token_id)
         return {i for i in ids if i is not None}
 
+    def info(self) -> BackendInfo:
+        loaded = self.loaded
+        return BackendInfo(loaded.name, loaded.device, loaded.dtype, loaded.load_seconds, loaded.context_window)
+
+    def prompt_tokens(self, conversation: Conversation) -> int:
+        return len(self.encode(conversation).ids) if conversation.turns or conversation.system else 0
+
     def context_window(self, settings: Settings) -> int:
-        window = self.loaded.context_window
-        return min(window, settings.max_context) if settings.max_context else window
+        return window_within(self.loaded.context_window, settings)
 
     def token_budget(self, prompt: Prompt, settings: Settings) -> int:
         """New tokens an answer to `prompt` may have: --max-new-tokens, within the context window."""
@@ -167,7 +174,7 @@ class Engine:
             self.cache.reset()
             self.path = forward_path(self.model, settings.compile, window)
 
-    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
         """Stream the answer; `stop()` is asked before each step (fitting, prefill, every token), and
         when it says True the generator ends at once with the conversation's turn left unanswered."""
         started = time.perf_counter()
@@ -196,18 +203,18 @@ class Engine:
             if row.finish_reason == "stop":
                 break
             if chunk := stream.push(row.tokens[-1]):
-                yield chunk
+                yield TextChunk(chunk)
             if not row.finish_reason:
                 logits = self.run(row.tokens[-1:], {})
         stats.completion_tokens, stats.finish_reason = len(row.tokens), row.finish_reason
         if tail := stream.finish():
-            yield tail
+            yield TextChunk(tail)
         conversation.answer(stream.text)
         stats.seconds = time.perf_counter() - started
         decode_seconds = stats.seconds - stats.ttft_s
         stats.tokens_per_s = (stats.completion_tokens - 1) / decode_seconds if stats.completion_tokens > 1 else 0.0
         stats.peak_memory_mb = self.peak_memory_mb()
-        self.last_stats = stats
+        yield Done(stats)
 
     def generate_batch(self, prompts: list[Prompt], settings: Settings) -> list[BatchAnswer]:
         """Answer independent prompts (from `encode`, each with a budget of at least one token) together.

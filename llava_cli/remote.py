@@ -1,9 +1,10 @@
 """Client mode: answer through an OpenAI-compatible server instead of loading a model here.
 
-`RemoteEngine` has what the front-ends use of `Engine`: `generate(conversation, settings)` yields
-text chunks (joined: the answer with surrounding whitespace stripped) and, once the answer is
-complete, adds it to the conversation; `last_stats`, `reset()`, and `loaded` (`name`, `device` =
-the server's url, `load_seconds`). The API is stateless, so every turn sends the whole
+`RemoteEngine` is a `Backend` (backend.py), like the local `Engine`: `generate(conversation,
+settings)` yields `TextChunk`s (joined: the answer with surrounding whitespace stripped) and, once the
+answer is complete and added to the conversation, one `Done` with its figures (the server's usage,
+timed here); `info()` names the model and the server's url (dtype and window are the server's, not
+known here); `prompt_tokens` is None. The API is stateless, so every turn sends the whole
 conversation: images as PNG `data:` URLs, the system text as a system message, and of `temperature`,
 `top_p`, `max_tokens` and `seed` only those the user set (`Settings.chosen`), so that the server's
 own defaults apply to the rest; the answer streams back as server-sent events. Plain OpenAI
@@ -31,9 +32,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
+from llava_cli.backend import BackendInfo, Done, Events, TextChunk
 from llava_cli.conversation import Conversation
 from llava_cli.discovery import find_server
 from llava_cli.streaming import Stats, TextStream
@@ -51,15 +52,6 @@ MAX_ERROR_BYTES = 1 << 16  # the body of a refusal: a short JSON message
 GUARD_CODES = {"host_not_allowed", "origin_not_allowed"}  # llava serve's 403s that are not about the key
 
 
-@dataclass
-class RemoteModel:
-    """What the front-ends show about where the model runs."""
-
-    name: str
-    device: str  # the server's url
-    load_seconds: float = 0.0
-
-
 class RemoteEngine:
     """Answers conversations through an OpenAI-compatible chat-completions server."""
 
@@ -69,31 +61,39 @@ class RemoteEngine:
         self.url = url.rstrip("/")
         # Both http://host:port and the OpenAI-style base http://host:port/v1 are accepted.
         self.prefix = parts.path.rstrip("/").removesuffix("/v1") + "/v1"
-        self.loaded = RemoteModel(name=model, device=self.url)
+        self.model = model
         self.api_key = api_key
         self.notify = notify
-        self.last_stats = Stats()
         self.data_urls: dict[str, str] = {}  # image digest -> encoded once per session
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(name=self.model, where=self.url)
 
     def reset(self) -> None:
         self.data_urls.clear()
 
-    def generate(self, conversation: Conversation, settings: Settings) -> Iterator[str]:
+    def prompt_tokens(self, conversation: Conversation) -> None:
+        return None  # only the server's tokenizer could tell; the answers' usage does
+
+    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
         reply = Reply(time.perf_counter())
         connection, response = self.open("POST", "/chat/completions", self.request_body(conversation, settings))
         try:
             for event in self.events(response):
+                if stop():
+                    return
                 if chunk := reply.take(event, self.url):
-                    yield chunk
+                    yield TextChunk(chunk)
         finally:
             connection.close()  # early close (Ctrl-C) tells the server to stop
-        self.last_stats = reply.stats()
-        if not 0 <= self.last_stats.dropped_turns < len(conversation.turns):  # a server is not trusted
-            self.last_stats.dropped_turns = 0
-        if self.last_stats.dropped_turns:
-            conversation.drop_oldest(self.last_stats.dropped_turns)
-            self.notify(f"the server dropped the {self.last_stats.dropped_turns} oldest turn(s) to fit its context window")
+        stats = reply.stats()
+        if not 0 <= stats.dropped_turns < len(conversation.turns):  # a server is not trusted
+            stats.dropped_turns = 0
+        if stats.dropped_turns:
+            conversation.drop_oldest(stats.dropped_turns)
+            self.notify(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
         conversation.answer(reply.text)
+        yield Done(stats)
 
     def reachable(self) -> bool:
         """True if the server answers GET /v1/models at once (used before trusting a discovered one)."""
@@ -106,7 +106,7 @@ class RemoteEngine:
 
     def request_body(self, conversation: Conversation, settings: Settings) -> dict[str, Any]:
         return {
-            "model": self.loaded.name,
+            "model": self.model,
             "messages": self.messages(conversation),
             "stream": True,
             "stream_options": {"include_usage": True},

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llava_cli.apirequest import ApiError, Job, api_error_from
+from llava_cli.backend import Done
 from llava_cli.engine import Engine
 from llava_cli.errors import LlavaError
 from llava_cli.serveguard import Guard
@@ -101,15 +102,15 @@ class Worker:
         if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
             return self.stopped(0, job)
         sent = 0
-        with contextlib.closing(self.engine.generate(job.conversation, job.settings, stop)) as chunks:
-            for chunk in chunks:
+        with contextlib.closing(self.engine.generate(job.conversation, job.settings, stop)) as events:
+            for event in events:
                 if stop():
                     break
-                emit(chunk)
+                if isinstance(event, Done):
+                    return Finished(event.stats)
+                emit(event.text)
                 sent += 1
-        if stop():
-            return self.stopped(sent, job)
-        return Finished(self.engine.last_stats)
+        return self.stopped(sent, job)  # the engine ends without `Done` only when told to stop
 
     def stopped(self, sent: int, job: Job) -> Finished:
         reason = "the server is shutting down" if self.stopping.is_set() else "the client disconnected"

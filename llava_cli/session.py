@@ -1,8 +1,9 @@
-"""Start-up shared by the front-ends: quiet libraries, load the model, build the engine.
+"""Start-up shared by the front-ends: quiet libraries, load the model, build the backend.
 
-`start_engine` decides where answers come from: a server (`RemoteEngine`: --server, or a running
-`llava serve` for the model; see remote.py) or a model loaded here (`load_engine`, which
-`llava serve` itself uses). Both give the front-ends the same interface.
+`start_engine` decides where answers come from and returns it as a `Backend` (backend.py): a server
+(`RemoteEngine`: --server, or a running `llava serve` for the model; see remote.py) or a model
+loaded here. `load_engine` always loads the model here and returns the local `Engine` itself, for
+the callers that need more than the protocol (`llava serve`, `ask --each`'s batches).
 
 Loading messages go to stderr only: a spinner when stderr is a terminal (after the download's
 progress bar, when the model has to be fetched), a line with --verbose, nothing otherwise, so
@@ -17,8 +18,9 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
+from llava_cli.backend import Backend
 from llava_cli.engine import Engine
-from llava_cli.remote import RemoteEngine, connect
+from llava_cli.remote import connect
 from llava_cli.settings import Settings
 from llava_cli.terminal import is_terminal, make_console, shown
 
@@ -40,7 +42,7 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def start_engine(settings: Settings) -> Engine | RemoteEngine:
+def start_engine(settings: Settings) -> Backend:
     """A server's engine when one is asked for or running for the model, else a model loaded here."""
     stderr = make_console(sys.stderr)
     remote = connect(settings, notify=lambda message: say(stderr, f"note: {message}"))

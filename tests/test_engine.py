@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from conftest import render_llava15
+from fakes import answer_of, answer_text
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import ContextError
@@ -41,14 +42,14 @@ def chat(engine, settings, conversation, reference, script, system=None):
     paths, stats = [image.name for image in conversation.images], []
     for text, image_paths in script:
         conversation.ask(text, [load_image(str(p)) for p in image_paths])
-        chunks = list(engine.generate(conversation, settings))
+        streamed, figures = answer_of(engine.generate(conversation, settings))
         answer = conversation.turns[-1].answer
         paths += map(str, image_paths)
         expected = reference.answer(render_llava15(history + [(text, len(image_paths), None)], system), paths, settings.max_new_tokens)
         assert answer == expected, f"turn {len(history) + 1}"
-        assert "".join(chunks) == answer
+        assert streamed == answer
         history.append((text, len(image_paths), answer))
-        stats.append(engine.last_stats)
+        stats.append(figures)
     return stats
 
 
@@ -96,10 +97,10 @@ def test_old_turns_are_dropped_to_fit_the_context_window(engine, loaded, images,
     conversation = Conversation()
     for text in ["first question here", "second question", "third question please", "fourth"]:
         conversation.ask(text, [load_image(str(images["red"]))] if text == "fourth" else [])
-        list(engine.generate(conversation, settings))
-        assert engine.last_stats.prompt_tokens + min(MAX_NEW, 40) <= 80
+        _, figures = answer_of(engine.generate(conversation, settings))
+        assert figures.prompt_tokens + min(MAX_NEW, 40) <= 80
     assert engine.notes and "dropped" in engine.notes[0]
-    assert engine.last_stats.dropped_turns >= 1
+    assert figures.dropped_turns >= 1
     # What is left is answered exactly as plain transformers answers that shorter history.
     kept = [(t.text, len(t.images), t.answer) for t in conversation.turns]
     expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW)
@@ -110,15 +111,15 @@ def test_a_message_too_long_for_the_window_is_refused_and_the_conversation_kept(
     settings = Settings(model=loaded.name, max_new_tokens=MAX_NEW, max_context=40)
     conversation = Conversation()
     conversation.ask("short")
-    list(engine.generate(conversation, settings))
+    answer_of(engine.generate(conversation, settings))
     conversation.ask("word " * 200)
     with pytest.raises(ContextError, match="context window is 40"):
-        list(engine.generate(conversation, settings))
+        answer_of(engine.generate(conversation, settings))
     assert [t.text for t in conversation.turns] == ["short", "word " * 200]
     conversation.discard_pending()
     conversation.ask("still works")
-    chunks = list(engine.generate(conversation, settings))
-    assert conversation.turns[-1].answer == "".join(chunks)
+    text, _ = answer_of(engine.generate(conversation, settings))
+    assert conversation.turns[-1].answer == text
     kept = [(turn.text, 0, turn.answer) for turn in conversation.turns]
     assert kept[-1][2] == reference.answer(render_llava15(kept[:-1] + [("still works", 0, None)]), [], MAX_NEW)
 
@@ -129,8 +130,8 @@ def test_sampling_with_a_seed_is_repeatable(engine, loaded):
     for _ in range(2):
         conversation = Conversation()
         conversation.ask("tell me something")
-        answers.append("".join(engine.generate(conversation, settings)))
+        answers.append(answer_text(engine.generate(conversation, settings)))
     assert answers[0] == answers[1]
     greedy = Conversation()
     greedy.ask("tell me something")
-    assert "".join(engine.generate(greedy, dataclasses.replace(settings, temperature=0.0))) != answers[0]
+    assert answer_text(engine.generate(greedy, dataclasses.replace(settings, temperature=0.0))) != answers[0]

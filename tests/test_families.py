@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from cli_runner import BytesStdout, invoke
+from fakes import answer_of, answer_text
 from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
 from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
 from llava_cli.engine import Engine
@@ -182,12 +183,12 @@ def test_multi_turn_multi_image_chat_equals_plain_transformers_on_the_full_promp
         prompts.append(engine.encode(conversation))
         # The same tokens, image tokens included (LLaVA-NeXT's count depends on each image's size).
         assert prompts[-1].ids == family.reference.ids(messages), f"turn {turn}"
-        chunks = list(engine.generate(conversation, family.settings))
+        streamed, figures = answer_of(engine.generate(conversation, family.settings))
         answer = conversation.turns[-1].answer
         assert answer == family.reference.answer(messages), f"turn {turn}"
-        assert "".join(chunks) == answer
+        assert streamed == answer
         messages.append(assistant(answer))
-        stats.append(engine.last_stats)
+        stats.append(figures)
     assert stats[0].cached_tokens == 0
     for turn, (previous, current) in enumerate(zip(stats, stats[1:]), start=2):
         if family.name == "llava-onevision" and turn == 2:
@@ -207,8 +208,8 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
     conversation = Conversation()
     for text, name in questions:
         conversation.ask(text, [load_image(str(images[name]))])
-        list(engine.generate(conversation, settings))
-        assert engine.last_stats.prompt_tokens + MAX_NEW <= settings.max_context
+        _, figures = answer_of(engine.generate(conversation, settings))
+        assert figures.prompt_tokens + MAX_NEW <= settings.max_context
     assert notes and "dropped" in notes[0]
     assert [turn.text for turn in conversation.turns][-1] == "third question" and len(conversation.turns) < 3
     asked = history(conversation)[:-1]
@@ -250,7 +251,7 @@ def test_chat_template_file_prompts_an_untemplated_checkpoint(untemplated, image
     settings = Settings(model=str(untemplated), max_new_tokens=MAX_NEW, chat_template=str(template))
     conversation = Conversation()
     conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
-    answer = "".join(Engine(load_model(settings)).generate(conversation, settings))
+    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings))
     # The same weights with that template shipped: the llava-interleave checkpoint.
     assert answer == references("llava-interleave").answer([user("What is in this picture?", [images["red"]])])
 

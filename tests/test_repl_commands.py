@@ -94,7 +94,7 @@ def test_show_images_and_status_line_describe_the_session(repl, images, tiny_mod
     red, green = images["red"], images["green"]
     loop, io = repl([f"/image {red} what is it?", f"/image {green}", "/show", "/images"])
     show, listing = io.infos[-2:]
-    stats = loop.engine.last_stats
+    stats = loop.last_figures
     used = stats.prompt_tokens + stats.completion_tokens
     assert show.splitlines() == [
         f"model     {tiny_model} on cpu (float32)",

@@ -14,9 +14,10 @@ import pytest
 
 from cli_runner import FakeTerminal, invoke
 from conftest import cli_env, default_sigint, render_llava15, run_llava
+from fakes import FakeBackend, answer_text, use_backend
 from llava_cli.chat import ChatLoop
 from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine, Stats
+from llava_cli.engine import Engine
 from llava_cli.errors import InputError, ModelError
 from llava_cli.images import load_image
 from llava_cli.loader import load_model
@@ -46,24 +47,10 @@ def test_safe_for_terminal_removes_control_sequences(text, safe):
     assert safe_for_terminal(text) == safe
 
 
-class HostileEngine:
-    """Stands in for the model: its answer is made of escape sequences (the subject here is output)."""
-
-    def __init__(self) -> None:
-        self.last_stats = Stats()
-
-    def generate(self, conversation: Conversation, settings: Settings):
-        yield from HOSTILE
-        conversation.answer("".join(HOSTILE))
-
-    def reset(self) -> None:
-        pass
-
-
 @pytest.fixture
 def hostile(monkeypatch):
-    monkeypatch.setattr("llava_cli.ask.start_engine", lambda settings: HostileEngine())
-    monkeypatch.setattr("llava_cli.session.start_engine", lambda settings: HostileEngine())
+    """The model stands in: its answer is made of escape sequences (the subject here is output)."""
+    use_backend(monkeypatch, FakeBackend(HOSTILE))
 
 
 @pytest.mark.parametrize(
@@ -238,7 +225,7 @@ def test_pickle_weights_load_with_allow_pickle_and_answer_like_the_safetensors_m
     settings = Settings(model=str(pickle_model), max_new_tokens=MAX_NEW, allow_pickle=True)
     conversation = Conversation()
     conversation.ask("what is it?", [load_image(str(images["green"]))])
-    answer = "".join(Engine(load_model(settings)).generate(conversation, settings))
+    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings))
     assert answer == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW)
 
 
@@ -252,7 +239,7 @@ def test_an_unexpected_exception_is_one_line_pointing_at_llava_debug(monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("something internal\nwith a second line")
 
-    monkeypatch.setattr("llava_cli.ask.start_engine", broken)
+    monkeypatch.setattr("llava_cli.session.start_engine", broken)
     outcome = invoke(monkeypatch, "ask", images["red"], "hi")
     assert outcome.code == 1
     assert outcome.stderr == (

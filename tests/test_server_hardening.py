@@ -24,6 +24,7 @@ import pytest
 
 from cli_runner import invoke
 from conftest import cli_env, render_llava15
+from fakes import answer_text
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine
 from llava_cli.errors import UsageError
@@ -486,7 +487,7 @@ def answer_through(canned: CannedServer, status: int, body) -> tuple[str | None,
     canned.status, canned.body = status, body
     conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])
     try:
-        return "".join(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m"))), None, conversation
+        return answer_text(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m"))), None, conversation
     except LlavaError as err:
         return None, str(err), conversation
 

@@ -13,6 +13,8 @@ from rich.console import Console
 
 from cli_runner import invoke
 from fake_io import FakeIO
+from fakes import FakeBackend, use_backend
+from llava_cli.streaming import Stats
 
 
 def terminal_io(columns: int):
@@ -29,14 +31,8 @@ def terminal_io(columns: int):
     return terminal
 
 
-class FinishedEngine:
-    """Stands for an engine that has answered once: /stats shows its figures."""
-
-    def __init__(self) -> None:
-        from llava_cli.engine import Stats
-
-        self.last_stats = Stats(prompt_tokens=612, cached_tokens=600, completion_tokens=48, ttft_s=0.1234,
-                                tokens_per_s=31.5, seconds=1.6789, load_s=7.25, peak_memory_mb=14210.5)
+FIGURES = Stats(prompt_tokens=612, cached_tokens=600, completion_tokens=48, ttft_s=0.1234,
+                tokens_per_s=31.5, seconds=1.6789, load_s=7.25, peak_memory_mb=14210.5)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +44,10 @@ def test_help_and_stats_never_split_a_word_from_40_columns_up(command, row):
 
     def shown(columns: int) -> str:
         terminal = terminal_io(columns)
-        ChatLoop(FinishedEngine(), Settings(), terminal).command(command, "")
+        loop = ChatLoop(FakeBackend(stats=FIGURES), Settings(), terminal)
+        loop.send("hi")  # one answer, so /stats has its figures to show
+        terminal.console.file = io.StringIO()  # only what the command shows
+        loop.command(command, "")
         return terminal.console.file.getvalue()
 
     words = Counter(shown(400).split())
@@ -86,14 +85,7 @@ def test_the_status_line_knows_the_context_after_undo_and_after_a_resume(tiny_lo
 
 
 def test_ctrl_c_during_ask_ends_the_partial_answer_with_a_newline(monkeypatch, images, llava_home_dir):
-    import llava_cli.ask
-
-    class StoppedEngine:
-        def generate(self, conversation, settings):
-            yield "The picture shows"
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(llava_cli.ask, "start_engine", lambda settings: StoppedEngine())
+    use_backend(monkeypatch, FakeBackend(["The picture shows"], raises=KeyboardInterrupt()))
     outcome = invoke(monkeypatch, "ask", images["red"], "what is it?")
     assert (outcome.code, outcome.stdout) == (130, "The picture shows\n")
 

@@ -1,0 +1,59 @@
+"""One fake `Backend` (backend.py) for the front-end tests: scripted text, then the answer and its figures.
+
+`FakeBackend` keeps the protocol's contract: its chunks, then (unless told to raise midway, as a
+Ctrl-C does) the joined answer added to the conversation and one `Done` with `stats`.
+`use_backend` makes `llava ask` and `llava chat` answer with it (`session.start_engine`, the one
+place the front-ends get their backend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from llava_cli.backend import Answer, BackendInfo, Done, Events, TextChunk
+from llava_cli.conversation import Conversation
+from llava_cli.settings import Settings
+from llava_cli.streaming import Stats
+
+
+class FakeBackend:
+    """Answers every message with `chunks`; `raises` (e.g. KeyboardInterrupt) is raised after the chunks instead."""
+
+    def __init__(self, chunks: Sequence[str] = ("an answer",), stats: Stats | None = None,
+                 raises: BaseException | None = None) -> None:
+        self.chunks = list(chunks)
+        self.stats = stats or Stats()
+        self.raises = raises
+        self.resets = 0
+
+    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
+        for chunk in self.chunks:
+            yield TextChunk(chunk)
+        if self.raises is not None:
+            raise self.raises
+        conversation.answer("".join(self.chunks))
+        yield Done(self.stats)
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(name="fake", where="nowhere", load_seconds=self.stats.load_s)
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def prompt_tokens(self, conversation: Conversation) -> None:
+        return None
+
+
+def use_backend(monkeypatch, backend: FakeBackend) -> None:
+    """Make the front-ends answer through `backend`."""
+    monkeypatch.setattr("llava_cli.session.start_engine", lambda settings: backend)
+
+
+def answer_of(events: Events) -> tuple[str, Stats]:
+    """A backend's whole answer and its figures (`Answer` checks there is one `Done`, at the end)."""
+    answer = Answer(events)
+    return "".join(answer), answer.stats
+
+
+def answer_text(events: Events) -> str:
+    return answer_of(events)[0]
