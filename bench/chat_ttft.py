@@ -28,11 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_model import Shape, build_bench_checkpoint, median, write_test_images  # noqa: E402
+from llava_cli.backend import Answer  # noqa: E402
 from llava_cli.conversation import Conversation, Turn  # noqa: E402
 from llava_cli.engine import Engine  # noqa: E402
 from llava_cli.images import ImageRef, load_image  # noqa: E402
 from llava_cli.loader import LoadedModel, load_model  # noqa: E402
 from llava_cli.settings import Settings  # noqa: E402
+from llava_cli.streaming import Stats  # noqa: E402
 
 QUESTIONS = [
     "What is in this picture?",
@@ -96,10 +98,12 @@ class PlainTransformers:
             self.model.generate(**inputs, do_sample=False, max_new_tokens=1)
 
 
-def answer(engine: Engine, conversation: Conversation, settings: Settings) -> None:
-    """Answer the pending last turn of `conversation` (the chunks are not needed)."""
-    for _ in engine.generate(conversation, settings):
+def answer(engine: Engine, conversation: Conversation, settings: Settings) -> Stats:
+    """Answer the pending last turn of `conversation`; its figures (the text is not needed)."""
+    answer = Answer(engine.generate(conversation, settings))
+    for _ in answer:
         pass
+    return answer.stats
 
 
 def pending(conversation: Conversation, turn: int) -> Conversation:
@@ -119,8 +123,9 @@ def cached_chat(loaded: LoadedModel, script: Script, settings: Settings, timer: 
     first_token = dataclasses.replace(settings, max_new_tokens=1)
     for text, images in script:
         conversation.ask(text, images)
-        seconds = timer(lambda: answer(engine, pending(conversation, len(conversation.turns)), first_token))
-        figures.append((seconds, engine.last_stats.prompt_tokens, engine.last_stats.cached_tokens))
+        stats: list[Stats] = []
+        seconds = timer(lambda: stats.append(answer(engine, pending(conversation, len(conversation.turns)), first_token)))
+        figures.append((seconds, stats[0].prompt_tokens, stats[0].cached_tokens))
         answer(engine, conversation, settings)
     return figures, conversation
 

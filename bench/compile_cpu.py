@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import median  # noqa: E402
 from gpu import fixed_length  # noqa: E402
+from llava_cli.backend import Answer  # noqa: E402
 from llava_cli.conversation import Conversation  # noqa: E402
 from llava_cli.engine import Engine  # noqa: E402
 from llava_cli.loader import load_model  # noqa: E402
@@ -38,8 +39,9 @@ def answers(engine: Engine, settings: Settings, count: int) -> tuple[list[float]
         engine.reset()
         conversation = Conversation()
         conversation.ask("tell me something about the quick brown fox")
-        texts.add("".join(engine.generate(conversation, settings)))
-        rates.append(engine.last_stats.tokens_per_s)
+        answer = Answer(engine.generate(conversation, settings))
+        texts.add("".join(answer))
+        rates.append(answer.stats.tokens_per_s)
     return rates, texts
 
 

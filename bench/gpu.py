@@ -196,28 +196,30 @@ def plain_decode(loaded, image, clock: Clock, tokens: int) -> dict:
 
 def engine_decode(engine, image, settings, runs: int) -> dict:
     """llava-cli's engine on a fresh one-image conversation; the figures of the last of `runs` answers."""
+    from llava_cli.backend import Answer
     from llava_cli.conversation import Conversation
 
     for _ in range(runs):
         engine.reset()  # a fresh conversation every run: the image and prompt run again
         conversation = Conversation()
         conversation.ask("What is in this picture? Describe it in detail.", [image])
-        for _ in engine.generate(conversation, settings):
-            pass
-    return engine.last_stats.as_dict()
+        answer = Answer(engine.generate(conversation, settings))
+        "".join(answer)
+    return answer.stats.as_dict()
 
 
 def chat_growth(engine, image, settings, turns: int) -> list[float]:
     """Time to first token of each turn of one chat (one image in turn 1), reusing the cache."""
+    from llava_cli.backend import Answer
     from llava_cli.conversation import Conversation
 
     engine.reset()
     conversation, ttfts = Conversation(), []
     for turn in range(turns):
         conversation.ask(QUESTIONS[turn], [image] if turn == 0 else [])
-        for _ in engine.generate(conversation, settings):
-            pass
-        ttfts.append(engine.last_stats.ttft_s)
+        answer = Answer(engine.generate(conversation, settings))
+        "".join(answer)
+        ttfts.append(answer.stats.ttft_s)
     return ttfts
 
 
