@@ -20,9 +20,10 @@ from llava_cli.errors import UsageError
 from llava_cli.images import ImageRef, image_from_bytes
 from llava_cli.output import WRITERS
 from llava_cli.records import answer_record
+from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
 from llava_cli.signals import sigterm_raises
-from llava_cli.store import Recorder, SessionOptions, open_conversation
+from llava_cli.store import Recorder
 from llava_cli.streaming import stats_line
 from llava_cli.terminal import emit, one_line_text
 from llava_cli.urls import open_image
@@ -73,7 +74,7 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
-    from llava_cli.session import start_engine  # looked up here, so a test replaces the backend in one place
+    from llava_cli.startup import start_engine  # looked up here, so a test replaces the backend in one place
 
     engine = start_engine(settings)
     conversation = opened.conversation or Conversation(system=settings.system)

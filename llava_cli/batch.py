@@ -29,7 +29,7 @@ from llava_cli.images import image_from_bytes
 from llava_cli.output import StdoutRecords
 from llava_cli.records import RecordFile, make_record
 from llava_cli.safeio import NotRegularFile, read_regular
-from llava_cli.session import load_engine
+from llava_cli.startup import load_engine
 from llava_cli.settings import Settings
 from llava_cli.terminal import emit, is_terminal, make_console
 from llava_cli.urls import open_image

@@ -28,9 +28,10 @@ from llava_cli.errors import EXIT_OK, LlavaError
 from llava_cli.images import ImageRef, load_image
 from llava_cli.output import WRITERS
 from llava_cli.records import answer_record
+from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
 from llava_cli.signals import Terminated, sigterm_raises
-from llava_cli.store import Recorder, SessionOptions, data_dir, open_conversation
+from llava_cli.store import Recorder, data_dir
 from llava_cli.streaming import Stats, stats_line
 from llava_cli.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
 
@@ -263,7 +264,7 @@ def run_chat(
 
 
 def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions, markdown: bool) -> ChatLoop:
-    from llava_cli.session import start_engine
+    from llava_cli.startup import start_engine
 
     for path in images:  # fail before the slow model load
         load_image(path, settings.max_image_pixels)

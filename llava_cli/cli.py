@@ -118,7 +118,7 @@ def ask(
     """
     from llava_cli.ask import run_ask
     from llava_cli.arguments import AskOptions
-    from llava_cli.store import SessionOptions
+    from llava_cli.resume import SessionOptions
 
     options = AskOptions(json=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
@@ -144,7 +144,7 @@ def chat(
     Every conversation is saved; `llava chat --resume` continues the last one.
     """
     from llava_cli.chat import run_chat
-    from llava_cli.store import SessionOptions
+    from llava_cli.resume import SessionOptions
 
     if session is not None and not resume:
         raise UsageError(f"to continue conversation {session}, add --resume: llava chat --resume {session}")
@@ -195,7 +195,7 @@ def models(
 
     The cache is HF_HUB_CACHE, else HF_HOME/hub (~/.cache/huggingface/hub). Nothing is downloaded.
     """
-    from llava_cli.models import run_models
+    from llava_cli.cached_models import run_models
 
     raise typer.Exit(run_models(json_output))
 

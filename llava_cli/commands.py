@@ -22,12 +22,11 @@ from llava_cli.clipboard import copy_to_clipboard
 from llava_cli.conversation import Turn
 from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.options import SAVED, SETTABLE
+from llava_cli.resume import restore_conversation, restored_settings
 from llava_cli.store import (
     SessionStore,
     describe_settings,
     model_id,
-    restore_conversation,
-    restored_settings,
     shorten,
 )
 from llava_cli.terminal import is_terminal, table

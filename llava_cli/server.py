@@ -86,7 +86,7 @@ def require_server_libraries() -> None:
 def run_serve(settings: Settings, options: ServeOptions) -> int:
     """Load the model, serve until SIGINT (exit code 130) or SIGTERM (0). The caller should leave at
     once (`cli.exit_now`): a forward may still be running, and torch's teardown takes seconds."""
-    from llava_cli.session import load_engine
+    from llava_cli.startup import load_engine
 
     require_server_libraries()
     set_verbose(settings.verbose)

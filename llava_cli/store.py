@@ -21,8 +21,7 @@ Session files are untrusted input (they can be edited, planted or shared): they 
 name inside must match NAME_PATTERN, and where a conversation is saved is decided by the name of
 the file it was read from, never by the `id` inside it.
 
-`restore_conversation` re-reads every image from its path and checks its content hash: a vanished
-or changed image is refused, or left out with `drop_missing`.
+Continuing a saved conversation (its images read again and checked) is resume.py's job.
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ from typing import Any
 
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.discovery import process_alive
-from llava_cli.errors import InputError, SessionError, UsageError, one_line
-from llava_cli.images import ImageRef, load_image
+from llava_cli.errors import InputError, SessionError, one_line
+from llava_cli.images import ImageRef
 from llava_cli.options import OPTIONS, SAVED
 from llava_cli.safeio import FileTooLarge, NotRegularFile, make_private_dir, read_regular
 from llava_cli.settings import Settings
@@ -381,89 +380,6 @@ class Recorder:
         self.name = saved.name if saved else None
         self.created = saved.created if saved else None
         self.path: Path | None = saved.path if saved else None
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """How a front-end uses saved conversations: save or not, and which one to continue."""
-
-    save: bool = True
-    resume: bool = False
-    session: str | None = None  # with resume: id, name or id prefix; None for the last one
-    drop_missing_images: bool = False
-    given: frozenset[str] = frozenset()  # options typed on the command line: they beat saved values
-
-
-@dataclass
-class Opened:
-    """What a front-end starts from: settings, history to continue (or None), where to save, notes."""
-
-    settings: Settings
-    conversation: Conversation | None
-    recorder: Recorder | None
-    notes: list[str]
-
-
-def open_conversation(settings: Settings, options: SessionOptions) -> Opened:
-    """Start a new conversation or bring back a saved one, before the model loads (so errors are fast)."""
-    store = SessionStore.default()
-    if not options.resume:
-        return Opened(settings, None, Recorder(store) if options.save else None, [])
-    saved = store.find(options.session) if options.session else store.last()
-    conversation, notes = restore_conversation(saved, settings.max_image_pixels, options.drop_missing_images)
-    restored = restored_settings(settings, saved, options.given)
-    if "system" in options.given:
-        conversation.system = settings.system
-    if "model" in options.given and model_id(settings.model) != saved.model:
-        notes.append(f"continuing with {settings.model}; the conversation was held with {saved.model}")
-    return Opened(restored, conversation, Recorder(store, saved) if options.save else None, notes)
-
-
-def restored_settings(settings: Settings, saved: SavedConversation, given: frozenset[str]) -> Settings:
-    """`settings` with the saved model and generation settings, except those the user just gave."""
-    values = {key: value for key, value in saved.settings.items() if key not in given}
-    if "model" not in given:
-        values["model"] = saved.model
-    try:
-        return dataclasses.replace(settings, **values)
-    except UsageError as err:
-        raise SessionError(f"{saved.label} holds a setting this llava-cli refuses: {err}") from None
-
-
-def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing: bool) -> tuple[Conversation, list[str]]:
-    """The saved history with every image read again and checked against its hash.
-
-    A vanished or changed image is refused with one message naming each; with `drop_missing` it
-    is left out of its turn instead and a note says so.
-    """
-    problems: list[str] = []
-    turns = []
-    for number, saved_turn in enumerate(saved.turns, 1):
-        images = []
-        for image in saved_turn.images:
-            try:
-                images.append(reload_image(image, max_pixels))
-            except InputError as err:
-                problems.append(f"turn {number}: {err}")
-        answered_at = parse_time(saved_turn.answered_at)
-        turns.append(Turn(text=saved_turn.user, images=images, answer=saved_turn.assistant, answered_at=answered_at))
-    if problems and not drop_missing:
-        raise SessionError(
-            f"cannot continue {saved.label}: {'; '.join(problems)}. "
-            "Put the image back, or continue without it with --drop-missing-images"
-        )
-    return Conversation(system=saved.system, turns=turns), [f"continuing without an image ({problem})" for problem in problems]
-
-
-def reload_image(image: SavedImage, max_pixels: int) -> ImageRef:
-    if image.path is None:
-        raise InputError(f"{image.name} was read from stdin and cannot be read again")
-    if not os.path.exists(image.path):
-        raise InputError(f"{image.name} is gone ({image.path} no longer exists)")
-    ref = load_image(image.path, max_pixels)
-    if ref.digest != image.sha256:
-        raise InputError(f"{image.name} has changed since it was attached ({image.path} has different content now)")
-    return dataclasses.replace(ref, name=image.name)
 
 
 def parse_time(text: str | None) -> float | None:

@@ -46,7 +46,7 @@ class FakeBackend:
 
 def use_backend(monkeypatch, backend: FakeBackend) -> None:
     """Make the front-ends answer through `backend`."""
-    monkeypatch.setattr("llava_cli.session.start_engine", lambda settings: backend)
+    monkeypatch.setattr("llava_cli.startup.start_engine", lambda settings: backend)
 
 
 def answer_of(events: Events) -> tuple[str, Stats]:

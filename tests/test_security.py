@@ -239,7 +239,7 @@ def test_an_unexpected_exception_is_one_line_pointing_at_llava_debug(monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("something internal\nwith a second line")
 
-    monkeypatch.setattr("llava_cli.session.start_engine", broken)
+    monkeypatch.setattr("llava_cli.startup.start_engine", broken)
     outcome = invoke(monkeypatch, "ask", images["red"], "hi")
     assert outcome.code == 1
     assert outcome.stderr == (

@@ -26,8 +26,9 @@ from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import SessionError
 from llava_cli.images import load_image
+from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SessionOptions, SessionStore, open_conversation, write_atomic
+from llava_cli.store import Recorder, SessionStore, write_atomic
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 

@@ -21,8 +21,9 @@ from llava_cli.commands import changed_settings, find
 from llava_cli.conversation import Conversation
 from llava_cli.errors import InputError, UsageError
 from llava_cli.options import OPTIONS, REQUEST_FIELDS, SAVED, SETTABLE, Option, request_fields
+from llava_cli.resume import restored_settings
 from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SessionStore, restored_settings
+from llava_cli.store import Recorder, SessionStore
 from llava_cli.usage import preflight
 
 # A valid value other than the default, for every row that takes a value (flags take none: True).
