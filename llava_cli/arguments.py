@@ -12,7 +12,9 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import looks_like_image, read_stream
@@ -155,6 +157,20 @@ class AskOptions:
         if self.output is not None and self.format == "text":
             raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
 
+    @classmethod
+    def from_command_line(cls, values: Mapping[str, Any]) -> AskOptions:
+        """From `llava ask`'s option values by parameter name: typer's, or (in usage.py's preflight,
+        so that a bad combination costs no typer start-up) click's parser's, not yet converted."""
+        return cls(
+            json=bool(values.get("json_output")),
+            output_format=values.get("output_format"),
+            prompt=values.get("prompt"),
+            each=bool(values.get("each")),
+            from_file=values.get("from_file"),
+            output=values.get("output"),
+            batch_size=int(values.get("batch_size") or DEFAULT_BATCH_SIZE),
+        )
+
     def batch_only_options(self) -> str:
         """The options given that only --each and --from-file use, as typed, or ''."""
         used = [f"-o {self.output}"] if self.output is not None else []
@@ -170,3 +186,10 @@ class AskOptions:
         if self.output_format:
             return self.output_format
         return "json" if self.json else "jsonl" if self.is_batch else "text"
+
+
+def check_chat_arguments(values: Mapping[str, Any]) -> None:
+    """`llava chat ID` continues conversation ID only with --resume: say so rather than guess."""
+    session = values.get("session")
+    if session is not None and not values.get("resume"):
+        raise UsageError(f"to continue conversation {session}, add --resume: llava chat --resume {session}")

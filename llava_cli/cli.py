@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable, NoReturn, Optional
 import typer
 
 from llava_cli import __version__
-from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, UsageError, one_line
+from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
 from llava_cli.options import OPTIONS, Option
 from llava_cli.settings import DEFAULT_BATCH_SIZE, DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings
 from llava_cli.terminal import emit_error
@@ -120,7 +120,9 @@ def ask(
     from llava_cli.arguments import AskOptions
     from llava_cli.resume import SessionOptions
 
-    options = AskOptions(json=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)
+    options = AskOptions.from_command_line(
+        dict(json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)
+    )
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_ask(args, settings, json_output, options, sessions)
 
@@ -143,11 +145,11 @@ def chat(
     Without a terminal, reads one message per line from stdin and prints each answer on a line.
     Every conversation is saved; `llava chat --resume` continues the last one.
     """
+    from llava_cli.arguments import check_chat_arguments
     from llava_cli.chat import run_chat
     from llava_cli.resume import SessionOptions
 
-    if session is not None and not resume:
-        raise UsageError(f"to continue conversation {session}, add --resume: llava chat --resume {session}")
+    check_chat_arguments({"session": session, "resume": resume})
     sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_chat(settings, images, json_output, sessions, markdown=not no_markdown)
 

@@ -7,7 +7,7 @@ option parser (the one typer uses, without value conversion) over the command li
 - raises `UsageError` (one line, exit 2) for an unknown command or option, with a did-you-mean
   found by difflib among that command's real names, an option missing its value, a value that is
   not a number where one is needed, a model or generation option `Settings` refuses, a missing
-  or unexpected argument;
+  or unexpected argument, and what `ask` and `chat` refuse of their own options together;
 - returns None for a well-formed command line, which typer then runs.
 
 A help page reads like a man page: a usage line, the description, the options grouped by panel,
@@ -49,6 +49,7 @@ def preflight(group: Any, argv: list[str], prog: str = "llava") -> int | None:
             check_values(command, options)
             check_settings(command, options)
             check_arguments(command, options, positional, " ".join(path))
+            check_command(command.name, options)
             return None
         if not positional:
             return None  # options only (--version): typer answers them
@@ -133,6 +134,14 @@ def check_settings(command: Any, options: dict[str, Any]) -> None:
         if option is not None and options.get(param.name) is not None:
             given[param.name] = option.kind(options[param.name]) if option.kind in (int, float) else options[param.name]
     Settings(**given)
+
+
+def check_command(name: str, options: dict[str, Any]) -> None:
+    """What `ask` and `chat` check of their own options together, through the same code the commands run."""
+    if name in ("ask", "chat"):
+        from llava_cli.arguments import AskOptions, check_chat_arguments  # only here: it costs tens of ms
+
+        (AskOptions.from_command_line if name == "ask" else check_chat_arguments)(options)
 
 
 def check_arguments(command: Any, values: dict[str, Any], left_over: list[str], where: str) -> None:

@@ -136,7 +136,10 @@ import contextlib, io, json, sys
 from llava_cli.cli import main
 
 codes = []
-for argv in (["--help"], ["ask", "--help"], ["ask", "--temprature", "1"], ["ask", "-n", "x"], ["frob"], ["chat", "--device", "tpu"]):
+for argv in (
+    ["--help"], ["ask", "--help"], ["ask", "--temprature", "1"], ["ask", "-n", "x"], ["frob"], ["chat", "--device", "tpu"],
+    ["ask", "a.png", "hi", "--batch-size", "4"], ["ask", "a.png", "hi", "--output-format", "xml"], ["chat", "some-id"],
+):
     sys.argv = ["llava", *argv]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
@@ -151,4 +154,4 @@ print(json.dumps({"codes": codes, "heavy": heavy}))
 def test_help_and_usage_errors_import_neither_typer_conversion_nor_rich():
     probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=cli_env(), timeout=60)
     assert probe.returncode == 0, probe.stderr
-    assert json.loads(probe.stdout.splitlines()[-1]) == {"codes": [0, 0, 2, 2, 2, 2], "heavy": []}
+    assert json.loads(probe.stdout.splitlines()[-1]) == {"codes": [0, 0, 2, 2, 2, 2, 2, 2, 2], "heavy": []}
