@@ -14,6 +14,7 @@ import pytest
 
 from cli_runner import FakeTerminal, invoke
 from conftest import cli_env, default_sigint, render_llava15, run_llava
+from fake_io import FakeIO
 from fakes import FakeBackend, answer_text, use_backend
 from llava_cli.chat import ChatLoop
 from llava_cli.conversation import Conversation
@@ -86,35 +87,10 @@ def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
-class RecordingIO:
-    """The chat's input lines and what it reports, as lists."""
-
-    interactive = False
-
-    def __init__(self) -> None:
-        self.answers: list[str] = []
-        self.errors: list[str] = []
-
-    def read(self) -> str | None:
-        return None
-
-    def stream(self, chunks) -> None:
-        self.answers.append("".join(chunks))
-
-    def answered(self, record: dict) -> None:
-        pass
-
-    def info(self, message: str) -> None:
-        pass
-
-    def error(self, message: str) -> None:
-        self.errors.append(message)
-
-
-def test_out_of_memory_in_chat_frees_the_cache_keeps_the_conversation_and_recovers(tiny_model, monkeypatch, images, reference):
+def test_out_of_memory_in_chat_frees_the_cache_keeps_the_conversation_and_recovers(tiny_model, tiny_loaded, monkeypatch, images, reference):
     settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW)
-    engine = Engine(load_model(settings))
-    io = RecordingIO()
+    engine = Engine(tiny_loaded)
+    io = FakeIO()
     loop = ChatLoop(engine, settings, io)
     loop.handle("first question")
     first = loop.conversation.turns[0].answer
