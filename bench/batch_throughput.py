@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu import SMOKE, Shape, build_loaded  # noqa: E402
+from gpu_phases import SMOKE, Shape, build_loaded  # noqa: E402
 from llava_cli.batch import answer_chunk  # noqa: E402
 from llava_cli.engine import Engine  # noqa: E402
 from llava_cli.loader import LoadedModel, load_model  # noqa: E402

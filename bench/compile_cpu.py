@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import median  # noqa: E402
-from gpu import fixed_length  # noqa: E402
+from gpu_phases import fixed_length  # noqa: E402
 from llava_cli.backend import Answer  # noqa: E402
 from llava_cli.conversation import Conversation  # noqa: E402
 from llava_cli.engine import Engine  # noqa: E402
