@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from conftest import SHORT_ANSWER, cli_env, render_llava15, run_llava
 from hub_standin import COMMIT, StandInHub
-from tiny_checkpoint import lay_out_hub_cache
+from tiny_checkpoint import copy_without_weights, lay_out_hub_cache
 
 REPO = "llava-tests/sharded-llava"
 SHARDS = [f"model-0000{n}-of-00003.safetensors" for n in (1, 2, 3)]
@@ -31,13 +30,10 @@ HUB_TIMEOUT_S = "1"  # huggingface_hub's HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_T
 @pytest.fixture(scope="module")
 def sharded_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny checkpoint with its weights split into three shards and an index, as big models are."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("sharded")
-    for path in tiny_model.iterdir():
-        if path.name != "model.safetensors":
-            shutil.copy2(path, folder / path.name)
-    tensors = load_file(tiny_model / "model.safetensors")
+    tensors = copy_without_weights(tiny_model, folder)
     names = sorted(tensors)
     weight_map = {name: SHARDS[index * len(SHARDS) // len(names)] for index, name in enumerate(names)}
     for shard in SHARDS:

@@ -24,6 +24,7 @@ from llava_cli.images import load_image
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings
 from llava_cli.terminal import safe_for_terminal
+from tiny_checkpoint import copy_without_weights
 
 MAX_NEW = 8
 SECRET = "hf_SeCrEtToKeN1234567890abcdef"
@@ -179,16 +180,10 @@ def test_a_hostile_model_folder_name_is_shown_plainly_in_verbose_notes(monkeypat
 @pytest.fixture(scope="module")
 def pickle_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny checkpoint with its weights as a pickle pytorch_model.bin instead of safetensors."""
-    import shutil
-
     import torch
-    from safetensors.torch import load_file
 
     folder = tmp_path_factory.mktemp("pickle-llava")
-    for path in tiny_model.iterdir():
-        if path.suffix != ".safetensors":
-            shutil.copy2(path, folder / path.name)
-    torch.save(load_file(tiny_model / "model.safetensors"), folder / "pytorch_model.bin")
+    torch.save(copy_without_weights(tiny_model, folder), folder / "pytorch_model.bin")
     return folder
 
 

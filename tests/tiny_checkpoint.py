@@ -161,6 +161,17 @@ def build_checkpoint(folder: Path, *, seed: int = 0, context: int = CONTEXT) -> 
     return build_family_checkpoint("llava-1.5", folder, seed=seed, context=context)
 
 
+def copy_without_weights(model: Path, folder: Path) -> dict[str, Any]:
+    """`model`'s files but its safetensors weights, copied into `folder`; the weights, for a test to
+    save another way (sharded, pickled...)."""
+    from safetensors.torch import load_file
+
+    for path in model.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy2(path, folder / path.name)
+    return load_file(model / "model.safetensors")
+
+
 def save_checkpoint(folder: Path, model, processor) -> Path:
     """Save `model` and `processor` to `folder` as a hub checkpoint is laid out; return the folder."""
     import torch
