@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,21 +88,26 @@ def read_image_list(source: str) -> list[str]:
 def answer_all(
     names: list[str], prompt: str, settings: Settings, batch_size: int, sink: StdoutRecords | RecordFile, stdin_image: bytes
 ) -> int:
+    failed = 0
+    with BatchProgress(len(names)) as progress:
+        for record in local_records(names, prompt, settings, batch_size, stdin_image):
+            if isinstance(sink, StdoutRecords):
+                progress.before_output()
+            sink.write(record)
+            if record["error"] is not None:
+                failed += 1
+                progress.report(f"llava: error: {record['error']}")
+            progress.advance()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def local_records(names: list[str], prompt: str, settings: Settings, batch_size: int, stdin_image: bytes) -> Iterator[dict[str, Any]]:
+    """One record per name, in order, answered by a model loaded here, `batch_size` images per pass."""
     if settings.server and not settings.no_server:
         raise UsageError("--each and --from-file batch images on a model loaded here; they do not work with --server yet")
     engine = load_engine(settings)  # batching needs the model itself, never a discovered `llava serve`
-    failed = 0
-    with BatchProgress(len(names)) as progress:
-        for start in range(0, len(names), batch_size):
-            for record in answer_chunk(engine, names[start : start + batch_size], prompt, settings, stdin_image):
-                if isinstance(sink, StdoutRecords):
-                    progress.before_output()
-                sink.write(record)
-                if record["error"] is not None:
-                    failed += 1
-                    progress.report(f"llava: error: {record['error']}")
-                progress.advance()
-    return EXIT_FAILURE if failed else EXIT_OK
+    for start in range(0, len(names), batch_size):
+        yield from answer_chunk(engine, names[start : start + batch_size], prompt, settings, stdin_image)
 
 
 def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes) -> list[dict[str, Any]]:
