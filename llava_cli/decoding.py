@@ -46,11 +46,15 @@ class Sampler:
 
     def pick(self, logits: Any, row: int = 0) -> int:
         """The next token of `row` from its logits (a vector over the vocabulary)."""
+        return int(self.choose(logits, row))
+
+    def choose(self, logits: Any, row: int = 0) -> Any:
+        """`pick` without leaving the device: the token as a one-element tensor (no host sync)."""
         import torch
 
         if self.settings.greedy:
-            return int(torch.argmax(logits))
-        return int(torch.multinomial(self.probabilities(logits), 1, generator=self.generators[row]))
+            return torch.argmax(logits)
+        return torch.multinomial(self.probabilities(logits), 1, generator=self.generators[row])
 
     def pick_rows(self, logits: Any, rows: list[int]) -> list[int]:
         """The next token of each of `rows` from `logits` (one line per row, in that order)."""

@@ -14,8 +14,13 @@ and the digests of the images they hold. A new prompt keeps the longest common p
 splitting an image, never trusting an image whose content changed), drops the rest of the cache
 and runs only the new tokens; the vision tower sees only images that are not in the cache. Greedy
 answers are therefore the ones plain `model.generate` gives for the full prompt. How the model runs
-over the cache is a `ForwardPath` (forward.py): the default eager one, or `--compile`'s static
-cache with compiled decode steps, chosen from the settings of each `generate` call.
+over the cache is a `ForwardPath` (forward.py), chosen from the settings of each `generate` call:
+the default `StaticPath` (graphstep.py: a bucketed static cache, the next token chosen on the device,
+a CUDA graph on a GPU), `EagerPath` where the model cannot use it, or `--compile`'s.
+
+Decoding looks one step ahead: the step that feeds token N is launched before token N is read on
+the host, so when token N ends the answer, that step fed a token the answer does not use; it is
+cropped from the cache. `PrefixCache.ids` always lists exactly the tokens the KV cache holds.
 
 Context: when history plus room for an answer would overflow the window, the oldest whole turns
 are dropped (reported through `notify`); a message that cannot fit alone raises `ContextError`
@@ -28,8 +33,9 @@ Prompt text becomes ids through prompting.py, where user text can never become a
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +43,8 @@ from llava_cli.backend import BackendInfo, Done, Events, TextChunk, window_withi
 from llava_cli.conversation import Conversation
 from llava_cli.decoding import Row, Sampler, decode_batch, token_budget
 from llava_cli.errors import ContextError, ResourceError
-from llava_cli.forward import EagerPath, ForwardPath, forward_path
+from llava_cli.forward import CompiledPath, ForwardPath, Steps
+from llava_cli.graphstep import default_path
 from llava_cli.images import ImageRef
 from llava_cli.loader import LoadedModel
 from llava_cli.prompting import expand_images, render_segments, tokenize
@@ -112,7 +119,12 @@ class PrefixCache:
         return keep
 
     def truncate(self, keep: int, prompt: Prompt) -> None:
-        drop = len(self.ids) - keep
+        self.crop(len(self.ids) - keep)
+        del self.ids[keep:]
+        self.images = [(digest, span) for digest, span in image_keys(prompt) if span[1] <= keep]
+
+    def crop(self, drop: int) -> None:
+        """Drop the KV cache's last `drop` tokens (`ids` is the caller's to keep in step)."""
         if drop and self.kv is not None:
             import torch
 
@@ -121,8 +133,6 @@ class PrefixCache:
             # and changing one in place outside inference mode raises.
             with torch.inference_mode():
                 self.kv.crop(-drop)
-        del self.ids[keep:]
-        self.images = [(digest, span) for digest, span in image_keys(prompt) if span[1] <= keep]
 
     def reset(self) -> None:
         self.kv, self.ids, self.images = None, [], []
@@ -140,7 +150,7 @@ class Engine:
         self.cache = PrefixCache()
         self.vision = VisionInputs(loaded.processor, loaded.family.tiling)
         self.eos_ids = self.end_of_sequence_ids()
-        self.path: ForwardPath = EagerPath(self.model)
+        self.path: ForwardPath | None = None  # chosen by the first `generate`, from its settings
 
     def end_of_sequence_ids(self) -> set[int]:
         configured = self.model.generation_config.eos_token_id
@@ -168,11 +178,11 @@ class Engine:
         self.vision.clear()
 
     def use_path_for(self, settings: Settings) -> None:
-        """Switch to the forward path `settings` asks for (`--compile` or not); a switch empties the cache."""
+        """Switch to the forward path `settings` asks for (`--compile`, `--no-cuda-graph` or not); a switch empties the cache."""
         window = self.context_window(settings)
-        if not self.path.suits(settings.compile, window):
+        if self.path is None or not self.path.suits(settings, window):
             self.cache.reset()
-            self.path = forward_path(self.model, settings.compile, window)
+            self.path = CompiledPath(self.model, window) if settings.compile else default_path(self.model, settings, window)
 
     def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
         """Stream the answer; `stop()` is asked before each step (fitting, prefill, every token), and
@@ -193,19 +203,21 @@ class Engine:
         row = Row(budget=self.token_budget(prompt, settings))
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
+        self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
+        with self.guarded():
+            steps = self.path.steps(self.cache.kv, logits, len(self.cache.ids), sampler, self.eos_ids)
         while not row.finish_reason:
             if stop():
                 return
-            row.take(sampler.pick(logits), self.eos_ids)
+            token = self.next_token(steps, row)
             if row.finish_reason == "stop":
                 break
-            if chunk := stream.push(row.tokens[-1]):
+            if chunk := stream.push(token):
                 yield TextChunk(chunk)
-            if not row.finish_reason:
-                logits = self.run(row.tokens[-1:], {})
+        self.say_notes(settings)
         stats.completion_tokens, stats.finish_reason = len(row.tokens), row.finish_reason
         if tail := stream.finish():
             yield TextChunk(tail)
@@ -310,10 +322,29 @@ class Engine:
 
     def run(self, ids: list[int], image_inputs: dict[str, Any]) -> Any:
         """Run `ids` (and the images in `image_inputs`) after what is cached; the logits for the next token."""
-        if self.cache.kv is None:
-            self.cache.kv = self.path.new_cache()
-        try:
+        with self.guarded():
             logits = self.path(self.cache.kv, ids, len(self.cache.ids), image_inputs)
+        self.cache.ids.extend(ids)
+        return logits
+
+    def next_token(self, steps: Steps, row: Row) -> int:
+        """Launch the next step unless the token about to be read is the answer's last by count
+        (look-ahead), then read that token into `row`, keeping `cache.ids` what the cache holds."""
+        with self.guarded():
+            fed = steps.launch() if len(row.tokens) + 1 < row.budget else False
+            token = steps.read()
+        row.take(token, self.eos_ids)
+        if fed and row.finish_reason == "stop":
+            self.cache.crop(1)  # the end-of-sequence token the look-ahead step fed
+        elif fed:
+            self.cache.ids.append(token)
+        return token
+
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Around anything that runs the model: a failure empties the cache, out of memory frees it."""
+        try:
+            yield
         except BaseException as err:
             self.cache.reset()  # an interrupted forward may have updated only some layers
             import torch
@@ -322,13 +353,17 @@ class Engine:
                 self.free_memory()
                 raise ResourceError(OUT_OF_MEMORY) from None
             raise
-        self.cache.ids.extend(ids)
-        return logits
+
+    def say_notes(self, settings: Settings) -> None:
+        """With --verbose, the forward path's one-line notes on how it decodes (each said once)."""
+        for note in self.path.take_notes():
+            if settings.verbose:
+                self.notify(note)
 
     def free_memory(self) -> None:
         """Give back what the cache and the image memo hold, so the next message has room."""
         self.reset()
-        self.path = EagerPath(self.model)  # and a --compile cache; the next answer makes it again if asked
+        self.path = None  # and its static cache; the next answer makes a path again
         if self.loaded.device == "cuda":
             import torch
 

@@ -1,10 +1,14 @@
 """Forward paths: how the engine runs the model over its KV cache.
 
-A path makes the cache (`new_cache`) and runs token ids after what the cache holds (`__call__`),
-returning the logits for the next token. The engine never looks inside the cache beyond `crop`.
+A path gives the cache for a turn (`cache_for`), runs token ids after what the cache holds
+(`__call__`, the prefill), returning the logits for the next token, and gives the turn's decode
+`Steps` (`steps`): `launch()` feeds the chosen token and computes the next one, `read()` returns the
+chosen token on the host. The engine never looks inside the cache beyond `crop`.
 
-- `EagerPath` (the default): a `DynamicCache` that grows with the conversation; every forward is a
-  plain eager call (SDPA or flash-attention, whatever the model was loaded with).
+- `StaticPath` (graphstep.py) is the default: a bucketed static cache and device-chosen steps,
+  replayed as a CUDA graph on a GPU.
+- `EagerPath` (the default with flash-attention, which cannot mask a static cache): a `DynamicCache`
+  that grows with the conversation; every forward is a plain eager call, each token picked on the host.
 - `CompiledPath` (`--compile`): one `StaticCache` sized for the whole context window, allocated
   once and kept for the engine's life. Prefill (several tokens, or images) runs eagerly; one-token
   decode steps run through `torch.compile` (CUDA graphs on a GPU), whose fixed shapes a static
@@ -19,24 +23,45 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from llava_cli.decoding import Sampler
 from llava_cli.errors import LlavaError
-from llava_cli.settings import COMPILE_ATTENTION_REASON
+from llava_cli.settings import COMPILE_ATTENTION_REASON, Settings
 
 MASKED_ATTENTION = ("sdpa", "eager")  # the attentions that take the mask hiding a static cache's unused slots
 
 
-class ForwardPath(Protocol):
-    def suits(self, compile: bool, window: int) -> bool:
-        """Whether this path serves `--compile` = `compile` with a context window of `window` tokens."""
+class Steps(Protocol):
+    def launch(self) -> bool:
+        """Feed the chosen token to the model and choose the next; False when it was not fed (an
+        end-of-sequence token a host-side step saw). A device-side step feeds it unseen: the engine
+        crops what the answer does not use."""
         ...
 
-    def new_cache(self) -> Any:
-        """An empty KV cache for this path."""
+    def read(self) -> int:
+        """The token chosen before the last `launch` (or the one chosen now, if none since the last read)."""
+        ...
+
+
+class ForwardPath(Protocol):
+    def suits(self, settings: Settings, window: int) -> bool:
+        """Whether this path serves `settings` with a context window of `window` tokens."""
+        ...
+
+    def cache_for(self, cache: Any, held: int, needed: int) -> Any:
+        """A cache holding the first `held` tokens of `cache` (None: an empty one) with room for `needed` tokens."""
         ...
 
     def __call__(self, cache: Any, ids: list[int], start: int, image_inputs: dict[str, Any]) -> Any:
         """Run `ids` after the `start` tokens `cache` holds and return the next token's logits.
         `image_inputs` are the model's keyword inputs for the new images (`pixel_values`, ...), or {}."""
+        ...
+
+    def steps(self, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> Steps:
+        """The turn's decode steps after a prefill that left `start` tokens in `cache` and gave `logits`."""
+        ...
+
+    def take_notes(self) -> list[str]:
+        """One-line explanations of how the path runs, for --verbose, each given once."""
         ...
 
 
@@ -57,22 +82,53 @@ def run_model(call: Any, model: Any, cache: Any, ids: list[int], start: int, ima
     return output.logits[0, -1]
 
 
+class HostSteps:
+    """The decode steps of the eager and --compile paths: each token picked on the host (one sync
+    per token) and then run; an end-of-sequence token is never run."""
+
+    def __init__(self, path: ForwardPath, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> None:
+        self.path, self.cache, self.logits, self.position = path, cache, logits, start
+        self.sampler, self.eos_ids = sampler, eos_ids
+        self.picked: int | None = None
+
+    def launch(self) -> bool:
+        self.picked = self.sampler.pick(self.logits)
+        if self.picked in self.eos_ids:
+            return False
+        self.logits = self.path(self.cache, [self.picked], self.position, {})
+        self.position += 1
+        return True
+
+    def read(self) -> int:
+        token = self.picked if self.picked is not None else self.sampler.pick(self.logits)
+        self.picked = None
+        return token
+
+
 class EagerPath:
-    """The default path: a growing `DynamicCache` and plain eager forwards."""
+    """A growing `DynamicCache` and plain eager forwards (`note`: why it was chosen, for --verbose)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, note: str | None = None) -> None:
         self.model = model
+        self.notes = [note] if note else []
 
-    def suits(self, compile: bool, window: int) -> bool:
-        return not compile
+    def suits(self, settings: Settings, window: int) -> bool:
+        return not settings.compile
 
-    def new_cache(self) -> Any:
+    def cache_for(self, cache: Any, held: int, needed: int) -> Any:
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config.text_config)
+        return cache if cache is not None else DynamicCache(config=self.model.config.text_config)
 
     def __call__(self, cache: Any, ids: list[int], start: int, image_inputs: dict[str, Any]) -> Any:
         return run_model(self.model, self.model, cache, ids, start, image_inputs)
+
+    def steps(self, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> Steps:
+        return HostSteps(self, cache, logits, start, sampler, eos_ids)
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
 
 class CompiledPath:
@@ -92,10 +148,12 @@ class CompiledPath:
         self.cache = StaticCache(config=model.config, max_cache_len=window)
         self.step = compiled(model) if compile_step else model
 
-    def suits(self, compile: bool, window: int) -> bool:
-        return compile and window <= self.window
+    def suits(self, settings: Settings, window: int) -> bool:
+        return settings.compile and window <= self.window
 
-    def new_cache(self) -> Any:
+    def cache_for(self, cache: Any, held: int, needed: int) -> Any:
+        if cache is not None:
+            return cache
         import torch
 
         # The same tensors every time (new ones would make the compiled step recompile), emptied.
@@ -103,6 +161,12 @@ class CompiledPath:
         with torch.inference_mode():
             self.cache.reset()
         return self.cache
+
+    def steps(self, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> Steps:
+        return HostSteps(self, cache, logits, start, sampler, eos_ids)
+
+    def take_notes(self) -> list[str]:
+        return []
 
     def __call__(self, cache: Any, ids: list[int], start: int, image_inputs: dict[str, Any]) -> Any:
         if len(ids) > 1 or image_inputs:
@@ -122,7 +186,3 @@ def compiled(model: Any) -> Any:
 
     mode = "reduce-overhead" if model.device.type == "cuda" else "default"
     return torch.compile(model.__call__, mode=mode, dynamic=False, fullgraph=False)
-
-
-def forward_path(model: Any, compile: bool, window: int) -> ForwardPath:
-    return CompiledPath(model, window) if compile else EagerPath(model)

@@ -44,6 +44,7 @@ class Settings:
     load_8bit: bool = False
     trust_remote_code: bool = False
     compile: bool = False
+    no_cuda_graph: bool = False  # the default path's decode step runs uncaptured on a GPU
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
