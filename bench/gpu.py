@@ -10,21 +10,27 @@ Without a CUDA device (and without --smoke) it says so and exits 0.
 The model is `LlavaForConditionalGeneration(config)` with llava-1.5-7b-hf's numbers: CLIP ViT-L/14 at
 336 pixels (576 image tokens), a Llama decoder with 4096 hidden, 32 layers, 32 heads, 11008 MLP,
 a 32064-token vocabulary, a 4096-token context, loaded with the attention `--attn auto` picks
-(flash-attention 2 when installed, else SDPA); `--compile` runs it with SDPA, as llava-cli does.
+(flash-attention 2 when installed, else SDPA). The static-cache paths (default, --no-cuda-graph,
+--compile) run it with SDPA, the eager path with what it was loaded with.
 The phases (bench/gpu_phases.py), each printed and saved as soon as it ends:
   - bandwidth: bytes of weights read per decoded token; the bound in tokens/s from a measured
     device-to-device copy and, where the card is known, from its data sheet;
-  - plain, default, compile: decode tokens/s of plain `model.generate`, of llava-cli's default path
-    and of `--compile` (fixed-length answers, EOS ignored), from the answer's `Done` figures; time to
-    first token for a 576-token image prompt (GPU synced before the clock is read); peak memory;
-    compile adds dynamo's counts of graphs, graph breaks and recompiles (and logs each one);
-  - crop_chat: a chat on the default and --compile paths whose cache is cropped every turn, each
-    answer checked against plain greedy `generate`;
-  - memory: peak fp16 memory and an analytic 4-bit estimate (bitsandbytes is not on the GPU machine);
+  - plain, default, no_cuda_graph, eager, compile: decode tokens/s of plain `model.generate` and of
+    llava-cli's paths: the default (bucketed static cache, the step replayed as a CUDA graph), the
+    same step uncaptured (--no-cuda-graph), the eager dynamic cache (what flash-attention gets) and
+    --compile (fixed-length answers, EOS ignored), from the answer's `Done` figures; time to first
+    token for a 576-token image prompt (GPU synced before the clock is read); peak memory; whether a
+    CUDA graph was replayed (and the path's --verbose notes, printed); compile adds dynamo's counts
+    of graphs, graph breaks and recompiles (and logs each one);
+  - crop_chat: a chat on the default, eager and --compile paths whose cache is cropped every turn,
+    each answer checked against plain greedy `generate`;
+  - buckets: peak memory of the default path in each static cache bucket (1024, 2048, 4096 tokens);
+  - memory: peak fp16 memory of the default path (and of all paths) and an analytic 4-bit estimate
+    (bitsandbytes is not on the GPU machine);
   - batch: images/s through `Engine.generate_batch`, 16 images one at a time vs all at once.
 A failing phase is reported in one line and the next one runs; the exit code is 1 if any failed.
 Pass marks (not judged with --smoke): default >= 1.5x plain; best path >= 75% of the bound (the
-data-sheet bound where the card is known); peak <= 15 GB.
+data-sheet bound where the card is known); the default path's peak <= 15 GB.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_phases import FAIL_ON_PURPOSE, PHASES, SMOKE, Bench, Shape, build_loaded, card_name, image_ref, picture  # noqa: E402
+from gpu_phases import FAIL_ON_PURPOSE, PATHS, PHASES, SMOKE, Bench, Shape, build_loaded, card_name, image_ref, picture  # noqa: E402
 
 DEFAULT_OVER_PLAIN_MARK = 1.5
 BOUND_FRACTION_MARK = 0.75
@@ -105,10 +111,10 @@ def run_phase(name: str, bench: Bench, fail_phase: str | None) -> dict[str, Any]
 
 def marks(found: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
     """Each pass mark: met, missed, or None when the phases it needs did not run."""
-    plain, default, compiled = (found.get(name, {}).get("tokens_per_s") for name in ("plain", "default", "compile"))
+    plain, default = (found.get(name, {}).get("tokens_per_s") for name in ("plain", "default"))
     bandwidth = found.get("bandwidth", {})
     bound = bandwidth.get("datasheet_bound_tok_s") or bandwidth.get("copy_bound_tok_s")
-    best = max((rate for rate in (default, compiled) if rate), default=None)
+    best = max((found.get(name, {}).get("tokens_per_s") or 0.0 for name in PATHS), default=0.0) or None
     peak = found.get("memory", {}).get("peak_fp16_gb")
     return {
         f"default >= {DEFAULT_OVER_PLAIN_MARK}x plain": default / plain >= DEFAULT_OVER_PLAIN_MARK if plain and default else None,
@@ -133,10 +139,12 @@ def prepare(args: argparse.Namespace) -> Bench:
     dtype = torch.float16 if device == "cuda" else torch.float32
     loaded = build_loaded(SMOKE if args.smoke else Shape(), device, dtype, attention=pick_attention("auto", device))
     tokens, turns, batch, repeats = (SMOKE_TOKENS, SMOKE_TURNS, SMOKE_BATCH, 1) if args.smoke else (args.new_tokens, args.turns, BATCH, TTFT_REPEATS)
-    settings = Settings(model=loaded.name, max_new_tokens=tokens, device=device, attn=loaded.model.config._attn_implementation)
-    compile_settings = dataclasses.replace(settings, compile=True, attn=pick_attention("auto", device, compile=True))
+    eager = Settings(model=loaded.name, max_new_tokens=tokens, device=device, attn=loaded.model.config._attn_implementation)
+    default = dataclasses.replace(eager, attn=pick_attention("auto", device, compile=True))  # a masked attention: SDPA
+    paths = {"default": default, "no_cuda_graph": dataclasses.replace(default, no_cuda_graph=True), "eager": eager,
+             "compile": dataclasses.replace(default, compile=True)}
     image = picture()
-    return Bench(loaded, image, image_ref(image), settings, compile_settings, tokens, turns, repeats, batch)
+    return Bench(loaded, image, image_ref(image), paths, tokens, turns, repeats, batch)
 
 
 def main() -> int:

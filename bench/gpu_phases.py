@@ -192,7 +192,14 @@ PROMPT = "What is in this picture? Describe it in detail."
 FOUR_BIT_BITS_PER_PARAM = 4.5  # bitsandbytes nf4: 4 bits plus a 16-bit scale per 64-weight block, rounded up
 # Where torch's recompiles and graph_breaks log records end up: set_logs stops them there (propagate off).
 DYNAMO_LOGGER = "torch._dynamo"
+BUCKET_STEPS = (1025, 2049)  # tokens that need the second and third bucket
 FAIL_ON_PURPOSE = "failing on purpose (--fail-phase, the benchmark's self-test)"
+
+
+# llava-cli's decode paths, by the name of their figures: the default (a bucketed static cache, the
+# step replayed as a CUDA graph), the same step uncaptured, the eager dynamic-cache path (what
+# flash-attention gets, and the default before the static one), and --compile.
+PATHS = ("default", "no_cuda_graph", "eager", "compile")
 
 
 @dataclasses.dataclass
@@ -202,22 +209,25 @@ class Bench:
     loaded: Any
     image: Any  # the PIL picture, for plain `generate`
     ref: Any  # the same picture as llava-cli's `ImageRef`
-    settings: Any  # llava-cli's default path
-    compile_settings: Any  # --compile
+    paths: dict[str, Any]  # the settings of each of PATHS (the attention each runs is `settings.attn`)
     tokens: int
     turns: int
     repeats: int  # of each time-to-first-token measurement (the best one counts)
     batch: int  # images in the batch phase (16 on a GPU)
     found: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    engines: dict[bool, Any] = dataclasses.field(default_factory=dict)
+    engines: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def engine(self, compile: bool):
-        """The one fixed-length engine of each path (one --compile engine: one compile, one static cache)."""
+    def engine(self, path: str):
+        """The one fixed-length engine of each path (one --compile engine: one compile, one static cache;
+        one default engine: its buckets and graphs kept from phase to phase)."""
         from llava_cli.engine import Engine
+        from llava_cli.forward import EagerPath
 
-        if compile not in self.engines:
-            self.engines[compile] = fixed_length(Engine(self.loaded))
-        return self.engines[compile]
+        if path not in self.engines:
+            engine = self.engines[path] = fixed_length(Engine(self.loaded))
+            if path == "eager":
+                engine.path = EagerPath(self.loaded.model)  # kept: it suits any settings without --compile
+        return self.engines[path]
 
     @property
     def device(self) -> str:
@@ -283,19 +293,31 @@ class TokenStamps:
         return scores
 
 
-def engine_phase(bench: Bench, settings) -> dict[str, Any]:
-    """llava-cli's engine on a fresh one-image conversation: decode tokens/s from the answer's `Done`
-    figures, and time to first token for the 576-token image prompt (GPU synced before the clock)."""
-    engine = bench.engine(settings.compile)
-    started = time.perf_counter()
-    answer_image(engine, bench, settings)  # warm-up (with --compile: compiling, recording the graphs)
-    warmup = time.perf_counter() - started
-    reset_peak(bench.device)
-    stats = answer_image(engine, bench, settings)
-    one_token = dataclasses.replace(settings, max_new_tokens=1)
-    ttft = min(bench.clock(lambda: answer_image(engine, bench, one_token)) for _ in range(bench.repeats))
+def engine_phase(bench: Bench, path: str) -> dict[str, Any]:
+    """llava-cli's engine on a fresh one-image conversation, on one of PATHS, with the attention that
+    path runs: decode tokens/s from the answer's `Done` figures, time to first token for the 576-token
+    image prompt (GPU synced before the clock), peak memory, and whether a CUDA graph was replayed."""
+    settings = bench.paths[path]
+    engine = bench.engine(path)
+    with attention_for(bench.loaded.model, settings):
+        started = time.perf_counter()
+        answer_image(engine, bench, settings)  # warm-up (compiling, capturing the graphs)
+        warmup = time.perf_counter() - started
+        reset_peak(bench.device)
+        stats = answer_image(engine, bench, settings)
+        one_token = dataclasses.replace(settings, max_new_tokens=1)
+        ttft = min(bench.clock(lambda: answer_image(engine, bench, one_token)) for _ in range(bench.repeats))
+    notes = engine.path.take_notes()
+    for note in notes:
+        print(f"{path}: note: {note}", flush=True)
     return {"tokens_per_s": stats.tokens_per_s, "ttft_s": ttft, "prompt_tokens": stats.prompt_tokens,
-            "warmup_s": warmup, "peak_gb": stats.peak_memory_mb * 2**20 / 1e9}
+            "warmup_s": warmup, "peak_gb": stats.peak_memory_mb * 2**20 / 1e9, "graph_replayed": graph_replayed(engine)}
+
+
+def graph_replayed(engine) -> bool:
+    """Whether the engine's decode step is a captured CUDA graph (only the default path on a GPU)."""
+    step = getattr(engine.path, "step", None)
+    return getattr(step, "graph", None) is not None
 
 
 def answer_image(engine, bench: Bench, settings):
@@ -312,7 +334,15 @@ def answer_image(engine, bench: Bench, settings):
 
 
 def default_phase(bench: Bench) -> dict[str, Any]:
-    return engine_phase(bench, bench.settings)
+    return engine_phase(bench, "default")
+
+
+def no_cuda_graph_phase(bench: Bench) -> dict[str, Any]:
+    return engine_phase(bench, "no_cuda_graph")
+
+
+def eager_phase(bench: Bench) -> dict[str, Any]:
+    return engine_phase(bench, "eager")
 
 
 @contextlib.contextmanager
@@ -330,8 +360,8 @@ def attention_for(model, settings):
 def compile_phase(bench: Bench) -> dict[str, Any]:
     """--compile, with dynamo's own counts of graphs, graph breaks and recompiles (TORCH_LOGS=
     recompiles,graph_breaks is switched on, so each one is also logged on stderr)."""
-    with attention_for(bench.loaded.model, bench.compile_settings), DynamoEvidence() as evidence:
-        figures = engine_phase(bench, bench.compile_settings)
+    with DynamoEvidence() as evidence:
+        figures = engine_phase(bench, "compile")
     return figures | evidence.figures
 
 
@@ -381,8 +411,9 @@ def crop_chat_phase(bench: Bench) -> dict[str, Any]:
     answer is shortened (as an edited history would be), so the prompt diverges inside cached tokens
     and `PrefixCache.truncate` crops. Each answer must equal plain greedy `generate` on its prompt."""
     figures: dict[str, Any] = {}
-    for path, settings in (("default", bench.settings), ("compile", bench.compile_settings)):
-        engine = bench.engine(settings.compile)
+    for path in ("default", "eager", "compile"):
+        settings = bench.paths[path]
+        engine = bench.engine(path)
         engine.eos_ids = engine.end_of_sequence_ids()  # answers end where plain `generate`'s do
         chat = dataclasses.replace(settings, max_new_tokens=min(bench.tokens, 16))
         try:
@@ -428,26 +459,28 @@ def plain_greedy(engine, conversation, tokens: int) -> str:
 
 
 def memory_phase(bench: Bench) -> dict[str, Any]:
-    """Peak memory fp16 (the highest of the measured paths) and an analytic 4-bit estimate, since
-    bitsandbytes is not on the GPU machine: every linear layer but lm_head (what `--load-4bit`
-    quantizes) at 4.5 bits/param, the rest as loaded, plus the KV cache of a full context window
-    (--compile's static cache) and the activations the default path needed beyond its weights and cache."""
+    """Peak memory fp16 of the default path (the mark's figure) and of all paths, and an analytic 4-bit
+    estimate, since bitsandbytes is not on the GPU machine: every linear layer but lm_head (what
+    `--load-4bit` quantizes) at 4.5 bits/param, the rest as loaded, plus the static cache bucket the
+    default phase ran in and the activations it needed beyond its weights and cache."""
+    from llava_cli.graphstep import bucket_size
+
     model = bench.loaded.model
-    peak = max(bench.found[name]["peak_gb"] for name in ("plain", "default", "compile") if name in bench.found)
+    default = bench.found.get("default")
+    if default is None:
+        raise RuntimeError("the memory figures need the default phase's, and that phase failed")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     linears = [m.weight for name, m in model.named_modules() if type(m).__name__ == "Linear" and name != "lm_head"]
     linear_bytes = sum(w.numel() * w.element_size() for w in linears)
     four_bit_weights = weights - linear_bytes + sum(w.numel() for w in linears) * FOUR_BIT_BITS_PER_PARAM / 8
-    text = model.config.text_config
-    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * next(model.parameters()).element_size()
-    window = bench.loaded.context_window or text.max_position_embeddings
-    default = bench.found.get("default")
-    if default is None:
-        raise RuntimeError("the 4-bit estimate needs the default phase's figures, and that phase failed")
-    activations = max(0.0, default["peak_gb"] * 1e9 - weights - kv_per_token * default["prompt_tokens"])
-    return {"peak_fp16_gb": peak, "weights_fp16_gb": weights / 1e9, "weights_4bit_gb": four_bit_weights / 1e9,
-            "kv_window_gb": kv_per_token * window / 1e9, "activations_gb": activations / 1e9,
-            "estimate_4bit_gb": (four_bit_weights + kv_per_token * window + activations) / 1e9}
+    kv_per_token = kv_bytes_per_token(model)
+    window = bench.loaded.context_window or model.config.text_config.max_position_embeddings
+    bucket = bucket_size(default["prompt_tokens"] + bench.tokens, window)  # the static cache the default phase ran in
+    activations = max(0.0, default["peak_gb"] * 1e9 - weights - kv_per_token * bucket)
+    return {"peak_fp16_gb": default["peak_gb"], "peak_all_paths_gb": max(bench.found[name]["peak_gb"] for name in ("plain", *PATHS) if name in bench.found),
+            "weights_fp16_gb": weights / 1e9, "weights_4bit_gb": four_bit_weights / 1e9, "bucket_tokens": bucket,
+            "kv_bucket_gb": kv_per_token * bucket / 1e9, "kv_window_gb": kv_per_token * window / 1e9, "activations_gb": activations / 1e9,
+            "estimate_4bit_gb": (four_bit_weights + kv_per_token * bucket + activations) / 1e9}
 
 
 def batch_phase(bench: Bench) -> dict[str, Any]:
@@ -455,8 +488,8 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
     a GPU), one at a time and then all in one batch."""
     from llava_cli.conversation import Conversation
 
-    engine = bench.engine(compile=False)
-    settings = dataclasses.replace(bench.settings, max_new_tokens=min(bench.tokens, 32))
+    engine = bench.engine("eager")
+    settings = dataclasses.replace(bench.paths["eager"], max_new_tokens=min(bench.tokens, 32))
     conversation = Conversation()
     conversation.ask(PROMPT, [bench.ref])
     prompts = [engine.encode(conversation)] * bench.batch
@@ -467,12 +500,46 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
             "speedup": one / together}
 
 
+def buckets_phase(bench: Bench) -> dict[str, Any]:
+    """Peak memory of the default path in each bucket of its static cache: the bucket is grown first
+    (as a conversation that long would), then one short image answer runs in it. Also the bucket's
+    own size (2 x layers x KV heads x head size x bytes, per token)."""
+    from llava_cli.graphstep import bucket_size
+
+    settings = dataclasses.replace(bench.paths["default"], max_new_tokens=min(bench.tokens, 16))
+    for path, other in bench.engines.items():
+        if path != "default":
+            other.free_memory()  # the other paths' caches (--compile's is a whole window) out of the peaks
+    engine = bench.engine("default")
+    figures: dict[str, Any] = {}
+    with attention_for(bench.loaded.model, settings):
+        answer_image(engine, bench, settings)  # the path exists, with its smallest bucket
+        window = engine.path.window
+        for size in sorted({bucket_size(n, window) for n in (1, *BUCKET_STEPS) if n <= window}):
+            engine.reset()
+            engine.path.cache_for(None, 0, size)
+            stats = answer_image(engine, bench, settings)
+            if engine.path.size != size:
+                raise RuntimeError(f"the answer ran in a {engine.path.size}-token bucket, not the {size}-token one")
+            figures |= {f"peak_gb_{size}": stats.peak_memory_mb * 2**20 / 1e9, f"kv_gb_{size}": kv_bytes_per_token(bench.loaded.model) * size / 1e9}
+    return figures
+
+
+def kv_bytes_per_token(model) -> int:
+    text = model.config.text_config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head * next(model.parameters()).element_size()
+
+
 PHASES = {
     "bandwidth": bandwidth_phase,
     "plain": plain_phase,
     "default": default_phase,
+    "no_cuda_graph": no_cuda_graph_phase,
+    "eager": eager_phase,
     "compile": compile_phase,
     "crop_chat": crop_chat_phase,
+    "buckets": buckets_phase,
     "memory": memory_phase,
     "batch": batch_phase,
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("bandwidth", "plain", "default", "compile", "crop_chat", "memory", "batch")
+PHASES = ("bandwidth", "plain", "default", "no_cuda_graph", "eager", "compile", "crop_chat", "buckets", "memory", "batch")
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +41,14 @@ def test_smoke_run_saves_every_phase_with_numeric_figures_and_crop_chat_answers_
     chat = report["phases"]["crop_chat"]["figures"]
     turns = chat["default_turns_equal"]
     assert turns >= 2
-    for path in ("default", "compile"):
+    for path in ("default", "eager", "compile"):
         assert chat[f"{path}_answers_equal"] is True
         assert chat[f"{path}_turns_equal"] == turns
         assert chat[f"{path}_crops"] == turns - 1  # every turn after the first cropped the cache
+    buckets = report["phases"]["buckets"]["figures"]
+    assert [key for key in buckets if key.startswith("kv_gb_")] == ["kv_gb_1024", "kv_gb_2048", "kv_gb_4096"]
+    assert buckets["kv_gb_4096"] == 4 * buckets["kv_gb_1024"]
+    assert report["phases"]["default"]["figures"]["graph_replayed"] is False  # a CPU: the step runs uncaptured
     compiled = report["phases"]["compile"]["figures"]
     assert compiled["graphs"] >= 1 and compiled["recompiles"] == 0 and compiled["graph_breaks"] == 0
     assert compiled["cudagraph_skips"] == 0
