@@ -13,10 +13,13 @@ of both paths must be identical. torch runs on one thread. On a GPU, bench/gpu.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -32,30 +35,44 @@ from llava_cli.settings import Settings  # noqa: E402
 from tiny_checkpoint import build_checkpoint  # noqa: E402
 
 
+QUESTION = "tell me something about the quick brown fox"
+
+
 def answers(engine: Engine, settings: Settings, count: int) -> tuple[list[float], set[str]]:
     """`count` answers to the same question; each one's decode tokens/s, and the distinct answers."""
     rates, texts = [], set()
     for _ in range(count):
         engine.reset()
         conversation = Conversation()
-        conversation.ask("tell me something about the quick brown fox")
+        conversation.ask(QUESTION)
         answer = Answer(engine.generate(conversation, settings))
         texts.add("".join(answer))
         rates.append(answer.stats.tokens_per_s)
     return rates, texts
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_args(doc: str) -> argparse.Namespace:
+    """The options of the CPU decode benchmarks: answers per path, tokens per answer."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--answers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=200)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def tiny_model_on_one_thread(new_tokens: int) -> Iterator[tuple[Settings, Any]]:
+    """The tests' tiny model, built in a scratch folder and loaded, torch on one thread."""
     import torch
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
-        settings = Settings(model=str(build_checkpoint(Path(scratch) / "tiny")), max_new_tokens=args.new_tokens)
-        loaded = load_model(settings)
+        settings = Settings(model=str(build_checkpoint(Path(scratch) / "tiny")), max_new_tokens=new_tokens)
+        yield settings, load_model(settings)
+
+
+def main() -> int:
+    args = bench_args(__doc__)
+    with tiny_model_on_one_thread(args.new_tokens) as (settings, loaded):
         results = {}
         for name, compile in (("default", False), ("--compile", True)):
             engine = fixed_length(Engine(loaded))

@@ -212,7 +212,8 @@ class DecodeStep:
             with torch.cuda.stream(side):
                 self.forward(greedy_choice)
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA work of another thread (a server's) does not spoil this capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.forward(greedy_choice)
         finally:
             self.restore(saved_ids, saved_positions)

@@ -201,7 +201,7 @@ def fake_cuda_that_fails_at_capture(monkeypatch) -> None:
     the capture block runs its body (changing the cache, as a real run would) and then raises."""
 
     @contextlib.contextmanager
-    def failing_capture(graph):
+    def failing_capture(graph, **options):
         yield
         raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
 
