@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import HUB_ID, cli_env, render_llava15, run_llava
 from fakes import answer_of, answer_text
 from test_engine import MAX_NEW, chat, loaded, settings  # noqa: F401 (loaded, settings: the engine tests' fixtures)
 from tiny_checkpoint import build_family_checkpoint
@@ -105,8 +106,6 @@ def test_turns_with_reuse_crops_and_outgrown_buckets_equal_plain_generate_and_th
 
 
 def test_dropping_old_turns_in_a_small_window_answers_like_plain_generate(loaded, reference, images):
-    from conftest import render_llava15
-
     settings = Settings(model=loaded.name, max_new_tokens=MAX_NEW, max_context=80)
     engine = engine_on(loaded, "static", window=80)
     conversation = Conversation()
@@ -232,3 +231,25 @@ def test_without_verbose_a_failed_capture_says_nothing(loaded, settings, monkeyp
     conversation.ask("tell me something")
     assert answer_text(engine.generate(conversation, settings)) == conversation.turns[-1].answer
     assert notes == [] and engine.path.capture_failure
+
+
+def test_stopping_or_closing_mid_answer_leaves_the_bookkeeping_exact_for_the_next_turn(loaded, settings, reference, images):
+    engine = engine_on(loaded, "static")
+    conversation = Conversation()
+    conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
+    polls = iter(range(100))
+    list(engine.generate(conversation, settings, stop=lambda: next(polls) >= 5))  # stopped after a few tokens
+    assert conversation.pending and write_position(engine) == len(engine.cache.ids)
+    events = engine.generate(conversation, settings)
+    next(events)
+    events.close()  # as Ctrl-C does at a streamed chunk
+    assert conversation.pending and write_position(engine) == len(engine.cache.ids)
+    conversation.discard_pending()
+    chat(engine, settings, conversation, reference, [("What is in this picture?", [images["red"]])])
+
+
+def test_ask_with_no_cuda_graph_answers_like_plain_generate(hf_home, images, reference):
+    result = run_llava("ask", "--model", HUB_ID, "--no-cuda-graph", "-n", MAX_NEW, images["green"], "what is it?",
+                       env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"))
+    assert result.returncode == 0, result.stderr_text
+    assert result.stdout_text == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW) + "\n"
