@@ -203,7 +203,8 @@ class Engine:
         row = Row(budget=self.token_budget(prompt, settings))
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
-        self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
+        with self.guarded():  # a bigger bucket may not fit in memory
+            self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
