@@ -122,7 +122,7 @@ ROWS = (
     Option("attn", str, DEFAULT_ATTN, ("--attn",), f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", MODEL_PANEL,
            metavar="BACKEND", **one_of(ATTENTION_BACKENDS)),
     Option("compile", bool, False, ("--compile",), "Static KV cache + torch.compile for faster decoding in long chats; the first answer pays for compiling.", MODEL_PANEL),
-    Option("no_cuda_graph", bool, False, ("--no-cuda-graph",), "Decode without capturing the step in a CUDA graph (the default on a GPU, greedy).", MODEL_PANEL),
+    Option("no_cuda_graph", bool, False, ("--no-cuda-graph",), "Launch each decode step from Python instead of replaying it as a CUDA graph (done by default on a GPU, for greedy answers).", MODEL_PANEL),
     Option("load_4bit", bool, False, ("--load-4bit",), "Quantize to 4-bit NF4 with bitsandbytes.", MODEL_PANEL),
     Option("load_8bit", bool, False, ("--load-8bit",), "Quantize to 8-bit with bitsandbytes.", MODEL_PANEL),
     Option("trust_remote_code", bool, False, ("--trust-remote-code",), "Run Python code shipped in the model repo. Only for repos you trust.", MODEL_PANEL),
