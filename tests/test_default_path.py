@@ -62,9 +62,9 @@ def test_capture_is_decided_by_device_flag_and_sampling():
     assert uncaptured_reason("cuda", True, False).startswith("sampling")
 
 
-def test_flash_attention_keeps_the_eager_dynamic_cache_and_says_so(settings):
+def test_flash_attention_keeps_the_eager_dynamic_cache_and_says_so():
     flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
-    path = default_path(flash, settings, 4096)
+    path = default_path(flash, Settings(), 4096)
     assert isinstance(path, EagerPath) and path.take_notes() == [FLASH_NOTE] and path.take_notes() == []
 
 
