@@ -10,8 +10,7 @@ Without a CUDA device (and without --smoke) it says so and exits 0.
 The model is `LlavaForConditionalGeneration(config)` with llava-1.5-7b-hf's numbers: CLIP ViT-L/14 at
 336 pixels (576 image tokens), a Llama decoder with 4096 hidden, 32 layers, 32 heads, 11008 MLP,
 a 32064-token vocabulary, a 4096-token context, loaded with the attention `--attn auto` picks
-(flash-attention 2 when installed, else SDPA). The static-cache paths (default, --no-cuda-graph,
---compile) run it with SDPA, the eager path with what it was loaded with.
+(SDPA, which masks the static cache of the default path and --compile); every path runs it so.
 The phases (bench/gpu_phases.py), each printed and saved as soon as it ends:
   - bandwidth: bytes of weights read per decoded token; the bound in tokens/s from a measured
     device-to-device copy and, where the card is known, from its data sheet;
@@ -137,12 +136,11 @@ def prepare(args: argparse.Namespace) -> Bench:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    loaded = build_loaded(SMOKE if args.smoke else Shape(), device, dtype, attention=pick_attention("auto", device))
+    loaded = build_loaded(SMOKE if args.smoke else Shape(), device, dtype, attention=pick_attention("auto"))
     tokens, turns, batch, repeats = (SMOKE_TOKENS, SMOKE_TURNS, SMOKE_BATCH, 1) if args.smoke else (args.new_tokens, args.turns, BATCH, TTFT_REPEATS)
-    eager = Settings(model=loaded.name, max_new_tokens=tokens, device=device, attn=loaded.model.config._attn_implementation)
-    default = dataclasses.replace(eager, attn=pick_attention("auto", device, compile=True))  # a masked attention: SDPA
-    paths = {"default": default, "no_cuda_graph": dataclasses.replace(default, no_cuda_graph=True), "eager": eager,
-             "compile": dataclasses.replace(default, compile=True)}
+    default = Settings(model=loaded.name, max_new_tokens=tokens, device=device, attn=loaded.model.config._attn_implementation)
+    paths = {"default": default, "no_cuda_graph": dataclasses.replace(default, no_cuda_graph=True), "eager": default,
+             "compile": dataclasses.replace(default, compile=True)}  # the eager phase sets its path itself
     image = picture()
     return Bench(loaded, image, image_ref(image), paths, tokens, turns, repeats, batch)
 

@@ -201,17 +201,11 @@ def pick_dtype(requested: str, device: str, torch: Any) -> Any:
     return getattr(torch, requested)
 
 
-def pick_attention(requested: str, device: str, compile: bool = False) -> str:
-    """auto: flash-attention 2 when installed on a GPU, else SDPA; always SDPA with --compile, whose
-    static cache holds empty and stale slots that only an attention mask hides (flash takes none)."""
-    if requested != "auto":
-        return requested
-    if device == "cuda" and not compile:
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-    return "sdpa"
+def pick_attention(requested: str) -> str:
+    """auto: SDPA. Both the default decode path and --compile keep a static cache whose empty and
+    stale slots only an attention mask hides; flash-attention takes none, so it runs only when asked
+    for (and then decoding keeps a growing dynamic cache without a CUDA graph)."""
+    return "sdpa" if requested == "auto" else requested
 
 
 def load_processor(settings: Settings, folder: Path, family: Family) -> Any:
@@ -270,7 +264,7 @@ def load_weights(settings: Settings, folder: Path, family: Family, device: str, 
             folder,
             dtype=dtype,
             device_map=device,  # straight to the target device, no CPU float32 detour
-            attn_implementation=pick_attention(settings.attn, device, settings.compile),
+            attn_implementation=pick_attention(settings.attn),
             quantization_config=quantization_config(settings, dtype),
             use_safetensors=None if settings.allow_pickle else True,  # None: safetensors first, else .bin
             trust_remote_code=settings.trust_remote_code,
