@@ -40,6 +40,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import Any, TypeVar
 
 from llava_cli.backend import BackendInfo, Done, Events, TextChunk
@@ -102,11 +103,12 @@ class RemoteEngine:
 
     def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
         reply = Reply(time.perf_counter())
-        for chunk in self.stream(conversation, settings, reply):
-            if stop():
-                return
-            if chunk:
-                yield TextChunk(chunk)
+        with closing(self.stream(conversation, settings, reply)) as chunks:  # stopped or closed early: hang up at once
+            for chunk in chunks:
+                if stop():
+                    return
+                if chunk:
+                    yield TextChunk(chunk)
         stats = reply.stats()
         if not 0 <= stats.dropped_turns < len(conversation.turns):  # a server is not trusted
             stats.dropped_turns = 0

@@ -123,7 +123,7 @@ class StandIn(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, plan: list[int | str] = (), retry_after: str | None = None, hold_after: int | None = None) -> None:
+    def __init__(self, upstream: str, plan: tuple[int | str, ...] = (), retry_after: str | None = None, hold_after: int | None = None) -> None:
         super().__init__(("127.0.0.1", 0), StandInHandler)
         self.upstream = urllib.parse.urlsplit(upstream)
         self.plan = list(plan)
