@@ -68,10 +68,11 @@ def arguments(folder) -> list[str]:
 
 @pytest.fixture(scope="module")
 def local(serve, tiny_model, arguments, images, tmp_path_factory):
-    """The local `--each` of `arguments` (a model loaded here, as before this feature), run once."""
+    """The local `--each` of `arguments` (a model loaded here, as before this feature), run once;
+    `--no-server` although the server can be found."""
     serve.url  # noqa: B018 - wait for the server first: the two model loads would fight for the CPUs
     result = run_llava("ask", "--no-server", "--model", str(tiny_model), "-n", MAX_NEW, "--each", *arguments, "-p", PROMPT,
-                       stdin=images["blue"].read_bytes())
+                       stdin=images["blue"].read_bytes(), env=serve.client_env())
     assert result.returncode == 1, result.stderr_text
     return result
 
@@ -97,7 +98,7 @@ def test_through_llava_serve_every_line_is_the_local_line(serve, tiny_model, arg
     assert sum(record["answer"] is not None for record in lines_of(result.stdout_text)) == 10
 
 
-def test_a_running_llava_serve_is_found_for_each_unless_no_server(serve, tiny_model, folder, local, monkeypatch, capsys, tmp_path):
+def test_a_running_llava_serve_is_found_by_each_and_parallel_needs_a_server(serve, tiny_model, folder, local, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("LLAVA_RUNTIME_DIR", str(serve.runtime))
     names = list(map(str, folder["good"][:3]))
     settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW, verbose=True, chosen=frozenset({"max_new_tokens"}))
