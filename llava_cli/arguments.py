@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from llava_cli.errors import InputError, UsageError
-from llava_cli.images import looks_like_image, read_stream
+from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_stream
 from llava_cli.output import OUTPUT_FORMATS
 from llava_cli.settings import DEFAULT_BATCH_SIZE
 from llava_cli.terminal import is_terminal
-from llava_cli.urls import is_url
+from llava_cli.urls import is_url, open_image
 
 STDIN = "-"
 MAX_BATCH_SIZE = 256
+MAX_PARALLEL = 64  # --parallel: requests at once to a server (beyond, a server queues or refuses them anyway)
 SHELL_SAFE_IN_DOUBLE_QUOTES = re.compile(r'[^"$`\\!]*')
 # A path in /image: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
 PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
@@ -133,6 +134,13 @@ def read_image_from_stdin() -> bytes:
     return read_stream(sys.stdin.buffer, "<stdin>")
 
 
+def image_argument(name: str, stdin_image: bytes, max_pixels: int) -> ImageRef:
+    """The image an argument names: `-` is `stdin_image` (read once beforehand), else a file or URL."""
+    if name == STDIN:
+        return image_from_bytes(stdin_image, "<stdin>", max_pixels)
+    return open_image(name, max_pixels)
+
+
 @dataclass(frozen=True)
 class AskOptions:
     """How `llava ask` takes its images and prompt and writes its answers; validated on creation."""
@@ -144,6 +152,7 @@ class AskOptions:
     from_file: str | None = None
     output: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
+    parallel: int | None = None  # None: DEFAULT_PARALLEL, when a server answers
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
@@ -152,6 +161,8 @@ class AskOptions:
             raise UsageError("--json and --output-format text exclude each other: pick one")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE} (got {self.batch_size})")
+        if self.parallel is not None and not 1 <= self.parallel <= MAX_PARALLEL:
+            raise UsageError(f"--parallel must be between 1 and {MAX_PARALLEL} (got {self.parallel})")
         if not self.is_batch and (used := self.batch_only_options()):
             raise UsageError(f"{used}: only with --each or --from-file, which answer images one by one")
         if self.output is not None and self.format == "text":
@@ -169,12 +180,14 @@ class AskOptions:
             from_file=values.get("from_file"),
             output=values.get("output"),
             batch_size=int(values.get("batch_size") or DEFAULT_BATCH_SIZE),
+            parallel=None if values.get("parallel") is None else int(values["parallel"]),
         )
 
     def batch_only_options(self) -> str:
         """The options given that only --each and --from-file use, as typed, or ''."""
         used = [f"-o {self.output}"] if self.output is not None else []
         used += [f"--batch-size {self.batch_size}"] if self.batch_size != DEFAULT_BATCH_SIZE else []
+        used += [f"--parallel {self.parallel}"] if self.parallel is not None else []
         return " and ".join(used)
 
     @property

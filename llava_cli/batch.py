@@ -5,7 +5,9 @@ keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text
 that cannot be used (missing, broken, a URL that fails, too long for the context) gets a record
 carrying its `error` and a line on stderr; the batch goes on and the exit code is 1 at the end.
 `--batch-size N` answers N images per forward pass (`Engine.generate_batch`); answers are the
-same as one at a time (greedy, or sampled with the same --seed). With `-o FILE`, images already answered there for the same
+same as one at a time (greedy, or sampled with the same --seed). With a server (--server, or a
+running `llava serve` for the model, as `llava ask` finds one) the records come from
+batchserver.py instead, `--parallel N` requests at once, with the same lines, order and exit codes. With `-o FILE`, images already answered there for the same
 prompt are skipped, so an interrupted run is finished by running the same command again.
 
 stderr carries only error lines, plus a progress bar when stderr is a terminal and there is
@@ -22,18 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llava_cli.arguments import STDIN, AskOptions, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.batchserver import batch_server, server_records
 from llava_cli.conversation import Conversation
 from llava_cli.engine import BatchAnswer, Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
-from llava_cli.images import image_from_bytes
 from llava_cli.output import StdoutRecords
 from llava_cli.records import RecordFile, make_record
 from llava_cli.safeio import NotRegularFile, read_regular
 from llava_cli.startup import load_engine
-from llava_cli.settings import Settings
+from llava_cli.settings import DEFAULT_PARALLEL, Settings
 from llava_cli.terminal import emit, is_terminal, make_console
-from llava_cli.urls import open_image
 
 MAX_LIST_BYTES = 64 * 1024 * 1024  # --from-file: about a million paths
 
@@ -47,7 +48,7 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
         todo = [name for name in names if not sink.answered(name, prompt)]
         if not todo:
             return EXIT_OK
-        return answer_all(todo, prompt, settings, options.batch_size, sink, stdin_image)
+        return answer_all(todo, prompt, settings, options, sink, stdin_image)
     finally:
         sink.close()
 
@@ -86,11 +87,12 @@ def read_image_list(source: str) -> list[str]:
 
 
 def answer_all(
-    names: list[str], prompt: str, settings: Settings, batch_size: int, sink: StdoutRecords | RecordFile, stdin_image: bytes
+    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile, stdin_image: bytes
 ) -> int:
     failed = 0
+    records = record_source(names, prompt, settings, options, stdin_image)
     with BatchProgress(len(names)) as progress:
-        for record in local_records(names, prompt, settings, batch_size, stdin_image):
+        for record in records:
             if isinstance(sink, StdoutRecords):
                 progress.before_output()
             sink.write(record)
@@ -101,11 +103,17 @@ def answer_all(
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def record_source(names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes) -> Iterator[dict[str, Any]]:
+    """The records of a server when one is named or running for the model (batchserver.py), else of a model loaded here."""
+    remote = batch_server(settings, options)
+    if remote is not None:
+        return server_records(remote, names, prompt, settings, options.parallel or DEFAULT_PARALLEL, stdin_image)
+    return local_records(names, prompt, settings, options.batch_size, stdin_image)
+
+
 def local_records(names: list[str], prompt: str, settings: Settings, batch_size: int, stdin_image: bytes) -> Iterator[dict[str, Any]]:
     """One record per name, in order, answered by a model loaded here, `batch_size` images per pass."""
-    if settings.server and not settings.no_server:
-        raise UsageError("--each and --from-file batch images on a model loaded here; they do not work with --server yet")
-    engine = load_engine(settings)  # batching needs the model itself, never a discovered `llava serve`
+    engine = load_engine(settings)  # batching needs the model itself
     for start in range(0, len(names), batch_size):
         yield from answer_chunk(engine, names[start : start + batch_size], prompt, settings, stdin_image)
 
@@ -132,10 +140,7 @@ def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settin
 
 def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Prompt:
     """Read the image and encode the single-turn question about it; LlavaError if it cannot be used."""
-    if name == STDIN:
-        image = image_from_bytes(stdin_image, "<stdin>", settings.max_image_pixels)
-    else:
-        image = open_image(name, settings.max_image_pixels)
+    image = image_argument(name, stdin_image, settings.max_image_pixels)
     conversation = Conversation(system=settings.system)
     conversation.ask(prompt, [image])
     encoded = engine.encode(conversation)

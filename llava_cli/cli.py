@@ -21,7 +21,7 @@ import typer
 from llava_cli import __version__
 from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
 from llava_cli.options import OPTIONS, Option
-from llava_cli.settings import DEFAULT_BATCH_SIZE, DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings
+from llava_cli.settings import DEFAULT_BATCH_SIZE, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings
 from llava_cli.terminal import emit_error
 from llava_cli.usage import preflight
 
@@ -101,6 +101,7 @@ def ask(
     from_file: Annotated[Optional[str], typer.Option("--from-file", metavar="FILE", help="Image paths or URLs, one per line ('-': stdin); implies --each.", rich_help_panel=BATCH_HELP)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Append JSON lines to FILE; a rerun skips images already answered there.", rich_help_panel=BATCH_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images answered together in one pass (same greedy answers, more throughput).", rich_help_panel=BATCH_HELP)] = DEFAULT_BATCH_SIZE,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", metavar="N", help=f"Through a server (--server, a running llava serve): up to N requests at once (default {DEFAULT_PARALLEL}).", rich_help_panel=BATCH_HELP, show_default=False)] = None,
     continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation (chat or ask): images become optional.", rich_help_panel=SESSION_HELP)] = False,
     no_save: Annotated[bool, NO_SAVE] = False,
     drop_missing_images: Annotated[bool, DROP_MISSING] = False,
@@ -121,7 +122,8 @@ def ask(
     from llava_cli.resume import SessionOptions
 
     options = AskOptions.from_command_line(
-        dict(json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size)
+        dict(json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output, batch_size=batch_size,
+             parallel=parallel)
     )
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_ask(args, settings, json_output, options, sessions)

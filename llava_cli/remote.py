@@ -12,9 +12,16 @@ chat-completions: it works against `llava serve`, vLLM, llama.cpp's server and O
 
 Errors keep the local exit codes: a message over the context window raises `ContextError` (2), any
 other refused request (image, model, API key) exit 2, an unreachable or failing server exit 1.
+`ServerUnavailable` (exit 1) marks the failures that the same request may get past a little later:
+the server cannot be reached, the connection was reset (before or during the answer), or it
+answered 429/502/503/504 (with its `Retry-After`, if any); `ask --each` retries those (batchserver.py).
 Closing the generator early (Ctrl-C) closes the connection, which stops the answer on a
 `llava serve`. `--max-context` is the server's business; turns the server dropped to fit its
 window are dropped from the conversation here too, with the same note as locally.
+
+`answer(conversation, settings)` reads a whole answer without changing the conversation (for
+`ask --each`, whose requests run in parallel threads: `RemoteEngine` keeps no state per request, and
+with `remember_images=False` no image cache either, so memory does not grow with the images sent).
 
 `connect(settings, notify)` returns the remote engine to use, or None to load the model here:
 none with `--no-server`; else `--server`/LLAVA_SERVER; else a running `llava serve` for the same
@@ -26,13 +33,15 @@ a file and is never given the key (a server that needs one is then not used; nam
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import io
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import closing
+from typing import Any, TypeVar
 
 from llava_cli.backend import BackendInfo, Done, Events, TextChunk
 from llava_cli.conversation import Conversation
@@ -50,13 +59,28 @@ SERVER_FIGURES = ("load_s", "peak_memory_mb", "dropped_turns")  # from `llava se
 MAX_EVENT_BYTES = 1 << 20  # one server-sent event line; a server's answer comes in small pieces
 MAX_ERROR_BYTES = 1 << 16  # the body of a refusal: a short JSON message
 GUARD_CODES = {"host_not_allowed", "origin_not_allowed"}  # llava serve's 403s that are not about the key
+BUSY_STATUSES = {429, 502, 503, 504}  # too many requests, a restarting server or its proxy: try again later
+# Failures of the connection itself (refused, reset, timed out, closed before or during the
+# answer): nothing was wrong with the request.
+CONNECTION_FAILURES = (ConnectionError, TimeoutError, http.client.BadStatusLine, http.client.IncompleteRead)
+Default = TypeVar("Default")
+
+
+class ServerUnavailable(LlavaError):
+    """The server could not answer now (unreachable, reset, busy); the same request may succeed later.
+
+    `retry_after`: the seconds the server asked the client to wait (its Retry-After), else None."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RemoteEngine:
     """Answers conversations through an OpenAI-compatible chat-completions server."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None,
-                 notify: Callable[[str], None] = lambda message: None) -> None:
+                 notify: Callable[[str], None] = lambda message: None, remember_images: bool = True) -> None:
         self.parts = parts = server_url(url)
         self.url = url.rstrip("/")
         # Both http://host:port and the OpenAI-style base http://host:port/v1 are accepted.
@@ -64,28 +88,27 @@ class RemoteEngine:
         self.model = model
         self.api_key = api_key
         self.notify = notify
-        self.data_urls: dict[str, str] = {}  # image digest -> encoded once per session
+        # image digest -> encoded once per session (a chat resends its images every turn); None: never kept
+        self.data_urls: dict[str, str] | None = {} if remember_images else None
 
     def info(self) -> BackendInfo:
         return BackendInfo(name=self.model, where=self.url)
 
     def reset(self) -> None:
-        self.data_urls.clear()
+        if self.data_urls is not None:
+            self.data_urls.clear()
 
     def prompt_tokens(self, conversation: Conversation) -> None:
         return None  # only the server's tokenizer could tell; the answers' usage does
 
     def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
         reply = Reply(time.perf_counter())
-        connection, response = self.open("POST", "/chat/completions", self.request_body(conversation, settings))
-        try:
-            for event in self.events(response):
+        with closing(self.stream(conversation, settings, reply)) as chunks:  # stopped or closed early: hang up at once
+            for chunk in chunks:
                 if stop():
                     return
-                if chunk := reply.take(event, self.url):
+                if chunk:
                     yield TextChunk(chunk)
-        finally:
-            connection.close()  # early close (Ctrl-C) tells the server to stop
         stats = reply.stats()
         if not 0 <= stats.dropped_turns < len(conversation.turns):  # a server is not trusted
             stats.dropped_turns = 0
@@ -94,6 +117,22 @@ class RemoteEngine:
             self.notify(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
         conversation.answer(reply.text)
         yield Done(stats)
+
+    def answer(self, conversation: Conversation, settings: Settings) -> Reply:
+        """The whole answer to the conversation's last question, read to its end; the conversation is unchanged."""
+        reply = Reply(time.perf_counter())
+        for _ in self.stream(conversation, settings, reply):
+            pass
+        return reply
+
+    def stream(self, conversation: Conversation, settings: Settings, reply: Reply) -> Iterator[str]:
+        """Send the conversation; for each event of the answer, record it in `reply` and yield the text it makes visible."""
+        connection, response = self.open("POST", "/chat/completions", self.request_body(conversation, settings))
+        try:
+            for event in self.events(response):
+                yield reply.take(event, self.url)
+        finally:
+            connection.close()  # early close (Ctrl-C) tells the server to stop
 
     def reachable(self) -> bool:
         """True if the server answers GET /v1/models at once (used before trusting a discovered one)."""
@@ -127,10 +166,10 @@ class RemoteEngine:
 
     def data_url(self, image: ImageRef) -> str:
         """PNG is lossless, so the server sees exactly the pixels `llava` would use here."""
+        if self.data_urls is None:
+            return png_data_url(image)
         if image.digest not in self.data_urls:
-            buffer = io.BytesIO()
-            image.image.save(buffer, format="PNG")
-            self.data_urls[image.digest] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            self.data_urls[image.digest] = png_data_url(image)
         return self.data_urls[image.digest]
 
     def open(self, method: str, path: str, body: dict[str, Any] | None, read_timeout: float | None = None,
@@ -145,10 +184,11 @@ class RemoteEngine:
             connection.request(method, self.prefix + path, body=data, headers=self.headers())
             response = connection.getresponse()
             if response.status != 200:
-                raise refusal(response.status, read_json(response), self.url)
+                raise refusal(response.status, read_json(response), self.url, response.getheader("Retry-After"))
         except (OSError, http.client.HTTPException) as err:
             connection.close()
-            raise LlavaError(f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?") from None
+            kind = ServerUnavailable if isinstance(err, CONNECTION_FAILURES) else LlavaError
+            raise kind(f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?") from None
         except LlavaError:
             connection.close()
             raise
@@ -176,7 +216,8 @@ class RemoteEngine:
                 if isinstance(event, dict):
                     yield event
         except (OSError, http.client.HTTPException, ValueError, RecursionError) as err:
-            raise LlavaError(f"the connection to {self.url} broke mid-answer ({describe(err)})") from None
+            kind = ServerUnavailable if isinstance(err, CONNECTION_FAILURES) else LlavaError
+            raise kind(f"the connection to {self.url} broke mid-answer ({describe(err)})") from None
 
 
 class Reply:
@@ -187,7 +228,7 @@ class Reply:
         self.trimmer = TextStream(tokenizer=None)  # only its whitespace trimming: the server sends text
         self.ttft_s = 0.0
         self.deltas = 0
-        self.finish_reason = "stop"
+        self.finish_reason: str | None = None  # None until the server says why the answer ended
         self.usage: dict[str, Any] = {}
         self.figures: dict[str, Any] = {}
 
@@ -227,7 +268,7 @@ class Reply:
             ttft_s=self.ttft_s,
             tokens_per_s=(completion - 1) / decode_seconds if completion > 1 and decode_seconds > 0 else 0.0,
             seconds=seconds,
-            finish_reason=self.finish_reason,
+            finish_reason=self.finish_reason or "stop",
         )
         for name in SERVER_FIGURES:
             if type(self.figures.get(name)) in ((int,) if name == "dropped_turns" else (int, float)):
@@ -235,9 +276,15 @@ class Reply:
         return stats
 
 
-def whole_number(value: Any, default: int) -> int:
+def whole_number(value: Any, default: Default) -> int | Default:
     """A count the server reported, or `default` when it sent something else (a server is not trusted)."""
     return value if type(value) is int and value >= 0 else default
+
+
+def png_data_url(image: ImageRef) -> str:
+    buffer = io.BytesIO()
+    image.image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def read_json(response: http.client.HTTPResponse) -> Any:
@@ -254,9 +301,12 @@ def error_message(body: Any) -> str:
     return str(source.get("message") or error or "no details")
 
 
-def refusal(status: int, body: Any, url: str) -> LlavaError:
-    """A non-200 answer as the error the local engine would have raised, with its exit code."""
+def refusal(status: int, body: Any, url: str, retry_after: str | None = None) -> LlavaError:
+    """A non-200 answer as the error the local engine would have raised, with its exit code;
+    `ServerUnavailable` for the statuses that say "later" (BUSY_STATUSES)."""
     message = error_message(body)
+    if status in BUSY_STATUSES:
+        return ServerUnavailable(f"the server at {url} is busy (HTTP {status}): {message}", seconds_to_wait(retry_after))
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and error.get("code") == "context_length_exceeded":
         return ContextError(message)
@@ -269,20 +319,35 @@ def refusal(status: int, body: Any, url: str) -> LlavaError:
     return LlavaError(f"the server at {url} failed (HTTP {status}): {message}")
 
 
+def seconds_to_wait(retry_after: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (a number or an HTTP date), or None when absent or unreadable."""
+    if not retry_after:
+        return None
+    try:
+        return max(0.0, float(retry_after))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(retry_after)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
+
+
 def describe(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
-def connect(settings: Settings, notify: Callable[[str], None]) -> RemoteEngine | None:
+def connect(settings: Settings, notify: Callable[[str], None], remember_images: bool = True) -> RemoteEngine | None:
     """The remote engine these settings ask for, or None to load the model in this process."""
     if settings.no_server:
         return None
     api_key = os.environ.get(API_KEY_ENV) or None
     if settings.server:
-        return RemoteEngine(settings.server, settings.model, api_key, notify)
+        return RemoteEngine(settings.server, settings.model, api_key, notify, remember_images)
     found = find_server(settings.model, notify)
     if found is None:
         return None
     url, served_as = found
-    engine = RemoteEngine(url, served_as, None, notify)  # never the key: the user did not name this server
+    engine = RemoteEngine(url, served_as, None, notify, remember_images)  # never the key: the user did not name this server
     return engine if engine.reachable() else None

@@ -24,6 +24,7 @@ from llava_cli.options import (
 )
 
 DEFAULT_BATCH_SIZE = 1  # llava ask --each: images per forward pass
+DEFAULT_PARALLEL = 4  # llava ask --each through a server: requests at once
 DEFAULT_SERVER_HOST = "127.0.0.1"  # llava serve: this machine only unless --host says otherwise
 DEFAULT_SERVER_PORT = 8700  # clear of vLLM's 8000, llama.cpp's 8080 and Ollama's 11434
 DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images included

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from llava_cli.backend import Backend
 from llava_cli.engine import Engine
-from llava_cli.remote import connect
+from llava_cli.remote import RemoteEngine, connect
 from llava_cli.settings import Settings
 from llava_cli.terminal import is_terminal, make_console, shown
 
@@ -44,11 +44,15 @@ def quiet_libraries() -> None:
 
 def start_engine(settings: Settings) -> Backend:
     """A server's engine when one is asked for or running for the model, else a model loaded here."""
+    remote = connect_server(settings)
+    return load_engine(settings) if remote is None else remote
+
+
+def connect_server(settings: Settings, remember_images: bool = True) -> RemoteEngine | None:
+    """remote.py's `connect`, its notes on stderr (and with --verbose, the server it chose)."""
     stderr = make_console(sys.stderr)
-    remote = connect(settings, notify=lambda message: say(stderr, f"note: {message}"))
-    if remote is None:
-        return load_engine(settings)
-    if settings.verbose:
+    remote = connect(settings, lambda message: say(stderr, f"note: {message}"), remember_images)
+    if remote is not None and settings.verbose:
         say(stderr, f"answering through the server at {remote.url}")
     return remote
 

@@ -280,9 +280,6 @@ def test_client_mode_keeps_the_exit_codes(server, images, tmp_path):
     unknown = run_llava("ask", "--model", "no/such-model", "--server", server.url, str(images["red"]), "hi", env=server.client_env())
     assert unknown.returncode == 2 and "not served here" in unknown.stderr_text
 
-    batch = run_llava(*common, "--each", "-p", "hi", "--server", server.url, env=server.client_env())
-    assert batch.returncode == 2 and "do not work with --server" in batch.stderr_text
-
 
 def test_a_client_hanging_up_mid_stream_stops_its_answer(server, images, reference):
     body = request(server, [user("Tell me a long story.", data_url(images["blue"]))], max_tokens=LONG, stream=True)

@@ -1,0 +1,337 @@
+"""`llava ask --each --server URL --parallel N`: a folder through an OpenAI-compatible server.
+
+One real `llava serve` of the tiny checkpoint serves the module. The reference is a local `--each`
+over the same folder (good images, stdin, a broken and a missing file): through the server, every
+line must be the local line (all keys but `seconds`, byte for byte, in input order), with the
+same stderr and exit code. A stand-in server in front of `llava serve` (`StandIn`) answers 503,
+429 with Retry-After, resets the connection, refuses one image, or holds requests, to check the
+retries, the error lines and the resume after a Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import http.server
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import cli_env, default_sigint, run_llava
+from llava_cli import batchserver
+from llava_cli.arguments import AskOptions
+from llava_cli.batch import run_batch
+from llava_cli.batchserver import MAX_ATTEMPTS, retry_delay
+from llava_cli.errors import LlavaError, ModelError, UsageError
+from llava_cli.remote import seconds_to_wait
+from llava_cli.settings import Settings
+from test_batch import QuietServer, copies, lines_of
+from test_server import Server
+
+MAX_NEW = 12  # the server's -n too (test_server.Server)
+PROMPT = "describe the picture"
+REFUSED_WIDTH = 90  # the stand-in refuses the image this wide (odd.png; the test images are 48 to 80)
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_model, tmp_path_factory):
+    running = Server(tiny_model, tmp_path_factory.mktemp("serve-each"))
+    yield running
+    running.stop(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def folder(images, tmp_path_factory) -> dict[str, Path]:
+    """Eight good copies (`good`), one more good image of its own width (`odd`), a broken one, a missing one."""
+    root = tmp_path_factory.mktemp("photos")
+    odd = root / "odd.png"
+    Image.new("RGB", (REFUSED_WIDTH, 40), (200, 180, 20)).save(odd)
+    broken = root / "broken.png"
+    broken.write_bytes(images["red"].read_bytes()[:60])  # a PNG cut short
+    return {"good": copies(images, root / "good", 8), "odd": odd, "broken": broken, "missing": root / "missing.png"}
+
+
+@pytest.fixture(scope="module")
+def arguments(folder) -> list[str]:
+    return ["-", *map(str, folder["good"][:4]), str(folder["broken"]), str(folder["odd"]), str(folder["missing"]),
+            *map(str, folder["good"][4:])]
+
+
+@pytest.fixture(scope="module")
+def local(serve, tiny_model, arguments, images, tmp_path_factory):
+    """The local `--each` of `arguments` (a model loaded here, as before this feature), run once;
+    `--no-server` although the server can be found."""
+    serve.url  # noqa: B018 - wait for the server first: the two model loads would fight for the CPUs
+    result = run_llava("ask", "--no-server", "--model", str(tiny_model), "-n", MAX_NEW, "--each", *arguments, "-p", PROMPT,
+                       stdin=images["blue"].read_bytes(), env=serve.client_env())
+    assert result.returncode == 1, result.stderr_text
+    return result
+
+
+def without_seconds(records: list[dict]) -> list[dict]:
+    assert all(isinstance(record["seconds"], float) for record in records if record["answer"] is not None)
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
+
+
+def local_lines(local, names: list[str]) -> list[dict]:
+    """The local records of `names`, in that order."""
+    by_image = {record["image"]: record for record in without_seconds(lines_of(local.stdout_text))}
+    return [by_image[name] for name in names]
+
+
+def test_through_llava_serve_every_line_is_the_local_line(serve, tiny_model, arguments, local, images):
+    result = run_llava("ask", "--server", serve.url, "--parallel", 4, "--model", str(tiny_model), "-n", MAX_NEW,
+                       "--each", *arguments, "-p", PROMPT, stdin=images["blue"].read_bytes(), env=serve.client_env())
+
+    assert (result.returncode, result.stderr_text) == (local.returncode, local.stderr_text)
+    assert [list(record) for record in lines_of(result.stdout_text)] == [list(record) for record in lines_of(local.stdout_text)]
+    assert without_seconds(lines_of(result.stdout_text)) == without_seconds(lines_of(local.stdout_text))
+    assert sum(record["answer"] is not None for record in lines_of(result.stdout_text)) == 10
+
+
+def test_a_running_llava_serve_is_found_by_each_and_parallel_needs_a_server(serve, tiny_model, folder, local, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LLAVA_RUNTIME_DIR", str(serve.runtime))
+    names = list(map(str, folder["good"][:3]))
+    settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW, verbose=True, chosen=frozenset({"max_new_tokens"}))
+
+    assert run_batch(names, settings, AskOptions(each=True, prompt=PROMPT, output=str(tmp_path / "a.jsonl"), batch_size=2)) == 0
+
+    assert without_seconds(lines_of((tmp_path / "a.jsonl").read_text())) == local_lines(local, names)
+    assert capsys.readouterr().err.splitlines() == [
+        f"answering through the server at {serve.url}",
+        f"note: answering through the llava serve at {serve.url}; --batch-size applies only with --no-server",
+    ]
+    with pytest.raises(UsageError, match=r"^--parallel 2 sends requests to a server: give --server URL or start `llava serve`"):
+        run_batch(names, Settings(model=str(tiny_model), no_server=True), AskOptions(each=True, prompt=PROMPT, parallel=2))
+
+
+class StandIn(http.server.ThreadingHTTPServer):
+    """An OpenAI-compatible server in front of `upstream` (a llava serve), misbehaving on purpose.
+
+    `plan`: what the next requests get, in arrival order: an HTTP status (with `retry_after`), or
+    "reset" (the connection closed without an answer); after the plan, requests are forwarded,
+    except an image REFUSED_WIDTH wide (400) and, once `hold_after` were forwarded, every request
+    waits for `release`. `log`: what each request got."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, plan: tuple[int | str, ...] = (), retry_after: str | None = None, hold_after: int | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), StandInHandler)
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.plan = list(plan)
+        self.retry_after = retry_after
+        self.hold_after = hold_after
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.log: list[int | str] = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def action(self, body: dict) -> int | str:
+        with self.lock:
+            if self.plan:
+                action = self.plan.pop(0)
+            elif image_width(body) == REFUSED_WIDTH:
+                action = 400
+            elif self.hold_after is not None and self.log.count("forward") >= self.hold_after:
+                action = "hold"
+            else:
+                action = "forward"
+            self.log.append(action)
+            return action
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a held request whose client was interrupted: expected
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+def image_width(body: dict) -> int:
+    content = body["messages"][-1]["content"]
+    url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).width
+
+
+class StandInHandler(http.server.BaseHTTPRequestHandler):
+    server: StandIn
+
+    def do_POST(self) -> None:
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        action = self.server.action(json.loads(data))
+        if action == "reset":
+            self.close_connection = True
+            return
+        if action == "hold":
+            self.server.release.wait(60)
+            action = "forward"
+        if action == "forward":
+            self.forward(data)
+        else:
+            self.refuse(action)
+
+    def refuse(self, status: int) -> None:
+        body = json.dumps({"error": {"message": f"stand-in says {status}", "type": "invalid_request_error"}}).encode()
+        self.send_response(status)
+        if self.server.retry_after is not None and status == 429:
+            self.send_header("Retry-After", self.server.retry_after)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def forward(self, data: bytes) -> None:
+        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=60)
+        upstream.request("POST", self.path, body=data, headers={"Content-Type": "application/json"})
+        answer = upstream.getresponse()
+        body = answer.read()
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.getheader("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        upstream.close()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in(serve):
+    made: list[StandIn] = []
+
+    def make(**behaviour) -> StandIn:
+        made.append(StandIn(serve.url, **behaviour))
+        return made[-1]
+
+    yield make
+    for running in made:
+        running.close()
+
+
+def answer_through(url: str, model: Path, names: list[str], output: Path, parallel: int = 4) -> int:
+    settings = Settings(model=str(model), max_new_tokens=MAX_NEW, server=url, chosen=frozenset({"max_new_tokens"}))
+    return run_batch(names, settings, AskOptions(each=True, prompt=PROMPT, output=str(output), parallel=parallel))
+
+
+def test_503_twice_429_with_retry_after_and_a_reset_are_retried_into_the_same_lines(stand_in, tiny_model, folder, local, tmp_path, capsys):
+    names = list(map(str, folder["good"][:6]))
+    standing = stand_in(plan=[503, 503, 429, "reset"], retry_after="1")
+
+    assert answer_through(standing.url, tiny_model, names, tmp_path / "out.jsonl") == 0
+
+    assert without_seconds(lines_of((tmp_path / "out.jsonl").read_text())) == local_lines(local, names)
+    assert standing.log == [503, 503, 429, "reset"] + ["forward"] * len(names)
+    assert capsys.readouterr().err == ""
+
+
+def test_an_image_the_server_refuses_gets_its_error_line_and_the_others_their_answers(stand_in, tiny_model, folder, local, tmp_path, capsys):
+    names = [str(folder["good"][0]), str(folder["odd"]), str(folder["good"][1])]
+    standing = stand_in()
+
+    assert answer_through(standing.url, tiny_model, names, tmp_path / "out.jsonl", parallel=3) == 1
+
+    records = without_seconds(lines_of((tmp_path / "out.jsonl").read_text()))
+    error = f"{folder['odd']}: {standing.url} refused the request: stand-in says 400"
+    assert records[1] == {**local_lines(local, [names[1]])[0], "answer": None, "error": error, "prompt_tokens": None,
+                          "completion_tokens": None, "finish_reason": None}
+    assert [records[0], records[2]] == local_lines(local, [names[0], names[2]])
+    assert capsys.readouterr().err.splitlines() == [f"llava: error: {error}"]
+
+
+@pytest.mark.parametrize("status, kind, message", [
+    (401, UsageError, "refused the request (stand-in says 401); set LLAVA_API_KEY to the server's API key"),
+    (404, ModelError, "stand-in says 404 (--model must name a model the server lists at /v1/models)"),
+])
+def test_a_refused_key_or_model_stops_the_run_at_once(stand_in, tiny_model, folder, tmp_path, status, kind, message):
+    standing = stand_in(plan=[status] * 10)
+    with pytest.raises(kind) as caught:
+        answer_through(standing.url, tiny_model, list(map(str, folder["good"])), tmp_path / "out.jsonl", parallel=2)
+    assert str(caught.value) == f"{standing.url}{': ' if status == 404 else ' '}{message}"
+    assert (tmp_path / "out.jsonl").read_text() == ""  # the first image was refused: nothing before it to write
+    assert len(standing.log) <= 3  # at most the requests already in flight, then none
+
+
+def test_a_dead_server_gives_error_lines_for_the_images_sent_then_stops(tiny_model, folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(batchserver, "FIRST_BACKOFF_S", 0.001)
+    closed = QuietServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    url = f"http://127.0.0.1:{closed.server_address[1]}"
+    closed.server_close()  # nothing listens there any more: connections are refused
+    names = list(map(str, folder["good"]))
+
+    with pytest.raises(LlavaError) as caught:
+        answer_through(url, tiny_model, names, tmp_path / "out.jsonl", parallel=2)
+
+    records = lines_of((tmp_path / "out.jsonl").read_text())
+    assert 1 <= len(records) <= 2  # those in flight when the first one gave up
+    assert [record["image"] for record in records] == names[: len(records)]
+    for record in records:
+        assert record["error"] == (f"{record['image']}: cannot reach the server at {url} (Connection refused); "
+                                   f"is `llava serve` running? (gave up after {MAX_ATTEMPTS} attempts)")
+    assert str(caught.value) == (f"stopped: the server at {url} did not answer after {MAX_ATTEMPTS} attempts; "
+                                 f"{len(names) - len(records)} of {len(names)} images were not sent "
+                                 "(run the same command with -o FILE again to finish them)")
+
+
+def test_ctrl_c_keeps_the_lines_finished_in_order_and_a_rerun_finishes_the_rest(stand_in, tiny_model, folder, local, tmp_path):
+    names = list(map(str, folder["good"]))
+    output = tmp_path / "answers.jsonl"
+    standing = stand_in(hold_after=3)
+    command = [sys.executable, "-m", "llava_cli", "ask", "--model", str(tiny_model), "-n", str(MAX_NEW), "--each", *names,
+               "-p", PROMPT, "-o", str(output), "--server", standing.url, "--parallel", "4"]
+    env = cli_env(LLAVA_RUNTIME_DIR=str(tmp_path / "run"))
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
+    deadline = time.monotonic() + 60
+    while standing.log.count("hold") < 4 and time.monotonic() < deadline:  # every request thread waits on the stand-in
+        time.sleep(0.02)
+    time.sleep(0.2)  # the answers that came back are written by now
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=30)
+
+    assert run.returncode == 130, stderr
+    assert stdout == b"" and b"Traceback" not in stderr
+    finished = lines_of(output.read_text())
+    assert len(finished) <= 3
+    assert [record["image"] for record in finished] == names[: len(finished)]
+
+    standing.hold_after = None
+    standing.release.set()
+    rerun = subprocess.run(command, capture_output=True, env=env, timeout=60)
+
+    assert (rerun.returncode, rerun.stdout, rerun.stderr) == (0, b"", b"")
+    assert without_seconds(lines_of(output.read_text())) == local_lines(local, names)  # every image once, in order
+
+
+@pytest.mark.parametrize("args, message", [
+    (["x.png", "hi", "--parallel", "4"], "--parallel 4: only with --each or --from-file, which answer images one by one"),
+    (["--each", "x.png", "-p", "hi", "--parallel", "0"], "--parallel must be between 1 and 64 (got 0)"),
+    (["--each", "x.png", "-p", "hi", "--parallel", "65"], "--parallel must be between 1 and 64 (got 65)"),
+    (["--each", "x.png", "-p", "hi", "--server", "http://127.0.0.1:9", "--batch-size", "2"],
+     "--batch-size 2 batches on a model loaded here; with --server, send requests at once with --parallel N"),
+])
+def test_parallel_and_batch_size_misuse_is_a_usage_error(args, message, tmp_path):
+    result = run_llava("ask", *args, env=cli_env(LLAVA_RUNTIME_DIR=str(tmp_path)))
+    assert (result.returncode, result.stdout_text, result.stderr_text) == (2, "", f"llava: error: {message}\n")
+
+
+def test_retry_delays_double_from_half_a_second_and_follow_retry_after_up_to_the_cap():
+    assert [retry_delay(attempt) for attempt in range(1, MAX_ATTEMPTS)] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert retry_delay(9) == 8.0
+    assert [retry_delay(1, seconds) for seconds in (0.0, 3.0, 120.0)] == [0.0, 3.0, 8.0]
+    assert [seconds_to_wait(value) for value in (None, "", "2", "1.5", "-4", "soon")] == [None, None, 2.0, 1.5, 0.0, None]
+    assert seconds_to_wait("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: at once
+    assert 55 < seconds_to_wait(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))) <= 60
