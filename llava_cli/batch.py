@@ -12,6 +12,8 @@ stderr carries only error lines, plus a progress bar when stderr is a terminal a
 more than one image to answer. Images are read lazily, a batch at a time, so memory does not
 grow with the number of images. Failures that are not about one image (the model cannot be
 loaded, the output cannot be written) stop the run, with every finished line already written.
+With `--ray ADDRESS` the records come from a Ray Data pipeline on a cluster instead (batchray.py):
+the same lines, order, resume, errors and exit codes.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
         todo = [name for name in names if not sink.answered(name, prompt)]
         if not todo:
             return EXIT_OK
-        return answer_all(todo, prompt, settings, options.batch_size, sink, stdin_image)
+        return answer_all(todo, prompt, settings, options, sink, stdin_image)
     finally:
         sink.close()
 
@@ -86,11 +88,17 @@ def read_image_list(source: str) -> list[str]:
 
 
 def answer_all(
-    names: list[str], prompt: str, settings: Settings, batch_size: int, sink: StdoutRecords | RecordFile, stdin_image: bytes
+    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile, stdin_image: bytes
 ) -> int:
     failed = 0
+    if options.ray is not None:  # a Ray Data pipeline on a cluster (batchray.py); its answers come back here in order
+        from llava_cli.batchray import ray_records
+
+        records = ray_records(names, prompt, settings, options, stdin_image, answer_chunk)
+    else:
+        records = local_records(names, prompt, settings, options.batch_size, stdin_image)
     with BatchProgress(len(names)) as progress:
-        for record in local_records(names, prompt, settings, batch_size, stdin_image):
+        for record in records:
             if isinstance(sink, StdoutRecords):
                 progress.before_output()
             sink.write(record)
