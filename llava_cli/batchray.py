@@ -42,13 +42,15 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llava_cli.arguments import AskOptions
-from llava_cli.engine import Engine
 from llava_cli.errors import LlavaError, UsageError, one_line
 from llava_cli.records import RECORD_KEYS, make_record
 from llava_cli.settings import Settings
+
+if TYPE_CHECKING:
+    from llava_cli.engine import Engine
 
 LOCAL = "local"
 INSTALL_HINT = "--ray needs Ray: pip install 'llava-cli[ray]' (in a clone: pip install -e '.[ray]')"
@@ -58,7 +60,7 @@ ACTOR_START_TIMEOUT_S = 600  # actors (model loaded) must be up by then: else th
 BATCHES_PER_BLOCK = 4  # a block holds this many --batch-size batches: what one actor task answers
 ANSWER_KEYS = tuple(key for key in RECORD_KEYS if key not in ("image", "prompt", "model"))  # what a worker fills in
 
-AnswerChunk = Callable[[Engine, list[str], str, Settings, bytes], list[dict[str, Any]]]
+AnswerChunk = Callable[["Engine", list[str], str, Settings, bytes], list[dict[str, Any]]]  # batch.py's answer_chunk
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny_mode
 def test_a_killed_driver_is_resumed_by_running_it_again(cluster, tiny_model, good_images, local_good, tmp_path):
     address, _ = cluster
     output = tmp_path / "answers.jsonl"
-    command = llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 2, "-o", output))
+    command = llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 1, "-o", output))
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint)
     deadline = time.monotonic() + 240
     while not (output.exists() and output.read_bytes().count(b"\n") >= 2) and time.monotonic() < deadline:
@@ -217,6 +217,20 @@ def test_actors_that_cannot_start_stop_the_run_with_one_line(cluster, tiny_model
         "llava: error: the Ray actors did not start within 3 s: the cluster lacks the CPUs, GPUs or memory they ask for; "
         "lower --actors or --gpus-per-actor, or add nodes\n"
     )
+
+
+@needs_ray
+def test_a_model_the_workers_cannot_load_stops_the_run_with_its_own_error(cluster, tmp_path, good_images):
+    address, _ = cluster
+    args = ["ask", "--model", str(tmp_path / "no-such-model"), "--each", good_images[0], "-p", PROMPT]
+    local = run_llava(*args)
+
+    result = run_llava(*args, "--ray", address, "--actors", 1, timeout=300)
+
+    assert (local.returncode, result.returncode) == (2, 2)
+    assert result.stdout == b""
+    assert result.stderr_text == local.stderr_text.replace("llava: error: ", "llava: error: on the Ray workers: ", 1)
+    assert len(result.stderr_text.splitlines()) == 1
 
 
 @needs_ray
