@@ -37,7 +37,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -134,13 +136,30 @@ def connect(ray: Any, address: str, verbose: bool) -> None:
     """Start a local Ray instance (`local`) or join the cluster at `address`, quietly."""
     level = logging.INFO if verbose else logging.ERROR
     try:
-        if address == LOCAL:
-            # address "local": a new instance even when `ray start` left one running here
-            ray.init(address=LOCAL, num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False, logging_level=level)
-        else:
-            ray.init(address=address, log_to_driver=False, logging_level=level)
+        with sigterm_handler_kept():
+            start_or_join(ray, address, level)
     except Exception as err:
         raise LlavaError(f"--ray {address}: cannot start or reach Ray ({one_line(err)})") from None
+
+
+def start_or_join(ray: Any, address: str, level: int) -> None:
+    if address == LOCAL:
+        # address "local": a new instance even when `ray start` left one running here
+        ray.init(address=LOCAL, num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False, logging_level=level)
+    else:
+        ray.init(address=address, log_to_driver=False, logging_level=level)
+
+
+@contextmanager
+def sigterm_handler_kept() -> Iterator[None]:
+    """`ray.init` makes SIGTERM exit at once (status 15), mid-line; ours (ask.py) stops the run
+    as Ctrl-C does, finished lines written (exit 130): put it back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def local_cpus() -> int:
