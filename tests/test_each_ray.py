@@ -70,7 +70,9 @@ def cluster():
     """A Ray head on this machine, for the module: (address, session id of its processes)."""
     temp = tempfile.mkdtemp(prefix="llava-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
-    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))  # workers import this checkout
+    # The workers import this checkout. Token authentication off: Ray turns it on when a token is in
+    # ~/.ray, and a client must then be given the token.
+    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), RAY_AUTH_MODE="disabled")
     start = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
         "--object-store-memory=100000000", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
@@ -90,8 +92,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def good_images(images, tmp_path_factory) -> list[str]:
-    """Eight distinct files cycling through the test images."""
-    return list(map(str, copies(images, tmp_path_factory.mktemp("good"), 8)))
+    """Sixteen distinct files cycling through the test images: four blocks, so a kill lands mid-run."""
+    return list(map(str, copies(images, tmp_path_factory.mktemp("good"), 16)))
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny_mode
     )
     deadline = time.monotonic() + 240
     while not (output.exists() and output.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     actors = [pid for pid in processes_of_session(session) if ACTOR_TITLE in command_line(pid)]
     assert actors, "no actor process found"
     os.kill(actors[0], signal.SIGKILL)
@@ -188,12 +190,12 @@ def test_a_killed_driver_is_resumed_by_running_it_again(cluster, tiny_model, goo
     command = llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 1, "-o", output))
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint)
     deadline = time.monotonic() + 240
-    while not (output.exists() and output.read_bytes().count(b"\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not (output.exists() and output.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
     run.kill()
     run.communicate(timeout=60)
     finished = records_of(output.read_bytes().rpartition(b"\n")[0] + b"\n")
-    assert 2 <= len(finished) < len(good_images)
+    assert 1 <= len(finished) < len(good_images)
 
     rerun = subprocess.run(command, capture_output=True, env=cli_env(), timeout=300, preexec_fn=default_sigint)
 
@@ -234,8 +236,10 @@ def test_a_model_the_workers_cannot_load_stops_the_run_with_its_own_error(cluste
 
 
 @needs_ray
-def test_ray_local_starts_an_instance_here(tiny_model, good_images, local_good):
-    result = run_llava(*ask_each(tiny_model, good_images[:3], "--ray", "local", "--actors", 1, "--batch-size", 3), timeout=300)
+def test_ray_local_starts_an_instance_here(tiny_model, good_images, local_good, tmp_path):
+    """HOME: a new local instance turns Ray's token authentication on, writing a token to ~/.ray."""
+    args = ask_each(tiny_model, good_images[:3], "--ray", "local", "--actors", 1, "--batch-size", 3)
+    result = run_llava(*args, env=cli_env(HOME=str(tmp_path)), timeout=300)
 
     assert result.returncode == 0, result.stderr_text
     assert result.stderr == b""
