@@ -25,8 +25,8 @@ writes, resumes, counts errors and draws its progress bar as for a local `--each
   code; actors that do not start within `ACTOR_START_TIMEOUT_S` (resources the cluster lacks)
   stop it with a one-line error; so does a cluster that cannot be reached.
 - Quiet: Ray Data's progress bars and start-up messages are off, its log lines and Ray's stay in
-  Ray's log files; stderr carries only batch.py's error lines and progress bar (with --verbose,
-  Ray's own output too).
+  Ray's log files; stdout carries only the records, stderr only batch.py's error lines and
+  progress bar (with --verbose, Ray's own log lines too).
 - Without Ray installed, `--ray` is a `UsageError` (exit 2) that says how to install it.
   Ray is imported only here and only once `--ray` is used.
 """
@@ -325,10 +325,11 @@ def cluster_messages_off(ray: Any) -> Iterator[None]:
 def stderr_for_us_only() -> Iterator[None]:
     """Ray's C++ core writes its own log lines to file descriptor 2 (actor restarts, warnings).
     While Ray runs, descriptor 2 goes to /dev/null and `sys.stderr` writes to a copy of the real
-    stderr, so only our lines (errors, the progress bar) reach the user."""
+    stderr, so only our lines (errors, the progress bar) reach the user. The copy stays open after
+    (batch.py's progress bar, made while Ray ran, ends after it) and closes with its last user."""
     sys.stderr.flush()
     real = os.dup(2)
-    ours = open(real, "w", encoding=sys.stderr.encoding, errors=sys.stderr.errors, buffering=1, closefd=False)
+    ours = open(real, "w", encoding=sys.stderr.encoding, errors=sys.stderr.errors, buffering=1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
