@@ -8,6 +8,7 @@ error is a `UsageError`/`InputError` with a one-line message that says what to t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -26,6 +27,9 @@ from llava_cli.urls import is_url, open_image
 STDIN = "-"
 MAX_BATCH_SIZE = 256
 MAX_PARALLEL = 64  # --parallel: requests at once to a server (beyond, a server queues or refuses them anyway)
+MAX_ACTORS = 256  # --actors: a pool larger than this is a typo, not a cluster
+# --ray: local, auto, ray://HOST:PORT or HOST:PORT (a cluster's head; an IPv6 host in brackets).
+RAY_ADDRESS = re.compile(r"local|auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 SHELL_SAFE_IN_DOUBLE_QUOTES = re.compile(r'[^"$`\\!]*')
 # A path in /image: "quoted", 'quoted', or unquoted with backslash-escaped spaces (as terminals drop them).
 PATH_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|((?:[^\s\\]|\\.)+)')
@@ -153,6 +157,9 @@ class AskOptions:
     output: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     parallel: int | None = None  # None: DEFAULT_PARALLEL, when a server answers
+    ray: str | None = None  # --ray ADDRESS: answer on a Ray cluster (batchray.py)
+    actors: int | None = None  # None: one per GPU (or per node) of the cluster
+    gpus_per_actor: float | None = None  # None: 1 on a cluster with GPUs, else 0
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
@@ -167,6 +174,19 @@ class AskOptions:
             raise UsageError(f"{used}: only with --each or --from-file, which answer images one by one")
         if self.output is not None and self.format == "text":
             raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
+        self.check_ray_options()
+
+    def check_ray_options(self) -> None:
+        if self.ray is not None and not RAY_ADDRESS.fullmatch(self.ray):
+            raise UsageError(f"--ray takes local, auto, ray://HOST:PORT or HOST:PORT (got {self.ray!r})")
+        if self.actors is not None and not 1 <= self.actors <= MAX_ACTORS:
+            raise UsageError(f"--actors must be between 1 and {MAX_ACTORS} (got {self.actors})")
+        if self.gpus_per_actor is not None and not (math.isfinite(self.gpus_per_actor) and self.gpus_per_actor >= 0):
+            raise UsageError(f"--gpus-per-actor must be 0 or more (got {self.gpus_per_actor:g})")
+        if self.ray is None and (self.actors is not None or self.gpus_per_actor is not None):
+            raise UsageError("--actors and --gpus-per-actor shape the Ray actor pool: only with --ray ADDRESS")
+        if self.ray is not None and self.parallel is not None:
+            raise UsageError("--parallel sends requests to a server; with --ray, --actors sets how many answer at once")
 
     @classmethod
     def from_command_line(cls, values: Mapping[str, Any]) -> AskOptions:
@@ -181,6 +201,9 @@ class AskOptions:
             output=values.get("output"),
             batch_size=int(values.get("batch_size") or DEFAULT_BATCH_SIZE),
             parallel=None if values.get("parallel") is None else int(values["parallel"]),
+            ray=values.get("ray"),
+            actors=None if values.get("actors") is None else int(values["actors"]),
+            gpus_per_actor=None if values.get("gpus_per_actor") is None else float(values["gpus_per_actor"]),
         )
 
     def batch_only_options(self) -> str:
@@ -188,6 +211,7 @@ class AskOptions:
         used = [f"-o {self.output}"] if self.output is not None else []
         used += [f"--batch-size {self.batch_size}"] if self.batch_size != DEFAULT_BATCH_SIZE else []
         used += [f"--parallel {self.parallel}"] if self.parallel is not None else []
+        used += [f"--ray {self.ray}"] if self.ray is not None else []
         return " and ".join(used)
 
     @property

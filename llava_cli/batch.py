@@ -14,6 +14,8 @@ stderr carries only error lines, plus a progress bar when stderr is a terminal a
 more than one image to answer. Images are read lazily, a batch at a time, so memory does not
 grow with the number of images. Failures that are not about one image (the model cannot be
 loaded, the output cannot be written) stop the run, with every finished line already written.
+With `--ray ADDRESS` the records come from a Ray Data pipeline on a cluster instead (batchray.py):
+the same lines, order, resume, errors and exit codes.
 """
 
 from __future__ import annotations
@@ -104,7 +106,12 @@ def answer_all(
 
 
 def record_source(names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes) -> Iterator[dict[str, Any]]:
-    """The records of a server when one is named or running for the model (batchserver.py), else of a model loaded here."""
+    """The records of a Ray cluster with --ray (batchray.py), of a server when one is named or running
+    for the model (batchserver.py), else of a model loaded here."""
+    if options.ray is not None:
+        from llava_cli.batchray import ray_records
+
+        return ray_records(names, prompt, settings, options, stdin_image, answer_chunk)
     remote = batch_server(settings, options)
     if remote is not None:
         return server_records(remote, names, prompt, settings, options.parallel or DEFAULT_PARALLEL, stdin_image)

@@ -28,7 +28,7 @@ def error(message: str) -> str:
     [
         (("ask", "--temprature", "0.5", "x.png", "hi"), "no such option --temprature for 'llava ask'; did you mean --temperature? (llava ask --help lists them)"),
         (("chat", "--resme"), "no such option --resme for 'llava chat'; did you mean --resume? (llava chat --help lists them)"),
-        (("ask", "--xyz", "x.png"), "no such option --xyz for 'llava ask' (llava ask --help lists them)"),
+        (("ask", "--xyzzy", "x.png"), "no such option --xyzzy for 'llava ask' (llava ask --help lists them)"),
         (("aks", "x.png", "hi"), "no such command 'aks' in 'llava'; did you mean ask?"),
         (("sessions", "lst"), "no such command 'lst' in 'llava sessions'; did you mean list?"),
         (("ask", "x.png", "hi", "--temperature"), "--temperature needs a value: llava ask --temperature NUMBER"),
