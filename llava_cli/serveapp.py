@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.apirequest import ApiError, Job, parse_job
+from llava_cli.decodebatch import rows_that_fit
 from llava_cli.engine import Engine
 from llava_cli.serveguard import Guard, ServeOptions
 from llava_cli.servelog import log, log_detail
@@ -79,7 +80,9 @@ class Service:
 
     def __init__(self, engine: Engine, settings: Settings, options: ServeOptions) -> None:
         self.guard = Guard(options)
-        self.worker = Worker(engine, self.guard)
+        cache_bytes = options.cache_mb * 2**20
+        max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings), cache_bytes)
+        self.worker = Worker(engine, self.guard, max_batch, cache_bytes)
         self.settings = settings
         self.model = settings.model
         self.api_key = options.api_key
