@@ -58,6 +58,7 @@ class Sequence:
     row: Row
     cached_tokens: int  # the prompt's tokens that came from the pool
     length: int  # tokens of this answer in the KV cache: its next position
+    source: int | None  # the key of the pool entry whose conversation it continues, which its own cache replaces there
 
     @property
     def cached_ids(self) -> list[int]:
@@ -85,14 +86,14 @@ class DecodeBatch:
 
         try:
             with torch.inference_mode():
-                cache, keep = self.pool.start(prompt)
+                cache, keep, source = self.pool.start(prompt)
                 new = prompt.ids[keep:]
                 alone = PaddedBatch(
                     torch.tensor([new], device=self.model.device), None,
                     torch.arange(keep, len(prompt.ids), device=self.model.device).unsqueeze(0),
                 )
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))[0]
-                sequence = Sequence(prompt, Sampler(settings, self.engine.loaded.device), Row(budget), keep, len(prompt.ids))
+                sequence = Sequence(prompt, Sampler(settings, self.engine.loaded.device), Row(budget), keep, len(prompt.ids), source)
                 sequence.row.take(sequence.sampler.pick(logits), self.engine.eos_ids)
                 if sequence.row.finish_reason:
                     self.give_to_pool(sequence, cache, 0)
@@ -145,7 +146,7 @@ class DecodeBatch:
         """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool."""
         if self.pool.budget_bytes:
             kv = rows_of(cache, place, columns(cache) - sequence.length)
-            self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=image_keys(sequence.prompt)))
+            self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=image_keys(sequence.prompt)), len(sequence.prompt.ids), sequence.source)
 
     def remove(self, sequence: Sequence) -> None:
         import torch
