@@ -44,7 +44,7 @@ from llava_cli.kvrows import columns, drop_left, merged, rows_of
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
 
-CPU_MAX_BATCH = 8  # on a CPU a step's cost grows with its rows; 8 rows still take about what one row takes on small models
+CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # past this, a step waits longer for its slowest part than batching gains
 GPU_MEMORY_SHARE = 0.8  # of the free memory after loading; the rest for activations (prefill, logits) and the allocator
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli_runner import invoke
 from fakes import answer_of
 from llava_cli.conversation import Conversation, Turn
-from llava_cli.decodebatch import DecodeBatch
+from llava_cli.decodebatch import DecodeBatch, kv_bytes_per_token
 from llava_cli.decoding import PaddedBatch, forward
 from llava_cli.engine import Engine, Prompt
 from llava_cli.images import load_image
@@ -32,7 +33,6 @@ from llava_cli.serveapp import Service
 from llava_cli.serveguard import ServeOptions
 from llava_cli.settings import Settings
 
-READY_TIMEOUT_S = 30
 CLIENT_TIMEOUT_S = 120
 
 
@@ -53,10 +53,7 @@ class InProcessServer:
         self.server = uvicorn.Server(uvicorn.Config(self.service.app(), log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the in-process server did not start"
-            time.sleep(0.01)
+        wait_for(lambda: self.server.started)
         self.step_rows: list[int] = []  # the rows of every decode step
         step = self.batch.step
         self.batch.step = lambda: (self.step_rows.append(len(self.batch)), step())[1]
@@ -82,10 +79,7 @@ class InProcessServer:
         return text, events[-1]["usage"]
 
     def wait_until_idle(self) -> None:
-        deadline = time.monotonic() + CLIENT_TIMEOUT_S
-        while self.service.worker.answers or self.service.worker.queued:
-            assert time.monotonic() < deadline, "the worker never emptied its batch"
-            time.sleep(0.01)
+        wait_for(lambda: not self.service.worker.answers and not self.service.worker.queued)
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +154,7 @@ def all_at_once(server: InProcessServer, requests: list[Ask], images: dict[str, 
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(server, requests[i], images))) for i in range(len(requests))]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + CLIENT_TIMEOUT_S
-    while len(server.service.worker.waiting) < len(requests) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(server.service.worker.waiting) == len(requests))
     arrived.set()
     for thread in threads:
         thread.join(CLIENT_TIMEOUT_S)
@@ -201,7 +193,7 @@ def test_a_batch_smaller_than_the_crowd_admits_each_waiting_request_as_a_row_lea
 
 def test_a_client_hanging_up_mid_stream_stops_only_its_row(serve, tiny_loaded, settings, images):
     server = serve(max_batch=4, cache_mb=0)
-    others = [Ask("What is in this picture?", ("red",), max_tokens=20), Ask("hello", max_tokens=20, stream=True)]
+    others = [Ask("What is in this picture?", ("red",), max_tokens=200), Ask("hello", max_tokens=200, stream=True)]
     results: list = [None, None]
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(server, others[i], images))) for i in range(2)]
     body = {**Ask("Tell me a long story.", ("blue",), max_tokens=900).body(server.model, images), "stream": True}
@@ -210,13 +202,19 @@ def test_a_client_hanging_up_mid_stream_stops_only_its_row(serve, tiny_loaded, s
         next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
         for thread in threads:
             thread.start()
-        while len(server.batch) < 3:  # the others have joined the story's batch
-            time.sleep(0.01)
+        wait_for(lambda: len(server.batch) == 3)  # the others have joined the story's batch: hang up
     for thread in threads:
         thread.join(CLIENT_TIMEOUT_S)
     server.wait_until_idle()
     assert [text for text, _ in results] == [request.alone(tiny_loaded, settings, images)[0] for request in others]
-    assert len(server.step_rows) < 100  # the story stopped long before its 900 tokens
+    assert len(server.step_rows) < 400  # the story stopped long before its 900 tokens
+
+
+def wait_for(condition) -> None:
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
 
 
 def test_a_growing_chat_reuses_its_cache_and_gets_the_answers_it_gets_without(serve, tiny_loaded, settings, images):
@@ -241,7 +239,8 @@ def test_the_cache_budget_keeps_the_most_recent_chats(serve, tiny_loaded, settin
     filler = "the quick brown fox jumps over the lazy dog " * 33
     chats = [Ask(f"{word}: {filler}") for word in ("alpha", "bravo", "charlie", "delta")]  # ~590 tokens (~300 KB) each
     first = [ask(server, chat, images) for chat in chats[:3]]
-    assert len(server.batch.pool.entries) == 3
+    held = list(server.batch.pool.entries.values())
+    assert [entry.size for entry in held] == [kv_bytes_per_token(tiny_loaded.model) * len(entry.entry.ids) for entry in held]
 
     def again(index: int) -> int:
         history = (chats[index].body(server.model, images)["messages"][0], {"role": "assistant", "content": first[index][0]})
@@ -357,3 +356,11 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
     assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9]]
     keep([9, 9, 9, 9, 1], prompt_tokens=5)  # holds all that [9, 9, 9, 9] held: takes its place
     assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9, 1]] and pool.held_bytes <= pool.budget_bytes
+
+
+def test_bad_batching_options_are_refused_with_one_line(monkeypatch):
+    outcomes = [invoke(monkeypatch, "serve", "--model", "m", "--max-batch", "0"), invoke(monkeypatch, "serve", "--model", "m", "--cache-mb", "-1")]
+    assert [(outcome.code, outcome.first_error_line) for outcome in outcomes] == [
+        (2, "llava: error: --max-batch must be at least 1 (got 0)"),
+        (2, "llava: error: --cache-mb must be 0 or more (got -1)"),
+    ]
