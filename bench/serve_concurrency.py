@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder or hub id (default: build the test suite's tiny model)")
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -176,15 +176,19 @@ class Worker:
             self.send(answer)
 
     def send(self, answer: Answer) -> None:
-        """Emit the text of the answer's new tokens; once it has ended, its tail and its figures."""
+        """Emit the text of the answer's new tokens (a stream's as they come, a plain answer's once
+        it has ended: every item wakes the event loop); once it has ended, its figures."""
         row = answer.sequence.row
         for token in row.tokens[len(answer.stream.ids) :]:
-            if chunk := answer.stream.push(token):
+            if (chunk := answer.stream.push(token)) and answer.job.stream:
                 answer.emit(chunk)
                 answer.sent += 1
         if not row.finish_reason:
             return
-        if tail := answer.stream.finish():
+        tail = answer.stream.finish()
+        if not answer.job.stream:
+            tail = answer.stream.text  # the whole answer, at once
+        if tail:
             answer.emit(tail)
         self.answers.remove(answer)
         self.end(answer, Finished(self.figures(answer)))
