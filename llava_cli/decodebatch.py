@@ -45,7 +45,7 @@ from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
-MAX_BATCH_LIMIT = 64  # past this, a step waits longer for its slowest part than batching gains
+MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
 GPU_MEMORY_SHARE = 0.8  # of the free memory after loading; the rest for activations (prefill, logits) and the allocator
 
 
@@ -53,7 +53,8 @@ GPU_MEMORY_SHARE = 0.8  # of the free memory after loading; the rest for activat
 class Sequence:
     """One answer in the batch: its prompt, sampler and progress, and how many of its tokens are cached."""
 
-    prompt: Prompt
+    prompt_ids: list[int]
+    images: list[tuple[str, tuple[int, int]]]  # the prompt's images as `image_keys` gives them (not the pictures: they are dropped)
     sampler: Sampler
     row: Row
     cached_tokens: int  # the prompt's tokens that came from the pool
@@ -62,7 +63,7 @@ class Sequence:
 
     @property
     def cached_ids(self) -> list[int]:
-        return (self.prompt.ids + self.row.tokens)[: self.length]
+        return (self.prompt_ids + self.row.tokens)[: self.length]
 
 
 class DecodeBatch:
@@ -93,7 +94,8 @@ class DecodeBatch:
                     torch.arange(keep, len(prompt.ids), device=self.model.device).unsqueeze(0),
                 )
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))[0]
-                sequence = Sequence(prompt, Sampler(settings, self.engine.loaded.device), Row(budget), keep, len(prompt.ids), source)
+                sampler = Sampler(settings, self.engine.loaded.device)
+                sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget), keep, len(prompt.ids), source)
                 sequence.row.take(sequence.sampler.pick(logits), self.engine.eos_ids)
                 if sequence.row.finish_reason:
                     self.give_to_pool(sequence, cache, 0)
@@ -146,7 +148,7 @@ class DecodeBatch:
         """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool."""
         if self.pool.budget_bytes:
             kv = rows_of(cache, place, columns(cache) - sequence.length)
-            self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=image_keys(sequence.prompt)), len(sequence.prompt.ids), sequence.source)
+            self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
 
     def remove(self, sequence: Sequence) -> None:
         import torch

@@ -96,7 +96,8 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     url = local_url(sock)
     announced = write_server_file(url, settings.model)
     try:
-        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}; Ctrl-C stops")
+        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}, "
+            f"up to {service.worker.max_batch} answers at once; Ctrl-C stops")
         code = serve_until_signal(service, sock, settings.verbose)
     finally:
         remove_server_file(announced)

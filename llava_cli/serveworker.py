@@ -128,9 +128,13 @@ class Worker:
 
     def drop_stopped(self) -> None:
         """Stop the jobs whose client left (or all, shutting down): queued ones, and rows of the batch."""
-        for job, emit in [entry for entry in self.queued if self.must_stop(entry[0])]:
-            self.queued.remove((job, emit))
-            self.stopped(Answer(job, emit, TextStream(None), Stats()))
+        staying: collections.deque[tuple[Job, Emit]] = collections.deque()
+        for job, emit in self.queued:  # each asked once: a client may leave meanwhile
+            if self.must_stop(job):
+                self.stopped(Answer(job, emit, TextStream(None), Stats()))
+            else:
+                staying.append((job, emit))
+        self.queued = staying
         for answer in [answer for answer in self.answers if self.must_stop(answer.job)]:
             self.batch.remove(answer.sequence)
             self.answers.remove(answer)

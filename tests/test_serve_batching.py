@@ -315,7 +315,7 @@ def test_a_merged_batch_gives_each_row_its_logits_alone_and_drops_padding_as_row
         with torch.inference_mode():  # on a copy: the forward adds a column to the cache it is given
             together = forward(engine.model, copy.deepcopy(batch.cache), batch.next_inputs(), {})
         for place, sequence in enumerate(batch.sequences):
-            alone = logits_alone(engine, sequence.prompt, sequence.row.tokens)
+            alone = logits_alone(engine, prompts[sequences.index(sequence)], sequence.row.tokens)
             torch.testing.assert_close(together[place], alone, rtol=1e-4, atol=1e-4)
             assert int(together[place].argmax()) == int(alone.argmax())
 
