@@ -282,6 +282,28 @@ def test_running_out_of_memory_fails_only_the_request_it_happened_to(serve, tiny
     assert [text for text, _ in results] == [request.alone(tiny_loaded, settings, images)[0] for request in fine]
 
 
+def test_running_out_of_memory_in_a_decode_step_fails_that_batch_and_the_server_goes_on(serve, tiny_loaded, settings, images, monkeypatch):
+    import torch
+
+    from llava_cli import decodebatch
+
+    server = serve(max_batch=4)
+    steps_to_fail = [1]
+
+    def forward_or_run_out_once(model, cache, batch, image_inputs):
+        if batch.ids.shape[1] == 1 and steps_to_fail:  # a decode step, the first one
+            steps_to_fail.pop()
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(model, cache, batch, image_inputs)
+
+    monkeypatch.setattr(decodebatch, "forward", forward_or_run_out_once)
+    hello = Ask("hello")
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=hello.body(server.model, images), timeout=CLIENT_TIMEOUT_S)
+    assert reply.status_code == 500 and reply.json()["error"]["message"].startswith("out of memory while answering")
+    assert len(server.batch) == 0 and not server.batch.pool.entries
+    assert ask(server, hello, images)[0] == hello.alone(tiny_loaded, settings, images)[0]
+
+
 # ---------------------------------------------------------------- the batch itself: merge, positions, trim
 
 
