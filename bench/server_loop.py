@@ -47,10 +47,10 @@ def ask_loop(model: str, pictures: list[str], max_new_tokens: int, env: dict[str
     return time.perf_counter() - started, answers
 
 
-def start_server(model: str, max_new_tokens: int, env: dict[str, str], runtime: Path) -> tuple[subprocess.Popen, float]:
+def start_server(model: str, max_new_tokens: int, env: dict[str, str], runtime: Path, options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, float]:
     """Start `llava serve` on a free port; return it once its discovery file says it is ready."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "llava_cli", "serve", "--model", model, "--port", "0", "-n", str(max_new_tokens)]
+    command = [sys.executable, "-m", "llava_cli", "serve", "--model", model, "--port", "0", "-n", str(max_new_tokens), *options]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not list(runtime.glob("server-*.json")):
         if server.poll() is not None or time.perf_counter() - started > READY_TIMEOUT_S:

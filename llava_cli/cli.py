@@ -21,7 +21,9 @@ import typer
 from llava_cli import __version__
 from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
 from llava_cli.options import OPTIONS, Option
-from llava_cli.settings import DEFAULT_BATCH_SIZE, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings
+from llava_cli.settings import (
+    DEFAULT_BATCH_SIZE, DEFAULT_CACHE_MB, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings,
+)
 from llava_cli.terminal import emit_error
 from llava_cli.usage import preflight
 
@@ -173,6 +175,8 @@ def serve(
     allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", metavar="NAME", show_default=False, help="Also answer requests whose Host header is NAME (repeatable; '*': any). localhost, IP addresses and --host always work.")] = None,
     allowed_origin: Annotated[Optional[list[str]], typer.Option("--allowed-origin", metavar="ORIGIN", show_default=False, help="Answer requests from web pages of ORIGIN, e.g. http://localhost:3000 (repeatable; '*': any). Others are refused.")] = None,
     allowed_local_media_path: Annotated[Optional[str], typer.Option("--allowed-local-media-path", metavar="DIR", show_default=False, help="Let requests name image files under DIR (symlinks resolved). Without it only data: URLs are accepted.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", metavar="N", show_default=False, help="Answer up to N requests at once, decoded together (default: as many as the GPU's free memory holds at full context, 8 on a CPU).")] = None,
+    cache_mb: Annotated[int, typer.Option("--cache-mb", metavar="MB", help="Keep up to MB of recent answers' KV caches, so chat clients resending their history skip its prefill (0: none).")] = DEFAULT_CACHE_MB,
     settings: Settings = Settings(),
 ) -> int:
     """Keep the model loaded and serve the OpenAI chat-completions API on http://HOST:PORT/v1.
@@ -191,7 +195,7 @@ def serve(
     options = ServeOptions(
         host=host, port=port, api_key=api_key, max_request_mb=max_request_mb, request_timeout_s=request_timeout,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
-        allowed_local_media_path=allowed_local_media_path,
+        allowed_local_media_path=allowed_local_media_path, max_batch=max_batch, cache_mb=cache_mb,
     )
     return run_serve(settings, options)
 

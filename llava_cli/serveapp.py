@@ -1,6 +1,7 @@
 """`llava serve`'s HTTP endpoints: `POST /v1/chat/completions` and `GET /v1/models` (Starlette).
 
-Contract: `Service(engine, settings, options).app()` is the ASGI app. Every request passes the
+Contract: `Service(engine, settings, options).app()` is the ASGI app; its `Worker` batches up to
+`options.max_batch` answers (default `decodebatch.rows_that_fit`) with `options.cache_mb` of prefix caches. Every request passes the
 `Guard` (Host, Origin, Content-Type) and the API key first; the body must arrive within
 `--request-timeout` (408) and under `--max-request-mb` (413); at most MAX_OPEN_REQUESTS are open
 at once (503 beyond). The body becomes a `Job` (apirequest.py) answered by the `Worker`
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.apirequest import ApiError, Job, parse_job
+from llava_cli.decodebatch import rows_that_fit
 from llava_cli.engine import Engine
 from llava_cli.serveguard import Guard, ServeOptions
 from llava_cli.servelog import log, log_detail
@@ -79,7 +81,9 @@ class Service:
 
     def __init__(self, engine: Engine, settings: Settings, options: ServeOptions) -> None:
         self.guard = Guard(options)
-        self.worker = Worker(engine, self.guard)
+        cache_bytes = options.cache_mb * 2**20
+        max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings), cache_bytes)
+        self.worker = Worker(engine, self.guard, max_batch, cache_bytes)
         self.settings = settings
         self.model = settings.model
         self.api_key = options.api_key

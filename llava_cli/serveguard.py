@@ -31,7 +31,7 @@ from pathlib import Path
 
 from llava_cli.errors import UsageError
 from llava_cli.safeio import read_regular
-from llava_cli.settings import DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S
+from llava_cli.settings import DEFAULT_CACHE_MB, DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
@@ -58,6 +58,8 @@ class ServeOptions:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     allowed_local_media_path: str | None = None
+    max_batch: int | None = None  # answers decoded at once; None: as many as the device holds (decodebatch.rows_that_fit)
+    cache_mb: int = DEFAULT_CACHE_MB
     media_root: Path | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +67,10 @@ class ServeOptions:
             raise UsageError(f"--max-request-mb must be at least 1 (got {self.max_request_mb})")
         if not self.request_timeout_s > 0:
             raise UsageError(f"--request-timeout must be more than 0 seconds (got {self.request_timeout_s:g})")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise UsageError(f"--max-batch must be at least 1 (got {self.max_batch})")
+        if self.cache_mb < 0:
+            raise UsageError(f"--cache-mb must be 0 or more (got {self.cache_mb})")
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("the API key is empty; give a key or leave --api-key, --api-key-file and LLAVA_API_KEY out")
         for origin in self.allowed_origins:

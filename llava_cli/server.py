@@ -8,15 +8,16 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   `--max-request-mb` (413).
 - A request's `messages` (at most MAX_MESSAGES, every field's type checked: `true` is not 1)
   become a `Conversation` (system/developer, user and assistant messages; `image_url` parts as
-  `data:` URLs, or paths the Guard allows) answered by `Engine.generate`, so a greedy answer is
-  exactly the one `llava ask`/`llava chat` give locally, and the engine's prefix cache serves a
-  multi-turn client's growing history without re-running it.
-- At most MAX_OPEN_REQUESTS are open at once (503 beyond). One engine, one daemon worker thread:
-  requests wait their turn in arrival order and never share
-  the cache mid-answer. A request's images (at most MAX_IMAGES_PER_REQUEST, MAX_REQUEST_PIXELS in
-  all) are decoded only when its turn comes, and dropped afterwards (glibc's heap trimmed), so
-  memory holds one request's images at a time. A client that disconnects, or a server shutting
-  down, stops its request wherever it is (queued, decoding, trimming, answering) and frees the worker.
+  `data:` URLs, or paths the Guard allows), so a greedy answer is exactly the one
+  `llava ask`/`llava chat` give locally.
+- At most MAX_OPEN_REQUESTS are open at once (503 beyond). One engine, one daemon worker thread
+  that batches: requests are admitted in arrival order, prefilled alone and decoded together, up
+  to `--max-batch` at once (continuous batching, serveworker.py and decodebatch.py); the
+  `--cache-mb` pool of recent answers' caches serves a multi-turn client's growing history
+  without re-running it. A request's images (at most MAX_IMAGES_PER_REQUEST, MAX_REQUEST_PIXELS in
+  all) are decoded only when it is admitted, and dropped once it is prefilled (glibc's heap
+  trimmed), so memory holds one request's images at a time. A client that disconnects, or a
+  server shutting down, stops its request wherever it is (queued, decoding, trimming, answering).
 - `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`) and `seed` override the
   server's own options for one request; left out, the server's apply (greedy unless `llava serve`
   was given `--temperature`, unlike OpenAI's default of 1).
@@ -33,7 +34,7 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   printed but one-line messages on stderr (uvicorn's tracebacks are folded into one line).
 
 Where each part lives: serveguard.py (who may ask), apirequest.py (a request body -> `Job`),
-serveworker.py (the engine's thread and queue), serveapp.py (the HTTP endpoints and responses),
+serveworker.py (the engine's thread, scheduling the batch), serveapp.py (the HTTP endpoints and responses),
 servelog.py (one-line logging); this module binds the socket, runs uvicorn and shuts down.
 """
 
@@ -95,7 +96,8 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     url = local_url(sock)
     announced = write_server_file(url, settings.model)
     try:
-        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}; Ctrl-C stops")
+        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}, "
+            f"up to {service.worker.max_batch} answers at once; Ctrl-C stops")
         code = serve_until_signal(service, sock, settings.verbose)
     finally:
         remove_server_file(announced)

@@ -1,33 +1,48 @@
-"""`llava serve`'s worker: one engine, one daemon thread, jobs answered one at a time in arrival order.
+"""`llava serve`'s worker: one engine, one daemon thread, a running batch that requests join and leave.
 
 Contract: `Worker.submit(job)` (on the event loop) queues a `Job` and returns an asyncio queue on
 which the job's text chunks arrive, then exactly one `Finished` (the answer's `Stats`, or None when
-it was stopped before the end) or `Failed` (the `ApiError` the client gets). Jobs never share the
-engine's cache mid-answer. A job's images are decoded only when its turn comes and dropped
-afterwards (glibc's heap trimmed). A client that disconnects (`job.cancelled`) or a server shutting
-down (`abandon`, `stop`) stops its job wherever it is: queued, decoding, trimming or answering.
+it was stopped before the end) or `Failed` (the `ApiError` the client gets).
+
+The thread is a scheduler (continuous batching, decodebatch.py): between two decode steps it admits
+waiting jobs, in arrival order, until `max_batch` answers run at once; each job admitted is fitted
+to the context window and prefilled alone, then decodes with the others, one token per step, its
+text streamed as it comes (a `TextStream` per answer); an answer that ends leaves the batch and a
+waiting job takes its place at the next step. Greedy and seeded answers are those of the job alone.
+Prefill starts from the longest reusable prefix of the `PrefixPool` (`cache_mb` of KV caches of
+recent answers, least recently used out), so a chat client resending its history pays only for
+what is new.
+
+A job's images are decoded only when it is admitted, and dropped once it is prefilled (glibc's
+heap trimmed). A client that disconnects (`job.cancelled`) or a server shutting down (`abandon`,
+`stop`) stops its job wherever it is: queued, decoding, trimming, or at the next step. A failure
+while admitting a job (a bad image, a prompt over the window, out of memory) fails that job only;
+a failure in a decode step (out of memory) fails the answers in the batch, and the server goes on.
 A daemon thread, so that a job deep in a forward never keeps a stopping server alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import functools
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llava_cli.apirequest import ApiError, Job, api_error_from
-from llava_cli.backend import Done
-from llava_cli.engine import Engine
+from llava_cli.decodebatch import DecodeBatch, Sequence
+from llava_cli.engine import Engine, Stopped
 from llava_cli.errors import LlavaError
+from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveguard import Guard
 from llava_cli.servelog import log
-from llava_cli.streaming import Stats
+from llava_cli.streaming import Stats, TextStream
 
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
 
@@ -45,18 +60,34 @@ class Failed:
 
 
 Item = str | Finished | Failed  # what a job sends back: text chunks, then Finished or Failed
+Emit = Callable[[Item], None]
+
+
+@dataclass(eq=False)
+class Answer:
+    """A job being answered: where its text goes, its detokenizer, its figures, its row in the batch."""
+
+    job: Job
+    emit: Emit
+    stream: TextStream
+    stats: Stats
+    started: float = field(default_factory=time.perf_counter)
+    sequence: Sequence | None = None
+    sent: int = 0  # text chunks emitted
 
 
 class Worker:
-    """Runs jobs on one daemon thread, one at a time, in the order they were submitted.
+    """Runs jobs on one daemon thread, up to `max_batch` at once, admitted in the order they were submitted."""
 
-    A daemon thread, so that a job deep in a forward never keeps a stopping server alive."""
-
-    def __init__(self, engine: Engine, guard: Guard) -> None:
+    def __init__(self, engine: Engine, guard: Guard, max_batch: int, cache_bytes: int) -> None:
         self.engine = engine
         self.guard = guard
-        self.jobs: queue.SimpleQueue[tuple[Job, Callable[[Item], None]] | None] = queue.SimpleQueue()
-        self.waiting: dict[str, Callable[[Item], None]] = {}  # job id -> emit, for jobs not finished yet
+        self.max_batch = max_batch
+        self.batch = DecodeBatch(engine, PrefixPool(cache_bytes))
+        self.jobs: queue.SimpleQueue[tuple[Job, Emit] | None] = queue.SimpleQueue()
+        self.queued: collections.deque[tuple[Job, Emit]] = collections.deque()  # submitted, not admitted yet
+        self.answers: list[Answer] = []  # admitted, in the batch
+        self.waiting: dict[str, Emit] = {}  # job id -> emit, for jobs not finished yet
         self.stopping = threading.Event()  # the server is shutting down: stop every answer
         self.thread = threading.Thread(target=self.loop, name="llava-engine", daemon=True)
         self.thread.start()
@@ -75,47 +106,114 @@ class Worker:
         return items
 
     def loop(self) -> None:
-        while (entry := self.jobs.get()) is not None:
-            self.run(*entry)
+        while self.gather():
+            self.drop_stopped()
+            while self.queued and len(self.batch) < self.max_batch:
+                self.admit(*self.queued.popleft())
+            if self.answers:
+                self.step()
 
-    def run(self, job: Job, emit: Callable[[Item], None]) -> None:
+    def gather(self) -> bool:
+        """Move submitted jobs to `queued`, waiting for one only when there is nothing to do; False once told to stop."""
+        idle = not self.answers and not self.queued
+        while True:
+            try:
+                entry = self.jobs.get() if idle else self.jobs.get_nowait()
+            except queue.Empty:
+                return True
+            if entry is None:
+                return False
+            self.queued.append(entry)
+            idle = False
+
+    def drop_stopped(self) -> None:
+        """Stop the jobs whose client left (or all, shutting down): queued ones, and rows of the batch."""
+        staying: collections.deque[tuple[Job, Emit]] = collections.deque()
+        for job, emit in self.queued:  # each asked once: a client may leave meanwhile
+            if self.must_stop(job):
+                self.stopped(Answer(job, emit, TextStream(None), Stats()))
+            else:
+                staying.append((job, emit))
+        self.queued = staying
+        for answer in [answer for answer in self.answers if self.must_stop(answer.job)]:
+            self.batch.remove(answer.sequence)
+            self.answers.remove(answer)
+            self.stopped(answer)
+
+    def admit(self, job: Job, emit: Emit) -> None:
+        """Decode the job's images, fit it to the window, prefill it and add it to the batch."""
+        answer = Answer(job, emit, TextStream(self.engine.tokenizer), Stats(load_s=self.engine.loaded.load_seconds))
+        stop = functools.partial(self.must_stop, job)
         try:
-            emit(self.generate(job, emit))
-        except ApiError as err:
-            emit(Failed(err))
-        except LlavaError as err:
-            emit(Failed(api_error_from(err)))
-        except Exception as err:  # a bug or a broken model: report it, keep serving
-            log(f"generation failed: {type(err).__name__}: {err}")
-            emit(Failed(ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error")))
+            if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
+                return self.stopped(answer)
+            prompt, answer.stats.dropped_turns = self.engine.fit(job.conversation, job.settings, stop)
+            if stop():
+                return self.stopped(answer)
+            answer.sequence = self.batch.admit(prompt, job.settings, self.engine.token_budget(prompt, job.settings))
+        except Stopped:
+            return self.stopped(answer)
+        except Exception as err:
+            return self.end(answer, failure(err))
         finally:
-            self.waiting.pop(job.id, None)
-            # The preprocessed-image memo pays off within one chat, but a server sees endless
-            # images: keep it from growing without bound (the KV cache of the chat stays).
+            # The preprocessed-image memo pays off within one chat, but a server sees endless images:
+            # keep it from growing without bound (the pool keeps the KV caches of recent answers).
             self.engine.vision.clear()
             if job.images:
                 job.release()
                 give_memory_back()
+        answer.stats.prompt_tokens, answer.stats.cached_tokens = len(prompt.ids), answer.sequence.cached_tokens
+        answer.stats.ttft_s = time.perf_counter() - answer.started
+        self.answers.append(answer)
+        self.send(answer)
 
-    def generate(self, job: Job, emit: Callable[[Item], None]) -> Finished:
-        stop = functools.partial(self.must_stop, job)
-        if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
-            return self.stopped(0, job)
-        sent = 0
-        with contextlib.closing(self.engine.generate(job.conversation, job.settings, stop)) as events:
-            for event in events:
-                if stop():
-                    break
-                if isinstance(event, Done):
-                    return Finished(event.stats)
-                emit(event.text)
-                sent += 1
-        return self.stopped(sent, job)  # the engine ends without `Done` only when told to stop
+    def step(self) -> None:
+        """One token for every answer in the batch, sent to its client; the answers that ended are finished."""
+        try:
+            self.batch.step()
+        except Exception as err:  # the batch has emptied itself: every answer in it failed
+            failed, self.answers = self.answers, []
+            for answer in failed:
+                self.end(answer, failure(err))
+            return
+        for answer in list(self.answers):
+            self.send(answer)
 
-    def stopped(self, sent: int, job: Job) -> Finished:
+    def send(self, answer: Answer) -> None:
+        """Emit the text of the answer's new tokens (a stream's as they come, a plain answer's once
+        it has ended: every item wakes the event loop); once it has ended, its figures."""
+        row = answer.sequence.row
+        for token in row.tokens[len(answer.stream.ids) :]:
+            if (chunk := answer.stream.push(token)) and answer.job.stream:
+                answer.emit(chunk)
+                answer.sent += 1
+        if not row.finish_reason:
+            return
+        tail = answer.stream.finish()
+        if not answer.job.stream:
+            tail = answer.stream.text  # the whole answer, at once
+        if tail:
+            answer.emit(tail)
+        self.answers.remove(answer)
+        self.end(answer, Finished(self.figures(answer)))
+
+    def figures(self, answer: Answer) -> Stats:
+        stats, row = answer.stats, answer.sequence.row
+        stats.completion_tokens, stats.finish_reason = len(row.tokens), row.finish_reason
+        stats.seconds = time.perf_counter() - answer.started
+        decode_seconds = stats.seconds - stats.ttft_s
+        stats.tokens_per_s = (stats.completion_tokens - 1) / decode_seconds if stats.completion_tokens > 1 else 0.0
+        stats.peak_memory_mb = self.engine.peak_memory_mb()
+        return stats
+
+    def end(self, answer: Answer, item: Finished | Failed) -> None:
+        self.waiting.pop(answer.job.id, None)
+        answer.emit(item)
+
+    def stopped(self, answer: Answer) -> None:
         reason = "the server is shutting down" if self.stopping.is_set() else "the client disconnected"
-        log(f"stopped an answer after {sent} chunk(s): {reason}")
-        return Finished(None)
+        log(f"stopped an answer after {answer.sent} chunk(s): {reason}")
+        self.end(answer, Finished(None))
 
     def must_stop(self, job: Job) -> bool:
         return job.cancelled.is_set() or self.stopping.is_set()
@@ -127,11 +225,21 @@ class Worker:
             emit(Finished(None))
 
     def stop(self) -> bool:
-        """Stop, waiting SHUTDOWN_GRACE_S at most for the job in hand; True if the thread ended."""
+        """Stop, waiting SHUTDOWN_GRACE_S at most for the step in hand; True if the thread ended."""
         self.abandon()
         self.jobs.put(None)
         self.thread.join(SHUTDOWN_GRACE_S)
         return not self.thread.is_alive()
+
+
+def failure(err: Exception) -> Failed:
+    """What a client is told of an error while answering it."""
+    if isinstance(err, ApiError):
+        return Failed(err)
+    if isinstance(err, LlavaError):
+        return Failed(api_error_from(err))
+    log(f"generation failed: {type(err).__name__}: {err}")  # a bug or a broken model: report it, keep serving
+    return Failed(ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error"))
 
 
 def give_memory_back() -> None:

@@ -29,6 +29,7 @@ DEFAULT_SERVER_HOST = "127.0.0.1"  # llava serve: this machine only unless --hos
 DEFAULT_SERVER_PORT = 8700  # clear of vLLM's 8000, llama.cpp's 8080 and Ollama's 11434
 DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images included
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive within this (slow-body clients)
+DEFAULT_CACHE_MB = 1024  # llava serve: KV caches of recent answers kept for clients resending their history (a 7B chat: ~0.5 MB/token)
 # --compile's static cache holds empty and stale slots that only an attention mask hides.
 COMPILE_ATTENTION_REASON = "flash-attention 2 would attend over the static cache's empty and stale slots"
 

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -267,7 +268,7 @@ def test_a_fifo_or_dev_zero_in_the_allowed_folder_gets_400_at_once(tiny_loaded, 
 
 def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(tiny_loaded, settings):
     engine = Engine(tiny_loaded)
-    worker = Worker(engine, Guard(ServeOptions(host="127.0.0.1", port=0)))
+    worker = Worker(engine, Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2, cache_bytes=0)
     conversation = Conversation(turns=[Turn(text=f"question {i}", answer=f"answer {i}") for i in range(300)] + [Turn(text="now?")])
     job = Job(conversation=conversation, settings=Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=128))
     encode, forwards = engine.encode, []
@@ -277,25 +278,27 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
         return encode(talk)
 
     engine.encode = encode_then_hang_up
-    engine.run = lambda *args: forwards.append(args)
-    items = []
+    worker.batch.admit = lambda *args: forwards.append(args)  # where a job reaches the model
+    items = queue.SimpleQueue()
     try:
-        worker.run(job, items.append)
+        worker.jobs.put((job, items.put))
+        assert items.get(timeout=30) == Finished(None)
     finally:
         worker.stop()
-    assert items == [Finished(None)] and forwards == []
+    assert forwards == []
 
 
 def test_a_job_queued_behind_another_is_dropped_when_its_client_leaves(tiny_loaded, settings):
-    worker = Worker(Engine(tiny_loaded), Guard(ServeOptions(host="127.0.0.1", port=0)))
+    worker = Worker(Engine(tiny_loaded), Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2, cache_bytes=0)
     job = Job(conversation=Conversation(turns=[Turn(text="hi")]), settings=settings)
     job.cancelled.set()
-    items = []
+    items = queue.SimpleQueue()
     try:
-        worker.run(job, items.append)
+        worker.jobs.put((job, items.put))
+        assert items.get(timeout=30) == Finished(None)
     finally:
         worker.stop()
-    assert items == [Finished(None)] and job.conversation.pending
+    assert items.empty() and job.conversation.pending
 
 
 def test_a_request_with_images_does_not_keep_them(app, settings, images):

@@ -1,0 +1,203 @@
+"""The running decode batch of `llava serve`: answers prefilled alone, then decoded together.
+
+Continuous batching as text-generation-inference's `CausalLMBatch` and mlx-lm's `BatchGenerator`
+do it (transformers' own continuous batching takes no images yet):
+
+- `admit(prompt, settings, budget) -> Sequence` prefills one prompt ALONE (its images, its own
+  length), starting from a copy of the longest reusable prefix the `PrefixPool` holds, and picks
+  its first token. Unless that token ends it, the sequence then joins the batch: the shorter of
+  the two caches is padded on the left to the other's length and the rows are stacked
+  (kvrows.py), so every row's tokens stay flush right and all rows take their next token in the
+  same step.
+- `step() -> list[Sequence]` runs one forward for every row: each row's newest token, at the
+  row's own position (its count of cached tokens), under a mask that hides the row's padding
+  columns; then each row picks its token with its own `Sampler` (its settings, its seeded
+  generator: decoding.py). Rows that end (end-of-sequence, budget spent) leave, and are returned.
+- `remove(sequence)` takes a row out at once (its client left); `clear()` empties the batch.
+
+A row that leaves is selected out (`batch_select_indices`); then the padding columns that no row
+needs any more are dropped, so memory follows the live rows. A row that ends (not one removed)
+gives its cache, padding cut off, to the pool, for a client that sends the history again.
+
+Greedy answers are the ones the prompt gets alone (`Engine.generate`, plain `generate`): padding
+is masked and positions are per row; seeded sampled answers too, each row drawing from its own
+generator. Out of memory in `admit` raises `ResourceError` and leaves the batch as it was; in
+`step` it empties the batch and the pool, then raises `ResourceError`; any failure in `step`
+empties the batch (every row has failed).
+The caller owns the threading: one thread uses a `DecodeBatch`.
+
+`rows_that_fit(engine, window, reserved_bytes)` is `llava serve`'s default `--max-batch`: on a CPU
+CPU_MAX_BATCH; on CUDA as many rows as GPU_MEMORY_SHARE of the free memory holds (less the
+`--cache-mb` budget) when every row fills the whole context window (KV bytes per token x window),
+between 1 and MAX_BATCH_LIMIT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llava_cli.decoding import PaddedBatch, Row, Sampler, forward
+from llava_cli.engine import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
+from llava_cli.errors import ResourceError
+from llava_cli.kvrows import columns, drop_left, merged, rows_of
+from llava_cli.prefixpool import PrefixPool
+from llava_cli.settings import Settings
+
+CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
+MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
+GPU_MEMORY_SHARE = 0.8  # of the free memory after loading; the rest for activations (prefill, logits) and the allocator
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One answer in the batch: its prompt, sampler and progress, and how many of its tokens are cached."""
+
+    prompt_ids: list[int]
+    images: list[tuple[str, tuple[int, int]]]  # the prompt's images as `image_keys` gives them (not the pictures: they are dropped)
+    sampler: Sampler
+    row: Row
+    cached_tokens: int  # the prompt's tokens that came from the pool
+    length: int  # tokens of this answer in the KV cache: its next position
+    source: int | None  # the key of the pool entry whose conversation it continues, which its own cache replaces there
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return (self.prompt_ids + self.row.tokens)[: self.length]
+
+
+class DecodeBatch:
+    def __init__(self, engine: Engine, pool: PrefixPool) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.pool = pool
+        self.sequences: list[Sequence] = []  # in batch order
+        self.cache: Any = None  # rows in batch order, `width` columns
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def width(self) -> int:
+        return columns(self.cache) if self.sequences else 0
+
+    def admit(self, prompt: Prompt, settings: Settings, budget: int) -> Sequence:
+        """Prefill `prompt` (with at least one token of `budget`) alone, pick its first token, join the batch."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                cache, keep, source = self.pool.start(prompt)
+                new = prompt.ids[keep:]
+                alone = PaddedBatch(
+                    torch.tensor([new], device=self.model.device), None,
+                    torch.arange(keep, len(prompt.ids), device=self.model.device).unsqueeze(0),
+                )
+                logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))[0]
+                sampler = Sampler(settings, self.engine.loaded.device)
+                sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget), keep, len(prompt.ids), source)
+                sequence.row.take(sequence.sampler.pick(logits), self.engine.eos_ids)
+                if sequence.row.finish_reason:
+                    self.give_to_pool(sequence, cache, 0)
+                else:
+                    self.cache = merged(self.cache, cache) if self.sequences else cache
+                    self.sequences.append(sequence)
+        except torch.OutOfMemoryError:
+            self.free_memory()
+            raise ResourceError(OUT_OF_MEMORY) from None
+        return sequence
+
+    def step(self) -> list[Sequence]:
+        """One token for every row; the rows that ended, which have left the batch."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                logits = forward(self.model, self.cache, self.next_inputs(), {})
+                for sequence in self.sequences:
+                    sequence.length += 1
+                greedy = logits.argmax(dim=-1).tolist()
+                for place, sequence in enumerate(self.sequences):
+                    token = greedy[place] if sequence.sampler.settings.greedy else sequence.sampler.pick(logits[place])
+                    sequence.row.take(token, self.engine.eos_ids)
+                ended = [sequence for sequence in self.sequences if sequence.row.finish_reason]
+                for sequence in ended:
+                    self.give_to_pool(sequence, self.cache, self.sequences.index(sequence))
+                self.leave(ended)
+        except torch.OutOfMemoryError:
+            self.clear()
+            self.free_memory()
+            raise ResourceError(OUT_OF_MEMORY) from None
+        except BaseException:
+            self.clear()  # a forward that failed halfway may have grown only some layers
+            raise
+        return ended
+
+    def next_inputs(self) -> PaddedBatch:
+        """Each row's newest token at its own position, the mask hiding each row's padding columns."""
+        import torch
+
+        device = self.model.device
+        lengths = torch.tensor([sequence.length for sequence in self.sequences], device=device).unsqueeze(1)
+        width = self.width + 1  # the columns after this step
+        mask = (torch.arange(width, device=device).unsqueeze(0) >= width - 1 - lengths).long()
+        tokens = torch.tensor([sequence.row.tokens[-1] for sequence in self.sequences], device=device).unsqueeze(1)
+        return PaddedBatch(tokens, mask, lengths)
+
+    def give_to_pool(self, sequence: Sequence, cache: Any, place: int) -> None:
+        """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool."""
+        if self.pool.budget_bytes:
+            kv = rows_of(cache, place, columns(cache) - sequence.length)
+            self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
+
+    def remove(self, sequence: Sequence) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.leave([sequence])
+
+    def leave(self, leaving: list[Sequence]) -> None:
+        """Select the other rows, then drop the padding columns no row needs any more."""
+        if not leaving:
+            return
+        import torch
+
+        staying = [place for place, sequence in enumerate(self.sequences) if sequence not in leaving]
+        self.sequences = [self.sequences[place] for place in staying]
+        if not self.sequences:
+            self.cache = None
+            return
+        self.cache.batch_select_indices(torch.tensor(staying, device=self.model.device))
+        if unneeded := self.width - max(sequence.length for sequence in self.sequences):
+            drop_left(self.cache, unneeded)
+
+    def clear(self) -> None:
+        self.sequences, self.cache = [], None
+
+    def free_memory(self) -> None:
+        """After running out: the pool's caches and the allocator's idle blocks go back to the device."""
+        self.pool.clear()
+        self.engine.vision.clear()
+        if self.engine.loaded.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def rows_that_fit(engine: Engine, window: int, reserved_bytes: int) -> int:
+    """The default --max-batch (module docstring): rows whose worst-case KV cache fits the device."""
+    if engine.loaded.device != "cuda":
+        return CPU_MAX_BATCH
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    per_row = kv_bytes_per_token(engine.model) * window
+    return max(1, min(MAX_BATCH_LIMIT, int((free * GPU_MEMORY_SHARE - reserved_bytes) // per_row)))
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Keys and values of one token in every decoder layer, in the model's dtype."""
+    text = model.config.text_config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * model.dtype.itemsize

@@ -1,0 +1,72 @@
+"""`llava serve`'s prefix caches: the KV caches of recent answers, for clients that resend a growing history.
+
+Contract: `PrefixPool(budget_bytes)` holds entries, each a one-row cache (kvrows.py) with exactly
+the token ids and image keys it holds (engine.py's `PrefixCache`), within `budget_bytes` (the
+`--cache-mb` budget; 0 keeps nothing), least recently used out.
+
+- `start(prompt) -> (cache, keep, source)`: a new cache holding the first `keep` tokens of
+  `prompt`, copied from the entry that holds the longest reusable prefix
+  (`PrefixCache.reusable_prefix`: never splitting an image, never trusting an image whose content
+  changed, always leaving a token to run); or an empty cache and 0. The entry itself is never
+  handed out, so what one answer does to its cache cannot change another's. `source` is that
+  entry's key when `prompt` continues its conversation (holds all of the entry's prompt: a chat's
+  next turn), else None.
+- `keep(entry, prompt_tokens, replaces)`: store a finished answer's cache (its `prompt_tokens`
+  prompt tokens then its answer's, no padding) in place of the entry with key `replaces` and of
+  the entries whose tokens and images it extends, so a chat holds one entry, not one per turn.
+  Chats that only share a beginning (the prompt format, a system prompt) keep their own entries.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from llava_cli.engine import Prompt, PrefixCache
+from llava_cli.kvrows import nbytes, new_cache, prefix_of
+
+
+@dataclass
+class Held:
+    entry: PrefixCache
+    size: int  # bytes
+    prompt_tokens: int  # the entry's tokens that were its prompt; the rest were its answer
+
+
+class PrefixPool:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.entries: dict[int, Held] = {}  # by key, least recently used first
+        self.keys = itertools.count()  # a key, not the entry, names a source: an answer must not keep an evicted cache alive
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(held.size for held in self.entries.values())
+
+    def start(self, prompt: Prompt) -> tuple[Any, int, int | None]:
+        best, keep = None, 0
+        for key, held in self.entries.items():
+            if (reusable := held.entry.reusable_prefix(prompt)) > keep:
+                best, keep = key, reusable
+        if best is None:
+            return new_cache(), 0, None
+        held = self.entries[best] = self.entries.pop(best)  # now the most recently used
+        return prefix_of(held.entry.kv, keep), keep, best if keep >= held.prompt_tokens else None
+
+    def keep(self, entry: PrefixCache, prompt_tokens: int, replaces: int | None = None) -> None:
+        size = nbytes(entry.kv)
+        if size > self.budget_bytes:
+            return
+        self.entries = {key: held for key, held in self.entries.items() if key != replaces and not extends(entry, held.entry)}
+        self.entries[next(self.keys)] = Held(entry, size, prompt_tokens)
+        while self.held_bytes > self.budget_bytes:
+            del self.entries[next(iter(self.entries))]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def extends(new: PrefixCache, old: PrefixCache) -> bool:
+    """Whether `new` holds all that `old` holds: its tokens and images first."""
+    return new.ids[: len(old.ids)] == old.ids and new.images[: len(old.images)] == old.images
