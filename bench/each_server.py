@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -30,10 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batch_throughput import write_pictures  # noqa: E402
-from bench_model import build_bench_checkpoint  # noqa: E402
-from server_loop import start_server  # noqa: E402
-from tiny_checkpoint import build_checkpoint  # noqa: E402  (bench_model put tests/ on the path)
+from server_loop import prepare_run, start_server  # noqa: E402
 
 PROMPT = "what is in this image? describe the picture in detail"
 
@@ -60,11 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model = args.model or str((build_checkpoint if args.tiny else build_bench_checkpoint)(folder / "model"))
-        pictures = write_pictures(folder / "pictures", args.images)
-        runtime = folder / "run"
-        env = {**os.environ, "LLAVA_RUNTIME_DIR": str(runtime), "LLAVA_HOME": tmp, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        model, pictures, runtime, env = prepare_run(args, Path(tmp), args.images)
 
         local_s, local_answers = each_run(model, pictures, args.max_new_tokens, env, "--no-server")
         server, start_s = start_server(model, args.max_new_tokens, env, runtime)

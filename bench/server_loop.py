@@ -59,6 +59,15 @@ def start_server(model: str, max_new_tokens: int, env: dict[str, str], runtime: 
     return server, time.perf_counter() - started
 
 
+def prepare_run(args: argparse.Namespace, folder: Path, count: int) -> tuple[str, list[Path], Path, dict[str, str]]:
+    """In `folder`: the model (--model, or built: --tiny for the tests' model), `count` pictures, the
+    server's runtime folder, and an environment that keeps llava-cli's files inside `folder`."""
+    model = args.model or str((build_checkpoint if args.tiny else build_bench_checkpoint)(folder / "model"))
+    runtime = folder / "run"
+    env = {**os.environ, "LLAVA_RUNTIME_DIR": str(runtime), "LLAVA_HOME": str(folder), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    return model, write_pictures(folder / "pictures", count), runtime, env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder or hub id (default: build the CPU benchmark model)")
@@ -68,11 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model = args.model or str((build_checkpoint if args.tiny else build_bench_checkpoint)(folder / "model"))
-        pictures = write_pictures(folder / "pictures", args.calls)
-        runtime = folder / "run"
-        env = {**os.environ, "LLAVA_RUNTIME_DIR": str(runtime), "LLAVA_HOME": tmp, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        model, pictures, runtime, env = prepare_run(args, Path(tmp), args.calls)
 
         cold_s, cold_answers = ask_loop(model, pictures, args.max_new_tokens, {**env, "LLAVA_NO_SERVER": "1"})
         server, start_s = start_server(model, args.max_new_tokens, env, runtime)
