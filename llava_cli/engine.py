@@ -219,14 +219,10 @@ class Engine:
             if chunk := stream.push(token):
                 yield TextChunk(chunk)
         self.say_notes(settings)
-        stats.completion_tokens, stats.finish_reason = len(row.tokens), row.finish_reason
         if tail := stream.finish():
             yield TextChunk(tail)
         conversation.answer(stream.text)
-        stats.seconds = time.perf_counter() - started
-        decode_seconds = stats.seconds - stats.ttft_s
-        stats.tokens_per_s = (stats.completion_tokens - 1) / decode_seconds if stats.completion_tokens > 1 else 0.0
-        stats.peak_memory_mb = self.peak_memory_mb()
+        stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - started, self.peak_memory_mb())
         yield Done(stats)
 
     def generate_batch(self, prompts: list[Prompt], settings: Settings) -> list[BatchAnswer]:

@@ -198,13 +198,9 @@ class Worker:
         self.end(answer, Finished(self.figures(answer)))
 
     def figures(self, answer: Answer) -> Stats:
-        stats, row = answer.stats, answer.sequence.row
-        stats.completion_tokens, stats.finish_reason = len(row.tokens), row.finish_reason
-        stats.seconds = time.perf_counter() - answer.started
-        decode_seconds = stats.seconds - stats.ttft_s
-        stats.tokens_per_s = (stats.completion_tokens - 1) / decode_seconds if stats.completion_tokens > 1 else 0.0
-        stats.peak_memory_mb = self.engine.peak_memory_mb()
-        return stats
+        row = answer.sequence.row
+        answer.stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
+        return answer.stats
 
     def end(self, answer: Answer, item: Finished | Failed) -> None:
         self.waiting.pop(answer.job.id, None)

@@ -33,6 +33,14 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
+    def end(self, completion_tokens: int, finish_reason: str, seconds: float, peak_memory_mb: float) -> None:
+        """Fill in the figures known when the answer ends (`seconds` since it started, `ttft_s` already set).
+        The decode rate counts the tokens after the first, which `ttft_s` already paid for."""
+        self.completion_tokens, self.finish_reason = completion_tokens, finish_reason
+        self.seconds, self.peak_memory_mb = seconds, peak_memory_mb
+        decode_seconds = seconds - self.ttft_s
+        self.tokens_per_s = (completion_tokens - 1) / decode_seconds if completion_tokens > 1 else 0.0
+
 
 def stats_line(figures: dict[str, Any]) -> str:
     """One line of an answer's figures (`Stats.as_dict()`), as `--verbose` shows them on stderr."""
