@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import ContextError, InputError, LlavaError, UsageError
-from llava_cli.images import MAX_IMAGE_SIDE, ImageRef, image_from_bytes, load_image
+from llava_cli.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, ImageRef, image_from_bytes, refuse_video
 from llava_cli.options import REQUEST_FIELDS
 from llava_cli.serveguard import Guard, MediaRefused
 from llava_cli.servelog import log_detail
@@ -266,7 +266,9 @@ class PendingImage:
         url = self.url
         path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
         try:
-            return load_image(guard.local_media(path), max_pixels)
+            refuse_video(path, path)
+            real, data = guard.local_media(path, MAX_IMAGE_BYTES)
+            return dataclasses.replace(image_from_bytes(data, real, max_pixels), path=real)
         except (MediaRefused, InputError) as err:
             log_detail(f"{self.where}: refused the local image {path!r}: {err}")
             raise InputError(LOCAL_IMAGE_REFUSED) from None

@@ -11,7 +11,10 @@ Another local user could plant a file pointing at a server of theirs, which woul
 the user's images and prompts. So a discovery file is trusted only when the folder and the file
 both belong to the current user and nobody else may write to them, the file is a regular file
 (not a link) of at most MAX_RECORD_BYTES, and its url is http:// on a loopback address; anything
-else is skipped and reported through `notify`. The folder is created 0700 whatever the umask.
+else is skipped and reported through `notify`. The folder is created 0700 whatever the umask, and
+written only when it is ours (safeio's `make_private_dir`: another user's `llava-cli` folder, or a
+symlink in its place, in a shared XDG_RUNTIME_DIR is refused); the file goes in under a random
+temporary name (safeio's `write_private_file`), never through a name someone could plant.
 
 Location: `$LLAVA_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/llava-cli`, else `~/.cache/llava-cli/run`.
 """
@@ -25,7 +28,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from llava_cli.safeio import FileTooLarge, NotPrivate, NotRegularFile, make_private_dir, private_folder, read_regular
+from llava_cli.safeio import FileTooLarge, NotPrivate, NotRegularFile, private_folder, read_regular, write_private_file
 
 MAX_RECORD_BYTES = 64 * 1024  # a record is about 200 bytes
 LOOPBACK_NAMES = ("localhost",)
@@ -46,14 +49,12 @@ def model_key(model: str) -> str:
 
 
 def write_server_file(url: str, model: str) -> Path:
-    """Announce this process's server; returns the file to remove at shutdown."""
-    folder = make_private_dir(runtime_dir())
+    """Announce this process's server; returns the file to remove at shutdown.
+
+    Raises OSError (`NotPrivate` when the folder is not ours) and writes nothing when it cannot."""
     record = {"url": url, "model": model, "model_key": model_key(model), "pid": os.getpid()}
-    path = folder / f"server-{os.getpid()}.json"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record), encoding="utf-8")
-    temporary.chmod(0o600)
-    temporary.replace(path)  # atomic: a reader never sees half a file
+    path = runtime_dir() / f"server-{os.getpid()}.json"
+    write_private_file(path, json.dumps(record).encode("utf-8"))  # atomic: a reader never sees half a file
     return path
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.commands import command_names, find
-from llava_cli.safeio import NotPrivate, NotRegularFile, make_private_dir, open_regular, private_folder
+from llava_cli.safeio import NotPrivate, NotRegularFile, make_private_dir, open_regular
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -145,8 +145,7 @@ def history_at(path: Path, notify: Callable[[str], None] = lambda message: None)
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     try:
-        make_private_dir(path.parent)
-        private_folder(path.parent)
+        make_private_dir(path.parent)  # refuses a folder that is a link, another user's or writable by others
         check_private_history(path)
     except (NotRegularFile, NotPrivate) as err:
         notify(f"input history is kept for this session only: {err.filename}: {err.strerror}")

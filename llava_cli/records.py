@@ -9,6 +9,9 @@ file), so a run that is interrupted or killed never loses a finished answer and 
 half-written line behind it - except if it dies inside that very write, and a half line at the
 end of the file is cut off when the file is opened again. `RecordFile` reads an existing file
 before appending: the images it already answered for the same prompt are skipped by the caller.
+The file is opened once, through safeio's `open_output` (never through a symlink, never a FIFO or
+device, never another user's file or a hard link to one, at most MAX_OUTPUT_BYTES read back), and
+read, cut and appended to through that one descriptor.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from llava_cli.errors import UsageError
 from llava_cli.output import json_line
+from llava_cli.safeio import open_output, write_all
 
 
 def answer_record(answer: str, model: str, images: list[str], session: str | None, figures: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +35,7 @@ def answer_record(answer: str, model: str, images: list[str], session: str | Non
 # The keys of every batch record, in this order, each always present (null when it does not apply).
 RECORD_KEYS = ("image", "prompt", "answer", "error", "model", "prompt_tokens", "completion_tokens", "seconds", "finish_reason")
 RECORD_START = b'{"image":'  # how every line we write begins: recognises our own half-written line
+MAX_OUTPUT_BYTES = 256 * 2**20  # read back to resume: a few hundred bytes a record, so about a million images
 
 
 def make_record(image: str, prompt: str, model: str, **fields: Any) -> dict[str, Any]:
@@ -45,11 +50,15 @@ class RecordFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.done = read_answered(path)
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.fd, content = open_output(path, MAX_OUTPUT_BYTES)
         except OSError as err:
-            raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+            raise UsageError(f"cannot write {path}: {err.strerror or err}; choose another -o") from None
+        try:
+            self.done = answered_in(content, self.fd, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def answered(self, image: str, prompt: str) -> bool:
         """True when the file already holds an answer (not an error) for this image and prompt.
@@ -57,25 +66,17 @@ class RecordFile:
         return image != "-" and (image, prompt) in self.done
 
     def write(self, record: dict[str, Any]) -> None:
-        data = memoryview(json_line(record))
-        while data:  # os.write may write less than asked (a full disk); finish the line
-            data = data[os.write(self.fd, data) :]
+        write_all(self.fd, json_line(record))  # one line, finished even when os.write writes less (a full disk)
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def read_answered(path: Path) -> set[tuple[str, str]]:
-    """(image, prompt) of every answered record in `path`; cut off a half-written last line.
+def answered_in(data: bytes, fd: int, path: Path) -> set[tuple[str, str]]:
+    """(image, prompt) of every answered record in `data`, the content of `fd`; cut a half-written last line off it.
 
     Refuses (UsageError) a file that is not ours, so `-o` cannot damage an unrelated file.
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return set()
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
     complete, _, partial = data.rpartition(b"\n")
     done = set()
     for number, line in enumerate(complete.splitlines(), start=1):
@@ -89,7 +90,7 @@ def read_answered(path: Path) -> set[tuple[str, str]]:
     if partial:
         if not partial.startswith(RECORD_START):
             raise UsageError(f"{path} is not a llava JSON-lines file (its last line is not a record); choose another -o")
-        os.truncate(path, len(complete) + 1 if complete else 0)  # a run died mid-line: redo that image
+        os.ftruncate(fd, len(complete) + 1 if complete else 0)  # a run died mid-line: redo that image
     return done
 
 

@@ -14,9 +14,11 @@ then answers, for each request, with a `Refusal` (HTTP status, message, error co
   form or `text/plain` POST, which browsers send without asking, is never parsed.
 - Local files: an `image_url` that is a path (or `file://` URL) is read only when
   `--allowed-local-media-path DIR` is given and the path, with every symlink resolved, lies inside
-  DIR; `local_media(path)` returns the resolved path or raises `MediaRefused` with one message
-  for every reason (outside DIR, missing, not a file...), so a client learns nothing about the
-  server's disk. Reading itself goes through images.py's hardened reader.
+  DIR; `local_media(path, max_bytes)` returns the real path and the bytes, or raises
+  `MediaRefused` with one message for every reason (outside DIR, missing, not a file...), so a
+  client learns nothing about the server's disk. The file is opened once and where the *opened*
+  file lies is what is checked, then read from that same descriptor (safeio's `read_within`):
+  swapping a file for a symlink between a check and the read cannot reach outside DIR (CWE-367).
 
 The API key can come from `--api-key-file` (read with safeio's hardened reader), LLAVA_API_KEY or
 `--api-key`; the last is visible to every local user in `ps`, so the help says to prefer the others.
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_cli.errors import UsageError
-from llava_cli.safeio import read_regular
+from llava_cli.safeio import read_regular, read_within
 from llava_cli.settings import DEFAULT_CACHE_MB, DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
@@ -131,14 +133,14 @@ class Guard:
             return False
         return True
 
-    def local_media(self, path: str) -> str:
-        """The real path of an image file the client may have read; `MediaRefused` otherwise (see module docstring)."""
+    def local_media(self, path: str, max_bytes: int) -> tuple[str, bytes]:
+        """(real path, bytes) of a file the client may have read; `MediaRefused` otherwise (see module docstring)."""
         if self.media_root is None:
             raise MediaRefused("reading local files is off (no --allowed-local-media-path)")
-        real = Path(os.path.realpath(Path(path).expanduser()))
-        if not real.is_relative_to(self.media_root):
-            raise MediaRefused(f"{real} is outside {self.media_root}")
-        return str(real)
+        try:
+            return read_within(Path(path).expanduser(), self.media_root, max_bytes)
+        except OSError as err:
+            raise MediaRefused(err.strerror or str(err)) from None
 
 
 def host_name(header: str) -> str:

@@ -47,6 +47,7 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from llava_cli.discovery import remove_server_file, write_server_file
@@ -94,17 +95,27 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     sock = bind(options.host, options.port)
     service = Service(load_engine(settings), settings, options)
     url = local_url(sock)
-    announced = write_server_file(url, settings.model)
+    announced = announce(url, settings.model)
     try:
         log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}, "
             f"up to {service.worker.max_batch} answers at once; Ctrl-C stops")
         code = serve_until_signal(service, sock, settings.verbose)
     finally:
-        remove_server_file(announced)
+        if announced is not None:
+            remove_server_file(announced)
         finished = service.worker.stop()
     if not finished:  # the engine is inside one long forward, and checks for the stop only between steps
         log("the answer in progress did not stop in time; exiting without it")
     return code
+
+
+def announce(url: str, model: str) -> Path | None:
+    """Write the discovery file for `ask` and `chat`; when its folder is not ours, serve unannounced, saying why."""
+    try:
+        return write_server_file(url, model)
+    except OSError as err:
+        log(f"not announced to llava ask/chat on this machine: cannot write in {err.filename or 'the runtime folder'}: {err.strerror or err}")
+        return None
 
 
 def serve_until_signal(service: Service, sock: socket.socket, verbose: bool) -> int:

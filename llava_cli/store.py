@@ -10,10 +10,12 @@ Format (version 1), documented in README.md ("Saved conversations"):
      "turns": [{"user", "images": [{"name", "path", "sha256"}], "assistant", "answered_at"}]}
 Times are ISO 8601 UTC; `path` is absolute (null for an image read from stdin).
 
-Writes are atomic (a 0600 temp file `.ID.json.PID.*.tmp` in the same folder, fsync, `os.replace`),
-so a crash or Ctrl-C leaves the old file or the new one, never half of one; temp files left by a
-process that was killed are removed when the next store opens. The folders are 0700 whatever the
-umask. Reading a file that is not valid JSON, not this format or from an unknown version raises
+Writes are atomic (a 0600 temp file `.ID.json.PID.*.tmp` with a random part, created O_EXCL in the
+same folder, fsync, rename: safeio's `write_private_file`), so a crash or Ctrl-C leaves the old file
+or the new one, never half of one; temp files left by a process that was killed are removed when
+the next store opens. The folders are 0700 whatever the umask, and a `sessions` folder that is a
+symlink, another user's or writable by others is refused (`NotPrivate`, an OSError: the
+conversation is not saved there, and the front-end says so in one line). Reading a file that is not valid JSON, not this format or from an unknown version raises
 `SessionError` and never changes the file.
 
 Session files are untrusted input (they can be edited, planted or shared): they are read through
@@ -32,7 +34,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -46,7 +47,7 @@ from llava_cli.discovery import process_alive
 from llava_cli.errors import InputError, SessionError, one_line
 from llava_cli.images import ImageRef
 from llava_cli.options import OPTIONS, SAVED
-from llava_cli.safeio import FileTooLarge, NotRegularFile, make_private_dir, read_regular
+from llava_cli.safeio import FileTooLarge, NotRegularFile, private_folder, read_regular, write_private_file
 from llava_cli.settings import Settings
 
 APP_NAME = "llava-cli"
@@ -54,7 +55,7 @@ FORMAT = "llava-cli-conversation"
 VERSION = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # ids and names: never a path
 MAX_SESSION_BYTES = 32 * 1024 * 1024  # text only (images are referenced): far beyond any real conversation
-TEMP_FILE = re.compile(r"\..+\.json\.(\d+)\..*\.tmp")  # write_atomic's temp files, with the writer's pid
+TEMP_FILE = re.compile(r"\..+\.json\.(\d+)\..*\.tmp")  # safeio.write_private_file's temp files, with the writer's pid
 
 
 def data_dir() -> Path:
@@ -88,22 +89,6 @@ def shorten(text: str, width: int = 40) -> str:
 
 def utc_now() -> str:
     return iso_time(time.time())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` all at once; the file is readable by its owner only."""
-    make_private_dir(path.parent)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(temp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 @dataclass(frozen=True)
@@ -146,8 +131,10 @@ class SavedConversation:
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """Delete the temp files of saves whose process is gone (killed mid-save); others may be saving now."""
+    """Delete the temp files of saves whose process is gone (killed mid-save); others may be saving now.
+    Only in a folder of ours: through a planted symlink this would delete in someone else's folder."""
     with suppress(OSError):
+        private_folder(folder)
         for entry in os.scandir(folder):
             match = TEMP_FILE.fullmatch(entry.name)
             if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
@@ -257,7 +244,7 @@ class SessionStore:
                 return candidate
 
     def write(self, document: dict[str, Any], path: Path) -> Path:
-        write_atomic(path, json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+        write_private_file(path, (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
         return path
 
     def read(self, path: Path) -> SavedConversation:

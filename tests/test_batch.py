@@ -32,7 +32,7 @@ from llava_cli.engine import Engine
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import load_image
 from llava_cli.output import json_line
-from llava_cli.records import RECORD_KEYS, make_record, read_answered
+from llava_cli.records import RECORD_KEYS, RecordFile, make_record
 from llava_cli.settings import Settings
 from llava_cli.urls import fetch_image_url
 
@@ -254,6 +254,13 @@ def test_output_format_defaults():
 def record_line(image: str, answer: str | None = "an answer", prompt: str = PROMPT) -> str:
     error = None if answer is not None else "broken"
     return json.dumps({"image": image, "prompt": prompt, "answer": answer, "error": error}) + "\n"
+
+
+def read_answered(path: Path) -> set[tuple[str, str]]:
+    """What a rerun with `-o path` skips (opening the file cuts a half-written last line)."""
+    records = RecordFile(path)
+    records.close()
+    return records.done
 
 
 def test_resume_reads_answers_and_cuts_a_half_written_last_line(tmp_path):

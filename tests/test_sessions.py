@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 import os
 import re
 import shutil
@@ -28,7 +29,8 @@ from llava_cli.errors import SessionError
 from llava_cli.images import load_image
 from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SessionStore, write_atomic
+from llava_cli.safeio import write_private_file
+from llava_cli.store import Recorder, SessionStore
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
@@ -102,7 +104,7 @@ def test_a_failed_save_leaves_the_previous_file_intact_and_the_chat_going(llava_
     (path,) = saved_files(llava_home_dir)
     before = path.read_bytes()
 
-    def disk_full(*_):
+    def disk_full(*_, **__):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", disk_full)
@@ -116,14 +118,14 @@ def test_a_failed_save_leaves_the_previous_file_intact_and_the_chat_going(llava_
 
 def test_ctrl_c_in_the_middle_of_a_write_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "conversation.json"
-    write_atomic(path, "old")
+    write_private_file(path, b"old")
 
     def interrupted(_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        write_atomic(path, "new" * 1000)
+        write_private_file(path, b"new" * 1000)
     assert path.read_text() == "old"
     assert list(tmp_path.iterdir()) == [path]
 
@@ -134,10 +136,10 @@ def test_a_process_killed_while_saving_leaves_a_complete_file(tmp_path):
     path = tmp_path / "conversation.json"
     versions = ["A" * 3_000_000, "B" * 3_000_000]
     writer = (
-        "import sys; from pathlib import Path; from llava_cli.store import write_atomic\n"
+        "import sys; from pathlib import Path; from llava_cli.safeio import write_private_file\n"
         "path = Path(sys.argv[1]); print('ready', flush=True)\n"
         "while True:\n"
-        "    for text in ('A' * 3_000_000, 'B' * 3_000_000): write_atomic(path, text)\n"
+        "    for text in ('A' * 3_000_000, 'B' * 3_000_000): write_private_file(path, text.encode())\n"
     )
     for delay in (0.05, 0.2):
         process = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE)
@@ -289,7 +291,8 @@ def test_sessions_export_markdown_and_json(monkeypatch, two_saved, images):
     markdown = invoke(monkeypatch, "sessions", "export", "cats", "--format", "markdown").stdout
     red = images["red"]
     assert markdown.startswith(f"# Conversation {cats.session_id} (cats)\n\n- Model: `")
-    assert f"## 1. User\n\n![{red}](<{red.resolve()}>) <!-- sha256 {sha256(red)} -->\n\nWhat is in this picture?\n\n## 1. Assistant\n\nA red circle.\n" in markdown
+    link = urllib.parse.quote(str(red.resolve()))  # a path, percent-encoded: never a scheme (issue 28)
+    assert f"## 1. User\n\n![{red}]({link}) <!-- sha256 {sha256(red)} -->\n\nWhat is in this picture?\n\n## 1. Assistant\n\nA red circle.\n" in markdown
     assert markdown.endswith("## 2. User\n\nAnd the colour?\n\n## 2. Assistant\n\nRed.\n")
     exported = invoke(monkeypatch, "sessions", "export", "cats", "--format", "json").stdout
     assert json.loads(exported) == json.loads(cats.path.read_text())
