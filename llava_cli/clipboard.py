@@ -4,6 +4,9 @@ A clipboard tool is used when the session has one: `wl-copy` (Wayland), `xclip` 
 `pbcopy` (macOS), `clip.exe` (Windows, WSL). Otherwise, at a terminal, the text is sent with the
 OSC 52 escape sequence, which many terminals (also over SSH) put on the clipboard and others
 silently ignore; the message says so, since there is no way to know. With neither, `LlavaError`.
+
+What is copied is the text as the screen showed it: escape sequences, controls and the invisible
+characters terminal.py strips are left out, so a paste never carries what the reader did not see.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 from typing import IO
 
 from llava_cli.errors import LlavaError
+from llava_cli.terminal import safe_for_terminal
 
 # (environment variable that must be set, or None; the command that reads the text on stdin)
 CLIPBOARD_TOOLS: list[tuple[str | None, list[str]]] = [
@@ -28,7 +32,8 @@ TOOL_TIMEOUT_S = 5
 
 
 def copy_to_clipboard(text: str, terminal: IO[str] | None) -> str:
-    """Put `text` on the clipboard and say how; `terminal` (a tty or None) allows the OSC 52 fallback."""
+    """Put `text`, as shown, on the clipboard and say how; `terminal` (a tty or None) allows the OSC 52 fallback."""
+    text = safe_for_terminal(text)
     for variable, command in CLIPBOARD_TOOLS:
         if (variable is None or os.environ.get(variable)) and shutil.which(command[0]) and run_tool(command, text):
             return f"copied the last answer with {command[0]}"

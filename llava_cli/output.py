@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 from llava_cli.terminal import emit, shown
 
-LINE_BREAKS = re.compile(r"\s*[\r\n\t]+\s*")
+# Tabs, and everything `str.splitlines` or a terminal takes for the end of a line.
+LINE_BREAKS = re.compile(r"\s*[\r\n\t\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+\s*")
 
 
 class Writer(Protocol):
@@ -54,11 +55,12 @@ class TextWriter:
         pass  # the line ended with the answer, before it was saved (a failed save's warning follows it)
 
     def line(self, record: dict[str, Any], raw: bool) -> bytes | None:
-        """`IMAGE<TAB>ANSWER` on one line: breaks and tabs inside the answer become spaces."""
+        """`IMAGE<TAB>ANSWER` on one line: line breaks and tabs inside the image's name (a file may be
+        named so) and inside the answer become spaces, so neither can forge a field or a line."""
         if record["error"] is not None:
             return None
-        answer = LINE_BREAKS.sub(" ", record["answer"])
-        return (shown(f"{record['image']}\t{answer}", sys.stdout, raw) + "\n").encode("utf-8", "backslashreplace")
+        image, answer = one_field(record["image"]), one_field(record["answer"])
+        return (shown(f"{image}\t{answer}", sys.stdout, raw) + "\n").encode("utf-8", "backslashreplace")
 
 
 class JsonWriter:
@@ -72,6 +74,10 @@ class JsonWriter:
 
     def line(self, record: dict[str, Any], raw: bool) -> bytes | None:
         return json_line(record)
+
+
+def one_field(text: str) -> str:
+    return LINE_BREAKS.sub(" ", text)
 
 
 def end_line() -> None:

@@ -2,7 +2,9 @@
 
 Everything goes to stdout (escape sequences removed when it is a terminal); warnings about files
 that cannot be read go to stderr. `show --json` and `export --format json` print the file's
-document as stored; `export --format markdown` writes a Markdown transcript with image links.
+document as stored; `export --format markdown` writes a Markdown transcript with image links, each
+field encoded for its place by markdownsafe.py (a saved file is untrusted: no raw HTML, no
+`javascript:` or `data:` link, no forged heading survives; the rest of the answers' Markdown does).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import json
 import sys
 
+from llava_cli import markdownsafe as md
 from llava_cli.errors import UsageError
-from llava_cli.store import SavedConversation, SessionStore, describe_settings, parse_time, shorten
+from llava_cli.store import SavedConversation, SavedImage, SessionStore, describe_settings, parse_time, shorten
 from llava_cli.terminal import emit, one_line_text
 
 EXPORT_FORMATS = ("markdown", "json")
@@ -105,19 +108,27 @@ def transcript(saved: SavedConversation) -> str:
 
 def as_markdown(saved: SavedConversation) -> str:
     """A Markdown document of the conversation; images are links to the files they came from."""
+    name = f" ({md.text(saved.name)})" if saved.name else ""
     lines = [
-        f"# Conversation {saved.label}",
+        f"# Conversation {md.text(saved.id)}{name}",
         "",
-        f"- Model: `{saved.model}`",
-        f"- Created: {saved.created}; updated: {saved.updated}",
-        f"- Settings: {describe_settings(saved.settings, ', ')}",
+        f"- Model: {md.code(saved.model)}",
+        f"- Created: {md.text(saved.created)}; updated: {md.text(saved.updated)}",
+        f"- Settings: {md.text(describe_settings(saved.settings, ', '))}",
     ]
     if saved.system:
-        lines.append(f"- System: {saved.system}")
+        lines.append(f"- System: {md.text(saved.system)}")
     for number, turn in enumerate(saved.turns, 1):
         lines += ["", f"## {number}. User", ""]
         for image in turn.images:
-            link = f"![{image.name}](<{image.path}>)" if image.path else f"*(image {image.name}, not from a file)*"
-            lines += [f"{link} <!-- sha256 {image.sha256} -->", ""]
-        lines += [turn.user, "", f"## {number}. Assistant", "", turn.assistant]
+            lines += [image_line(image), ""]
+        lines += [md.message(turn.user), "", f"## {number}. Assistant", "", md.message(turn.assistant)]
     return "\n".join(lines)
+
+
+def image_line(image: SavedImage) -> str:
+    """An image as a link to its file (or a note when it came from stdin), with its sha256 in a comment."""
+    name = md.text(image.name)
+    link = f"![{name}]({md.file_link(image.path)})" if image.path else f"*(image {name}, not from a file)*"
+    digest = f" <!-- sha256 {image.sha256} -->" if md.is_sha256(image.sha256) else ""
+    return link + digest

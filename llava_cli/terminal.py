@@ -31,13 +31,24 @@ TERM_COLUMN = 28  # the widest left column of a `table`; longer terms put their 
 MIN_TEXT_COLUMNS = 40  # narrower than this beside the terms, each text goes below its term
 STACKED_INDENT = 6
 
+# Unicode characters that change how the text around them reads without showing themselves: bidi
+# marks, embeddings, overrides and isolates (Trojan Source, CVE-2021-42574), the line and paragraph
+# separators (a new line the reader of a log or a `splitlines` does not expect), and the invisible
+# format characters (zero-width space, word joiner, invisible operators, BOM, interlinear
+# annotations, tag characters that smuggle hidden text). ZWNJ and ZWJ (U+200C, U+200D) stay:
+# scripts and emoji need them.
+SPOOFING_CHARACTERS = (
+    "\u061c\u180e\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\u2066-\u206f"
+    "\ufeff\ufff9-\ufffb\U000e0000-\U000e007f"
+)
+LINE_ENDS = re.compile(r"[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 # ESC-introduced sequences (CSI, OSC, DCS...) first, then any other C0/C1 control except \n and \t.
 ESCAPE_SEQUENCE = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves
     r"|\x1b[\]PX^_].*?(?:\x07|\x1b\\|\x9c|$)"  # OSC/DCS/PM/APC up to their terminator
     r"|\x1b[@-Z\\-_]?"  # other two-byte escapes, or a lone ESC
     r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
-    r"|[\u202a-\u202e\u2066-\u2069]",  # bidi overrides/isolates: they can make text read differently
+    rf"|[{SPOOFING_CHARACTERS}]",
     re.DOTALL,
 )
 
@@ -52,8 +63,9 @@ def shown(text: str, stream: IO[str], raw: bool = False) -> str:
 
 
 def one_line_text(text: str) -> str:
-    """`text` on one line: newlines and carriage returns (a file may be named so) shown as \\n and \\r."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """`text` on one line: newlines and carriage returns (a file may be named so) shown as \\n and \\r,
+    the other characters that end a line for `str.splitlines` (U+2028...) as their escapes."""
+    return LINE_ENDS.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 def emit(text: str, stream: IO[str] | None = None, raw: bool = False, end: str = "\n", flush: bool = False) -> None:
