@@ -95,8 +95,11 @@ def kind_of(mode: int) -> str:
 
 
 def check_private(status: os.stat_result, path: str | os.PathLike[str]) -> None:
-    """Raise `NotPrivate` unless `status` belongs to the current user and no one else may write to it."""
-    if hasattr(os, "getuid") and status.st_uid != os.getuid():
+    """Raise `NotPrivate` unless `status` belongs to the current user and no one else may write to it.
+    (On Windows, which has no owner uid and whose mode bits do not say who may write, it passes.)"""
+    if not hasattr(os, "getuid"):
+        return
+    if status.st_uid != os.getuid():
         raise NotPrivate(path, f"it belongs to another user (uid {status.st_uid})")
     if status.st_mode & OTHERS_MAY_WRITE:
         raise NotPrivate(path, f"others may write to it (mode {stat.S_IMODE(status.st_mode):04o})")
@@ -140,40 +143,55 @@ def make_private_dir(path: str | os.PathLike[str]) -> Path:
 
 def tighten_dir(path: str | os.PathLike[str]) -> None:
     """chmod 0700 the folder at `path` through a descriptor opened without following a link."""
-    fd = os.open(path, os.O_RDONLY | DIRECTORY | NOFOLLOW | CLOEXEC)
+    folder = open_private_folder(Path(path))
+    if folder is None:  # Windows: no folder descriptors, and no such modes to tighten
+        return
     try:
-        check_private_dir(os.fstat(fd), path)
-        os.fchmod(fd, PRIVATE_DIR_MODE)
+        os.fchmod(folder, PRIVATE_DIR_MODE)
     finally:
-        os.close(fd)
+        os.close(folder)
 
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Replace `path` with `data` at once (0600), in a private folder (see the module docstring)."""
     make_private_dir(path.parent)
-    folder = os.open(path.parent, os.O_RDONLY | DIRECTORY | NOFOLLOW | CLOEXEC)
+    folder = open_private_folder(path.parent)
+    temporary, target = f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp", path.name
+    if folder is None:  # no descriptors of folders here (Windows): the checked folder's paths
+        temporary, target = str(path.parent / temporary), str(path)
     try:
-        check_private_dir(os.fstat(folder), path.parent)  # the folder we hold is the one checked
-        temporary = f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, PRIVATE_FILE_MODE, dir_fd=folder)
         try:
-            os.fchmod(fd, PRIVATE_FILE_MODE)  # whatever the umask
-            write_all(fd, data)
-            os.fsync(fd)  # the data is on disk before the rename makes it visible
-        except BaseException:
-            os.close(fd)
-            with suppress(OSError):
-                os.unlink(temporary, dir_fd=folder)
-            raise
-        os.close(fd)
-        try:
-            os.replace(temporary, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            try:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(fd, PRIVATE_FILE_MODE)  # whatever the umask
+                write_all(fd, data)
+                os.fsync(fd)  # the data is on disk before the rename makes it visible
+            finally:
+                os.close(fd)
+            os.replace(temporary, target, src_dir_fd=folder, dst_dir_fd=folder)
         except BaseException:
             with suppress(OSError):
                 os.unlink(temporary, dir_fd=folder)
             raise
     finally:
+        if folder is not None:
+            os.close(folder)
+
+
+def open_private_folder(path: Path) -> int | None:
+    """A descriptor of the folder at `path`, opened without following a link and checked through it
+    (the folder written into is the one checked); None where folders cannot be opened (Windows)."""
+    if os.open not in os.supports_dir_fd:
+        private_folder(path)
+        return None
+    folder = os.open(path, os.O_RDONLY | DIRECTORY | NOFOLLOW | CLOEXEC)
+    try:
+        check_private_dir(os.fstat(folder), path)
+    except BaseException:
         os.close(folder)
+        raise
+    return folder
 
 
 def write_all(fd: int, data: bytes) -> None:

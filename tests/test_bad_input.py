@@ -30,6 +30,10 @@ def ask(*options: str) -> tuple[str, ...]:
     return ("ask", "{red}", "what is it?", *options)
 
 
+def each_to(output: str) -> tuple[str, ...]:
+    return ("ask", "--each", "{red}", "-p", "what is it?", "-o", output)
+
+
 EMPTY_STDIN_PROMPT = 'the prompt read from stdin is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'
 
 
@@ -179,7 +183,15 @@ SESSION_CASES = [  # saved conversations (LLAVA_HOME holds the broken files the 
     Case("remove unknown session", ("sessions", "rm", "nosuch"), 2, error("no saved conversation nosuch; `llava sessions list` shows them")),
 ]
 
-CASES = OPTION_CASES + MODEL_CASES + IMAGE_CASES + STDIN_CASES + ACCEPTED_CASES + SESSION_CASES
+OUTPUT_FILE_CASES = [  # -o FILE: files another user could have planted (issue 28); refused before the model loads
+    Case("-o through a symlink", each_to("{out_link}"), 2,
+         error("cannot write {out_link}: it is a symbolic link, not a regular file; choose another -o")),
+    Case("-o a folder", each_to("{folder}"), 2, error("cannot write {folder}: Is a directory; choose another -o")),
+    Case("-o /dev/null", each_to("/dev/null"), 2,
+         error("cannot write /dev/null: it is a character device, not a regular file; choose another -o")),
+]
+
+CASES = OPTION_CASES + MODEL_CASES + IMAGE_CASES + STDIN_CASES + ACCEPTED_CASES + SESSION_CASES + OUTPUT_FILE_CASES
 
 
 def copy_model(source: Path, target: Path, weights: bool = True) -> Path:
@@ -228,11 +240,14 @@ def paths(tmp_path_factory, images, tiny_model) -> dict[str, str]:
     (sessions / "future.json").write_text('{"format": "llava-cli-conversation", "version": 99}')
     (sessions / "other.json").write_text("[1, 2]")
 
+    (root / "precious").write_text("not llava's\n")
+    (root / "out-link.jsonl").symlink_to(root / "precious")
+
     names = ["folder.png", "empty.png", "notes.png", "truncated.png", "big.png"]
     found = {Path(name).stem: str(root / name) for name in names}
     found["folder"] = str(root / "folder.png")
     models = {name: str(root / name) for name in ("m_empty", "m_badjson", "m_bert", "m_noweights", "m_pickle", "m_truncated", "m_noimage", "m_otherimage")}
-    return {**found, **models, "red": str(images["red"]), "missing": str(root / "missing.png"), "model": str(tiny_model), "hub_cache": HF_HUB_CACHE, "home": str(root / "home")}
+    return {**found, **models, "red": str(images["red"]), "missing": str(root / "missing.png"), "model": str(tiny_model), "hub_cache": HF_HUB_CACHE, "home": str(root / "home"), "out_link": str(root / "out-link.jsonl")}
 
 
 @pytest.fixture(autouse=True)

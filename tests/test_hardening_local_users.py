@@ -12,9 +12,9 @@ swapped between a regular file and a symlink to a file outside it (CWE-367).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import resource
 import stat
 import subprocess
 import sys
@@ -29,6 +29,7 @@ from conftest import cli_env
 
 NOBODY = 65534
 FIFO_TIMEOUT_S = 60  # the refusal is immediate; a regression blocks for ever
+MEMORY_LIMIT = 4 * 2**30
 
 
 def victim(folder: Path) -> Path:
@@ -213,10 +214,14 @@ def test_output_file_is_never_written_through_a_planted_name(kind, tmp_path, mon
     assert unchanged(target)
 
 
+def limit_memory() -> None:
+    """Reading /dev/zero, as before the fix, ends in MemoryError at this limit instead of taking the machine."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
 def run_bounded(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "llava_cli", *args], capture_output=True, env=cli_env(), timeout=FIFO_TIMEOUT_S,
-        preexec_fn=lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_AS, (4 * 2**30, 4 * 2**30)),
+        [sys.executable, "-m", "llava_cli", *args], capture_output=True, env=cli_env(), timeout=FIFO_TIMEOUT_S, preexec_fn=limit_memory,
     )
 
 

@@ -42,6 +42,10 @@ HOSTILE_SHOWN = "red balllink 2Jhidden"  # what a terminal may show of it
         ("safe text\rrm -rf ~", "safe textrm -rf ~"),  # a carriage return that would hide the start
         ("\x9b31mC1 CSI", "31mC1 CSI"),  # 8-bit CSI: the introducer goes, the rest is plain text
         ("abc\u202edcba", "abcdcba"),  # right-to-left override
+        ("invoice\u200fgpj.exe", "invoicegpj.exe"),  # right-to-left mark (issue 28)
+        ("one line\u2028forged line\u2029", "one lineforged line"),  # line and paragraph separators
+        ("zero\u200bwidth\ufeff\U000e0068\U000e0069", "zerowidth"),  # invisible format and tag characters
+        ("emoji \U0001F468\u200d\U0001F469 keep ZWJ", "emoji \U0001F468\u200d\U0001F469 keep ZWJ"),
         ("tabs\tand\nnewlines stay, é and 猫 too", "tabs\tand\nnewlines stay, é and 猫 too"),
     ],
 )
