@@ -25,7 +25,7 @@ from llava_cli.settings import Settings
 from llava_cli.signals import sigterm_raises
 from llava_cli.store import Recorder
 from llava_cli.streaming import stats_line
-from llava_cli.terminal import emit, one_line_text
+from llava_cli.terminal import emit, emit_error, one_line_text
 from llava_cli.urls import open_image
 
 
@@ -96,6 +96,7 @@ def save_answer(recorder: Recorder | None, conversation: Conversation, settings:
     try:
         recorder.save(conversation, settings)
     except OSError as err:
-        emit(f"llava: warning: the conversation could not be saved: {err.strerror or err}", sys.stderr)
+        where = f" ({err.filename})" if err.filename else ""  # which folder was refused (a symlink, another user's)
+        emit_error(f"the conversation could not be saved: {err.strerror or err}{where}", prefix="llava: warning: ")
         return None
     return recorder.session_id

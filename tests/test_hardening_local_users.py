@@ -172,7 +172,7 @@ def test_a_sessions_folder_that_is_a_symlink_gets_no_conversation(tmp_path, monk
     result = invoke(monkeypatch, "ask", "--model", str(tiny_model), "-n", "2", str(images["red"]), "what?")
     assert result.code == 0
     assert result.stderr.splitlines() == [
-        "llava: warning: the conversation could not be saved: it is a symbolic link, not a folder"]
+        f"llava: warning: the conversation could not be saved: it is a symbolic link, not a folder ({home / 'sessions'})"]
     assert list(elsewhere.iterdir()) == []
 
 
