@@ -283,6 +283,35 @@ def test_a_file_swapped_for_a_symlink_while_requests_run_never_serves_outside_by
     assert refused == 3000 - len(served)
 
 
+def test_a_swap_right_after_the_path_is_resolved_is_refused(tmp_path, monkeypatch):
+    """The unlucky moment of the loop above, made certain: the file becomes a link to an outside
+    file just after the path was resolved and checked, before it is opened."""
+    from llava_cli.apirequest import ApiError, PendingImage
+    from llava_cli.conversation import Turn
+    from llava_cli.serveguard import Guard, ServeOptions
+
+    media = tmp_path / "media"
+    media.mkdir()
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(outside)
+    path = media / "x.png"
+    path.write_bytes(b"not an image at all")
+    guard = Guard(ServeOptions(host="127.0.0.1", port=0, allowed_local_media_path=str(media)))
+    resolve = os.path.realpath
+
+    def resolve_then_swap(name, *args, **kwargs):
+        real = resolve(name, *args, **kwargs)
+        if Path(real) == path and not path.is_symlink():
+            path.unlink()
+            path.symlink_to(outside)
+        return real
+
+    monkeypatch.setattr(os.path, "realpath", resolve_then_swap)
+    with pytest.raises(ApiError):
+        PendingImage(Turn(text="q"), str(path), "messages[0]").load(guard, 10**6)
+    assert path.is_symlink()  # the swap happened
+
+
 def test_a_symlink_inside_the_folder_to_a_file_inside_it_is_still_read(tmp_path):
     from llava_cli.apirequest import PendingImage
     from llava_cli.conversation import Turn
