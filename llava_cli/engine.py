@@ -4,10 +4,10 @@
 `TextChunk`s (joined: exactly the answer with surrounding whitespace stripped), then, once the answer
 has been added to the conversation, one `Done` with its figures. If it is stopped, closed early
 (Ctrl-C) or raises, no `Done` comes and the conversation keeps its unanswered turn for the caller.
-Its extra capability, beyond the protocol:
-`Engine.generate_batch(prompts, settings)` answers independent prompts together, with no cache
-reuse. Both draw tokens through decoding.py (one sampler, one token budget, one stopping rule), so
-a batch row's answer is the one `generate` gives that prompt alone, greedy or seeded.
+Beyond the protocol, the scheduler (decodebatch.py: `llava serve`, `ask --each`) uses its public
+`fit`, `encode`, `token_budget`, `image_inputs` and `eos_ids`. Every path draws tokens through
+decoding.py's per-row pipeline (one sampler, one token budget, one stopping rule), so a batch row's
+answer is the one `generate` gives that prompt alone, greedy or seeded.
 
 Cache reuse: the engine keeps the KV cache of the tokens it has already run, with their token ids
 and the digests of the images they hold. A new prompt keeps the longest common prefix (never
@@ -41,7 +41,7 @@ from typing import Any
 
 from llava_cli.backend import BackendInfo, Done, Events, TextChunk, window_within
 from llava_cli.conversation import Conversation
-from llava_cli.decoding import Row, Sampler, decode_batch, token_budget
+from llava_cli.decoding import Row, Sampler, token_budget
 from llava_cli.errors import ContextError, ResourceError
 from llava_cli.forward import CompiledPath, ForwardPath, Steps
 from llava_cli.graphstep import default_path
@@ -81,16 +81,6 @@ class Prompt:
 def image_keys(prompt: Prompt) -> list[tuple[str, tuple[int, int]]]:
     """Each image of `prompt` as the cache identifies it: content digest and token span."""
     return [(image.digest, span) for image, span in zip(prompt.images, prompt.image_spans)]
-
-
-@dataclass(frozen=True)
-class BatchAnswer:
-    """One prompt's answer from `Engine.generate_batch`: the stripped text and its figures."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence) or "length" (token budget spent)
 
 
 @dataclass
@@ -224,41 +214,6 @@ class Engine:
         conversation.answer(stream.text)
         stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - started, self.peak_memory_mb())
         yield Done(stats)
-
-    def generate_batch(self, prompts: list[Prompt], settings: Settings) -> list[BatchAnswer]:
-        """Answer independent prompts (from `encode`, each with a budget of at least one token) together.
-
-        Each answer is the one `generate` gives its prompt alone (greedy; and sampled with a seed):
-        see decoding.py. The KV cache is not touched; the memo of preprocessed images is emptied,
-        since a batch sees each image once and keeping them would grow with a long run.
-        """
-        import torch
-
-        budgets = [self.token_budget(prompt, settings) for prompt in prompts]
-        sampler = Sampler(settings, self.loaded.device, rows=len(prompts))
-        try:
-            rows = decode_batch(
-                self.model, [p.ids for p in prompts], self.batch_image_inputs(prompts), budgets, sampler, self.eos_ids, self.pad_id()
-            )
-        except torch.OutOfMemoryError:
-            raise ResourceError(f"out of memory answering {len(prompts)} images at once; lower --batch-size") from None
-        finally:
-            self.vision.clear()
-        return [
-            BatchAnswer(self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), len(prompt.ids), len(row.tokens), row.finish_reason)
-            for row, prompt in zip(rows, prompts)
-        ]
-
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else min(self.eos_ids)
-
-    def batch_image_inputs(self, prompts: list[Prompt]) -> dict[str, Any]:
-        """The image arguments of every prompt, in prompt order, joined into one batch."""
-        import torch
-
-        per_prompt = [self.image_inputs(prompt, keep=0) for prompt in prompts if prompt.images]
-        return {name: torch.cat([inputs[name] for inputs in per_prompt]) for name in per_prompt[0]} if per_prompt else {}
 
     def fit(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> tuple[Prompt, int]:
         """Encode the conversation, dropping its oldest turns until it fits the context window.

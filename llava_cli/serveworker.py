@@ -17,7 +17,8 @@ A job's images are decoded only when it is admitted, and dropped once it is pref
 heap trimmed). A client that disconnects (`job.cancelled`) or a server shutting down (`abandon`,
 `stop`) stops its job wherever it is: queued, decoding, trimming, or at the next step. A failure
 while admitting a job (a bad image, a prompt over the window, out of memory) fails that job only;
-a failure in a decode step (out of memory) fails the answers in the batch, and the server goes on.
+a row whose scores go bad (not finite) fails alone; a failure of a decode step itself (out of
+memory) fails the answers in the batch, and the server goes on.
 A daemon thread, so that a job deep in a forward never keeps a stopping server alive.
 """
 
@@ -182,13 +183,16 @@ class Worker:
     def send(self, answer: Answer) -> None:
         """Emit the text of the answer's new tokens (a stream's as they come, a plain answer's once
         it has ended: every item wakes the event loop); once it has ended, its figures."""
-        row = answer.sequence.row
-        for token in row.tokens[len(answer.stream.ids) :]:
+        sequence = answer.sequence
+        for token in sequence.row.tokens[len(answer.stream.ids) :]:
             if (chunk := answer.stream.push(token)) and answer.job.stream:
                 answer.emit(chunk)
                 answer.sent += 1
-        if not row.finish_reason:
+        if not sequence.ended:
             return
+        if sequence.error is not None:  # this row alone went bad; the batch goes on
+            self.answers.remove(answer)
+            return self.end(answer, failure(sequence.error))
         tail = answer.stream.finish()
         if not answer.job.stream:
             tail = answer.stream.text  # the whole answer, at once
