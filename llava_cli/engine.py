@@ -23,7 +23,7 @@ the host, so when token N ends the answer, that step fed a token the answer does
 cropped from the cache. `PrefixCache.ids` always lists exactly the tokens the KV cache holds.
 
 Context: when history plus room for an answer would overflow the window, the oldest whole turns
-are dropped (reported through `notify`); a message that cannot fit alone raises `ContextError`
+are dropped (said in a `Note` event); a message that cannot fit alone raises `ContextError`
 and leaves the conversation as it was.
 
 Out of GPU memory in a forward: the cache is freed (`free_memory`) and `ResourceError` raised, naming
@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.backend import BackendInfo, Done, Events, TextChunk, window_within
+from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk, window_within
 from llava_cli.conversation import Conversation
 from llava_cli.decoding import Row, Sampler, token_budget
 from llava_cli.errors import ContextError, ResourceError
@@ -76,6 +76,10 @@ class Prompt:
     ids: list[int]
     images: list[ImageRef]
     image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens
+
+
+def dropped_note(dropped: int, window: int) -> str:
+    return f"dropped the {dropped} oldest turn(s) to fit the {window}-token context window"
 
 
 def image_keys(prompt: Prompt) -> list[tuple[str, tuple[int, int]]]:
@@ -131,12 +135,11 @@ class PrefixCache:
 class Engine:
     """Answers conversations with a loaded model, reusing the KV cache across turns."""
 
-    def __init__(self, loaded: LoadedModel, notify: Callable[[str], None] = lambda message: None) -> None:
+    def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
-        self.notify = notify
         self.cache = PrefixCache()
         self.vision = VisionInputs(loaded.processor, loaded.family.tiling)
         self.eos_ids = self.end_of_sequence_ids()
@@ -187,6 +190,8 @@ class Engine:
             return
         if stop():
             return
+        if stats.dropped_turns:
+            yield Note(dropped_note(stats.dropped_turns, self.context_window(settings)))
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
@@ -208,7 +213,10 @@ class Engine:
                 break
             if chunk := stream.push(token):
                 yield TextChunk(chunk)
-        self.say_notes(settings)
+        if settings.verbose:
+            yield from (Note(note) for note in self.path.take_notes())
+        else:
+            self.path.take_notes()  # each said once, and only with --verbose
         if tail := stream.finish():
             yield TextChunk(tail)
         conversation.answer(stream.text)
@@ -244,7 +252,6 @@ class Engine:
             )
         if dropped:
             conversation.drop_oldest(dropped)
-            self.notify(f"dropped the {dropped} oldest turn(s) to fit the {window}-token context window")
         return prompt, dropped
 
     def encode(self, conversation: Conversation) -> Prompt:
@@ -305,12 +312,6 @@ class Engine:
                 self.free_memory()
                 raise ResourceError(OUT_OF_MEMORY) from None
             raise
-
-    def say_notes(self, settings: Settings) -> None:
-        """With --verbose, the forward path's one-line notes on how it decodes (each said once)."""
-        for note in self.path.take_notes():
-            if settings.verbose:
-                self.notify(note)
 
     def free_memory(self) -> None:
         """Give back what the cache and the image memo hold, so the next message has room."""

@@ -17,7 +17,7 @@ the server cannot be reached, the connection was reset (before or during the ans
 answered 429/502/503/504 (with its `Retry-After`, if any); `ask --each` retries those (batchserver.py).
 Closing the generator early (Ctrl-C) closes the connection, which stops the answer on a
 `llava serve`. `--max-context` is the server's business; turns the server dropped to fit its
-window are dropped from the conversation here too, with the same note as locally.
+window are dropped from the conversation here too, with a `Note` as locally.
 
 `answer(conversation, settings)` reads a whole answer without changing the conversation (for
 `ask --each`, whose requests run in parallel threads: `RemoteEngine` keeps no state per request, and
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any, TypeVar
 
-from llava_cli.backend import BackendInfo, Done, Events, TextChunk
+from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.conversation import Conversation
 from llava_cli.discovery import find_server
 from llava_cli.streaming import Stats, TextStream
@@ -114,7 +114,7 @@ class RemoteEngine:
             stats.dropped_turns = 0
         if stats.dropped_turns:
             conversation.drop_oldest(stats.dropped_turns)
-            self.notify(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
+            yield Note(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
         conversation.answer(reply.text)
         yield Done(stats)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import HUB_ID, cli_env, render_llava15, run_llava
-from fakes import answer_of, answer_text
+from fakes import answer_of, answer_text, with_notes
 from test_engine import MAX_NEW, chat, loaded, settings  # noqa: F401 (loaded, settings: the engine tests' fixtures)
 from tiny_checkpoint import build_family_checkpoint
 from llava_cli import graphstep
@@ -32,7 +32,7 @@ SMALL_BUCKETS = (48, 96)  # then 192, 384, ...: the script below outgrows two of
 
 
 def engine_on(loaded, path_kind: str, window: int | None = None, notes: list[str] | None = None) -> Engine:
-    engine = Engine(loaded, notify=(notes.append if notes is not None else lambda message: None))
+    engine = Engine(loaded) if notes is None else with_notes(Engine(loaded), notes)
     window = window or loaded.context_window
     engine.path = StaticPath(loaded.model, window, buckets=SMALL_BUCKETS) if path_kind == "static" else EagerPath(loaded.model)
     return engine

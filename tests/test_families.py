@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from cli_runner import BytesStdout, invoke
-from fakes import answer_of, answer_text
+from fakes import answer_of, answer_text, with_notes
 from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
 from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
 from llava_cli.decodebatch import answers_in_order
@@ -205,7 +205,7 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
     largest = max(len(family.reference.ids([user(text, [images[name]])])) for text, name in questions)
     settings = dataclasses.replace(family.settings, max_context=largest + MAX_NEW + 8)
     notes: list[str] = []
-    engine = Engine(family.loaded, notify=notes.append)
+    engine = with_notes(Engine(family.loaded), notes)
     conversation = Conversation()
     for text, name in questions:
         conversation.ask(text, [load_image(str(images[name]))])

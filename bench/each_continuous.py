@@ -1,0 +1,97 @@
+"""`llava ask --each --batch-size 8`: continuous admission against fixed batches, answers of different lengths.
+
+    python bench/each_continuous.py                 # 32 images, batch size 8, float32 on CPU (a few minutes on 2 cores)
+    python bench/each_continuous.py --image-size 336 --text-hidden 256 --text-layers 4   # bench_model's default shape
+
+Both runs answer the same prompt about the same `--images` pictures on the bench model
+(bench_model.py: llava-1.5's 576 image tokens, peaked random weights; `END_TOKENS` end answers
+too, so they end at many lengths) through batch.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
+at once on the scheduler (decodebatch.py):
+
+- fixed: the images in chunks of `--batch-size` (`answer_chunk`, as Ray actors do and as a local
+  run did before issue 21): a chunk's rows decode together and the next chunk starts only when the
+  chunk's longest answer has ended;
+- continuous: every image through `answered_records` (a local `ask --each`): a row that ends is
+  replaced at once by the next image.
+
+Each is run `--repeats` times, alternated, and the best time of each is kept.
+Prints the answers' lengths, the seconds of each and the ratio (target: continuous at least 1.3x
+fixed), and checks that both gave the same answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from batch_throughput import write_pictures  # noqa: E402
+from bench_model import Shape, build_bench_checkpoint  # noqa: E402
+from llava_cli.batch import answer_chunk, answered_records  # noqa: E402
+from llava_cli.engine import Engine  # noqa: E402
+from llava_cli.loader import load_model  # noqa: E402
+from llava_cli.settings import Settings  # noqa: E402
+
+PROMPT = "what is in this image? describe the picture in detail"
+# The bench model's random answers rarely say end-of-sequence: a few of its tokens are declared as
+# ending an answer too (generation_config.eos_token_id takes a list), so answers end at many lengths.
+END_TOKENS = (309, 288, 207)
+# A decoder step bound by reading its weights, as on a real model (~100M decoder parameters), and
+# 64 image tokens, so that 2 CPU cores measure decoding rather than prefill.
+# (bench_model's default decoder is so narrow that a step costs in proportion to its rows.)
+WEIGHTS_BOUND = Shape(image_size=112, text_hidden=1024, text_layers=8)
+
+
+def fixed(engine: Engine, names: list[str], settings: Settings, batch_size: int) -> list[dict]:
+    return [record for start in range(0, len(names), batch_size)
+            for record in answer_chunk(engine, names[start : start + batch_size], PROMPT, settings, b"")]
+
+
+def continuous(engine: Engine, names: list[str], settings: Settings, batch_size: int) -> list[dict]:
+    return list(answered_records(engine, names, PROMPT, settings, b"", batch_size))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--text-hidden", type=int, default=WEIGHTS_BOUND.text_hidden, help="the decoder's width (its weights' share of a step)")
+    parser.add_argument("--text-layers", type=int, default=WEIGHTS_BOUND.text_layers)
+    parser.add_argument("--image-size", type=int, default=WEIGHTS_BOUND.image_size, help="336: 576 image tokens; 112: 64")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        shape = Shape(image_size=args.image_size, text_hidden=args.text_hidden, text_layers=args.text_layers)
+        model = build_bench_checkpoint(folder / "model", shape)
+        settings = Settings(model=str(model), device="cpu", dtype="float32", max_new_tokens=args.max_new_tokens)
+        loaded = load_model(settings)
+        loaded.model.generation_config.eos_token_id = [loaded.processor.tokenizer.eos_token_id, *END_TOKENS]
+        engine = Engine(loaded)
+        names = write_pictures(folder / "images", args.images)
+        continuous(engine, names[: args.batch_size], settings, args.batch_size)  # warm-up
+        timings: dict[str, float] = {}
+        answers = {}
+        for _ in range(args.repeats):  # alternated, the best of each: a shared machine's load comes and goes
+            for name, run in (("fixed", fixed), ("continuous", continuous)):
+                started = time.perf_counter()
+                answers[name] = run(engine, names, settings, args.batch_size)
+                timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - started)
+        lengths = [record["completion_tokens"] for record in answers["fixed"]]
+        print(f"{args.images} images, --batch-size {args.batch_size}, up to {args.max_new_tokens} new tokens; "
+              f"answer lengths {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f}): {lengths}")
+        for name, seconds in timings.items():
+            print(f"{name:>10}: {seconds:7.2f} s  {args.images / seconds:6.2f} images/s")
+        same = [record["answer"] for record in answers["fixed"]] == [record["answer"] for record in answers["continuous"]]
+        print(f"continuous vs fixed: {timings['fixed'] / timings['continuous']:.2f}x  same answers: {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
