@@ -1,11 +1,12 @@
 """`llava ask --each --batch-size 8`: continuous admission against fixed batches, answers of different lengths.
 
     python bench/each_continuous.py                 # 32 images, batch size 8, float32 on CPU (a few minutes on 2 cores)
-    python bench/each_continuous.py --image-size 336 --text-hidden 256 --text-layers 4   # bench_model's default shape
+    python bench/each_continuous.py --repeats 3     # the best of 3 alternated runs of each
+    python bench/each_continuous.py --device cuda   # float16 on a GPU
 
 Both runs answer the same prompt about the same `--images` pictures on the bench model
-(bench_model.py: llava-1.5's 576 image tokens, peaked random weights; `END_TOKENS` end answers
-too, so they end at many lengths) through batch.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
+(bench_model.py's, shaped as `WEIGHTS_BOUND`: a decoder step bound by its weights; `END_TOKENS`
+end answers too, so they end at many lengths) through batch.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
 at once on the scheduler (decodebatch.py):
 
 - fixed: the images in chunks of `--batch-size` (`answer_chunk`, as Ray actors do and as a local
@@ -39,8 +40,9 @@ from llava_cli.settings import Settings  # noqa: E402
 
 PROMPT = "what is in this image? describe the picture in detail"
 # The bench model's random answers rarely say end-of-sequence: a few of its tokens are declared as
-# ending an answer too (generation_config.eos_token_id takes a list), so answers end at many lengths.
-END_TOKENS = (309, 288, 207)
+# ending an answer too (generation_config.eos_token_id takes a list), so answers end at many lengths
+# (picked from a run of WEIGHTS_BOUND's seed-0 weights: 32 answers of 3 to 64 tokens, 36 on average).
+END_TOKENS = (97, 276)
 # A decoder step bound by reading its weights, as on a real model (~100M decoder parameters), and
 # 64 image tokens, so that 2 CPU cores measure decoding rather than prefill.
 # (bench_model's default decoder is so narrow that a step costs in proportion to its rows.)
@@ -62,16 +64,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--text-hidden", type=int, default=WEIGHTS_BOUND.text_hidden, help="the decoder's width (its weights' share of a step)")
-    parser.add_argument("--text-layers", type=int, default=WEIGHTS_BOUND.text_layers)
-    parser.add_argument("--image-size", type=int, default=WEIGHTS_BOUND.image_size, help="336: 576 image tokens; 112: 64")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: float16 on a GPU, where a step costs what its weights cost")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        shape = Shape(image_size=args.image_size, text_hidden=args.text_hidden, text_layers=args.text_layers)
-        model = build_bench_checkpoint(folder / "model", shape)
-        settings = Settings(model=str(model), device="cpu", dtype="float32", max_new_tokens=args.max_new_tokens)
+        model = build_bench_checkpoint(folder / "model", WEIGHTS_BOUND)
+        dtype = "float16" if args.device == "cuda" else "float32"
+        settings = Settings(model=str(model), device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens)
         loaded = load_model(settings)
         loaded.model.generation_config.eos_token_id = [loaded.processor.tokenizer.eos_token_id, *END_TOKENS]
         engine = Engine(loaded)
@@ -79,11 +79,14 @@ def main() -> None:
         continuous(engine, names[: args.batch_size], settings, args.batch_size)  # warm-up
         timings: dict[str, float] = {}
         answers = {}
-        for _ in range(args.repeats):  # alternated, the best of each: a shared machine's load comes and goes
-            for name, run in (("fixed", fixed), ("continuous", continuous)):
+        runs = [("fixed", fixed), ("continuous", continuous)]
+        for repeat in range(args.repeats):  # alternated, each first in turn, the best of each: a shared machine's load comes and goes
+            for name, run in runs if repeat % 2 == 0 else runs[::-1]:
                 started = time.perf_counter()
                 answers[name] = run(engine, names, settings, args.batch_size)
-                timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                print(f"  run {repeat + 1}: {name} {seconds:.2f} s", flush=True)
+                timings[name] = min(timings.get(name, float("inf")), seconds)
         lengths = [record["completion_tokens"] for record in answers["fixed"]]
         print(f"{args.images} images, --batch-size {args.batch_size}, up to {args.max_new_tokens} new tokens; "
               f"answer lengths {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f}): {lengths}")
