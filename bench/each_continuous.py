@@ -3,6 +3,7 @@
     python bench/each_continuous.py                 # 32 images, batch size 8, float32 on CPU (a few minutes on 2 cores)
     python bench/each_continuous.py --repeats 3     # the best of 3 alternated runs of each
     python bench/each_continuous.py --device cuda   # float16 on a GPU
+    python bench/each_continuous.py --tiny          # the tests' tiny model, one thread (a GPU's situation in small)
 
 Both runs answer the same prompt about the same `--images` pictures on the bench model
 (bench_model.py's, shaped as `WEIGHTS_BOUND`: a decoder step bound by its weights; `END_TOKENS`
@@ -38,11 +39,16 @@ from llava_cli.engine import Engine  # noqa: E402
 from llava_cli.loader import load_model  # noqa: E402
 from llava_cli.settings import Settings  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_checkpoint import build_checkpoint  # noqa: E402
+
 PROMPT = "what is in this image? describe the picture in detail"
 # The bench model's random answers rarely say end-of-sequence: a few of its tokens are declared as
 # ending an answer too (generation_config.eos_token_id takes a list), so answers end at many lengths
-# (picked from a run of WEIGHTS_BOUND's seed-0 weights: 32 answers of 3 to 64 tokens, 36 on average).
+# (picked from a run of each model: 32 answers of 2 to 64 tokens, 36 on average for WEIGHTS_BOUND,
+# 5 to 64 and 32 for the tiny model).
 END_TOKENS = (97, 276)
+TINY_END_TOKENS = (201, 241)
 # A decoder step bound by reading its weights, as on a real model (~100M decoder parameters), and
 # 64 image tokens, so that 2 CPU cores measure decoding rather than prefill.
 # (bench_model's default decoder is so narrow that a step costs in proportion to its rows.)
@@ -64,16 +70,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="the test suite's tiny model on one thread: a step costs its fixed overhead whatever its rows, as on a GPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: float16 on a GPU, where a step costs what its weights cost")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        model = build_bench_checkpoint(folder / "model", WEIGHTS_BOUND)
+        if args.tiny:
+            import torch
+
+            torch.set_num_threads(1)  # as bench/serve_concurrency.py: the tiny model gains nothing from a second thread
+        model = build_checkpoint(folder / "model") if args.tiny else build_bench_checkpoint(folder / "model", WEIGHTS_BOUND)
         dtype = "float16" if args.device == "cuda" else "float32"
         settings = Settings(model=str(model), device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens)
         loaded = load_model(settings)
-        loaded.model.generation_config.eos_token_id = [loaded.processor.tokenizer.eos_token_id, *END_TOKENS]
+        loaded.model.generation_config.eos_token_id = [loaded.processor.tokenizer.eos_token_id, *(TINY_END_TOKENS if args.tiny else END_TOKENS)]
         engine = Engine(loaded)
         names = write_pictures(folder / "images", args.images)
         continuous(engine, names[: args.batch_size], settings, args.batch_size)  # warm-up

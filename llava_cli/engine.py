@@ -15,8 +15,8 @@ splitting an image, never trusting an image whose content changed), drops the re
 and runs only the new tokens; the vision tower sees only images that are not in the cache. Greedy
 answers are therefore the ones plain `model.generate` gives for the full prompt. How the model runs
 over the cache is a `ForwardPath` (forward.py), chosen from the settings of each `generate` call:
-the default `StaticPath` (graphstep.py: a bucketed static cache, the next token chosen on the device,
-a CUDA graph on a GPU), `EagerPath` where the model cannot use it, or `--compile`'s.
+on a GPU the default `StaticPath` (graphstep.py: a bucketed static cache, the next token chosen on the
+device, a CUDA graph), `EagerPath` on a CPU (faster there) or where the model cannot use it, or `--compile`'s.
 
 Decoding looks one step ahead: the step that feeds token N is launched before token N is read on
 the host, so when token N ends the answer, that step fed a token the answer does not use; it is
