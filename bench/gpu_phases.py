@@ -222,11 +222,16 @@ class Bench:
         one default engine: its buckets and graphs kept from phase to phase)."""
         from llava_cli.engine import Engine
         from llava_cli.forward import EagerPath
+        from llava_cli.graphstep import StaticPath
 
         if path not in self.engines:
             engine = self.engines[path] = fixed_length(Engine(self.loaded))
             if path == "eager":
                 engine.path = EagerPath(self.loaded.model)  # kept: it suits any settings without --compile
+            elif path in ("default", "no_cuda_graph") and self.device == "cpu":
+                # A smoke run on the CPU still runs the GPU's default path (a CPU's own default is the eager one).
+                settings = self.paths[path]
+                engine.path = StaticPath(self.loaded.model, engine.context_window(settings), cuda_graph=not settings.no_cuda_graph)
         return self.engines[path]
 
     @property
