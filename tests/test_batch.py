@@ -29,6 +29,7 @@ from llava_cli.ask import sigterm_as_interrupt
 from llava_cli.batch import BatchProgress, run_batch
 from llava_cli.conversation import Conversation
 from llava_cli.decodebatch import DecodeBatch, answers_in_order
+from llava_cli.decoding import forward
 from llava_cli.engine import Engine, Prompt
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import load_image
@@ -169,6 +170,39 @@ def test_a_row_that_ends_is_replaced_at_once_and_every_answer_stays_the_one_alon
     for (text, colour), answer, budget in zip(questions, answers, budgets):
         assert answer.text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], budget)
         assert answer.completion_tokens == budget
+
+
+def test_out_of_memory_fails_only_the_images_it_hit_and_the_run_goes_on(engine, settings, reference, images, monkeypatch):
+    """Out of memory in one image's prefill fails that image; in a decode step, the rows of that step;
+    the images admitted after it are answered as alone."""
+    import torch
+
+    from llava_cli import decodebatch
+
+    questions = [("hi", "red"), ("describe", "green"), ("how many objects are there?", "blue"), ("what colour?", "red")]
+    prompts = []
+    for text, colour in questions:
+        conversation = Conversation()
+        conversation.ask(text, [load_image(str(images[colour]))])
+        prompts.append(engine.encode(conversation))
+    doomed_prefill, steps = len(prompts[0].ids), []
+
+    def forward_or_run_out(model, cache, padded, image_inputs):
+        if padded.ids.shape == (1, doomed_prefill):
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        if padded.ids.shape[1] == 1:
+            steps.append(padded.ids.shape[0])
+            if len(steps) == 2:  # the second decode step: rows 1 and 2 are in it
+                raise torch.OutOfMemoryError("out of memory (simulated)")
+        return forward(model, cache, padded, image_inputs)
+
+    monkeypatch.setattr(decodebatch, "forward", forward_or_run_out)
+    results = together(engine, prompts, settings, rows=2)
+
+    assert [type(result).__name__ for result in results] == ["ResourceError", "ResourceError", "ResourceError", "BatchAnswer"]
+    assert str(results[0]).startswith("out of memory") and steps[:2] == [2, 2]
+    text, colour = questions[3]
+    assert results[3].text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], MAX_NEW)
 
 
 # The command line: one subprocess per behaviour that only a real process shows --------------------
