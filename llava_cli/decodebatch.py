@@ -104,7 +104,7 @@ class DecodeBatch:
                     torch.arange(keep, len(prompt.ids), device=self.model.device).unsqueeze(0),
                 )
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))
-                sampler = Sampler(settings, self.engine.loaded.device)
+                sampler = self.engine.sampler(settings)
                 sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget), keep, len(prompt.ids), source)
                 self.advance(sequence, logits[0], finite_rows(logits)[0])
                 if sequence.ended:
@@ -199,7 +199,7 @@ class DecodeBatch:
     def free_memory(self) -> None:
         """After running out: the pool's caches and the allocator's idle blocks go back to the device."""
         self.pool.clear()
-        self.engine.vision.clear()
+        self.engine.forget_images()
         if self.engine.loaded.device == "cuda":
             import torch
 
@@ -233,7 +233,7 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
 
     def end(sequence: Sequence, index: int, started: float) -> None:
         done[index] = sequence.error or BatchAnswer(
-            engine.tokenizer.decode(sequence.row.tokens, skip_special_tokens=True).strip(), len(sequence.prompt_ids),
+            engine.decode(sequence.row.tokens), len(sequence.prompt_ids),
             len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started,
         )
 
@@ -252,7 +252,7 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
                 done[index] = err
                 continue
             finally:
-                engine.vision.clear()  # a batch sees each image once: the memo would only grow
+                engine.forget_images()  # a batch sees each image once: the memo would only grow
             if sequence.ended:
                 end(sequence, index, started)
             else:

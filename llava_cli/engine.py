@@ -168,7 +168,23 @@ class Engine:
     def reset(self) -> None:
         """Forget the cache (after /clear, or when memory must be freed)."""
         self.cache.reset()
+        self.forget_images()
+
+    def forget_images(self) -> None:
+        """Drop the memo of preprocessed images (it pays off within one chat; a server or a batch sees endless images)."""
         self.vision.clear()
+
+    def decode(self, tokens: list[int]) -> str:
+        """A whole answer's text from its tokens, stripped."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def detokenizer(self) -> TextStream:
+        """A new incremental detokenizer for one answer's tokens."""
+        return TextStream(self.tokenizer)
+
+    def sampler(self, settings: Settings) -> Sampler:
+        """A new row's sampler for `settings` (its own seeded generator, on the model's device)."""
+        return Sampler(settings, self.loaded.device)
 
     def use_path_for(self, settings: Settings) -> None:
         """Switch to the forward path `settings` asks for (`--compile`, `--no-cuda-graph` or not); a switch empties the cache."""
@@ -196,8 +212,8 @@ class Engine:
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
         row = Row(budget=self.token_budget(prompt, settings))
-        sampler = Sampler(settings, self.loaded.device)
-        stream = TextStream(self.tokenizer)
+        sampler = self.sampler(settings)
+        stream = self.detokenizer()
         with self.guarded():  # a bigger bucket may not fit in memory
             self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))

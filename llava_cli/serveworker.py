@@ -143,7 +143,7 @@ class Worker:
 
     def admit(self, job: Job, emit: Emit) -> None:
         """Decode the job's images, fit it to the window, prefill it and add it to the batch."""
-        answer = Answer(job, emit, TextStream(self.engine.tokenizer), Stats(load_s=self.engine.loaded.load_seconds))
+        answer = Answer(job, emit, self.engine.detokenizer(), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
         try:
             if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
@@ -159,7 +159,7 @@ class Worker:
         finally:
             # The preprocessed-image memo pays off within one chat, but a server sees endless images:
             # keep it from growing without bound (the pool keeps the KV caches of recent answers).
-            self.engine.vision.clear()
+            self.engine.forget_images()
             if job.images:
                 job.release()
                 give_memory_back()
