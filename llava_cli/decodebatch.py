@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.decoding import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, finite_rows, forward
+from llava_cli.decoding import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
 from llava_cli.engine import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.errors import LlavaError, ResourceError
 from llava_cli.kvrows import columns, drop_left, merged, rows_of
@@ -106,7 +106,7 @@ class DecodeBatch:
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))
                 sampler = self.engine.sampler(settings)
                 sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget), keep, len(prompt.ids), source)
-                self.advance(sequence, logits[0], finite_rows(logits)[0])
+                self.advance(sequence, logits[0], checked_argmax(logits)[0])
                 if sequence.ended:
                     self.give_to_pool(sequence, cache, 0)
                 else:
@@ -126,9 +126,9 @@ class DecodeBatch:
                 logits = forward(self.model, self.cache, self.next_inputs(), {})
                 for sequence in self.sequences:
                     sequence.length += 1
-                greedy, finite = logits.argmax(dim=-1).tolist(), finite_rows(logits)
+                checked = checked_argmax(logits)
                 for place, sequence in enumerate(self.sequences):
-                    self.advance(sequence, logits[place], finite[place], greedy[place])
+                    self.advance(sequence, logits[place], checked[place])
                 ended = [sequence for sequence in self.sequences if sequence.ended]
                 for sequence in ended:
                     self.give_to_pool(sequence, self.cache, self.sequences.index(sequence))
@@ -142,13 +142,13 @@ class DecodeBatch:
             raise
         return ended
 
-    def advance(self, sequence: Sequence, logits: Any, finite: bool, greedy: int | None = None) -> None:
-        """The row's next token through its pipeline (`greedy`: the batch's argmax for its row); a bad
-        row (`RowFault`) records its error and ends, touching no other row."""
+    def advance(self, sequence: Sequence, logits: Any, greedy: int | None) -> None:
+        """The row's next token through its pipeline (`greedy`: the row's `checked_argmax`, None when
+        its scores are not finite); a bad row (`RowFault`) records its error and ends, touching no other row."""
         try:
-            if not finite:
+            if greedy is None:
                 raise RowFault(NOT_FINITE)
-            token = greedy if greedy is not None and sequence.sampler.plain_greedy else sequence.sampler.pick(logits)
+            token = greedy if sequence.sampler.plain_greedy else sequence.sampler.pick(logits)
         except RowFault as fault:
             sequence.error = fault
             return

@@ -13,8 +13,8 @@
   `accepted` (each chosen token: logprobs, stop sequences; it may end the row). A row's hooks are
   given to its `Sampler` and its `Row`.
 - `RowFault`: one row's scores went bad (not finite) or its draw failed. Only that row fails: the
-  scheduler (decodebatch.py) takes it out and the other rows go on. `finite_rows(logits)` is the
-  per-row check, one host sync for the whole batch.
+  scheduler (decodebatch.py) takes it out and the other rows go on. `checked_argmax(logits)` is the
+  per-row check and the greedy tokens, in one host sync for the whole batch.
 - `Row`: one answer's tokens and, once it has stopped, why.
 - `forward`: one forward of the model over a batch's new ids after what a `DynamicCache` holds.
 """
@@ -105,11 +105,14 @@ class Sampler:
         return probs
 
 
-def finite_rows(logits: Any) -> list[bool]:
-    """For each row of `logits` ([rows, vocabulary]), whether all its scores are finite."""
+def checked_argmax(logits: Any) -> list[int | None]:
+    """For each row of `logits` ([rows, vocabulary]) its argmax, or None where the row went bad (a NaN
+    or +inf score, or no finite one; -inf alone is a token ruled out): the batch's greedy tokens and
+    its per-row check in one host sync."""
     import torch
 
-    return torch.isfinite(logits).all(dim=-1).tolist()
+    good = ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) & torch.isfinite(logits).any(dim=-1)
+    return [None if token < 0 else token for token in torch.where(good, logits.argmax(dim=-1), -1).tolist()]
 
 
 @dataclass

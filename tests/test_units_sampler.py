@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llava_cli.decoding import Row, RowFault, Sampler, finite_rows, token_budget
+from llava_cli.decoding import Row, RowFault, Sampler, checked_argmax, token_budget
 from llava_cli.settings import Settings
 
 GREEDY = Settings()
@@ -37,7 +37,9 @@ def test_a_draw_from_scores_that_are_not_finite_fails_that_row_with_one_line():
     sampler = Sampler(Settings(temperature=1.0, seed=3), "cpu")
     with pytest.raises(RowFault, match="NaN or infinite"):
         sampler.pick(torch.tensor([0.1, float("nan"), 1.0]))
-    assert finite_rows(torch.tensor([[0.0, 1.0], [float("inf"), 0.0], [0.0, float("nan")]])) == [True, False, False]
+    inf = float("inf")
+    rows = [[0.0, 1.0], [inf, 0.0], [0.0, float("nan")], [3.0, -inf], [-inf, -inf]]
+    assert checked_argmax(torch.tensor(rows)) == [1, None, None, 0, None]
 
 
 class Forbid:
