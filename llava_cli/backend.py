@@ -19,8 +19,8 @@ torch or HTTP.
 
 `Answer` wraps the events for a front-end that streams text: iterating it gives the text chunks;
 once the iteration is over, `stats` is the `Done` event's figures.
-Capabilities beyond the protocol belong to one backend and are typed with it (`ask --each` uses
-`Engine.generate_batch`, so it always loads the model locally).
+Capabilities beyond the protocol belong to one backend and are typed with it (`ask --each` runs the
+scheduler of decodebatch.py over an `Engine`, so it always loads the model locally).
 """
 
 from __future__ import annotations
