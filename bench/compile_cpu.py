@@ -51,11 +51,14 @@ def answers(engine: Engine, settings: Settings, count: int) -> tuple[list[float]
     return rates, texts
 
 
-def bench_args(doc: str) -> argparse.Namespace:
-    """The options of the CPU decode benchmarks: answers per path, tokens per answer."""
+def bench_args(doc: str, weights_bound: bool = False) -> argparse.Namespace:
+    """The options of the CPU decode benchmarks: answers per path, tokens per answer (and, with
+    `weights_bound`, the dtype of decode_paths_cpu.py's weights-bound model)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--answers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=200)
+    if weights_bound:
+        parser.add_argument("--weights-bound", choices=("float32", "bfloat16"), help="a ~300M-parameter decoder in this dtype instead of the tiny model")
     return parser.parse_args()
 
 

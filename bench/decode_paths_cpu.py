@@ -1,9 +1,15 @@
-"""Decode tokens/s of llava-cli's default path (static bucketed cache, the next token chosen on the
-device, one step of look-ahead; uncaptured on a CPU) vs the eager dynamic-cache path vs plain
-`model.generate`, on the CPU with the tests' tiny model.
+"""Decode tokens/s of llava-cli's static path (the GPU's default: static bucketed cache, the next token
+chosen on the device, one step of look-ahead; uncaptured on a CPU) vs the eager dynamic-cache path
+(the CPU's default) vs plain `model.generate`, on the CPU with the tests' tiny model.
 
     python bench/decode_paths_cpu.py                  # about a minute
     python bench/decode_paths_cpu.py --answers 6 --new-tokens 200
+    python bench/decode_paths_cpu.py --weights-bound float32 --answers 3 --new-tokens 48   # minutes
+    python bench/decode_paths_cpu.py --weights-bound bfloat16 --answers 3 --new-tokens 48
+
+`--weights-bound DTYPE` measures, instead of the tiny model, a random llava-1.5-shaped checkpoint
+whose decoder has about 300 million parameters (`WEIGHTS_BOUND`, bench_model.py's builder), in
+that dtype, on all the CPU's threads: a step there is bound by reading the weights, as on a real model.
 
 Each path answers the same question `--answers` times (the cache emptied in between), every answer
 exactly `--new-tokens` long (end-of-sequence ignored); plain `generate` gets the same prompt ids
@@ -14,19 +20,26 @@ thread. On a GPU, bench/gpu.py measures this with the CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model import median  # noqa: E402
+from bench_model import Shape, build_bench_checkpoint, median  # noqa: E402
 from compile_cpu import QUESTION, answers, bench_args, tiny_model_on_one_thread  # noqa: E402
 from gpu_phases import TokenStamps, fixed_length  # noqa: E402
 from llava_cli.conversation import Conversation  # noqa: E402
 from llava_cli.engine import Engine  # noqa: E402
 from llava_cli.forward import EagerPath  # noqa: E402
+from llava_cli.graphstep import StaticPath  # noqa: E402
+from llava_cli.loader import load_model  # noqa: E402
+from llava_cli.settings import Settings  # noqa: E402
 
 
 def plain_rates(engine: Engine, tokens: int, count: int) -> list[float]:
@@ -47,19 +60,35 @@ def plain_rates(engine: Engine, tokens: int, count: int) -> list[float]:
     return rates
 
 
+WEIGHTS_BOUND = Shape(image_size=112, text_hidden=1024, text_layers=24)  # ~300M decoder parameters
+
+
+@contextlib.contextmanager
+def weights_bound_model(new_tokens: int, dtype: str) -> Iterator[tuple[Settings, Any]]:
+    """The `WEIGHTS_BOUND` checkpoint, built in a scratch folder and loaded in `dtype` on the CPU."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = build_bench_checkpoint(Path(scratch) / "model", WEIGHTS_BOUND)
+        settings = Settings(model=str(folder), device="cpu", dtype=dtype, max_new_tokens=new_tokens)
+        yield settings, load_model(settings)
+
+
 def main() -> int:
-    args = bench_args(__doc__)
-    with tiny_model_on_one_thread(args.new_tokens) as (settings, loaded):
-        default, eager = fixed_length(Engine(loaded)), fixed_length(Engine(loaded))
-        eager.path = EagerPath(loaded.model)
-        results = {name: answers(engine, settings, args.answers) for name, engine in (("default", default), ("eager", eager))}
-        rates = {name: rates for name, (rates, _) in results.items()} | {"plain": plain_rates(default, args.new_tokens, args.answers)}
+    args = bench_args(__doc__, weights_bound=True)
+    model = weights_bound_model(args.new_tokens, args.weights_bound) if args.weights_bound else tiny_model_on_one_thread(args.new_tokens)
+    with model as (settings, loaded):
+        decoder = sum(p.numel() for name, p in loaded.model.named_parameters() if "language_model" in name)
+        print(f"model: {decoder / 1e6:.0f}M decoder parameters, {loaded.dtype}")
+        static, eager = fixed_length(Engine(loaded)), fixed_length(Engine(loaded))
+        static.path = StaticPath(loaded.model, static.context_window(settings))  # the GPU's default, measured here on the CPU
+        eager.path = EagerPath(loaded.model)  # the CPU's default
+        results = {name: answers(engine, settings, args.answers) for name, engine in (("static", static), ("eager", eager))}
+        rates = {name: rates for name, (rates, _) in results.items()} | {"plain": plain_rates(static, args.new_tokens, args.answers)}
     for name, values in rates.items():
         print(f"{name:>8}: {', '.join(f'{rate:.0f}' for rate in values)} tokens/s (median {median(values):.0f})")
-    print(f"same answers (default, eager): {'yes' if len(results['default'][1] | results['eager'][1]) == 1 else 'NO'}")
-    print(f"default / eager: {median(rates['default']) / median(rates['eager']):.2f}; "
-          f"default / plain generate: {median(rates['default']) / median(rates['plain']):.2f}; "
-          f"eager / plain generate: {median(rates['eager']) / median(rates['plain']):.2f}")
+    print(f"same answers (static, eager): {'yes' if len(results['static'][1] | results['eager'][1]) == 1 else 'NO'}")
+    print(f"static / eager: {median(rates['static']) / median(rates['eager']):.2f}; "
+          f"static / plain generate: {median(rates['static']) / median(rates['plain']):.2f}; "
+          f"eager (the CPU default) / plain generate: {median(rates['eager']) / median(rates['plain']):.2f}")
     return 0
 
 

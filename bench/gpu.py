@@ -26,7 +26,9 @@ The phases (bench/gpu_phases.py), each printed and saved as soon as it ends:
   - buckets: peak memory of the default path in each static cache bucket (1024, 2048, 4096 tokens);
   - memory: peak fp16 memory of the default path (and of all paths) and an analytic 4-bit estimate
     (bitsandbytes is not on the GPU machine);
-  - batch: images/s through `Engine.generate_batch`, 16 images one at a time vs all at once.
+  - batch: decode tokens/s of the scheduler of `llava serve` and `ask --each` at batch 1, 8 and 32
+    (smoke: 1 and 4), and each as a ratio to the batch-of-one default path with and without its
+    CUDA graph (the scheduler's own step runs uncaptured).
 A failing phase is reported in one line and the next one runs; the exit code is 1 if any failed.
 Pass marks (not judged with --smoke): default >= 1.5x plain; best path >= 75% of the bound (the
 data-sheet bound where the card is known); the default path's peak <= 15 GB.
@@ -52,7 +54,7 @@ DEFAULT_OVER_PLAIN_MARK = 1.5
 BOUND_FRACTION_MARK = 0.75
 PEAK_GB_MARK = 15.0
 SMOKE_TOKENS, SMOKE_TURNS, SMOKE_BATCH = 8, 3, 4  # a smoke run checks the script in well under a minute
-BATCH, TTFT_REPEATS = 16, 3
+BATCH, TTFT_REPEATS = 32, 3
 
 
 def parse_args() -> argparse.Namespace:

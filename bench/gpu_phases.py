@@ -222,11 +222,16 @@ class Bench:
         one default engine: its buckets and graphs kept from phase to phase)."""
         from llava_cli.engine import Engine
         from llava_cli.forward import EagerPath
+        from llava_cli.graphstep import StaticPath
 
         if path not in self.engines:
             engine = self.engines[path] = fixed_length(Engine(self.loaded))
             if path == "eager":
                 engine.path = EagerPath(self.loaded.model)  # kept: it suits any settings without --compile
+            elif path in ("default", "no_cuda_graph") and self.device == "cpu":
+                # A smoke run on the CPU still runs the GPU's default path (a CPU's own default is the eager one).
+                settings = self.paths[path]
+                engine.path = StaticPath(self.loaded.model, engine.context_window(settings), cuda_graph=not settings.no_cuda_graph)
         return self.engines[path]
 
     @property
@@ -484,20 +489,33 @@ def memory_phase(bench: Bench) -> dict[str, Any]:
 
 
 def batch_phase(bench: Bench) -> dict[str, Any]:
-    """Images/s through `Engine.generate_batch`: the same one-image prompt `bench.batch` times (16 on
-    a GPU), one at a time and then all in one batch."""
+    """Decode tokens/s of the scheduler that `llava serve` and `ask --each` run (decodebatch.py) at
+    batch 1, 8 and `bench.batch` rows (32 on a GPU; 1 and 4 in a smoke run): that many copies of the
+    one-image prompt, fixed-length answers, all admitted at once; the clock spans their prefills too.
+    Each is also given as a ratio to the batch-of-one default path with and without its CUDA graph
+    (the `default` and `no_cuda_graph` phases), when those ran. The scheduler's step is uncaptured."""
     from llava_cli.conversation import Conversation
+    from llava_cli.decodebatch import answers_in_order
 
     engine = bench.engine("eager")
-    settings = dataclasses.replace(bench.paths["eager"], max_new_tokens=min(bench.tokens, 32))
+    settings = dataclasses.replace(bench.paths["eager"], max_new_tokens=bench.tokens)
     conversation = Conversation()
     conversation.ask(PROMPT, [bench.ref])
-    prompts = [engine.encode(conversation)] * bench.batch
-    engine.generate_batch(prompts[:2], settings)  # warm-up
-    one = bench.clock(lambda: [engine.generate_batch([prompt], settings) for prompt in prompts])
-    together = bench.clock(lambda: engine.generate_batch(prompts, settings))
-    return {"images": bench.batch, "batch1_images_per_s": bench.batch / one, "batch_all_images_per_s": bench.batch / together,
-            "speedup": one / together}
+    prompt = engine.encode(conversation)
+
+    def answer(rows: int) -> None:
+        for _ in answers_in_order(engine, [lambda: prompt] * rows, settings, rows):
+            pass
+
+    answer(2)  # warm-up
+    figures: dict[str, Any] = {}
+    for rows in sorted({1, min(8, bench.batch), bench.batch}):
+        rate = rows * bench.tokens / bench.clock(lambda rows=rows: answer(rows))
+        figures[f"b{rows}_tokens_per_s"] = rate
+        for path in ("default", "no_cuda_graph"):
+            if "tokens_per_s" in bench.found.get(path, {}):
+                figures[f"b{rows}_vs_{path}_b1"] = rate / bench.found[path]["tokens_per_s"]
+    return figures
 
 
 def buckets_phase(bench: Bench) -> dict[str, Any]:

@@ -74,13 +74,13 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
-    from llava_cli.startup import start_engine  # looked up here, so a test replaces the backend in one place
+    from llava_cli.startup import show_note, start_engine  # looked up here, so a test replaces the backend in one place
 
     engine = start_engine(settings)
     conversation = opened.conversation or Conversation(system=settings.system)
     conversation.ask(prompt, images)
     writer = WRITERS[options.format]
-    answer = Answer(engine.generate(conversation, settings))
+    answer = Answer(engine.generate(conversation, settings), show_note)
     text = writer.stream(answer, settings.raw)
     session = save_answer(opened.recorder, conversation, settings)
     writer.finish(answer_record(text, settings.model, image_names, session, answer.stats.as_dict()), settings.raw)

@@ -6,7 +6,8 @@ this process) and `RemoteEngine` (remote.py, an OpenAI-compatible server). A lea
 torch or HTTP.
 
 - `generate(conversation, settings, stop)` answers the conversation's pending turn. It yields
-  `TextChunk`s (joined: the answer with surrounding whitespace stripped), then exactly one `Done`
+  `TextChunk`s (joined: the answer with surrounding whitespace stripped) and `Note`s (one-line
+  remarks for the user: the only way a backend speaks to the user), then exactly one `Done`
   carrying the answer's figures (`Stats`), after the answer has been added to the conversation.
   Nothing follows `Done`. When `stop()` says True, or the generator is closed early (Ctrl-C), or it
   raises, no `Done` comes and the conversation keeps its unanswered turn for the caller to discard.
@@ -18,8 +19,8 @@ torch or HTTP.
 
 `Answer` wraps the events for a front-end that streams text: iterating it gives the text chunks;
 once the iteration is over, `stats` is the `Done` event's figures.
-Capabilities beyond the protocol belong to one backend and are typed with it (`ask --each` uses
-`Engine.generate_batch`, so it always loads the model locally).
+Capabilities beyond the protocol belong to one backend and are typed with it (`ask --each` runs the
+scheduler of decodebatch.py over an `Engine`, so it always loads the model locally).
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ class TextChunk:
 
 
 @dataclass(frozen=True)
+class Note:
+    """A one-line remark for the user about how the answer is made (turns dropped to fit, the decode path with --verbose)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Done:
     """The answer is complete and in the conversation: its figures."""
 
     stats: Stats
 
 
-Event = TextChunk | Done
+Event = TextChunk | Note | Done
 Events = Generator[Event, None, None]
 
 
@@ -86,10 +94,12 @@ class Backend(Protocol):
 
 
 class Answer(Iterator[str]):
-    """The text chunks of `events`; once they are all read, `stats` holds the `Done` event's figures."""
+    """The text chunks of `events`; each `Note` goes to `show_note` (the front-end's way of saying it)
+    as it comes; once they are all read, `stats` holds the `Done` event's figures."""
 
-    def __init__(self, events: Events) -> None:
+    def __init__(self, events: Events, show_note: Callable[[str], None] = lambda text: None) -> None:
         self.events = events
+        self.show_note = show_note
         self.done: Done | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -102,6 +112,9 @@ class Answer(Iterator[str]):
         if isinstance(event, Done):
             self.done = event
             return next(self)  # the end, or an event too many
+        if isinstance(event, Note):
+            self.show_note(event.text)
+            return next(self)
         return event.text
 
     def close(self) -> None:

@@ -4,14 +4,16 @@ Every image gets its own answer, in input order, as one record per line (`record
 keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text lines (output.py). An image
 that cannot be used (missing, broken, a URL that fails, too long for the context) gets a record
 carrying its `error` and a line on stderr; the batch goes on and the exit code is 1 at the end.
-`--batch-size N` answers N images per forward pass (`Engine.generate_batch`); answers are the
-same as one at a time (greedy, or sampled with the same --seed). With a server (--server, or a
+`--batch-size N` decodes up to N images at once on the engine's scheduler (decodebatch.py), admitted
+continuously: an image whose answer ends is replaced at once by the next, so no image waits for
+the longest answer of a fixed batch. Answers are the same as one at a time (greedy, or sampled
+with the same --seed); a record's `seconds` runs from its image's admission to its last token. With a server (--server, or a
 running `llava serve` for the model, as `llava ask` finds one) the records come from
 batchserver.py instead, `--parallel N` requests at once, with the same lines, order and exit codes. With `-o FILE`, images already answered there for the same
 prompt are skipped, so an interrupted run is finished by running the same command again.
 
 stderr carries only error lines, plus a progress bar when stderr is a terminal and there is
-more than one image to answer. Images are read lazily, a batch at a time, so memory does not
+more than one image to answer. Images are read lazily, as their rows are admitted, so memory does not
 grow with the number of images. Failures that are not about one image (the model cannot be
 loaded, the output cannot be written) stop the run, with every finished line already written.
 With `--ray ADDRESS` the records come from a Ray Data pipeline on a cluster instead (batchray.py):
@@ -20,8 +22,8 @@ the same lines, order, resume, errors and exit codes.
 
 from __future__ import annotations
 
+import functools
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,8 @@ from typing import Any
 from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.batchserver import batch_server, server_records
 from llava_cli.conversation import Conversation
-from llava_cli.engine import BatchAnswer, Engine, Prompt
+from llava_cli.decodebatch import BatchAnswer, answers_in_order
+from llava_cli.engine import Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
 from llava_cli.output import StdoutRecords
 from llava_cli.records import RecordFile, make_record
@@ -119,30 +122,27 @@ def record_source(names: list[str], prompt: str, settings: Settings, options: As
 
 
 def local_records(names: list[str], prompt: str, settings: Settings, batch_size: int, stdin_image: bytes) -> Iterator[dict[str, Any]]:
-    """One record per name, in order, answered by a model loaded here, `batch_size` images per pass."""
+    """One record per name, in order, answered by a model loaded here, up to `batch_size` images decoding at once."""
     engine = load_engine(settings)  # batching needs the model itself
-    for start in range(0, len(names), batch_size):
-        yield from answer_chunk(engine, names[start : start + batch_size], prompt, settings, stdin_image)
+    return answered_records(engine, names, prompt, settings, stdin_image, batch_size)
 
 
 def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes) -> list[dict[str, Any]]:
-    """Records for `names`, in order: the usable images answered in one batch, the others' errors."""
-    started = time.perf_counter()
-    prompts: dict[int, Prompt] = {}
-    errors: dict[int, str] = {}
-    for index, name in enumerate(names):
-        try:
-            prompts[index] = encode(engine, name, prompt, settings, stdin_image)
-        except LlavaError as err:
-            errors[index] = str(err)
-    answers = dict(zip(prompts, engine.generate_batch(list(prompts.values()), settings))) if prompts else {}
-    share = (time.perf_counter() - started) / max(len(answers), 1)  # each image's part of the batch time
-    return [
-        answer_record(name, prompt, settings, answers[index], share)
-        if index in answers
-        else make_record(name, prompt, settings.model, error=errors[index])
-        for index, name in enumerate(names)
-    ]
+    """Records for `names`, in order, all decoding at once (a Ray actor's batch)."""
+    return list(answered_records(engine, names, prompt, settings, stdin_image, len(names)))
+
+
+def answered_records(
+    engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes, rows: int
+) -> Iterator[dict[str, Any]]:
+    """Records for `names`, in order, from the continuous scheduler (decodebatch.py's `answers_in_order`):
+    each image is read when its row is admitted, and a row that ends is replaced at once."""
+    makers = [functools.partial(encode, engine, name, prompt, settings, stdin_image) for name in names]
+    for name, answer in zip(names, answers_in_order(engine, makers, settings, rows)):
+        if isinstance(answer, LlavaError):
+            yield make_record(name, prompt, settings.model, error=str(answer))
+        else:
+            yield answer_record(name, prompt, settings, answer)
 
 
 def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Prompt:
@@ -159,7 +159,7 @@ def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_ima
     return encoded
 
 
-def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswer, seconds: float) -> dict[str, Any]:
+def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswer) -> dict[str, Any]:
     return make_record(
         name,
         prompt,
@@ -167,7 +167,7 @@ def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswe
         answer=answer.text,
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens,
-        seconds=round(seconds, 4),
+        seconds=round(answer.seconds, 4),
         finish_reason=answer.finish_reason,
     )
 

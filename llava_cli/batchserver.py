@@ -48,7 +48,7 @@ from llava_cli.errors import LlavaError, ModelError, UsageError
 from llava_cli.records import make_record
 from llava_cli.remote import RemoteEngine, Reply, ServerUnavailable, whole_number
 from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
-from llava_cli.startup import connect_server
+from llava_cli.startup import connect_server, show_note
 
 MAX_ATTEMPTS = 6  # one request and up to 5 retries
 FIRST_BACKOFF_S = 0.5
@@ -77,7 +77,7 @@ def batch_server(settings: Settings, options: AskOptions) -> RemoteEngine | None
                 f"--batch-size {options.batch_size} batches on a model loaded here; with --server, "
                 "send requests at once with --parallel N"
             )
-        remote.notify(f"answering through the llava serve at {remote.url}; --batch-size applies only with --no-server")
+        show_note(f"answering through the llava serve at {remote.url}; --batch-size applies only with --no-server")
     return remote
 
 

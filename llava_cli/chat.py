@@ -105,8 +105,10 @@ class ChatLoop:
 
     def respond(self, undo: Callable[[], None], stopped: str) -> None:
         """Answer the pending turn, then save; on failure or Ctrl-C, `undo` puts things back."""
+        from llava_cli.startup import show_note  # startup loads the backend's modules: not before a chat needs them
+
         try:
-            with closing(Answer(self.engine.generate(self.conversation, self.settings))) as answer:
+            with closing(Answer(self.engine.generate(self.conversation, self.settings), show_note)) as answer:
                 self.io.stream(answer)
         except KeyboardInterrupt:
             undo()

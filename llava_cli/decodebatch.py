@@ -11,8 +11,10 @@ do it (transformers' own continuous batching takes no images yet):
   same step.
 - `step() -> list[Sequence]` runs one forward for every row: each row's newest token, at the
   row's own position (its count of cached tokens), under a mask that hides the row's padding
-  columns; then each row picks its token with its own `Sampler` (its settings, its seeded
-  generator: decoding.py). Rows that end (end-of-sequence, budget spent) leave, and are returned.
+  columns; then each row picks its token through its own pipeline (decoding.py: its `Sampler` with
+  its settings and seeded generator, its hooks). Rows that end (end-of-sequence, budget spent) leave,
+  and are returned. A row whose scores are not finite, or whose draw fails, ends with its `error`
+  (`RowFault`) and leaves: the other rows go on with the answers they get alone.
 - `remove(sequence)` takes a row out at once (its client left); `clear()` empties the batch.
 
 A row that leaves is selected out (`batch_select_indices`); then the padding columns that no row
@@ -34,12 +36,14 @@ between 1 and MAX_BATCH_LIMIT.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.decoding import PaddedBatch, Row, Sampler, forward
+from llava_cli.decoding import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
 from llava_cli.engine import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
-from llava_cli.errors import ResourceError
+from llava_cli.errors import LlavaError, ResourceError
 from llava_cli.kvrows import columns, drop_left, merged, rows_of
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
@@ -60,6 +64,11 @@ class Sequence:
     cached_tokens: int  # the prompt's tokens that came from the pool
     length: int  # tokens of this answer in the KV cache: its next position
     source: int | None  # the key of the pool entry whose conversation it continues, which its own cache replaces there
+    error: RowFault | None = None  # why this row failed alone (its scores went bad), else None
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.row.finish_reason) or self.error is not None
 
     @property
     def cached_ids(self) -> list[int]:
@@ -82,7 +91,8 @@ class DecodeBatch:
         return columns(self.cache) if self.sequences else 0
 
     def admit(self, prompt: Prompt, settings: Settings, budget: int) -> Sequence:
-        """Prefill `prompt` (with at least one token of `budget`) alone, pick its first token, join the batch."""
+        """Prefill `prompt` (with at least one token of `budget`) alone, pick its first token, join the batch
+        unless it has already ended (`Sequence.ended`: that token ended it, or its row failed)."""
         import torch
 
         try:
@@ -93,11 +103,11 @@ class DecodeBatch:
                     torch.tensor([new], device=self.model.device), None,
                     torch.arange(keep, len(prompt.ids), device=self.model.device).unsqueeze(0),
                 )
-                logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))[0]
-                sampler = Sampler(settings, self.engine.loaded.device)
+                logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))
+                sampler = self.engine.sampler(settings)
                 sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget), keep, len(prompt.ids), source)
-                sequence.row.take(sequence.sampler.pick(logits), self.engine.eos_ids)
-                if sequence.row.finish_reason:
+                self.advance(sequence, logits[0], checked_argmax(logits)[0])
+                if sequence.ended:
                     self.give_to_pool(sequence, cache, 0)
                 else:
                     self.cache = merged(self.cache, cache) if self.sequences else cache
@@ -108,7 +118,7 @@ class DecodeBatch:
         return sequence
 
     def step(self) -> list[Sequence]:
-        """One token for every row; the rows that ended, which have left the batch."""
+        """One token for every row; the rows that ended (finished, or failed alone), which have left the batch."""
         import torch
 
         try:
@@ -116,11 +126,10 @@ class DecodeBatch:
                 logits = forward(self.model, self.cache, self.next_inputs(), {})
                 for sequence in self.sequences:
                     sequence.length += 1
-                greedy = logits.argmax(dim=-1).tolist()
+                checked = checked_argmax(logits)
                 for place, sequence in enumerate(self.sequences):
-                    token = greedy[place] if sequence.sampler.settings.greedy else sequence.sampler.pick(logits[place])
-                    sequence.row.take(token, self.engine.eos_ids)
-                ended = [sequence for sequence in self.sequences if sequence.row.finish_reason]
+                    self.advance(sequence, logits[place], checked[place])
+                ended = [sequence for sequence in self.sequences if sequence.ended]
                 for sequence in ended:
                     self.give_to_pool(sequence, self.cache, self.sequences.index(sequence))
                 self.leave(ended)
@@ -132,6 +141,18 @@ class DecodeBatch:
             self.clear()  # a forward that failed halfway may have grown only some layers
             raise
         return ended
+
+    def advance(self, sequence: Sequence, logits: Any, greedy: int | None) -> None:
+        """The row's next token through its pipeline (`greedy`: the row's `checked_argmax`, None when
+        its scores are not finite); a bad row (`RowFault`) records its error and ends, touching no other row."""
+        try:
+            if greedy is None:
+                raise RowFault(NOT_FINITE)
+            token = greedy if sequence.sampler.plain_greedy else sequence.sampler.pick(logits)
+        except RowFault as fault:
+            sequence.error = fault
+            return
+        sequence.row.take(token, self.engine.eos_ids)
 
     def next_inputs(self) -> PaddedBatch:
         """Each row's newest token at its own position, the mask hiding each row's padding columns."""
@@ -145,8 +166,9 @@ class DecodeBatch:
         return PaddedBatch(tokens, mask, lengths)
 
     def give_to_pool(self, sequence: Sequence, cache: Any, place: int) -> None:
-        """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool."""
-        if self.pool.budget_bytes:
+        """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool,
+        unless it failed (its cache may hold what made it fail)."""
+        if self.pool.budget_bytes and sequence.error is None:
             kv = rows_of(cache, place, columns(cache) - sequence.length)
             self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
 
@@ -177,11 +199,79 @@ class DecodeBatch:
     def free_memory(self) -> None:
         """After running out: the pool's caches and the allocator's idle blocks go back to the device."""
         self.pool.clear()
-        self.engine.vision.clear()
+        self.engine.forget_images()
         if self.engine.loaded.device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """One prompt's answer from `answers_in_order`: the stripped text and its figures."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence) or "length" (token budget spent)
+    seconds: float  # from its admission (its image read, its prefill) to its last token
+
+
+def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int) -> Iterator[BatchAnswer | LlavaError]:
+    """Answer independent prompts on one `DecodeBatch` of at most `rows` rows, admitted continuously:
+    a row that ends is replaced at once by the next prompt, so no row waits for the longest answer.
+
+    Each of `prompts` makes its prompt when admitted (an image is read then, not before) or raises
+    `LlavaError`. One result per prompt, in order: its `BatchAnswer`, or the `LlavaError` that failed
+    it alone (its prompt, its row's scores, out of memory in its prefill; out of memory in a step
+    fails the rows of that step). No cache is reused (an empty pool): a batch sees each image once.
+    """
+    batch = DecodeBatch(engine, PrefixPool(0))
+    done: dict[int, BatchAnswer | LlavaError] = {}
+    running: dict[Sequence, tuple[int, float]] = {}  # a row's index among `prompts`, and when it was admitted
+    waiting, emitted, exhausted = enumerate(prompts), 0, False
+
+    def end(sequence: Sequence, index: int, started: float) -> None:
+        done[index] = sequence.error or BatchAnswer(
+            engine.decode(sequence.row.tokens), len(sequence.prompt_ids),
+            len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started,
+        )
+
+    while True:
+        while not exhausted and len(batch) < rows:
+            entry = next(waiting, None)
+            if entry is None:
+                exhausted = True
+                break
+            index, make_prompt = entry
+            started = time.perf_counter()
+            try:
+                prompt = make_prompt()
+                sequence = batch.admit(prompt, settings, engine.token_budget(prompt, settings))
+            except LlavaError as err:
+                done[index] = err
+                continue
+            finally:
+                engine.forget_images()  # a batch sees each image once: the memo would only grow
+            if sequence.ended:
+                end(sequence, index, started)
+            else:
+                running[sequence] = (index, started)
+        while emitted in done:
+            yield done.pop(emitted)
+            emitted += 1
+        if not running:
+            if exhausted:
+                return
+            continue
+        try:
+            ended = batch.step()
+        except ResourceError as err:  # the step's rows failed; the batch has emptied itself
+            ended, failed, running = [], running, {}
+            for index, _ in failed.values():
+                done[index] = err
+        for sequence in ended:
+            end(sequence, *running.pop(sequence))
 
 
 def rows_that_fit(engine: Engine, window: int, reserved_bytes: int) -> int:

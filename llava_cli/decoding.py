@@ -1,24 +1,50 @@
-"""The decoding core shared by one answer and a batch: the token budget, the sampler, the batch loop.
+"""The per-row token pipeline every path decodes with: the token budget, the sampler, the hooks, the checks.
 
 - `token_budget`: how many new tokens an answer may have (`--max-new-tokens`, within the room its
-  prompt leaves in the context window). Both the streamed answer and every batch row use it.
-- `Sampler`: greedy argmax at temperature 0, else temperature + top-p sampling. Each row draws
-  with its own `torch.Generator` seeded with `--seed`, from its own row's float32 probabilities,
-  so a seeded answer does not depend on the batch it is in: `ask`, `ask --each` and any
-  `--batch-size` give an image the same answer.
-- `decode_batch`: independent prompts answered together, with no cache reuse. Prompts are padded
-  on the left with an attention mask that hides the padding, and each row's positions come from
-  its mask (`cumsum(mask) - 1`), as plain `transformers.generate` does, so greedy answers are the
-  ones each prompt gets alone. A row leaves the batch at its first end-of-sequence token or when
-  its budget is spent; the others go on without it.
+  prompt leaves in the context window). The streamed answer, every batch row and every serve row use it.
+- `Sampler`: one row's choice of its next token. Greedy argmax when the temperature is below
+  `settings.GREEDY_BELOW` (as vLLM: a temperature that small would overflow float32), else
+  temperature + top-p sampling from the row's own float32 probabilities with the row's own
+  `torch.Generator` seeded with `--seed` (a request's `seed`), so a seeded answer does not depend on
+  the batch it is in or the path that runs it: `ask`, `chat`, `ask --each` at any `--batch-size`
+  and `serve` give a prompt the same answer. Before the draw, each `TokenHook` may mask tokens.
+- `TokenHook`: what later work plugs into every row, written once for every path: `constrain`
+  (a token mask, e.g. structured output: logits with forbidden tokens at -inf, on the device) and
+  `accepted` (each chosen token: logprobs, stop sequences; it may end the row). A row's hooks are
+  given to its `Sampler` and its `Row`.
+- `RowFault`: one row's scores went bad (not finite) or its draw failed. Only that row fails: the
+  scheduler (decodebatch.py) takes it out and the other rows go on. `checked_argmax(logits)` is the
+  per-row check and the greedy tokens, in one host sync for the whole batch.
+- `Row`: one answer's tokens and, once it has stopped, why.
+- `forward`: one forward of the model over a batch's new ids after what a `DynamicCache` holds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from llava_cli.errors import LlavaError
 from llava_cli.settings import Settings
+
+NOT_FINITE = "the model's scores for this answer became NaN or infinite; try another --temperature or a float32 --dtype"
+
+
+class RowFault(LlavaError):
+    """One row's scores or draw went bad: that answer fails alone."""
+
+
+class TokenHook(Protocol):
+    """A per-row step of the token pipeline (see the module docstring); every method is called on every path."""
+
+    def constrain(self, logits: Any) -> Any:
+        """The row's next-token logits with the tokens it may not take at -inf (the same tensor when none)."""
+        ...
+
+    def accepted(self, token: int) -> bool:
+        """Take note of the row's chosen token (not an end-of-sequence one); True ends the row ("stop")."""
+        ...
 
 
 def token_budget(settings: Settings, window: int, prompt_tokens: int) -> int:
@@ -38,29 +64,34 @@ def new_generator(seed: int | None, device: str) -> Any:
 
 
 class Sampler:
-    """Greedy argmax at temperature 0, else temperature + top-p sampling, one generator per row."""
+    """One row's next token: greedy argmax, or temperature + top-p sampling with the row's own generator."""
 
-    def __init__(self, settings: Settings, device: str, rows: int = 1) -> None:
+    def __init__(self, settings: Settings, device: str, hooks: Sequence[TokenHook] = ()) -> None:
         self.settings = settings
-        self.generators = [] if settings.greedy else [new_generator(settings.seed, device) for _ in range(rows)]
+        self.hooks = tuple(hooks)
+        self.generator = None if settings.greedy else new_generator(settings.seed, device)
 
-    def pick(self, logits: Any, row: int = 0) -> int:
-        """The next token of `row` from its logits (a vector over the vocabulary)."""
-        return int(self.choose(logits, row))
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no hook: a batch may take this row's token from one argmax over all rows."""
+        return self.settings.greedy and not self.hooks
 
-    def choose(self, logits: Any, row: int = 0) -> Any:
+    def pick(self, logits: Any) -> int:
+        """The next token from the row's logits (a vector over the vocabulary); `RowFault` if the draw fails."""
+        try:
+            return int(self.choose(logits))
+        except RuntimeError as err:  # torch.multinomial refuses a distribution that is not one
+            raise RowFault(f"{NOT_FINITE} ({str(err).splitlines()[0]})") from None
+
+    def choose(self, logits: Any) -> Any:
         """`pick` without leaving the device: the token as a one-element tensor (no host sync)."""
         import torch
 
+        for hook in self.hooks:
+            logits = hook.constrain(logits)
         if self.settings.greedy:
             return torch.argmax(logits)
-        return torch.multinomial(self.probabilities(logits), 1, generator=self.generators[row])
-
-    def pick_rows(self, logits: Any, rows: list[int]) -> list[int]:
-        """The next token of each of `rows` from `logits` (one line per row, in that order)."""
-        if self.settings.greedy:
-            return logits.argmax(dim=-1).tolist()
-        return [self.pick(line, row) for line, row in zip(logits, rows)]
+        return torch.multinomial(self.probabilities(logits), 1, generator=self.generator)
 
     def probabilities(self, logits: Any) -> Any:
         """Softmax at the temperature, in float32, with everything outside the top-p nucleus zeroed."""
@@ -74,76 +105,43 @@ class Sampler:
         return probs
 
 
+def checked_argmax(logits: Any) -> list[int | None]:
+    """For each row of `logits` ([rows, vocabulary]) its argmax, or None where the row went bad (a NaN
+    or +inf score, or no finite one; -inf alone is a token ruled out): the batch's greedy tokens and
+    its per-row check in one host sync."""
+    import torch
+
+    good = ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) & torch.isfinite(logits).any(dim=-1)
+    return [None if token < 0 else token for token in torch.where(good, logits.argmax(dim=-1), -1).tolist()]
+
+
 @dataclass
 class Row:
-    """One prompt's progress through a batch: its new tokens and, once it has stopped, why."""
+    """One answer's progress: its new tokens and, once it has stopped, why."""
 
     budget: int
+    hooks: Sequence[TokenHook] = ()
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "" while it runs, then "stop" (end-of-sequence) or "length" (budget spent)
+    finish_reason: str = ""  # "" while it runs, then "stop" (end-of-sequence, or a hook ended it) or "length" (budget spent)
 
     def take(self, token: int, eos_ids: set[int]) -> None:
         if token in eos_ids:
             self.finish_reason = "stop"
             return
         self.tokens.append(token)
-        if len(self.tokens) >= self.budget:
+        if any([hook.accepted(token) for hook in self.hooks]):  # every hook sees every token
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.budget:
             self.finish_reason = "length"
 
 
 @dataclass
 class PaddedBatch:
-    """The running rows' last inputs: token ids, the attention mask over everything so far, positions."""
+    """The running rows' last inputs: token ids, the attention mask over everything so far (None: no padding), positions."""
 
     ids: Any
     mask: Any
     positions: Any
-
-    @classmethod
-    def left_padded(cls, prompts: list[list[int]], pad_id: int, device: Any) -> PaddedBatch:
-        import torch
-
-        # Left padding puts every row's last prompt token in the last column, so all rows take
-        # their next token in the same step; the mask keeps rows from seeing the padding.
-        longest = max(map(len, prompts))
-        ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
-        return cls(ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))
-
-    def advance(self, tokens: list[int], keep: Any) -> None:
-        """Keep the rows at indices `keep` and feed each its newest token."""
-        import torch
-
-        mask = self.mask[keep]
-        self.ids = torch.tensor(tokens, device=mask.device).unsqueeze(1)
-        self.mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
-        self.positions = self.positions[keep, -1:] + 1
-
-
-def decode_batch(
-    model: Any, prompts: list[list[int]], image_inputs: dict[str, Any], budgets: list[int], sampler: Sampler, eos_ids: set[int], pad_id: int
-) -> list[Row]:
-    """Answer every prompt (each with a budget of at least one token); one `Row` per prompt, in order."""
-    import torch
-    from transformers import DynamicCache
-
-    rows = [Row(budget) for budget in budgets]
-    running = list(range(len(rows)))  # the rows still in the batch, in batch order
-    batch = PaddedBatch.left_padded(prompts, pad_id, model.device)
-    cache = DynamicCache(config=model.config.text_config)
-    with torch.inference_mode():
-        logits = forward(model, cache, batch, image_inputs)
-        while True:
-            for index, token in zip(running, sampler.pick_rows(logits, running)):
-                rows[index].take(token, eos_ids)
-            keep = [place for place, index in enumerate(running) if not rows[index].finish_reason]
-            if not keep:
-                return rows
-            if len(keep) < len(running):
-                cache.batch_select_indices(torch.tensor(keep, device=model.device))
-            running = [running[place] for place in keep]
-            batch.advance([rows[index].tokens[-1] for index in running], keep)
-            logits = forward(model, cache, batch, {})
 
 
 def forward(model: Any, cache: Any, batch: PaddedBatch, image_inputs: dict[str, Any]) -> Any:

@@ -4,10 +4,10 @@
 `TextChunk`s (joined: exactly the answer with surrounding whitespace stripped), then, once the answer
 has been added to the conversation, one `Done` with its figures. If it is stopped, closed early
 (Ctrl-C) or raises, no `Done` comes and the conversation keeps its unanswered turn for the caller.
-Its extra capability, beyond the protocol:
-`Engine.generate_batch(prompts, settings)` answers independent prompts together, with no cache
-reuse. Both draw tokens through decoding.py (one sampler, one token budget, one stopping rule), so
-a batch row's answer is the one `generate` gives that prompt alone, greedy or seeded.
+Beyond the protocol, the scheduler (decodebatch.py: `llava serve`, `ask --each`) uses its public
+`fit`, `encode`, `token_budget`, `image_inputs` and `eos_ids`. Every path draws tokens through
+decoding.py's per-row pipeline (one sampler, one token budget, one stopping rule), so a batch row's
+answer is the one `generate` gives that prompt alone, greedy or seeded.
 
 Cache reuse: the engine keeps the KV cache of the tokens it has already run, with their token ids
 and the digests of the images they hold. A new prompt keeps the longest common prefix (never
@@ -15,15 +15,15 @@ splitting an image, never trusting an image whose content changed), drops the re
 and runs only the new tokens; the vision tower sees only images that are not in the cache. Greedy
 answers are therefore the ones plain `model.generate` gives for the full prompt. How the model runs
 over the cache is a `ForwardPath` (forward.py), chosen from the settings of each `generate` call:
-the default `StaticPath` (graphstep.py: a bucketed static cache, the next token chosen on the device,
-a CUDA graph on a GPU), `EagerPath` where the model cannot use it, or `--compile`'s.
+on a GPU the default `StaticPath` (graphstep.py: a bucketed static cache, the next token chosen on the
+device, a CUDA graph), `EagerPath` on a CPU (faster there) or where the model cannot use it, or `--compile`'s.
 
 Decoding looks one step ahead: the step that feeds token N is launched before token N is read on
 the host, so when token N ends the answer, that step fed a token the answer does not use; it is
 cropped from the cache. `PrefixCache.ids` always lists exactly the tokens the KV cache holds.
 
 Context: when history plus room for an answer would overflow the window, the oldest whole turns
-are dropped (reported through `notify`); a message that cannot fit alone raises `ContextError`
+are dropped (said in a `Note` event); a message that cannot fit alone raises `ContextError`
 and leaves the conversation as it was.
 
 Out of GPU memory in a forward: the cache is freed (`free_memory`) and `ResourceError` raised, naming
@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.backend import BackendInfo, Done, Events, TextChunk, window_within
+from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk, window_within
 from llava_cli.conversation import Conversation
-from llava_cli.decoding import Row, Sampler, decode_batch, token_budget
+from llava_cli.decoding import Row, Sampler, token_budget
 from llava_cli.errors import ContextError, ResourceError
 from llava_cli.forward import CompiledPath, ForwardPath, Steps
 from llava_cli.graphstep import default_path
@@ -78,19 +78,13 @@ class Prompt:
     image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens
 
 
+def dropped_note(dropped: int, window: int) -> str:
+    return f"dropped the {dropped} oldest turn(s) to fit the {window}-token context window"
+
+
 def image_keys(prompt: Prompt) -> list[tuple[str, tuple[int, int]]]:
     """Each image of `prompt` as the cache identifies it: content digest and token span."""
     return [(image.digest, span) for image, span in zip(prompt.images, prompt.image_spans)]
-
-
-@dataclass(frozen=True)
-class BatchAnswer:
-    """One prompt's answer from `Engine.generate_batch`: the stripped text and its figures."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence) or "length" (token budget spent)
 
 
 @dataclass
@@ -141,12 +135,11 @@ class PrefixCache:
 class Engine:
     """Answers conversations with a loaded model, reusing the KV cache across turns."""
 
-    def __init__(self, loaded: LoadedModel, notify: Callable[[str], None] = lambda message: None) -> None:
+    def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
-        self.notify = notify
         self.cache = PrefixCache()
         self.vision = VisionInputs(loaded.processor, loaded.family.tiling)
         self.eos_ids = self.end_of_sequence_ids()
@@ -175,7 +168,23 @@ class Engine:
     def reset(self) -> None:
         """Forget the cache (after /clear, or when memory must be freed)."""
         self.cache.reset()
+        self.forget_images()
+
+    def forget_images(self) -> None:
+        """Drop the memo of preprocessed images (it pays off within one chat; a server or a batch sees endless images)."""
         self.vision.clear()
+
+    def decode(self, tokens: list[int]) -> str:
+        """A whole answer's text from its tokens, stripped."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def detokenizer(self) -> TextStream:
+        """A new incremental detokenizer for one answer's tokens."""
+        return TextStream(self.tokenizer)
+
+    def sampler(self, settings: Settings) -> Sampler:
+        """A new row's sampler for `settings` (its own seeded generator, on the model's device)."""
+        return Sampler(settings, self.loaded.device)
 
     def use_path_for(self, settings: Settings) -> None:
         """Switch to the forward path `settings` asks for (`--compile`, `--no-cuda-graph` or not); a switch empties the cache."""
@@ -197,12 +206,14 @@ class Engine:
             return
         if stop():
             return
+        if stats.dropped_turns:
+            yield Note(dropped_note(stats.dropped_turns, self.context_window(settings)))
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
         row = Row(budget=self.token_budget(prompt, settings))
-        sampler = Sampler(settings, self.loaded.device)
-        stream = TextStream(self.tokenizer)
+        sampler = self.sampler(settings)
+        stream = self.detokenizer()
         with self.guarded():  # a bigger bucket may not fit in memory
             self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
@@ -218,47 +229,15 @@ class Engine:
                 break
             if chunk := stream.push(token):
                 yield TextChunk(chunk)
-        self.say_notes(settings)
+        if settings.verbose:
+            yield from (Note(note) for note in self.path.take_notes())
+        else:
+            self.path.take_notes()  # each said once, and only with --verbose
         if tail := stream.finish():
             yield TextChunk(tail)
         conversation.answer(stream.text)
         stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - started, self.peak_memory_mb())
         yield Done(stats)
-
-    def generate_batch(self, prompts: list[Prompt], settings: Settings) -> list[BatchAnswer]:
-        """Answer independent prompts (from `encode`, each with a budget of at least one token) together.
-
-        Each answer is the one `generate` gives its prompt alone (greedy; and sampled with a seed):
-        see decoding.py. The KV cache is not touched; the memo of preprocessed images is emptied,
-        since a batch sees each image once and keeping them would grow with a long run.
-        """
-        import torch
-
-        budgets = [self.token_budget(prompt, settings) for prompt in prompts]
-        sampler = Sampler(settings, self.loaded.device, rows=len(prompts))
-        try:
-            rows = decode_batch(
-                self.model, [p.ids for p in prompts], self.batch_image_inputs(prompts), budgets, sampler, self.eos_ids, self.pad_id()
-            )
-        except torch.OutOfMemoryError:
-            raise ResourceError(f"out of memory answering {len(prompts)} images at once; lower --batch-size") from None
-        finally:
-            self.vision.clear()
-        return [
-            BatchAnswer(self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), len(prompt.ids), len(row.tokens), row.finish_reason)
-            for row, prompt in zip(rows, prompts)
-        ]
-
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else min(self.eos_ids)
-
-    def batch_image_inputs(self, prompts: list[Prompt]) -> dict[str, Any]:
-        """The image arguments of every prompt, in prompt order, joined into one batch."""
-        import torch
-
-        per_prompt = [self.image_inputs(prompt, keep=0) for prompt in prompts if prompt.images]
-        return {name: torch.cat([inputs[name] for inputs in per_prompt]) for name in per_prompt[0]} if per_prompt else {}
 
     def fit(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> tuple[Prompt, int]:
         """Encode the conversation, dropping its oldest turns until it fits the context window.
@@ -289,7 +268,6 @@ class Engine:
             )
         if dropped:
             conversation.drop_oldest(dropped)
-            self.notify(f"dropped the {dropped} oldest turn(s) to fit the {window}-token context window")
         return prompt, dropped
 
     def encode(self, conversation: Conversation) -> Prompt:
@@ -350,12 +328,6 @@ class Engine:
                 self.free_memory()
                 raise ResourceError(OUT_OF_MEMORY) from None
             raise
-
-    def say_notes(self, settings: Settings) -> None:
-        """With --verbose, the forward path's one-line notes on how it decodes (each said once)."""
-        for note in self.path.take_notes():
-            if settings.verbose:
-                self.notify(note)
 
     def free_memory(self) -> None:
         """Give back what the cache and the image memo hold, so the next message has room."""

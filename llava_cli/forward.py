@@ -5,9 +5,10 @@ A path gives the cache for a turn (`cache_for`), runs token ids after what the c
 `Steps` (`steps`): `launch()` feeds the chosen token and computes the next one, `read()` returns the
 chosen token on the host. The engine never looks inside the cache beyond `crop`.
 
-- `StaticPath` (graphstep.py) is the default: a bucketed static cache and device-chosen steps,
-  replayed as a CUDA graph on a GPU.
-- `EagerPath` (the default with flash-attention, which cannot mask a static cache): a `DynamicCache`
+- `StaticPath` (graphstep.py) is the default on a GPU: a bucketed static cache and device-chosen steps,
+  replayed as a CUDA graph.
+- `EagerPath` (the default on a CPU, where it decodes faster, and with flash-attention, which cannot
+  mask a static cache): a `DynamicCache`
   that grows with the conversation; every forward is a plain eager call, each token picked on the host.
 - `CompiledPath` (`--compile`): one `StaticCache` sized for the whole context window, allocated
   once and kept for the engine's life. Prefill (several tokens, or images) runs eagerly; one-token

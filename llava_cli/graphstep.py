@@ -1,4 +1,4 @@
-"""The default decode path: a static KV cache grown in buckets, and a one-token step that never
+"""The default decode path on a GPU: a static KV cache grown in buckets, and a one-token step that never
 waits for the host and, on a GPU, is replayed as a CUDA graph.
 
 `StaticPath` is a `ForwardPath` (forward.py). Its contract:
@@ -26,6 +26,7 @@ waits for the host and, on a GPU, is replayed as a CUDA graph.
   state would have to be registered with the graph. On a CPU the step always runs uncaptured.
 - It needs an attention that masks the static cache's empty and stale slots (forward.MASKED_ATTENTION)
   and a cache without sliding-window layers; `default_path` picks `EagerPath` otherwise, with a note.
+  On a CPU `default_path` picks `EagerPath` too: there it decodes faster (bench/decode_paths_cpu.py).
 """
 
 from __future__ import annotations
@@ -61,14 +62,21 @@ def uncaptured_reason(device_type: str, cuda_graph: bool, greedy: bool) -> str |
 FLASH_NOTE = ("flash-attention 2 cannot mask a static cache's empty slots, so decoding keeps a growing "
               "dynamic cache without a CUDA graph (--attn sdpa for the static cache)")
 SLIDING_NOTE = "this model's sliding-window layers keep a growing dynamic cache, without a CUDA graph"
+# bench/decode_paths_cpu.py (bench/RESULTS.md): on a CPU there is no graph to replay, and the static
+# bucket's masked attention over empty slots costs more than it saves (0.88x plain generate on a
+# 300M-parameter decoder against the eager path's 1.08x; 0.88x against 1.06x on the tiny model).
+CPU_NOTE = "on a CPU decoding keeps a growing dynamic cache (the static cache is for GPUs: it measured slower here)"
 
 
 def default_path(model: Any, settings: Settings, window: int, buckets: tuple[int, ...] = BUCKET_TOKENS) -> ForwardPath:
-    """The path without --compile: `StaticPath` where the model allows it, else `EagerPath` with a note saying why."""
+    """The path without --compile: `StaticPath` on a GPU where the model allows it, else `EagerPath`
+    (the faster on a CPU) with a note saying why."""
     if model.config._attn_implementation not in MASKED_ATTENTION:
         return EagerPath(model, note=FLASH_NOTE)
     if has_sliding_layers(model):
         return EagerPath(model, note=SLIDING_NOTE)
+    if model.device.type == "cpu":
+        return EagerPath(model, note=CPU_NOTE)
     return StaticPath(model, window, cuda_graph=not settings.no_cuda_graph, buckets=buckets)
 
 

@@ -129,7 +129,7 @@ ROWS = (
     Option("allow_pickle", bool, False, ("--allow-pickle",), "Load pickle (.bin) weights, which can run code. Only for repos you trust.", MODEL_PANEL),
     Option("max_image_pixels", int, DEFAULT_MAX_IMAGE_PIXELS, ("--max-image-pixels",), "Refuse larger images (decompression-bomb guard).", MODEL_PANEL,
            valid=lambda pixels: pixels >= 1, problem="must be positive (got {value})"),
-    Option("temperature", float, DEFAULT_TEMPERATURE, ("--temperature", "-t"), "0 is greedy (deterministic).", GENERATION_PANEL,
+    Option("temperature", float, DEFAULT_TEMPERATURE, ("--temperature", "-t"), "0 is greedy (deterministic), as is anything below 1e-5.", GENERATION_PANEL,
            valid=lambda t: 0.0 <= t <= 100.0, problem="must be between 0 and 100 (got {value})",
            settable=True, saved=True, request=("temperature",)),
     Option("top_p", float, DEFAULT_TOP_P, ("--top-p",), "Nucleus sampling threshold (with temperature > 0).", GENERATION_PANEL,

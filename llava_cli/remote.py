@@ -17,13 +17,14 @@ the server cannot be reached, the connection was reset (before or during the ans
 answered 429/502/503/504 (with its `Retry-After`, if any); `ask --each` retries those (batchserver.py).
 Closing the generator early (Ctrl-C) closes the connection, which stops the answer on a
 `llava serve`. `--max-context` is the server's business; turns the server dropped to fit its
-window are dropped from the conversation here too, with the same note as locally.
+window are dropped from the conversation here too, with a `Note` as locally.
 
 `answer(conversation, settings)` reads a whole answer without changing the conversation (for
 `ask --each`, whose requests run in parallel threads: `RemoteEngine` keeps no state per request, and
 with `remember_images=False` no image cache either, so memory does not grow with the images sent).
 
-`connect(settings, notify)` returns the remote engine to use, or None to load the model here:
+`connect(settings, notify)` returns the remote engine to use, or None to load the model here
+(`notify` hears only why a discovered server was skipped; answers speak through `Note` events):
 none with `--no-server`; else `--server`/LLAVA_SERVER; else a running `llava serve` for the same
 model found through discovery.py, if it answers. LLAVA_API_KEY is sent as `Authorization: Bearer`,
 but only to a server the user named (--server, LLAVA_SERVER): a discovered server is found through
@@ -43,7 +44,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any, TypeVar
 
-from llava_cli.backend import BackendInfo, Done, Events, TextChunk
+from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.conversation import Conversation
 from llava_cli.discovery import find_server
 from llava_cli.streaming import Stats, TextStream
@@ -79,15 +80,13 @@ class ServerUnavailable(LlavaError):
 class RemoteEngine:
     """Answers conversations through an OpenAI-compatible chat-completions server."""
 
-    def __init__(self, url: str, model: str, api_key: str | None = None,
-                 notify: Callable[[str], None] = lambda message: None, remember_images: bool = True) -> None:
+    def __init__(self, url: str, model: str, api_key: str | None = None, remember_images: bool = True) -> None:
         self.parts = parts = server_url(url)
         self.url = url.rstrip("/")
         # Both http://host:port and the OpenAI-style base http://host:port/v1 are accepted.
         self.prefix = parts.path.rstrip("/").removesuffix("/v1") + "/v1"
         self.model = model
         self.api_key = api_key
-        self.notify = notify
         # image digest -> encoded once per session (a chat resends its images every turn); None: never kept
         self.data_urls: dict[str, str] | None = {} if remember_images else None
 
@@ -114,7 +113,7 @@ class RemoteEngine:
             stats.dropped_turns = 0
         if stats.dropped_turns:
             conversation.drop_oldest(stats.dropped_turns)
-            self.notify(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
+            yield Note(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
         conversation.answer(reply.text)
         yield Done(stats)
 
@@ -344,10 +343,10 @@ def connect(settings: Settings, notify: Callable[[str], None], remember_images: 
         return None
     api_key = os.environ.get(API_KEY_ENV) or None
     if settings.server:
-        return RemoteEngine(settings.server, settings.model, api_key, notify, remember_images)
+        return RemoteEngine(settings.server, settings.model, api_key, remember_images)
     found = find_server(settings.model, notify)
     if found is None:
         return None
     url, served_as = found
-    engine = RemoteEngine(url, served_as, None, notify, remember_images)  # never the key: the user did not name this server
+    engine = RemoteEngine(url, served_as, None, remember_images)  # never the key: the user did not name this server
     return engine if engine.reachable() else None

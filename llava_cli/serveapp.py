@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.apirequest import ApiError, Job, parse_job
+from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import rows_that_fit
 from llava_cli.engine import Engine
 from llava_cli.serveguard import Guard, ServeOptions
 from llava_cli.servelog import log, log_detail
-from llava_cli.serveworker import Failed, Finished, Item, Worker
+from llava_cli.serveworker import Failed, Item, Unfinished, Worker
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
 
@@ -38,11 +39,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def job_items(queue: asyncio.Queue[Item], first: Item) -> AsyncIterator[Item]:
-    """`first`, then the job's items up to and including its `Finished` or `Failed`."""
+    """`first`, then the job's items up to and including its `Done`, `Unfinished` or `Failed`."""
     item = first
     while True:
         yield item
-        if not isinstance(item, str):
+        if not isinstance(item, TextChunk):
             return
         item = await queue.get()
 
@@ -174,17 +175,17 @@ class Service:
         from starlette.responses import JSONResponse
 
         pieces: list[str] = []
-        finished = Finished(None)
+        end: Item = Unfinished()
         async for item in job_items(queue, first):
-            if isinstance(item, str):
-                pieces.append(item)
+            if isinstance(item, TextChunk):
+                pieces.append(item.text)
             elif isinstance(item, Failed):
                 raise item.error
             else:
-                finished = item
-        if finished.stats is None:
+                end = item
+        if not isinstance(end, Done):
             raise SHUTTING_DOWN
-        stats = finished.stats
+        stats = end.stats
         message = {"role": "assistant", "content": "".join(pieces)}
         choice = {"index": 0, "message": message, "finish_reason": stats.finish_reason}
         return JSONResponse({**self.envelope(job, "chat.completion"), "choices": [choice], "usage": usage(stats), "llava": stats.as_dict()})
@@ -198,9 +199,9 @@ class Service:
         try:
             yield sse(self.chunk(job, {"role": "assistant", "content": ""}))
             async for item in job_items(queue, first):
-                if isinstance(item, str):
-                    yield sse(self.chunk(job, {"content": item}))
-                elif isinstance(item, Failed) or item.stats is None:
+                if isinstance(item, TextChunk):
+                    yield sse(self.chunk(job, {"content": item.text}))
+                elif not isinstance(item, Done):
                     yield sse((item.error if isinstance(item, Failed) else SHUTTING_DOWN).body())
                     return
                 else:

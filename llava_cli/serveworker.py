@@ -1,8 +1,9 @@
 """`llava serve`'s worker: one engine, one daemon thread, a running batch that requests join and leave.
 
 Contract: `Worker.submit(job)` (on the event loop) queues a `Job` and returns an asyncio queue on
-which the job's text chunks arrive, then exactly one `Finished` (the answer's `Stats`, or None when
-it was stopped before the end) or `Failed` (the `ApiError` the client gets).
+which the job's events arrive: the backend contract's `TextChunk`s (backend.py), then exactly one
+`Done` (the answer's `Stats`), `Unfinished` (stopped before the end) or `Failed` (the `ApiError` the
+client gets).
 
 The thread is a scheduler (continuous batching, decodebatch.py): between two decode steps it admits
 waiting jobs, in arrival order, until `max_batch` answers run at once; each job admitted is fitted
@@ -17,7 +18,8 @@ A job's images are decoded only when it is admitted, and dropped once it is pref
 heap trimmed). A client that disconnects (`job.cancelled`) or a server shutting down (`abandon`,
 `stop`) stops its job wherever it is: queued, decoding, trimming, or at the next step. A failure
 while admitting a job (a bad image, a prompt over the window, out of memory) fails that job only;
-a failure in a decode step (out of memory) fails the answers in the batch, and the server goes on.
+a row whose scores go bad (not finite) fails alone; a failure of a decode step itself (out of
+memory) fails the answers in the batch, and the server goes on.
 A daemon thread, so that a job deep in a forward never keeps a stopping server alive.
 """
 
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llava_cli.apirequest import ApiError, Job, api_error_from
+from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import DecodeBatch, Sequence
 from llava_cli.engine import Engine, Stopped
 from llava_cli.errors import LlavaError
@@ -47,19 +50,17 @@ from llava_cli.streaming import Stats, TextStream
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
 
 
-@dataclass
-class Finished:
-    """The end of a job: the answer's figures, or None when it was stopped before the end."""
-
-    stats: Stats | None
+@dataclass(frozen=True)
+class Unfinished:
+    """The end of a job stopped before its answer ended (its client left, or the server is shutting down)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Failed:
     error: ApiError
 
 
-Item = str | Finished | Failed  # what a job sends back: text chunks, then Finished or Failed
+Item = TextChunk | Done | Unfinished | Failed  # what a job sends back: text chunks, then one of the others
 Emit = Callable[[Item], None]
 
 
@@ -93,7 +94,7 @@ class Worker:
         self.thread.start()
 
     def submit(self, job: Job) -> asyncio.Queue[Item]:
-        """Queue `job`; its chunks, then a `Finished` or `Failed`, arrive on the returned queue."""
+        """Queue `job`; its chunks, then a `Done`, `Unfinished` or `Failed`, arrive on the returned queue."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -142,7 +143,7 @@ class Worker:
 
     def admit(self, job: Job, emit: Emit) -> None:
         """Decode the job's images, fit it to the window, prefill it and add it to the batch."""
-        answer = Answer(job, emit, TextStream(self.engine.tokenizer), Stats(load_s=self.engine.loaded.load_seconds))
+        answer = Answer(job, emit, self.engine.detokenizer(), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
         try:
             if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
@@ -158,7 +159,7 @@ class Worker:
         finally:
             # The preprocessed-image memo pays off within one chat, but a server sees endless images:
             # keep it from growing without bound (the pool keeps the KV caches of recent answers).
-            self.engine.vision.clear()
+            self.engine.forget_images()
             if job.images:
                 job.release()
                 give_memory_back()
@@ -182,34 +183,37 @@ class Worker:
     def send(self, answer: Answer) -> None:
         """Emit the text of the answer's new tokens (a stream's as they come, a plain answer's once
         it has ended: every item wakes the event loop); once it has ended, its figures."""
-        row = answer.sequence.row
-        for token in row.tokens[len(answer.stream.ids) :]:
+        sequence = answer.sequence
+        for token in sequence.row.tokens[len(answer.stream.ids) :]:
             if (chunk := answer.stream.push(token)) and answer.job.stream:
-                answer.emit(chunk)
+                answer.emit(TextChunk(chunk))
                 answer.sent += 1
-        if not row.finish_reason:
+        if not sequence.ended:
             return
+        if sequence.error is not None:  # this row alone went bad; the batch goes on
+            self.answers.remove(answer)
+            return self.end(answer, failure(sequence.error))
         tail = answer.stream.finish()
         if not answer.job.stream:
             tail = answer.stream.text  # the whole answer, at once
         if tail:
-            answer.emit(tail)
+            answer.emit(TextChunk(tail))
         self.answers.remove(answer)
-        self.end(answer, Finished(self.figures(answer)))
+        self.end(answer, Done(self.figures(answer)))
 
     def figures(self, answer: Answer) -> Stats:
         row = answer.sequence.row
         answer.stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
         return answer.stats
 
-    def end(self, answer: Answer, item: Finished | Failed) -> None:
+    def end(self, answer: Answer, item: Done | Unfinished | Failed) -> None:
         self.waiting.pop(answer.job.id, None)
         answer.emit(item)
 
     def stopped(self, answer: Answer) -> None:
         reason = "the server is shutting down" if self.stopping.is_set() else "the client disconnected"
         log(f"stopped an answer after {answer.sent} chunk(s): {reason}")
-        self.end(answer, Finished(None))
+        self.end(answer, Unfinished())
 
     def must_stop(self, job: Job) -> bool:
         return job.cancelled.is_set() or self.stopping.is_set()
@@ -218,7 +222,7 @@ class Worker:
         """On a signal: stop every answer and tell every waiting request at once (not when the engine gets to it)."""
         self.stopping.set()
         for emit in list(self.waiting.values()):
-            emit(Finished(None))
+            emit(Unfinished())
 
     def stop(self) -> bool:
         """Stop, waiting SHUTDOWN_GRACE_S at most for the step in hand; True if the thread ended."""

@@ -31,6 +31,9 @@ DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images include
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive within this (slow-body clients)
 DEFAULT_CACHE_MB = 1024  # llava serve: KV caches of recent answers kept for clients resending their history (a 7B chat: ~0.5 MB/token)
 # --compile's static cache holds empty and stale slots that only an attention mask hides.
+# A temperature below this is greedy, as vLLM does it: dividing by a smaller one overflows float32
+# (3.981e-38 made every score inf), and it could not change which token is likeliest anyway.
+GREEDY_BELOW = 1e-5
 COMPILE_ATTENTION_REASON = "flash-attention 2 would attend over the static cache's empty and stale slots"
 
 
@@ -73,4 +76,4 @@ class Settings:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW

@@ -74,7 +74,12 @@ def load_engine(settings: Settings) -> Engine:
         loaded = load_model(settings, folder)
     if settings.verbose:
         say(stderr, f"loaded {loaded.name} on {loaded.device} ({loaded.dtype}) in {loaded.load_seconds:.1f}s")
-    return Engine(loaded, notify=lambda message: say(stderr, f"note: {message}"))
+    return Engine(loaded)
+
+
+def show_note(text: str) -> None:
+    """How `ask` and `chat` show a backend's `Note`: one line on stderr."""
+    say(make_console(sys.stderr), f"note: {text}")
 
 
 def say(console: Console, message: str) -> None:

@@ -9,8 +9,9 @@ place the front-ends get their backend).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import closing
 
-from llava_cli.backend import Answer, BackendInfo, Done, Events, TextChunk
+from llava_cli.backend import Answer, BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.conversation import Conversation
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
@@ -53,6 +54,21 @@ def answer_of(events: Events) -> tuple[str, Stats]:
     """A backend's whole answer and its figures (`Answer` checks there is one `Done`, at the end)."""
     answer = Answer(events)
     return "".join(answer), answer.stats
+
+
+def with_notes(backend, notes: list[str]):
+    """`backend`, its answers' `Note` texts also appended to `notes` (the events still reach the caller)."""
+    generate = backend.generate
+
+    def noted(*args, **kwargs) -> Events:
+        with closing(generate(*args, **kwargs)) as events:
+            for event in events:
+                if isinstance(event, Note):
+                    notes.append(event.text)
+                yield event
+
+    backend.generate = noted
+    return backend
 
 
 def answer_text(events: Events) -> str:

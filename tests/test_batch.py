@@ -28,7 +28,9 @@ from llava_cli.arguments import AskOptions
 from llava_cli.ask import sigterm_as_interrupt
 from llava_cli.batch import BatchProgress, run_batch
 from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
+from llava_cli.decodebatch import DecodeBatch, answers_in_order
+from llava_cli.decoding import forward
+from llava_cli.engine import Engine, Prompt
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import load_image
 from llava_cli.output import json_line
@@ -116,7 +118,7 @@ def test_a_batch_of_prompts_of_different_lengths_answers_each_as_plain_transform
         prompts.append(engine.encode(conversation))
     assert len({len(prompt.ids) for prompt in prompts}) == 4  # every row is padded differently
 
-    answers = engine.generate_batch(prompts, settings)
+    answers = together(engine, prompts, settings)
 
     for (text, colour), answer, prompt in zip(questions, answers, prompts):
         assert answer.text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], MAX_NEW)
@@ -132,10 +134,75 @@ def test_each_row_stops_at_its_own_budget(engine, settings, reference, images):
     prompts = [engine.encode(red), engine.encode(green)]
     tight = Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=len(prompts[1].ids) + 3)
 
-    short, long = engine.generate_batch(prompts, tight)
+    short, long = together(engine, prompts, tight)
 
     assert (short.completion_tokens, long.completion_tokens) == (MAX_NEW, 3)
     assert long.text == reference.answer(render_llava15([(green.turns[0].text, 1, None)]), [images["green"]], 3)
+
+
+def together(engine: Engine, prompts: list[Prompt], settings: Settings, rows: int | None = None) -> list:
+    """Each prompt's answer from the scheduler, `rows` (default: all) decoding at once."""
+    return list(answers_in_order(engine, [lambda prompt=prompt: prompt for prompt in prompts], settings, rows or len(prompts)))
+
+
+def test_a_row_that_ends_is_replaced_at_once_and_every_answer_stays_the_one_alone(engine, settings, reference, images, monkeypatch):
+    """Continuous admission: with prompts waiting, every decode step runs `rows` rows (fixed batches
+    would run a short answer's batch on with a row missing until its longest answer ends)."""
+    questions = [("hi", "red"), ("what is in this image? describe the picture in detail", "green"), ("describe", "blue"),
+                 ("how many objects are there?", "red"), ("what colour?", "green")]
+    prompts = []
+    for text, colour in questions:
+        conversation = Conversation()
+        conversation.ask(text, [load_image(str(images[colour]))])
+        prompts.append(engine.encode(conversation))
+    window = max(len(prompt.ids) for prompt in prompts) + 2
+    tight = Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=window)
+    budgets = [min(MAX_NEW, window - len(prompt.ids)) for prompt in prompts]
+    assert len(set(budgets)) > 2  # answers of different lengths
+    admitted, step_rows = [], []
+    admit, step = DecodeBatch.admit, DecodeBatch.step
+    monkeypatch.setattr(DecodeBatch, "admit", lambda batch, *args: (admitted.append(1), admit(batch, *args))[1])
+    monkeypatch.setattr(DecodeBatch, "step", lambda batch: (step_rows.append((len(batch), len(admitted))), step(batch))[1])
+
+    answers = together(engine, prompts, tight, rows=2)
+
+    assert all(rows == 2 for rows, seen in step_rows if seen < len(prompts)) and step_rows[-1][0] == 1
+    for (text, colour), answer, budget in zip(questions, answers, budgets):
+        assert answer.text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], budget)
+        assert answer.completion_tokens == budget
+
+
+def test_out_of_memory_fails_only_the_images_it_hit_and_the_run_goes_on(engine, settings, reference, images, monkeypatch):
+    """Out of memory in one image's prefill fails that image; in a decode step, the rows of that step;
+    the images admitted after it are answered as alone."""
+    import torch
+
+    from llava_cli import decodebatch
+
+    questions = [("hi", "red"), ("describe", "green"), ("how many objects are there?", "blue"), ("what colour?", "red")]
+    prompts = []
+    for text, colour in questions:
+        conversation = Conversation()
+        conversation.ask(text, [load_image(str(images[colour]))])
+        prompts.append(engine.encode(conversation))
+    doomed_prefill, steps = len(prompts[0].ids), []
+
+    def forward_or_run_out(model, cache, padded, image_inputs):
+        if padded.ids.shape == (1, doomed_prefill):
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        if padded.ids.shape[1] == 1:
+            steps.append(padded.ids.shape[0])
+            if len(steps) == 2:  # the second decode step: rows 1 and 2 are in it
+                raise torch.OutOfMemoryError("out of memory (simulated)")
+        return forward(model, cache, padded, image_inputs)
+
+    monkeypatch.setattr(decodebatch, "forward", forward_or_run_out)
+    results = together(engine, prompts, settings, rows=2)
+
+    assert [type(result).__name__ for result in results] == ["ResourceError", "ResourceError", "ResourceError", "BatchAnswer"]
+    assert str(results[0]).startswith("out of memory") and steps[:2] == [2, 2]
+    text, colour = questions[3]
+    assert results[3].text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], MAX_NEW)
 
 
 # The command line: one subprocess per behaviour that only a real process shows --------------------

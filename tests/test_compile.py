@@ -14,8 +14,7 @@ from PIL import Image
 from conftest import HUB_ID, cli_env, render_llava15, run_llava
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
-from llava_cli.forward import CompiledPath
-from llava_cli.graphstep import StaticPath
+from llava_cli.forward import CompiledPath, EagerPath
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings
 from llava_cli.streaming import stats_line
@@ -63,7 +62,7 @@ def test_compiled_decode_gives_the_default_paths_answers(loaded, settings, refer
     chat(compiled, settings, Conversation(), reference, script)
     assert isinstance(compiled.path, CompiledPath) and compiled.path.step is not loaded.model
     chat(default, dataclasses.replace(settings, compile=False), Conversation(), reference, script)
-    assert isinstance(default.path, StaticPath)
+    assert isinstance(default.path, EagerPath)  # the default on a CPU
 
 
 def test_switching_compile_off_empties_the_cache_and_keeps_answers_right(loaded, settings, reference, images):
@@ -72,7 +71,7 @@ def test_switching_compile_off_empties_the_cache_and_keeps_answers_right(loaded,
     conversation = Conversation()
     chat(engine, settings, conversation, reference, [("What is in this picture?", [images["red"]])])
     stats = chat(engine, dataclasses.replace(settings, compile=False), conversation, reference, [("more?", [])])
-    assert isinstance(engine.path, StaticPath) and stats[0].cached_tokens == 0
+    assert isinstance(engine.path, EagerPath) and stats[0].cached_tokens == 0  # the default on a CPU
 
 
 def test_piped_chat_json_shows_reused_tokens_and_verbose_stats(hf_home, images, reference):

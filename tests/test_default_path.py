@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from conftest import HUB_ID, cli_env, render_llava15, run_llava
-from fakes import answer_of, answer_text
+from fakes import answer_of, answer_text, with_notes
 from test_engine import MAX_NEW, chat, loaded, settings  # noqa: F401 (loaded, settings: the engine tests' fixtures)
 from tiny_checkpoint import build_family_checkpoint
 from llava_cli import graphstep
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.forward import EagerPath
-from llava_cli.graphstep import BUCKET_TOKENS, FLASH_NOTE, DecodeStep, StaticPath, TokenReader, bucket_size, default_path, uncaptured_reason
+from llava_cli.graphstep import BUCKET_TOKENS, CPU_NOTE, FLASH_NOTE, DecodeStep, StaticPath, TokenReader, bucket_size, default_path, uncaptured_reason
 from llava_cli.images import load_image
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings
@@ -32,7 +32,7 @@ SMALL_BUCKETS = (48, 96)  # then 192, 384, ...: the script below outgrows two of
 
 
 def engine_on(loaded, path_kind: str, window: int | None = None, notes: list[str] | None = None) -> Engine:
-    engine = Engine(loaded, notify=(notes.append if notes is not None else lambda message: None))
+    engine = Engine(loaded) if notes is None else with_notes(Engine(loaded), notes)
     window = window or loaded.context_window
     engine.path = StaticPath(loaded.model, window, buckets=SMALL_BUCKETS) if path_kind == "static" else EagerPath(loaded.model)
     return engine
@@ -68,13 +68,17 @@ def test_flash_attention_keeps_the_eager_dynamic_cache_and_says_so():
     assert isinstance(path, EagerPath) and path.take_notes() == [FLASH_NOTE] and path.take_notes() == []
 
 
-def test_no_cuda_graph_is_an_option_that_chooses_a_new_path(loaded, settings):
+def test_a_gpu_gets_the_static_path_with_or_without_its_graph_and_a_cpu_the_eager_one(loaded, settings):
+    import torch
+
+    on_gpu = SimpleNamespace(config=loaded.model.config, device=torch.device("cuda"))
+    captured = default_path(on_gpu, settings, 4096)
+    assert isinstance(captured, StaticPath) and captured.cuda_graph is True
+    uncaptured = default_path(on_gpu, dataclasses.replace(settings, no_cuda_graph=True), 4096)
+    assert isinstance(uncaptured, StaticPath) and uncaptured.cuda_graph is False and not captured.suits(dataclasses.replace(settings, no_cuda_graph=True), 4096)
     engine = Engine(loaded)
     engine.use_path_for(settings)
-    captured = engine.path
-    assert isinstance(captured, StaticPath) and captured.cuda_graph is True
-    engine.use_path_for(dataclasses.replace(settings, no_cuda_graph=True))
-    assert isinstance(engine.path, StaticPath) and engine.path.cuda_graph is False and engine.path is not captured
+    assert isinstance(engine.path, EagerPath) and engine.path.take_notes() == [CPU_NOTE]
 
 
 def test_turns_with_reuse_crops_and_outgrown_buckets_equal_plain_generate_and_the_eager_path(loaded, settings, reference, images):

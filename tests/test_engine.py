@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from conftest import render_llava15
-from fakes import answer_of, answer_text
+from fakes import answer_of, answer_text, with_notes
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import ContextError
@@ -31,7 +31,7 @@ def loaded(settings):
 @pytest.fixture
 def engine(loaded):
     notes: list[str] = []
-    engine = Engine(loaded, notify=notes.append)
+    engine = with_notes(Engine(loaded), notes)
     engine.notes = notes
     return engine
 

@@ -22,9 +22,10 @@ from types import SimpleNamespace
 import pytest
 
 from cli_runner import BytesStdout, invoke
-from fakes import answer_of, answer_text
+from fakes import answer_of, answer_text, with_notes
 from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
 from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
+from llava_cli.decodebatch import answers_in_order
 from llava_cli.engine import Engine
 from llava_cli.families import FAMILIES as ROWS, family_for
 from llava_cli.images import load_image
@@ -204,7 +205,7 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
     largest = max(len(family.reference.ids([user(text, [images[name]])])) for text, name in questions)
     settings = dataclasses.replace(family.settings, max_context=largest + MAX_NEW + 8)
     notes: list[str] = []
-    engine = Engine(family.loaded, notify=notes.append)
+    engine = with_notes(Engine(family.loaded), notes)
     conversation = Conversation()
     for text, name in questions:
         conversation.ask(text, [load_image(str(images[name]))])
@@ -225,7 +226,8 @@ def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, im
         conversation.ask(text, [load_image(str(path)) for path in paths])
         prompts.append(engine.encode(conversation))
         expected.append(family.reference.answer([user(text, paths)]))
-    assert [answer.text for answer in engine.generate_batch(prompts, family.settings)] == expected
+    makers = [lambda prompt=prompt: prompt for prompt in prompts]
+    assert [answer.text for answer in answers_in_order(engine, makers, family.settings, rows=len(prompts))] == expected
 
 
 @pytest.fixture(scope="module")

@@ -304,6 +304,51 @@ def test_running_out_of_memory_in_a_decode_step_fails_that_batch_and_the_server_
     assert ask(server, hello, images)[0] == hello.alone(tiny_loaded, settings, images)[0]
 
 
+def test_a_temperature_too_small_for_float32_is_greedy_and_spoils_no_other_answer(serve, tiny_loaded, settings, images):
+    """Issue 28 item 2: three greedy clients and one sending temperature 3.981e-38 all got 500
+    ("probability tensor contains inf, nan"); below 1e-5 is greedy, as in vLLM."""
+    server = serve(max_batch=4, cache_mb=0)
+    greedy = [Ask("What is in this picture?", ("red",)), Ask("hello", stream=True), Ask("Describe the colours.", ("green",), max_tokens=9)]
+    tiny = Ask("the quick brown fox", temperature=3.981e-38, seed=5)
+    results = all_at_once(server, [*greedy, tiny], images)
+    assert [text for text, _ in results[:3]] == [request.alone(tiny_loaded, settings, images)[0] for request in greedy]
+    assert results[3][0] == Ask(tiny.text).alone(tiny_loaded, settings, images)[0]
+    assert max(server.step_rows) == 4
+
+
+def test_a_row_whose_scores_go_bad_fails_alone_and_the_others_keep_their_answers(tiny_loaded, settings, images, monkeypatch):
+    """Per-row finite check: NaN scores in one row of a decode step end that row with its `RowFault`;
+    the other rows go on in the same batch and get the answers they get alone."""
+    import torch
+
+    from llava_cli import decodebatch
+
+    engine = Engine(tiny_loaded)
+    batch = DecodeBatch(engine, PrefixPool(0))
+    texts = ["hi", "What is in this picture? Tell me more.", "the quick brown fox"]
+    prompts = [encoded(engine, texts[0]), encoded(engine, texts[1], images["red"]), encoded(engine, texts[2])]
+    sampled = dataclasses.replace(settings, temperature=0.9, seed=3)
+    sequences = [batch.admit(prompt, row_settings, 12) for prompt, row_settings in zip(prompts, [settings, sampled, sampled])]
+    spoilt = []
+
+    def forward_spoiling_row_one(model, cache, padded, image_inputs):
+        logits = forward(model, cache, padded, image_inputs)
+        if sequences[1] in batch.sequences and len(sequences[1].row.tokens) == 3:
+            spoilt.append(len(batch))
+            logits[batch.sequences.index(sequences[1])] = float("nan")
+        return logits
+
+    monkeypatch.setattr(decodebatch, "forward", forward_spoiling_row_one)
+    while len(batch):
+        batch.step()
+    assert spoilt == [3] and "NaN or infinite" in str(sequences[1].error) and sequences[1].row.tokens[:3] == sequences[1].row.tokens
+    for place in (0, 2):
+        conversation = Conversation(turns=[Turn(text=texts[place])])
+        request_settings = dataclasses.replace([settings, sampled, sampled][place], max_new_tokens=12)
+        alone, _ = answer_of(Engine(tiny_loaded).generate(conversation, request_settings))
+        assert sequences[place].error is None and engine.tokenizer.decode(sequences[place].row.tokens, skip_special_tokens=True).strip() == alone
+
+
 # ---------------------------------------------------------------- the batch itself: merge, positions, trim
 
 

@@ -31,7 +31,7 @@ from llava_cli.engine import Engine
 from llava_cli.errors import UsageError
 from llava_cli.apirequest import LOCAL_IMAGE_REFUSED, MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, Job
 from llava_cli.serveapp import Service
-from llava_cli.serveworker import Finished, Worker
+from llava_cli.serveworker import Unfinished, Worker
 from llava_cli.serveguard import Guard, ServeOptions, api_key_from_file
 from llava_cli.settings import Settings
 
@@ -282,7 +282,7 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
     items = queue.SimpleQueue()
     try:
         worker.jobs.put((job, items.put))
-        assert items.get(timeout=30) == Finished(None)
+        assert items.get(timeout=30) == Unfinished()
     finally:
         worker.stop()
     assert forwards == []
@@ -295,7 +295,7 @@ def test_a_job_queued_behind_another_is_dropped_when_its_client_leaves(tiny_load
     items = queue.SimpleQueue()
     try:
         worker.jobs.put((job, items.put))
-        assert items.get(timeout=30) == Finished(None)
+        assert items.get(timeout=30) == Unfinished()
     finally:
         worker.stop()
     assert items.empty() and job.conversation.pending

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from conftest import render_llava15
-from fakes import answer_text
+from fakes import answer_text, with_notes
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine, Prompt
 from llava_cli.trimming import TrimSearch
@@ -100,7 +100,7 @@ def test_a_long_trimmed_history_is_answered_as_plain_transformers_answers_what_i
         conversation.turns.append(Turn(text=f"question {index} about the picture", answer=f"answer {index}"))
     conversation.ask("What is in this picture?", [load_image(str(images["green"]))])
     notes: list[str] = []
-    answer = answer_text(Engine(tiny_loaded, notify=notes.append).generate(conversation, settings))
+    answer = answer_text(with_notes(Engine(tiny_loaded), notes).generate(conversation, settings))
     kept = [(turn.text, len(turn.images), turn.answer) for turn in conversation.turns]
     dropped = 401 - len(kept)
     assert dropped > 300 and notes == [f"dropped the {dropped} oldest turn(s) to fit the 256-token context window"]

@@ -10,7 +10,7 @@ import pytest
 from cli_runner import invoke
 from fake_io import FakeIO
 from fakes import FakeBackend, use_backend
-from llava_cli.backend import Answer, BackendInfo, Done, TextChunk
+from llava_cli.backend import Answer, BackendInfo, Done, Note, TextChunk
 from llava_cli.chat import ChatLoop
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
@@ -25,6 +25,14 @@ def events(*items):
 def test_an_answer_streams_its_text_and_then_holds_the_final_figures():
     answer = Answer(events(TextChunk("a "), TextChunk("cat"), Done(FIGURES)))
     assert list(answer) == ["a ", "cat"]
+    assert answer.stats is FIGURES
+
+
+def test_notes_reach_the_front_end_in_order_as_they_come_and_never_the_text():
+    shown: list[str] = []
+    answer = Answer(events(Note("dropped 2 turns"), TextChunk("a "), Note("decoding note"), TextChunk("cat"), Done(FIGURES)), shown.append)
+    assert next(answer) == "a " and shown == ["dropped 2 turns"]
+    assert list(answer) == ["cat"] and shown == ["dropped 2 turns", "decoding note"]
     assert answer.stats is FIGURES
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llava_cli.decoding import Row, Sampler, token_budget
+from llava_cli.decoding import Row, RowFault, Sampler, checked_argmax, token_budget
 from llava_cli.settings import Settings
 
 GREEDY = Settings()
@@ -18,10 +18,54 @@ def logits_of(probabilities: list[float]) -> torch.Tensor:
     return torch.tensor([math.log(p) for p in probabilities])
 
 
-def test_greedy_picks_the_largest_logit_for_one_row_and_for_each_row():
+def test_greedy_picks_the_largest_logit():
     sampler = Sampler(GREEDY, "cpu")
     assert sampler.pick(torch.tensor([0.1, 2.0, -1.0, 1.9])) == 1
-    assert sampler.pick_rows(torch.tensor([[0.1, 2.0, 0.0], [3.0, 2.0, 0.0], [0.0, 0.0, 0.5]]), [0, 1, 2]) == [1, 0, 2]
+    assert sampler.plain_greedy and sampler.generator is None
+
+
+@pytest.mark.parametrize("temperature", [3.981e-38, 1e-6, 9.99e-6])
+def test_a_temperature_below_1e_5_is_greedy_as_in_vllm(temperature):
+    """3.981e-38 passed the 0-100 check and made every score inf in float32 (issue 28 item 2)."""
+    sampler = Sampler(Settings(temperature=temperature, seed=3), "cpu")
+    assert sampler.plain_greedy
+    assert sampler.pick(torch.tensor([0.1, 2.0, -1.0, 1.9])) == 1
+    assert not Sampler(Settings(temperature=1e-5, seed=3), "cpu").plain_greedy
+
+
+def test_a_draw_from_scores_that_are_not_finite_fails_that_row_with_one_line():
+    sampler = Sampler(Settings(temperature=1.0, seed=3), "cpu")
+    with pytest.raises(RowFault, match="NaN or infinite"):
+        sampler.pick(torch.tensor([0.1, float("nan"), 1.0]))
+    inf = float("inf")
+    rows = [[0.0, 1.0], [inf, 0.0], [0.0, float("nan")], [3.0, -inf], [-inf, -inf]]
+    assert checked_argmax(torch.tensor(rows)) == [1, None, None, 0, None]
+
+
+class Forbid:
+    """A token-mask hook: forbids one token, and ends the row when it sees `last`."""
+
+    def __init__(self, token: int, last: int) -> None:
+        self.token, self.last, self.seen = token, last, []
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(-1, torch.tensor([self.token]), float("-inf"))
+
+    def accepted(self, token: int) -> bool:
+        self.seen.append(token)
+        return token == self.last
+
+
+def test_hooks_mask_tokens_before_the_draw_and_may_end_the_row():
+    hook = Forbid(token=1, last=3)
+    sampler = Sampler(GREEDY, "cpu", hooks=[hook])
+    assert not sampler.plain_greedy  # a batch must not take this row's token from the shared argmax
+    assert sampler.pick(torch.tensor([0.1, 2.0, -1.0, 1.9])) == 3
+    row = Row(budget=5, hooks=[hook])
+    for token in (2, 3, 4):
+        if not row.finish_reason:
+            row.take(token, eos_ids={0})
+    assert (row.tokens, row.finish_reason, hook.seen[-2:]) == ([2, 3], "stop", [2, 3])
 
 
 def test_top_p_keeps_the_smallest_set_of_tokens_that_reaches_it():
@@ -39,28 +83,28 @@ def test_temperature_sharpens_in_float32():
     assert probabilities.tolist() == pytest.approx([0.1, 0.9], abs=1e-3)  # 0.25² : 0.75², normalized
 
 
-def draws(sampler: Sampler, logits: torch.Tensor, row: int, steps: int) -> list[int]:
-    return [sampler.pick(logits, row) for _ in range(steps)]
+def draws(sampler: Sampler, logits: torch.Tensor, steps: int) -> list[int]:
+    return [sampler.pick(logits) for _ in range(steps)]
 
 
 FLAT = torch.zeros(50)  # every token equally likely: the draws show the generator alone
 
 
 def test_a_seed_repeats_the_draws_and_another_seed_changes_them():
-    first, again = draws(Sampler(SAMPLED, "cpu"), FLAT, 0, 20), draws(Sampler(SAMPLED, "cpu"), FLAT, 0, 20)
-    other = draws(Sampler(Settings(temperature=0.9, top_p=0.9, seed=8), "cpu"), FLAT, 0, 20)
+    first, again = draws(Sampler(SAMPLED, "cpu"), FLAT, 20), draws(Sampler(SAMPLED, "cpu"), FLAT, 20)
+    other = draws(Sampler(Settings(temperature=0.9, top_p=0.9, seed=8), "cpu"), FLAT, 20)
     assert first == again and first != other
 
 
 def test_each_row_draws_as_it_would_alone_whatever_the_batch():
     """Row r of a batch gets the draws a batch of one gets, even as other rows leave the batch."""
-    alone = draws(Sampler(SAMPLED, "cpu"), FLAT, 0, 6)
-    batch = Sampler(SAMPLED, "cpu", rows=3)
+    alone = draws(Sampler(SAMPLED, "cpu"), FLAT, 6)
+    samplers = [Sampler(SAMPLED, "cpu") for _ in range(3)]
     rows: dict[int, list[int]] = {0: [], 1: [], 2: []}
     running = [0, 1, 2]
     for step in range(6):
-        for row, token in zip(running, batch.pick_rows(FLAT.expand(len(running), -1), running)):
-            rows[row].append(token)
+        for row, line in zip(running, FLAT.expand(len(running), -1)):
+            rows[row].append(samplers[row].pick(line))
         if step == 1:
             running = [0, 2]  # row 1 finished
     assert rows[0] == alone and rows[2] == alone and rows[1] == alone[:2]
