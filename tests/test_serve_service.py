@@ -226,7 +226,7 @@ def test_slow_bodies_hold_only_a_share_and_other_clients_are_answered(server):
 
 
 def test_sigterm_drains_answers_in_flight_refuses_new_work_and_exits_0(server):
-    long_answer = {"model": server.model, "messages": [user("Tell me a long story.")], "max_tokens": 400, "stream": True}
+    long_answer = {"model": server.model, "messages": [user("Tell me a long story.")], "max_tokens": 150, "stream": True}
     auth = {"Authorization": f"Bearer {KEYS[0]}"}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long_answer, headers=auth, timeout=60) as response:
         lines = response.iter_lines()
