@@ -1,9 +1,9 @@
 """`llava serve`'s access log and request ids: an ASGI middleware around the app.
 
-Contract: `AccessLog(app, metrics, json_lines)` gives every HTTP request an id (the client's
+Contract: `AccessLog(app, metrics, json_lines, endpoints)` gives every HTTP request an id (the client's
 `X-Request-Id` when it is 1 to 128 characters of letters, digits and `._:-`, else a new one),
-echoes it in the response's `X-Request-Id`, counts the request in `metrics` (by endpoint and
-status, with its time), and writes one line when the response has ended (streams included):
+echoes it in the response's `X-Request-Id`, counts the request in `metrics` (by endpoint, one of
+`endpoints` or `other`, and status, with its time), and writes one line when the response has ended (streams included):
 
 - `json_lines`: a JSON object per request on stderr, always: `time` (UTC, ISO 8601),
   `request_id`, `client`, `method`, `path`, `status`, `key_id`, `prompt_tokens`,
@@ -29,7 +29,6 @@ from llava_cli.servemetrics import Metrics
 
 RECORD = "llava.access"  # the ASGI scope key of a request's log record
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-KNOWN_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 
 
 def note(scope: dict[str, Any], **fields: Any) -> None:
@@ -47,8 +46,9 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class AccessLog:
-    def __init__(self, app: Any, metrics: Metrics, json_lines: bool) -> None:
+    def __init__(self, app: Any, metrics: Metrics, json_lines: bool, endpoints: frozenset[str]) -> None:
         self.app = app
+        self.endpoints = endpoints  # paths counted by name; others as `other`, so labels stay few
         self.metrics = metrics
         self.json_lines = json_lines
 
@@ -69,7 +69,7 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - started
             path = scope.get("path", "")
-            self.metrics.request(path if path in KNOWN_PATHS else "other", record["status"], seconds)
+            self.metrics.request(path if path in self.endpoints else "other", record["status"], seconds)
             self.write(scope, record, seconds)
 
     def write(self, scope: dict[str, Any], record: dict[str, Any], seconds: float) -> None:

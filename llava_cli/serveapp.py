@@ -129,7 +129,7 @@ class Service:
             Route("/health", self.health, methods=["GET"]),  # Starlette adds HEAD
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
-        return AccessLog(app, self.metrics, self.json_log)
+        return AccessLog(app, self.metrics, self.json_log, frozenset(route.path for route in routes))
 
     def watch_worker(self, cache_bytes: int) -> None:
         worker = self.worker

@@ -198,8 +198,4 @@ def guarded(protocol_class: type, limits: ConnectionLimits) -> type:
             if response:
                 self.transport.write(response)
             self.transport.close()
-
-        def __getattr__(self, name: str) -> Any:  # uvicorn's server reaches into its connections (shutdown())
-            return getattr(self.inner, name)
-
     return Guarded

@@ -7,8 +7,8 @@ apart). The server reports into it:
 - `answered(stats)`: an answer's prompt, cached and generated tokens, time to first token and
   time per output token (from its `Stats`);
 - `loaded()` / `unloaded()`: model load and unload events (`--keep-alive`);
-- `watch(worker, pool, cache_budget_bytes)`: gauges read when scraped: queue depth, running rows,
-  the batch size, whether the model is loaded, and the KV-cache bytes held against `--cache-mb`.
+- `watch({name: (help, read)})`: gauges read when scraped (serveapp.py: queue depth, running rows,
+  the batch size, whether the model is loaded, the KV-cache bytes held against `--cache-mb`).
 
 `render() -> (bytes, content type)` is the text exposition. prometheus_client is imported here
 only, when a server starts (`llava --help` stays instant).
@@ -17,8 +17,6 @@ only, when a server starts (`llava --help` stays instant).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
 from llava_cli.streaming import Stats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -70,8 +68,3 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def endpoint_label(path: str, known: Any) -> str:
-    """A bounded label for a path: the known endpoints by name, everything else as `other`."""
-    return path if path in known else "other"

@@ -104,3 +104,38 @@ def test_the_guard_finds_where_each_pipelined_request_head_ends():
     assert framing.in_head and framing.head_started and framing.requests == 1
     assert framing.feed(b"st: x\r\n\r\n") is None and framing.requests == 2 and not framing.head_started
     assert framing.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n") == "chunked"
+
+
+def test_health_is_503_while_the_model_loads_again_and_metrics_can_be_public(tiny_loaded, tiny_model):
+    from llava_cli.engine import Engine
+    from llava_cli.settings import Settings
+    from test_server_hardening import client_for
+
+    loading = threading.Event()
+
+    def slow_load() -> Engine:
+        loading.set()
+        time.sleep(1.5)
+        return Engine(tiny_loaded)
+
+    settings = Settings(model=str(tiny_model), max_new_tokens=2)
+    app, service = client_for(tiny_loaded, settings, api_keys=("sk-k",), keep_alive_s=0, metrics_public=True)
+    service.holder.load_engine, service.holder.keep_alive_s = slow_load, 0  # as `llava serve --keep-alive 0` builds it
+    try:
+        body = {"model": str(tiny_model), "messages": [{"role": "user", "content": "Hi?"}]}
+        auth = {"Authorization": "Bearer sk-k"}
+        assert app.post("/v1/chat/completions", json=body, headers=auth).status_code == 200
+        deadline = time.monotonic() + 10
+        while service.holder.engine is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        replies = []
+        sender = threading.Thread(target=lambda: replies.append(app.post("/v1/chat/completions", json=body, headers=auth)))
+        sender.start()
+        assert loading.wait(10)
+        health = app.get("/health")
+        sender.join(60)
+        assert health.status_code == 503 and health.json() == {"status": "loading", "model": str(tiny_model), "loaded": False}
+        assert replies[0].status_code == 200 and app.get("/health").status_code == 200
+        assert app.get("/metrics").status_code == 200 and app.get("/v1/models").status_code == 401  # --metrics-public opens only /metrics
+    finally:
+        service.worker.stop()
