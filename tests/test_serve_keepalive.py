@@ -6,6 +6,7 @@ Also the option parsers and the connection guard's request framing (no server ne
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -80,11 +81,38 @@ def test_ask_through_the_server_works_across_an_unload(server, images, reference
     assert result.stdout_text.strip() == expected
 
 
+def test_a_piped_chat_through_the_server_keeps_its_history_across_unloads(server, images, reference):
+    loads = counter(server, "llava_model_loads_total")
+    script = f"/image {images['red']}\nWhat is it?\nAnd its colour?\n"
+    result = run_llava("chat", "--json", "--server", server.url, "--model", server.model, "-n", str(MAX_NEW),
+                       stdin=script, env=server.client_env())
+    assert result.returncode == 0, result.stderr_text
+    records = [json.loads(line) for line in result.stdout_text.splitlines()]
+    first = reference.answer(render_llava15([("What is it?", 1, None)]), [images["red"]], MAX_NEW)
+    second = reference.answer(render_llava15([("What is it?", 1, first), ("And its colour?", 0, None)]), [images["red"]], MAX_NEW)
+    assert [record["answer"] for record in records] == [first, second]
+    assert counter(server, "llava_model_loads_total") >= loads + 2  # each turn loaded the model again
+
+
 def test_keep_alive_durations_and_bad_values():
     assert [parse_keep_alive(text) for text in ("-1", "0", "30", "30s", "5m", "1h", "1.5m")] == [None, 0, 30, 30, 300, 3600, 90]
     for bad in ("5x", "-5", "", "m"):
         with pytest.raises(UsageError, match="--keep-alive must be a duration"):
             parse_keep_alive(bad)
+
+
+def test_connections_stay_under_the_open_file_limit(monkeypatch):
+    import resource
+
+    from llava_cli.serveconn import RESERVED_FILE_DESCRIPTORS, ConnectionLimits
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (300, 4096))
+    limits = ConnectionLimits(max_connections=512, max_per_client=128)
+    assert limits.max_connections == 300 - RESERVED_FILE_DESCRIPTORS
+    admitted = [limits.admit(f"10.0.0.{n % 3}") for n in range(400)]
+    assert admitted.count(True) == limits.max_connections and limits.by_client["10.0.0.0"] <= 128
+    limits.release("10.0.0.0")
+    assert limits.admit("10.0.0.9") and not limits.admit("10.0.0.9")  # a freed place goes to the next client, then full again
 
 
 def test_a_key_file_holds_one_key_a_line(tmp_path):
