@@ -52,9 +52,9 @@ def memory_mb(pid: int, field: str) -> float:
     raise SystemExit(f"no {field} in /proc/{pid}/status")
 
 
-def start_server(model: Path, runtime: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, runtime: Path, *options: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "LLAVA_RUNTIME_DIR": str(runtime), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "llava_cli", "serve", "--model", str(model), "--port", "0", "-n", "4"]
+    command = [sys.executable, "-m", "llava_cli", "serve", "--model", str(model), "--port", "0", "-n", "4", *options]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.monotonic()
     while not (runtime.is_dir() and list(runtime.glob("server-*.json"))):

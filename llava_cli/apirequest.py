@@ -13,6 +13,8 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
 - The request fields of the option table (options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
   `max_tokens`/`max_completion_tokens`, `seed`) override the server's `Settings` for this request,
   each type-checked, then validated by `Settings`.
+- `cache_salt` (a string, as vLLM has it) scopes the prefix cache: only requests with the same
+  salt, sent with the same API key, share cached prefixes (`Job.cache_scope`).
 
 `api_error_from` turns what the engine refused (`LlavaError`) into the `ApiError` a client gets.
 """
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 MAX_MESSAGES = 4096  # per request: a 2,000-turn chat; trimming to the window costs a few encodes whatever the count
 MAX_IMAGES_PER_REQUEST = 16
+MAX_CACHE_SALT_CHARS = 256
 MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_SIDE**2  # decoded pixels of one request's images together (after shrinking)
 LOCAL_IMAGE_REFUSED = (
     "the image cannot be used: send it as a data: URL (a path is read only when it lies under the "
@@ -54,9 +57,10 @@ class ApiError(Exception):
     """A refused request: its HTTP status and the OpenAI-style error it is answered with."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.param, self.kind = status, code, param, kind
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
@@ -65,6 +69,8 @@ class ApiError(Exception):
         from starlette.responses import JSONResponse
 
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.retry_after_s is not None:
+            headers = {"Retry-After": str(self.retry_after_s)}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -92,6 +98,12 @@ class Job:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cache_salt: str = ""  # the request's `cache_salt`: only requests with the same salt (and key) share cached prefixes
+    key_id: str = ""  # which of the server's API keys sent it (serveapp.py)
+
+    @property
+    def cache_scope(self) -> str:
+        return f"{self.key_id}\n{self.cache_salt}"
 
     def load_images(self, guard: Guard, max_pixels: int, stop: Callable[[], bool]) -> bool:
         """Decode the images in order, within MAX_REQUEST_PIXELS; False if told to stop meanwhile."""
@@ -134,7 +146,15 @@ def parse_job(body: Any, served_model: str, base: Settings) -> Job:
         settings=request_settings(body, base),
         stream=optional(body, "stream", bool, "true or false") is True,
         include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
+        cache_salt=cache_salt(body),
     )
+
+
+def cache_salt(body: dict[str, Any]) -> str:
+    salt = optional(body, "cache_salt", str, "a string") or ""
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise ApiError(400, f"`cache_salt` must be at most {MAX_CACHE_SALT_CHARS} characters", param="cache_salt")
+    return salt
 
 
 def optional(body: dict[str, Any], key: str, kind: type, described: str, prefix: str = "") -> Any:

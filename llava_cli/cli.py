@@ -22,7 +22,8 @@ from llava_cli import __version__
 from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
 from llava_cli.options import OPTIONS, Option
 from llava_cli.settings import (
-    DEFAULT_BATCH_SIZE, DEFAULT_CACHE_MB, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings,
+    DEFAULT_BATCH_SIZE, DEFAULT_CACHE_MB, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_TIMEOUT_KEEP_ALIVE_S, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings,
 )
 from llava_cli.terminal import emit_error
 from llava_cli.usage import preflight
@@ -169,7 +170,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
     port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVA_API_KEY", metavar="KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every request. On the command line the key shows in `ps` to every local user: prefer LLAVA_API_KEY or --api-key-file.")] = None,
-    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", metavar="FILE", show_default=False, help="Read the API key from FILE (one line; keep it 0600).")] = None,
+    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", metavar="FILE", show_default=False, help="Read the API keys from FILE, one a line (keep it 0600); logs name them key-1, key-2...")] = None,
     max_request_mb: Annotated[int, typer.Option("--max-request-mb", help="Refuse larger request bodies (images included).")] = DEFAULT_MAX_REQUEST_MB,
     request_timeout: Annotated[float, typer.Option("--request-timeout", metavar="SECONDS", help="A request body must arrive within this time (408 otherwise).")] = DEFAULT_REQUEST_TIMEOUT_S,
     allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", metavar="NAME", show_default=False, help="Also answer requests whose Host header is NAME (repeatable; '*': any). localhost, IP addresses and --host always work.")] = None,
@@ -177,6 +178,14 @@ def serve(
     allowed_local_media_path: Annotated[Optional[str], typer.Option("--allowed-local-media-path", metavar="DIR", show_default=False, help="Let requests name image files under DIR (symlinks resolved). Without it only data: URLs are accepted.")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", metavar="N", show_default=False, help="Answer up to N requests at once, decoded together (default: as many as the GPU's free memory holds at full context, 8 on a CPU).")] = None,
     cache_mb: Annotated[int, typer.Option("--cache-mb", metavar="MB", help="Keep up to MB of recent answers' KV caches, so chat clients resending their history skip its prefill (0: none).")] = DEFAULT_CACHE_MB,
+    keep_alive: Annotated[str, typer.Option("--keep-alive", metavar="DURATION", help="Unload the model after this idle time (30s, 5m, 1h; 0: after each answer; -1: never); the next request loads it again.")] = "-1",
+    metrics_public: Annotated[bool, typer.Option("--metrics-public", help="Serve GET /metrics without the API key.")] = False,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", metavar="SECONDS", help="Close connections whose request headers take longer.")] = DEFAULT_HEADER_TIMEOUT_S,
+    timeout_keep_alive: Annotated[float, typer.Option("--timeout-keep-alive", metavar="SECONDS", help="Close idle kept-alive connections after this.")] = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    max_connections: Annotated[int, typer.Option("--max-connections", metavar="N", help="Open connections in all (kept under the open-file limit); more are refused with 503.")] = DEFAULT_MAX_CONNECTIONS,
+    max_connections_per_client: Annotated[int, typer.Option("--max-connections-per-client", metavar="N", help="Open connections from one address.")] = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", metavar="SECONDS", help="On SIGTERM, refuse new requests (503) and let answers in flight finish for up to this long.")] = DEFAULT_DRAIN_TIMEOUT_S,
+    log_format: Annotated[str, typer.Option("--log-format", metavar="FORMAT", help="Access log: text (with --verbose) or json (one line per request on stderr).")] = "text",
     settings: Settings = Settings(),
 ) -> int:
     """Keep the model loaded and serve the OpenAI chat-completions API on http://HOST:PORT/v1.
@@ -188,14 +197,17 @@ def serve(
     Generation options are the defaults for requests. Ctrl-C stops it (exit 130), SIGTERM too (exit 0).
     """
     from llava_cli.server import run_serve
-    from llava_cli.serveguard import ServeOptions, api_key_from_file
+    from llava_cli.serveguard import ServeOptions, api_keys_from_file
+    from llava_cli.servemodel import parse_keep_alive
 
-    if api_key_file is not None:
-        api_key = api_key_from_file(api_key_file)
+    api_keys = api_keys_from_file(api_key_file) if api_key_file is not None else (api_key,) if api_key is not None else ()
     options = ServeOptions(
-        host=host, port=port, api_key=api_key, max_request_mb=max_request_mb, request_timeout_s=request_timeout,
+        host=host, port=port, api_keys=api_keys, max_request_mb=max_request_mb, request_timeout_s=request_timeout,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
         allowed_local_media_path=allowed_local_media_path, max_batch=max_batch, cache_mb=cache_mb,
+        keep_alive_s=parse_keep_alive(keep_alive), metrics_public=metrics_public, header_timeout_s=header_timeout,
+        timeout_keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
+        drain_timeout_s=drain_timeout, log_format=log_format,
     )
     return run_serve(settings, options)
 

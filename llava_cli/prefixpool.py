@@ -15,6 +15,9 @@ the token ids and image keys it holds (engine.py's `PrefixCache`), within `budge
   prompt tokens then its answer's, no padding) in place of the entry with key `replaces` and of
   the entries whose tokens and images it extends, so a chat holds one entry, not one per turn.
   Chats that only share a beginning (the prompt format, a system prompt) keep their own entries.
+- Scopes (`use_scope(scope)` before `start`): an entry is reused only by prompts of the scope that
+  made it (`llava serve`: the API key and the request's `cache_salt`), so cached tokens and timing
+  never tell one client what another sent. `source` is opaque: it carries the scope to `keep`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Held:
     entry: PrefixCache
     size: int  # bytes
     prompt_tokens: int  # the entry's tokens that were its prompt; the rest were its answer
+    scope: str = ""  # who may reuse it (see use_scope)
 
 
 class PrefixPool:
@@ -39,27 +43,33 @@ class PrefixPool:
         self.budget_bytes = budget_bytes
         self.entries: dict[int, Held] = {}  # by key, least recently used first
         self.keys = itertools.count()  # a key, not the entry, names a source: an answer must not keep an evicted cache alive
+        self.scope = ""  # of the next `start`
+
+    def use_scope(self, scope: str) -> None:
+        self.scope = scope
 
     @property
     def held_bytes(self) -> int:
         return sum(held.size for held in self.entries.values())
 
-    def start(self, prompt: Prompt) -> tuple[Any, int, int | None]:
+    def start(self, prompt: Prompt) -> tuple[Any, int, tuple[str, int | None]]:
         best, keep = None, 0
         for key, held in self.entries.items():
-            if (reusable := held.entry.reusable_prefix(prompt)) > keep:
+            if held.scope == self.scope and (reusable := held.entry.reusable_prefix(prompt)) > keep:
                 best, keep = key, reusable
         if best is None:
-            return new_cache(), 0, None
+            return new_cache(), 0, (self.scope, None)
         held = self.entries[best] = self.entries.pop(best)  # now the most recently used
-        return prefix_of(held.entry.kv, keep), keep, best if keep >= held.prompt_tokens else None
+        return prefix_of(held.entry.kv, keep), keep, (self.scope, best if keep >= held.prompt_tokens else None)
 
-    def keep(self, entry: PrefixCache, prompt_tokens: int, replaces: int | None = None) -> None:
+    def keep(self, entry: PrefixCache, prompt_tokens: int, source: tuple[str, int | None] | None = None) -> None:
         size = nbytes(entry.kv)
         if size > self.budget_bytes:
             return
-        self.entries = {key: held for key, held in self.entries.items() if key != replaces and not extends(entry, held.entry)}
-        self.entries[next(self.keys)] = Held(entry, size, prompt_tokens)
+        scope, replaces = source or ("", None)
+        self.entries = {key: held for key, held in self.entries.items()
+                        if key != replaces and not (held.scope == scope and extends(entry, held.entry))}
+        self.entries[next(self.keys)] = Held(entry, size, prompt_tokens, scope)
         while self.held_bytes > self.budget_bytes:
             del self.entries[next(iter(self.entries))]
 

@@ -9,12 +9,20 @@ at once (503 beyond). The body becomes a `Job` (apirequest.py) answered by the `
 the token counts and `prompt_tokens_details.cached_tokens`, a non-standard `llava` object the
 engine's figures (`Stats.as_dict`). Every refusal is an OpenAI-style error body; a bug becomes a
 500 and one log line, and the server keeps serving.
+
+Also: `GET|HEAD /health` (no key, no Host check: load balancers) answers `{status, model, loaded}`,
+200 when the server can take work (the model loaded or unloaded by `--keep-alive`), 503 while it
+loads or drains. `GET /metrics` (servemetrics.py) needs the key unless `--metrics-public`. With
+`draining` set (SIGTERM, server.py) every other request gets 503 with `Retry-After`. A body still
+arriving after SLOW_BODY_AFTER_S takes one of MAX_SLOW_BODIES places, so clients that trickle
+their bodies hold at most that share of MAX_OPEN_REQUESTS (503 beyond). Each request's key id
+(`key-N`) scopes its prefix-cache entries and goes to the access log (serveaccess.py), never the key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,8 +32,11 @@ from llava_cli.apirequest import ApiError, Job, parse_job
 from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import rows_that_fit
 from llava_cli.engine import Engine
-from llava_cli.serveguard import Guard, ServeOptions
+from llava_cli.serveaccess import RECORD, AccessLog, note
+from llava_cli.serveguard import Guard, ServeOptions, key_id
 from llava_cli.servelog import log, log_detail
+from llava_cli.servemetrics import Metrics
+from llava_cli.servemodel import LOADING, ModelHolder
 from llava_cli.serveworker import Failed, Item, Unfinished, Worker
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
@@ -35,13 +46,18 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
 MAX_OPEN_REQUESTS = 32  # being read, queued or answered (until a stream starts): with --max-request-mb, bounds what bodies hold
+MAX_SLOW_BODIES = MAX_OPEN_REQUESTS // 4  # bodies still arriving after SLOW_BODY_AFTER_S: the rest stay free for other clients
+SLOW_BODY_AFTER_S = 1.0
+DRAIN_RETRY_AFTER_S = 5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def job_items(queue: asyncio.Queue[Item], first: Item) -> AsyncIterator[Item]:
-    """`first`, then the job's items up to and including its `Done`, `Unfinished` or `Failed`."""
+async def job_items(queue: asyncio.Queue[Item], first: Item, ended: Callable[[Stats], None]) -> AsyncIterator[Item]:
+    """`first`, then the job's items up to and including its `Done`, `Unfinished` or `Failed`; `ended` gets a finished answer's figures."""
     item = first
     while True:
+        if isinstance(item, Done):
+            ended(item.stats)
         yield item
         if not isinstance(item, TextChunk):
             return
@@ -72,6 +88,8 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 SHUTTING_DOWN = ApiError(503, "the server is shutting down", kind="server_error")
+DRAINING = ApiError(503, "the server is shutting down; send the request again elsewhere or later", code="server_draining",
+                    kind="server_error", retry_after_s=DRAIN_RETRY_AFTER_S)
 
 
 # ---------------------------------------------------------------- the service
@@ -80,14 +98,21 @@ SHUTTING_DOWN = ApiError(503, "the server is shutting down", kind="server_error"
 class Service:
     """The HTTP endpoints around one loaded model."""
 
-    def __init__(self, engine: Engine, settings: Settings, options: ServeOptions) -> None:
+    def __init__(self, engine: Engine, settings: Settings, options: ServeOptions, load: Callable[[], Engine] | None = None) -> None:
         self.guard = Guard(options)
         cache_bytes = options.cache_mb * 2**20
         max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings), cache_bytes)
-        self.worker = Worker(engine, self.guard, max_batch, cache_bytes)
+        self.metrics = Metrics()
+        self.holder = ModelHolder(engine, load, options.keep_alive_s, self.metrics)
+        self.worker = Worker(engine, self.guard, max_batch, cache_bytes, self.holder)
+        self.watch_worker(cache_bytes)
         self.settings = settings
         self.model = settings.model
-        self.api_key = options.api_key
+        self.api_keys = options.api_keys
+        self.metrics_public = options.metrics_public
+        self.json_log = options.log_format == "json"
+        self.draining = False  # set on SIGTERM (server.py)
+        self.slow_bodies = 0  # changed on the event loop only
         self.max_request_bytes = options.max_request_mb * 2**20
         self.request_timeout_s = options.request_timeout_s
         self.open_requests = 0  # changed on the event loop only
@@ -101,23 +126,55 @@ class Service:
         routes = [
             Route("/v1/chat/completions", self.guarded(self.chat_completions), methods=["POST"]),
             Route("/v1/models", self.guarded(self.models), methods=["GET"]),
+            Route("/metrics", self.guarded(self.render_metrics, keyless=self.metrics_public, during_drain=True), methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),  # Starlette adds HEAD
         ]
-        return Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
+        app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
+        return AccessLog(app, self.metrics, self.json_log, frozenset(route.path for route in routes))
+
+    def watch_worker(self, cache_bytes: int) -> None:
+        worker = self.worker
+        self.metrics.watch({
+            "llava_queue_depth": ("Requests waiting for a place in the batch", lambda: worker.jobs.qsize() + len(worker.queued)),
+            "llava_running_rows": ("Answers being decoded together", lambda: len(worker.answers)),
+            "llava_max_batch": ("Answers that may be decoded together (--max-batch)", lambda: worker.max_batch),
+            "llava_prefix_cache_bytes": ("Bytes of KV cache held in the prefix cache", lambda: worker.pool.held_bytes),
+            "llava_prefix_cache_budget_bytes": ("The prefix cache's budget (--cache-mb)", lambda: cache_bytes),
+            "llava_model_loaded": ("1 while the model is loaded", lambda: float(worker.holder.engine is not None)),
+        })
+
+    async def health(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        state = "draining" if self.draining else self.holder.state
+        body = {"status": "ok" if state in ("loaded", "unloaded") else state, "model": self.model,
+                "loaded": self.holder.engine is not None and state != LOADING}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503, headers={"Cache-Control": "no-store"})
+
+    async def render_metrics(self, request: Request) -> Response:
+        from starlette.responses import Response
+
+        text, content_type = self.metrics.render()
+        return Response(text, media_type=content_type)
 
     async def http_error(self, request: Request, err: Exception) -> Response:
         """Unknown paths and methods, in the API's error shape."""
         status = getattr(err, "status_code", 404)
         return ApiError(status, f"{request.method} {request.url.path}: {getattr(err, 'detail', 'not found')}").response()
 
-    def guarded(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        """Check Host, Origin, Content-Type and the API key, and turn every `ApiError` (and any bug) into its response."""
+    def guarded(self, handler: Callable[[Request], Any], keyless: bool = False, during_drain: bool = False) -> Callable[[Request], Any]:
+        """Check Host, Origin, Content-Type and the API key (unless `keyless`), refuse work while draining (unless
+        `during_drain`), and turn every `ApiError` (and any bug) into its response."""
 
         async def endpoint(request: Request) -> Response:
             try:
                 if refusal := self.guard.refusal(request.method, request.headers):
                     log_detail(f"refused {request.method} {request.url.path}: {refusal.message}")
                     raise ApiError(refusal.status, refusal.message, code=refusal.code)
-                self.check_key(request)
+                if not keyless:
+                    self.check_key(request)
+                if self.draining and not during_drain:
+                    raise DRAINING
                 return await handler(request)
             except ApiError as err:
                 return err.response()
@@ -128,11 +185,13 @@ class Service:
         return endpoint
 
     def check_key(self, request: Request) -> None:
-        if self.api_key is None:
+        """401 unless the request sends one of the keys (when there are any); its key id goes to the access log."""
+        if not self.api_keys:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        found = key_id(self.api_keys, request.headers.get("authorization", ""))
+        if found is None:
             raise ApiError(401, "a valid API key is required: send Authorization: Bearer KEY", code="invalid_api_key")
+        note(request.scope, key_id=found)
 
     async def models(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
@@ -153,8 +212,10 @@ class Service:
     async def answer(self, request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
 
-        body = parse_json(await read_body(request, self.max_request_bytes, self.request_timeout_s))
+        body = parse_json(await self.read_body(request))
         job = await run_in_threadpool(parse_job, body, self.model, self.settings)  # long histories: off the loop
+        job.key_id = request.scope.get(RECORD, {}).get("key_id", "")
+        ended = functools.partial(self.answered, request.scope)
         queue = self.worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         streaming = False
@@ -164,19 +225,40 @@ class Service:
                 raise first.error
             if job.stream:
                 streaming = True  # from here on, the end of the stream stops the job and the watcher
-                return self.streamed(job, queue, first, watcher)
-            return await self.completed(job, queue, first)
+                return self.streamed(job, queue, first, watcher, ended)
+            return await self.completed(job, queue, first, ended)
         finally:
             if not streaming:
                 job.cancelled.set()  # a no-op once the job has finished
                 watcher.cancel()
 
-    async def completed(self, job: Job, queue: asyncio.Queue[Item], first: Item) -> Response:
+    def answered(self, scope: dict[str, Any], stats: Stats) -> None:
+        self.metrics.answered(stats)
+        note(scope, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
+             completion_tokens=stats.completion_tokens, ttft_s=round(stats.ttft_s, 4))
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body (see `read_body`); one that is still arriving after SLOW_BODY_AFTER_S needs a slow-body place."""
+        reading = asyncio.ensure_future(read_body(request, self.max_request_bytes, self.request_timeout_s))
+        done, _ = await asyncio.wait({reading}, timeout=SLOW_BODY_AFTER_S)
+        if done:
+            return reading.result()
+        if self.slow_bodies >= MAX_SLOW_BODIES:
+            reading.cancel()
+            raise ApiError(503, f"{MAX_SLOW_BODIES} request bodies are already arriving slowly; send the body at once or try again shortly",
+                           code="server_busy", kind="server_error", retry_after_s=1)
+        self.slow_bodies += 1
+        try:
+            return await reading
+        finally:
+            self.slow_bodies -= 1
+
+    async def completed(self, job: Job, queue: asyncio.Queue[Item], first: Item, ended: Callable[[Stats], None]) -> Response:
         from starlette.responses import JSONResponse
 
         pieces: list[str] = []
         end: Item = Unfinished()
-        async for item in job_items(queue, first):
+        async for item in job_items(queue, first, ended):
             if isinstance(item, TextChunk):
                 pieces.append(item.text)
             elif isinstance(item, Failed):
@@ -190,15 +272,16 @@ class Service:
         choice = {"index": 0, "message": message, "finish_reason": stats.finish_reason}
         return JSONResponse({**self.envelope(job, "chat.completion"), "choices": [choice], "usage": usage(stats), "llava": stats.as_dict()})
 
-    def streamed(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task) -> Response:
+    def streamed(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task, ended: Callable[[Stats], None]) -> Response:
         from starlette.responses import StreamingResponse
 
-        return StreamingResponse(self.events(job, queue, first, watcher), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(self.events(job, queue, first, watcher, ended), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def events(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task) -> AsyncIterator[str]:
+    async def events(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task,
+                     ended: Callable[[Stats], None]) -> AsyncIterator[str]:
         try:
             yield sse(self.chunk(job, {"role": "assistant", "content": ""}))
-            async for item in job_items(queue, first):
+            async for item in job_items(queue, first, ended):
                 if isinstance(item, TextChunk):
                     yield sse(self.chunk(job, {"content": item.text}))
                 elif not isinstance(item, Done):

@@ -20,25 +20,33 @@ then answers, for each request, with a `Refusal` (HTTP status, message, error co
   file lies is what is checked, then read from that same descriptor (safeio's `read_within`):
   swapping a file for a symlink between a check and the read cannot reach outside DIR (CWE-367).
 
-The API key can come from `--api-key-file` (read with safeio's hardened reader), LLAVA_API_KEY or
-`--api-key`; the last is visible to every local user in `ps`, so the help says to prefer the others.
+The API key can come from `--api-key-file` (read with safeio's hardened reader; one key a line, so
+one server can serve several keys), LLAVA_API_KEY or `--api-key`; the last is visible to every
+local user in `ps`, so the help says to prefer the others. `key_id(authorization)` names the key a
+request sent (`key-N`, its place in the file: logs and cache scopes never hold a key), or None.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_cli.errors import UsageError
-from llava_cli.safeio import read_regular, read_within
-from llava_cli.settings import DEFAULT_CACHE_MB, DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S
+from llava_cli.safeio import read_regular
+from llava_cli.settings import (
+    DEFAULT_CACHE_MB, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+)
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 ANY = "*"
-MAX_API_KEY_FILE_BYTES = 4096  # a key is a line; anything longer is not a key file
+LOG_FORMATS = ("text", "json")
+MAX_API_KEY_FILE_BYTES = 64 * 1024  # keys, one a line; anything longer is not a key file
+MAX_API_KEYS = 1024
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class ServeOptions:
 
     host: str
     port: int
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # none: no key needed
     max_request_mb: int = DEFAULT_MAX_REQUEST_MB
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     allowed_hosts: tuple[str, ...] = ()
@@ -62,6 +70,14 @@ class ServeOptions:
     allowed_local_media_path: str | None = None
     max_batch: int | None = None  # answers decoded at once; None: as many as the device holds (decodebatch.rows_that_fit)
     cache_mb: int = DEFAULT_CACHE_MB
+    keep_alive_s: float | None = None  # --keep-alive: unload the model after this idle time; None: never
+    metrics_public: bool = False  # GET /metrics without the API key
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    timeout_keep_alive_s: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    log_format: str = "text"  # or "json": one JSON line per request
     media_root: Path | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +89,17 @@ class ServeOptions:
             raise UsageError(f"--max-batch must be at least 1 (got {self.max_batch})")
         if self.cache_mb < 0:
             raise UsageError(f"--cache-mb must be 0 or more (got {self.cache_mb})")
-        if self.api_key is not None and not self.api_key.strip():
+        if not self.header_timeout_s > 0:
+            raise UsageError(f"--header-timeout must be more than 0 seconds (got {self.header_timeout_s:g})")
+        if self.max_connections < 1 or self.max_connections_per_client < 1:
+            raise UsageError("--max-connections and --max-connections-per-client must be at least 1")
+        if not self.timeout_keep_alive_s > 0:
+            raise UsageError(f"--timeout-keep-alive must be more than 0 seconds (got {self.timeout_keep_alive_s:g})")
+        if not self.drain_timeout_s >= 0:
+            raise UsageError(f"--drain-timeout must be 0 seconds or more (got {self.drain_timeout_s:g})")
+        if self.log_format not in LOG_FORMATS:
+            raise UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)} (got {self.log_format!r})")
+        if any(not key.strip() for key in self.api_keys):
             raise UsageError("the API key is empty; give a key or leave --api-key, --api-key-file and LLAVA_API_KEY out")
         for origin in self.allowed_origins:
             if origin != ANY and ("://" not in origin or origin.endswith("/")):
@@ -85,16 +111,28 @@ class ServeOptions:
             object.__setattr__(self, "media_root", Path(os.path.realpath(root)))
 
 
-def api_key_from_file(path: str) -> str:
-    """The key in `path` (surrounding whitespace removed); `UsageError` naming the file if unusable."""
+def api_keys_from_file(path: str) -> tuple[str, ...]:
+    """The keys in `path`, one a line (surrounding whitespace removed, blank lines skipped); `UsageError` naming the file if unusable."""
     try:
-        key = read_regular(Path(path).expanduser(), MAX_API_KEY_FILE_BYTES).decode("utf-8").strip()
+        text = read_regular(Path(path).expanduser(), MAX_API_KEY_FILE_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or "it is not UTF-8 text"
         raise UsageError(f"cannot read the API key from --api-key-file {path}: {reason}") from None
-    if not key or "\n" in key:
-        raise UsageError(f"--api-key-file {path} must hold the key alone, on one line")
-    return key
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not keys or len(keys) > MAX_API_KEYS or any(" " in key or "\t" in key for key in keys):
+        raise UsageError(f"--api-key-file {path} must hold API keys, one a line (at most {MAX_API_KEYS})")
+    return keys
+
+
+def key_id(keys: tuple[str, ...], authorization: str) -> str | None:
+    """`key-N` for the Nth key when `authorization` is `Bearer` that key, else None; every key compared in constant time."""
+    scheme, _, token = authorization.partition(" ")
+    sent = token.strip().encode()
+    found = None
+    for place, key in enumerate(keys, 1):
+        if hmac.compare_digest(sent, key.encode()) and found is None:
+            found = f"key-{place}"
+    return found if scheme.lower() == "bearer" else None
 
 
 class MediaRefused(Exception):

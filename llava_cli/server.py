@@ -29,23 +29,31 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   `{"error": {"message", "type", "param", "code"}}`; the server keeps serving.
 - With an API key (`--api-key-file`, LLAVA_API_KEY or `--api-key`) every endpoint needs
   `Authorization: Bearer KEY`.
-- Shutdown: SIGTERM exits 0, SIGINT (Ctrl-C) exits 130, within a few seconds whatever the worker is
-  doing; answers in flight are stopped and the discovery file (discovery.py) is removed. Nothing is
-  printed but one-line messages on stderr (uvicorn's tracebacks are folded into one line).
+- Shutdown: SIGTERM drains: `/health` turns 503 at once, new requests get 503 with `Retry-After`,
+  answers in flight finish for up to `--drain-timeout` seconds, then the server exits 0 (a second
+  SIGTERM, or `--drain-timeout 0`, skips the wait). SIGINT (Ctrl-C) exits 130 within a few seconds
+  whatever the worker is doing. Answers still in flight are stopped and the discovery file
+  (discovery.py) is removed. Nothing is printed but one-line messages on stderr (uvicorn's
+  tracebacks are folded into one line).
+- Connections go through serveconn.py's guard (header deadline, connection caps); idle kept-alive
+  ones close after `--timeout-keep-alive`. `--keep-alive` unloads an idle model (servemodel.py).
 
 Where each part lives: serveguard.py (who may ask), apirequest.py (a request body -> `Job`),
 serveworker.py (the engine's thread, scheduling the batch), serveapp.py (the HTTP endpoints and responses),
-servelog.py (one-line logging); this module binds the socket, runs uvicorn and shuts down.
+servelog.py (one-line logging), serveaccess.py (access log, request ids), servemetrics.py (/metrics),
+serveconn.py (slow and too many connections); this module binds the socket, runs uvicorn and shuts down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import logging
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +65,8 @@ from llava_cli.serveguard import ServeOptions
 from llava_cli.servelog import log, one_line_records, set_verbose
 from llava_cli.serveworker import SHUTDOWN_GRACE_S
 from llava_cli.settings import Settings
+
+DRAIN_POLL_S = 0.05
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -93,13 +103,13 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     require_server_libraries()
     set_verbose(settings.verbose)
     sock = bind(options.host, options.port)
-    service = Service(load_engine(settings), settings, options)
+    service = Service(load_engine(settings), settings, options, load=functools.partial(load_engine, settings))
     url = local_url(sock)
     announced = announce(url, settings.model)
     try:
-        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}, "
+        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_keys else ''}, "
             f"up to {service.worker.max_batch} answers at once; Ctrl-C stops")
-        code = serve_until_signal(service, sock, settings.verbose)
+        code = serve_until_signal(service, sock, settings.verbose, options)
     finally:
         if announced is not None:
             remove_server_file(announced)
@@ -118,8 +128,11 @@ def announce(url: str, model: str) -> Path | None:
         return None
 
 
-def serve_until_signal(service: Service, sock: socket.socket, verbose: bool) -> int:
+def serve_until_signal(service: Service, sock: socket.socket, verbose: bool, options: ServeOptions) -> int:
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from llava_cli.serveconn import ConnectionLimits, guarded
 
     class Server(uvicorn.Server):
         """uvicorn that stops answers in flight on a signal and returns instead of re-raising it."""
@@ -137,17 +150,37 @@ def serve_until_signal(service: Service, sock: socket.socket, verbose: bool) -> 
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets=sockets)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             self.signals.append(sig)
+            if sig == signal.SIGTERM and not service.draining and options.drain_timeout_s > 0:
+                service.draining = True  # /health says so at once; new requests get 503
+                self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+                return
             service.worker.abandon()
             super().handle_exit(sig, frame)
 
+        async def drain(self) -> None:
+            """Let the answers in flight finish, for --drain-timeout at most, then stop."""
+            log(f"SIGTERM: finishing the answers in flight (up to {options.drain_timeout_s:g} s), refusing new requests")
+            deadline = time.monotonic() + options.drain_timeout_s
+            while (service.worker.waiting or service.open_requests) and time.monotonic() < deadline and not self.should_exit:
+                await asyncio.sleep(DRAIN_POLL_S)
+            service.worker.abandon()
+            self.should_exit = True
+
+    limits = ConnectionLimits(options.header_timeout_s, options.max_connections, options.max_connections_per_client)
     config = uvicorn.Config(
         service.app(),
+        http=guarded(H11Protocol, limits),
         log_level="info" if verbose else "warning",
-        access_log=verbose,
+        access_log=False,  # serveaccess.py writes it
         lifespan="off",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        timeout_keep_alive=options.timeout_keep_alive_s,
     )
     server = Server(config)
     for name in ("uvicorn.error", "asyncio"):

@@ -21,6 +21,10 @@ while admitting a job (a bad image, a prompt over the window, out of memory) fai
 a row whose scores go bad (not finite) fails alone; a failure of a decode step itself (out of
 memory) fails the answers in the batch, and the server goes on.
 A daemon thread, so that a job deep in a forward never keeps a stopping server alive.
+
+`--keep-alive` (servemodel.py's `ModelHolder`): idle past it, the thread drops the batch, the pool's
+caches and the engine (`unload`); the next job loads the model again first (`load`), and jobs
+arriving meanwhile queue. Each job's cache entries are scoped by `job.cache_scope` (prefixpool.py).
 """
 
 from __future__ import annotations
@@ -28,10 +32,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import functools
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +47,7 @@ from llava_cli.errors import LlavaError
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveguard import Guard
 from llava_cli.servelog import log
+from llava_cli.servemodel import ModelHolder, give_memory_back
 from llava_cli.streaming import Stats, TextStream
 
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
@@ -80,11 +83,13 @@ class Answer:
 class Worker:
     """Runs jobs on one daemon thread, up to `max_batch` at once, admitted in the order they were submitted."""
 
-    def __init__(self, engine: Engine, guard: Guard, max_batch: int, cache_bytes: int) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, guard: Guard, max_batch: int, cache_bytes: int, holder: ModelHolder | None = None) -> None:
+        self.engine: Engine | None = engine
         self.guard = guard
         self.max_batch = max_batch
-        self.batch = DecodeBatch(engine, PrefixPool(cache_bytes))
+        self.pool = PrefixPool(cache_bytes)
+        self.batch: DecodeBatch | None = DecodeBatch(engine, self.pool)
+        self.holder = holder or ModelHolder(engine)
         self.jobs: queue.SimpleQueue[tuple[Job, Emit] | None] = queue.SimpleQueue()
         self.queued: collections.deque[tuple[Job, Emit]] = collections.deque()  # submitted, not admitted yet
         self.answers: list[Answer] = []  # admitted, in the batch
@@ -109,6 +114,8 @@ class Worker:
     def loop(self) -> None:
         while self.gather():
             self.drop_stopped()
+            if self.queued and self.batch is None and not self.load():
+                continue
             while self.queued and len(self.batch) < self.max_batch:
                 self.admit(*self.queued.popleft())
             if self.answers:
@@ -119,9 +126,12 @@ class Worker:
         idle = not self.answers and not self.queued
         while True:
             try:
-                entry = self.jobs.get() if idle else self.jobs.get_nowait()
+                entry = self.jobs.get(timeout=self.holder.idle_wait_s()) if idle else self.jobs.get_nowait()
             except queue.Empty:
-                return True
+                if not idle:
+                    return True
+                self.unload()  # idle past --keep-alive
+                continue
             if entry is None:
                 return False
             self.queued.append(entry)
@@ -151,6 +161,7 @@ class Worker:
             prompt, answer.stats.dropped_turns = self.engine.fit(job.conversation, job.settings, stop)
             if stop():
                 return self.stopped(answer)
+            self.pool.use_scope(job.cache_scope)
             answer.sequence = self.batch.admit(prompt, job.settings, self.engine.token_budget(prompt, job.settings))
         except Stopped:
             return self.stopped(answer)
@@ -215,6 +226,24 @@ class Worker:
         log(f"stopped an answer after {answer.sent} chunk(s): {reason}")
         self.end(answer, Unfinished())
 
+    def unload(self) -> None:
+        self.pool.clear()
+        self.engine = self.batch = None
+        self.holder.unload()
+
+    def load(self) -> bool:
+        """Load the model again for the queued jobs; False (and every queued job failed) if it cannot be."""
+        try:
+            self.engine = self.holder.load()
+        except Exception as err:
+            for job, emit in self.queued:
+                emit(Failed(ApiError(503, f"the model could not be loaded again: {err}", kind="server_error")))
+                self.waiting.pop(job.id, None)
+            self.queued.clear()
+            return False
+        self.batch = DecodeBatch(self.engine, self.pool)
+        return True
+
     def must_stop(self, job: Job) -> bool:
         return job.cancelled.is_set() or self.stopping.is_set()
 
@@ -240,15 +269,4 @@ def failure(err: Exception) -> Failed:
         return Failed(api_error_from(err))
     log(f"generation failed: {type(err).__name__}: {err}")  # a bug or a broken model: report it, keep serving
     return Failed(ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error"))
-
-
-def give_memory_back() -> None:
-    """After big images, hand glibc's freed-but-kept heap back to the system (a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return
-    trim(0)
 

@@ -30,6 +30,11 @@ DEFAULT_SERVER_PORT = 8700  # clear of vLLM's 8000, llama.cpp's 8080 and Ollama'
 DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images included
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive within this (slow-body clients)
 DEFAULT_CACHE_MB = 1024  # llava serve: KV caches of recent answers kept for clients resending their history (a 7B chat: ~0.5 MB/token)
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # llava serve: a request's headers must arrive within this (slowloris)
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # llava serve: idle kept-alive connections closed after this (uvicorn's default)
+DEFAULT_MAX_CONNECTIONS = 512  # llava serve: open connections in all (also kept under the open-file limit)
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 128  # llava serve: from one address; above `ask --each --parallel`'s 64 and a chat or two
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # llava serve: on SIGTERM, answers in flight get this long to finish
 # --compile's static cache holds empty and stale slots that only an attention mask hides.
 # A temperature below this is greedy, as vLLM does it: dividing by a smaller one overflows float32
 # (3.981e-38 made every score inf), and it could not change which token is likeliest anyway.

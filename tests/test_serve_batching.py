@@ -397,7 +397,7 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
 
     from llava_cli.engine import PrefixCache
 
-    def keep(ids: list[int], prompt_tokens: int, replaces: int | None = None) -> None:
+    def keep(ids: list[int], prompt_tokens: int, replaces: tuple[str, int | None] | None = None) -> None:
         kv = new_cache([(torch.full((1, 1, len(ids), 4), float(ids[0])), torch.zeros(1, 1, len(ids), 4))])
         pool.keep(PrefixCache(kv=kv, ids=ids), prompt_tokens, replaces)
 
@@ -410,11 +410,11 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
     pool = PrefixPool(11 * 2 * 4 * 4)  # 11 tokens of keys and values, 4 floats each
     keep([1, 2, 3, 4], prompt_tokens=2)
     keep([5, 6, 7, 8], prompt_tokens=4)
-    assert start([5, 6, 0])[1:] == (2, None)  # only the beginning is shared: not that chat's next turn
+    assert start([5, 6, 0])[1:] == (2, ("", None))  # only the beginning is shared: not that chat's next turn
     cache, reused, source = start([1, 2, 3, 9, 9])  # the next turn of [1, 2 | 3, 4], now the most recently used
-    assert reused == 3 and cache.layers[0].keys.shape[2] == 3 and pool.entries[source].entry.ids == [1, 2, 3, 4]
+    assert reused == 3 and cache.layers[0].keys.shape[2] == 3 and pool.entries[source[1]].entry.ids == [1, 2, 3, 4]
     cache.layers[0].keys.fill_(-1.0)  # what one answer does to its copy ...
-    assert pool.entries[source].entry.kv.layers[0].keys[0, 0, 0, 0] == 1.0  # ... never reaches the pool
+    assert pool.entries[source[1]].entry.kv.layers[0].keys[0, 0, 0, 0] == 1.0  # ... never reaches the pool
     keep([1, 2, 3, 9, 9, 7], prompt_tokens=5, replaces=source)  # the chat's next turn takes its last turn's place
     assert held() == [[5, 6, 7, 8], [1, 2, 3, 9, 9, 7]]
     keep([9, 9, 9, 9], prompt_tokens=2)  # over the budget: the least recently used goes
@@ -423,6 +423,25 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
     assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9]]
     keep([9, 9, 9, 9, 1], prompt_tokens=5)  # holds all that [9, 9, 9, 9] held: takes its place
     assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9, 1]] and pool.held_bytes <= pool.budget_bytes
+
+
+def test_the_pool_reuses_an_entry_only_in_the_scope_that_made_it():
+    import torch
+
+    from llava_cli.engine import PrefixCache
+
+    def start(scope: str, ids: list[int]):
+        pool.use_scope(scope)
+        return pool.start(Prompt(ids=ids, images=[], image_spans=[]))
+
+    pool = PrefixPool(2**20)
+    _, _, source = start("key-1", [1, 2, 3])
+    kv = new_cache([(torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))])
+    pool.keep(PrefixCache(kv=kv, ids=[1, 2, 3, 4]), 3, source)
+    assert start("key-2", [1, 2, 3, 4, 5])[1] == 0  # another key, or another cache_salt: nothing reused
+    assert start("key-1", [1, 2, 3, 4, 5])[1:] == (4, ("key-1", next(iter(pool.entries))))
+    pool.keep(PrefixCache(kv=kv, ids=[1, 2, 3, 4]), 3, ("key-2", None))  # the same tokens, another scope: its own entry
+    assert [held.scope for held in pool.entries.values()] == ["key-1", "key-2"]
 
 
 def test_bad_batching_options_are_refused_with_one_line(monkeypatch):

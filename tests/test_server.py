@@ -79,7 +79,7 @@ def servers(tiny_model, image_dir, tmp_path_factory):
     started = {
         "main": Server(tiny_model, tmp_path_factory.mktemp("serve"), options=("--allowed-local-media-path", str(image_dir))),
         "keyed": Server(tiny_model, tmp_path_factory.mktemp("serve-keyed"), env={"LLAVA_API_KEY": API_KEY}),
-        "doomed": Server(tiny_model, tmp_path_factory.mktemp("serve-doomed")),
+        "doomed": Server(tiny_model, tmp_path_factory.mktemp("serve-doomed"), options=("--drain-timeout", "0")),
     }
     yield started
     for running in started.values():

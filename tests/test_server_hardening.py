@@ -32,7 +32,7 @@ from llava_cli.errors import UsageError
 from llava_cli.apirequest import LOCAL_IMAGE_REFUSED, MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, Job
 from llava_cli.serveapp import Service
 from llava_cli.serveworker import Unfinished, Worker
-from llava_cli.serveguard import Guard, ServeOptions, api_key_from_file
+from llava_cli.serveguard import Guard, ServeOptions, api_keys_from_file
 from llava_cli.settings import Settings
 
 MAX_NEW = 6
@@ -325,14 +325,14 @@ def test_a_request_with_images_does_not_keep_them(app, settings, images):
 def test_the_api_key_can_come_from_a_file(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text(f"  {SECRET}\n")
-    assert api_key_from_file(str(key_file)) == SECRET
+    assert api_keys_from_file(str(key_file)) == (SECRET,)
     os.mkfifo(tmp_path / "fifo")
     for path, reason in [(tmp_path / "fifo", "it is a FIFO (named pipe), not a regular file"), (tmp_path / "none", "No such file or directory")]:
         with pytest.raises(UsageError, match=re.escape(reason)):
-            api_key_from_file(str(path))
-    (tmp_path / "two").write_text("a\nb\n")
-    with pytest.raises(UsageError, match="must hold the key alone, on one line"):
-        api_key_from_file(str(tmp_path / "two"))
+            api_keys_from_file(str(path))
+    (tmp_path / "blank").write_text("\n \n")
+    with pytest.raises(UsageError, match="must hold API keys, one a line"):
+        api_keys_from_file(str(tmp_path / "blank"))
 
 
 def test_bad_server_options_are_refused_with_one_line(tmp_path, monkeypatch):
@@ -341,13 +341,21 @@ def test_bad_server_options_are_refused_with_one_line(tmp_path, monkeypatch):
         invoke(monkeypatch, "serve", "--model", "m", "--allowed-origin", "localhost:3000"),
         invoke(monkeypatch, "serve", "--model", "m", "--request-timeout", "0"),
         invoke(monkeypatch, "serve", "--model", "m", "--api-key-file", str(tmp_path / "none")),
+        invoke(monkeypatch, "serve", "--model", "m", "--keep-alive", "5x"),
+        invoke(monkeypatch, "serve", "--model", "m", "--log-format", "xml"),
+        invoke(monkeypatch, "serve", "--model", "m", "--drain-timeout", "-1"),
+        invoke(monkeypatch, "serve", "--model", "m", "--header-timeout", "0"),
     ]
-    assert [outcome.code for outcome in outcomes] == [2, 2, 2, 2]
+    assert [outcome.code for outcome in outcomes] == [2] * 8
     assert [outcome.first_error_line for outcome in outcomes] == [
         f"llava: error: --allowed-local-media-path {tmp_path / 'none'}: not a folder",
         "llava: error: --allowed-origin 'localhost:3000' is not an origin; write it as scheme://host[:port], e.g. http://localhost:3000",
         "llava: error: --request-timeout must be more than 0 seconds (got 0)",
         f"llava: error: cannot read the API key from --api-key-file {tmp_path / 'none'}: No such file or directory",
+        "llava: error: --keep-alive must be a duration such as 30s, 5m or 1h, 0 (unload after each answer) or -1 (never); got '5x'",
+        "llava: error: --log-format must be one of text, json (got 'xml')",
+        "llava: error: --drain-timeout must be 0 seconds or more (got -1)",
+        "llava: error: --header-timeout must be more than 0 seconds (got 0)",
     ]
 
 
@@ -360,7 +368,7 @@ def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[subproc
     key_file.write_text(SECRET)
     runtime, log_path = folder / "run", folder / "serve.log"
     command = [sys.executable, "-m", "llava_cli", "serve", "--model", str(tiny_model), "--port", "0", "-n", "4",
-               "--api-key-file", str(key_file), *options]
+               "--api-key-file", str(key_file), "--drain-timeout", "0", *options]  # SIGTERM stops at once (draining: test_serve_service.py)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
     deadline = time.monotonic() + READY_TIMEOUT_S
