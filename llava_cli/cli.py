@@ -226,6 +226,54 @@ def pull(
     raise typer.Exit(run_pull(model))
 
 
+@app.command()
+def show(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id in the local cache, or a local folder.", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """What a model on disk is: family, decoder, context, parameters, dtype, size, image tokens, chat template, revision.
+
+    llava show llava-hf/llava-1.5-7b-hf
+
+    Reads config, processor files and the weights' headers only; nothing is downloaded or loaded.
+    """
+    from llava_cli.modelinfo import run_show
+
+    raise typer.Exit(run_show(model, json_output))
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id (org/name) in the local cache.", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+) -> None:
+    """Delete a model's snapshots and blobs from the Hugging Face cache (asks first; nothing outside the cache).
+
+    llava rm llava-hf/llava-1.5-7b-hf
+    """
+    from llava_cli.modelinfo import run_rm
+
+    raise typer.Exit(run_rm(model, yes))
+
+
+@app.command()
+def tokens(
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE...", help="Image files, as one prompt would hold them.", show_default=False)],
+    model: Annotated[str, typer_option(OPTIONS["model"])[2]] = OPTIONS["model"].default,
+    max_image_tokens: Annotated[Optional[int], typer_option(OPTIONS["max_image_tokens"])[2]] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per image.")] = False,
+) -> None:
+    """What the model sees of each image: original and resized size, anyres grid, image tokens, share of the context.
+
+    llava tokens screenshot.png --model llava-hf/llava-v1.6-mistral-7b-hf
+
+    Needs the model's processor files only, no weights.
+    """
+    from llava_cli.tokencount import run_tokens
+
+    raise typer.Exit(run_tokens(images, Settings(model=model, max_image_tokens=max_image_tokens), json_output))
+
+
 sessions_app = typer.Typer(help="List, show, export and remove saved conversations.", no_args_is_help=True)
 app.add_typer(sessions_app, name="sessions")
 SESSION_REF = typer.Argument(metavar="ID", help="A conversation's id, unique id prefix, or name.", show_default=False)

@@ -186,9 +186,22 @@ def settings_text(chat: Chat) -> str:
     return describe_settings({key: getattr(chat.settings, key) for key in SAVED})
 
 
-@command("show", "", "model, device, settings, context used, where the conversation is saved")
+@command("show", "", "model, device, settings, context used, where the conversation is saved, what the model sees of each image")
 def show(chat: Chat, _: str) -> None:
-    chat.io.info("\n".join(f"{label:<9} {value}" for label, value in facts(chat)))
+    chat.io.info("\n".join([f"{label:<9} {value}" for label, value in facts(chat)] + image_lines(chat)))
+
+
+def image_lines(chat: Chat) -> list[str]:
+    """Each image of the conversation (and those waiting) as the model sees it: sizes, grid, tokens, share.
+    Only a model loaded here has a processor to ask; a server does not say."""
+    loaded = getattr(chat.engine, "loaded", None)  # engine.Engine's LoadedModel; a server backend has none
+    pictures = [*chat.conversation.images, *chat.attached]
+    if loaded is None or not pictures:
+        return []
+    from llava_cli.imagetokens import describe_images
+
+    window = chat.engine.info().window(chat.settings)
+    return ["images"] + [f"  {image.line()}" for image in describe_images(loaded.processor, loaded.family, pictures, window)]
 
 
 def facts(chat: Chat) -> list[tuple[str, str]]:

@@ -10,6 +10,8 @@ config.json picks the family's row (families.py): the transformers class, the pr
 AutoProcessor or, for a family whose processor needs torchvision when it is missing, the checkpoint's
 image parts: processors.py) and the prompt format (`--chat-template`, else the family's:
 `prompt_format_for`), checked to render a message with an image before any weights are read.
+`--max-image-tokens` restricts an anyres family's grid pinpoints on the processor and the model's
+config alike (imagetokens.py).
 This module never prints (download.py draws its progress bar).
 """
 
@@ -26,6 +28,7 @@ from llava_cli.conversation import ChatTemplateFormat, Conversation, PromptForma
 from llava_cli.errors import LlavaError, ModelError, UsageError, one_line
 from llava_cli.families import FAMILIES, MODEL_TYPES, Family, family_for
 from llava_cli.images import ImageRef
+from llava_cli.imagetokens import restrict_model, restrict_pinpoints
 from llava_cli.processors import image_parts_processor, torchvision_installed
 from llava_cli.settings import Settings
 
@@ -65,7 +68,10 @@ def load_model(settings: Settings, folder: Path | None = None) -> LoadedModel:
     processor = load_processor(settings, folder, family)
     check_image_token(settings.model, config, processor)
     prompt_format = choose_prompt_format(settings, family, processor)
+    pinpoints = restrict_pinpoints(processor, family, settings.max_image_tokens, settings.model) if settings.max_image_tokens else None
     model = load_weights(settings, folder, family, device, dtype, torch)
+    if pinpoints is not None:
+        restrict_model(model, pinpoints)
     return LoadedModel(
         name=settings.model,
         model=model,

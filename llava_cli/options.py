@@ -129,6 +129,8 @@ ROWS = (
     Option("allow_pickle", bool, False, ("--allow-pickle",), "Load pickle (.bin) weights, which can run code. Only for repos you trust.", MODEL_PANEL),
     Option("max_image_pixels", int, DEFAULT_MAX_IMAGE_PIXELS, ("--max-image-pixels",), "Refuse larger images (decompression-bomb guard).", MODEL_PANEL,
            valid=lambda pixels: pixels >= 1, problem="must be positive (got {value})"),
+    Option("max_image_tokens", int, None, ("--max-image-tokens",), "Anyres families: use only the tilings whose images take at most N tokens.", MODEL_PANEL,
+           optional=True, valid=lambda tokens: tokens >= 1, problem="must be at least 1 (got {value})"),
     Option("temperature", float, DEFAULT_TEMPERATURE, ("--temperature", "-t"), "0 is greedy (deterministic).", GENERATION_PANEL,
            valid=lambda t: 0.0 <= t <= 100.0, problem="must be between 0 and 100 (got {value})",
            settable=True, saved=True, request=("temperature",)),
