@@ -19,6 +19,7 @@ from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
 from llava_cli.images import ImageRef, image_from_bytes
 from llava_cli.output import WRITERS
+from llava_cli.paste import PASTED_NAME, paste_image
 from llava_cli.records import answer_record
 from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
@@ -69,9 +70,12 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     for note in opened.notes:
         emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     command = "llava ask -c" if sessions.resume else "llava ask"
-    image_names, prompt = images_and_prompt(args, options.prompt, command, images_optional=sessions.resume)
+    image_names, prompt = images_and_prompt(args, options.prompt, command, images_optional=sessions.resume or options.clipboard)
     prompt_from_stdin = prompt is None
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
+    if options.clipboard:
+        images.append(paste_image(settings.max_image_pixels))
+        image_names = [*image_names, PASTED_NAME]
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
     from llava_cli.startup import start_engine  # looked up here, so a test replaces the backend in one place

@@ -22,6 +22,7 @@ from llava_cli.clipboard import copy_to_clipboard
 from llava_cli.conversation import Turn
 from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.options import SAVED, SETTABLE
+from llava_cli.paste import paste_image
 from llava_cli.resume import restore_conversation, restored_settings
 from llava_cli.store import (
     SessionStore,
@@ -125,6 +126,16 @@ def last_exchange(chat: Chat, action: str) -> Turn:
     if not chat.conversation.turns:
         raise InputError(f"nothing to {action} yet")
     return chat.conversation.turns[-1]
+
+
+@command("paste", "[question]", "attach the image on the system clipboard (or ask about it now)")
+def paste(chat: Chat, argument: str) -> None:
+    image = paste_image(chat.settings.max_image_pixels)
+    chat.attached.append(image)
+    width, height = image.image.size
+    chat.io.info(f"attached the clipboard's image ({width}x{height}); it goes with your next message")
+    if argument.strip():
+        chat.send(argument.strip())
 
 
 @command("retry", "", "answer the last message again")

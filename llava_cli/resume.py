@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import InputError, SessionError, UsageError
 from llava_cli.images import ImageRef, load_image
+from llava_cli.paste import PASTED_NAME
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SavedConversation, SavedImage, SessionStore, model_id, parse_time
 
@@ -97,7 +98,8 @@ def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing
 
 def reload_image(image: SavedImage, max_pixels: int) -> ImageRef:
     if image.path is None:
-        raise InputError(f"{image.name} was read from stdin and cannot be read again")
+        source = "pasted from the clipboard" if image.name == PASTED_NAME else "read from stdin"
+        raise InputError(f"{image.name} was {source} and cannot be read again")
     if not os.path.exists(image.path):
         raise InputError(f"{image.name} is gone ({image.path} no longer exists)")
     ref = load_image(image.path, max_pixels)
