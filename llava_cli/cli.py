@@ -98,6 +98,7 @@ def ask(
     args: Annotated[list[str], typer.Argument(metavar="IMAGE... [PROMPT]", help="Images (files, http(s) URLs, '-' for stdin), then the question. No question, or '-', reads it from stdin.", show_default=False)] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, token counts, timings.")] = False,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="The question; then every argument is an image.")] = None,
+    pages: Annotated[Optional[str], typer.Option("--pages", metavar="PAGES", help="Pages of a PDF argument, e.g. 1-3,7 (default: the first). Needs pip install 'llava-cli[pdf]'.", show_default=False)] = None,
     clipboard: Annotated[bool, typer.Option("--clipboard", help="Also ask about the image on the system clipboard (wl-paste, xclip, pngpaste, osascript or PowerShell).")] = False,
     output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="FORMAT", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
     each: Annotated[bool, typer.Option("--each", help="Ask the question of each image separately: one answer (JSON line) per image.", rich_help_panel=BATCH_HELP)] = False,
@@ -130,7 +131,7 @@ def ask(
     options = AskOptions.from_command_line(
         dict(
             json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,
-            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, clipboard=clipboard,
+            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, clipboard=clipboard, pages=pages,
         )
     )
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
