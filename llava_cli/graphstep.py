@@ -25,7 +25,8 @@ waits for the host and, on a GPU, is replayed as a CUDA graph.
   shown with --verbose) says why; nothing else changes. Sampling runs uncaptured: its generator's
   state would have to be registered with the graph. On a CPU the step always runs uncaptured.
 - It needs an attention that masks the static cache's empty and stale slots (forward.MASKED_ATTENTION)
-  and a cache without sliding-window layers; `default_path` picks `EagerPath` otherwise, with a note.
+  and a cache without sliding-window layers, on CUDA or a CPU; `default_path` picks `EagerPath`
+  otherwise (and on Apple silicon, MPS), with a note.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def uncaptured_reason(device_type: str, cuda_graph: bool, greedy: bool) -> str |
 FLASH_NOTE = ("flash-attention 2 cannot mask a static cache's empty slots, so decoding keeps a growing "
               "dynamic cache without a CUDA graph (--attn sdpa for the static cache)")
 SLIDING_NOTE = "this model's sliding-window layers keep a growing dynamic cache, without a CUDA graph"
+MPS_NOTE = "on Apple silicon (MPS) decoding keeps a growing dynamic cache with plain eager forwards"
 
 
 def default_path(model: Any, settings: Settings, window: int, buckets: tuple[int, ...] = BUCKET_TOKENS) -> ForwardPath:
     """The path without --compile: `StaticPath` where the model allows it, else `EagerPath` with a note saying why."""
+    if model.device.type == "mps":  # the static path's in-place device-side steps are only tried on CUDA and CPU
+        return EagerPath(model, note=MPS_NOTE)
     if model.config._attn_implementation not in MASKED_ATTENTION:
         return EagerPath(model, note=FLASH_NOTE)
     if has_sliding_layers(model):
