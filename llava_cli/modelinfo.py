@@ -9,11 +9,14 @@ where the chat template comes from, and the revision. Nothing is downloaded.
 `remove_model(repo_id, yes)` deletes a cached hub model's snapshots and blobs through
 huggingface_hub's own cache API (`scan_cache_dir(...).delete_revisions(...)`), after a y/N prompt
 on the terminal or with `--yes`, and only when every path it would delete lies inside the cache
-folder: a local folder, or anything not in the cache, is refused in one line.
+folder: a local folder, or anything not in the cache, is refused in one line. The API is handed this
+repo alone (its `delete_revisions` matches a commit hash in every repo it holds), and every path
+it would delete must lie in the repo's own folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -155,14 +158,17 @@ def run_rm(repo_id: str, yes: bool) -> int:
 
     cache = Path(constants.HF_HUB_CACHE)
     try:
-        repos = [repo for repo in scan_cache_dir(cache).repos if repo.repo_type == "model" and repo.repo_id == repo_id]
+        scanned = scan_cache_dir(cache)
     except CacheNotFound:
-        repos = []
-    if not repos:
+        scanned = None
+    repo = next((repo for repo in scanned.repos if repo.repo_type == "model" and repo.repo_id == repo_id), None) if scanned else None
+    if repo is None:
         raise ModelError(f"{repo_id} is not in the Hugging Face cache ({cache}); llava rm only removes cached hub models, `llava models` lists them")
-    repo = repos[0]
-    strategy = scan_cache_dir(cache).delete_revisions(*(revision.commit_hash for revision in repo.revisions))
-    check_inside(cache, strategy)
+    # delete_revisions matches commit hashes across every repo it holds: give it this repo alone, so
+    # that another repo with the same revision (a copied snapshot) is never touched.
+    only_this = dataclasses.replace(scanned, repos=frozenset({repo}), size_on_disk=repo.size_on_disk)
+    strategy = only_this.delete_revisions(*(revision.commit_hash for revision in repo.revisions))
+    check_inside(Path(repo.repo_path), strategy)
     if not (yes or confirm(f"delete {repo_id} ({human_size(repo.size_on_disk)}, {current_snapshot(repo).name}) from {cache}?")):
         emit("nothing deleted", sys.stderr)
         return 1
@@ -171,14 +177,13 @@ def run_rm(repo_id: str, yes: bool) -> int:
     return 0
 
 
-def check_inside(cache: Path, strategy: Any) -> None:
-    """Every path the strategy would delete must lie in the cache folder (no link may lead out)."""
-    root = cache.resolve()
-    paths = [*strategy.blobs, *strategy.refs, *strategy.repos, *strategy.snapshots]
-    for path in paths:
-        parent = Path(path).parent.resolve()  # the path itself may be a link: it is removed, not followed
-        if parent != root and root not in parent.parents:
-            raise ModelError(f"refusing to delete {path}: it lies outside the Hugging Face cache ({cache})")
+def check_inside(folder: Path, strategy: Any) -> None:
+    """Every path the strategy would delete must be the repo's folder or lie in it (no link may lead out)."""
+    root = folder.resolve()
+    for path in [*strategy.blobs, *strategy.refs, *strategy.repos, *strategy.snapshots]:
+        resolved = Path(path).parent.resolve() / Path(path).name  # the path itself may be a link: it is removed, not followed
+        if resolved != root and root not in resolved.parents:
+            raise ModelError(f"refusing to delete {path}: it lies outside {folder} in the Hugging Face cache")
 
 
 def confirm(question: str) -> bool:

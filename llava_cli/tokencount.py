@@ -2,7 +2,7 @@
 
 The model is a local folder, or a hub id: its cached snapshot (weights or not), else only its
 config, tokenizer and processor files are downloaded (`PROCESSOR_PATTERNS`, never weights). Images
-go through the same checks as everywhere (images.py); `--max-image-tokens` restricts the anyres
+go through the same checks as everywhere (images.py; a PDF gives its first page, pdfpages.py); `--max-image-tokens` restricts the anyres
 grid as it would for an answer. One line per image on stdout (imagetokens.`ImageTokens.line`), or
 a JSON list with --json.
 """
@@ -25,8 +25,9 @@ def run_tokens(paths: list[str], settings: Settings, as_json: bool) -> int:
     from llava_cli.images import load_image
     from llava_cli.imagetokens import describe_images, restrict_pinpoints
     from llava_cli.loader import load_processor, read_config
+    from llava_cli.pdfpages import image_or_pages
 
-    images = [load_image(path, settings.max_image_pixels) for path in paths]
+    images = [image for path in paths for image in image_or_pages(path, None, settings.max_image_pixels, load_image)[0]]
     folder = processor_folder(settings.model)
     config = read_config(settings.model, folder)
     family = family_for(config)

@@ -97,6 +97,9 @@ def test_rm_deletes_through_the_cache_api_and_never_follows_links_out(hub, tmp_p
     snapshot = next((repo_folder(hub, L15_ID) / "snapshots").iterdir())
     (snapshot / "extra.json").symlink_to(outside)
 
+    # Both tiny repos hold the same revision (a snapshot copied between repos): only this one may go.
+    assert snapshot.name == next((repo_folder(hub, NEXT_ID) / "snapshots").iterdir()).name
+
     refused = invoke(monkeypatch, "rm", L15_ID)  # no terminal, no --yes
     assert refused.code == 2 and "pass --yes" in refused.stderr
     assert snapshot.is_dir()
@@ -177,3 +180,23 @@ def test_max_image_tokens_answers_equal_transformers_with_the_same_pinpoints(nex
     output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert answer == processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert prompt == inputs["input_ids"][0].tolist()
+
+
+@pytest.mark.slow
+def test_rm_asks_at_a_terminal_and_only_yes_deletes(tiny_model, tmp_path):
+    import sys
+
+    import pexpect
+
+    from conftest import cli_env, default_sigint
+
+    lay_out_hub_cache(tiny_model, tmp_path, L15_ID)
+    env = cli_env(HF_HUB_CACHE=str(tmp_path / "hub"), TERM="dumb")
+    for reply, code, exists in (("n", 1, True), ("", 1, True), ("y", 0, False)):
+        child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "rm", L15_ID], env=env, timeout=60, encoding="utf-8", preexec_fn=default_sigint)
+        child.expect_exact(f"delete {L15_ID} (")
+        child.expect_exact("[y/N] ")
+        child.sendline(reply)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert (child.exitstatus, repo_folder(tmp_path / "hub", L15_ID).exists()) == (code, exists), reply
