@@ -135,7 +135,8 @@ def render_page(pdfium, document, name: str, number: int, digest: str, max_pixel
         raise
     except Exception as err:  # PDFium reports broken pages with several exception types
         raise InputError(f"{label} cannot be rendered ({one_line(err)}); re-export the PDF") from None
-    return ImageRef(name=label, digest=f"{digest}:{number}", image=shrink_to_usable(image))
+    page_digest = hashlib.sha256(f"{digest}:page {number}".encode()).hexdigest()  # a sha256, as saved conversations hold
+    return ImageRef(name=label, digest=page_digest, image=shrink_to_usable(image))
 
 
 class SizeOnly:

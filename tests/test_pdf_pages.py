@@ -145,3 +145,13 @@ def test_without_the_pdf_extra_it_says_how_to_install_it(report, monkeypatch):
     monkeypatch.setitem(sys.modules, "pypdfium2", None)  # as if it were not installed
     outcome = invoke(monkeypatch, "ask", report, QUESTION, "--model", "never/loaded")
     assert (outcome.code, outcome.stderr) == (2, f"llava: error: {report} is a PDF: reading PDFs needs pypdfium2: pip install 'llava-cli[pdf]'\n")
+
+
+def test_a_saved_page_cannot_be_re_read_on_resume(report, tiny_model, llava_home_dir, monkeypatch):
+    first = invoke(monkeypatch, "ask", report, QUESTION, "--model", tiny_model, "-n", MAX_NEW)
+    assert first.code == 0, first.stderr
+    saved = json.loads(next((llava_home_dir / "sessions").rglob("*.json")).read_text())
+    assert [(image["name"], image["path"]) for image in saved["turns"][0]["images"]] == [(f"{report} page 1", None)]
+    resumed = invoke(monkeypatch, "ask", "-c", "and now?", "--model", tiny_model, "-n", MAX_NEW)
+    assert resumed.code == 2
+    assert f"{report} page 1 was not read from a file (a PDF page) and cannot be read again" in resumed.stderr
