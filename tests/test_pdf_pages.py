@@ -154,4 +154,4 @@ def test_a_saved_page_cannot_be_re_read_on_resume(report, tiny_model, llava_home
     assert [(image["name"], image["path"]) for image in saved["turns"][0]["images"]] == [(f"{report} page 1", None)]
     resumed = invoke(monkeypatch, "ask", "-c", "and now?", "--model", tiny_model, "-n", MAX_NEW)
     assert resumed.code == 2
-    assert f"{report} page 1 was not read from a file (a PDF page) and cannot be read again" in resumed.stderr
+    assert f"{report} page 1 was not read from a file of its own (a URL or a PDF page) and cannot be read again" in resumed.stderr
