@@ -274,7 +274,7 @@ def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: S
     from llava_cli.startup import start_engine
 
     for path in images:  # fail before the slow model load
-        load_image(path, settings.max_image_pixels)
+        image_or_pages(path, None, settings.max_image_pixels, load_image)
     opened = open_conversation(settings, sessions)  # a resumed conversation is checked before loading, too
     settings = opened.settings
     for note in opened.notes:

@@ -155,3 +155,9 @@ def test_a_saved_page_cannot_be_re_read_on_resume(report, tiny_model, llava_home
     resumed = invoke(monkeypatch, "ask", "-c", "and now?", "--model", tiny_model, "-n", MAX_NEW)
     assert resumed.code == 2
     assert f"{report} page 1 was not read from a file of its own (a URL or a PDF page) and cannot be read again" in resumed.stderr
+
+
+def test_chat_image_option_takes_a_pdf(report, tiny_model, reference, tmp_path, llava_home_dir, monkeypatch):
+    outcome = invoke(monkeypatch, "chat", "--image", report, "--model", tiny_model, "-n", MAX_NEW, "--no-save", stdin=f"{QUESTION}\n".encode())
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.stdout == reference.answer(render_llava15([(QUESTION, 1, None)]), [rendered(report, 1, tmp_path)], MAX_NEW) + "\n"
