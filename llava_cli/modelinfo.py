@@ -134,7 +134,7 @@ def show_lines(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("family", facts["family"]),
         ("decoder", facts["decoder"]),
         ("context", f"{window:,} tokens" if isinstance(window, int) else "unknown"),
-        ("parameters", f"{facts['parameters']:,}"),
+        ("parameters", f"{facts['parameters']:,}" if facts["parameters"] else "no weights on disk"),
         ("dtype", f"{facts['dtype'] or 'not stated'} (weights: {', '.join(facts['weight_dtypes']) or 'none'})"),
         ("size", human_size(facts["size_bytes"])),
         ("image tokens", f"{tokens['min']:,}" if tokens["min"] == tokens["max"] else f"{tokens['min']:,} to {tokens['max']:,} (anyres: by image size)"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llava_cli.errors import ModelError, one_line
 from llava_cli.settings import Settings
-from llava_cli.terminal import emit
+from llava_cli.terminal import emit, one_line_text
 
 PROCESSOR_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]  # download.WANTED_PATTERNS without weights
 
@@ -27,7 +27,12 @@ def run_tokens(paths: list[str], settings: Settings, as_json: bool) -> int:
     from llava_cli.loader import load_processor, read_config
     from llava_cli.pdfpages import image_or_pages
 
-    images = [image for path in paths for image in image_or_pages(path, None, settings.max_image_pixels, load_image)[0]]
+    images = []
+    for path in paths:
+        opened, note = image_or_pages(path, None, settings.max_image_pixels, load_image)
+        images += opened
+        if note:
+            emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     folder = processor_folder(settings.model)
     config = read_config(settings.model, folder)
     family = family_for(config)
