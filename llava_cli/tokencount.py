@@ -1,9 +1,9 @@
 """`llava tokens IMAGE... [--model M] [--json]`: what the model sees of each image, from its processor files alone.
 
 The model is a local folder, or a hub id: its cached snapshot (weights or not), else only its
-config, tokenizer and processor files are downloaded (`PROCESSOR_PATTERNS`, never weights). Images
-go through the same checks as everywhere (images.py; a PDF gives its first page, pdfpages.py); `--max-image-tokens` restricts the anyres
-grid as it would for an answer. One line per image on stdout (imagetokens.`ImageTokens.line`), or
+config, tokenizer and processor files are downloaded (download.pull without weights). Images go
+through the same checks as everywhere (images.py; a PDF gives its first page, pdfpages.py);
+`--max-image-tokens` restricts the anyres grid as it would for an answer. One line per image on stdout (imagetokens.`ImageTokens.line`), or
 a JSON list with --json.
 """
 
@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from llava_cli.errors import ModelError, one_line
+from llava_cli.errors import ModelError
 from llava_cli.settings import Settings
 from llava_cli.terminal import emit, one_line_text
 
-PROCESSOR_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]  # download.WANTED_PATTERNS without weights
 
 
 def run_tokens(paths: list[str], settings: Settings, as_json: bool) -> int:
@@ -58,14 +57,10 @@ def processor_folder(name: str) -> Path:
     except ModelError:
         if looks_like_path(name) or Path(name).expanduser().exists():
             raise
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
-    from llava_cli.download import set_short_timeouts
+    from llava_cli.download import pull
 
     if constants.HF_HUB_OFFLINE:
         raise ModelError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; pass a local folder")
-    set_short_timeouts()
-    try:
-        return Path(snapshot_download(name, allow_patterns=PROCESSOR_PATTERNS))
-    except Exception as err:
-        raise ModelError(f"cannot fetch {name}'s processor files ({one_line(err)})") from None
+    return pull(name, weights=False).folder
