@@ -160,6 +160,8 @@ class AskOptions:
     ray: str | None = None  # --ray ADDRESS: answer on a Ray cluster (batchray.py)
     actors: int | None = None  # None: one per GPU (or per node) of the cluster
     gpus_per_actor: float | None = None  # None: 1 on a cluster with GPUs, else 0
+    clipboard: bool = False  # --clipboard: the clipboard's image goes with the question (paste.py)
+    pages: str | None = None  # --pages 1-3,7: the pages of a PDF argument (pdfpages.py); None: the first
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
@@ -172,6 +174,10 @@ class AskOptions:
             raise UsageError(f"--parallel must be between 1 and {MAX_PARALLEL} (got {self.parallel})")
         if not self.is_batch and (used := self.batch_only_options()):
             raise UsageError(f"{used}: only with --each or --from-file, which answer images one by one")
+        if self.clipboard and self.is_batch:
+            raise UsageError("--clipboard pastes one image for one question; it does not go with --each or --from-file")
+        if self.pages is not None and self.is_batch:
+            raise UsageError("--pages selects pages of a PDF for one question; it does not go with --each or --from-file")
         if self.output is not None and self.format == "text":
             raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
         self.check_ray_options()
@@ -204,6 +210,8 @@ class AskOptions:
             ray=values.get("ray"),
             actors=None if values.get("actors") is None else int(values["actors"]),
             gpus_per_actor=None if values.get("gpus_per_actor") is None else float(values["gpus_per_actor"]),
+            clipboard=bool(values.get("clipboard")),
+            pages=values.get("pages"),
         )
 
     def batch_only_options(self) -> str:

@@ -19,6 +19,8 @@ from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
 from llava_cli.images import ImageRef, image_from_bytes
 from llava_cli.output import WRITERS
+from llava_cli.paste import PASTED_NAME, paste_image
+from llava_cli.pdfpages import image_or_pages, is_pdf
 from llava_cli.records import answer_record
 from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
@@ -34,7 +36,10 @@ def sigterm_as_interrupt() -> AbstractContextManager[None]:
     return sigterm_raises(KeyboardInterrupt)
 
 
-def load_images(names: list[str], settings: Settings, stdin_taken: bool) -> list[ImageRef]:
+def load_images(names: list[str], settings: Settings, stdin_taken: bool, pages: str | None = None) -> list[ImageRef]:
+    """The images the arguments name; a PDF gives its `pages` (--pages), with a note on stderr when only page 1 is taken."""
+    if pages is not None and not any(is_pdf(name) for name in names):
+        raise UsageError("--pages selects pages of a PDF, and no PDF was given")
     images = []
     for name in names:
         if name == STDIN:
@@ -42,7 +47,10 @@ def load_images(names: list[str], settings: Settings, stdin_taken: bool) -> list
                 raise UsageError("stdin can carry the image or the prompt, not both; give the prompt as an argument")
             images.append(image_from_bytes(read_image_from_stdin(), "<stdin>", settings.max_image_pixels))
         else:
-            images.append(open_image(name, settings.max_image_pixels))
+            opened, note = image_or_pages(name, pages, settings.max_image_pixels, open_image)
+            images += opened
+            if note:
+                emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     return images
 
 
@@ -69,9 +77,12 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     for note in opened.notes:
         emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     command = "llava ask -c" if sessions.resume else "llava ask"
-    image_names, prompt = images_and_prompt(args, options.prompt, command, images_optional=sessions.resume)
+    image_names, prompt = images_and_prompt(args, options.prompt, command, images_optional=sessions.resume or options.clipboard)
     prompt_from_stdin = prompt is None
-    images = load_images(image_names, settings, stdin_taken=prompt_from_stdin)
+    images = load_images(image_names, settings, stdin_taken=prompt_from_stdin, pages=options.pages)
+    if options.clipboard:
+        images.append(paste_image(settings.max_image_pixels))
+        image_names = [*image_names, PASTED_NAME]
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
     from llava_cli.startup import show_note, start_engine  # looked up here, so a test replaces the backend in one place

@@ -27,6 +27,7 @@ from llava_cli.conversation import Conversation
 from llava_cli.errors import EXIT_OK, LlavaError
 from llava_cli.images import ImageRef, load_image
 from llava_cli.output import WRITERS
+from llava_cli.pdfpages import image_or_pages
 from llava_cli.records import answer_record
 from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
@@ -93,7 +94,13 @@ class ChatLoop:
         run_command(self, name, argument)
 
     def attach_paths(self, paths: list[str]) -> None:
-        images = [load_image(path, self.settings.max_image_pixels) for path in paths]  # all or none
+        images, notes = [], []
+        for path in paths:  # all or none: nothing is attached until every one opens
+            opened, note = image_or_pages(path, None, self.settings.max_image_pixels, load_image)
+            images += opened
+            notes += [note] if note else []
+        for note in notes:
+            self.io.info(note)
         self.attached.extend(images)
         names = ", ".join(image.name for image in images)
         self.io.info(f"attached {names}; it goes with your next message")
@@ -269,7 +276,7 @@ def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: S
     from llava_cli.startup import start_engine
 
     for path in images:  # fail before the slow model load
-        load_image(path, settings.max_image_pixels)
+        image_or_pages(path, None, settings.max_image_pixels, load_image)
     opened = open_conversation(settings, sessions)  # a resumed conversation is checked before loading, too
     settings = opened.settings
     for note in opened.notes:

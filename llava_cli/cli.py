@@ -99,6 +99,8 @@ def ask(
     args: Annotated[list[str], typer.Argument(metavar="IMAGE... [PROMPT]", help="Images (files, http(s) URLs, '-' for stdin), then the question. No question, or '-', reads it from stdin.", show_default=False)] = [],  # noqa: B006
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, token counts, timings.")] = False,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="The question; then every argument is an image.")] = None,
+    pages: Annotated[Optional[str], typer.Option("--pages", metavar="PAGES", help="Pages of a PDF argument, e.g. 1-3,7 (default: the first). Needs pip install 'llava-cli[pdf]'.", show_default=False)] = None,
+    clipboard: Annotated[bool, typer.Option("--clipboard", help="Also ask about the image on the system clipboard (wl-paste, xclip, pngpaste, osascript or PowerShell).")] = False,
     output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="FORMAT", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
     each: Annotated[bool, typer.Option("--each", help="Ask the question of each image separately: one answer (JSON line) per image.", rich_help_panel=BATCH_HELP)] = False,
     from_file: Annotated[Optional[str], typer.Option("--from-file", metavar="FILE", help="Image paths or URLs, one per line ('-': stdin); implies --each.", rich_help_panel=BATCH_HELP)] = None,
@@ -130,7 +132,7 @@ def ask(
     options = AskOptions.from_command_line(
         dict(
             json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,
-            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor,
+            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, clipboard=clipboard, pages=pages,
         )
     )
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
@@ -236,6 +238,54 @@ def pull(
     from llava_cli.download import run_pull
 
     raise typer.Exit(run_pull(model))
+
+
+@app.command()
+def show(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id in the local cache, or a local folder.", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """What a model on disk is: family, decoder, context, parameters, dtype, size, image tokens, chat template, revision.
+
+    llava show llava-hf/llava-1.5-7b-hf
+
+    Reads config, processor files and the weights' headers only; nothing is downloaded or loaded.
+    """
+    from llava_cli.modelinfo import run_show
+
+    raise typer.Exit(run_show(model, json_output))
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id (org/name) in the local cache.", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+) -> None:
+    """Delete a model's snapshots and blobs from the Hugging Face cache (asks first; nothing outside the cache).
+
+    llava rm llava-hf/llava-1.5-7b-hf
+    """
+    from llava_cli.modelinfo import run_rm
+
+    raise typer.Exit(run_rm(model, yes))
+
+
+@app.command()
+def tokens(
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE...", help="Image files, as one prompt would hold them.", show_default=False)],
+    model: Annotated[str, typer_option(OPTIONS["model"])[2]] = OPTIONS["model"].default,
+    max_image_tokens: Annotated[Optional[int], typer_option(OPTIONS["max_image_tokens"])[2]] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per image.")] = False,
+) -> None:
+    """What the model sees of each image: original and resized size, anyres grid, image tokens, share of the context.
+
+    llava tokens screenshot.png --model llava-hf/llava-v1.6-mistral-7b-hf
+
+    Needs the model's processor files only, no weights.
+    """
+    from llava_cli.tokencount import run_tokens
+
+    raise typer.Exit(run_tokens(images, Settings(model=model, max_image_tokens=max_image_tokens), json_output))
 
 
 sessions_app = typer.Typer(help="List, show, export and remove saved conversations.", no_args_is_help=True)

@@ -22,6 +22,7 @@ from llava_cli.clipboard import copy_to_clipboard
 from llava_cli.conversation import Turn
 from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.options import SAVED, SETTABLE
+from llava_cli.paste import paste_image
 from llava_cli.resume import restore_conversation, restored_settings
 from llava_cli.store import (
     SessionStore,
@@ -127,6 +128,16 @@ def last_exchange(chat: Chat, action: str) -> Turn:
     return chat.conversation.turns[-1]
 
 
+@command("paste", "[question]", "attach the image on the system clipboard (or ask about it now)")
+def paste(chat: Chat, argument: str) -> None:
+    image = paste_image(chat.settings.max_image_pixels)
+    chat.attached.append(image)
+    width, height = image.image.size
+    chat.io.info(f"attached the clipboard's image ({width}x{height}); it goes with your next message")
+    if argument.strip():
+        chat.send(argument.strip())
+
+
 @command("retry", "", "answer the last message again")
 def retry(chat: Chat, _: str) -> None:
     """Answer the last message again; if that fails or is stopped, the old answer stays."""
@@ -186,9 +197,22 @@ def settings_text(chat: Chat) -> str:
     return describe_settings({key: getattr(chat.settings, key) for key in SAVED})
 
 
-@command("show", "", "model, device, settings, context used, where the conversation is saved")
+@command("show", "", "model, device, settings, context used, where the conversation is saved, what the model sees of each image")
 def show(chat: Chat, _: str) -> None:
-    chat.io.info("\n".join(f"{label:<9} {value}" for label, value in facts(chat)))
+    chat.io.info("\n".join([f"{label:<9} {value}" for label, value in facts(chat)] + image_lines(chat)))
+
+
+def image_lines(chat: Chat) -> list[str]:
+    """Each image of the conversation (and those waiting) as the model sees it: sizes, grid, tokens, share.
+    Only a model loaded here has a processor to ask; a server does not say."""
+    loaded = getattr(chat.engine, "loaded", None)  # engine.Engine's LoadedModel; a server backend has none
+    pictures = [*chat.conversation.images, *chat.attached]
+    if loaded is None or not pictures:
+        return []
+    from llava_cli.imagetokens import describe_images
+
+    window = chat.engine.info().window(chat.settings)
+    return ["images"] + [f"  {image.line()}" for image in describe_images(loaded.processor, loaded.family, pictures, window)]
 
 
 def facts(chat: Chat) -> list[tuple[str, str]]:

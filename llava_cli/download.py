@@ -149,12 +149,14 @@ def cached_snapshot(repo_id: str) -> Path | None:
         return Path(path) if path else None
 
 
-def pull(repo_id: str, incomplete: list[str] | None = None) -> PullResult:
-    """Download what the cache lacks of `repo_id`'s wanted files; `incomplete` names the gaps already known."""
+def pull(repo_id: str, incomplete: list[str] | None = None, weights: bool = True) -> PullResult:
+    """Download what the cache lacks of `repo_id`'s wanted files; `incomplete` names the gaps already known;
+    without `weights`, only the config, tokenizer and processor files (`llava tokens`)."""
     set_short_timeouts()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry notes would break the one-line rule
     started = time.perf_counter()
     commit, files = list_wanted_files(repo_id, incomplete or [])
+    files = [file for file in files if weights or not file.is_weights]
     folder = snapshot_folder(repo_id, commit)
     needed = [file for file in files if not (folder / file.name).is_file()]
     with ModelProgress(repo_id, total=sum(f.size for f in files), done=sum(f.size for f in files if f not in needed)) as progress:

@@ -26,7 +26,7 @@ waits for the host and, on a GPU, is replayed as a CUDA graph.
   state would have to be registered with the graph. On a CPU the step always runs uncaptured.
 - It needs an attention that masks the static cache's empty and stale slots (forward.MASKED_ATTENTION)
   and a cache without sliding-window layers; `default_path` picks `EagerPath` otherwise, with a note.
-  On a CPU `default_path` picks `EagerPath` too: there it decodes faster (bench/decode_paths_cpu.py).
+  On a CPU and on Apple silicon (MPS) `default_path` picks `EagerPath` too: on a CPU it decodes faster (bench/decode_paths_cpu.py).
 """
 
 from __future__ import annotations
@@ -65,12 +65,15 @@ SLIDING_NOTE = "this model's sliding-window layers keep a growing dynamic cache,
 # bench/decode_paths_cpu.py (bench/RESULTS.md): on a CPU there is no graph to replay, and the static
 # bucket's masked attention over empty slots costs more than it saves (0.88x plain generate on a
 # 300M-parameter decoder against the eager path's 1.08x; 0.88x against 1.06x on the tiny model).
+MPS_NOTE = "on Apple silicon (MPS) decoding keeps a growing dynamic cache with plain eager forwards"
 CPU_NOTE = "on a CPU decoding keeps a growing dynamic cache (the static cache is for GPUs: it measured slower here)"
 
 
 def default_path(model: Any, settings: Settings, window: int, buckets: tuple[int, ...] = BUCKET_TOKENS) -> ForwardPath:
     """The path without --compile: `StaticPath` on a GPU where the model allows it, else `EagerPath`
     (the faster on a CPU) with a note saying why."""
+    if model.device.type == "mps":  # the static path's in-place device-side steps are only tried on CUDA and CPU
+        return EagerPath(model, note=MPS_NOTE)
     if model.config._attn_implementation not in MASKED_ATTENTION:
         return EagerPath(model, note=FLASH_NOTE)
     if has_sliding_layers(model):

@@ -10,6 +10,8 @@ config.json picks the family's row (families.py): the transformers class, the pr
 AutoProcessor or, for a family whose processor needs torchvision when it is missing, the checkpoint's
 image parts: processors.py) and the prompt format (`--chat-template`, else the family's:
 `prompt_format_for`), checked to render a message with an image before any weights are read.
+`--max-image-tokens` restricts an anyres family's grid pinpoints on the processor and the model's
+config alike (imagetokens.py).
 This module never prints (download.py draws its progress bar).
 """
 
@@ -26,6 +28,7 @@ from llava_cli.conversation import ChatTemplateFormat, Conversation, PromptForma
 from llava_cli.errors import LlavaError, ModelError, UsageError, one_line
 from llava_cli.families import FAMILIES, MODEL_TYPES, Family, family_for
 from llava_cli.images import ImageRef
+from llava_cli.imagetokens import restrict_model, restrict_pinpoints
 from llava_cli.processors import image_parts_processor, torchvision_installed
 from llava_cli.settings import Settings
 
@@ -61,11 +64,15 @@ def load_model(settings: Settings, folder: Path | None = None) -> LoadedModel:
     import torch
 
     device = pick_device(settings.device, torch)
+    check_mps(device, settings)
     dtype = pick_dtype(settings.dtype, device, torch)
     processor = load_processor(settings, folder, family)
     check_image_token(settings.model, config, processor)
     prompt_format = choose_prompt_format(settings, family, processor)
+    pinpoints = restrict_pinpoints(processor, family, settings.max_image_tokens, settings.model) if settings.max_image_tokens else None
     model = load_weights(settings, folder, family, device, dtype, torch)
+    if pinpoints is not None:
+        restrict_model(model, pinpoints)
     return LoadedModel(
         name=settings.model,
         model=model,
@@ -178,26 +185,46 @@ def check_weights(name: str, folder: Path, allow_pickle: bool = False) -> None:
     raise ModelError(f"{name} has no weights (*.safetensors); the download is incomplete or the folder is wrong")
 
 
-def check_device(requested: str) -> None:
-    """Refuse --device cuda on a machine without a GPU before anything slow (a download, the weights)."""
-    if requested == "cuda":
+def check_device(settings: Settings) -> None:
+    """Refuse --device cuda/mps on a machine without one, and what MPS cannot do, before anything slow (a download, the weights)."""
+    if settings.device != "cpu":
         import torch
 
-        pick_device(requested, torch)
+        check_mps(pick_device(settings.device, torch), settings)
 
 
 def pick_device(requested: str, torch: Any) -> str:
+    """auto: CUDA, else Apple silicon's MPS, else the CPU; an explicit GPU that is not there is refused."""
     has_cuda = torch.cuda.is_available()
+    has_mps = mps_available(torch)
     if requested == "cuda" and not has_cuda:
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if requested == "mps" and not has_mps:
+        raise UsageError("--device mps was asked for but Apple silicon's MPS backend is not available here; use --device cpu")
     if requested == "auto":
-        return "cuda" if has_cuda else "cpu"
+        return "cuda" if has_cuda else "mps" if has_mps else "cpu"
     return requested
+
+
+def mps_available(torch: Any) -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def check_mps(device: str, settings: Settings) -> None:
+    """bitsandbytes has no MPS backend, and --compile's CUDA-graph path is not for MPS: one line each."""
+    if device != "mps":
+        return
+    if settings.load_4bit or settings.load_8bit:
+        flag = "--load-4bit" if settings.load_4bit else "--load-8bit"
+        raise UsageError(f"{flag} needs bitsandbytes, which has no MPS backend; on Apple silicon drop it (float16 is used), or use --device cpu")
+    if settings.compile:
+        raise UsageError("--compile is not supported on MPS; drop it (Apple silicon decodes on the eager path)")
 
 
 def pick_dtype(requested: str, device: str, torch: Any) -> Any:
     if requested == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
+        return torch.float16 if device in ("cuda", "mps") else torch.float32
     return getattr(torch, requested)
 
 

@@ -36,7 +36,7 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # ~7000x7000; larger is almost surely a decompression bomb
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "mps", "cpu")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
 NONE_WORDS = ("none", "off")  # `/set seed none`: back to no value
 
@@ -115,9 +115,9 @@ def is_server_url(url: str) -> bool:
 ROWS = (
     Option("model", str, DEFAULT_MODEL, ("--model", "-m"), "Hub id (org/name) or local folder.", MODEL_PANEL,
            metavar="MODEL", envvar="LLAVA_MODEL", valid=str.strip, problem="must name a hub id (org/name) or a local folder"),
-    Option("device", str, DEFAULT_DEVICE, ("--device",), f"{'|'.join(DEVICES)}; auto picks CUDA when present.", MODEL_PANEL,
+    Option("device", str, DEFAULT_DEVICE, ("--device",), f"{'|'.join(DEVICES)}; auto picks CUDA, else Apple silicon (MPS), when present.", MODEL_PANEL,
            metavar="DEVICE", **one_of(DEVICES)),
-    Option("dtype", str, DEFAULT_DTYPE, ("--dtype",), f"{'|'.join(DTYPES)}; auto is float16 on GPU, float32 on CPU.", MODEL_PANEL,
+    Option("dtype", str, DEFAULT_DTYPE, ("--dtype",), f"{'|'.join(DTYPES)}; auto is float16 on GPU and MPS, float32 on CPU.", MODEL_PANEL,
            metavar="DTYPE", **one_of(DTYPES)),
     Option("attn", str, DEFAULT_ATTN, ("--attn",), f"Attention backend: {'|'.join(ATTENTION_BACKENDS)}.", MODEL_PANEL,
            metavar="BACKEND", **one_of(ATTENTION_BACKENDS)),
@@ -129,6 +129,8 @@ ROWS = (
     Option("allow_pickle", bool, False, ("--allow-pickle",), "Load pickle (.bin) weights, which can run code. Only for repos you trust.", MODEL_PANEL),
     Option("max_image_pixels", int, DEFAULT_MAX_IMAGE_PIXELS, ("--max-image-pixels",), "Refuse larger images (decompression-bomb guard).", MODEL_PANEL,
            valid=lambda pixels: pixels >= 1, problem="must be positive (got {value})"),
+    Option("max_image_tokens", int, None, ("--max-image-tokens",), "Anyres families: use only the tilings whose images take at most N tokens.", MODEL_PANEL,
+           optional=True, valid=lambda tokens: tokens >= 1, problem="must be at least 1 (got {value})"),
     Option("temperature", float, DEFAULT_TEMPERATURE, ("--temperature", "-t"), "0 is greedy (deterministic), as is anything below 1e-5.", GENERATION_PANEL,
            valid=lambda t: 0.0 <= t <= 100.0, problem="must be between 0 and 100 (got {value})",
            settable=True, saved=True, request=("temperature",)),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import InputError, SessionError, UsageError
 from llava_cli.images import ImageRef, load_image
+from llava_cli.paste import PASTED_NAME
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SavedConversation, SavedImage, SessionStore, model_id, parse_time
 
@@ -95,9 +96,14 @@ def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing
     return Conversation(system=saved.system, turns=turns), [f"continuing without an image ({problem})" for problem in problems]
 
 
+# Where an image saved without a path came from; any other: a URL or a PDF page (pdfpages.py).
+NO_FILE_SOURCES = {"<stdin>": "read from stdin", PASTED_NAME: "pasted from the clipboard"}
+OTHER_SOURCE = "not read from a file of its own (a URL or a PDF page)"
+
+
 def reload_image(image: SavedImage, max_pixels: int) -> ImageRef:
     if image.path is None:
-        raise InputError(f"{image.name} was read from stdin and cannot be read again")
+        raise InputError(f"{image.name} was {NO_FILE_SOURCES.get(image.name, OTHER_SOURCE)} and cannot be read again")
     if not os.path.exists(image.path):
         raise InputError(f"{image.name} is gone ({image.path} no longer exists)")
     ref = load_image(image.path, max_pixels)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_cli.errors import UsageError
-from llava_cli.safeio import read_regular
+from llava_cli.safeio import read_regular, read_within
 from llava_cli.settings import (
     DEFAULT_CACHE_MB, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_TIMEOUT_KEEP_ALIVE_S,

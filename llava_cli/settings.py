@@ -63,6 +63,7 @@ class Settings:
     chat_template: str | None = None  # a file; overrides the checkpoint's prompt format
     max_context: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_tokens: int | None = None  # anyres families: only the pinpoints whose images fit (imagetokens.py)
     allow_pickle: bool = False
     raw: bool = False
     verbose: bool = False

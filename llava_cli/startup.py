@@ -60,7 +60,7 @@ def connect_server(settings: Settings, remember_images: bool = True) -> RemoteEn
 def load_engine(settings: Settings) -> Engine:
     from llava_cli.loader import check_device, load_model, resolve_model
 
-    check_device(settings.device)
+    check_device(settings)
     if not settings.verbose:
         quiet_libraries()
     stderr = make_console(sys.stderr)

@@ -56,7 +56,7 @@ OPTION_CASES = [
     Case("tiny context", ask("--max-context", "8"), 2, error("--max-context must be at least 16 tokens (got 8)")),
     Case("zero image pixels", ask("--max-image-pixels", "0"), 2, error("--max-image-pixels must be positive (got 0)")),
     Case("unknown dtype", ask("--dtype", "float8"), 2, error("--dtype must be one of auto, float16, bfloat16, float32 (got 'float8')")),
-    Case("unknown device", ask("--device", "tpu"), 2, error("--device must be one of auto, cuda, cpu (got 'tpu')")),
+    Case("unknown device", ask("--device", "tpu"), 2, error("--device must be one of auto, cuda, mps, cpu (got 'tpu')")),
     Case("unknown attention", ask("--attn", "magic"), 2, error("--attn must be one of auto, sdpa, eager, flash_attention_2 (got 'magic')")),
     Case("4-bit and 8-bit", ask("--load-4bit", "--load-8bit"), 2, error("--load-4bit and --load-8bit exclude each other: pick one")),
     Case("empty model name", ask("--model", " "), 2, error("--model must name a hub id (org/name) or a local folder")),

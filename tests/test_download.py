@@ -230,3 +230,11 @@ def test_pull_offline_says_it_cannot_download(tmp_path):
     result = run_llava("pull", REPO, env=cli_env(HF_HOME=str(tmp_path / "empty-home")))
     assert (result.returncode, result.stdout_text) == (2, "")
     assert result.stderr_text == f"llava: error: cannot download {REPO}: HF_HUB_OFFLINE is set; unset it and run `llava pull {REPO}` again\n"
+
+
+def test_llava_tokens_downloads_the_processor_files_and_no_weights(hub, env, sharded_model, images):
+    result = run_llava("tokens", images["red"], "--model", REPO, "--json", env=env)
+    assert result.returncode == 0, result.stderr_text
+    assert json.loads(result.stdout)[0]["image_tokens"] == 16  # the tiny checkpoint: (32 / 8) ** 2 patches
+    fetched = sorted(path.name for path in snapshot(env).iterdir())
+    assert fetched == [name for name in wanted(sharded_model) if not name.endswith(".safetensors")] and INDEX in fetched

@@ -105,6 +105,9 @@ def test_show_images_and_status_line_describe_the_session(repl, images, tiny_mod
         "history   1 turn(s), 1 image(s), 1 waiting",
         f"saved     {loop.recorder.session_id} in {loop.recorder.path}",
         "markdown  off",
+        "images",  # the tiny checkpoint's 32x32 input tile: (32 / 8) ** 2 patches = 16 tokens
+        f"  {red}: 48x40 -> 32x32, 16 tokens (1.6% of context)",
+        f"  {green}: 64x40 -> 32x32, 16 tokens (1.6% of context)",
     ]
     assert listing.splitlines() == [f"turn 1: {red}", f"next message: {green}"]
     assert loop.status_line() == f" {tiny_model} · context {used} of 1024 tokens ({100 * used // 1024}%) · temperature 0.0 · {loop.recorder.session_id}"
