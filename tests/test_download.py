@@ -24,6 +24,7 @@ INDEX = "model.safetensors.index.json"
 # In the repo on the hub but never fetched: pickle weights, another format, the model card.
 NOT_LOADED = {"pytorch_model.bin": b"pickle" * 100, "onnx/model.onnx": b"onnx" * 100, "README.md": b"# tiny\n", ".gitattributes": b"*.bin lfs\n"}
 QUESTION = "what is in this image?"
+CHUNKS_PER_REDRAW = 8  # hub_standin CHUNKs let through each time the progress bar is seen drawn
 HUB_TIMEOUT_S = "1"  # huggingface_hub's HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT, so a stalled hub fails fast
 
 
@@ -212,14 +213,20 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
 
     from llava_cli.download import human_size
 
-    hub.slow_files.update(SHARDS)  # slow enough for the bar to be redrawn while it runs
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 120))
-    output = child.read().decode("utf-8", errors="replace")
+    hub.held_files.update(SHARDS)  # each shard's bytes go out only as the test sees the bar redrawn
+    env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
+    bar = re.compile(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 120), encoding="utf-8", codec_errors="replace")
+    output, bars = "", []
+    while child.expect([bar, pexpect.EOF]) == 0:
+        output += child.before + child.after
+        bars.append(child.match.groups())
+        hub.release(CHUNKS_PER_REDRAW)
+    output += child.before
     child.close()
     assert child.exitstatus == 0, output
     total = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     number, unit = total.split()
-    bars = re.findall(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)", output)
     assert len(bars) >= 2  # drawn, then redrawn as the bytes come in
     assert {(shown_total, shown_unit) for _, shown_total, shown_unit in bars} == {(number, unit)}  # one bar: the model's total, never one file's
     assert float(bars[-1][0]) > float(bars[0][0])
