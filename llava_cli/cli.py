@@ -269,6 +269,17 @@ def sessions_export(
     raise typer.Exit(export_session(ref, fmt))
 
 
+@app.command("help")
+def help_command(
+    command: Annotated[Optional[list[str]], typer.Argument(metavar="[COMMAND]...", help="The command to explain, e.g. ask or sessions rm.", show_default=False)] = None,
+) -> None:
+    """Show the help of llava or of a command, as `llava COMMAND --help` does.
+
+    llava help ask
+    """
+    raise typer.Exit(preflight(typer.main.get_command(app), [*(command or []), "--help"]))
+
+
 def show_version(value: bool) -> None:
     if value:
         print(f"llava-cli {__version__}")
