@@ -55,6 +55,11 @@ class Command:
     def usage(self) -> str:
         return f"/{self.name} {self.arguments}".rstrip()
 
+    @property
+    def needs_argument(self) -> bool:
+        """It takes an argument that is not optional ([...]): Tab completion adds the space before it."""
+        return bool(self.arguments) and not self.arguments.startswith("[")
+
 
 COMMANDS: list[Command] = []  # in /help's order
 

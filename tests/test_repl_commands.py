@@ -247,6 +247,8 @@ def test_tab_completes_commands_and_image_paths(terminal, tmp_path, monkeypatch)
     (tmp_path / "my photos" / "cat one.png").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert terminal("/ret\t", "\r", waits={1: "/retry"}) == "/retry"
+    assert terminal("/ima\t", "cat.png\r", waits={1: "/image "}) == "/image cat.png"  # it needs a path: the space is there
+    assert terminal("/sa\t", "\r", waits={1: "/save"}) == "/save"  # its name is optional: no space
     typed = terminal("/image my\t", "c\t", " what?\r", waits={1: "/image my\\ photos/", 2: "/image my\\ photos/cat\\ one.png"})
     assert typed == "/image my\\ photos/cat\\ one.png what?"
     assert split_image_command(typed.removeprefix("/image ")) == (["my photos/cat one.png"], "what?")
