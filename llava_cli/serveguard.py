@@ -37,6 +37,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 ANY = "*"
 MAX_API_KEY_FILE_BYTES = 4096  # a key is a line; anything longer is not a key file
+# The fix spelled out for curl, whose -d sends a form's Content-Type unless told otherwise.
+JSON_ONLY = "the request body must be JSON sent with the header Content-Type: application/json (curl: -H 'Content-Type: application/json')"
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class Guard:
         if origin is not None and not self.any_origin and origin.lower() not in self.origins:
             return Refusal(403, "requests from web pages are refused (llava serve --allowed-origin ORIGIN allows one)", "origin_not_allowed")
         if method == "POST" and media_type(headers.get("content-type", "")) != "application/json":
-            return Refusal(415, "send the request body as JSON with Content-Type: application/json", "unsupported_media_type")
+            return Refusal(415, JSON_ONLY, "unsupported_media_type")
         return None
 
     def host_allowed(self, header: str) -> bool:

@@ -117,6 +117,7 @@ def test_a_post_that_is_not_declared_json_gets_415(app, settings, content_type):
     headers = {} if content_type is None else {"Content-Type": content_type}
     reply = app.post("/v1/chat/completions", content=json.dumps(body(settings.model)).encode(), headers=headers)
     assert error_of(reply) == (415, "unsupported_media_type")
+    assert reply.json()["error"]["message"].endswith("(curl: -H 'Content-Type: application/json')")
 
 
 def test_json_with_a_charset_is_json(app, settings):
