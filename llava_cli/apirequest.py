@@ -154,11 +154,10 @@ def request_settings(body: dict[str, Any], base: Settings) -> Settings:
             continue
         if isinstance(value, bool) or not isinstance(value, option.json_kinds):
             raise ApiError(400, f"`{key}` must be {option.json_described}", param=key)
+        if (fault := option.fault(option.kind(value))) is not None:
+            raise ApiError(400, f"`{key}` {fault}", param=key)  # the API's field, not the CLI's flag
         changes[option.name] = option.kind(value)
-    try:
-        return dataclasses.replace(base, **changes)
-    except UsageError as err:
-        raise ApiError(400, f"invalid sampling option: {err}") from None
+    return dataclasses.replace(base, **changes)
 
 
 def conversation_from_messages(messages: Any, base: Settings) -> tuple[Conversation, list[PendingImage]]:

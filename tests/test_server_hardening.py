@@ -526,3 +526,14 @@ def test_a_host_refusal_is_not_reported_as_a_missing_api_key(canned):
     body = json.dumps({"error": {"message": "this server does not answer to that Host name", "code": "host_not_allowed"}}).encode()
     _, error, _ = answer_through(canned, 403, body)
     assert error == f"{canned.url} refused the request: this server does not answer to that Host name"
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_tokens", 0, "`max_tokens` must be at least 1 (got 0)"),
+    ("max_completion_tokens", 0, "`max_completion_tokens` must be at least 1 (got 0)"),
+    ("temperature", 500, "`temperature` must be between 0 and 100 (got 500.0)"),
+])
+def test_a_sampling_value_out_of_range_names_the_api_field_not_the_cli_flag(app, settings, field, value, message):
+    reply = post(app, body(settings.model, **{field: value}))
+    assert reply.status_code == 400
+    assert reply.json()["error"] == {"message": message, "type": "invalid_request_error", "param": field, "code": None}
