@@ -40,6 +40,8 @@ app = typer.Typer(
 BATCH_HELP = "Many images (one answer each)"
 SESSION_HELP = "Saved conversations"
 NO_SAVE = typer.Option("--no-save", help="Do not save this conversation (nor update a resumed one).", rich_help_panel=SESSION_HELP)
+# One-shot questions pile up as conversations; this environment variable turns their saving off for good.
+ASK_NO_SAVE = typer.Option("--no-save", envvar="LLAVA_ASK_NO_SAVE", help="Do not save this conversation (nor update a resumed one); LLAVA_ASK_NO_SAVE=1 makes it the default.", rich_help_panel=SESSION_HELP)
 DROP_MISSING = typer.Option("--drop-missing-images", help="Continue a conversation without its images that have vanished or changed.", rich_help_panel=SESSION_HELP)
 
 
@@ -108,7 +110,7 @@ def ask(
     actors: Annotated[Optional[int], typer.Option("--actors", metavar="N", help="With --ray: model copies answering at once (default: one per GPU, or per node).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option("--gpus-per-actor", metavar="G", help="With --ray: GPUs each model copy gets (default 1 on a GPU cluster, 0 on CPUs).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
     continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation (chat or ask): images become optional.", rich_help_panel=SESSION_HELP)] = False,
-    no_save: Annotated[bool, NO_SAVE] = False,
+    no_save: Annotated[bool, ASK_NO_SAVE] = False,
     drop_missing_images: Annotated[bool, DROP_MISSING] = False,
     settings: Settings = Settings(),
 ) -> int:
@@ -256,6 +258,21 @@ def sessions_rm(ref: Annotated[str, SESSION_REF]) -> None:
     from llava_cli.sessions import remove_session
 
     raise typer.Exit(remove_session(ref))
+
+
+@sessions_app.command("prune")
+def sessions_prune(
+    older_than: Annotated[Optional[str], typer.Option("--older-than", metavar="AGE", show_default=False, help="Remove those last updated more than AGE ago: 30m, 12h, 7d, 2w.")] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", metavar="N", show_default=False, help="Keep the N newest, remove the rest (with --older-than: only the old ones among the rest).")] = None,
+) -> None:
+    """Remove old unnamed conversations (those given a name with /save NAME stay).
+
+    llava sessions prune --older-than 7d
+    llava sessions prune --keep 20
+    """
+    from llava_cli.sessions import prune_sessions
+
+    raise typer.Exit(prune_sessions(older_than, keep))
 
 
 @sessions_app.command("export")
