@@ -26,7 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.arguments import (
+    STDIN, AskOptions, folder_images, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin,
+)
 from llava_cli.batchserver import batch_server, server_records
 from llava_cli.conversation import Conversation
 from llava_cli.engine import BatchAnswer, Engine, Prompt
@@ -63,6 +65,9 @@ def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
         raise UsageError("stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p")
     if options.from_file is not None:
         names += read_image_list(options.from_file)
+    names, skipped = folder_images(names, options.recursive)
+    for note in skipped:
+        emit(f"llava: {note}", sys.stderr)
     if not names:
         raise UsageError("no images: list them after --each, or one per line in the --from-file file")
     return names, prompt if prompt is not None else read_prompt_from_stdin()

@@ -109,6 +109,7 @@ def ask(
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Answer on a Ray cluster: local (start one here), auto (the running one), ray://HOST:PORT. Workers must read the images (shared storage or URLs). Needs pip install 'llava-cli[ray]'.", show_default=False, rich_help_panel=BATCH_HELP)] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", metavar="N", help="With --ray: model copies answering at once (default: one per GPU, or per node).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option("--gpus-per-actor", metavar="G", help="With --ray: GPUs each model copy gets (default 1 on a GPU cluster, 0 on CPUs).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", help="With --each FOLDER: the images in its subfolders too.", rich_help_panel=BATCH_HELP)] = False,
     continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation (chat or ask): images become optional.", rich_help_panel=SESSION_HELP)] = False,
     no_save: Annotated[bool, ASK_NO_SAVE] = False,
     drop_missing_images: Annotated[bool, DROP_MISSING] = False,
@@ -131,7 +132,7 @@ def ask(
     options = AskOptions.from_command_line(
         dict(
             json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,
-            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor,
+            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, recursive=recursive,
         )
     )
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)

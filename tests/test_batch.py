@@ -345,3 +345,41 @@ def test_text_output_from_a_file_list(settings, images, expected, tmp_path, caps
     out = capsys.readouterr().out
     one_line = {name: re.sub(r"\s*[\r\n\t]+\s*", " ", answer) for name, answer in expected.items()}
     assert out == f"{images['blue']}\t{one_line['blue']}\n{images['red']}\t{one_line['red']}\n"
+
+
+def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_each(settings, images, expected, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name, colour in [("b.png", "green"), ("a.PNG", "red"), ("sub/c.png", "blue"), (".hidden.png", "red")]:
+        shutil.copy(images[colour], folder / name)
+    (folder / "notes.txt").write_text("not a picture")
+    one_line = {name: re.sub(r"\s*[\r\n\t]+\s*", " ", answer) for name, answer in expected.items()}
+
+    assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", batch_size=2)) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{folder / 'a.PNG'}\t{one_line['red']}\n{folder / 'b.png'}\t{one_line['green']}\n"
+    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image (.bmp, .gif, .ico, .jpeg, .jpg, .pgm, .png, .ppm, .tga, .tif, .tiff, .webp)",
+                                f"llava: skipping {folder / 'sub'}: a folder (--recursive includes its images)"]
+
+    assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", recursive=True)) == 0
+    out, err = capsys.readouterr()
+    lines = out.split("\n")
+    assert [line.split("\t")[0] for line in lines] == [str(folder / name) for name in ("a.PNG", "b.png", "sub/c.png")] + [""]
+    assert lines[2] == f"{folder / 'sub/c.png'}\t{one_line['blue']}"
+    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image (.bmp, .gif, .ico, .jpeg, .jpg, .pgm, .png, .ppm, .tga, .tif, .tiff, .webp)"]
+
+
+def llava_lines(stderr: str) -> list[str]:
+    """llava's own lines on stderr (in-process, transformers' loading bar lands there too)."""
+    return [line for line in stderr.splitlines() if line.startswith("llava:")]
+
+
+def test_each_folder_without_images_is_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "x.png").write_bytes(b"")
+    no_model = Settings(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(UsageError) as caught:
+        run_batch([str(tmp_path / "empty"), PROMPT], no_model, AskOptions(each=True))
+    assert str(caught.value) == f"no images in the folder {tmp_path / 'empty'} (1 other entries; --recursive looks in its subfolders)"
+    with pytest.raises(UsageError, match="--recursive: only with --each"):
+        AskOptions(recursive=True)
