@@ -50,11 +50,19 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
     sink = RecordFile(Path(options.output)) if options.output else StdoutRecords(options.format, settings.raw)
     try:
         todo = [name for name in names if not sink.answered(name, prompt)]
+        if len(todo) < len(names):
+            emit(f"llava: skipping {len(names) - len(todo)} of {len(names)} images, already answered in {options.output}", sys.stderr)
         if not todo:
             return EXIT_OK
-        return answer_all(todo, prompt, settings, options, sink, stdin_image)
+        return answer_all(todo, prompt, settings, options, sink, stdin_image, skipped=len(names) - len(todo))
     finally:
         sink.close()
+
+
+def stop_message(done: int, total: int, output: str | None) -> str:
+    """What Ctrl-C (or SIGTERM) leaves: how far the run got and how to finish it."""
+    how = f"rerun the same command to resume (the answers so far are in {output})" if output else "rerun with -o FILE to resume"
+    return f"llava: stopped at {done}/{total}; {how}"
 
 
 def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
@@ -94,19 +102,26 @@ def read_image_list(source: str) -> list[str]:
 
 
 def answer_all(
-    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile, stdin_image: bytes
+    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile, stdin_image: bytes,
+    skipped: int = 0,
 ) -> int:
-    failed = 0
+    """Answer `names` (`skipped` more were answered before, in -o's file); Ctrl-C says where it stopped."""
+    failed = written = 0
     records = record_source(names, prompt, settings, options, stdin_image)
-    with BatchProgress(len(names)) as progress:
-        for record in records:
-            if isinstance(sink, StdoutRecords):
-                progress.before_output()
-            sink.write(record)
-            if record["error"] is not None:
-                failed += 1
-                progress.report(f"llava: error: {record['error']}")
-            progress.advance()
+    try:
+        with BatchProgress(len(names)) as progress:
+            for record in records:
+                if isinstance(sink, StdoutRecords):
+                    progress.before_output()
+                sink.write(record)
+                written += 1
+                if record["error"] is not None:
+                    failed += 1
+                    progress.report(f"llava: error: {record['error']}")
+                progress.advance()
+    except KeyboardInterrupt:
+        emit(stop_message(skipped + written, skipped + len(names), options.output), sys.stderr)
+        raise
     return EXIT_FAILURE if failed else EXIT_OK
 
 

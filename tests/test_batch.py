@@ -210,6 +210,8 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
     finished = lines_of(output.read_text())
     assert 2 <= len(finished) < len(paths)
     assert [r["image"] for r in finished] == list(map(str, paths[: len(finished)]))
+    stop = f"llava: stopped at {len(finished)}/{len(paths)}; rerun the same command to resume (the answers so far are in {output})"
+    assert stderr.decode().split("\n")[0] == stop
 
     # A run killed inside a write leaves half a line: it is cut off and that image redone.
     with output.open("ab") as file:
@@ -217,7 +219,8 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
     result = subprocess.run(command + ["--batch-size", "8"], capture_output=True, env=env, timeout=120)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout == b"" and result.stderr == b""
+    assert result.stdout == b""
+    assert result.stderr.decode() == f"llava: skipping {len(finished)} of {len(paths)} images, already answered in {output}\n"
     records = lines_of(output.read_text())
     assert [r["image"] for r in records] == list(map(str, paths))
     assert [r["answer"] for r in records] == [expected[path.stem.split("-")[1]] for path in paths]
@@ -383,3 +386,15 @@ def test_each_folder_without_images_is_refused_before_the_model_loads(tmp_path):
     assert str(caught.value) == f"no images in the folder {tmp_path / 'empty'} (1 other entries; --recursive looks in its subfolders)"
     with pytest.raises(UsageError, match="--recursive: only with --each"):
         AskOptions(recursive=True)
+
+
+def test_ctrl_c_without_o_says_where_it_stopped_and_how_to_resume(settings, images, monkeypatch, capsys):
+    def two_then_ctrl_c(names, *args):
+        for name in names[:2]:
+            yield make_record(name, PROMPT, settings.model, answer="a")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llava_cli.batch.record_source", two_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([*map(str, images.values()), PROMPT], settings, AskOptions(each=True))
+    assert capsys.readouterr().err == "llava: stopped at 2/3; rerun with -o FILE to resume\n"
