@@ -113,14 +113,15 @@ class Job:
             turn.images = []
 
 
-def parse_job(body: Any, served_model: str, base: Settings) -> Job:
-    """Validate a chat-completions request; raise `ApiError` naming the first thing wrong with it."""
+def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[str] = frozenset()) -> Job:
+    """Validate a chat-completions request; raise `ApiError` naming the first thing wrong with it.
+    `model` must be `served_model` or one of its `aliases`."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "`model` is required", param="model")
-    if model != served_model:
+    if model != served_model and model not in aliases:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
                        code="model_not_found", param="model")
     n = body.get("n")

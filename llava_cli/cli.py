@@ -180,6 +180,7 @@ def serve(
     allowed_local_media_path: Annotated[Optional[str], typer.Option("--allowed-local-media-path", metavar="DIR", show_default=False, help="Let requests name image files under DIR (symlinks resolved). Without it only data: URLs are accepted.")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", metavar="N", show_default=False, help="Answer up to N requests at once, decoded together (default: as many as the GPU's free memory holds at full context, 8 on a CPU).")] = None,
     cache_mb: Annotated[int, typer.Option("--cache-mb", metavar="MB", help="Keep up to MB of recent answers' KV caches, so chat clients resending their history skip its prefill (0: none).")] = DEFAULT_CACHE_MB,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", metavar="NAME", show_default=False, help="The model id clients send and /v1/models lists (default: the hub id, or the folder's name).")] = None,
     settings: Settings = Settings(),
 ) -> int:
     """Keep the model loaded and serve the OpenAI chat-completions API on http://HOST:PORT/v1.
@@ -198,7 +199,7 @@ def serve(
     options = ServeOptions(
         host=host, port=port, api_key=api_key, max_request_mb=max_request_mb, request_timeout_s=request_timeout,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
-        allowed_local_media_path=allowed_local_media_path, max_batch=max_batch, cache_mb=cache_mb,
+        allowed_local_media_path=allowed_local_media_path, max_batch=max_batch, cache_mb=cache_mb, served_model_name=served_model_name,
     )
     return run_serve(settings, options)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from llava_cli.apirequest import ApiError, Job, parse_job
 from llava_cli.decodebatch import rows_that_fit
+from llava_cli.discovery import served_name
 from llava_cli.engine import Engine
 from llava_cli.serveguard import Guard, ServeOptions
 from llava_cli.servelog import log, log_detail
@@ -85,7 +86,9 @@ class Service:
         max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings), cache_bytes)
         self.worker = Worker(engine, self.guard, max_batch, cache_bytes)
         self.settings = settings
-        self.model = settings.model
+        self.model = options.served_model_name or served_name(settings.model)  # the id clients send
+        # Without --served-model-name, the --model text as typed is accepted too (clients of earlier versions send it).
+        self.aliases = frozenset() if options.served_model_name else frozenset({settings.model})
         self.api_key = options.api_key
         self.max_request_bytes = options.max_request_mb * 2**20
         self.request_timeout_s = options.request_timeout_s
@@ -153,7 +156,7 @@ class Service:
         from starlette.concurrency import run_in_threadpool
 
         body = parse_json(await read_body(request, self.max_request_bytes, self.request_timeout_s))
-        job = await run_in_threadpool(parse_job, body, self.model, self.settings)  # long histories: off the loop
+        job = await run_in_threadpool(parse_job, body, self.model, self.settings, self.aliases)  # long histories: off the loop
         queue = self.worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         streaming = False

@@ -62,6 +62,7 @@ class ServeOptions:
     allowed_local_media_path: str | None = None
     max_batch: int | None = None  # answers decoded at once; None: as many as the device holds (decodebatch.rows_that_fit)
     cache_mb: int = DEFAULT_CACHE_MB
+    served_model_name: str | None = None  # the model id clients send; None: discovery.served_name(--model)
     media_root: Path | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class ServeOptions:
             raise UsageError(f"--request-timeout must be more than 0 seconds (got {self.request_timeout_s:g})")
         if self.max_batch is not None and self.max_batch < 1:
             raise UsageError(f"--max-batch must be at least 1 (got {self.max_batch})")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise UsageError("--served-model-name is empty; give the id clients should send, or leave it out")
         if self.cache_mb < 0:
             raise UsageError(f"--cache-mb must be 0 or more (got {self.cache_mb})")
         if self.api_key is not None and not self.api_key.strip():

@@ -94,9 +94,9 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     sock = bind(options.host, options.port)
     service = Service(load_engine(settings), settings, options)
     url = local_url(sock)
-    announced = write_server_file(url, settings.model)
+    announced = write_server_file(url, settings.model, service.model)
     try:
-        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_key else ''}, "
+        log(f"serving {settings.model} as {service.model!r} at {url}/v1{' (API key required)' if options.api_key else ''}, "
             f"up to {service.worker.max_batch} answers at once; Ctrl-C stops")
         code = serve_until_signal(service, sock, settings.verbose)
     finally:

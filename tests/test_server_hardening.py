@@ -537,3 +537,20 @@ def test_a_sampling_value_out_of_range_names_the_api_field_not_the_cli_flag(app,
     reply = post(app, body(settings.model, **{field: value}))
     assert reply.status_code == 400
     assert reply.json()["error"] == {"message": message, "type": "invalid_request_error", "param": field, "code": None}
+
+
+def test_the_served_model_id_is_the_folder_name_by_default_or_served_model_name(tiny_loaded, app, settings):
+    default_ids = [entry["id"] for entry in app.get("/v1/models").json()["data"]]
+    assert default_ids == [Path(settings.model).name]
+    assert post(app, body(Path(settings.model).name, max_tokens=1)).json()["model"] == Path(settings.model).name
+    assert post(app, body(settings.model, max_tokens=1)).status_code == 200  # the --model text still works
+    client, service = client_for(tiny_loaded, settings, served_model_name="tiny")
+    try:
+        assert [entry["id"] for entry in client.get("/v1/models").json()["data"]] == ["tiny"]
+        assert post(client, body("tiny", max_tokens=1)).json()["model"] == "tiny"
+        refused = post(client, body(settings.model, max_tokens=1))
+        assert error_of(refused) == (404, "model_not_found") and refused.json()["error"]["message"].endswith("this server serves 'tiny'")
+    finally:
+        service.worker.stop()
+    with pytest.raises(UsageError, match="--served-model-name is empty"):
+        ServeOptions(host="127.0.0.1", port=0, served_model_name=" ")
