@@ -11,6 +11,7 @@ sends. Point a process at it with HF_ENDPOINT=hub.url. Misbehaviour, set per tes
   file's first bytes are out, so a test can interrupt the download mid-file);
 - `held_files`: send these files' first chunk, then each further chunk only for a permit the test
   gives with `release(n)` (n chunks), so a test paces the download by what it has seen, not by time;
+- `no_sizes`: the file list carries no sizes (as some mirrors and old repos answer);
 - `cut_once`: close the connection after half of these files' bodies, the first time only.
 Every request is logged in `requests` as (method, path, Range header).
 """
@@ -41,6 +42,7 @@ class StandInHub:
         self.stall_files: set[str] = set()
         self.slow_files: set[str] = set()
         self.held_files: set[str] = set()
+        self.no_sizes = False
         self.permits = threading.Semaphore(0)  # chunks of `held_files` the test has let through
         self.cut_once: set[str] = set()
         self.sending: dict[str, threading.Event] = {}
@@ -123,7 +125,7 @@ def make_handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             if files is None:
                 self.reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
                 return
-            siblings = [{"rfilename": name, "size": len(data), "blobId": etag(data)[:40]} for name, data in sorted(files.items())]
+            siblings = [{"rfilename": name, "blobId": etag(data)[:40]} | ({} if hub.no_sizes else {"size": len(data)}) for name, data in sorted(files.items())]
             body = json.dumps({"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings}).encode()
             self.reply(200, body, {"Content-Type": "application/json"})
 

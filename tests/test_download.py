@@ -16,6 +16,7 @@ import pytest
 
 from conftest import SHORT_ANSWER, cli_env, render_llava15, run_llava
 from hub_standin import COMMIT, StandInHub
+from llava_cli.download import human_size
 from tiny_checkpoint import copy_without_weights, lay_out_hub_cache
 
 REPO = "llava-tests/sharded-llava"
@@ -105,7 +106,13 @@ def test_a_download_interrupted_mid_file_is_finished_by_the_next_run(hub, env, s
         stdout, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert (process.returncode, stdout, stderr.strip()) == (130, b"", b"")  # no traceback, no half-written answer
+    assert (process.returncode, stdout) == (130, b"")  # no half-written answer
+    kept = [name for name in wanted(sharded_model) if name != last]
+    size = human_size(sum((sharded_model / name).stat().st_size for name in kept))
+    assert stderr.decode().strip() == (  # one line, no traceback
+        f"llava: download of {REPO} stopped: {len(kept)} of {len(kept) + 1} files finished ({size}), kept in the cache; "
+        "run the same command again to resume"
+    )
     assert sorted(path.name for path in snapshot(env).iterdir()) == sorted(set(wanted(sharded_model)) - {last})
     assert not list(Path(env["HF_HOME"]).rglob("*.incomplete"))  # no partial file left behind
 
@@ -182,7 +189,6 @@ def test_llava_models_names_the_missing_shard(cut_off_cache):
 
 
 def test_pull_downloads_the_loaded_files_then_says_it_is_complete_without_the_network(hub, env, sharded_model):
-    from llava_cli.download import human_size
 
     result = run_llava("pull", REPO, env=env)
     assert result.returncode == 0, result.stderr_text
@@ -211,7 +217,6 @@ def test_pull_finishes_an_interrupted_download(hub, env, sharded_model, cut_off_
 def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sharded_model):
     import pexpect
 
-    from llava_cli.download import human_size
 
     hub.held_files.update(SHARDS)  # each shard's bytes go out only as the test sees the bar redrawn
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
@@ -237,3 +242,27 @@ def test_pull_offline_says_it_cannot_download(tmp_path):
     result = run_llava("pull", REPO, env=cli_env(HF_HOME=str(tmp_path / "empty-home")))
     assert (result.returncode, result.stdout_text) == (2, "")
     assert result.stderr_text == f"llava: error: cannot download {REPO}: HF_HUB_OFFLINE is set; unset it and run `llava pull {REPO}` again\n"
+
+
+def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_total(hub, env, sharded_model):
+    import pexpect
+
+
+    hub.no_sizes = True
+    hub.held_files.update(SHARDS)
+    env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
+    files = wanted(sharded_model)
+    bar = re.compile(r"Downloading " + re.escape(REPO) + r": file (\d+) of (\d+).*?(\d+\.\d)/\? ([kMG]?B)")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 150), encoding="utf-8", codec_errors="replace")
+    output, bars = "", []
+    while child.expect([bar, pexpect.EOF]) == 0:
+        output += child.before + child.after
+        bars.append(child.match.groups())
+        hub.release(CHUNKS_PER_REDRAW)
+    output += child.before
+    child.close()
+    assert child.exitstatus == 0, output
+    assert {total for _, total, _, _ in bars} == {str(len(files))}
+    assert int(bars[-1][0]) == len(files) and float(bars[-1][2]) > float(bars[0][2])  # files, then bytes as they arrive
+    total = human_size(sum((sharded_model / name).stat().st_size for name in files))
+    assert f"downloaded {REPO}: {len(files)} of {len(files)} files, {total} in " in output  # the real bytes, not 0 B
