@@ -125,14 +125,15 @@ class Job:
             turn.images = []
 
 
-def parse_job(body: Any, served_model: str, base: Settings) -> Job:
-    """Validate a chat-completions request; raise `ApiError` naming the first thing wrong with it."""
+def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[str] = frozenset()) -> Job:
+    """Validate a chat-completions request; raise `ApiError` naming the first thing wrong with it.
+    `model` must be `served_model` or one of its `aliases`."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "`model` is required", param="model")
-    if model != served_model:
+    if model != served_model and model not in aliases:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
                        code="model_not_found", param="model")
     n = body.get("n")
@@ -174,11 +175,10 @@ def request_settings(body: dict[str, Any], base: Settings) -> Settings:
             continue
         if isinstance(value, bool) or not isinstance(value, option.json_kinds):
             raise ApiError(400, f"`{key}` must be {option.json_described}", param=key)
+        if (fault := option.fault(option.kind(value))) is not None:
+            raise ApiError(400, f"`{key}` {fault}", param=key)  # the API's field, not the CLI's flag
         changes[option.name] = option.kind(value)
-    try:
-        return dataclasses.replace(base, **changes)
-    except UsageError as err:
-        raise ApiError(400, f"invalid sampling option: {err}") from None
+    return dataclasses.replace(base, **changes)
 
 
 def conversation_from_messages(messages: Any, base: Settings) -> tuple[Conversation, list[PendingImage]]:

@@ -15,10 +15,11 @@ import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llava_cli.errors import InputError, UsageError
-from llava_cli.images import ImageRef, image_from_bytes, looks_like_image, read_stream
+from llava_cli.images import IMAGE_SUFFIXES, ImageRef, image_from_bytes, looks_like_image, read_stream
 from llava_cli.output import OUTPUT_FORMATS
 from llava_cli.settings import DEFAULT_BATCH_SIZE
 from llava_cli.terminal import is_terminal
@@ -76,6 +77,44 @@ def images_and_prompt(
     if chosen is not None:
         checked_prompt(chosen)
     return images, chosen
+
+
+def folder_images(names: list[str], recursive: bool = False) -> tuple[list[str], list[str]]:
+    """`ask --each`'s names with each folder replaced by its images (by image extension), sorted by
+    path; with `recursive`, its subfolders' too. Returns them and one note per entry skipped (hidden
+    entries are skipped quietly, as a shell's `*` does). A folder without images is a `UsageError`."""
+    images: list[str] = []
+    notes: list[str] = []
+    for name in names:
+        if name == STDIN or is_url(name) or not os.path.isdir(name):
+            images.append(name)
+            continue
+        found, skipped = images_in_folder(Path(name), recursive)
+        if not found:
+            raise UsageError(f"no images in the folder {name} ({len(skipped)} other entries{'' if recursive else '; --recursive looks in its subfolders'})")
+        images += found
+        notes += skipped
+    return images, notes
+
+
+def images_in_folder(folder: Path, recursive: bool) -> tuple[list[str], list[str]]:
+    """The image files under `folder` and a note for each other entry, in path order."""
+    try:
+        entries = sorted(folder.rglob("*") if recursive else folder.iterdir(), key=lambda path: path.relative_to(folder).parts)
+    except OSError as err:
+        raise UsageError(f"cannot list the folder {folder}: {err.strerror or err}") from None
+    found, skipped = [], []
+    for path in entries:
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.is_dir():
+            if not recursive:
+                skipped.append(f"skipping {path}: a folder (--recursive includes its images)")
+        elif path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            found.append(str(path))
+        else:
+            skipped.append(f"skipping {path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found, skipped
 
 
 def split_image_command(argument: str) -> tuple[list[str], str]:
@@ -162,6 +201,7 @@ class AskOptions:
     gpus_per_actor: float | None = None  # None: 1 on a cluster with GPUs, else 0
     clipboard: bool = False  # --clipboard: the clipboard's image goes with the question (paste.py)
     pages: str | None = None  # --pages 1-3,7: the pages of a PDF argument (pdfpages.py); None: the first
+    recursive: bool = False  # --each FOLDER: its subfolders' images too
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
@@ -212,6 +252,7 @@ class AskOptions:
             gpus_per_actor=None if values.get("gpus_per_actor") is None else float(values["gpus_per_actor"]),
             clipboard=bool(values.get("clipboard")),
             pages=values.get("pages"),
+            recursive=bool(values.get("recursive")),
         )
 
     def batch_only_options(self) -> str:
@@ -220,6 +261,7 @@ class AskOptions:
         used += [f"--batch-size {self.batch_size}"] if self.batch_size != DEFAULT_BATCH_SIZE else []
         used += [f"--parallel {self.parallel}"] if self.parallel is not None else []
         used += [f"--ray {self.ray}"] if self.ray is not None else []
+        used += ["--recursive"] if self.recursive else []
         return " and ".join(used)
 
     @property

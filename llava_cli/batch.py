@@ -28,7 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.arguments import (
+    STDIN, AskOptions, folder_images, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin,
+)
 from llava_cli.batchserver import batch_server, server_records
 from llava_cli.conversation import Conversation
 from llava_cli.decodebatch import BatchAnswer, answers_in_order
@@ -51,11 +53,19 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
     sink = RecordFile(Path(options.output)) if options.output else StdoutRecords(options.format, settings.raw)
     try:
         todo = [name for name in names if not sink.answered(name, prompt)]
+        if len(todo) < len(names):
+            emit(f"llava: skipping {len(names) - len(todo)} of {len(names)} images, already answered in {options.output}", sys.stderr)
         if not todo:
             return EXIT_OK
-        return answer_all(todo, prompt, settings, options, sink, stdin_image)
+        return answer_all(todo, prompt, settings, options, sink, stdin_image, skipped=len(names) - len(todo))
     finally:
         sink.close()
+
+
+def stop_message(done: int, total: int, output: str | None) -> str:
+    """What Ctrl-C (or SIGTERM) leaves: how far the run got and how to finish it."""
+    how = f"rerun the same command to resume (the answers so far are in {output})" if output else "rerun with -o FILE to resume"
+    return f"llava: stopped at {done}/{total}; {how}"
 
 
 def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
@@ -66,6 +76,9 @@ def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
         raise UsageError("stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p")
     if options.from_file is not None:
         names += read_image_list(options.from_file)
+    names, skipped = folder_images(names, options.recursive)
+    for note in skipped:
+        emit(f"llava: {note}", sys.stderr)
     if not names:
         raise UsageError("no images: list them after --each, or one per line in the --from-file file")
     return names, prompt if prompt is not None else read_prompt_from_stdin()
@@ -92,19 +105,26 @@ def read_image_list(source: str) -> list[str]:
 
 
 def answer_all(
-    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile, stdin_image: bytes
+    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile, stdin_image: bytes,
+    skipped: int = 0,
 ) -> int:
-    failed = 0
+    """Answer `names` (`skipped` more were answered before, in -o's file); Ctrl-C says where it stopped."""
+    failed = written = 0
     records = record_source(names, prompt, settings, options, stdin_image)
-    with BatchProgress(len(names)) as progress:
-        for record in records:
-            if isinstance(sink, StdoutRecords):
-                progress.before_output()
-            sink.write(record)
-            if record["error"] is not None:
-                failed += 1
-                progress.report(f"llava: error: {record['error']}")
-            progress.advance()
+    try:
+        with BatchProgress(len(names)) as progress:
+            for record in records:
+                if isinstance(sink, StdoutRecords):
+                    progress.before_output()
+                sink.write(record)
+                written += 1
+                if record["error"] is not None:
+                    failed += 1
+                    progress.report(f"llava: error: {record['error']}")
+                progress.advance()
+    except KeyboardInterrupt:
+        emit(stop_message(skipped + written, skipped + len(names), options.output), sys.stderr)
+        raise
     return EXIT_FAILURE if failed else EXIT_OK
 
 

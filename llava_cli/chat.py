@@ -93,7 +93,8 @@ class ChatLoop:
     def command(self, name: str, argument: str) -> None:
         run_command(self, name, argument)
 
-    def attach_paths(self, paths: list[str]) -> None:
+    def attach_paths(self, paths: list[str], asked_now: bool = False) -> None:
+        """Attach images to the next message, or with `asked_now` to the question sent right after."""
         images, notes = [], []
         for path in paths:  # all or none: nothing is attached until every one opens
             opened, note = image_or_pages(path, None, self.settings.max_image_pixels, load_image)
@@ -103,7 +104,7 @@ class ChatLoop:
             self.io.info(note)
         self.attached.extend(images)
         names = ", ".join(image.name for image in images)
-        self.io.info(f"attached {names}; it goes with your next message")
+        self.io.info(f"attached {names}; " + ("answering your question about it now" if asked_now else "it goes with your next message"))
 
     def send(self, text: str) -> None:
         self.conversation.ask(text, self.attached)
@@ -194,6 +195,9 @@ class PipeIO:
     def info(self, message: str) -> None:
         pass  # chatter would corrupt the transcript a script reads
 
+    def report(self, message: str) -> None:
+        emit(message, sys.stderr)  # asked for, so shown, but off stdout: stdout stays answers only
+
     def error(self, message: str) -> None:
         emit_error(message)
 
@@ -252,6 +256,9 @@ class TerminalIO:
 
     def info(self, message: str) -> None:
         self.console.print(message, style="dim", markup=False, soft_wrap=False)  # wrapped between words
+
+    def report(self, message: str) -> None:
+        self.info(message)
 
     def error(self, message: str) -> None:
         self.console.print(f"error: {one_line_text(message)}", style="bold red", markup=False)

@@ -41,6 +41,8 @@ app = typer.Typer(
 BATCH_HELP = "Many images (one answer each)"
 SESSION_HELP = "Saved conversations"
 NO_SAVE = typer.Option("--no-save", help="Do not save this conversation (nor update a resumed one).", rich_help_panel=SESSION_HELP)
+# One-shot questions pile up as conversations; this environment variable turns their saving off for good.
+ASK_NO_SAVE = typer.Option("--no-save", envvar="LLAVA_ASK_NO_SAVE", help="Do not save this conversation (nor update a resumed one); LLAVA_ASK_NO_SAVE=1 makes it the default.", rich_help_panel=SESSION_HELP)
 DROP_MISSING = typer.Option("--drop-missing-images", help="Continue a conversation without its images that have vanished or changed.", rich_help_panel=SESSION_HELP)
 
 
@@ -110,8 +112,9 @@ def ask(
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Answer on a Ray cluster: local (start one here), auto (the running one), ray://HOST:PORT. Workers must read the images (shared storage or URLs). Needs pip install 'llava-cli[ray]'.", show_default=False, rich_help_panel=BATCH_HELP)] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", metavar="N", help="With --ray: model copies answering at once (default: one per GPU, or per node).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option("--gpus-per-actor", metavar="G", help="With --ray: GPUs each model copy gets (default 1 on a GPU cluster, 0 on CPUs).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", help="With --each FOLDER: the images in its subfolders too.", rich_help_panel=BATCH_HELP)] = False,
     continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation (chat or ask): images become optional.", rich_help_panel=SESSION_HELP)] = False,
-    no_save: Annotated[bool, NO_SAVE] = False,
+    no_save: Annotated[bool, ASK_NO_SAVE] = False,
     drop_missing_images: Annotated[bool, DROP_MISSING] = False,
     settings: Settings = Settings(),
 ) -> int:
@@ -132,7 +135,7 @@ def ask(
     options = AskOptions.from_command_line(
         dict(
             json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,
-            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, clipboard=clipboard, pages=pages,
+            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, clipboard=clipboard, pages=pages, recursive=recursive,
         )
     )
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
@@ -188,6 +191,7 @@ def serve(
     max_connections_per_client: Annotated[int, typer.Option("--max-connections-per-client", metavar="N", help="Open connections from one address.")] = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", metavar="SECONDS", help="On SIGTERM, refuse new requests (503) and let answers in flight finish for up to this long.")] = DEFAULT_DRAIN_TIMEOUT_S,
     log_format: Annotated[str, typer.Option("--log-format", metavar="FORMAT", help="Access log: text (with --verbose) or json (one line per request on stderr).")] = "text",
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", metavar="NAME", show_default=False, help="The model id clients send and /v1/models lists (default: the hub id, or the folder's name).")] = None,
     settings: Settings = Settings(),
 ) -> int:
     """Keep the model loaded and serve the OpenAI chat-completions API on http://HOST:PORT/v1.
@@ -210,6 +214,7 @@ def serve(
         keep_alive_s=parse_keep_alive(keep_alive), metrics_public=metrics_public, header_timeout_s=header_timeout,
         timeout_keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
         drain_timeout_s=drain_timeout, log_format=log_format,
+        served_model_name=served_model_name,
     )
     return run_serve(settings, options)
 
@@ -320,6 +325,21 @@ def sessions_rm(ref: Annotated[str, SESSION_REF]) -> None:
     raise typer.Exit(remove_session(ref))
 
 
+@sessions_app.command("prune")
+def sessions_prune(
+    older_than: Annotated[Optional[str], typer.Option("--older-than", metavar="AGE", show_default=False, help="Remove those last updated more than AGE ago: 30m, 12h, 7d, 2w.")] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", metavar="N", show_default=False, help="Keep the N newest, remove the rest (with --older-than: only the old ones among the rest).")] = None,
+) -> None:
+    """Remove old unnamed conversations (those given a name with /save NAME stay).
+
+    llava sessions prune --older-than 7d
+    llava sessions prune --keep 20
+    """
+    from llava_cli.sessions import prune_sessions
+
+    raise typer.Exit(prune_sessions(older_than, keep))
+
+
 @sessions_app.command("export")
 def sessions_export(
     ref: Annotated[str, SESSION_REF],
@@ -329,6 +349,17 @@ def sessions_export(
     from llava_cli.sessions import export_session
 
     raise typer.Exit(export_session(ref, fmt))
+
+
+@app.command("help")
+def help_command(
+    command: Annotated[Optional[list[str]], typer.Argument(metavar="[COMMAND]...", help="The command to explain, e.g. ask or sessions rm.", show_default=False)] = None,
+) -> None:
+    """Show the help of llava or of a command, as `llava COMMAND --help` does.
+
+    llava help ask
+    """
+    raise typer.Exit(preflight(typer.main.get_command(app), [*(command or []), "--help"]))
 
 
 def show_version(value: bool) -> None:

@@ -56,6 +56,11 @@ class Command:
     def usage(self) -> str:
         return f"/{self.name} {self.arguments}".rstrip()
 
+    @property
+    def needs_argument(self) -> bool:
+        """It takes an argument that is not optional ([...]): Tab completion adds the space before it."""
+        return bool(self.arguments) and not self.arguments.startswith("[")
+
 
 COMMANDS: list[Command] = []  # in /help's order
 
@@ -108,7 +113,7 @@ def attach(chat: Chat, argument: str) -> None:
     paths, question = split_image_command(argument)
     if not paths:
         raise InputError("usage: /image PATH [PATH...] [question]")
-    chat.attach_paths(paths)
+    chat.attach_paths(paths, asked_now=bool(question))
     if question:
         chat.send(question)
 
@@ -142,6 +147,8 @@ def paste(chat: Chat, argument: str) -> None:
 def retry(chat: Chat, _: str) -> None:
     """Answer the last message again; if that fails or is stopped, the old answer stays."""
     old = last_exchange(chat, "retry")
+    if chat.settings.temperature == 0:
+        chat.io.info("temperature is 0 (greedy), so the answer will be the same; /set temperature 0.7 to vary it")
     chat.conversation.turns.pop()
     chat.conversation.ask(old.text, old.images)
 
@@ -164,7 +171,7 @@ def undo(chat: Chat, _: str) -> None:
 @command("system", "[TEXT|off]", "show, set or remove the system text (applies to the whole conversation)")
 def system(chat: Chat, argument: str) -> None:
     if not argument:
-        chat.io.info(f"system text: {chat.conversation.system}" if chat.conversation.system else "no system text")
+        chat.io.report(f"system text: {chat.conversation.system}" if chat.conversation.system else "no system text")
         return
     chat.conversation.system = None if argument == "off" else argument
     chat.context_tokens = None
@@ -176,7 +183,7 @@ def system(chat: Chat, argument: str) -> None:
 def set_option(chat: Chat, argument: str) -> None:
     key, _, value = argument.partition(" ")
     if not key:
-        chat.io.info(settings_text(chat))
+        chat.io.report(settings_text(chat))
         return
     name = key.replace("_", "-")
     if name not in SETTABLE:
@@ -199,7 +206,7 @@ def settings_text(chat: Chat) -> str:
 
 @command("show", "", "model, device, settings, context used, where the conversation is saved, what the model sees of each image")
 def show(chat: Chat, _: str) -> None:
-    chat.io.info("\n".join([f"{label:<9} {value}" for label, value in facts(chat)] + image_lines(chat)))
+    chat.io.report("\n".join([f"{label:<9} {value}" for label, value in facts(chat)] + image_lines(chat)))
 
 
 def image_lines(chat: Chat) -> list[str]:
@@ -265,7 +272,7 @@ def images(chat: Chat, _: str) -> None:
         for image in turn.images
     ]
     lines += [f"next message: {image.name}" for image in chat.attached]
-    chat.io.info("\n".join(lines) if lines else "no images; /image PATH attaches one")
+    chat.io.report("\n".join(lines) if lines else "no images; /image PATH attaches one")
 
 
 @command("save", "[NAME]", "save now, optionally under a name for /load and --resume")
@@ -329,12 +336,12 @@ def clear(chat: Chat, _: str) -> None:
 @command("stats", "", "figures for the last answer")
 def stats(chat: Chat, _: str) -> None:
     figures = chat.last_figures.as_dict()
-    chat.io.info("\n".join(table([(key, str(value)) for key, value in figures.items()], chat.io.columns)))
+    chat.io.report("\n".join(table([(key, str(value)) for key, value in figures.items()], chat.io.columns)))
 
 
 @command("help", "", "this help")
 def show_help(chat: Chat, _: str) -> None:
-    chat.io.info(help_text(chat.io.columns))
+    chat.io.report(help_text(chat.io.columns))
 
 
 register(Command("quit", "", "leave (Ctrl-D too)", handler=None, aliases=("exit", "bye")))  # the chat loop ends on it

@@ -1,8 +1,9 @@
 """Discovery files: how `llava ask` and `llava chat` find a `llava serve` already running here.
 
-A running server writes `server-<pid>.json` (url, model, model_key, pid) into `runtime_dir()` and
-removes it when it shuts down. `find_server(model)` returns (url, the model's name on that server)
-of a live server for `model`, or None: a file whose process is gone is deleted, a file that cannot
+A running server writes `server-<pid>.json` (url, model: the id clients send, model_key, pid) into
+`runtime_dir()` and removes it when it shuts down. `find_server(model)` returns (url, the model's
+name on that server) of a live server for `model`, or None; `only_server()` the same for the one
+live server when exactly one runs (for a command that names no model), and `live_servers()` all: a file whose process is gone is deleted, a file that cannot
 be read is ignored. The model is matched by `model_key`: a local folder by its absolute path (so
 `./m` and `/abs/m` match), a hub id as written. The files hold no secrets (never the API key) and
 are readable by their owner only.
@@ -25,7 +26,7 @@ import ipaddress
 import json
 import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llava_cli.safeio import FileTooLarge, NotPrivate, NotRegularFile, private_folder, read_regular, write_private_file
@@ -48,11 +49,18 @@ def model_key(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-def write_server_file(url: str, model: str) -> Path:
-    """Announce this process's server; returns the file to remove at shutdown.
+def served_name(model: str) -> str:
+    """The id `llava serve` gives `model` by default: a folder's name (never its absolute path), or the hub id."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
+
+def write_server_file(url: str, model: str, served_as: str | None = None) -> Path:
+    """Announce this process's server of `model`, which clients name `served_as` (default: `model`);
+    returns the file to remove at shutdown.
 
     Raises OSError (`NotPrivate` when the folder is not ours) and writes nothing when it cannot."""
-    record = {"url": url, "model": model, "model_key": model_key(model), "pid": os.getpid()}
+    record = {"url": url, "model": served_as or model, "model_key": model_key(model), "pid": os.getpid()}
     path = runtime_dir() / f"server-{os.getpid()}.json"
     write_private_file(path, json.dumps(record).encode("utf-8"))  # atomic: a reader never sees half a file
     return path
@@ -67,25 +75,40 @@ def find_server(model: str, notify: Callable[[str], None] = lambda message: None
 
     Files and folders that others could have planted or changed are skipped, with a note."""
     wanted = model_key(model)
+    return next(((url, served) for url, served, key in live_servers(notify) if key == wanted), None)
+
+
+def only_server(notify: Callable[[str], None] = lambda message: None) -> tuple[str, str] | list[str] | None:
+    """(url, model's name) of the one running server; the names of the models served when several
+    run (none is picked); None when none runs."""
+    servers = list(live_servers(notify))
+    if len(servers) == 1:
+        url, served, _ = servers[0]
+        return url, served
+    return [served for _, served, _ in servers] or None
+
+
+def live_servers(notify: Callable[[str], None]) -> Iterator[tuple[str, str, str]]:
+    """(url, model's name, model_key) of each trusted discovery file whose server is alive."""
     folder = runtime_dir()
     if not folder.is_dir():
-        return None
+        return
     try:
         private_folder(folder)
     except OSError as err:
         notify(f"not looking for a running server in {folder}: {err.strerror or err}")
-        return None
+        return
     for path in sorted(folder.glob("server-*.json")):
         record = read_record(path, notify)
-        if record is None or record.get("model_key") != wanted:
+        if record is None:
             continue
         if not is_loopback_url(record.get("url")):
             notify(f"ignoring {path}: its url {record.get('url')!r} is not on this machine")
             continue
         if process_alive(record.get("pid")):
-            return str(record.get("url")), str(record.get("model"))
-        remove_server_file(path)  # left behind by a server that was killed
-    return None
+            yield str(record.get("url")), str(record.get("model")), str(record.get("model_key"))
+        else:
+            remove_server_file(path)  # left behind by a server that was killed
 
 
 def read_record(path: Path, notify: Callable[[str], None]) -> dict | None:

@@ -46,7 +46,7 @@ SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")  # model-00001-of-0000
 @dataclass(frozen=True)
 class HubFile:
     name: str
-    size: int
+    size: int | None  # None: the hub did not say
 
     @property
     def is_weights(self) -> bool:
@@ -159,18 +159,37 @@ def pull(repo_id: str, incomplete: list[str] | None = None, weights: bool = True
     files = [file for file in files if weights or not file.is_weights]
     folder = snapshot_folder(repo_id, commit)
     needed = [file for file in files if not (folder / file.name).is_file()]
-    with ModelProgress(repo_id, total=sum(f.size for f in files), done=sum(f.size for f in files if f not in needed)) as progress:
+    sizes_known = all(file.size is not None for file in files)
+    total = sum(file.size or 0 for file in files) if sizes_known else None  # None: a bar of bytes so far, no end
+    with ModelProgress(repo_id, total, done=size_on_disk(folder, files), files=len(needed)) as progress:
         bar_class = progress.file_bar_class()
-        for file in needed:
-            fetch(repo_id, file, commit, bar_class, incomplete or [])
+        for index, file in enumerate(needed):
+            progress.next_file(index)
+            try:
+                fetch(repo_id, file, commit, bar_class, incomplete or [])
+            except KeyboardInterrupt:
+                progress.stop()
+                emit(stopped_line(repo_id, index, len(needed), size_on_disk(folder, needed[:index])), sys.stderr)
+                raise
     return PullResult(
         folder=folder,
         files=len(files),
         fetched_files=len(needed),
-        total_bytes=sum(f.size for f in files),
-        fetched_bytes=sum(f.size for f in needed),
+        total_bytes=size_on_disk(folder, files),
+        fetched_bytes=size_on_disk(folder, needed),  # the bytes that arrived, whatever the hub said
         seconds=time.perf_counter() - started,
     )
+
+
+def size_on_disk(folder: Path, files: list[HubFile]) -> int:
+    """The bytes of those of `files` that are in the snapshot folder."""
+    return sum((folder / file.name).stat().st_size for file in files if (folder / file.name).is_file())
+
+
+def stopped_line(repo_id: str, finished: int, needed: int, size: int) -> str:
+    """Ctrl-C during a download: what is kept, and that the same command finishes it."""
+    return (f"llava: download of {repo_id} stopped: {finished} of {needed} files finished ({human_size(size)}), "
+            "kept in the cache; run the same command again to resume")
 
 
 def list_wanted_files(repo_id: str, incomplete: list[str]) -> tuple[str, list[HubFile]]:
@@ -181,10 +200,10 @@ def list_wanted_files(repo_id: str, incomplete: list[str]) -> tuple[str, list[Hu
         info = HfApi().model_info(repo_id, files_metadata=True, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as err:
         raise download_error(repo_id, err, incomplete, kept=bool(incomplete)) from None
-    files = [HubFile(s.rfilename, s.size or 0) for s in info.siblings or [] if is_wanted(s.rfilename)]
+    files = [HubFile(s.rfilename, s.size) for s in info.siblings or [] if is_wanted(s.rfilename)]
     if not any(file.is_weights for file in files):
         raise ModelError(f"{repo_id} has no safetensors weights on the hub (llava-cli never downloads pickle .bin weights)")
-    return str(info.sha), sorted(files, key=lambda file: (file.is_weights, file.size, file.name))
+    return str(info.sha), sorted(files, key=lambda file: (file.is_weights, file.size or 0, file.name))
 
 
 def snapshot_folder(repo_id: str, commit: str) -> Path:
@@ -276,13 +295,16 @@ class FileBar:
 
 
 class ModelProgress:
-    """One Rich progress bar on stderr (bytes, speed, ETA) for the whole model, when stderr is a terminal."""
+    """One Rich progress bar on stderr for the whole model, when stderr is a terminal and files are
+    missing: the file being fetched (2 of 7), bytes, speed, ETA; bytes so far when the hub gave no
+    sizes (`total` None)."""
 
-    def __init__(self, repo_id: str, total: int, done: int) -> None:
+    def __init__(self, repo_id: str, total: int | None, done: int, files: int) -> None:
         self.bar: Any = None
-        if is_terminal(sys.stderr) and done < total:
+        self.label, self.files = shown(f"Downloading {repo_id}", sys.stderr), files
+        if is_terminal(sys.stderr) and files:
             self.bar = make_download_progress(make_console(sys.stderr))
-            self.task = self.bar.add_task(shown(f"Downloading {repo_id}", sys.stderr), total=total, completed=done)
+            self.task = self.bar.add_task(self.label, total=total, completed=done)
 
     def __enter__(self) -> ModelProgress:
         if self.bar is not None:
@@ -290,8 +312,16 @@ class ModelProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+    def next_file(self, index: int) -> None:
+        """The bar names the file being fetched: `index` counts from 0 among the missing ones."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{self.label}: file {index + 1} of {self.files}")
 
     def file_bar_class(self) -> type[FileBar]:
         """A `FileBar` class whose instances count into this bar (a class: huggingface_hub instantiates it)."""

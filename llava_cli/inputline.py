@@ -94,6 +94,14 @@ def path_completions(text: str) -> Iterator[Completion]:
         yield Completion(written, start_position=-len(typed), display=name + ("/" if is_dir else ""))
 
 
+def command_completions(typed: str) -> list[str]:
+    """The commands Tab offers for `/typed`: those it begins; when one of them begins all the others
+    (`/ima`: image, images), that one alone, so Tab completes it at once (an `s` more reaches /images)."""
+    matches = sorted(command for command in command_names() if command.startswith(typed))
+    stem = min(matches, key=len, default="")
+    return [stem] if matches and all(command.startswith(stem) for command in matches) else matches
+
+
 def make_completer() -> Any:
     from prompt_toolkit.completion import Completer, Completion
 
@@ -106,9 +114,9 @@ def make_completer() -> Any:
                 return
             name, space, rest = text[1:].partition(" ")
             if not space:
-                for command in sorted(command_names()):
-                    if command.startswith(name):
-                        yield Completion(command, start_position=-len(name), display=f"/{command}")
+                for command in command_completions(name):
+                    space = " " if find(command).needs_argument else ""  # type: ignore[union-attr]
+                    yield Completion(command + space, start_position=-len(name), display=f"/{command}")
             elif (command := find(name)) is not None and command.completes_paths:
                 yield from path_completions(rest)
 

@@ -18,8 +18,12 @@ This module never prints (download.py draws its progress bar).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,13 +271,52 @@ def check_image_token(name: str, config: dict[str, Any], processor: Any) -> None
         )
 
 
+# bitsandbytes' CPU backend, on a CPU with AVX512-BF16, fetches kernel code from the hub at import
+# (`kernels.get_kernel`) and logs a warning when it cannot; it has no switch for that.
+HUB_KERNELS_MODULE = "kernels"
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def import_bitsandbytes() -> None:
+    """Import bitsandbytes on its bundled kernels: never code from the network, nothing printed."""
+    try:
+        with without_module(HUB_KERNELS_MODULE), quiet_logger(BITSANDBYTES_CPU_LOGGER):
+            import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("--load-4bit/--load-8bit need bitsandbytes: pip install 'llava-cli[quant]'") from None
+
+
+@contextmanager
+def without_module(name: str) -> Iterator[None]:
+    """`import name` fails inside the block (a None entry in sys.modules); the previous entry comes back after."""
+    missing = object()
+    previous = sys.modules.get(name, missing)
+    sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = previous  # type: ignore[assignment]
+
+
+@contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Only errors from the logger `name` inside the block (its fallback warnings are expected)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def quantization_config(settings: Settings, dtype: Any) -> Any:
     if not (settings.load_4bit or settings.load_8bit):
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ModelError("--load-4bit/--load-8bit need bitsandbytes: pip install 'llava-cli[quant]'") from None
+    import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if settings.load_8bit:

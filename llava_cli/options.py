@@ -72,8 +72,14 @@ class Option:
 
     def check(self, value: Any) -> None:
         """Raise `UsageError` (one line naming the flag) unless `value` follows this option's rule."""
+        if (fault := self.fault(value)) is not None:
+            raise UsageError(f"{self.flags[0]} {fault}")
+
+    def fault(self, value: Any) -> str | None:
+        """What is wrong with `value`, said after the option's name ("must be at least 1 (got 0)"); None if nothing."""
         if value is not None and self.valid is not None and not self.valid(value):
-            raise UsageError(f"{self.flags[0]} {self.problem.format(value=value)}")
+            return self.problem.format(value=value)
+        return None
 
     @property
     def described(self) -> str:

@@ -46,11 +46,11 @@ from typing import Any, TypeVar
 
 from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.conversation import Conversation
-from llava_cli.discovery import find_server
+from llava_cli.discovery import find_server, only_server
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
 from llava_cli.images import ImageRef
-from llava_cli.options import request_fields, server_url
+from llava_cli.options import DEFAULT_MODEL, request_fields, server_url
 from llava_cli.settings import Settings
 
 API_KEY_ENV = "LLAVA_API_KEY"
@@ -337,6 +337,21 @@ def describe(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
+def model_named(settings: Settings) -> bool:
+    """The user chose the model (--model, LLAVA_MODEL, a resumed conversation's), rather than the default."""
+    return "model" in settings.chosen or settings.model != DEFAULT_MODEL
+
+
+def the_only_server(notify: Callable[[str], None]) -> tuple[str, str] | None:
+    """With no model named: the one running `llava serve`, whatever it serves; several are named, not picked."""
+    found = only_server(notify)
+    if isinstance(found, list):
+        notify(f"{len(found)} llava serve servers are running ({', '.join(found)}); name one with --model, "
+               f"else {DEFAULT_MODEL} is loaded here")
+        return None
+    return found
+
+
 def connect(settings: Settings, notify: Callable[[str], None], remember_images: bool = True) -> RemoteEngine | None:
     """The remote engine these settings ask for, or None to load the model in this process."""
     if settings.no_server:
@@ -344,7 +359,7 @@ def connect(settings: Settings, notify: Callable[[str], None], remember_images: 
     api_key = os.environ.get(API_KEY_ENV) or None
     if settings.server:
         return RemoteEngine(settings.server, settings.model, api_key, remember_images)
-    found = find_server(settings.model, notify)
+    found = find_server(settings.model, notify) or (None if model_named(settings) else the_only_server(notify))
     if found is None:
         return None
     url, served_as = found

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from llava_cli.apirequest import ApiError, Job, parse_job
 from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import rows_that_fit
+from llava_cli.discovery import served_name
 from llava_cli.engine import Engine
 from llava_cli.serveaccess import RECORD, AccessLog, note
 from llava_cli.serveguard import Guard, ServeOptions, key_id
@@ -107,7 +108,9 @@ class Service:
         self.worker = Worker(engine, self.guard, max_batch, cache_bytes, self.holder)
         self.watch_worker(cache_bytes)
         self.settings = settings
-        self.model = settings.model
+        self.model = options.served_model_name or served_name(settings.model)  # the id clients send
+        # Without --served-model-name, the --model text as typed is accepted too (clients of earlier versions send it).
+        self.aliases = frozenset() if options.served_model_name else frozenset({settings.model})
         self.api_keys = options.api_keys
         self.metrics_public = options.metrics_public
         self.json_log = options.log_format == "json"
@@ -213,7 +216,7 @@ class Service:
         from starlette.concurrency import run_in_threadpool
 
         body = parse_json(await self.read_body(request))
-        job = await run_in_threadpool(parse_job, body, self.model, self.settings)  # long histories: off the loop
+        job = await run_in_threadpool(parse_job, body, self.model, self.settings, self.aliases)  # long histories: off the loop
         job.key_id = request.scope.get(RECORD, {}).get("key_id", "")
         ended = functools.partial(self.answered, request.scope)
         queue = self.worker.submit(job)

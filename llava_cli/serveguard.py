@@ -47,6 +47,8 @@ ANY = "*"
 LOG_FORMATS = ("text", "json")
 MAX_API_KEY_FILE_BYTES = 64 * 1024  # keys, one a line; anything longer is not a key file
 MAX_API_KEYS = 1024
+# The fix spelled out for curl, whose -d sends a form's Content-Type unless told otherwise.
+JSON_ONLY = "the request body must be JSON sent with the header Content-Type: application/json (curl: -H 'Content-Type: application/json')"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class ServeOptions:
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     log_format: str = "text"  # or "json": one JSON line per request
+    served_model_name: str | None = None  # the model id clients send; None: discovery.served_name(--model)
     media_root: Path | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +90,8 @@ class ServeOptions:
             raise UsageError(f"--request-timeout must be more than 0 seconds (got {self.request_timeout_s:g})")
         if self.max_batch is not None and self.max_batch < 1:
             raise UsageError(f"--max-batch must be at least 1 (got {self.max_batch})")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise UsageError("--served-model-name is empty; give the id clients should send, or leave it out")
         if self.cache_mb < 0:
             raise UsageError(f"--cache-mb must be 0 or more (got {self.cache_mb})")
         if not self.header_timeout_s > 0:
@@ -158,7 +163,7 @@ class Guard:
         if origin is not None and not self.any_origin and origin.lower() not in self.origins:
             return Refusal(403, "requests from web pages are refused (llava serve --allowed-origin ORIGIN allows one)", "origin_not_allowed")
         if method == "POST" and media_type(headers.get("content-type", "")) != "application/json":
-            return Refusal(415, "send the request body as JSON with Content-Type: application/json", "unsupported_media_type")
+            return Refusal(415, JSON_ONLY, "unsupported_media_type")
         return None
 
     def host_allowed(self, header: str) -> bool:

@@ -105,9 +105,9 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     sock = bind(options.host, options.port)
     service = Service(load_engine(settings), settings, options, load=functools.partial(load_engine, settings))
     url = local_url(sock)
-    announced = announce(url, settings.model)
+    announced = announce(url, settings.model, service.model)
     try:
-        log(f"serving {settings.model} at {url}/v1{' (API key required)' if options.api_keys else ''}, "
+        log(f"serving {settings.model} as {service.model!r} at {url}/v1{' (API key required)' if options.api_keys else ''}, "
             f"up to {service.worker.max_batch} answers at once; Ctrl-C stops")
         code = serve_until_signal(service, sock, settings.verbose, options)
     finally:
@@ -119,10 +119,10 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     return code
 
 
-def announce(url: str, model: str) -> Path | None:
+def announce(url: str, model: str, served_as: str) -> Path | None:
     """Write the discovery file for `ask` and `chat`; when its folder is not ours, serve unannounced, saying why."""
     try:
-        return write_server_file(url, model)
+        return write_server_file(url, model, served_as)
     except OSError as err:
         log(f"not announced to llava ask/chat on this machine: cannot write in {err.filename or 'the runtime folder'}: {err.strerror or err}")
         return None

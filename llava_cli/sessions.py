@@ -4,13 +4,17 @@ Everything goes to stdout (escape sequences removed when it is a terminal); warn
 that cannot be read go to stderr. `show --json` and `export --format json` print the file's
 document as stored; `export --format markdown` writes a Markdown transcript with image links, each
 field encoded for its place by markdownsafe.py (a saved file is untrusted: no raw HTML, no
-`javascript:` or `data:` link, no forged heading survives; the rest of the answers' Markdown does).
+`javascript:` or `data:` link, no forged heading survives; the rest of the answers' Markdown does). `prune` removes unnamed
+conversations last updated before `--older-than` and/or beyond the `--keep` newest (both given: only
+those that are both); named ones (`/save NAME`) and unreadable files are left alone.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 
 from llava_cli import markdownsafe as md
 from llava_cli.errors import UsageError
@@ -18,6 +22,8 @@ from llava_cli.store import SavedConversation, SavedImage, SessionStore, describ
 from llava_cli.terminal import emit, one_line_text
 
 EXPORT_FORMATS = ("markdown", "json")
+DURATION = re.compile(r"(\d+)([mhdw])")
+UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 LIST_COLUMNS = "{id:<21} {updated:<16} {turns:>5}  {model:<28} {name:<12} {words}"
 
 
@@ -82,6 +88,33 @@ def export_session(ref: str, fmt: str) -> int:
 
 def remove_session(ref: str) -> int:
     out(f"removed {SessionStore.default().remove(ref)}")
+    return 0
+
+
+def parse_duration(text: str) -> int:
+    """`30m`, `12h`, `7d`, `2w` as seconds; `UsageError` otherwise."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise UsageError(f"--older-than takes a number and a unit: 30m, 12h, 7d or 2w (got {text!r})")
+    return int(match[1]) * UNIT_SECONDS[match[2]]
+
+
+def prune_sessions(older_than: str | None, keep: int | None) -> int:
+    if older_than is None and keep is None:
+        raise UsageError("say which conversations to remove: --older-than 7d, --keep N, or both")
+    if keep is not None and keep < 0:
+        raise UsageError(f"--keep must be 0 or more (got {keep})")
+    cutoff = time.time() - parse_duration(older_than) if older_than is not None else None
+    store = SessionStore.default()
+    unnamed = [saved for saved in store.scan() if isinstance(saved, SavedConversation) and saved.name is None]
+    unnamed.sort(key=lambda saved: parse_time(saved.updated) or 0.0, reverse=True)
+    doomed = [
+        saved for index, saved in enumerate(unnamed)
+        if (keep is None or index >= keep) and (cutoff is None or (parse_time(saved.updated) or 0.0) < cutoff)
+    ]
+    for saved in doomed:
+        store.remove(saved.id)
+    out(f"removed {len(doomed)} conversation(s); {len(unnamed) - len(doomed)} unnamed kept, named ones are never pruned")
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from llava_cli.backend import Backend
 from llava_cli.engine import Engine
-from llava_cli.remote import RemoteEngine, connect
+from llava_cli.remote import RemoteEngine, connect, model_named
 from llava_cli.settings import Settings
 from llava_cli.terminal import is_terminal, make_console, shown
 
@@ -54,6 +54,8 @@ def connect_server(settings: Settings, remember_images: bool = True) -> RemoteEn
     remote = connect(settings, lambda message: say(stderr, f"note: {message}"), remember_images)
     if remote is not None and settings.verbose:
         say(stderr, f"answering through the server at {remote.url}")
+        if not settings.server and not model_named(settings):
+            say(stderr, f"no model named: using the one running llava serve, which serves {remote.model}")
     return remote
 
 

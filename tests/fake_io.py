@@ -31,5 +31,8 @@ class FakeIO:
     def info(self, message: str) -> None:
         self.infos.append(message)
 
+    def report(self, message: str) -> None:
+        self.infos.append(message)
+
     def error(self, message: str) -> None:
         self.errors.append(message)

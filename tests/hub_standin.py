@@ -9,6 +9,9 @@ sends. Point a process at it with HF_ENDPOINT=hub.url. Misbehaviour, set per tes
 - `stall_files`: send these files' headers and first `STALL_AFTER` bytes (none to a retry), then nothing;
 - `slow_files`: send these files in small chunks with a pause between them (`sending` is set once a
   file's first bytes are out, so a test can interrupt the download mid-file);
+- `held_files`: send these files' first chunk, then each further chunk only for a permit the test
+  gives with `release(n)` (n chunks), so a test paces the download by what it has seen, not by time;
+- `no_sizes`: the file list carries no sizes (as some mirrors and old repos answer);
 - `cut_once`: close the connection after half of these files' bodies, the first time only.
 Every request is logged in `requests` as (method, path, Range header).
 """
@@ -38,6 +41,9 @@ class StandInHub:
         self.stall_heads = False
         self.stall_files: set[str] = set()
         self.slow_files: set[str] = set()
+        self.held_files: set[str] = set()
+        self.no_sizes = False
+        self.permits = threading.Semaphore(0)  # chunks of `held_files` the test has let through
         self.cut_once: set[str] = set()
         self.sending: dict[str, threading.Event] = {}
         self.closing = threading.Event()  # set on shutdown: stalled handlers give up
@@ -61,6 +67,17 @@ class StandInHub:
     def file_requests(self, method: str = "GET") -> list[str]:
         """The file names requested with `method`, in order."""
         return [RESOLVE.match(path)["file"] for verb, path, _ in self.requests if verb == method and RESOLVE.match(path)]
+
+    def release(self, chunks: int) -> None:
+        """Let `chunks` more chunks of the held files go out."""
+        self.permits.release(chunks)
+
+    def wait_for_permit(self) -> bool:
+        """Block a held file's next chunk until the test releases one; False once the hub shuts down."""
+        while not self.permits.acquire(timeout=0.1):
+            if self.closing.is_set():
+                return False
+        return True
 
     def sending_event(self, name: str) -> threading.Event:
         return self.sending.setdefault(name, threading.Event())
@@ -108,7 +125,7 @@ def make_handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             if files is None:
                 self.reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
                 return
-            siblings = [{"rfilename": name, "size": len(data), "blobId": etag(data)[:40]} for name, data in sorted(files.items())]
+            siblings = [{"rfilename": name, "blobId": etag(data)[:40]} | ({} if hub.no_sizes else {"size": len(data)}) for name, data in sorted(files.items())]
             body = json.dumps({"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings}).encode()
             self.reply(200, body, {"Content-Type": "application/json"})
 
@@ -142,6 +159,8 @@ def make_handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             for offset in range(0, len(body), CHUNK):
+                if offset and name in hub.held_files and not hub.wait_for_permit():
+                    return
                 self.wfile.write(body[offset : offset + CHUNK])
                 self.wfile.flush()
                 if name in hub.slow_files:

@@ -277,6 +277,8 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
     finished = lines_of(output.read_text())
     assert 2 <= len(finished) < len(paths)
     assert [r["image"] for r in finished] == list(map(str, paths[: len(finished)]))
+    stop = f"llava: stopped at {len(finished)}/{len(paths)}; rerun the same command to resume (the answers so far are in {output})"
+    assert stderr.decode().split("\n")[0] == stop
 
     # A run killed inside a write leaves half a line: it is cut off and that image redone.
     with output.open("ab") as file:
@@ -284,7 +286,8 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
     result = subprocess.run(command + ["--batch-size", "8"], capture_output=True, env=env, timeout=120)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout == b"" and result.stderr == b""
+    assert result.stdout == b""
+    assert result.stderr.decode() == f"llava: skipping {len(finished)} of {len(paths)} images, already answered in {output}\n"
     records = lines_of(output.read_text())
     assert [r["image"] for r in records] == list(map(str, paths))
     assert [r["answer"] for r in records] == [expected[path.stem.split("-")[1]] for path in paths]
@@ -420,3 +423,53 @@ def test_text_output_from_a_file_list(settings, images, expected, tmp_path, caps
     # Tabs and whatever `splitlines` takes for a line end (a form feed, U+2028...) become one space (issue 28).
     one_line = {name: re.sub(r"\s*[\r\n\t\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+\s*", " ", answer) for name, answer in expected.items()}
     assert out == f"{images['blue']}\t{one_line['blue']}\n{images['red']}\t{one_line['red']}\n"
+
+
+def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_each(settings, images, expected, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name, colour in [("b.png", "green"), ("a.PNG", "red"), ("sub/c.png", "blue"), (".hidden.png", "red")]:
+        shutil.copy(images[colour], folder / name)
+    (folder / "notes.txt").write_text("not a picture")
+    one_line = {name: re.sub(r"\s*[\r\n\t]+\s*", " ", answer) for name, answer in expected.items()}
+
+    assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", batch_size=2)) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{folder / 'a.PNG'}\t{one_line['red']}\n{folder / 'b.png'}\t{one_line['green']}\n"
+    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image (.bmp, .gif, .ico, .jpeg, .jpg, .pgm, .png, .ppm, .tga, .tif, .tiff, .webp)",
+                                f"llava: skipping {folder / 'sub'}: a folder (--recursive includes its images)"]
+
+    assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", recursive=True)) == 0
+    out, err = capsys.readouterr()
+    lines = out.split("\n")
+    assert [line.split("\t")[0] for line in lines] == [str(folder / name) for name in ("a.PNG", "b.png", "sub/c.png")] + [""]
+    assert lines[2] == f"{folder / 'sub/c.png'}\t{one_line['blue']}"
+    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image (.bmp, .gif, .ico, .jpeg, .jpg, .pgm, .png, .ppm, .tga, .tif, .tiff, .webp)"]
+
+
+def llava_lines(stderr: str) -> list[str]:
+    """llava's own lines on stderr (in-process, transformers' loading bar lands there too)."""
+    return [line for line in stderr.splitlines() if line.startswith("llava:")]
+
+
+def test_each_folder_without_images_is_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "x.png").write_bytes(b"")
+    no_model = Settings(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(UsageError) as caught:
+        run_batch([str(tmp_path / "empty"), PROMPT], no_model, AskOptions(each=True))
+    assert str(caught.value) == f"no images in the folder {tmp_path / 'empty'} (1 other entries; --recursive looks in its subfolders)"
+    with pytest.raises(UsageError, match="--recursive: only with --each"):
+        AskOptions(recursive=True)
+
+
+def test_ctrl_c_without_o_says_where_it_stopped_and_how_to_resume(settings, images, monkeypatch, capsys):
+    def two_then_ctrl_c(names, *args):
+        for name in names[:2]:
+            yield make_record(name, PROMPT, settings.model, answer="a")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llava_cli.batch.record_source", two_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([*map(str, images.values()), PROMPT], settings, AskOptions(each=True))
+    assert capsys.readouterr().err == "llava: stopped at 2/3; rerun with -o FILE to resume\n"

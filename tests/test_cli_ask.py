@@ -136,6 +136,43 @@ def test_load_4bit_answers_like_transformers_with_the_same_quantization(tiny_mod
     assert_only_answer(result, expected)  # bitsandbytes' warnings silenced too
 
 
+# A stand-in for the hub kernel loader, imported before bitsandbytes (as transformers may do): a call
+# to it is recorded on stderr, then fails as it does offline.
+RECORDING_KERNELS = """
+import sys, types
+kernels = types.ModuleType("kernels")
+def get_kernel(repo_id, *args, **kwargs):
+    sys.stderr.write(f"HUB KERNEL FETCHED: {repo_id}\\n")
+    raise OSError("offline")
+kernels.get_kernel = get_kernel
+sys.modules["kernels"] = kernels
+"""
+
+
+def test_bitsandbytes_is_imported_on_its_bundled_kernels_silently(tmp_path):
+    """No hub kernel loader call, no network attempt, no warning; `kernels` is importable again after."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(NO_NETWORK_SITECUSTOMIZE)
+    script = RECORDING_KERNELS + (
+        "from llava_cli.loader import import_bitsandbytes\n"
+        "import_bitsandbytes()\n"
+        "import bitsandbytes.functional as functional\n"
+        "print(bool(functional.has_avx512bf16()), sys.modules['kernels'] is kernels)\n"
+    )
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    env.pop("HF_HUB_OFFLINE", None)  # online, bitsandbytes would fetch the kernel
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    has_avx512bf16, restored = result.stdout.split()
+    assert restored == "True"
+    if has_avx512bf16 != "True":
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never looks for hub kernels here")
+
+
 # --- bad input: exit code 2, one exact line on stderr, no traceback -------------------------------
 
 

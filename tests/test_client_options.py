@@ -98,3 +98,35 @@ def test_chat_sends_what_set_changed_from_then_on(monkeypatch, recording_server,
     outcome = invoke(monkeypatch, "chat", "--server", recording_server.url, "--top-p", "0.5", stdin=script)
     assert (outcome.code, outcome.stdout) == (0, f"{ANSWER}\n{ANSWER}\n"), outcome.stderr
     assert [sent_options(body) for body in recording_server.bodies] == [{"top_p": 0.5}, {"top_p": 0.5, "temperature": 0.4}]
+
+
+def test_with_no_model_named_the_one_running_server_is_used_and_verbose_says_so(monkeypatch, recording_server, images, llava_home_dir, tmp_path):
+    from llava_cli.discovery import write_server_file
+
+    monkeypatch.setenv("LLAVA_RUNTIME_DIR", str(tmp_path / "run"))
+    for name in ("LLAVA_SERVER", "LLAVA_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    write_server_file(recording_server.url, str(tmp_path), "my-model")  # a folder, served as --served-model-name my-model
+    outcome = invoke(monkeypatch, "ask", "--verbose", images["red"], "what is it?")
+    assert (outcome.code, outcome.stdout) == (0, ANSWER + "\n"), outcome.stderr
+    assert [body["model"] for body in recording_server.bodies] == ["my-model"]
+    assert f"answering through the server at {recording_server.url}\nno model named: using the one running llava serve, which serves my-model\n" in outcome.stderr
+
+
+def test_with_no_model_named_and_two_servers_running_none_is_picked(monkeypatch, recording_server, images, llava_home_dir, tmp_path):
+    import os
+
+    from llava_cli.discovery import write_server_file
+
+    monkeypatch.setenv("LLAVA_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    for name in ("LLAVA_SERVER", "LLAVA_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    write_server_file(recording_server.url, "org/one")
+    other = tmp_path / "run" / f"server-{os.getppid()}.json"  # a second live server (the parent process stands for it)
+    other.write_text(json.dumps({"url": recording_server.url, "model": "org/two", "model_key": "org/two", "pid": os.getppid()}))
+    other.chmod(0o600)
+    outcome = invoke(monkeypatch, "ask", images["red"], "what is it?")
+    assert outcome.code != 0 and recording_server.bodies == []
+    assert outcome.stderr.startswith("note: 2 llava serve servers are running (")
+    assert "name one with --model, else llava-hf/llava-1.5-7b-hf is loaded here" in outcome.stderr.splitlines()[0]

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import SHORT_ANSWER, cli_env, render_llava15, run_llava
 from hub_standin import COMMIT, StandInHub
+from llava_cli.download import human_size
 from tiny_checkpoint import copy_without_weights, lay_out_hub_cache
 
 REPO = "llava-tests/sharded-llava"
@@ -24,6 +25,7 @@ INDEX = "model.safetensors.index.json"
 # In the repo on the hub but never fetched: pickle weights, another format, the model card.
 NOT_LOADED = {"pytorch_model.bin": b"pickle" * 100, "onnx/model.onnx": b"onnx" * 100, "README.md": b"# tiny\n", ".gitattributes": b"*.bin lfs\n"}
 QUESTION = "what is in this image?"
+CHUNKS_PER_REDRAW = 8  # hub_standin CHUNKs let through each time the progress bar is seen drawn
 HUB_TIMEOUT_S = "1"  # huggingface_hub's HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT, so a stalled hub fails fast
 
 
@@ -104,7 +106,13 @@ def test_a_download_interrupted_mid_file_is_finished_by_the_next_run(hub, env, s
         stdout, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert (process.returncode, stdout, stderr.strip()) == (130, b"", b"")  # no traceback, no half-written answer
+    assert (process.returncode, stdout) == (130, b"")  # no half-written answer
+    kept = [name for name in wanted(sharded_model) if name != last]
+    size = human_size(sum((sharded_model / name).stat().st_size for name in kept))
+    assert stderr.decode().strip() == (  # one line, no traceback
+        f"llava: download of {REPO} stopped: {len(kept)} of {len(kept) + 1} files finished ({size}), kept in the cache; "
+        "run the same command again to resume"
+    )
     assert sorted(path.name for path in snapshot(env).iterdir()) == sorted(set(wanted(sharded_model)) - {last})
     assert not list(Path(env["HF_HOME"]).rglob("*.incomplete"))  # no partial file left behind
 
@@ -181,7 +189,6 @@ def test_llava_models_names_the_missing_shard(cut_off_cache):
 
 
 def test_pull_downloads_the_loaded_files_then_says_it_is_complete_without_the_network(hub, env, sharded_model):
-    from llava_cli.download import human_size
 
     result = run_llava("pull", REPO, env=env)
     assert result.returncode == 0, result.stderr_text
@@ -210,16 +217,21 @@ def test_pull_finishes_an_interrupted_download(hub, env, sharded_model, cut_off_
 def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sharded_model):
     import pexpect
 
-    from llava_cli.download import human_size
 
-    hub.slow_files.update(SHARDS)  # slow enough for the bar to be redrawn while it runs
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 120))
-    output = child.read().decode("utf-8", errors="replace")
+    hub.held_files.update(SHARDS)  # each shard's bytes go out only as the test sees the bar redrawn
+    env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
+    bar = re.compile(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 120), encoding="utf-8", codec_errors="replace")
+    output, bars = "", []
+    while child.expect([bar, pexpect.EOF]) == 0:
+        output += child.before + child.after
+        bars.append(child.match.groups())
+        hub.release(CHUNKS_PER_REDRAW)
+    output += child.before
     child.close()
     assert child.exitstatus == 0, output
     total = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     number, unit = total.split()
-    bars = re.findall(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)", output)
     assert len(bars) >= 2  # drawn, then redrawn as the bytes come in
     assert {(shown_total, shown_unit) for _, shown_total, shown_unit in bars} == {(number, unit)}  # one bar: the model's total, never one file's
     assert float(bars[-1][0]) > float(bars[0][0])
@@ -238,3 +250,27 @@ def test_llava_tokens_downloads_the_processor_files_and_no_weights(hub, env, sha
     assert json.loads(result.stdout)[0]["image_tokens"] == 16  # the tiny checkpoint: (32 / 8) ** 2 patches
     fetched = sorted(path.name for path in snapshot(env).iterdir())
     assert fetched == [name for name in wanted(sharded_model) if not name.endswith(".safetensors")] and INDEX in fetched
+
+
+def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_total(hub, env, sharded_model):
+    import pexpect
+
+
+    hub.no_sizes = True
+    hub.held_files.update(SHARDS)
+    env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
+    files = wanted(sharded_model)
+    bar = re.compile(r"Downloading " + re.escape(REPO) + r": file (\d+) of (\d+).*?(\d+\.\d)/\? ([kMG]?B)")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 150), encoding="utf-8", codec_errors="replace")
+    output, bars = "", []
+    while child.expect([bar, pexpect.EOF]) == 0:
+        output += child.before + child.after
+        bars.append(child.match.groups())
+        hub.release(CHUNKS_PER_REDRAW)
+    output += child.before
+    child.close()
+    assert child.exitstatus == 0, output
+    assert {total for _, total, _, _ in bars} == {str(len(files))}
+    assert int(bars[-1][0]) == len(files) and float(bars[-1][2]) > float(bars[0][2])  # files, then bytes as they arrive
+    total = human_size(sum((sharded_model / name).stat().st_size for name in files))
+    assert f"downloaded {REPO}: {len(files)} of {len(files)} files, {total} in " in output  # the real bytes, not 0 B

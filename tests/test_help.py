@@ -42,3 +42,21 @@ def test_help_does_not_import_torch_or_transformers():
         assert result["code"] in (0, None), result["argv"]
         assert expected_usage[result["argv"][1]] in result["help"], result["help"][:300]
     assert "--model" in report["results"][1]["help"] and "--image" in report["results"][2]["help"]
+
+
+@pytest.mark.parametrize("command", [[], ["ask"], ["sessions", "rm"]])
+def test_llava_help_command_shows_the_same_page_as_dash_dash_help(monkeypatch, command):
+    from cli_runner import invoke
+
+    through_help = invoke(monkeypatch, "help", *command)
+    through_flag = invoke(monkeypatch, *command, "--help")
+    assert (through_help.code, through_help.stderr) == (0, "")
+    assert through_help.stdout == through_flag.stdout and through_help.stdout.startswith("Usage: llava")
+
+
+def test_llava_help_of_an_unknown_command_is_a_usage_error(monkeypatch):
+    from cli_runner import invoke
+
+    result = invoke(monkeypatch, "help", "pul")
+    assert (result.code, result.stdout) == (2, "")
+    assert result.stderr == "llava: error: no such command 'pul' in 'llava'; did you mean pull?\n"

@@ -11,7 +11,7 @@ from cli_runner import invoke
 from llava_cli import loader
 from llava_cli.errors import UsageError
 from llava_cli.forward import EagerPath
-from llava_cli.graphstep import MPS_NOTE, StaticPath, default_path
+from llava_cli.graphstep import CPU_NOTE, MPS_NOTE, default_path
 from llava_cli.settings import Settings
 
 torch = pytest.importorskip("torch")
@@ -80,4 +80,5 @@ def test_decoding_on_mps_takes_the_eager_path(tiny_loaded):
     on_mps = SimpleNamespace(device=SimpleNamespace(type="mps"), config=tiny_loaded.model.config)
     path = default_path(on_mps, settings, 1024)
     assert isinstance(path, EagerPath) and path.take_notes() == [MPS_NOTE]
-    assert isinstance(default_path(tiny_loaded.model, settings, 1024), StaticPath)  # the CPU keeps the static path
+    on_cpu = default_path(tiny_loaded.model, settings, 1024)
+    assert isinstance(on_cpu, EagerPath) and on_cpu.take_notes() == [CPU_NOTE]  # the CPU's own reason, not MPS's

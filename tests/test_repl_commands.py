@@ -251,6 +251,8 @@ def test_tab_completes_commands_and_image_paths(terminal, tmp_path, monkeypatch)
     (tmp_path / "my photos" / "cat one.png").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert terminal("/ret\t", "\r", waits={1: "/retry"}) == "/retry"
+    assert terminal("/ima\t", "cat.png\r", waits={1: "/image "}) == "/image cat.png"  # it needs a path: the space is there
+    assert terminal("/sa\t", "\r", waits={1: "/save"}) == "/save"  # its name is optional: no space
     typed = terminal("/image my\t", "c\t", " what?\r", waits={1: "/image my\\ photos/", 2: "/image my\\ photos/cat\\ one.png"})
     assert typed == "/image my\\ photos/cat\\ one.png what?"
     assert split_image_command(typed.removeprefix("/image ")) == (["my photos/cat one.png"], "what?")
@@ -307,3 +309,30 @@ def test_a_session_at_a_pseudo_terminal(tiny_model, tmp_path, reference):
     assert turn["user"] == "two\nlines"
     assert turn["assistant"] == reference.answer(render_llava15([("two\nlines", 0, None)]), [], MAX_NEW)
     assert "+two" in (tmp_path / "home" / "input-history").read_text()
+
+
+RETRY_AT_ZERO = "temperature is 0 (greedy), so the answer will be the same; /set temperature 0.7 to vary it"
+
+
+def test_retry_at_temperature_0_says_the_answer_will_be_the_same(repl):
+    _, io = repl(["question", "/retry"])
+    assert io.infos.count(RETRY_AT_ZERO) == 1
+    repl(["/set temperature 0.7", "/retry"])
+    assert io.infos.count(RETRY_AT_ZERO) == 1 and len(io.answers) == 3
+
+
+def test_image_with_a_question_says_it_is_answered_now(repl, images):
+    _, io = repl([f"/image {images['red']} what is it?", f"/image {images['green']}"])
+    assert io.infos[:2] == [f"attached {images['red']}; answering your question about it now", f"attached {images['green']}; it goes with your next message"]
+    assert len(io.answers) == 1
+
+
+def test_piped_chat_shows_what_commands_were_asked_for_on_stderr_and_only_answers_on_stdout(monkeypatch, llava_home_dir, tiny_model):
+    from cli_runner import invoke
+
+    script = b"/help\n/system\nhi\n/stats\n/show\n/set\n/images\n"
+    result = invoke(monkeypatch, "chat", "--no-server", "--model", tiny_model, "-n", MAX_NEW, stdin=script)
+    assert result.code == 0, result.stderr
+    assert result.stdout.count("\n") == 1  # the one answer
+    for shown_text in ("Type a message and press Enter. Commands:", "no system text", "completion_tokens", f"model     {tiny_model}", "temperature", "no images"):
+        assert shown_text in result.stderr

@@ -117,6 +117,7 @@ def test_a_post_that_is_not_declared_json_gets_415(app, settings, content_type):
     headers = {} if content_type is None else {"Content-Type": content_type}
     reply = app.post("/v1/chat/completions", content=json.dumps(body(settings.model)).encode(), headers=headers)
     assert error_of(reply) == (415, "unsupported_media_type")
+    assert reply.json()["error"]["message"].endswith("(curl: -H 'Content-Type: application/json')")
 
 
 def test_json_with_a_charset_is_json(app, settings):
@@ -533,3 +534,31 @@ def test_a_host_refusal_is_not_reported_as_a_missing_api_key(canned):
     body = json.dumps({"error": {"message": "this server does not answer to that Host name", "code": "host_not_allowed"}}).encode()
     _, error, _ = answer_through(canned, 403, body)
     assert error == f"{canned.url} refused the request: this server does not answer to that Host name"
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_tokens", 0, "`max_tokens` must be at least 1 (got 0)"),
+    ("max_completion_tokens", 0, "`max_completion_tokens` must be at least 1 (got 0)"),
+    ("temperature", 500, "`temperature` must be between 0 and 100 (got 500.0)"),
+])
+def test_a_sampling_value_out_of_range_names_the_api_field_not_the_cli_flag(app, settings, field, value, message):
+    reply = post(app, body(settings.model, **{field: value}))
+    assert reply.status_code == 400
+    assert reply.json()["error"] == {"message": message, "type": "invalid_request_error", "param": field, "code": None}
+
+
+def test_the_served_model_id_is_the_folder_name_by_default_or_served_model_name(tiny_loaded, app, settings):
+    default_ids = [entry["id"] for entry in app.get("/v1/models").json()["data"]]
+    assert default_ids == [Path(settings.model).name]
+    assert post(app, body(Path(settings.model).name, max_tokens=1)).json()["model"] == Path(settings.model).name
+    assert post(app, body(settings.model, max_tokens=1)).status_code == 200  # the --model text still works
+    client, service = client_for(tiny_loaded, settings, served_model_name="tiny")
+    try:
+        assert [entry["id"] for entry in client.get("/v1/models").json()["data"]] == ["tiny"]
+        assert post(client, body("tiny", max_tokens=1)).json()["model"] == "tiny"
+        refused = post(client, body(settings.model, max_tokens=1))
+        assert error_of(refused) == (404, "model_not_found") and refused.json()["error"]["message"].endswith("this server serves 'tiny'")
+    finally:
+        service.worker.stop()
+    with pytest.raises(UsageError, match="--served-model-name is empty"):
+        ServeOptions(host="127.0.0.1", port=0, served_model_name=" ")

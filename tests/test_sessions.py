@@ -309,3 +309,47 @@ def test_sessions_rm_removes_one_and_unknown_ids_are_errors(monkeypatch, two_sav
     assert (missing.code, missing.first_error_line) == (2, f"llava: error: no saved conversation {plain.session_id}; `llava sessions list` shows them")
     sneaky = invoke(monkeypatch, "sessions", "show", "../etc/passwd")
     assert sneaky.code == 2 and "is not a conversation id or name" in sneaky.first_error_line
+
+
+def age_saved(path: Path, days: float) -> None:
+    """Make a saved conversation look last updated `days` ago."""
+    from llava_cli.store import iso_time
+
+    document = json.loads(path.read_text())
+    document["updated"] = iso_time(time.time() - days * 86400)
+    write_atomic(path, json.dumps(document))
+
+
+def test_sessions_prune_older_than_and_keep_leave_named_ones(monkeypatch, two_saved, llava_home_dir, images, tiny_model):
+    named, plain = (recorder.path for recorder in two_saved)
+    olds = []
+    for days in (10, 20):
+        recorder = Recorder(SessionStore.default())
+        conversation = Conversation()
+        conversation.ask(f"{days} days ago", [])
+        conversation.answer("ok")
+        olds.append(recorder.save(conversation, Settings(model=str(tiny_model))))
+        age_saved(olds[-1], days)
+    age_saved(named, 30)
+
+    assert invoke(monkeypatch, "sessions", "prune").code == 2
+    assert invoke(monkeypatch, "sessions", "prune", "--older-than", "7 days").first_error_line == (
+        "llava: error: --older-than takes a number and a unit: 30m, 12h, 7d or 2w (got '7 days')"
+    )
+    kept_two = invoke(monkeypatch, "sessions", "prune", "--keep", "2", "--older-than", "15d")
+    assert kept_two.code == 0 and set(saved_files(llava_home_dir)) == {named, plain, olds[0]}  # only the 20-day-old one was both
+    week = invoke(monkeypatch, "sessions", "prune", "--older-than", "7d")
+    assert week.stdout == "removed 1 conversation(s); 1 unnamed kept, named ones are never pruned\n"
+    assert set(saved_files(llava_home_dir)) == {named, plain}
+    invoke(monkeypatch, "sessions", "prune", "--keep", "0")
+    assert saved_files(llava_home_dir) == [named]
+
+
+def test_llava_ask_no_save_in_the_environment_turns_saving_off(monkeypatch, llava_home_dir, tiny_model, images):
+    monkeypatch.setenv("LLAVA_ASK_NO_SAVE", "1")
+    result = invoke(monkeypatch, "ask", images["red"], "what is this?", "--model", tiny_model, "-n", MAX_NEW, "--no-server")
+    assert result.code == 0, result.stderr
+    assert saved_files(llava_home_dir) == []
+    monkeypatch.setenv("LLAVA_ASK_NO_SAVE", "0")
+    assert invoke(monkeypatch, "ask", images["red"], "what is this?", "--model", tiny_model, "-n", MAX_NEW, "--no-server").code == 0
+    assert len(saved_files(llava_home_dir)) == 1
