@@ -11,6 +11,8 @@ greyscale and 16-bit converted to 8-bit RGB.
 Image bytes are hostile, so decoding is limited:
 - only the formats in DECODED_FORMATS are tried (`Image.open(formats=...)`): never EPS, PS or PDF,
   which Pillow hands to Ghostscript, nor any other plugin nobody needs for a photo;
+- bytes that ask the decoder for more work than any real picture needs (a JPEG of thousands of
+  scans, a TIFF of millions of strips) are refused before it runs (`imagelimits.py`);
 - an image whose sides differ by more than MAX_ASPECT_RATIO:1 is refused before it is decoded: the
   processor scales the short side up to its input size (336 or 384 px), so a 177-byte 1x100000 PNG
   would become a 336x33,600,000 image of several GB. 50:1 is far beyond photos (at most 3:1),
@@ -35,6 +37,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, BinaryIO
 
 from llava_cli.errors import InputError, one_line
+from llava_cli.imagelimits import check_decoding_work
 from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
 from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -130,6 +133,7 @@ def image_from_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE
 def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
 
+    check_decoding_work(data, name)
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses bombs itself past twice this
     try:
         with warnings.catch_warnings():

@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llava_cli.errors import InputError
+from llava_cli.imagelimits import MAX_JPEG_SCANS, jpeg_scan_count
 from llava_cli.images import image_from_bytes, read_stream
+from hostile_images import many_scan_jpeg, many_strip_tiff
 
 MAX_PIXELS = 1_000_000  # small, so a mutated header claiming a huge size is refused, not decoded slowly
 
@@ -42,6 +44,9 @@ SEEDS = [
     encoded("BMP"),
     encoded("TIFF", "L"),
     encoded("WEBP"),
+    encoded("JPEG", progressive=True),
+    encoded("TIFF", "RGB", tile=(16, 16)),
+    encoded("TIFF", "L", compression="tiff_lzw"),
 ]
 
 
@@ -96,6 +101,45 @@ def test_magic_bytes_followed_by_garbage_fail_cleanly(seed, garbage):
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda data: data[:4].hex())
 def test_every_seed_decodes_to_rgb(seed):
     assert image_from_bytes(seed, "seed", MAX_PIXELS).image.mode == "RGB"
+
+
+# ---------------------------------------------------------------- decoders' work bounded (issue 28 item 4)
+
+
+def test_a_jpeg_of_a_thousand_scans_is_refused_before_decoding():
+    with pytest.raises(InputError, match=rf"^scans\.jpg is a JPEG of more than {MAX_JPEG_SCANS} scans") as refused:
+        image_from_bytes(many_scan_jpeg(64, 1000), "scans.jpg", MAX_PIXELS)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_jpeg_at_the_scan_limit_is_decoded():
+    extra = MAX_JPEG_SCANS - jpeg_scan_count(many_scan_jpeg(64, 0), MAX_JPEG_SCANS)  # the encoder's own scans
+    assert image_from_bytes(many_scan_jpeg(64, extra), "scans.jpg", MAX_PIXELS).image.getpixel((5, 5)) == (128, 128, 128)
+    with pytest.raises(InputError, match="scans"):
+        image_from_bytes(many_scan_jpeg(64, extra + 1), "scans.jpg", MAX_PIXELS)
+
+
+@pytest.mark.parametrize("strips", [9, 100_000])
+def test_a_tiff_of_more_strips_than_rows_is_refused_before_pillow_lists_them(strips):
+    with pytest.raises(InputError, match=rf"^strips\.tif is a TIFF of 8x8 pixels that declares {strips:,} strips, more than the 8"):
+        image_from_bytes(many_strip_tiff(strips), "strips.tif", MAX_PIXELS)
+
+
+def test_a_tiff_of_one_strip_per_row_is_decoded():
+    assert image_from_bytes(many_strip_tiff(8), "strips.tif", MAX_PIXELS).image.size == (8, 8)
+
+
+def test_a_tiled_tiff_of_the_smallest_tiles_is_decoded():
+    data = encoded("TIFF", "RGB", tile=(16, 16))
+    assert image_from_bytes(data, "tiles.tif", MAX_PIXELS).image.getpixel((5, 5)) == (200, 0, 40)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from([many_scan_jpeg(16, 300), many_strip_tiff(500)]), st.integers(0, 200), st.integers(1, 255))
+def test_hostile_structures_flipped_still_fail_cleanly(data, position, flip):
+    mutated = bytearray(data)
+    mutated[position % len(mutated)] ^= flip
+    assert_clean(bytes(mutated))
 
 
 def writer(fd: int, data: bytes, keep_open: threading.Event | None = None) -> threading.Thread:
