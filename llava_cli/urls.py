@@ -12,10 +12,8 @@ User names and passwords in a URL are never shown in messages."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import socket
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -23,6 +21,7 @@ import urllib.request
 from typing import Any
 
 from llava_cli import __version__
+from llava_cli.deadline import Deadline
 from llava_cli.errors import InputError, one_line
 from llava_cli.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, load_image, refuse_video
 from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
@@ -98,67 +97,6 @@ def fetch_failed(url: str, err: Exception, timeout: float) -> InputError:
     if isinstance(err, (TimeoutError, socket.timeout)):
         return timed_out(url, timeout)
     return InputError(f"cannot fetch {redacted(url)}: {one_line(err)}")  # reset mid-body, malformed URL or answer
-
-
-class Deadline:
-    """One download's clock: every socket it opens is shut when the time is up, whatever read it is in.
-
-    A socket timeout alone bounds each read, not the download: a server that sends a byte every
-    few seconds (in its headers, its TLS handshake or its body) never lets one expire. So the
-    connections made through `handler` register their sockets, and a timer shuts them all at the
-    deadline: a read blocked on one returns at once, and `download` reports the time limit. Each
-    connect waits at most the time that is left."""
-
-    def __init__(self, seconds: float) -> None:
-        self.ends = time.monotonic() + seconds
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.timer = threading.Timer(seconds, self.shut)
-        self.timer.daemon = True
-
-    def __enter__(self) -> Deadline:
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.timer.cancel()
-
-    def passed(self) -> bool:
-        return time.monotonic() >= self.ends
-
-    def left(self) -> float:
-        return max(self.ends - time.monotonic(), 0.001)
-
-    def shut(self) -> None:
-        with self.lock:
-            sockets, self.sockets = self.sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def connect(self, address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
-        """`socket.create_connection` within the time left, the socket registered to be shut at the deadline."""
-        sock = socket.create_connection(address, self.left(), source_address)
-        with self.lock:
-            self.sockets.append(sock)
-        if self.passed():  # connected just as the timer fired
-            self.shut()
-        return sock
-
-    def handler(self, base: type[urllib.request.AbstractHTTPHandler]) -> urllib.request.BaseHandler:
-        """An instance of urllib's `base` handler whose connections connect through `self.connect`."""
-        deadline = self
-
-        class OnTheClock(base):  # type: ignore[misc, valid-type]
-            def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
-                def connection(*args: Any, **options: Any) -> http.client.HTTPConnection:
-                    made = http_class(*args, **options)
-                    made._create_connection = deadline.connect  # HTTPS wraps this socket in TLS afterwards
-                    return made
-
-                return super().do_open(connection, req, **kwargs)
-
-        return OnTheClock()
 
 
 def read_limited(response: Any, url: str, max_bytes: int) -> bytes:

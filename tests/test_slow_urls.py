@@ -1,4 +1,4 @@
-"""Image URLs that drip their bytes: the time limit holds for the whole fetch (issue 28 item 6).
+"""Image URLs (and other peers) that drip their bytes: a time limit holds for the whole exchange (issue 28 item 6).
 
 A raw socket server sends its answer one byte at a time, far slower than any chunk fills but fast
 enough that no single read waits long: before the fix each read reset the socket timeout and the
@@ -94,3 +94,17 @@ def test_a_url_that_answers_in_time_is_fetched(dripping_server):
     head = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
     image = fetch_image_url(dripping_server(head + body[:-3], body[-3:]), timeout=LIMIT_S + 1)
     assert image.image.getpixel((1, 1)) == (0, 200, 0)
+
+
+# ---------------------------------------------------------------- siblings: the probe of a discovered server
+
+
+def test_the_probe_of_a_discovered_server_that_drips_its_answer_gives_up_at_its_limit(dripping_server):
+    """`ask` probes a server found by discovery before using it; a port taken over by a process
+    that drips bytes must not hold `ask` (before: each header byte reset the 2 s read timeout)."""
+    from llava_cli.remote import PROBE_TIMEOUT_S, RemoteEngine
+
+    url = dripping_server(b"", SLOW_HEADERS).removesuffix("/picture.png")
+    started = time.monotonic()
+    assert RemoteEngine(url, "m").reachable() is False
+    assert time.monotonic() - started < PROBE_TIMEOUT_S + 1.5
