@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, BinaryIO
 
+from llava_cli.decodepool import decode_elsewhere
 from llava_cli.errors import InputError, one_line
 from llava_cli.imagelimits import check_decoding_work
 from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
@@ -51,6 +52,7 @@ HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 BACKGROUND = (255, 255, 255)
 DECODED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA")  # JPEG covers MPO (phone photos)
 MAX_ASPECT_RATIO = 50  # see the module docstring
+DECODE_BUDGET_S = 20.0  # a 50 MP picture decodes in about 1 s; far past that, the file is pathological
 MAX_IMAGE_SIDE = 4096  # pixels; beyond any family's input size (2304 at most), see the module docstring
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".tga"}
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".wmv", ".flv", ".mpg", ".mpeg", ".ogv", ".3gp"}
@@ -127,10 +129,12 @@ def image_from_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE
     """Decode `data` into an RGB `ImageRef`; `name` is only used in messages."""
     if not data:
         raise InputError(f"{name} is empty, not an image")
-    return ImageRef(name=name, digest=hashlib.sha256(data).hexdigest(), image=decode(data, name, max_pixels))
+    image = decode_elsewhere(data, name, max_pixels, DECODE_BUDGET_S)
+    return ImageRef(name=name, digest=hashlib.sha256(data).hexdigest(), image=image)
 
 
 def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The RGB picture of `data`, decoded here (decodepool.py's helper process runs this)."""
     from PIL import Image, UnidentifiedImageError
 
     check_decoding_work(data, name)

@@ -181,3 +181,38 @@ def test_a_stalled_pipe_times_out():
             read_stream(pipe, "<stdin>", idle_timeout=0.3)
     finally:
         release.set()
+
+
+# ---------------------------------------------------------------- the decode time budget (issue 28 item 4)
+
+
+def test_a_decode_past_the_budget_is_abandoned_and_its_helper_killed(monkeypatch):
+    """A picture within every byte-level limit that still decodes slowly: 250 scans of 4000x4000
+    (about half a second). With a 50 ms budget it is refused in one line, the helper process that
+    was decoding it is gone (killed, not left burning a core), and the next image decodes."""
+    from llava_cli import decodepool, images
+
+    small = encoded("PNG")
+    image_from_bytes(small, "warm.png", MAX_PIXELS)  # a helper is started and idle
+    helpers = [helper.process.pid for helper in decodepool.POOL.idle]
+    monkeypatch.setattr(images, "DECODE_BUDGET_S", 0.05)
+    with pytest.raises(InputError, match=r"^slow\.jpg took more than 0\.05 s to decode and was abandoned; re-save it"):
+        image_from_bytes(many_scan_jpeg(4000, 250), "slow.jpg", 20_000_000)
+    for pid in helpers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    monkeypatch.setattr(images, "DECODE_BUDGET_S", 20.0)
+    assert image_from_bytes(small, "after.png", MAX_PIXELS).image.getpixel((5, 5)) == (200, 0, 40)
+
+
+def test_a_decoder_that_dies_gives_one_line_and_the_next_image_decodes(monkeypatch):
+    from llava_cli import decodepool
+
+    image_from_bytes(encoded("PNG"), "warm.png", MAX_PIXELS)
+    for helper in decodepool.POOL.idle:  # died (as under the OOM killer) after its last check
+        helper.process.kill()
+        helper.process.wait()
+    monkeypatch.setattr(decodepool.Helper, "alive", lambda helper: True)
+    with pytest.raises(InputError, match=r"^gone\.png could not be decoded: the decoder stopped"):
+        image_from_bytes(encoded("PNG"), "gone.png", MAX_PIXELS)
+    assert image_from_bytes(encoded("PNG"), "next.png", MAX_PIXELS).image.size == (23, 17)
