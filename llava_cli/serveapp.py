@@ -4,8 +4,9 @@ Contract: `Service(engine, settings, options).app()` is the ASGI app; its `Worke
 `options.max_batch` answers (default `decodebatch.rows_that_fit`) with `options.cache_mb` of prefix caches. Every request passes the
 `Guard` (Host, Origin, Content-Type) and the API key first; the body must arrive within
 `--request-timeout` (408) and under `--max-request-mb` (413); at most MAX_OPEN_REQUESTS are open
-at once (503 beyond). The body becomes a `Job` (apirequest.py) answered by the `Worker`
-(serveworker.py), as one JSON completion or as server-sent events (`stream: true`). `usage` carries
+at once (503 beyond). The body becomes a `Job` (apirequest.py), its images decoded here
+(servedecode.py, off the worker), answered by the `Worker` (serveworker.py),
+as one JSON completion or as server-sent events (`stream: true`). `usage` carries
 the token counts and `prompt_tokens_details.cached_tokens`, a non-standard `llava` object the
 engine's figures (`Stats.as_dict`). Every refusal is an OpenAI-style error body; a bug becomes a
 500 and one log line, and the server keeps serving.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from llava_cli.apirequest import ApiError, Job, parse_job
 from llava_cli.decodebatch import rows_that_fit
 from llava_cli.engine import Engine
+from llava_cli.servedecode import DecodeAhead
 from llava_cli.serveguard import Guard, ServeOptions
 from llava_cli.servelog import log, log_detail
 from llava_cli.serveworker import Failed, Finished, Item, Worker
@@ -84,6 +86,7 @@ class Service:
         cache_bytes = options.cache_mb * 2**20
         max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings), cache_bytes)
         self.worker = Worker(engine, self.guard, max_batch, cache_bytes)
+        self.decoder = DecodeAhead(self.guard)  # images decoded here, not on the worker: one slow image stalls no answer
         self.settings = settings
         self.model = settings.model
         self.api_key = options.api_key
@@ -154,6 +157,7 @@ class Service:
 
         body = parse_json(await read_body(request, self.max_request_bytes, self.request_timeout_s))
         job = await run_in_threadpool(parse_job, body, self.model, self.settings)  # long histories: off the loop
+        release_images = await self.decoder.decode(job)  # a bad image raises here (its slot given back)
         queue = self.worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         streaming = False
@@ -166,6 +170,7 @@ class Service:
                 return self.streamed(job, queue, first, watcher)
             return await self.completed(job, queue, first)
         finally:
+            release_images()  # the worker did once it prefilled the job: then a no-op
             if not streaming:
                 job.cancelled.set()  # a no-op once the job has finished
                 watcher.cancel()
