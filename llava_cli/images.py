@@ -13,6 +13,8 @@ Image bytes are hostile, so decoding is limited:
   which Pillow hands to Ghostscript, nor any other plugin nobody needs for a photo;
 - bytes that ask the decoder for more work than any real picture needs (a JPEG of thousands of
   scans, a TIFF of millions of strips) are refused before it runs (`imagelimits.py`);
+- `image_from_bytes` decodes in a helper process (decodepool.py) within DECODE_BUDGET_S: a decode
+  past it is killed and refused in one line, and a crashing decoder takes only the helper down;
 - an image whose sides differ by more than MAX_ASPECT_RATIO:1 is refused before it is decoded: the
   processor scales the short side up to its input size (336 or 384 px), so a 177-byte 1x100000 PNG
   would become a 336x33,600,000 image of several GB. 50:1 is far beyond photos (at most 3:1),
