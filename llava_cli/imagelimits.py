@@ -16,7 +16,12 @@ is the decoder's job. Two costs grow with a count of a few bytes each, not with 
   and 2.6 GB. The first IFD (the only one decoded) may hold at most the strips or tiles its own
   geometry can use: one strip per row or one tile per 16x16 block (the smallest tile the format
   allows), times the samples per pixel when each sample has its own planes. The arrays of byte
-  counts are bounded the same way.
+  counts are bounded the same way, a BigTIFF directory by a classic one's 65,535 entries, and any
+  other numeric tag (Pillow makes a Python number of each value: 1 M BitsPerSample took 0.5 s) by
+  MAX_TIFF_VALUES numbers.
+- **JPEG marker segments.** Pillow reads each segment before the first scan in Python and keeps
+  every APP segment: 1 M empty ones (4 MB) took 7.6 s and 160 MB, so a 200 MB file would take
+  minutes and gigabytes. More than MAX_JPEG_SEGMENTS segments are refused.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import struct
 from llava_cli.errors import InputError
 
 MAX_JPEG_SCANS = 256
+MAX_JPEG_SEGMENTS = 10_000  # marker segments of any kind; real files have 10 to 30, a big XMP split in 64 KB parts some hundreds
 JPEG_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: no length field
 JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
 AFTER_ENTROPY_DATA = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker, not a stuffed 0xFF00 nor a restart
@@ -37,6 +43,8 @@ TIFF_WIDTH, TIFF_LENGTH, TIFF_SAMPLES, TIFF_PLANAR = 256, 257, 277, 284
 TIFF_STRIP_ARRAYS = (273, 279)  # StripOffsets, StripByteCounts
 TIFF_TILE_ARRAYS = (324, 325)  # TileOffsets, TileByteCounts
 TIFF_SHORT, TIFF_LONG, TIFF_LONG8 = 3, 4, 16
+TIFF_BYTE_TYPES = {1, 2, 6, 7}  # BYTE, ASCII, SBYTE, UNDEFINED: kept as bytes; other types become a Python number each
+MAX_TIFF_VALUES = 1 << 18  # numbers in one tag: beyond a 16-bit colour map (3 x 65,536), the largest real array
 
 
 def check_decoding_work(data: bytes, name: str) -> None:
@@ -48,7 +56,12 @@ def check_decoding_work(data: bytes, name: str) -> None:
 
 
 def check_jpeg(data: bytes, name: str) -> None:
-    scans = jpeg_scan_count(data, MAX_JPEG_SCANS + 1)
+    scans, segments = jpeg_counts(data, MAX_JPEG_SCANS + 1, MAX_JPEG_SEGMENTS + 1)
+    if segments > MAX_JPEG_SEGMENTS:
+        raise InputError(
+            f"{name} is a JPEG of more than {MAX_JPEG_SEGMENTS:,} marker segments (real ones have a few dozen); "
+            "re-encode it (e.g. as a baseline JPEG or a PNG)"
+        )
     if scans > MAX_JPEG_SCANS:
         raise InputError(
             f"{name} is a JPEG of more than {MAX_JPEG_SCANS} scans (real ones have about 10); "
@@ -56,10 +69,11 @@ def check_jpeg(data: bytes, name: str) -> None:
         )
 
 
-def jpeg_scan_count(data: bytes, stop_at: int) -> int:
-    """The number of SOS segments before the first EOI, counting no further than `stop_at`."""
-    pos, scans = 2, 0
-    while pos + 4 <= len(data) and scans < stop_at:
+def jpeg_counts(data: bytes, max_scans: int, max_segments: int) -> tuple[int, int]:
+    """The numbers of scans (SOS segments) and of all marker segments before the first EOI, each counted
+    no further than its `max_`."""
+    pos, scans, segments = 2, 0, 0
+    while pos + 4 <= len(data) and scans < max_scans and segments < max_segments:
         if data[pos] != 0xFF:
             break  # not a marker: corrupt, the decoder will say so
         marker = data[pos + 1]
@@ -70,33 +84,40 @@ def jpeg_scan_count(data: bytes, stop_at: int) -> int:
         elif marker == JPEG_EOI:
             break
         else:
+            segments += 1
             pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
             if marker == JPEG_SOS:
                 scans += 1
                 found = AFTER_ENTROPY_DATA.search(data, pos)
                 pos = found.start() if found else len(data)
-    return scans
+    return scans, segments
 
 
 def check_tiff(data: bytes, name: str) -> None:
     entries = first_ifd(data, name)
     if entries is None:
         return
-    width, length = entries.get(TIFF_WIDTH, (0, 0))[1], entries.get(TIFF_LENGTH, (0, 0))[1]
-    planes = entries.get(TIFF_SAMPLES, (1, 1))[1] if entries.get(TIFF_PLANAR, (1, 1))[1] == 2 else 1
+    width, length = entries.get(TIFF_WIDTH, (0, 0, 0))[2], entries.get(TIFF_LENGTH, (0, 0, 0))[2]
+    planes = entries.get(TIFF_SAMPLES, (0, 1, 1))[2] if entries.get(TIFF_PLANAR, (0, 1, 1))[2] == 2 else 1
     tiles_per_plane = -(-width // MIN_TILE_SIDE) * -(-length // MIN_TILE_SIDE)
     for tags, per_plane, what in ((TIFF_STRIP_ARRAYS, length, "strips"), (TIFF_TILE_ARRAYS, tiles_per_plane, "tiles")):
         usable = max(per_plane, 1) * max(planes, 1)
-        declared = max(entries.get(tag, (0, 0))[0] for tag in tags)
+        declared = max(entries.get(tag, (0, 0, 0))[1] for tag in tags)
         if declared > usable:
             raise InputError(
                 f"{name} is a TIFF of {width}x{length} pixels that declares {declared:,} {what}, more than the {usable:,} "
                 "such a picture can have; re-save it with an image editor"
             )
+    for tag, (kind, count, _) in entries.items():
+        if tag not in TIFF_STRIP_ARRAYS + TIFF_TILE_ARRAYS and kind not in TIFF_BYTE_TYPES and count > MAX_TIFF_VALUES:
+            raise InputError(
+                f"{name} is a TIFF whose tag {tag} holds {count:,} numbers, more than the {MAX_TIFF_VALUES:,} "
+                "any real picture needs; re-save it with an image editor"
+            )
 
 
-def first_ifd(data: bytes, name: str) -> dict[int, tuple[int, int]] | None:
-    """The first IFD of a (Big)TIFF: tag -> (count, value if it is one inline SHORT/LONG/LONG8 else 0); None if unreadable."""
+def first_ifd(data: bytes, name: str) -> dict[int, tuple[int, int, int]] | None:
+    """The first IFD of a (Big)TIFF: tag -> (type, count, value if it is one inline SHORT/LONG/LONG8 else 0); None if unreadable."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")
     try:
@@ -113,7 +134,7 @@ def first_ifd(data: bytes, name: str) -> dict[int, tuple[int, int]] | None:
         entries = {}
         for index in range(count):
             tag, kind, values, inline = struct.unpack_from(entry_format, data, first + index * entry_size)
-            entries[tag] = (values, inline_number(inline, kind, order) if values == 1 else 0)
+            entries[tag] = (kind, values, inline_number(inline, kind, order) if values == 1 else 0)
         return entries
     except struct.error:  # truncated: the decoder will say so
         return None

@@ -40,30 +40,32 @@ def many_scan_jpeg(side: int, scans: int) -> bytes:
     return picture[:-2] + EOB_RUN_SCAN_TABLE + eob_run_scan(blocks) * scans + b"\xff\xd9"
 
 
-def many_strip_tiff(strips: int, side: int = 8) -> bytes:
+def many_strip_tiff(strips: int, side: int = 8, bits_per_sample_values: int = 1) -> bytes:
     """A little-endian greyscale TIFF of `side` x `side` pixels, one row a strip, declaring `strips` strips.
 
     Every strip points at the same row of pixels. Pillow builds a tile per strip (wrapping round
-    the picture again and again) and decodes each one, so the cost grows with `strips`."""
-    pixels = bytes(range(64)) * (side * side // 64 + 1)
-    pixels = pixels[: side * side]
-    entries = [  # (tag, type, count, value or offset): type 3 SHORT, 4 LONG
-        (256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-        (273, 4, strips, None), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, strips, None),
+    the picture again and again) and decodes each one, so the cost grows with `strips`.
+    `bits_per_sample_values` > 1 makes BitsPerSample an array of that many 8s."""
+    pixels = (bytes(range(64)) * (side * side // 64 + 1))[: side * side]
+    entries = [  # (tag, type, count): type 3 SHORT, 4 LONG
+        (256, 3, 1), (257, 3, 1), (258, 3, bits_per_sample_values), (259, 3, 1), (262, 3, 1),
+        (273, 4, strips), (277, 3, 1), (278, 4, 1), (279, 4, strips),
     ]
-    ifd_offset = 8
-    ifd_size = 2 + 12 * len(entries) + 4
-    pixel_offset = ifd_offset + ifd_size
-    offsets_at = pixel_offset + len(pixels)
-    counts_at = offsets_at + 4 * strips
-    arrays = {273: (offsets_at, struct.pack("<I", pixel_offset) * strips), 279: (counts_at, struct.pack("<I", side) * strips)}
-    ifd = struct.pack("<H", len(entries))
-    for tag, kind, count, value in entries:
-        if tag in arrays and count > 1:
-            value = arrays[tag][0]
-        elif tag in arrays:
-            value = pixel_offset if tag == 273 else side
-        ifd += struct.pack("<HHII", tag, kind, count, value) if kind == 4 else struct.pack("<HHIHH", tag, kind, count, value, 0)
+    pixel_offset = 8 + 2 + 12 * len(entries) + 4
+    arrays = {  # tag -> its values when there is more than one (stored after the pixels)
+        273: struct.pack("<I", pixel_offset) * strips,
+        279: struct.pack("<I", side) * strips,
+        258: struct.pack("<H", 8) * bits_per_sample_values,
+    }
+    single = {256: side, 257: side, 258: 8, 259: 1, 262: 1, 273: pixel_offset, 277: 1, 278: 1, 279: side}
+    ifd, tail = struct.pack("<H", len(entries)), b""
+    for tag, kind, count in entries:
+        if count > 1:
+            value, tail = pixel_offset + len(pixels) + len(tail), tail + arrays[tag]
+            ifd += struct.pack("<HHII", tag, kind, count, value)
+        elif kind == 4:
+            ifd += struct.pack("<HHII", tag, kind, count, single[tag])
+        else:
+            ifd += struct.pack("<HHIHH", tag, kind, count, single[tag], 0)
     ifd += struct.pack("<I", 0)
-    tail = arrays[273][1] + arrays[279][1] if strips > 1 else b""
-    return b"II*\x00" + struct.pack("<I", ifd_offset) + ifd + pixels + tail
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + pixels + tail

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llava_cli.errors import InputError
-from llava_cli.imagelimits import MAX_JPEG_SCANS, jpeg_scan_count
+from llava_cli.imagelimits import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_TIFF_VALUES, jpeg_counts
 from llava_cli.images import image_from_bytes, read_stream
 from hostile_images import many_scan_jpeg, many_strip_tiff
 
@@ -113,7 +113,7 @@ def test_a_jpeg_of_a_thousand_scans_is_refused_before_decoding():
 
 
 def test_a_jpeg_at_the_scan_limit_is_decoded():
-    extra = MAX_JPEG_SCANS - jpeg_scan_count(many_scan_jpeg(64, 0), MAX_JPEG_SCANS)  # the encoder's own scans
+    extra = MAX_JPEG_SCANS - jpeg_counts(many_scan_jpeg(64, 0), MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS)[0]  # the encoder's own scans
     assert image_from_bytes(many_scan_jpeg(64, extra), "scans.jpg", MAX_PIXELS).image.getpixel((5, 5)) == (128, 128, 128)
     with pytest.raises(InputError, match="scans"):
         image_from_bytes(many_scan_jpeg(64, extra + 1), "scans.jpg", MAX_PIXELS)
@@ -127,6 +127,19 @@ def test_a_tiff_of_more_strips_than_rows_is_refused_before_pillow_lists_them(str
 
 def test_a_tiff_of_one_strip_per_row_is_decoded():
     assert image_from_bytes(many_strip_tiff(8), "strips.tif", MAX_PIXELS).image.size == (8, 8)
+
+
+def test_a_jpeg_of_twenty_thousand_empty_segments_is_refused_before_pillow_reads_them():
+    picture = encoded("JPEG")
+    with pytest.raises(InputError, match=rf"^app\.jpg is a JPEG of more than {MAX_JPEG_SEGMENTS:,} marker segments"):
+        image_from_bytes(picture[:2] + b"\xff\xe1\x00\x02" * 20_000 + picture[2:], "app.jpg", MAX_PIXELS)
+    assert image_from_bytes(picture[:2] + b"\xff\xe1\x00\x02" * 1_000 + picture[2:], "app.jpg", MAX_PIXELS).image.size == (23, 17)
+
+
+def test_a_tiff_tag_of_more_numbers_than_any_picture_needs_is_refused():
+    bits = MAX_TIFF_VALUES + 1
+    with pytest.raises(InputError, match=rf"^bits\.tif is a TIFF whose tag 258 holds {bits:,} numbers"):
+        image_from_bytes(many_strip_tiff(8, bits_per_sample_values=bits), "bits.tif", MAX_PIXELS)
 
 
 def test_a_tiled_tiff_of_the_smallest_tiles_is_decoded():
