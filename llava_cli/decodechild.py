@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import sys
 from typing import BinaryIO
 

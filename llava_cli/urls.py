@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import http.client
 import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
