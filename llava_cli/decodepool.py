@@ -141,5 +141,8 @@ def decode_elsewhere(data: bytes, name: str, max_pixels: int, budget_s: float) -
     except (DecoderGone, OSError):
         helper.kill()
         raise InputError(f"{name} could not be decoded: the decoder stopped (out of memory or a decoder bug); re-save it") from None
+    except BaseException:  # Ctrl-C while waiting: the helper is mid-reply, of no further use
+        helper.kill()
+        raise
     POOL.give_back(helper)
     return image
