@@ -356,6 +356,35 @@ def test_an_image_that_decodes_slowly_does_not_stall_other_answers(tiny_loaded, 
     assert replies["image"].status_code == 200
 
 
+def test_decoding_pauses_while_the_decoded_images_waiting_for_the_worker_fill_the_budget(monkeypatch, settings, images):
+    """Decoded images wait for the worker in memory: past the pixel budget the next decode waits
+    until the worker has prefilled (released) one."""
+    import asyncio
+
+    from llava_cli import servedecode
+    from llava_cli.apirequest import parse_job
+
+    monkeypatch.setattr(servedecode, "WAITING_PIXELS", 1)
+
+    async def scenario() -> None:
+        ahead = servedecode.DecodeAhead(Guard(ServeOptions(host="127.0.0.1", port=0)))
+        first, second = (parse_job(body(settings.model, [user("what?", data_url(images["red"]))]), settings.model, settings)
+                         for _ in range(2))
+        release_first = await ahead.decode(first)
+        assert first.decoded and first.conversation.turns[0].images
+        pending = asyncio.create_task(ahead.decode(second))
+        await asyncio.sleep(0.3)
+        assert not pending.done() and not second.decoded
+        first.release()  # what the worker does once it has prefilled the job
+        await asyncio.wait_for(pending, 30)
+        assert second.decoded
+        release_first()  # the handler's own call afterwards changes nothing
+        width, height = second.conversation.turns[0].images[0].image.size
+        assert ahead.waiting_pixels == width * height
+
+    asyncio.run(scenario())
+
+
 def test_a_jpeg_of_too_many_scans_gets_400_invalid_image(app, settings):
     url = "data:image/jpeg;base64," + base64.b64encode(many_scan_jpeg(16, 300)).decode()
     reply = post(app, body(settings.model, [user("what?", url)], max_tokens=1))
