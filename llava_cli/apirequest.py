@@ -8,8 +8,9 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
 - `messages` (at most MAX_MESSAGES) become a `Conversation`: system/developer texts joined,
   consecutive user messages one turn, assistant messages that turn's answer; the last message
   must be the user's. `image_url` parts (at most MAX_IMAGES_PER_REQUEST) are `data:` URLs or paths
-  the Guard allows; they are checked for form here and decoded only by the worker
-  (`Job.load_images`, within MAX_REQUEST_PIXELS), so memory holds one request's images at a time.
+  the Guard allows; they are checked for form here and decoded later (`Job.load_images`, within
+  MAX_REQUEST_PIXELS): by the server before it queues the job (servedecode.py), a few requests'
+  images at a time, or by the worker for a job queued undecoded.
 - The request fields of the option table (options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
   `max_tokens`/`max_completion_tokens`, `seed`) override the server's `Settings` for this request,
   each type-checked, then validated by `Settings`.
@@ -104,9 +105,13 @@ class Job:
     @property
     def cache_scope(self) -> str:
         return f"{self.key_id}\n{self.cache_salt}"
+    decoded: bool = False  # the images are in their turns (llava serve decodes them before queueing the job)
+    on_release: Callable[[], None] = lambda: None  # told when the decoded images are dropped
 
     def load_images(self, guard: Guard, max_pixels: int, stop: Callable[[], bool]) -> bool:
-        """Decode the images in order, within MAX_REQUEST_PIXELS; False if told to stop meanwhile."""
+        """Decode the images in order, within MAX_REQUEST_PIXELS; False if told to stop meanwhile. Once is enough."""
+        if self.decoded:
+            return True
         pixels = 0
         for pending in self.images:
             if stop():
@@ -116,6 +121,7 @@ class Job:
             if pixels > MAX_REQUEST_PIXELS:
                 raise ApiError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels in all; send fewer or smaller ones",
                                code="invalid_image", param=pending.where)
+        self.decoded = True
         return True
 
     def release(self) -> None:
@@ -123,6 +129,7 @@ class Job:
         self.images.clear()
         for turn in self.conversation.turns:
             turn.images = []
+        self.on_release()
 
 
 def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[str] = frozenset()) -> Job:
@@ -184,7 +191,7 @@ def request_settings(body: dict[str, Any], base: Settings) -> Settings:
 def conversation_from_messages(messages: Any, base: Settings) -> tuple[Conversation, list[PendingImage]]:
     """System texts joined; consecutive user messages make one turn; the last message must be the user's.
 
-    The images are checked for form here but decoded later, by the worker (`Job.load_images`)."""
+    The images are checked for form here but decoded later (`Job.load_images`)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "`messages` must be a non-empty list", param="messages")
     if len(messages) > MAX_MESSAGES:

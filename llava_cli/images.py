@@ -11,6 +11,10 @@ greyscale and 16-bit converted to 8-bit RGB.
 Image bytes are hostile, so decoding is limited:
 - only the formats in DECODED_FORMATS are tried (`Image.open(formats=...)`): never EPS, PS or PDF,
   which Pillow hands to Ghostscript, nor any other plugin nobody needs for a photo;
+- bytes that ask the decoder for more work than any real picture needs (a JPEG of thousands of
+  scans, a TIFF of millions of strips) are refused before it runs (`imagelimits.py`);
+- `image_from_bytes` decodes in a helper process (decodepool.py) within DECODE_BUDGET_S: a decode
+  past it is killed and refused in one line, and a crashing decoder takes only the helper down;
 - an image whose sides differ by more than MAX_ASPECT_RATIO:1 is refused before it is decoded: the
   processor scales the short side up to its input size (336 or 384 px), so a 177-byte 1x100000 PNG
   would become a 336x33,600,000 image of several GB. 50:1 is far beyond photos (at most 3:1),
@@ -34,7 +38,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, BinaryIO
 
+from llava_cli.decodepool import decode_elsewhere
 from llava_cli.errors import InputError, one_line
+from llava_cli.imagelimits import check_decoding_work
 from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
 from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -48,6 +54,7 @@ HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 BACKGROUND = (255, 255, 255)
 DECODED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA")  # JPEG covers MPO (phone photos)
 MAX_ASPECT_RATIO = 50  # see the module docstring
+DECODE_BUDGET_S = 20.0  # a 50 MP picture decodes in about 1 s; far past that, the file is pathological
 MAX_IMAGE_SIDE = 4096  # pixels; beyond any family's input size (2304 at most), see the module docstring
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".tga"}
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".wmv", ".flv", ".mpg", ".mpeg", ".ogv", ".3gp"}
@@ -124,12 +131,15 @@ def image_from_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE
     """Decode `data` into an RGB `ImageRef`; `name` is only used in messages."""
     if not data:
         raise InputError(f"{name} is empty, not an image")
-    return ImageRef(name=name, digest=hashlib.sha256(data).hexdigest(), image=decode(data, name, max_pixels))
+    image = decode_elsewhere(data, name, max_pixels, DECODE_BUDGET_S)
+    return ImageRef(name=name, digest=hashlib.sha256(data).hexdigest(), image=image)
 
 
 def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The RGB picture of `data`, decoded here (decodepool.py's helper process runs this)."""
     from PIL import Image, UnidentifiedImageError
 
+    check_decoding_work(data, name)
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses bombs itself past twice this
     try:
         with warnings.catch_warnings():

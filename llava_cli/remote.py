@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.conversation import Conversation
+from llava_cli.deadline import Deadline
 from llava_cli.discovery import find_server, only_server
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
@@ -136,11 +137,13 @@ class RemoteEngine:
     def reachable(self) -> bool:
         """True if the server answers GET /v1/models at once (used before trusting a discovered one)."""
         try:
-            connection, _ = self.open("GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S)
+            with Deadline(PROBE_TIMEOUT_S) as deadline:  # for the whole answer: a peer dripping bytes resets each read's timeout
+                connection, _ = self.open("GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S,
+                                          deadline=deadline)
         except LlavaError:
             return False
         connection.close()
-        return True
+        return not deadline.passed()  # a shut socket reads as the end of the headers
 
     def request_body(self, conversation: Conversation, settings: Settings) -> dict[str, Any]:
         return {
@@ -172,10 +175,13 @@ class RemoteEngine:
         return self.data_urls[image.digest]
 
     def open(self, method: str, path: str, body: dict[str, Any] | None, read_timeout: float | None = None,
-             connect_timeout: float = CONNECT_TIMEOUT_S) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+             connect_timeout: float = CONNECT_TIMEOUT_S,
+             deadline: Deadline | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a request; return the open connection and a 200 response, or raise what went wrong."""
         kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
         connection = kind(self.parts.hostname, self.parts.port, timeout=connect_timeout)
+        if deadline:
+            deadline.clock(connection)
         try:
             connection.connect()
             connection.sock.settimeout(read_timeout)  # an answer may wait its turn behind others: no limit

@@ -4,8 +4,9 @@ Contract: `Service(engine, settings, options).app()` is the ASGI app; its `Worke
 `options.max_batch` answers (default `decodebatch.rows_that_fit`) with `options.cache_mb` of prefix caches. Every request passes the
 `Guard` (Host, Origin, Content-Type) and the API key first; the body must arrive within
 `--request-timeout` (408) and under `--max-request-mb` (413); at most MAX_OPEN_REQUESTS are open
-at once (503 beyond). The body becomes a `Job` (apirequest.py) answered by the `Worker`
-(serveworker.py), as one JSON completion or as server-sent events (`stream: true`). `usage` carries
+at once (503 beyond). The body becomes a `Job` (apirequest.py), its images decoded here
+(servedecode.py, off the worker), answered by the `Worker` (serveworker.py),
+as one JSON completion or as server-sent events (`stream: true`). `usage` carries
 the token counts and `prompt_tokens_details.cached_tokens`, a non-standard `llava` object the
 engine's figures (`Stats.as_dict`). Every refusal is an OpenAI-style error body; a bug becomes a
 500 and one log line, and the server keeps serving.
@@ -34,6 +35,7 @@ from llava_cli.decodebatch import rows_that_fit
 from llava_cli.discovery import served_name
 from llava_cli.engine import Engine
 from llava_cli.serveaccess import RECORD, AccessLog, note
+from llava_cli.servedecode import DecodeAhead
 from llava_cli.serveguard import Guard, ServeOptions, key_id
 from llava_cli.servelog import log, log_detail
 from llava_cli.servemetrics import Metrics
@@ -107,6 +109,7 @@ class Service:
         self.holder = ModelHolder(engine, load, options.keep_alive_s, self.metrics)
         self.worker = Worker(engine, self.guard, max_batch, cache_bytes, self.holder)
         self.watch_worker(cache_bytes)
+        self.decoder = DecodeAhead(self.guard)  # images decoded here, not on the worker: one slow image stalls no answer
         self.settings = settings
         self.model = options.served_model_name or served_name(settings.model)  # the id clients send
         # Without --served-model-name, the --model text as typed is accepted too (clients of earlier versions send it).
@@ -219,6 +222,7 @@ class Service:
         job = await run_in_threadpool(parse_job, body, self.model, self.settings, self.aliases)  # long histories: off the loop
         job.key_id = request.scope.get(RECORD, {}).get("key_id", "")
         ended = functools.partial(self.answered, request.scope)
+        release_images = await self.decoder.decode(job)  # a bad image raises here (its slot given back)
         queue = self.worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         streaming = False
@@ -231,6 +235,7 @@ class Service:
                 return self.streamed(job, queue, first, watcher, ended)
             return await self.completed(job, queue, first, ended)
         finally:
+            release_images()  # the worker did once it prefilled the job: then a no-op
             if not streaming:
                 job.cancelled.set()  # a no-op once the job has finished
                 watcher.cancel()

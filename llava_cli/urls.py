@@ -6,19 +6,22 @@ HTTP error status, a server that does not answer in time, a body larger than the
 redirect to anything but http(s), a video (by the URL's extension, before any download), or data
 that is not an image. The body is read in chunks and
 abandoned as soon as it passes the limit, so a huge or endless response costs at most the limit.
+The time limit holds for the whole fetch - connecting, TLS, headers, redirects and body - however
+slowly the server drips its bytes (`Deadline`: the sockets are shut when the time is up).
 User names and passwords in a URL are never shown in messages."""
 
 from __future__ import annotations
 
+import http.client
 import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 from llava_cli import __version__
-from llava_cli.errors import InputError
+from llava_cli.deadline import Deadline
+from llava_cli.errors import InputError, one_line
 from llava_cli.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, load_image, refuse_video
 from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -64,36 +67,44 @@ def fetch_image_url(
 
 
 def download(url: str, timeout: float, max_bytes: int) -> bytes:
-    opener = urllib.request.build_opener(HttpOnlyRedirects)
+    deadline = Deadline(timeout)
+    opener = urllib.request.build_opener(HttpOnlyRedirects, deadline.handler(urllib.request.HTTPHandler),
+                                         deadline.handler(urllib.request.HTTPSHandler))
     request = urllib.request.Request(url, headers={"User-Agent": f"llava-cli/{__version__}"})
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with deadline, opener.open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise too_large(url, max_bytes)
-            return read_limited(response, url, timeout, max_bytes)
-    except urllib.error.HTTPError as err:
-        raise InputError(f"cannot fetch {redacted(url)}: HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        if isinstance(err.reason, (TimeoutError, socket.timeout)):
+            body = read_limited(response, url, max_bytes)
+    except (OSError, ValueError, http.client.HTTPException) as err:  # URLError and TLS errors are OSErrors
+        if deadline.passed():  # the sockets were shut under a read: whatever it raised, the cause is the clock
             raise timed_out(url, timeout) from None
-        raise InputError(f"cannot fetch {redacted(url)}: {err.reason}") from None
-    except (TimeoutError, socket.timeout):
-        raise timed_out(url, timeout) from None
-    except (OSError, ValueError) as err:  # connection reset mid-body, malformed URL
-        raise InputError(f"cannot fetch {redacted(url)}: {err}") from None
+        raise fetch_failed(url, err, timeout) from None
+    if deadline.passed():  # a shut socket may also read as the end of the body
+        raise timed_out(url, timeout)
+    return body
 
 
-def read_limited(response: Any, url: str, timeout: float, max_bytes: int) -> bytes:
-    """Read the body in chunks, giving up past `max_bytes` or after `timeout` seconds in all."""
-    deadline = time.monotonic() + timeout
+def fetch_failed(url: str, err: Exception, timeout: float) -> InputError:
+    if isinstance(err, urllib.error.HTTPError):
+        return InputError(f"cannot fetch {redacted(url)}: HTTP {err.code} {err.reason}")
+    if isinstance(err, urllib.error.URLError):
+        if isinstance(err.reason, (TimeoutError, socket.timeout)):
+            return timed_out(url, timeout)
+        return InputError(f"cannot fetch {redacted(url)}: {err.reason}")
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return timed_out(url, timeout)
+    return InputError(f"cannot fetch {redacted(url)}: {one_line(err)}")  # reset mid-body, malformed URL or answer
+
+
+def read_limited(response: Any, url: str, max_bytes: int) -> bytes:
+    """Read the body in chunks, giving up past `max_bytes` (the `Deadline` bounds the time)."""
     chunks, size = [], 0
     while chunk := response.read(CHUNK_BYTES):
         size += len(chunk)
         if size > max_bytes:
             raise too_large(url, max_bytes)
-        if time.monotonic() > deadline:
-            raise timed_out(url, timeout)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -26,6 +26,7 @@ import pytest
 from cli_runner import invoke
 from conftest import cli_env, render_llava15
 from fakes import answer_text
+from hostile_images import many_scan_jpeg
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine
 from llava_cli.errors import UsageError
@@ -318,6 +319,78 @@ def test_a_request_with_images_does_not_keep_them(app, settings, images):
     finally:
         Job.release = release
     assert kept == [[]] and serveworker.give_memory_back() is None
+
+
+def test_an_image_that_decodes_slowly_does_not_stall_other_answers(tiny_loaded, settings, images, monkeypatch):
+    """Issue 28 item 4: images are decoded before their job is queued, not on the engine's worker.
+    The image's decode is held until the text-only request has its answer; decoded on the worker
+    (before), the "hi" waited behind it (the gate opens by itself after 20 s, and the test fails)."""
+    from llava_cli import images as image_module
+
+    decode, entered, gate, decoded = image_module.decode_elsewhere, threading.Event(), threading.Event(), threading.Event()
+
+    def held(*args):
+        entered.set()
+        gate.wait(20)
+        try:
+            return decode(*args)
+        finally:
+            decoded.set()
+
+    monkeypatch.setattr(image_module, "decode_elsewhere", held)
+    client, service = client_for(tiny_loaded, settings)
+    replies = {}
+    with client:
+        asking = threading.Thread(target=lambda: replies.update(
+            image=post(client, body(settings.model, [user("what?", data_url(images["blue"]))], max_tokens=2))))
+        try:
+            asking.start()
+            assert entered.wait(30)
+            hi = post(client, body(settings.model, max_tokens=2))
+            answered_while_decoding = not decoded.is_set()
+        finally:
+            gate.set()
+            asking.join(60)
+            service.worker.stop()
+    assert hi.status_code == 200 and hi.json()["usage"]["completion_tokens"] == 2
+    assert answered_while_decoding
+    assert replies["image"].status_code == 200
+
+
+def test_decoding_pauses_while_the_decoded_images_waiting_for_the_worker_fill_the_budget(monkeypatch, settings, images):
+    """Decoded images wait for the worker in memory: past the pixel budget the next decode waits
+    until the worker has prefilled (released) one."""
+    import asyncio
+
+    from llava_cli import servedecode
+    from llava_cli.apirequest import parse_job
+
+    monkeypatch.setattr(servedecode, "WAITING_PIXELS", 1)
+
+    async def scenario() -> None:
+        ahead = servedecode.DecodeAhead(Guard(ServeOptions(host="127.0.0.1", port=0)))
+        first, second = (parse_job(body(settings.model, [user("what?", data_url(images["red"]))]), settings.model, settings)
+                         for _ in range(2))
+        release_first = await ahead.decode(first)
+        assert first.decoded and first.conversation.turns[0].images
+        pending = asyncio.create_task(ahead.decode(second))
+        await asyncio.sleep(0.3)
+        assert not pending.done() and not second.decoded
+        first.release()  # what the worker does once it has prefilled the job
+        await asyncio.wait_for(pending, 30)
+        assert second.decoded
+        release_first()  # the handler's own call afterwards changes nothing
+        width, height = second.conversation.turns[0].images[0].image.size
+        assert ahead.waiting_pixels == width * height
+
+    asyncio.run(scenario())
+
+
+def test_a_jpeg_of_too_many_scans_gets_400_invalid_image(app, settings):
+    url = "data:image/jpeg;base64," + base64.b64encode(many_scan_jpeg(16, 300)).decode()
+    reply = post(app, body(settings.model, [user("what?", url)], max_tokens=1))
+    assert error_of(reply) == (400, "invalid_image")
+    assert "JPEG of more than 256 scans" in reply.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------- the API key
