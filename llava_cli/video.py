@@ -43,7 +43,7 @@ MAX_FRAME_PIXELS = 4096 * 2304  # beyond 4K UHD; 10000x10000 is a bomb, not a ca
 MAX_SAMPLED_FRAMES = 64  # --frames and --fps never ask for more (the model's context would not hold them anyway)
 MAX_DECODED_BYTES = 1024 * 1024 * 1024  # RGB bytes of all sampled frames
 INSTALL_HINT = "videos need PyAV: pip install 'llava-cli[video]'"
-# magic bytes -> the one demuxer allowed to open them, and the names PyAV reports for it
+# the demuxers allowed (chosen by magic bytes), and the name PyAV reports when it probes them itself
 ALLOWED_CONTAINERS = {"mov": "mov,mp4,m4a,3gp,3g2,mj2", "matroska": "matroska,webm", "avi": "avi"}
 MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"}
 
@@ -147,7 +147,7 @@ def open_container(av: Any, data: bytes, name: str) -> Any:
     if demuxer is None:
         raise InputError(f"{name} is not a video llava-cli reads (MP4/MOV, WebM/MKV or AVI)")
     container = av.open(io.BytesIO(data), mode="r", format=demuxer)
-    if container.format.name != ALLOWED_CONTAINERS[demuxer]:
+    if container.format.name not in (demuxer, ALLOWED_CONTAINERS[demuxer]):
         container.close()
         raise InputError(f"{name} is a {container.format.name} container, which llava-cli does not read")
     return container

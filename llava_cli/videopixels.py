@@ -1,9 +1,10 @@
 """A checkpoint's video processor without torchvision: sampled frames -> `pixel_values_videos`.
 
 transformers' video processors (LLaVA-NeXT-Video, LLaVA-OneVision) run on torchvision, which a CPU
-install often lacks. `VideoPreprocess.from_folder(folder, family_defaults)` reads the checkpoint's
+install often lacks. `VideoPreprocess.from_config(config, processor_type)` reads the checkpoint's
 `video_preprocessor_config.json` (or the `video_processor` entry of `processor_config.json`) over
-the class defaults transformers gives that processor type, and `pixel_values(frames)` repeats the
+the class defaults transformers gives that processor type (`video_frames_for` picks it or the
+checkpoint's own video processor, where torchvision is installed), and `pixel_values(frames)` repeats the
 video processor's tensor path with torch operations, in its order and dtypes:
 
 1. uint8 (frames, 3, H, W); resize, where the size changes, with `torch.nn.functional.interpolate`
@@ -60,7 +61,8 @@ class VideoPreprocess:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], processor_type: str) -> VideoPreprocess:
-        merged = COMMON_DEFAULTS | CLASS_DEFAULTS.get(processor_type, {}) | config
+        known = set(COMMON_DEFAULTS) | {"size", "crop_size", "do_center_crop"}
+        merged = COMMON_DEFAULTS | CLASS_DEFAULTS.get(processor_type, {}) | {k: v for k, v in config.items() if k in known}
         if merged["resample"] not in RESAMPLE_MODES:
             raise ModelError(f"this checkpoint's video processor resamples with mode {merged['resample']}; install torchvision for it")
         return cls(
@@ -69,10 +71,6 @@ class VideoPreprocess:
             do_rescale=bool(merged["do_rescale"]), rescale_factor=float(merged["rescale_factor"]), do_normalize=bool(merged["do_normalize"]),
             image_mean=tuple(as_list(merged["image_mean"])), image_std=tuple(as_list(merged["image_std"])), num_frames=merged["num_frames"],
         )
-
-    @classmethod
-    def from_folder(cls, folder: Path, processor_type: str) -> VideoPreprocess:
-        return cls.from_config(video_config(folder), processor_type)
 
     @property
     def default_frames(self) -> int:
@@ -114,6 +112,27 @@ class VideoPreprocess:
         if self.do_rescale:
             return video * self.rescale_factor
         return video
+
+
+class OwnVideoProcessor:
+    """The checkpoint's own transformers video processor (torchvision installed), as `VideoPreprocess` is used."""
+
+    def __init__(self, video_processor: Any) -> None:
+        self.video_processor = video_processor
+        self.default_frames = int(getattr(video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES)
+
+    def pixel_values(self, frames: Any) -> Any:
+        output = self.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
+        return output["pixel_values_videos"][0]
+
+
+def video_frames_for(processor: Any, folder: Path) -> OwnVideoProcessor | VideoPreprocess:
+    """What turns a checkpoint's sampled frames into pixels: its own video processor, else the torch-only twin."""
+    own = getattr(processor, "video_processor", None)
+    if own is not None:
+        return OwnVideoProcessor(own)
+    config = video_config(folder)
+    return VideoPreprocess.from_config(config, str(config.get("video_processor_type", "")))
 
 
 def as_list(value: Any) -> list[float]:

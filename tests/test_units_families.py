@@ -93,6 +93,7 @@ def test_every_model_type_the_loader_accepts_has_a_row_matching_transformers(tmp
         assert incomplete_fields(family) == [], model_type
         assert (family.model_type, family.model_class, family.processor_class) == (model_type, models[model_type], processors[model_type])
         assert family.processor_needs_torchvision == needs_video_processor(processors[model_type]), model_type
+        assert family.takes_videos == needs_video_processor(processors[model_type]), model_type
         assert family.tiling is tiling_of(image_processors[model_type]["pil"]), model_type
     assert accepted and sorted(accepted) == sorted(MODEL_TYPES)
 
