@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from contextlib import AbstractContextManager
 
-from llava_cli.arguments import STDIN, AskOptions, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.batch import run_batch
 from llava_cli.backend import Answer
 from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
-from llava_cli.images import ImageRef, image_from_bytes
+from llava_cli.media import Media
 from llava_cli.output import WRITERS
 from llava_cli.records import answer_record
 from llava_cli.resume import SessionOptions, open_conversation
@@ -26,7 +26,6 @@ from llava_cli.signals import sigterm_raises
 from llava_cli.store import Recorder
 from llava_cli.streaming import stats_line
 from llava_cli.terminal import emit, one_line_text
-from llava_cli.urls import open_image
 
 
 def sigterm_as_interrupt() -> AbstractContextManager[None]:
@@ -34,16 +33,12 @@ def sigterm_as_interrupt() -> AbstractContextManager[None]:
     return sigterm_raises(KeyboardInterrupt)
 
 
-def load_images(names: list[str], settings: Settings, stdin_taken: bool) -> list[ImageRef]:
-    images = []
-    for name in names:
-        if name == STDIN:
-            if stdin_taken:
-                raise UsageError("stdin can carry the image or the prompt, not both; give the prompt as an argument")
-            images.append(image_from_bytes(read_image_from_stdin(), "<stdin>", settings.max_image_pixels))
-        else:
-            images.append(open_image(name, settings.max_image_pixels))
-    return images
+def load_images(names: list[str], settings: Settings, stdin_taken: bool) -> list[Media]:
+    """The images and videos `names` point at (media.py tells them apart)."""
+    if STDIN in names and stdin_taken:
+        raise UsageError("stdin can carry the image or the prompt, not both; give the prompt as an argument")
+    stdin_data = read_image_from_stdin() if STDIN in names else b""
+    return [image_argument(name, stdin_data, settings) for name in names]
 
 
 def run_ask(

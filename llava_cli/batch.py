@@ -147,7 +147,7 @@ def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settin
 
 def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Prompt:
     """Read the image and encode the single-turn question about it; LlavaError if it cannot be used."""
-    image = image_argument(name, stdin_image, settings.max_image_pixels)
+    image = image_argument(name, stdin_image, settings)
     conversation = Conversation(system=settings.system)
     conversation.ask(prompt, [image])
     encoded = engine.encode(conversation)

@@ -25,7 +25,8 @@ from llava_cli.backend import Answer, Backend
 from llava_cli.commands import context_summary, ends_chat, recap, run_command
 from llava_cli.conversation import Conversation
 from llava_cli.errors import EXIT_OK, LlavaError
-from llava_cli.images import ImageRef, load_image
+from llava_cli.images import ImageRef
+from llava_cli.media import open_local
 from llava_cli.output import WRITERS
 from llava_cli.records import answer_record
 from llava_cli.resume import SessionOptions, open_conversation
@@ -67,7 +68,7 @@ class ChatLoop:
 
         At a terminal the person saw each error and chatted on, so leaving is a success."""
         if initial_images:
-            self.attach_paths(initial_images)
+            self.attach_paths(initial_images, kind="any")
         while (line := self.io.read()) is not None:
             line = line.strip()
             if line.startswith("/") and ends_chat(line[1:]):
@@ -92,8 +93,8 @@ class ChatLoop:
     def command(self, name: str, argument: str) -> None:
         run_command(self, name, argument)
 
-    def attach_paths(self, paths: list[str]) -> None:
-        images = [load_image(path, self.settings.max_image_pixels) for path in paths]  # all or none
+    def attach_paths(self, paths: list[str], kind: str = "image") -> None:
+        images = [open_local(path, self.settings, kind) for path in paths]  # all or none
         self.attached.extend(images)
         names = ", ".join(image.name for image in images)
         self.io.info(f"attached {names}; it goes with your next message")
@@ -267,7 +268,7 @@ def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: S
     from llava_cli.startup import start_engine
 
     for path in images:  # fail before the slow model load
-        load_image(path, settings.max_image_pixels)
+        open_local(path, settings, kind="any")
     opened = open_conversation(settings, sessions)  # a resumed conversation is checked before loading, too
     settings = opened.settings
     for note in opened.notes:

@@ -200,6 +200,7 @@ class Engine:
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
+        stats.videos = self.vision.video_report(prompt.images, prompt.image_spans)
         row = Row(budget=self.token_budget(prompt, settings))
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)

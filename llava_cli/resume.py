@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import InputError, SessionError, UsageError
 from llava_cli.images import ImageRef, load_image
+from llava_cli.video import VideoRef, is_video_name, load_video
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SavedConversation, SavedImage, SessionStore, model_id, parse_time
 
@@ -95,12 +96,12 @@ def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing
     return Conversation(system=saved.system, turns=turns), [f"continuing without an image ({problem})" for problem in problems]
 
 
-def reload_image(image: SavedImage, max_pixels: int) -> ImageRef:
+def reload_image(image: SavedImage, max_pixels: int) -> ImageRef | VideoRef:
     if image.path is None:
         raise InputError(f"{image.name} was read from stdin and cannot be read again")
     if not os.path.exists(image.path):
         raise InputError(f"{image.name} is gone ({image.path} no longer exists)")
-    ref = load_image(image.path, max_pixels)
+    ref = load_video(image.path) if is_video_name(image.path) else load_image(image.path, max_pixels)
     if ref.digest != image.sha256:
         raise InputError(f"{image.name} has changed since it was attached ({image.path} has different content now)")
     return dataclasses.replace(ref, name=image.name)

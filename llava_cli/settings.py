@@ -55,6 +55,8 @@ class Settings:
     chat_template: str | None = None  # a file; overrides the checkpoint's prompt format
     max_context: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    frames: int | None = None  # frames sampled per video; None: the checkpoint's default (or --fps)
+    fps: float | None = None  # video frames sampled per second, capped
     allow_pickle: bool = False
     raw: bool = False
     verbose: bool = False
@@ -68,6 +70,8 @@ class Settings:
             option.check(getattr(self, option.name))
         if self.load_4bit and self.load_8bit:
             raise UsageError("--load-4bit and --load-8bit exclude each other: pick one")
+        if self.frames is not None and self.fps is not None:
+            raise UsageError("--frames and --fps exclude each other: pick one")
         if self.compile and self.attn == "flash_attention_2":
             raise UsageError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
 

@@ -34,17 +34,18 @@ from typing import Any
 
 from llava_cli.errors import InputError, one_line
 from llava_cli.images import VIDEO_SUFFIXES
+from llava_cli.options import MAX_VIDEO_FRAMES
 from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
 
 MAX_VIDEO_BYTES = 512 * 1024 * 1024
 MAX_DURATION_S = 3 * 3600  # a feature film; longer is no clip to ask about
 MAX_TOTAL_FRAMES = 50_000  # about half an hour at 30 fps, never decoded whole: only up to the last sampled frame
 MAX_FRAME_PIXELS = 4096 * 2304  # beyond 4K UHD; 10000x10000 is a bomb, not a camera
-MAX_SAMPLED_FRAMES = 64  # --frames and --fps never ask for more (the model's context would not hold them anyway)
 MAX_DECODED_BYTES = 1024 * 1024 * 1024  # RGB bytes of all sampled frames
 INSTALL_HINT = "videos need PyAV: pip install 'llava-cli[video]'"
 # the demuxers allowed (chosen by magic bytes), and the name PyAV reports when it probes them itself
 ALLOWED_CONTAINERS = {"mov": "mov,mp4,m4a,3gp,3g2,mj2", "matroska": "matroska,webm", "avi": "avi"}
+VIDEO_MIME_TYPES = {"mov": "video/mp4", "matroska": "video/x-matroska", "avi": "video/x-msvideo"}  # what a client sends
 MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"}
 
 
@@ -69,7 +70,7 @@ class VideoInfo:
 
 @dataclass(frozen=True)
 class VideoRef:
-    """A video ready for sampling, with where it came from; `digest` covers the bytes and the sampling."""
+    """A video ready for sampling, with where it came from; `digest` is the bytes' (as an image's)."""
 
     name: str
     digest: str
@@ -109,7 +110,7 @@ def video_from_bytes(data: bytes, name: str, sampling: Sampling = Sampling()) ->
         raise InputError(f"{name} is larger than {MAX_VIDEO_BYTES // 2**20} MiB; cut the part you want to ask about")
     av = import_av()
     info = with_av_errors(name, av, lambda: probe(av, data, name))
-    digest = hashlib.sha256(data + repr(sampling).encode()).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
     return VideoRef(name=name, digest=digest, info=info, sampling=sampling, data=data)
 
 
@@ -194,14 +195,14 @@ def check_frame_size(name: str, width: int, height: int) -> None:
 
 
 def frame_count(info: VideoInfo, sampling: Sampling, default_frames: int) -> int:
-    """How many frames to sample (transformers' rule for --fps), at most the video's and MAX_SAMPLED_FRAMES."""
+    """How many frames to sample (transformers' rule for --fps), at most the video's and MAX_VIDEO_FRAMES."""
     if sampling.frames is not None:
         wanted = sampling.frames
     elif sampling.fps is not None and info.fps > 0:
         wanted = max(1, int(info.total_frames / info.fps * sampling.fps))
     else:
         wanted = default_frames
-    return max(1, min(wanted, info.total_frames, MAX_SAMPLED_FRAMES))
+    return max(1, min(wanted, info.total_frames, MAX_VIDEO_FRAMES))
 
 
 def frame_indices(total_frames: int, num_frames: int) -> list[int]:

@@ -32,7 +32,7 @@ from typing import Any
 from llava_cli.errors import InputError
 from llava_cli.families import Tiling
 from llava_cli.images import ImageRef
-from llava_cli.video import VideoRef, sample_frames
+from llava_cli.video import Sampling, VideoRef, sample_frames
 
 Media = ImageRef | VideoRef
 
@@ -67,7 +67,7 @@ class VisionInputs:
         self.tiles_per_prompt = tiling is Tiling.ANYRES_LONE_IMAGE
         self.video_frames = video_frames  # videopixels.VideoFrames, or None: this family takes no videos
         self.memo: dict[tuple[str, bool], ProcessedImage] = {}
-        self.video_memo: dict[str, ProcessedVideo] = {}
+        self.video_memo: dict[tuple[str, Sampling], ProcessedVideo] = {}
 
     def clear(self) -> None:
         self.memo.clear()
@@ -92,13 +92,22 @@ class VisionInputs:
         return text.count(self.processor.video_token)
 
     def video(self, item: VideoRef) -> ProcessedVideo:
-        """`item`'s sampled frames as pixels, memoized by its digest (which covers the sampling)."""
+        """`item`'s sampled frames as pixels, memoized by its content and sampling."""
         if self.video_frames is None:
             raise InputError(f"{item.name} is a video, and this model takes none; use a LLaVA-NeXT-Video or LLaVA-OneVision checkpoint")
-        if item.digest not in self.video_memo:
+        key = (item.digest, item.sampling)
+        if key not in self.video_memo:
             frames, indices = sample_frames(item, self.video_frames.default_frames)
-            self.video_memo[item.digest] = ProcessedVideo(self.video_frames.pixel_values(frames), indices)
-        return self.video_memo[item.digest]
+            self.video_memo[key] = ProcessedVideo(self.video_frames.pixel_values(frames), indices)
+        return self.video_memo[key]
+
+    def video_report(self, media: list[Media], spans: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """Each video of a prompt: its name, the frames sampled and the tokens it fills (for --json, /show)."""
+        return [
+            {"name": item.name, "frames": self.video(item).indices, "video_tokens": end - start}
+            for item, (start, end) in zip(media, spans)
+            if is_video(item)
+        ]
 
     def model_inputs(self, media: list[Media], skip: int) -> dict[str, Any]:
         """Keyword arguments for the forward that runs `media[skip:]`; empty when there are none."""
