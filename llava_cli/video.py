@@ -12,8 +12,8 @@ A container is a program for a demuxer, so:
   (ALLOWED_CONTAINERS: mp4/mov, webm/mkv, avi), so FFmpeg never probes for playlists, concat
   lists, image sequences or network protocols; the format PyAV reports is checked again;
 - duration, frame count, frame size and the bytes of the sampled frames are capped (MAX_*)
-  before any frame is decoded, and each decoded frame is checked against the caps again (a
-  header may lie);
+  before any frame is converted; FFmpeg's own decoders get `max_pixels` (DECODER_LIMITS), so that
+  neither probing nor decoding allocates a frame over the cap, whatever the header says;
 - frames are decoded in order up to the last sampled one, and only sampled frames are converted
   to RGB; decoding stops there.
 
@@ -42,6 +42,7 @@ MAX_DURATION_S = 3 * 3600  # a feature film; longer is no clip to ask about
 MAX_TOTAL_FRAMES = 50_000  # about half an hour at 30 fps, never decoded whole: only up to the last sampled frame
 MAX_FRAME_PIXELS = 4096 * 2304  # beyond 4K UHD; 10000x10000 is a bomb, not a camera
 MAX_DECODED_BYTES = 1024 * 1024 * 1024  # RGB bytes of all sampled frames
+DECODER_LIMITS = {"max_pixels": str(MAX_FRAME_PIXELS)}
 INSTALL_HINT = "videos need PyAV: pip install 'llava-cli[video]'"
 # the demuxers allowed (chosen by magic bytes), and the name PyAV reports when it probes them itself
 ALLOWED_CONTAINERS = {"mov": "mov,mp4,m4a,3gp,3g2,mj2", "matroska": "matroska,webm", "avi": "avi"}
@@ -110,6 +111,7 @@ def video_from_bytes(data: bytes, name: str, sampling: Sampling = Sampling()) ->
         raise InputError(f"{name} is larger than {MAX_VIDEO_BYTES // 2**20} MiB; cut the part you want to ask about")
     av = import_av()
     info = with_av_errors(name, av, lambda: probe(av, data, name))
+    with_av_errors(name, av, lambda: decode_at(av, data, name, info, [0]))  # a stream of which no frame decodes is refused now
     digest = hashlib.sha256(data).hexdigest()
     return VideoRef(name=name, digest=digest, info=info, sampling=sampling, data=data)
 
@@ -147,7 +149,8 @@ def open_container(av: Any, data: bytes, name: str) -> Any:
     demuxer = container_format(data)
     if demuxer is None:
         raise InputError(f"{name} is not a video llava-cli reads (MP4/MOV, WebM/MKV or AVI)")
-    container = av.open(io.BytesIO(data), mode="r", format=demuxer)
+    # max_pixels: the decoders FFmpeg runs while probing refuse a frame over the cap before allocating it
+    container = av.open(io.BytesIO(data), mode="r", format=demuxer, options=DECODER_LIMITS)
     if container.format.name not in (demuxer, ALLOWED_CONTAINERS[demuxer]):
         container.close()
         raise InputError(f"{name} is a {container.format.name} container, which llava-cli does not read")
@@ -188,8 +191,8 @@ def count_packets(container: Any, stream: Any, name: str) -> int:
 
 
 def check_frame_size(name: str, width: int, height: int) -> None:
-    if width < 1 or height < 1:
-        raise InputError(f"{name} has no picture ({width}x{height})")
+    if width < 1 or height < 1:  # FFmpeg could not decode a frame within DECODER_LIMITS while probing
+        raise InputError(f"{name} has no frame of at most {MAX_FRAME_PIXELS:,} pixels (frames too large, or a broken stream); scale it down or re-export it")
     if width * height > MAX_FRAME_PIXELS:
         raise InputError(f"{name} has {width}x{height} frames, over the limit of {MAX_FRAME_PIXELS:,} pixels; scale it down")
 
@@ -217,27 +220,28 @@ def sample_frames(video: VideoRef, default_frames: int) -> tuple[Any, list[int]]
     if len(indices) * info.width * info.height * 3 > MAX_DECODED_BYTES:
         raise InputError(f"{video.name}: {len(indices)} frames of {info.width}x{info.height} are too many to decode; ask for fewer (--frames)")
     av = import_av()
-    frames = with_av_errors(video.name, av, lambda: decode_at(av, video, indices))
+    frames = with_av_errors(video.name, av, lambda: decode_at(av, video.data, video.name, info, indices))
     import numpy as np
 
     return np.stack(frames), indices
 
 
-def decode_at(av: Any, video: VideoRef, indices: list[int]) -> list[Any]:
+def decode_at(av: Any, data: bytes, name: str, info: VideoInfo, indices: list[int]) -> list[Any]:
     """Decode in order up to the last wanted frame, converting only the wanted ones to RGB."""
     wanted = set(indices)
     frames: list[Any] = []
-    with open_container(av, video.data, video.name) as container:
+    with open_container(av, data, name) as container:
         stream = container.streams.video[0]
+        stream.codec_context.options = DECODER_LIMITS  # a stream that grows its frames mid-way is refused too
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
-                check_frame_size(video.name, frame.width, frame.height)
-                if (frame.width, frame.height) != (video.info.width, video.info.height):
-                    raise InputError(f"{video.name} changes its frame size mid-stream; re-encode it")
+                check_frame_size(name, frame.width, frame.height)
+                if (frame.width, frame.height) != (info.width, info.height):
+                    raise InputError(f"{name} changes its frame size mid-stream; re-encode it")
                 frames.extend([frame.to_ndarray(format="rgb24")] * indices.count(index))
             if index >= indices[-1]:
                 break
     if len(frames) < len(indices):
-        raise InputError(f"{video.name} is truncated or corrupt (decoded {len(frames)} of {len(indices)} sampled frames); re-export it")
+        raise InputError(f"{name} is truncated or corrupt (decoded {len(frames)} of {len(indices)} sampled frames); re-export it")
     return frames
