@@ -110,8 +110,8 @@ def video_from_bytes(data: bytes, name: str, sampling: Sampling = Sampling()) ->
     if len(data) > MAX_VIDEO_BYTES:
         raise InputError(f"{name} is larger than {MAX_VIDEO_BYTES // 2**20} MiB; cut the part you want to ask about")
     av = import_av()
-    info = with_av_errors(name, av, lambda: probe(av, data, name))
-    with_av_errors(name, av, lambda: decode_at(av, data, name, info, [0]))  # a stream of which no frame decodes is refused now
+    info = with_av_errors(name, lambda: probe(av, data, name))
+    with_av_errors(name, lambda: decode_at(av, data, name, info, [0]))  # a stream of which no frame decodes is refused now
     digest = hashlib.sha256(data).hexdigest()
     return VideoRef(name=name, digest=digest, info=info, sampling=sampling, data=data)
 
@@ -124,13 +124,13 @@ def import_av() -> Any:
     return av
 
 
-def with_av_errors(name: str, av: Any, work: Any) -> Any:
+def with_av_errors(name: str, work: Any) -> Any:
     """Run `work()`, turning whatever FFmpeg raises into a one-line `InputError`."""
     try:
         return work()
     except InputError:
         raise
-    except (av.error.FFmpegError, EOFError, ValueError, IndexError, OverflowError, MemoryError) as err:
+    except Exception as err:  # FFmpeg and PyAV report broken data with many exception types, as Pillow does
         raise InputError(f"{name} is truncated or corrupt ({one_line(err)}); re-export or re-download it") from None
 
 
@@ -162,6 +162,8 @@ def probe(av: Any, data: bytes, name: str) -> VideoInfo:
         if not container.streams.video:
             raise InputError(f"{name} has no video stream (audio only?)")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise InputError(f"{name} uses a video codec llava-cli cannot decode; re-encode it (H.264, VP9...)")
         width, height = stream.codec_context.width, stream.codec_context.height
         check_frame_size(name, width, height)
         fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -220,7 +222,7 @@ def sample_frames(video: VideoRef, default_frames: int) -> tuple[Any, list[int]]
     if len(indices) * info.width * info.height * 3 > MAX_DECODED_BYTES:
         raise InputError(f"{video.name}: {len(indices)} frames of {info.width}x{info.height} are too many to decode; ask for fewer (--frames)")
     av = import_av()
-    frames = with_av_errors(video.name, av, lambda: decode_at(av, video.data, video.name, info, indices))
+    frames = with_av_errors(video.name, lambda: decode_at(av, video.data, video.name, info, indices))
     import numpy as np
 
     return np.stack(frames), indices
