@@ -132,3 +132,11 @@ def test_piped_chat_reports_a_hostile_video_in_one_line_and_answers_on(monkeypat
     assert outcome.code == 1  # a piped message failed
     assert outcome.stderr.startswith(f"llava: error: {hostile['corrupt.avi']} is truncated or corrupt") and outcome.stderr.count("\n") == 1
     assert outcome.stdout == engine_answer([clips["walk"]])[0] + "\n"
+
+
+def test_without_pyav_a_video_gets_the_install_hint_in_one_line(monkeypatch, onevision, clips):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError, as where PyAV is not installed
+    outcome = ask(monkeypatch, onevision, str(clips["walk"]), QUESTION)
+    assert (outcome.code, outcome.stderr) == (2, "llava: error: videos need PyAV: pip install 'llava-cli[video]'\n")
