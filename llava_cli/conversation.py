@@ -74,7 +74,7 @@ class Conversation:
 
     @property
     def images(self) -> list[ImageRef]:
-        """Every image in prompt order."""
+        """Every image and video in prompt order."""
         return [image for turn in self.turns for image in turn.images]
 
     def messages(self) -> list[dict[str, Any]]:

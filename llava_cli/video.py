@@ -80,8 +80,6 @@ class VideoRef:
     data: bytes = field(compare=False, repr=False)
     path: str | None = field(default=None, compare=False)
 
-    kind = "video"
-
 
 def is_video_name(name: str) -> bool:
     return Path(name).suffix.lower() in VIDEO_SUFFIXES
