@@ -140,3 +140,31 @@ def test_without_pyav_a_video_gets_the_install_hint_in_one_line(monkeypatch, one
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError, as where PyAV is not installed
     outcome = ask(monkeypatch, onevision, str(clips["walk"]), QUESTION)
     assert (outcome.code, outcome.stderr) == (2, "llava: error: videos need PyAV: pip install 'llava-cli[video]'\n")
+
+
+@pytest.fixture(scope="module")
+def clip_server(clips, hostile):
+    """An http server of the clips' and the hostile videos' folders: http://127.0.0.1:PORT/clips/NAME, /hostile/NAME."""
+    import functools
+    import http.server
+    import threading
+
+    root = clips["walk"].parent.parent
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_ask_fetches_a_video_url_and_refuses_a_hostile_one_in_a_line(monkeypatch, onevision, clips, hostile, clip_server, engine_answer):
+    url = f"{clip_server}/{clips['walk'].parent.name}/walk.mp4"
+    outcome = ask(monkeypatch, onevision, url, QUESTION)
+    assert (outcome.code, outcome.stderr, outcome.stdout) == (0, "", engine_answer([clips["walk"]])[0] + "\n")
+    bad = f"{clip_server}/{hostile['huge.avi'].parent.name}/huge.avi"
+    outcome = ask(monkeypatch, onevision, bad, QUESTION)
+    assert outcome.code == 2 and outcome.stderr.startswith(f"llava: error: {bad} has no frame of at most") and outcome.stderr.count("\n") == 1
