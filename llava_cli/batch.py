@@ -169,6 +169,7 @@ def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswe
         completion_tokens=answer.completion_tokens,
         seconds=round(seconds, 4),
         finish_reason=answer.finish_reason,
+        **({"videos": list(answer.videos)} if answer.videos else {}),  # a clip's frames and video tokens
     )
 
 

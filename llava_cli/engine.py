@@ -91,6 +91,7 @@ class BatchAnswer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end-of-sequence) or "length" (token budget spent)
+    videos: tuple[dict[str, Any], ...] = ()  # the prompt's videos as `Stats.videos` reports them
 
 
 @dataclass
@@ -241,13 +242,14 @@ class Engine:
             rows = decode_batch(
                 self.model, [p.ids for p in prompts], self.batch_image_inputs(prompts), budgets, sampler, self.eos_ids, self.pad_id()
             )
+            videos = [tuple(self.vision.video_report(p.images, p.image_spans)) for p in prompts]
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory answering {len(prompts)} images at once; lower --batch-size") from None
         finally:
             self.vision.clear()
         return [
-            BatchAnswer(self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), len(prompt.ids), len(row.tokens), row.finish_reason)
-            for row, prompt in zip(rows, prompts)
+            BatchAnswer(self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), len(prompt.ids), len(row.tokens), row.finish_reason, reported)
+            for row, prompt, reported in zip(rows, prompts, videos)
         ]
 
     def pad_id(self) -> int:

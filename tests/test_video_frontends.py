@@ -92,8 +92,12 @@ def test_ask_reads_a_video_from_stdin_and_takes_frames(monkeypatch, onevision, c
 def test_ask_each_answers_each_clip(monkeypatch, onevision, clips, engine_answer):
     outcome = ask(monkeypatch, onevision, "--each", str(clips["walk"]), str(clips["pan"]), "-p", QUESTION)
     assert (outcome.code, outcome.stderr) == (0, "")
-    answers = [json.loads(line)["answer"] for line in outcome.stdout.splitlines()]
-    assert answers == [engine_answer([clips["walk"]])[0], engine_answer([clips["pan"]])[0]]
+    records = [json.loads(line) for line in outcome.stdout.splitlines()]
+    assert [record["answer"] for record in records] == [engine_answer([clips["walk"]])[0], engine_answer([clips["pan"]])[0]]
+    assert [record["videos"] for record in records] == [
+        [{"name": str(clips["walk"]), "frames": [0, 2, 5, 7, 10, 12, 15, 17], "video_tokens": 33}],
+        [{"name": str(clips["pan"]), "frames": [0, 2, 4, 6, 8, 10, 12, 14], "video_tokens": 33}],
+    ]
 
 
 def test_a_family_without_videos_refuses_one_in_a_line(monkeypatch, tiny_model, clips):
