@@ -1,8 +1,8 @@
 """Videos: hostile bytes in, a few sampled RGB frames out, or a one-line error.
 
 `load_video(path, sampling)`, `video_from_bytes(data, name, sampling)` return a `VideoRef`: the
-name, a digest of the bytes and the sampling, the bytes themselves (capped at MAX_VIDEO_BYTES) and
-what the container says (`VideoInfo`). The frames are decoded later, by `sample_frames(video,
+name, a digest of the bytes, the sampling, the bytes themselves (capped at MAX_VIDEO_BYTES) and
+what the container says (`VideoInfo`); only the first frame is decoded then, as a check. The frames are decoded later, by `sample_frames(video,
 num_frames)`, once the checkpoint's default frame count is known. Every way a video can be bad
 raises `InputError`.
 
@@ -102,7 +102,7 @@ def load_video(path: str, sampling: Sampling = Sampling()) -> VideoRef:
 
 
 def video_from_bytes(data: bytes, name: str, sampling: Sampling = Sampling()) -> VideoRef:
-    """Check `data` as a video (container, stream, caps) without decoding a frame."""
+    """Check `data` as a video (container, stream, caps), decoding only its first frame."""
     if not data:
         raise InputError(f"{name} is empty, not a video")
     if len(data) > MAX_VIDEO_BYTES:
