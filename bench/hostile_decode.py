@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         cases = build_cases(Path(folder), args.quick)
-        print(f"| case | bytes | before: s | before: peak MB | after: s | after: peak MB | time ratio | after |")
+        print("| case | bytes | before: s | before: peak MB | after: s | after: peak MB | time ratio | after |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for name, path in cases.items():
             if args.only and not name.startswith(args.only):

@@ -7,7 +7,8 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
   `stream_options.include_usage` are booleans (`true` is not 1, and 1 is not `true`).
 - `messages` (at most MAX_MESSAGES) become a `Conversation`: system/developer texts joined,
   consecutive user messages one turn, assistant messages that turn's answer; the last message
-  must be the user's. `image_url` parts (at most MAX_IMAGES_PER_REQUEST) are `data:` URLs or paths
+  must be the user's. `image_url` and `video_url` parts (at most MAX_IMAGES_PER_REQUEST; a data:
+  URL is an image or a video by its bytes, media.py) are `data:` URLs or paths
   the Guard allows; they are checked for form here and decoded later (`Job.load_images`, within
   MAX_REQUEST_PIXELS): by the server before it queues the job (servedecode.py), a few requests'
   images at a time, or by the worker for a job queued undecoded.
@@ -35,11 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import ContextError, InputError, LlavaError, UsageError
-from llava_cli.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, ImageRef, image_from_bytes, refuse_video
+from llava_cli.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE
+from llava_cli.media import Media, media_from_bytes
+from llava_cli.video import MAX_VIDEO_BYTES, is_video_name
 from llava_cli.options import REQUEST_FIELDS
 from llava_cli.serveguard import Guard, MediaRefused
 from llava_cli.servelog import log_detail
 from llava_cli.settings import Settings
+from llava_cli.video import VideoRef
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -116,7 +120,10 @@ class Job:
         for pending in self.images:
             if stop():
                 return False
-            width, height = pending.load(guard, max_pixels).image.size
+            loaded = pending.load(guard, dataclasses.replace(self.settings, max_image_pixels=max_pixels))
+            if isinstance(loaded, VideoRef):
+                continue  # a video has caps of its own (video.py)
+            width, height = loaded.image.size
             pixels += width * height
             if pixels > MAX_REQUEST_PIXELS:
                 raise ApiError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels in all; send fewer or smaller ones",
@@ -252,10 +259,10 @@ def message_content(content: Any, where: str) -> tuple[str, list[str]]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url":
-            urls.append(image_url(part.get("image_url"), where))
+        elif kind in ("image_url", "video_url"):  # video_url: vLLM's part; the bytes decide which it is
+            urls.append(image_url(part.get(kind), where))
         else:
-            raise ApiError(400, f"{where}: unsupported content part {kind!r}; use text and image_url parts", param=where)
+            raise ApiError(400, f"{where}: unsupported content part {kind!r}; use text, image_url and video_url parts", param=where)
     return "\n".join(texts), urls
 
 
@@ -277,25 +284,24 @@ class PendingImage:
     url: str
     where: str
 
-    def load(self, guard: Guard, max_pixels: int) -> ImageRef:
-        """Decode into its turn; `ApiError` if unusable (one message for any local-file problem)."""
+    def load(self, guard: Guard, settings: Settings) -> Media:
+        """Decode into its turn (an image, or a video by its bytes); `ApiError` if unusable (one message for any local-file problem)."""
         try:
             if self.url.startswith("data:"):
-                image = image_from_bytes(decode_data_url(self.url), "the data: URL", max_pixels)
+                image = media_from_bytes(decode_data_url(self.url), "the data: URL", settings)
             else:
-                image = self.local_file(guard, max_pixels)
+                image = self.local_file(guard, settings)
         except InputError as err:
             raise ApiError(400, f"{self.where}: {err}", code="invalid_image", param=self.where) from None
         self.turn.images.append(image)
         return image
 
-    def local_file(self, guard: Guard, max_pixels: int) -> ImageRef:
+    def local_file(self, guard: Guard, settings: Settings) -> Media:
         url = self.url
         path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
         try:
-            refuse_video(path, path)
-            real, data = guard.local_media(path, MAX_IMAGE_BYTES)
-            return dataclasses.replace(image_from_bytes(data, real, max_pixels), path=real)
+            real, data = guard.local_media(path, MAX_VIDEO_BYTES if is_video_name(path) else MAX_IMAGE_BYTES)
+            return dataclasses.replace(media_from_bytes(data, real, settings), path=real)
         except (MediaRefused, InputError) as err:
             log_detail(f"{self.where}: refused the local image {path!r}: {err}")
             raise InputError(LOCAL_IMAGE_REFUSED) from None

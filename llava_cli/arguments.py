@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.errors import InputError, UsageError
-from llava_cli.images import IMAGE_SUFFIXES, ImageRef, image_from_bytes, looks_like_image, read_stream
+from llava_cli.images import IMAGE_SUFFIXES, looks_like_image, read_stream
+from llava_cli.media import Media, media_from_bytes, open_media
 from llava_cli.output import OUTPUT_FORMATS
-from llava_cli.settings import DEFAULT_BATCH_SIZE
+from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
 from llava_cli.terminal import is_terminal
-from llava_cli.urls import is_url, open_image
+from llava_cli.urls import is_url
 
 STDIN = "-"
 MAX_BATCH_SIZE = 256
@@ -177,11 +178,11 @@ def read_image_from_stdin() -> bytes:
     return read_stream(sys.stdin.buffer, "<stdin>")
 
 
-def image_argument(name: str, stdin_image: bytes, max_pixels: int) -> ImageRef:
-    """The image an argument names: `-` is `stdin_image` (read once beforehand), else a file or URL."""
+def image_argument(name: str, stdin_image: bytes, settings: Settings) -> Media:
+    """The image or video an argument names: `-` is `stdin_image` (read once beforehand), else a file or URL."""
     if name == STDIN:
-        return image_from_bytes(stdin_image, "<stdin>", max_pixels)
-    return open_image(name, max_pixels)
+        return media_from_bytes(stdin_image, "<stdin>", settings)
+    return open_media(name, settings)
 
 
 @dataclass(frozen=True)

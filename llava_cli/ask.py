@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from contextlib import AbstractContextManager
 
-from llava_cli.arguments import STDIN, AskOptions, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
+from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.batch import run_batch
 from llava_cli.backend import Answer
 from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
-from llava_cli.images import ImageRef, image_from_bytes
+from llava_cli.media import Media
 from llava_cli.output import WRITERS
 from llava_cli.paste import PASTED_NAME, paste_image
 from llava_cli.pdfpages import image_or_pages, is_pdf
@@ -28,7 +28,6 @@ from llava_cli.signals import sigterm_raises
 from llava_cli.store import Recorder
 from llava_cli.streaming import stats_line
 from llava_cli.terminal import emit, emit_error, one_line_text
-from llava_cli.urls import open_image
 
 
 def sigterm_as_interrupt() -> AbstractContextManager[None]:
@@ -36,22 +35,21 @@ def sigterm_as_interrupt() -> AbstractContextManager[None]:
     return sigterm_raises(KeyboardInterrupt)
 
 
-def load_images(names: list[str], settings: Settings, stdin_taken: bool, pages: str | None = None) -> list[ImageRef]:
-    """The images the arguments name; a PDF gives its `pages` (--pages), with a note on stderr when only page 1 is taken."""
+def load_images(names: list[str], settings: Settings, stdin_taken: bool, pages: str | None = None) -> list[Media]:
+    """The images and videos the arguments name (media.py tells them apart); a PDF gives its `pages`
+    (--pages), with a note on stderr when only page 1 is taken."""
     if pages is not None and not any(is_pdf(name) for name in names):
         raise UsageError("--pages selects pages of a PDF, and no PDF was given")
-    images = []
+    if STDIN in names and stdin_taken:
+        raise UsageError("stdin can carry the image or the prompt, not both; give the prompt as an argument")
+    stdin_data = read_image_from_stdin() if STDIN in names else b""
+    media: list[Media] = []
     for name in names:
-        if name == STDIN:
-            if stdin_taken:
-                raise UsageError("stdin can carry the image or the prompt, not both; give the prompt as an argument")
-            images.append(image_from_bytes(read_image_from_stdin(), "<stdin>", settings.max_image_pixels))
-        else:
-            opened, note = image_or_pages(name, pages, settings.max_image_pixels, open_image)
-            images += opened
-            if note:
-                emit(f"llava: note: {one_line_text(note)}", sys.stderr)
-    return images
+        opened, note = image_or_pages(name, pages, settings.max_image_pixels, lambda one, _: image_argument(one, stdin_data, settings))
+        media += opened
+        if note:
+            emit(f"llava: note: {one_line_text(note)}", sys.stderr)
+    return media
 
 
 def run_ask(

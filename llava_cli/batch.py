@@ -167,7 +167,7 @@ def answered_records(
 
 def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Prompt:
     """Read the image and encode the single-turn question about it; LlavaError if it cannot be used."""
-    image = image_argument(name, stdin_image, settings.max_image_pixels)
+    image = image_argument(name, stdin_image, settings)
     conversation = Conversation(system=settings.system)
     conversation.ask(prompt, [image])
     encoded = engine.encode(conversation)
@@ -189,6 +189,7 @@ def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswe
         completion_tokens=answer.completion_tokens,
         seconds=round(answer.seconds, 4),
         finish_reason=answer.finish_reason,
+        **({"videos": list(answer.videos)} if answer.videos else {}),  # a clip's frames and video tokens
     )
 
 

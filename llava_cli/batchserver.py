@@ -122,7 +122,7 @@ class Outcome:
 def answer_image(remote: RemoteEngine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Outcome:
     """The record of one image: read it, ask the server (with retries), or say why not."""
     try:
-        image = image_argument(name, stdin_image, settings.max_image_pixels)
+        image = image_argument(name, stdin_image, settings)
     except LlavaError as err:
         return Outcome(make_record(name, prompt, settings.model, error=str(err)))
     conversation = Conversation(system=settings.system)

@@ -25,7 +25,8 @@ from llava_cli.backend import Answer, Backend
 from llava_cli.commands import context_summary, ends_chat, recap, run_command
 from llava_cli.conversation import Conversation
 from llava_cli.errors import EXIT_OK, LlavaError
-from llava_cli.images import ImageRef, load_image
+from llava_cli.images import ImageRef
+from llava_cli.media import open_local
 from llava_cli.output import WRITERS
 from llava_cli.pdfpages import image_or_pages
 from llava_cli.records import answer_record
@@ -68,7 +69,7 @@ class ChatLoop:
 
         At a terminal the person saw each error and chatted on, so leaving is a success."""
         if initial_images:
-            self.attach_paths(initial_images)
+            self.attach_paths(initial_images, kind="any")
         while (line := self.io.read()) is not None:
             line = line.strip()
             if line.startswith("/") and ends_chat(line[1:]):
@@ -93,11 +94,11 @@ class ChatLoop:
     def command(self, name: str, argument: str) -> None:
         run_command(self, name, argument)
 
-    def attach_paths(self, paths: list[str], asked_now: bool = False) -> None:
-        """Attach images to the next message, or with `asked_now` to the question sent right after."""
+    def attach_paths(self, paths: list[str], asked_now: bool = False, kind: str = "image") -> None:
+        """Attach images or videos (`kind`: media.open_local's) to the next message, or with `asked_now` to the question sent right after."""
         images, notes = [], []
         for path in paths:  # all or none: nothing is attached until every one opens
-            opened, note = image_or_pages(path, None, self.settings.max_image_pixels, load_image)
+            opened, note = image_or_pages(path, None, self.settings.max_image_pixels, lambda one, _: open_local(one, self.settings, kind))
             images += opened
             notes += [note] if note else []
         for note in notes:
@@ -283,7 +284,7 @@ def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: S
     from llava_cli.startup import start_engine
 
     for path in images:  # fail before the slow model load
-        image_or_pages(path, None, settings.max_image_pixels, load_image)
+        image_or_pages(path, None, settings.max_image_pixels, lambda one, _: open_local(one, settings, kind="any"))
     opened = open_conversation(settings, sessions)  # a resumed conversation is checked before loading, too
     settings = opened.settings
     for note in opened.notes:

@@ -118,6 +118,16 @@ def attach(chat: Chat, argument: str) -> None:
         chat.send(question)
 
 
+@command("video", "PATH [question]", "attach a video to the next message (or ask about it now)", completes_paths=True)
+def attach_video(chat: Chat, argument: str) -> None:
+    paths, question = split_image_command(argument)
+    if not paths:
+        raise InputError("usage: /video PATH [question]")
+    chat.attach_paths(paths, asked_now=bool(question), kind="video")
+    if question:
+        chat.send(question)
+
+
 def recap(chat: Chat) -> None:
     """After --resume: which conversation this is, and its last exchange to pick up from."""
     turns = chat.conversation.turns
@@ -231,9 +241,15 @@ def facts(chat: Chat) -> list[tuple[str, str]]:
         ("system", chat.conversation.system or "(none)"),
         ("context", context_summary(chat)),
         ("history", f"{len(turns)} turn(s), {len(chat.conversation.images)} image(s), {len(chat.attached)} waiting"),
+        *[("video", video_summary(video)) for video in chat.last_figures.videos],
         ("saved", saved_summary(chat)),
         ("markdown", "on" if chat.io.markdown else "off"),
     ]
+
+
+def video_summary(video: dict) -> str:
+    """One video of the last answer's prompt: its frames and tokens."""
+    return f"{video['name']}: {len(video['frames'])} frames (at {', '.join(map(str, video['frames']))}), {video['video_tokens']} tokens"
 
 
 def context_summary(chat: Chat) -> str:

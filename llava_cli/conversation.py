@@ -19,16 +19,17 @@ from typing import Any, Protocol
 from llava_cli.errors import InputError, one_line
 from llava_cli.families import PromptStyle
 from llava_cli.images import ImageRef
+from llava_cli.video import VideoRef
 
 IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass
 class Turn:
-    """One exchange: what the user said, the images it attached, and the answer once known."""
+    """One exchange: what the user said, the images (and videos) it attached, and the answer once known."""
 
     text: str
-    images: list[ImageRef] = field(default_factory=list)
+    images: list[ImageRef | VideoRef] = field(default_factory=list)
     answer: str | None = None
     answered_at: float | None = field(default=None, compare=False)  # epoch seconds, for saved conversations
 
@@ -73,7 +74,7 @@ class Conversation:
 
     @property
     def images(self) -> list[ImageRef]:
-        """Every image in prompt order."""
+        """Every image and video in prompt order."""
         return [image for turn in self.turns for image in turn.images]
 
     def messages(self) -> list[dict[str, Any]]:
@@ -82,11 +83,16 @@ class Conversation:
         if self.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         for turn in self.turns:
-            content = [{"type": "image"} for _ in turn.images] + [{"type": "text", "text": turn.text}]
+            content = [{"type": media_type(item)} for item in turn.images] + [{"type": "text", "text": turn.text}]
             messages.append({"role": "user", "content": content})
             if turn.answer is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
         return messages
+
+
+def media_type(item: ImageRef | VideoRef) -> str:
+    """The chat template's content type of an attachment: "image" or "video"."""
+    return "video" if isinstance(item, VideoRef) else "image"
 
 
 class PromptFormat(Protocol):

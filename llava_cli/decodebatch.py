@@ -215,6 +215,7 @@ class BatchAnswer:
     completion_tokens: int
     finish_reason: str  # "stop" (end-of-sequence) or "length" (token budget spent)
     seconds: float  # from its admission (its image read, its prefill) to its last token
+    videos: tuple[dict[str, Any], ...] = ()  # the prompt's videos as `Stats.videos` reports them
 
 
 def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int) -> Iterator[BatchAnswer | LlavaError]:
@@ -228,13 +229,13 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
     """
     batch = DecodeBatch(engine, PrefixPool(0))
     done: dict[int, BatchAnswer | LlavaError] = {}
-    running: dict[Sequence, tuple[int, float]] = {}  # a row's index among `prompts`, and when it was admitted
+    running: dict[Sequence, tuple[int, float, tuple[dict[str, Any], ...]]] = {}  # a row's index among `prompts`, when it was admitted, its videos
     waiting, emitted, exhausted = enumerate(prompts), 0, False
 
-    def end(sequence: Sequence, index: int, started: float) -> None:
+    def end(sequence: Sequence, index: int, started: float, videos: tuple[dict[str, Any], ...]) -> None:
         done[index] = sequence.error or BatchAnswer(
             engine.decode(sequence.row.tokens), len(sequence.prompt_ids),
-            len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started,
+            len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started, videos,
         )
 
     while True:
@@ -247,6 +248,7 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
             started = time.perf_counter()
             try:
                 prompt = make_prompt()
+                videos = tuple(engine.video_report(prompt))
                 sequence = batch.admit(prompt, settings, engine.token_budget(prompt, settings))
             except LlavaError as err:
                 done[index] = err
@@ -254,9 +256,9 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
             finally:
                 engine.forget_images()  # a batch sees each image once: the memo would only grow
             if sequence.ended:
-                end(sequence, index, started)
+                end(sequence, index, started, videos)
             else:
-                running[sequence] = (index, started)
+                running[sequence] = (index, started, videos)
         while emitted in done:
             yield done.pop(emitted)
             emitted += 1
@@ -268,7 +270,7 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
             ended = batch.step()
         except ResourceError as err:  # the step's rows failed; the batch has emptied itself
             ended, failed, running = [], running, {}
-            for index, _ in failed.values():
+            for index, _, _ in failed.values():
                 done[index] = err
         for sequence in ended:
             end(sequence, *running.pop(sequence))

@@ -51,7 +51,7 @@ from llava_cli.prompting import expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.trimming import TrimSearch
-from llava_cli.vision import VisionInputs
+from llava_cli.vision import VisionInputs, is_video
 
 
 OUT_OF_MEMORY = (
@@ -141,7 +141,7 @@ class Engine:
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
         self.cache = PrefixCache()
-        self.vision = VisionInputs(loaded.processor, loaded.family.tiling)
+        self.vision = VisionInputs(loaded.processor, loaded.family.tiling, loaded.video_frames)
         self.eos_ids = self.end_of_sequence_ids()
         self.path: ForwardPath | None = None  # chosen by the first `generate`, from its settings
 
@@ -160,6 +160,10 @@ class Engine:
 
     def context_window(self, settings: Settings) -> int:
         return window_within(self.loaded.context_window, settings)
+
+    def video_report(self, prompt: Prompt) -> list[dict[str, Any]]:
+        """The prompt's videos as `Stats.videos` reports them: name, frames used, video tokens."""
+        return self.vision.video_report(prompt.images, prompt.image_spans)
 
     def token_budget(self, prompt: Prompt, settings: Settings) -> int:
         """New tokens an answer to `prompt` may have: --max-new-tokens, within the context window."""
@@ -211,6 +215,7 @@ class Engine:
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
+        stats.videos = self.video_report(prompt)
         row = Row(budget=self.token_budget(prompt, settings))
         sampler = self.sampler(settings)
         stream = self.detokenizer()
@@ -271,16 +276,24 @@ class Engine:
         return prompt, dropped
 
     def encode(self, conversation: Conversation) -> Prompt:
-        """Render, widen each image placeholder to its image tokens, tokenize (user text stays text)."""
-        images = conversation.images
-        segments = render_segments(self.loaded.prompt_format, conversation)
-        counts = self.vision.token_counts(images)
-        ids = tokenize(self.tokenizer, expand_images(segments, self.processor.image_token, counts))
-        return Prompt(ids=ids, images=images, image_spans=self.image_spans(ids, counts))
+        """Render, widen each image (and video) placeholder to its tokens, tokenize (user text stays text)."""
+        media = conversation.images
+        counts = self.vision.token_counts(media)  # first: it refuses a video this model cannot take
+        videos = [is_video(item) for item in media]
+        image_counts = [count for count, video in zip(counts, videos) if not video]
+        video_counts = [count for count, video in zip(counts, videos) if video]
+        segments = expand_images(render_segments(self.loaded.prompt_format, conversation), self.processor.image_token, image_counts)
+        if video_counts:
+            segments = expand_images(segments, self.processor.video_token, video_counts)
+        ids = tokenize(self.tokenizer, segments)
+        image_spans = iter(self.image_spans(ids, image_counts, self.model.config.image_token_id))
+        video_spans = iter(self.image_spans(ids, video_counts, self.tokenizer.convert_tokens_to_ids(self.processor.video_token)) if video_counts else [])
+        spans = [next(video_spans) if video else next(image_spans) for video in videos]
+        ordered = sorted(zip(spans, media), key=lambda pair: pair[0][0])  # the template decides where each sits
+        return Prompt(ids=ids, images=[item for _, item in ordered], image_spans=[span for span, _ in ordered])
 
-    def image_spans(self, ids: list[int], counts: list[int]) -> list[tuple[int, int]]:
-        image_id = self.model.config.image_token_id
-        positions = [i for i, token in enumerate(ids) if token == image_id]
+    def image_spans(self, ids: list[int], counts: list[int], token_id: int) -> list[tuple[int, int]]:
+        positions = [i for i, token in enumerate(ids) if token == token_id]
         spans, offset = [], 0
         for count in counts:
             spans.append((positions[offset], positions[offset + count - 1] + 1))
@@ -291,8 +304,9 @@ class Engine:
         """The forward's image arguments for the images after the first `keep` tokens, on the model's device."""
         cached = sum(1 for start, _ in prompt.image_spans if start < keep)
         inputs = self.vision.model_inputs(prompt.images, skip=cached)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        for name in ("pixel_values", "pixel_values_videos"):
+            if name in inputs:
+                inputs[name] = inputs[name].to(self.model.dtype)
         return {name: value.to(self.model.device) for name, value in inputs.items()}
 
     def run(self, ids: list[int], image_inputs: dict[str, Any]) -> Any:

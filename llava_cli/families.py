@@ -4,7 +4,7 @@
 model: llava-1.5 and bakLlava are `llava` with a Llama or Mistral decoder, llava-interleave is
 `llava` with Qwen2). A row names the transformers class that loads the weights, the label users
 see (`llava models`), how prompts are written, how images are tiled, the processor class and
-whether transformers needs torchvision to build that processor, and a checkpoint on the hub.
+whether transformers needs torchvision to build that processor, whether it takes videos, and a checkpoint on the hub.
 `family_for(config)` picks the row for a checkpoint's config.json, never from its name; a
 `llava` checkpoint with another text model gets the llava row's class and images with its own
 chat template. The loader, the prompt format, the vision inputs, the processor builder,
@@ -53,6 +53,8 @@ class Family:
     prompt_style: PromptStyle
     tiling: Tiling
     example: str  # a hub id of this family, as README's family table shows
+    # the model has a video path (`<video>`, pixel_values_videos); the others refuse a video (README: Videos)
+    takes_videos: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -74,12 +76,12 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         model_type="llava_onevision", text_models=None, label="llava-onevision",
         model_class="LlavaOnevisionForConditionalGeneration", processor_class="LlavaOnevisionProcessor", processor_needs_torchvision=True,
-        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.ANYRES_LONE_IMAGE, example="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.ANYRES_LONE_IMAGE, example="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", takes_videos=True,
     ),
     Family(
         model_type="llava_next_video", text_models=None, label="llava-next-video",
         model_class="LlavaNextVideoForConditionalGeneration", processor_class="LlavaNextVideoProcessor", processor_needs_torchvision=True,
-        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.ANYRES, example="llava-hf/LLaVA-NeXT-Video-7B-hf",
+        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.ANYRES, example="llava-hf/LLaVA-NeXT-Video-7B-hf", takes_videos=True,
     ),
 )
 # config.json model types llava-cli loads, in table order (the loader's refusal lists them)

@@ -58,7 +58,6 @@ DECODE_BUDGET_S = 20.0  # a 50 MP picture decodes in about 1 s; far past that, t
 MAX_IMAGE_SIDE = 4096  # pixels; beyond any family's input size (2304 at most), see the module docstring
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".tga"}
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".wmv", ".flv", ".mpg", ".mpeg", ".ogv", ".3gp"}
-FRAMES_HINT = "ffmpeg -i VIDEO -vf fps=1 frame-%03d.png"
 
 
 @dataclass(frozen=True)
@@ -80,16 +79,8 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRe
 
 def refuse_video(name: str, path: str) -> None:
     """A video (named by `path`'s extension) is no image: say so before reading it, however large."""
-    if PurePath(path).suffix.lower() not in VIDEO_SUFFIXES:
-        return
-    from llava_cli.processors import torchvision_installed
-
-    if torchvision_installed():
-        raise InputError(f"{name} is a video; llava-cli reads still images: pass frames instead ({FRAMES_HINT})")
-    raise InputError(
-        f"{name} is a video: videos need torchvision, which is not installed, and llava-cli reads still images: "
-        f"pass frames instead ({FRAMES_HINT})"
-    )
+    if PurePath(path).suffix.lower() in VIDEO_SUFFIXES:
+        raise InputError(f"{name} is a video, not an image: attach it with /video {name}")
 
 
 def read_image_file(path: Path) -> bytes:

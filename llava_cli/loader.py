@@ -34,6 +34,7 @@ from llava_cli.families import FAMILIES, MODEL_TYPES, Family, family_for
 from llava_cli.images import ImageRef
 from llava_cli.imagetokens import restrict_model, restrict_pinpoints
 from llava_cli.processors import image_parts_processor, torchvision_installed
+from llava_cli.videopixels import video_frames_for
 from llava_cli.settings import Settings
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
@@ -52,6 +53,7 @@ class LoadedModel:
     device: str
     dtype: str
     load_seconds: float
+    video_frames: Any = None  # videopixels: sampled frames -> pixel_values_videos; None for a family without videos
 
     @property
     def context_window(self) -> int:
@@ -86,6 +88,7 @@ def load_model(settings: Settings, folder: Path | None = None) -> LoadedModel:
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         load_seconds=time.perf_counter() - started,
+        video_frames=video_frames_for(processor, folder) if family.takes_videos else None,
     )
 
 

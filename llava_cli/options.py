@@ -35,6 +35,8 @@ DEFAULT_TEMPERATURE = 0.0  # greedy: the same question gets the same answer
 DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # ~7000x7000; larger is almost surely a decompression bomb
+MAX_VIDEO_FRAMES = 64  # frames sampled from one video (--frames, and --fps's cap): more would not fit a context window
+MAX_VIDEO_FPS = 30.0
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -135,6 +137,10 @@ ROWS = (
     Option("allow_pickle", bool, False, ("--allow-pickle",), "Load pickle (.bin) weights, which can run code. Only for repos you trust.", MODEL_PANEL),
     Option("max_image_pixels", int, DEFAULT_MAX_IMAGE_PIXELS, ("--max-image-pixels",), "Refuse larger images (decompression-bomb guard).", MODEL_PANEL,
            valid=lambda pixels: pixels >= 1, problem="must be positive (got {value})"),
+    Option("frames", int, None, ("--frames",), f"Frames sampled from each video, evenly spread (default: the checkpoint's own; at most {MAX_VIDEO_FRAMES}).", MODEL_PANEL,
+           metavar="N", optional=True, valid=lambda n: 1 <= n <= MAX_VIDEO_FRAMES, problem=f"must be between 1 and {MAX_VIDEO_FRAMES} (got {{value}})"),
+    Option("fps", float, None, ("--fps",), f"Sample this many video frames per second instead of --frames (at most {MAX_VIDEO_FRAMES} in all).", MODEL_PANEL,
+           metavar="F", optional=True, valid=lambda f: 0 < f <= MAX_VIDEO_FPS, problem=f"must be above 0 and at most {MAX_VIDEO_FPS} (got {{value}})"),
     Option("max_image_tokens", int, None, ("--max-image-tokens",), "Anyres families: use only the tilings whose images take at most N tokens.", MODEL_PANEL,
            optional=True, valid=lambda tokens: tokens >= 1, problem="must be at least 1 (got {value})"),
     Option("temperature", float, DEFAULT_TEMPERATURE, ("--temperature", "-t"), "0 is greedy (deterministic), as is anything below 1e-5.", GENERATION_PANEL,

@@ -9,7 +9,7 @@ processor: the tokenizer, transformers' PIL image processor configured by `prepr
 `processor_config.json` (image token, tokens per image) and the chat template (`chat_template.jinja`
 or `chat_template.json`). Prompts, image-token counts and pixel values are then exactly
 transformers' own: the class's `apply_chat_template` and `replace_image_token`, and the PIL image
-processor's output. It takes images only; `images.py` refuses a video before it gets here.
+processor's output. Its videos' pixels come from `videopixels.py` (the video processor's tensor path in torch).
 `torchvision_installed()` says which way to go.
 """
 

@@ -52,6 +52,7 @@ from llava_cli.streaming import Stats, TextStream
 from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
 from llava_cli.images import ImageRef
 from llava_cli.options import DEFAULT_MODEL, request_fields, server_url
+from llava_cli.video import VIDEO_MIME_TYPES, VideoRef
 from llava_cli.settings import Settings
 
 API_KEY_ENV = "LLAVA_API_KEY"
@@ -159,19 +160,19 @@ class RemoteEngine:
         if conversation.system:
             messages.append({"role": "system", "content": conversation.system})
         for turn in conversation.turns:
-            images = [{"type": "image_url", "image_url": {"url": self.data_url(image)}} for image in turn.images]
+            images = [content_part(image, self.data_url(image)) for image in turn.images]
             content = [*images, {"type": "text", "text": turn.text}] if images else turn.text
             messages.append({"role": "user", "content": content})
             if turn.answer is not None:
                 messages.append({"role": "assistant", "content": turn.answer})
         return messages
 
-    def data_url(self, image: ImageRef) -> str:
-        """PNG is lossless, so the server sees exactly the pixels `llava` would use here."""
+    def data_url(self, image: ImageRef | VideoRef) -> str:
+        """PNG is lossless, so the server sees exactly the pixels `llava` would use here; a video goes as its own bytes."""
         if self.data_urls is None:
-            return png_data_url(image)
+            return media_data_url(image)
         if image.digest not in self.data_urls:
-            self.data_urls[image.digest] = png_data_url(image)
+            self.data_urls[image.digest] = media_data_url(image)
         return self.data_urls[image.digest]
 
     def open(self, method: str, path: str, body: dict[str, Any] | None, read_timeout: float | None = None,
@@ -284,6 +285,18 @@ class Reply:
 def whole_number(value: Any, default: Default) -> int | Default:
     """A count the server reported, or `default` when it sent something else (a server is not trusted)."""
     return value if type(value) is int and value >= 0 else default
+
+
+def content_part(item: ImageRef | VideoRef, url: str) -> dict[str, Any]:
+    """An attachment as a chat-completions content part: `image_url`, or vLLM's `video_url`."""
+    kind = "video_url" if isinstance(item, VideoRef) else "image_url"
+    return {"type": kind, kind: {"url": url}}
+
+
+def media_data_url(item: ImageRef | VideoRef) -> str:
+    if isinstance(item, VideoRef):
+        return f"data:{VIDEO_MIME_TYPES[item.info.container]};base64," + base64.b64encode(item.data).decode("ascii")
+    return png_data_url(item)
 
 
 def png_data_url(image: ImageRef) -> str:

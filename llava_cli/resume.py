@@ -20,6 +20,7 @@ from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import InputError, SessionError, UsageError
 from llava_cli.images import ImageRef, load_image
 from llava_cli.paste import PASTED_NAME
+from llava_cli.video import VideoRef, is_video_name, load_video
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SavedConversation, SavedImage, SessionStore, model_id, parse_time
 
@@ -101,12 +102,12 @@ NO_FILE_SOURCES = {"<stdin>": "read from stdin", PASTED_NAME: "pasted from the c
 OTHER_SOURCE = "not read from a file of its own (a URL or a PDF page)"
 
 
-def reload_image(image: SavedImage, max_pixels: int) -> ImageRef:
+def reload_image(image: SavedImage, max_pixels: int) -> ImageRef | VideoRef:
     if image.path is None:
         raise InputError(f"{image.name} was {NO_FILE_SOURCES.get(image.name, OTHER_SOURCE)} and cannot be read again")
     if not os.path.exists(image.path):
         raise InputError(f"{image.name} is gone ({image.path} no longer exists)")
-    ref = load_image(image.path, max_pixels)
+    ref = load_video(image.path) if is_video_name(image.path) else load_image(image.path, max_pixels)
     if ref.digest != image.sha256:
         raise InputError(f"{image.name} has changed since it was attached ({image.path} has different content now)")
     return dataclasses.replace(ref, name=image.name)

@@ -64,6 +64,8 @@ class Settings:
     max_context: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_image_tokens: int | None = None  # anyres families: only the pinpoints whose images fit (imagetokens.py)
+    frames: int | None = None  # frames sampled per video; None: the checkpoint's default (or --fps)
+    fps: float | None = None  # video frames sampled per second, capped
     allow_pickle: bool = False
     raw: bool = False
     verbose: bool = False
@@ -77,6 +79,8 @@ class Settings:
             option.check(getattr(self, option.name))
         if self.load_4bit and self.load_8bit:
             raise UsageError("--load-4bit and --load-8bit exclude each other: pick one")
+        if self.frames is not None and self.fps is not None:
+            raise UsageError("--frames and --fps exclude each other: pick one")
         if self.compile and self.attn == "flash_attention_2":
             raise UsageError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
 

@@ -11,7 +11,7 @@ same whitespace rules as the local engine without importing the engine or torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -29,9 +29,14 @@ class Stats:
     peak_memory_mb: float = 0.0
     dropped_turns: int = 0
     finish_reason: str = "stop"
+    # each video of the prompt: {"name", "frames": the frame indices sampled, "video_tokens"}; left out when none
+    videos: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        if not self.videos:
+            del figures["videos"]
+        return figures
 
     def end(self, completion_tokens: int, finish_reason: str, seconds: float, peak_memory_mb: float) -> None:
         """Fill in the figures known when the answer ends (`seconds` since it started, `ttft_s` already set).

@@ -14,6 +14,14 @@ checkpoint's own processor answers when `apply_chat_template` hands it the whole
   `batch_num_images` for the families whose image processor returns them.
 
 Each image is preprocessed once per tiling mode and memoized by its content digest.
+
+Videos (`video.VideoRef`) travel in the same lists, in prompt order: `token_counts` gives a video
+the processor's own `replace_video_token` count, `model_inputs` adds `pixel_values_videos` (frames,
+3, H, W per video) for the new ones. Their frames are sampled and turned into pixels by the loaded
+`VideoFrames` (videopixels.py: the checkpoint's own video processor, or its torch-only twin), once
+per video digest. A family without a video path (`Family.takes_videos`) refuses a video in one
+line. Images alone decide OneVision's tiling (`batch_num_images` counts images, not videos), as in
+its processor.
 """
 
 from __future__ import annotations
@@ -21,8 +29,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llava_cli.errors import InputError
 from llava_cli.families import Tiling
 from llava_cli.images import ImageRef
+from llava_cli.video import Sampling, VideoRef, sample_frames
+
+Media = ImageRef | VideoRef
+
+
+@dataclass(frozen=True)
+class ProcessedVideo:
+    """One video's sampled frames as the video processor prepared them."""
+
+    pixel_values: Any  # (frames, 3, H, W)
+    indices: list[int]  # the frames sampled, as transformers' sample_frames picks them
+
+
+def is_video(item: Media) -> bool:
+    return isinstance(item, VideoRef)
 
 
 @dataclass(frozen=True)
@@ -36,34 +60,72 @@ class ProcessedImage:
 class VisionInputs:
     """The image side of prompt building for one loaded processor; see the module docstring."""
 
-    def __init__(self, processor: Any, tiling: Tiling) -> None:
+    def __init__(self, processor: Any, tiling: Tiling, video_frames: Any = None) -> None:
         self.processor = processor
         self.image_processor = processor.image_processor
         # Such a processor (OneVision's) decides per prompt whether to tile: only a lone image is tiled.
         self.tiles_per_prompt = tiling is Tiling.ANYRES_LONE_IMAGE
+        self.video_frames = video_frames  # videopixels.VideoFrames, or None: this family takes no videos
         self.memo: dict[tuple[str, bool], ProcessedImage] = {}
+        self.video_memo: dict[tuple[str, Sampling], ProcessedVideo] = {}
 
     def clear(self) -> None:
         self.memo.clear()
+        self.video_memo.clear()
 
-    def token_counts(self, images: list[ImageRef]) -> list[int]:
-        """Image tokens for each of `images`, in a prompt that holds exactly these images."""
+    def token_counts(self, media: list[Media]) -> list[int]:
+        """Tokens for each image and video of `media`, in a prompt that holds exactly these."""
+        images = [item for item in media if not is_video(item)]
+        image_counts = iter(self.image_token_counts(images))
+        video_counts = iter([self.video_token_count(self.video(item)) for item in media if is_video(item)])
+        return [next(video_counts) if is_video(item) else next(image_counts) for item in media]
+
+    def image_token_counts(self, images: list[ImageRef]) -> list[int]:
         if not images:
             return []
         layout = self.processor_layout(images)
         token = self.processor.image_token
         return [self.processor.replace_image_token(layout, image_idx=i).count(token) for i in range(len(images))]
 
-    def model_inputs(self, images: list[ImageRef], skip: int) -> dict[str, Any]:
-        """Keyword arguments for the forward that runs `images[skip:]`; empty when there are none."""
-        new = self.prepare(images)[skip:]
-        if not new:
-            return {}
+    def video_token_count(self, video: ProcessedVideo) -> int:
+        text = self.processor.replace_video_token({"pixel_values_videos": [video.pixel_values]}, video_idx=0)
+        return text.count(self.processor.video_token)
+
+    def video(self, item: VideoRef) -> ProcessedVideo:
+        """`item`'s sampled frames as pixels, memoized by its content and sampling."""
+        if self.video_frames is None:
+            raise InputError(f"{item.name} is a video, and this model takes none; use a LLaVA-NeXT-Video or LLaVA-OneVision checkpoint")
+        key = (item.digest, item.sampling)
+        if key not in self.video_memo:
+            frames, indices = sample_frames(item, self.video_frames.default_frames)
+            self.video_memo[key] = ProcessedVideo(self.video_frames.pixel_values(frames), indices)
+        return self.video_memo[key]
+
+    def video_report(self, media: list[Media], spans: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """Each video of a prompt: its name, the frames sampled and the tokens it fills (for --json, /show)."""
+        return [
+            {"name": item.name, "frames": self.video(item).indices, "video_tokens": end - start}
+            for item, (start, end) in zip(media, spans)
+            if is_video(item)
+        ]
+
+    def model_inputs(self, media: list[Media], skip: int) -> dict[str, Any]:
+        """Keyword arguments for the forward that runs `media[skip:]`; empty when there are none."""
+        images = [item for item in media if not is_video(item)]
+        new_images = self.prepare(images)[len([item for item in media[:skip] if not is_video(item)]):]
+        new_videos = [self.video(item) for item in media[skip:] if is_video(item)]
         import torch
 
-        inputs: dict[str, Any] = {"pixel_values": torch.cat([tiles(image.pixel_values) for image in new])}
-        if new[0].image_size is not None:
-            inputs["image_sizes"] = torch.stack([image.image_size for image in new])
+        inputs: dict[str, Any] = {}
+        if len({video.pixel_values.shape for video in new_videos}) > 1:
+            raise InputError("the videos of one message must give the same number of frames; pass --frames N")
+        if new_videos:
+            inputs["pixel_values_videos"] = torch.stack([video.pixel_values for video in new_videos])
+        if not new_images:
+            return inputs
+        inputs["pixel_values"] = torch.cat([tiles(image.pixel_values) for image in new_images])
+        if new_images[0].image_size is not None:
+            inputs["image_sizes"] = torch.stack([image.image_size for image in new_images])
         if self.tiles_per_prompt:
             # The images already cached count: with several in the prompt none is tiled. The model
             # reads one entry per new image from this, so naming the whole prompt's count is exact.

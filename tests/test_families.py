@@ -446,22 +446,3 @@ def test_ask_each_with_batches_of_two_answers_each_image_as_plain_transformers(f
     assert (outcome.code, outcome.stderr) == (0, "")
     answers = [json.loads(line)["answer"] for line in outcome.stdout.splitlines()]
     assert answers == [references(family_name).answer([user(question, [path])]) for path in paths]
-
-
-@pytest.mark.parametrize(
-    "installed, message",
-    [
-        (False, "clip.mp4 is a video: videos need torchvision, which is not installed, and llava-cli reads still images: "),
-        (True, "clip.mp4 is a video; llava-cli reads still images: "),
-    ],
-)
-@pytest.mark.parametrize("where", ["", "https://example.invalid/"])
-def test_a_video_is_refused_in_one_line_saying_what_it_needs(tiny_model, tmp_path, monkeypatch, installed, message, where):
-    import llava_cli.processors
-
-    monkeypatch.setattr(llava_cli.processors, "torchvision_installed", lambda: installed)
-    video = f"{where}clip.mp4" if where else tmp_path / "clip.mp4"
-    name = str(video)
-    outcome = invoke(monkeypatch, "ask", "--model", tiny_model, video, "What happens?")
-    assert outcome.code == 2
-    assert outcome.stderr == f"llava: error: {name.removesuffix('clip.mp4')}{message}pass frames instead (ffmpeg -i VIDEO -vf fps=1 frame-%03d.png)\n"

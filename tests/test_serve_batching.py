@@ -319,7 +319,6 @@ def test_a_temperature_too_small_for_float32_is_greedy_and_spoils_no_other_answe
 def test_a_row_whose_scores_go_bad_fails_alone_and_the_others_keep_their_answers(tiny_loaded, settings, images, monkeypatch):
     """Per-row finite check: NaN scores in one row of a decode step end that row with its `RowFault`;
     the other rows go on in the same batch and get the answers they get alone."""
-    import torch
 
     from llava_cli import decodebatch
 

@@ -317,7 +317,7 @@ def age_saved(path: Path, days: float) -> None:
 
     document = json.loads(path.read_text())
     document["updated"] = iso_time(time.time() - days * 86400)
-    write_atomic(path, json.dumps(document))
+    write_private_file(path, json.dumps(document).encode("utf-8"))
 
 
 def test_sessions_prune_older_than_and_keep_leave_named_ones(monkeypatch, two_saved, llava_home_dir, images, tiny_model):

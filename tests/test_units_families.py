@@ -33,8 +33,7 @@ def registry(name: str) -> dict:
 def incomplete_fields(family: Family) -> list[str]:
     """The fields of `family` that are missing or of the wrong kind."""
     problems = [name for name in ("model_type", "label", "model_class", "processor_class") if not getattr(family, name)]
-    if not isinstance(family.processor_needs_torchvision, bool):
-        problems.append("processor_needs_torchvision")
+    problems += [name for name in ("processor_needs_torchvision", "takes_videos") if not isinstance(getattr(family, name), bool)]
     if not isinstance(family.prompt_style, PromptStyle):
         problems.append("prompt_style")
     if not isinstance(family.tiling, Tiling):
@@ -47,7 +46,7 @@ def incomplete_fields(family: Family) -> list[str]:
 
 
 def test_incomplete_fields_looks_at_every_field():
-    checked = {"model_type", "text_models", "label", "model_class", "processor_class", "processor_needs_torchvision", "prompt_style", "tiling", "example"}
+    checked = {"model_type", "text_models", "label", "model_class", "processor_class", "processor_needs_torchvision", "prompt_style", "tiling", "example", "takes_videos"}
     assert {field.name for field in dataclasses.fields(Family)} == checked, "a new field needs a check in incomplete_fields"
 
 
@@ -93,6 +92,7 @@ def test_every_model_type_the_loader_accepts_has_a_row_matching_transformers(tmp
         assert incomplete_fields(family) == [], model_type
         assert (family.model_type, family.model_class, family.processor_class) == (model_type, models[model_type], processors[model_type])
         assert family.processor_needs_torchvision == needs_video_processor(processors[model_type]), model_type
+        assert family.takes_videos == needs_video_processor(processors[model_type]), model_type
         assert family.tiling is tiling_of(image_processors[model_type]["pil"]), model_type
     assert accepted and sorted(accepted) == sorted(MODEL_TYPES)
 

@@ -28,6 +28,8 @@ from llava_cli.usage import preflight
 
 # A valid value other than the default, for every row that takes a value (flags take none: True).
 SAMPLES: dict[str, Any] = {
+    "frames": 4,
+    "fps": 0.5,
     "model": "org/other-model",
     "device": "cpu",
     "dtype": "bfloat16",
@@ -45,6 +47,8 @@ SAMPLES: dict[str, Any] = {
 }
 # A value of the right type that the row's rule refuses, for every row that has a rule.
 REFUSED: dict[str, Any] = {
+    "frames": 0,
+    "fps": 100.0,
     "model": "  ",
     "device": "tpu",
     "dtype": "int3",
