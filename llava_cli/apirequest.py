@@ -111,6 +111,7 @@ class Job:
         return f"{self.key_id}\n{self.cache_salt}"
     decoded: bool = False  # the images are in their turns (llava serve decodes them before queueing the job)
     on_release: Callable[[], None] = lambda: None  # told when the decoded images are dropped
+    pixels: int = 0  # the decoded images' pixels in all (a video has caps of its own, video.py)
 
     def load_images(self, guard: Guard, max_pixels: int, stop: Callable[[], bool]) -> bool:
         """Decode the images in order, within MAX_REQUEST_PIXELS; False if told to stop meanwhile. Once is enough."""
@@ -128,7 +129,7 @@ class Job:
             if pixels > MAX_REQUEST_PIXELS:
                 raise ApiError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels in all; send fewer or smaller ones",
                                code="invalid_image", param=pending.where)
-        self.decoded = True
+        self.decoded, self.pixels = True, pixels
         return True
 
     def release(self) -> None:

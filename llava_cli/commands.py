@@ -223,7 +223,9 @@ def image_lines(chat: Chat) -> list[str]:
     """Each image of the conversation (and those waiting) as the model sees it: sizes, grid, tokens, share.
     Only a model loaded here has a processor to ask; a server does not say."""
     loaded = getattr(chat.engine, "loaded", None)  # engine.Engine's LoadedModel; a server backend has none
-    pictures = [*chat.conversation.images, *chat.attached]
+    from llava_cli.images import ImageRef
+
+    pictures = [item for item in (*chat.conversation.images, *chat.attached) if isinstance(item, ImageRef)]  # videos have lines of their own
     if loaded is None or not pictures:
         return []
     from llava_cli.imagetokens import describe_images

@@ -72,12 +72,12 @@ CPU_NOTE = "on a CPU decoding keeps a growing dynamic cache (the static cache is
 def default_path(model: Any, settings: Settings, window: int, buckets: tuple[int, ...] = BUCKET_TOKENS) -> ForwardPath:
     """The path without --compile: `StaticPath` on a GPU where the model allows it, else `EagerPath`
     (the faster on a CPU) with a note saying why."""
-    if model.device.type == "mps":  # the static path's in-place device-side steps are only tried on CUDA and CPU
-        return EagerPath(model, note=MPS_NOTE)
     if model.config._attn_implementation not in MASKED_ATTENTION:
         return EagerPath(model, note=FLASH_NOTE)
     if has_sliding_layers(model):
         return EagerPath(model, note=SLIDING_NOTE)
+    if model.device.type == "mps":  # the static path's in-place device-side steps are only tried on CUDA
+        return EagerPath(model, note=MPS_NOTE)
     if model.device.type == "cpu":
         return EagerPath(model, note=CPU_NOTE)
     return StaticPath(model, window, cuda_graph=not settings.no_cuda_graph, buckets=buckets)

@@ -49,7 +49,7 @@ class DecodeAhead:
             await self.room.wait()
         async with self.decoders:
             await run_in_threadpool(job.load_images, self.guard, job.settings.max_image_pixels, job.cancelled.is_set)
-        pixels = sum(image.image.width * image.image.height for turn in job.conversation.turns for image in turn.images)
+        pixels = job.pixels
         self.waiting_pixels += pixels
         release = job.on_release = once(lambda: self.give_back(pixels), asyncio.get_running_loop())
         return release

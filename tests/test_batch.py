@@ -421,7 +421,7 @@ def test_text_output_from_a_file_list(settings, images, expected, tmp_path, caps
     assert code == 0
     out = capsys.readouterr().out
     # Tabs and whatever `splitlines` takes for a line end (a form feed, U+2028...) become one space (issue 28).
-    one_line = {name: re.sub(r"\s*[\r\n\t\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+\s*", " ", answer) for name, answer in expected.items()}
+    one_line = {name: as_one_line(answer) for name, answer in expected.items()}
     assert out == f"{images['blue']}\t{one_line['blue']}\n{images['red']}\t{one_line['red']}\n"
 
 
@@ -431,7 +431,7 @@ def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_ea
     for name, colour in [("b.png", "green"), ("a.PNG", "red"), ("sub/c.png", "blue"), (".hidden.png", "red")]:
         shutil.copy(images[colour], folder / name)
     (folder / "notes.txt").write_text("not a picture")
-    one_line = {name: re.sub(r"\s*[\r\n\t]+\s*", " ", answer) for name, answer in expected.items()}
+    one_line = {name: as_one_line(answer) for name, answer in expected.items()}
 
     assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", batch_size=2)) == 0
     out, err = capsys.readouterr()
@@ -445,6 +445,11 @@ def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_ea
     assert [line.split("\t")[0] for line in lines] == [str(folder / name) for name in ("a.PNG", "b.png", "sub/c.png")] + [""]
     assert lines[2] == f"{folder / 'sub/c.png'}\t{one_line['blue']}"
     assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image (.bmp, .gif, .ico, .jpeg, .jpg, .pgm, .png, .ppm, .tga, .tif, .tiff, .webp)"]
+
+
+def as_one_line(answer: str) -> str:
+    """An answer as `--output-format text` writes it: every kind of line break (and tab) one space."""
+    return re.sub(r"\s*[\r\n\t\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+\s*", " ", answer)
 
 
 def llava_lines(stderr: str) -> list[str]:

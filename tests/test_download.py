@@ -26,6 +26,7 @@ INDEX = "model.safetensors.index.json"
 NOT_LOADED = {"pytorch_model.bin": b"pickle" * 100, "onnx/model.onnx": b"onnx" * 100, "README.md": b"# tiny\n", ".gitattributes": b"*.bin lfs\n"}
 QUESTION = "what is in this image?"
 CHUNKS_PER_REDRAW = 8  # hub_standin CHUNKs let through each time the progress bar is seen drawn
+REDRAW_WAIT_S = 10  # no bar seen for this long (a loaded machine): let chunks through anyway
 HUB_TIMEOUT_S = "1"  # huggingface_hub's HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT, so a stalled hub fails fast
 
 
@@ -221,12 +222,13 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
     hub.held_files.update(SHARDS)  # each shard's bytes go out only as the test sees the bar redrawn
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
     bar = re.compile(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)")
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 120), encoding="utf-8", codec_errors="replace")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
     output, bars = "", []
-    while child.expect([bar, pexpect.EOF]) == 0:
-        output += child.before + child.after
-        bars.append(child.match.groups())
-        hub.release(CHUNKS_PER_REDRAW)
+    while (seen := child.expect([bar, pexpect.TIMEOUT, pexpect.EOF], timeout=REDRAW_WAIT_S)) != 2:
+        if seen == 0:
+            output += child.before + child.after
+            bars.append(child.match.groups())
+        hub.release(CHUNKS_PER_REDRAW)  # on a timeout too: a redraw the pattern missed must not stall the download
     output += child.before
     child.close()
     assert child.exitstatus == 0, output
@@ -261,12 +263,13 @@ def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_to
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
     files = wanted(sharded_model)
     bar = re.compile(r"Downloading " + re.escape(REPO) + r": file (\d+) of (\d+).*?(\d+\.\d)/\? ([kMG]?B)")
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 150), encoding="utf-8", codec_errors="replace")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
     output, bars = "", []
-    while child.expect([bar, pexpect.EOF]) == 0:
-        output += child.before + child.after
-        bars.append(child.match.groups())
-        hub.release(CHUNKS_PER_REDRAW)
+    while (seen := child.expect([bar, pexpect.TIMEOUT, pexpect.EOF], timeout=REDRAW_WAIT_S)) != 2:
+        if seen == 0:
+            output += child.before + child.after
+            bars.append(child.match.groups())
+        hub.release(CHUNKS_PER_REDRAW)  # on a timeout too: a redraw the pattern missed must not stall the download
     output += child.before
     child.close()
     assert child.exitstatus == 0, output

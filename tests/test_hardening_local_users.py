@@ -26,6 +26,7 @@ from PIL import Image
 
 from cli_runner import invoke
 from conftest import cli_env
+from llava_cli.settings import Settings
 
 NOBODY = 65534
 FIFO_TIMEOUT_S = 60  # the refusal is immediate; a regression blocks for ever
@@ -126,7 +127,7 @@ def test_the_server_serves_unannounced_with_one_line_when_the_runtime_folder_is_
     planted = shared_runtime / "llava-cli"
     planted.mkdir()
     os.chown(planted, NOBODY, NOBODY)
-    assert announce("http://127.0.0.1:8700", "m") is None
+    assert announce("http://127.0.0.1:8700", "m", "m") is None
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].endswith(
         f"not announced to llava ask/chat on this machine: cannot write in {planted}: it belongs to another user (uid {NOBODY})")
@@ -276,7 +277,7 @@ def test_a_file_swapped_for_a_symlink_while_requests_run_never_serves_outside_by
     for attempt in range(3000):
         url = f"file://{path}" if attempt % 2 else str(path)
         try:
-            served.append(PendingImage(Turn(text="q"), url, "messages[0]").load(guard, 10**6).digest)
+            served.append(PendingImage(Turn(text="q"), url, "messages[0]").load(guard, Settings(model="m", max_image_pixels=10**6)).digest)
         except ApiError:
             refused += 1
     assert secret_digest not in served
@@ -308,7 +309,7 @@ def test_a_swap_right_after_the_path_is_resolved_is_refused(tmp_path, monkeypatc
 
     monkeypatch.setattr(os.path, "realpath", resolve_then_swap)
     with pytest.raises(ApiError):
-        PendingImage(Turn(text="q"), str(path), "messages[0]").load(guard, 10**6)
+        PendingImage(Turn(text="q"), str(path), "messages[0]").load(guard, Settings(model="m", max_image_pixels=10**6))
     assert path.is_symlink()  # the swap happened
 
 
@@ -322,6 +323,6 @@ def test_a_symlink_inside_the_folder_to_a_file_inside_it_is_still_read(tmp_path)
     Image.new("RGB", (8, 8), (9, 9, 9)).save(media / "sub" / "real.png")
     (media / "alias.png").symlink_to(media / "sub" / "real.png")
     guard = Guard(ServeOptions(host="127.0.0.1", port=0, allowed_local_media_path=str(media)))
-    image = PendingImage(Turn(text="q"), str(media / "alias.png"), "messages[0]").load(guard, 10**6)
+    image = PendingImage(Turn(text="q"), str(media / "alias.png"), "messages[0]").load(guard, Settings(model="m", max_image_pixels=10**6))
     assert image.path == str(media / "sub" / "real.png")
     assert image.digest == hashlib.sha256((media / "sub" / "real.png").read_bytes()).hexdigest()

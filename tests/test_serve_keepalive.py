@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from conftest import render_llava15, run_llava
+from llava_cli.discovery import served_name
 from llava_cli.errors import UsageError
 from llava_cli.serveconn import RequestFraming
 from llava_cli.serveguard import api_keys_from_file
@@ -59,7 +60,7 @@ def test_the_model_is_unloaded_when_idle_and_requests_meanwhile_queue_and_get_th
         return reply.choices[0].message.content
 
     assert answer() == expected
-    assert wait_for_health(server, loaded=False) == {"status": "ok", "model": server.model, "loaded": False}  # idle: still takes work
+    assert wait_for_health(server, loaded=False) == {"status": "ok", "model": served_name(server.model), "loaded": False}  # idle: still takes work
     assert counter(server, "llava_model_unloads_total") >= 1 and counter(server, "llava_model_loaded") == 0
     loads = counter(server, "llava_model_loads_total")
     answers: list[str] = []
@@ -162,7 +163,7 @@ def test_health_is_503_while_the_model_loads_again_and_metrics_can_be_public(tin
         assert loading.wait(10)
         health = app.get("/health")
         sender.join(60)
-        assert health.status_code == 503 and health.json() == {"status": "loading", "model": str(tiny_model), "loaded": False}
+        assert health.status_code == 503 and health.json() == {"status": "loading", "model": served_name(str(tiny_model)), "loaded": False}
         assert replies[0].status_code == 200 and app.get("/health").status_code == 200
         assert app.get("/metrics").status_code == 200 and app.get("/v1/models").status_code == 401  # --metrics-public opens only /metrics
     finally:

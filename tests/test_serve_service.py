@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from llava_cli.discovery import served_name
 from conftest import render_llava15
 from test_server import MAX_NEW, Server, data_url, user
 
@@ -66,7 +67,7 @@ def log_lines(server: Server) -> list[dict]:
 
 def test_health_needs_no_key_and_answers_head(server):
     reply = httpx.get(f"{server.url}/health")
-    assert reply.status_code == 200 and reply.json() == {"status": "ok", "model": server.model, "loaded": True}
+    assert reply.status_code == 200 and reply.json() == {"status": "ok", "model": served_name(server.model), "loaded": True}
     head = httpx.head(f"{server.url}/health")
     assert head.status_code == 200 and head.content == b""
     assert httpx.get(f"{server.url}/v1/models").status_code == 401  # the API itself still needs a key
