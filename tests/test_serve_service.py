@@ -229,15 +229,21 @@ def test_slow_bodies_hold_only_a_share_and_other_clients_are_answered(server):
             connection.close()
 
 
+def draining_health(server: Server) -> httpx.Response:
+    """/health once the server has taken the SIGTERM (polled: the signal is handled asynchronously)."""
+    while (health := httpx.get(f"{server.url}/health")).status_code == 200:
+        pass
+    return health
+
+
 def test_sigterm_drains_answers_in_flight_refuses_new_work_and_exits_0(server):
-    long_answer = {"model": server.model, "messages": [user("Tell me a long story.")], "max_tokens": 150, "stream": True}
+    long_answer = {"model": server.model, "messages": [user("Tell me a long story.")], "max_tokens": 900, "stream": True}
     auth = {"Authorization": f"Bearer {KEYS[0]}"}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long_answer, headers=auth, timeout=60) as response:
         lines = response.iter_lines()
         next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        health = httpx.get(f"{server.url}/health")
+        health = draining_health(server)
         refused = httpx.post(f"{server.url}/v1/chat/completions", json={**long_answer, "stream": False}, headers=auth)
         rest = [line for line in lines if line]
     assert health.status_code == 503 and health.json()["status"] == "draining"
