@@ -525,3 +525,19 @@ def test_a_host_refusal_is_not_reported_as_a_missing_api_key(canned):
     body = json.dumps({"error": {"message": "this server does not answer to that Host name", "code": "host_not_allowed"}}).encode()
     _, error, _ = answer_through(canned, 403, body)
     assert error == f"{canned.url} refused the request: this server does not answer to that Host name"
+
+
+def test_a_message_far_beyond_the_window_is_refused_before_tokenizing(app, settings, monkeypatch):
+    """Issue 28, item 1: 60 MB of "word " took the server to 12 GB inside the tokenizer (it aborted);
+    here 4 MB must be refused with a 400 without the tokenizer ever seeing the text."""
+    import llava_cli.prompting as prompting
+
+    seen: list[int] = []
+    real = prompting.control_tokens
+    monkeypatch.setattr(prompting, "control_tokens", lambda tok: seen.append(1) or real(tok))  # runs right after the tokenizer
+    reply = post(app, body(settings.model, [{"role": "user", "content": "word " * 800_000}]))
+    assert error_of(reply) == (400, "context_length_exceeded")
+    message = reply.json()["error"]["message"]
+    assert re.fullmatch(r"this message needs at least 5\d{5} tokens with its images but the context window is 1024; shorten it or attach fewer images", message)
+    assert seen == []
+    assert post(app, body(settings.model, max_tokens=1)).status_code == 200  # and the server answers the next one
