@@ -1,7 +1,7 @@
 """Peak memory and time of over-long text (issue 28, items 1 and 7), this checkout against another.
 
     python bench/hostile_text.py --baseline /work/main          # before: that checkout's llava_cli
-    python bench/hostile_text.py --mb 1 5 10 60 --session-mb 26 --turns 560000
+    python bench/hostile_text.py --baseline /work/main --mb 1 5 10 60 --session-mb 10 26 --before-up-to-mb 10
 
 Each case runs twice, once with `--baseline`'s code (PYTHONPATH) and once with this checkout's, on
 the tests' tiny model (a 1024-token window):
@@ -11,6 +11,7 @@ the tests' tiny model (a 1024-token window):
 - resume: `llava chat --resume --no-save` of a saved conversation with one N MB turn, and of one
   with many short turns, answering "hi"; exit code, seconds and peak resident memory (/usr/bin/time).
 Linux only (it reads /proc). A case that crashed or ran out of memory shows its exit code.
+`--before-up-to-mb` skips the baseline for larger texts (60 MB took the old server to 12 GB).
 """
 
 from __future__ import annotations
@@ -81,11 +82,16 @@ def resume_case(code: Path, model: Path, folder: Path, turns: list[dict]) -> str
     return f"exit {done.returncode:>3}  {float(seconds):6.2f} s  peak {int(kilobytes) / 1024:7.0f} MiB"
 
 
+def measured(checkouts: dict[str, Path], megabytes: float, before_up_to: float) -> list[tuple[str, Path]]:
+    return [(label, code) for label, code in checkouts.items() if label == "after" or megabytes <= before_up_to]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, required=True, help="a checkout of the code before (its llava_cli is measured)")
     parser.add_argument("--mb", type=float, nargs="+", default=[1, 5, 10, 60], help="sizes of the served user message")
-    parser.add_argument("--session-mb", type=float, default=26, help="size of the saved conversation's one long turn")
+    parser.add_argument("--session-mb", type=float, nargs="+", default=[26], help="sizes of the saved conversation's one long turn")
+    parser.add_argument("--before-up-to-mb", type=float, default=float("inf"), help="measure the baseline only up to this text size")
     parser.add_argument("--turns", type=int, default=560_000, help="turns of the many-turn saved conversation")
     args = parser.parse_args()
     checkouts = {"before": args.baseline.resolve(), "after": ROOT}
@@ -93,14 +99,12 @@ def main() -> None:
         folder = Path(name)
         model = build_checkpoint(folder / "model")
         for megabytes in args.mb:
-            for label, code in checkouts.items():
+            for label, code in measured(checkouts, megabytes, args.before_up_to_mb):
                 print(f"serve, {megabytes:g} MB message, {label:6}: {serve_case(code, model, folder, megabytes)}", flush=True)
-        cases = {
-            f"one {args.session_mb:g} MB turn": [turn("word " * int(args.session_mb * 1e6 / 5)), turn("short")],
-            f"{args.turns} turns": [turn(f"question {i}") for i in range(args.turns)],
-        }
-        for case, turns in cases.items():
-            for label, code in checkouts.items():
+        cases = {f"one {mb:g} MB turn": (mb, [turn("word " * int(mb * 1e6 / 5)), turn("short")]) for mb in args.session_mb}
+        cases[f"{args.turns} turns"] = (0, [turn(f"question {i}") for i in range(args.turns)])
+        for case, (megabytes, turns) in cases.items():
+            for label, code in measured(checkouts, megabytes, args.before_up_to_mb):
                 print(f"chat --resume, {case}, {label:6}: {resume_case(code, model, folder, turns)}", flush=True)
 
 

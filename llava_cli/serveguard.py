@@ -135,7 +135,12 @@ class Guard:
         """The real path of an image file the client may have read; `MediaRefused` otherwise (see module docstring)."""
         if self.media_root is None:
             raise MediaRefused("reading local files is off (no --allowed-local-media-path)")
-        real = Path(os.path.realpath(Path(path).expanduser()))
+        try:
+            real = Path(os.path.realpath(Path(path).expanduser()))
+        except (ValueError, RuntimeError):  # a NUL byte, an unencodable character, an unknown ~user
+            raise MediaRefused(f"{path!r} is not a valid path") from None
+        except OSError as err:  # a link swapped for a file between realpath's lstat and readlink
+            raise MediaRefused(f"{path!r} changed while it was resolved ({err.strerror})") from None
         if not real.is_relative_to(self.media_root):
             raise MediaRefused(f"{real} is outside {self.media_root}")
         return str(real)

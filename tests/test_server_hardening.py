@@ -541,3 +541,18 @@ def test_a_message_far_beyond_the_window_is_refused_before_tokenizing(app, setti
     assert re.fullmatch(r"this message needs at least 5\d{5} tokens with its images but the context window is 1024; shorten it or attach fewer images", message)
     assert seen == []
     assert post(app, body(settings.model, max_tokens=1)).status_code == 200  # and the server answers the next one
+
+
+def test_a_nul_byte_or_a_path_that_changes_while_resolved_gets_400_not_500(media_app, settings, media, monkeypatch):
+    """Issue 28, item 11: these were 500s (ValueError from the NUL byte, OSError from readlink)."""
+    for path in (f"{media}/red.png\x00.txt", f"{media}/red\ud800.png", f"file://{media}/red.png%00"):
+        reply = post(media_app, body(settings.model, [user("what?", path)]))
+        assert reply.json()["error"] == {"message": f"messages[0]: {LOCAL_IMAGE_REFUSED}", "type": "invalid_request_error", "param": "messages[0]", "code": "invalid_image"}, path
+        assert reply.status_code == 400
+
+    def swapped(path, *args, **kwargs):  # a link turned into a file between realpath's lstat and readlink
+        raise OSError(22, "Invalid argument", path)
+
+    monkeypatch.setattr(os, "readlink", swapped)
+    reply = post(media_app, body(settings.model, [user("what?", str(media / "escape.png"))]))
+    assert error_of(reply) == (400, "invalid_image")
