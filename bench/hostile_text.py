@@ -68,13 +68,13 @@ def session(model: Path, turns: list[dict]) -> dict:
 
 
 def turn(text: str) -> dict:
-    return {"user": text, "images": [], "assistant": "a", "answered_at": "2026-12-05T00:00:00Z"}
+    return {"user": text, "images": [], "assistant": "a", "answered_at": None}
 
 
 def resume_case(code: Path, model: Path, folder: Path, turns: list[dict]) -> str:
     home = folder / f"home-{code.name}"
     (home / "sessions").mkdir(parents=True, exist_ok=True)
-    (home / "sessions" / "bench.json").write_text(json.dumps(session(model, turns)))
+    (home / "sessions" / "bench.json").write_text(json.dumps(session(model, turns), separators=(",", ":")))  # compact: 560,000 turns fit the 32 MiB cap
     env = {**os.environ, "PYTHONPATH": str(code), "LLAVA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     command = ["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "llava_cli", "chat", "--resume", "bench", "--no-save", "--no-server", "-n", "4"]
     done = subprocess.run(command, input=b"hi\n", capture_output=True, env=env, cwd=code, timeout=TIMEOUT_S)
@@ -89,8 +89,8 @@ def measured(checkouts: dict[str, Path], megabytes: float, before_up_to: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, required=True, help="a checkout of the code before (its llava_cli is measured)")
-    parser.add_argument("--mb", type=float, nargs="+", default=[1, 5, 10, 60], help="sizes of the served user message")
-    parser.add_argument("--session-mb", type=float, nargs="+", default=[26], help="sizes of the saved conversation's one long turn")
+    parser.add_argument("--mb", type=float, nargs="*", default=[1, 5, 10, 60], help="sizes of the served user message")
+    parser.add_argument("--session-mb", type=float, nargs="*", default=[26], help="sizes of the saved conversation's one long turn")
     parser.add_argument("--before-up-to-mb", type=float, default=float("inf"), help="measure the baseline only up to this text size")
     parser.add_argument("--turns", type=int, default=560_000, help="turns of the many-turn saved conversation")
     args = parser.parse_args()
@@ -102,7 +102,7 @@ def main() -> None:
             for label, code in measured(checkouts, megabytes, args.before_up_to_mb):
                 print(f"serve, {megabytes:g} MB message, {label:6}: {serve_case(code, model, folder, megabytes)}", flush=True)
         cases = {f"one {mb:g} MB turn": (mb, [turn("word " * int(mb * 1e6 / 5)), turn("short")]) for mb in args.session_mb}
-        cases[f"{args.turns} turns"] = (0, [turn(f"question {i}") for i in range(args.turns)])
+        cases[f"{args.turns} turns"] = (0, [turn("q") for _ in range(args.turns)])
         for case, (megabytes, turns) in cases.items():
             for label, code in measured(checkouts, megabytes, args.before_up_to_mb):
                 print(f"chat --resume, {case}, {label:6}: {resume_case(code, model, folder, turns)}", flush=True)
