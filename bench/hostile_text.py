@@ -102,7 +102,7 @@ def main() -> None:
             for label, code in measured(checkouts, megabytes, args.before_up_to_mb):
                 print(f"serve, {megabytes:g} MB message, {label:6}: {serve_case(code, model, folder, megabytes)}", flush=True)
         cases = {f"one {mb:g} MB turn": (mb, [turn("word " * int(mb * 1e6 / 5)), turn("short")]) for mb in args.session_mb}
-        cases[f"{args.turns} turns"] = (0, [turn("q") for _ in range(args.turns)])
+        cases[f"{args.turns} turns"] = (0, [turn("") for _ in range(args.turns)])
         for case, (megabytes, turns) in cases.items():
             for label, code in measured(checkouts, megabytes, args.before_up_to_mb):
                 print(f"chat --resume, {case}, {label:6}: {resume_case(code, model, folder, turns)}", flush=True)
