@@ -19,6 +19,7 @@ run for hours stops within about a second.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -50,18 +51,18 @@ def template_budget_error() -> type[Exception]:
 
 
 class Budget:
-    """Steps and output of one rendering; a template's renderings run one at a time (one engine)."""
+    """Steps of the rendering under way, counted per thread (one compiled template serves them all)."""
 
     def __init__(self) -> None:
         self.error = template_budget_error()
-        self.steps = 0
+        self.counts = threading.local()
 
     def reset(self) -> None:
-        self.steps = 0
+        self.counts.steps = 0
 
     def step(self) -> None:
-        self.steps += 1
-        if self.steps > MAX_TEMPLATE_STEPS:
+        self.counts.steps += 1
+        if self.counts.steps > MAX_TEMPLATE_STEPS:
             raise self.error(f"the chat template runs more than {MAX_TEMPLATE_STEPS:,} loop steps and calls; it is refused")
 
     def check_output(self, length: int) -> None:
