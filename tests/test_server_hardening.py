@@ -273,9 +273,9 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
     job = Job(conversation=conversation, settings=Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=128))
     encode, forwards = engine.encode, []
 
-    def encode_then_hang_up(talk):
+    def encode_then_hang_up(talk, limit=None):
         job.cancelled.set()  # the client disconnects while the history is being fitted
-        return encode(talk)
+        return encode(talk, limit)
 
     engine.encode = encode_then_hang_up
     worker.batch.admit = lambda *args: forwards.append(args)  # where a job reaches the model
