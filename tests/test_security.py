@@ -265,9 +265,6 @@ def test_a_hostile_chat_template_fails_fast_in_one_line(template, tmp_path, tiny
 
 
 def test_the_bounded_sandbox_renders_as_transformers_does_and_keeps_its_guards(tmp_path):
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parent))
     from tiny_checkpoint import build_family_checkpoint
     from transformers import AutoProcessor
 
