@@ -15,7 +15,7 @@ torch or HTTP.
 - `reset()` forgets what the backend keeps between answers (KV cache, encoded images): after
   /clear, or to free memory. Answers stay the same; only their speed changes.
 - `prompt_tokens(conversation)` counts the tokens the conversation fills, or None where only the
-  answers' figures tell (a server).
+  answers' figures tell (a server) or where it holds more than the model's window (not counted).
 
 `Answer` wraps the events for a front-end that streams text: iterating it gives the text chunks;
 once the iteration is over, `stats` is the `Done` event's figures.

@@ -37,6 +37,7 @@ from llava_cli.decodebatch import BatchAnswer, answers_in_order
 from llava_cli.engine import Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
 from llava_cli.output import StdoutRecords
+from llava_cli.prompting import TooLong
 from llava_cli.records import RecordFile, make_record
 from llava_cli.safeio import NotRegularFile, read_regular
 from llava_cli.startup import load_engine
@@ -170,13 +171,18 @@ def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_ima
     image = image_argument(name, stdin_image, settings)
     conversation = Conversation(system=settings.system)
     conversation.ask(prompt, [image])
-    encoded = engine.encode(conversation)
+    window = engine.context_window(settings)
+    try:
+        encoded = engine.encode(conversation, limit=window - 1)  # a prompt of `window` tokens leaves no room
+    except TooLong as err:
+        raise too_long(name, f"at least {err.at_least}", window) from None
     if engine.token_budget(encoded, settings) < 1:
-        raise ContextError(
-            f"{name}: the prompt with its image needs {len(encoded.ids)} tokens but the context window is "
-            f"{engine.context_window(settings)}"
-        )
+        raise too_long(name, str(len(encoded.ids)), window)
     return encoded
+
+
+def too_long(name: str, tokens: str, window: int) -> ContextError:
+    return ContextError(f"{name}: the prompt with its image needs {tokens} tokens but the context window is {window}")
 
 
 def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswer) -> dict[str, Any]:

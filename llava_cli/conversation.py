@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from llava_cli.errors import InputError, one_line
 from llava_cli.families import PromptStyle
 from llava_cli.images import ImageRef
+from llava_cli.templates import render_chat_template
 from llava_cli.video import VideoRef
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -115,19 +116,21 @@ class Llava15Format:
 
 
 class ChatTemplateFormat:
-    """The checkpoint's own chat template, through `processor.apply_chat_template`."""
+    """The checkpoint's own chat template: the text `processor.apply_chat_template` gives, rendered
+    in a bounded sandbox (templates.py), since a template is code from the checkpoint."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
 
     def render(self, conversation: Conversation) -> str:
         """The template's text; a template that refuses the conversation (many reject a system
-        message, or turns that do not alternate) raises `InputError` with its reason."""
+        message, or turns that do not alternate) or runs past its budget raises `InputError` with its reason."""
+        template = self.processor.chat_template
         try:
-            return self.processor.apply_chat_template(
-                conversation.messages(), add_generation_prompt=True, tokenize=False
-            )
-        except Exception as err:  # jinja2 errors, and the template's own raise_exception(...)
+            if isinstance(template, dict):  # named templates: apply_chat_template renders the "default" one
+                template = template["default"]
+            return render_chat_template(template, conversation.messages(), dict(self.processor.tokenizer.special_tokens_map))
+        except Exception as err:  # jinja2 errors, the budget's, and the template's own raise_exception(...)
             raise InputError(f"the chat template cannot render this conversation: {one_line(err)}") from None
 
 

@@ -40,6 +40,7 @@ WEIGHT_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # config and index files are kilobytes
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # the largest tokenizer.json files (256k-token vocabularies) are about 35 MB
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")  # model-00001-of-00003.safetensors
 
 

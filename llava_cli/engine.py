@@ -47,7 +47,7 @@ from llava_cli.forward import CompiledPath, ForwardPath, Steps
 from llava_cli.graphstep import default_path
 from llava_cli.images import ImageRef
 from llava_cli.loader import LoadedModel
-from llava_cli.prompting import expand_images, render_segments, tokenize
+from llava_cli.prompting import TooLong, expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.trimming import TrimSearch
@@ -58,6 +58,10 @@ OUT_OF_MEMORY = (
     "out of memory while answering; try --load-4bit, a smaller --max-context, a shorter conversation "
     "(/clear) or a smaller model"
 )
+
+
+def too_long(tokens: str, window: int) -> ContextError:
+    return ContextError(f"this message needs {tokens} tokens with its images but the context window is {window}; shorten it or attach fewer images")
 
 
 class Stopped(Exception):
@@ -155,8 +159,12 @@ class Engine:
         loaded = self.loaded
         return BackendInfo(loaded.name, loaded.device, loaded.dtype, loaded.load_seconds, loaded.context_window)
 
-    def prompt_tokens(self, conversation: Conversation) -> int:
-        return len(self.encode(conversation).ids) if conversation.turns or conversation.system else 0
+    def prompt_tokens(self, conversation: Conversation) -> int | None:
+        """The conversation's tokens; None when it holds more than the model's window (not counted)."""
+        try:
+            return len(self.encode(conversation, limit=self.loaded.context_window).ids) if conversation.turns or conversation.system else 0
+        except TooLong:
+            return None
 
     def context_window(self, settings: Settings) -> int:
         return window_within(self.loaded.context_window, settings)
@@ -259,24 +267,25 @@ class Engine:
         def encode_without(dropped: int) -> Prompt:
             if stop():
                 raise Stopped
-            return self.encode(conversation.without_oldest(dropped))
+            return self.encode(conversation.without_oldest(dropped), limit=window - 1)  # TooLong: it cannot fit
 
         search = TrimSearch(encode_without, window - answer_room)
         history_chars = sum(len(turn.text) + len(turn.answer or "") for turn in conversation.turns)
         whole_first = history_chars <= WHOLE_FIRST_CHARS_PER_TOKEN * window
         dropped = search.fewest_drops([len(turn.images) for turn in conversation.turns], whole_first)
-        prompt = search.prompt(dropped)
+        try:
+            prompt = search.prompt(dropped)
+        except TooLong as err:
+            raise too_long(f"at least {err.at_least}", window) from None
         if len(prompt.ids) >= window:
-            raise ContextError(
-                f"this message needs {len(prompt.ids)} tokens with its images but the context window is "
-                f"{window}; shorten it or attach fewer images"
-            )
+            raise too_long(str(len(prompt.ids)), window)
         if dropped:
             conversation.drop_oldest(dropped)
         return prompt, dropped
 
-    def encode(self, conversation: Conversation) -> Prompt:
-        """Render, widen each image (and video) placeholder to its tokens, tokenize (user text stays text)."""
+    def encode(self, conversation: Conversation, limit: int | None = None) -> Prompt:
+        """Render, widen each image (and video) placeholder to its tokens, tokenize (user text stays text);
+        `TooLong` (prompting.py), before tokenizing, when the prompt cannot fit in `limit` tokens."""
         media = conversation.images
         counts = self.vision.token_counts(media)  # first: it refuses a video this model cannot take
         videos = [is_video(item) for item in media]
@@ -285,7 +294,7 @@ class Engine:
         segments = expand_images(render_segments(self.loaded.prompt_format, conversation), self.processor.image_token, image_counts)
         if video_counts:
             segments = expand_images(segments, self.processor.video_token, video_counts)
-        ids = tokenize(self.tokenizer, segments)
+        ids = tokenize(self.tokenizer, segments, limit)
         image_spans = iter(self.image_spans(ids, image_counts, self.model.config.image_token_id))
         video_spans = iter(self.image_spans(ids, video_counts, self.tokenizer.convert_tokens_to_ids(self.processor.video_token)) if video_counts else [])
         spans = [next(video_spans) if video else next(image_spans) for video in videos]

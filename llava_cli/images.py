@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from llava_cli.decodepool import decode_elsewhere
 from llava_cli.errors import InputError, one_line
 from llava_cli.imagelimits import check_decoding_work
-from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
+from llava_cli.safeio import BadPath, FileTooLarge, NotRegularFile, read_regular
 from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ def read_image_file(path: Path) -> bytes:
         raise InputError(f"image not found: {path}") from None
     except NotRegularFile as err:
         raise InputError(f"{path} is {err.kind}, not an image") from None
+    except BadPath:
+        raise InputError(f"{str(path)!r} is not a valid path (it holds a NUL byte or an unencodable character)") from None
     except FileTooLarge:
         raise InputError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; is it really an image?") from None
     except PermissionError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -29,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.conversation import ChatTemplateFormat, Conversation, PromptFormat, prompt_format_for
+from llava_cli.download import MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, TOKENIZER_FILES
 from llava_cli.errors import LlavaError, ModelError, UsageError, one_line
 from llava_cli.families import FAMILIES, MODEL_TYPES, Family, family_for
 from llava_cli.images import ImageRef
 from llava_cli.imagetokens import restrict_model, restrict_pinpoints
 from llava_cli.processors import image_parts_processor, torchvision_installed
+from llava_cli.safeio import kind_of, read_regular
 from llava_cli.videopixels import video_frames_for
 from llava_cli.settings import Settings
 
@@ -111,13 +114,15 @@ def looks_like_path(name: str) -> bool:
 
 
 def read_config(name: str, folder: Path) -> dict[str, Any]:
+    """config.json, after every small file of the checkpoint passed `check_file_sizes`."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{name} has no config.json: it is not a Hugging Face model folder")
+    check_file_sizes(name, folder)
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{name}/config.json cannot be read ({err}); re-download the model") from None
+        config = json.loads(read_regular(config_file, MAX_CONFIG_BYTES))
+    except (OSError, ValueError, RecursionError) as err:
+        raise ModelError(f"{name}/config.json cannot be read ({one_line(err)}); re-download the model") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in MODEL_TYPES:
         raise ModelError(
@@ -176,6 +181,21 @@ def check_places_images(prompt_format: PromptFormat, image_token: str, source: s
 def has_files(folder: Path, patterns: tuple[str, ...]) -> bool:
     # A glob is a generator, truthy even when empty: look for a first match instead.
     return any(next(folder.glob(pattern), None) is not None for pattern in patterns)
+
+
+def check_file_sizes(name: str, folder: Path) -> None:
+    """Every JSON and template file of the checkpoint (transformers reads them whole) is a regular
+    file within its cap: a 600 MB config.json cost 14 s and 1.6 GB, a FIFO would block forever."""
+    for path in sorted([*folder.glob("*.json"), *folder.glob("*.jinja")]):
+        cap = MAX_TOKENIZER_BYTES if path.name in TOKENIZER_FILES else MAX_CONFIG_BYTES
+        try:
+            status = path.stat()
+        except OSError:
+            continue  # a broken link: the file is missing, as the checks that need it say
+        if not stat.S_ISREG(status.st_mode):
+            raise ModelError(f"{name}/{path.name} is {kind_of(status.st_mode)}, not a file; re-download the model")
+        if status.st_size > cap:
+            raise ModelError(f"{name}/{path.name} is larger than {cap:,} bytes, too large for a checkpoint's {path.suffix} file; re-download the model")
 
 
 def check_weights(name: str, folder: Path, allow_pickle: bool = False) -> None:

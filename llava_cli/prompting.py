@@ -11,6 +11,11 @@ ids, guaranteeing:
 - when untrusted text holds no such token, the ids are exactly what the tokenizer gives for the
   joined text (one ordinary tokenizer call), so answers equal plain `transformers` on that prompt.
 
+Long text is refused before the tokenizer sees it: `tokenize(..., limit=N)` raises `TooLong` when the
+text cannot fit in N tokens, judged from its length alone (`least_tokens`). The tokenizer then
+never gets more than N times its longest token's characters: one request of 60 MB of text costs no
+memory or time in the tokenizer (which aborts the process when it runs out of memory).
+
 Text such as `USER:` or `ASSISTANT:` inside a message is ordinary text to llava-1.5's tokenizer; it
 stays inside its own user turn (it creates no turn in the `Conversation`, no end-of-sequence token)
 and the model reads it as what the user typed.
@@ -19,7 +24,10 @@ and the model reads it as what the user typed.
 from __future__ import annotations
 
 import bisect
+import json
+import math
 import re
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +36,14 @@ from llava_cli.conversation import Conversation, PromptFormat, Turn
 MARK = "\ue000{}\ue001"  # private-use characters: stand-ins for untrusted text while the template renders
 MARKS = re.compile("\ue000(\\d+)\ue001")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes in argv; tokenizers refuse them
+
+
+class TooLong(Exception):
+    """The text needs more tokens than the limit: at least `at_least` (a lower bound, not a count)."""
+
+    def __init__(self, at_least: int) -> None:
+        super().__init__(f"at least {at_least} tokens")
+        self.at_least = at_least
 
 
 @dataclass(frozen=True)
@@ -76,9 +92,13 @@ def expand_images(segments: list[Segment], placeholder: str, counts: list[int]) 
     return expanded
 
 
-def tokenize(tokenizer: Any, segments: list[Segment]) -> list[int]:
-    """Token ids for the joined segments (with the tokenizer's BOS unless the template wrote it), untrusted text kept plain."""
+def tokenize(tokenizer: Any, segments: list[Segment], limit: int | None = None) -> list[int]:
+    """Token ids for the joined segments (with the tokenizer's BOS unless the template wrote it), untrusted text kept plain.
+
+    With a `limit`, text that cannot fit in `limit` tokens raises `TooLong` before it is tokenized."""
     text = "".join(segment.text for segment in segments)
+    if limit is not None and (at_least := least_tokens(tokenizer, len(text))) > limit:
+        raise TooLong(at_least)
     # As apply_chat_template does: a chat template that starts with the BOS gets no second one.
     writes_bos = bool(segments) and segments[0].trusted and tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not writes_bos)
@@ -187,3 +207,64 @@ def in_context(pre_tokenizer: Any, at_start: bool) -> Any:
     if at_start or not isinstance(pre_tokenizer, pre_tokenizers.Metaspace) or pre_tokenizer.prepend_scheme != "first":
         return pre_tokenizer
     return pre_tokenizers.Metaspace(replacement=pre_tokenizer.replacement, prepend_scheme="never", split=pre_tokenizer.split)
+
+
+# Per tokenizer, computed once: the most characters of input one token can stand for (None: no bound).
+TOKEN_SPANS: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
+# Pieces that never make the text shorter before the model splits it: they keep, replace or add
+# characters (NFD/NFKD and lowercasing only lengthen), or split without dropping anything.
+KEEPING_NORMALIZERS = {"Sequence", "Prepend", "Replace", "NFD", "NFKD", "Lowercase"}
+COMPOSING_NORMALIZERS = {"NFC", "NFKC"}  # may join up to 4 characters (the longest canonical decomposition) into one
+KEEPING_PRE_TOKENIZERS = {"Sequence", "ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts"}
+LONGEST_DECOMPOSITION = 4
+
+
+def least_tokens(tokenizer: Any, characters: int) -> int:
+    """A lower bound on the tokens `characters` characters of text become, 0 where none is known.
+
+    Every character of the input ends up inside some token, and a token stands for at most the
+    characters of its own text (byte-level tokens: bytes, each at least one character; byte-fallback
+    tokens like <0x41>: one). So N characters need at least ceil(N / longest token). That holds while
+    nothing before the model drops or merges characters; for pieces that may (whitespace-dropping
+    pre-tokenizers, unknown-character fusing, custom normalizers) no bound is claimed.
+    """
+    if tokenizer not in TOKEN_SPANS:
+        TOKEN_SPANS[tokenizer] = longest_token_span(tokenizer)
+    span = TOKEN_SPANS[tokenizer]
+    return math.ceil(characters / span) if span else 0
+
+
+def longest_token_span(tokenizer: Any) -> int | None:
+    """The most input characters one token can cover, or None where the tokenizer can shrink its input."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    layout = json.loads(backend.to_str())
+    model = layout.get("model") or {}
+    if model.get("fuse_unk") and not model.get("byte_fallback"):
+        return None  # a run of unknown characters becomes one token, however long
+    shrink = shrink_factor(layout.get("normalizer"), layout.get("pre_tokenizer"))
+    if shrink is None:
+        return None
+    return shrink * max(len(token) for token in tokenizer.get_vocab())
+
+
+def shrink_factor(normalizer: dict | None, pre_tokenizer: dict | None) -> int | None:
+    """How many input characters may become one before the model sees them (None: unbounded)."""
+    normalizers = list(pieces(normalizer, "normalizers"))
+    pre_tokenizers = list(pieces(pre_tokenizer, "pretokenizers"))
+    if any(piece.get("type") == "Replace" and not piece.get("content") for piece in normalizers):
+        return None  # replacing with nothing deletes characters
+    if any(piece.get("type") == "Split" and piece.get("behavior") == "Removed" for piece in pre_tokenizers):
+        return None
+    types = {piece.get("type") for piece in normalizers}
+    if not types <= KEEPING_NORMALIZERS | COMPOSING_NORMALIZERS or not {p.get("type") for p in pre_tokenizers} <= KEEPING_PRE_TOKENIZERS:
+        return None
+    return LONGEST_DECOMPOSITION if types & COMPOSING_NORMALIZERS else 1
+
+
+def pieces(component: dict | None, children: str) -> list[dict]:
+    """A normalizer or pre-tokenizer and, for a Sequence, the pieces inside it."""
+    if not component:
+        return []
+    return [component] + [inner for child in component.get(children, []) for inner in pieces(child, children)]

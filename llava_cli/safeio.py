@@ -13,7 +13,8 @@ the user's own doing (images, saved conversations, discovery files, the input hi
   else `NotPrivate` (files other local users could have planted or can change);
 - at most `max_bytes` are read, whatever `st_size` claims (a file can grow while it is read, and
   special files report 0): one byte more raises `FileTooLarge`.
-All three are `OSError`s whose `strerror` is a readable reason, so a caller's existing
+A path no file can have (a NUL byte, a lone surrogate) raises `BadPath` instead of ValueError.
+All of these are `OSError`s whose `strerror` is a readable reason, so a caller's existing
 `cannot read PATH: {err.strerror}` message reads well; errors from `open` itself (missing file,
 permission denied) pass through unchanged. `open_regular(path, flags)` does the same checks and
 returns the descriptor (for files that are written, such as the input history).
@@ -81,6 +82,13 @@ class FileTooLarge(OSError):
     def __init__(self, path: str | os.PathLike[str], max_bytes: int) -> None:
         super().__init__(errno.EFBIG, f"it is larger than {max_bytes:,} bytes", str(path))
         self.max_bytes = max_bytes
+
+
+class BadPath(OSError):
+    """The path cannot name a file at all (it holds a NUL byte or an unencodable character)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.EINVAL, "it is not a valid path (a NUL byte or an unencodable character)", repr(str(path)))
 
 
 class NotPrivate(OSError):
@@ -263,6 +271,8 @@ def open_regular(
         flags |= NOFOLLOW
     try:
         fd = os.open(path, flags, mode)  # the mode only matters with O_CREAT
+    except ValueError:  # a NUL byte, or a lone surrogate from undecodable JSON: no file can have that name
+        raise BadPath(path) from None
     except OSError as err:
         if err.errno == errno.ELOOP and not follow_symlinks and Path(path).is_symlink():
             raise NotRegularFile(path, "a symbolic link") from None

@@ -182,7 +182,9 @@ class Guard:
             raise MediaRefused("reading local files is off (no --allowed-local-media-path)")
         try:
             return read_within(Path(path).expanduser(), self.media_root, max_bytes)
-        except OSError as err:
+        except (ValueError, RuntimeError):  # a NUL byte, an unencodable character, an unknown ~user
+            raise MediaRefused(f"{path!r} is not a valid path") from None
+        except OSError as err:  # also a link swapped for a file while it was resolved
             raise MediaRefused(err.strerror or str(err)) from None
 
 

@@ -55,6 +55,12 @@ FORMAT = "llava-cli-conversation"
 VERSION = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # ids and names: never a path
 MAX_SESSION_BYTES = 32 * 1024 * 1024  # text only (images are referenced): far beyond any real conversation
+# A turn costs at least five tokens ("USER: x ASSISTANT: y</s>"), so no chat, trimmed to a LLaVA window
+# (4k to 32k tokens), keeps 10,000; a file that holds more was not written by one, and parsing it
+# whole cost 23.7 s and 2.9 GB at 560,000 turns. Objects are counted while parsing (turns, their
+# images, the settings), so such a file is refused before it is all in memory.
+MAX_SESSION_TURNS = 10_000
+MAX_SESSION_OBJECTS = 4 * MAX_SESSION_TURNS
 TEMP_FILE = re.compile(r"\..+\.json\.(\d+)\..*\.tmp")  # safeio.write_private_file's temp files, with the writer's pid
 
 
@@ -148,6 +154,27 @@ def check_name(value: str | None, what: str, where: str) -> None:
         raise SessionError(f"{where} has an invalid {what} {value!r}; it was left as it is")
 
 
+class TooManyObjects(Exception):
+    """A JSON document holds more objects than an `ObjectCount` allows."""
+
+
+class ObjectCount:
+    """A `json.loads` object hook that stops the parse after `limit` objects."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, mapping: dict[str, Any]) -> dict[str, Any]:
+        self.left -= 1
+        if self.left < 0:
+            raise TooManyObjects
+        return mapping
+
+
+def too_many_turns(where: str) -> SessionError:
+    return SessionError(f"{where} holds more than {MAX_SESSION_TURNS:,} turns, more than a chat keeps; it was left as it is")
+
+
 def parse_document(document: Any, where: str) -> SavedConversation:
     """Check a decoded conversation file; raise `SessionError` naming what is wrong."""
     if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -157,6 +184,8 @@ def parse_document(document: Any, where: str) -> SavedConversation:
         newer = isinstance(version, int) and version > VERSION
         hint = "upgrade llava-cli to read it" if newer else "this llava-cli reads only version 1"
         raise SessionError(f"{where} has format version {version!r}; {hint} (the file was left as it is)")
+    if isinstance(document.get("turns"), list) and len(document["turns"]) > MAX_SESSION_TURNS:
+        raise too_many_turns(where)
     try:
         saved = SavedConversation(
             id=expect(document, "id", str),
@@ -259,9 +288,11 @@ class SessionStore:
         except (OSError, UnicodeDecodeError) as err:
             raise SessionError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_hook=ObjectCount(MAX_SESSION_OBJECTS))
         except (json.JSONDecodeError, RecursionError) as err:
             raise SessionError(f"{path} is not valid JSON ({one_line(err)}); it was left as it is") from None
+        except TooManyObjects:
+            raise too_many_turns(str(path)) from None
         return dataclasses.replace(parse_document(document, str(path)), id=path.stem, path=path)
 
     def files(self) -> list[Path]:

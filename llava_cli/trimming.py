@@ -3,13 +3,16 @@
 `TrimSearch(encode, limit).fewest_drops(images_per_turn)` gives exactly the count that trying 0, 1,
 2... drops in turn would give, with a few encodes instead of one per dropped turn (1000 turns:
 about ten), so a long history cannot hold the engine (or a server's worker) for minutes.
-`encode(dropped)` is the engine's: the prompt of the conversation without its `dropped` oldest turns.
+`encode(dropped)` is the engine's: the prompt of the conversation without its `dropped` oldest turns,
+or `TooLong` (prompting.py) for one that cannot fit, refused before tokenizing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Protocol
+
+from llava_cli.prompting import TooLong
 
 
 class Encoded(Protocol):
@@ -41,7 +44,10 @@ class TrimSearch:
         return self.prompts[dropped]
 
     def fits(self, dropped: int) -> bool:
-        return len(self.prompt(dropped).ids) <= self.limit
+        try:
+            return len(self.prompt(dropped).ids) <= self.limit
+        except TooLong:  # refused before tokenizing: far too long
+            return False
 
     def fewest_drops(self, images_per_turn: list[int], whole_first: bool = True) -> int:
         """The smallest count that fits; all but the last turn when none does. `whole_first` tries

@@ -8,6 +8,7 @@ loads cost milliseconds, the rest load the tiny checkpoint. Slash commands run a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,18 @@ OPTION_CASES = [
 ]
 
 MODEL_CASES = [
+    Case(
+        "600 MB config.json, here 17 MiB", ask("--model", "{m_bigconfig}"), 2,
+        error("{m_bigconfig}/config.json is larger than 16,777,216 bytes, too large for a checkpoint's .json file; re-download the model"),
+    ),
+    Case(
+        "huge preprocessor_config.json", ask("--model", "{m_bigprocessor}"), 2,
+        error("{m_bigprocessor}/preprocessor_config.json is larger than 16,777,216 bytes, too large for a checkpoint's .json file; re-download the model"),
+    ),
+    Case(
+        "FIFO as tokenizer_config.json", ask("--model", "{m_fifojson}"), 2,
+        error("{m_fifojson}/tokenizer_config.json is a FIFO (named pipe), not a file; re-download the model"),
+    ),
     Case("model folder missing", ask("--model", "/no/such/model"), 2, error("model folder not found: /no/such/model")),
     Case("model is a file", ask("--model", "{red}"), 2, error("--model {red} is a file; point it at the checkpoint's folder")),
     Case("model not a HF folder", ask("--model", "{m_empty}"), 2, error("{m_empty} has no config.json: it is not a Hugging Face model folder")),
@@ -153,9 +166,14 @@ STDIN_CASES = [
         "stdin image without prompt", ("ask", "-"), 2,
         error("stdin can carry the image or the prompt, not both; give the prompt as an argument"), stdin=b"x",
     ),
+    Case(  # issue 28, item 1: refused before the tokenizer sees it ("at least"); 60 KB fits the pipe invoke() fills
+        "long prompt on stdin", ("ask", "{red}", "--model", "{model}"), 2,
+        error("this message needs at least 8590 tokens with its images but the context window is 1024; shorten it or attach fewer images"),
+        stdin=b"word " * 12_000,
+    ),
     Case(
         "message too long for the context", ask("--model", "{model}", "--max-context", "16"), 2,
-        error("this message needs 31 tokens with its images but the context window is 16; shorten it or attach fewer images"),
+        error("this message needs at least 21 tokens with its images but the context window is 16; shorten it or attach fewer images"),
     ),
 ]
 
@@ -231,6 +249,13 @@ def paths(tmp_path_factory, images, tiny_model) -> dict[str, str]:
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the token renamed, and not re-added on load
         text = (noimage / name).read_text().replace('"<image>"', '"<img>"').replace('"image_token": "<img>",', "")
         (noimage / name).write_text(text)
+    padding = b" " * (17 * 2**20)
+    bigconfig = copy_model(tiny_model, root / "m_bigconfig", weights=False)
+    (bigconfig / "config.json").write_bytes((bigconfig / "config.json").read_bytes() + padding)
+    (copy_model(tiny_model, root / "m_bigprocessor", weights=False) / "preprocessor_config.json").write_bytes(b"{}" + padding)
+    fifojson = copy_model(tiny_model, root / "m_fifojson", weights=False)
+    (fifojson / "tokenizer_config.json").unlink()
+    os.mkfifo(fifojson / "tokenizer_config.json")
     other = copy_model(tiny_model, root / "m_otherimage")  # <image> re-added on load, under a new id
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"<image>"', '"<img>"'))
 
@@ -246,7 +271,7 @@ def paths(tmp_path_factory, images, tiny_model) -> dict[str, str]:
     names = ["folder.png", "empty.png", "notes.png", "truncated.png", "big.png"]
     found = {Path(name).stem: str(root / name) for name in names}
     found["folder"] = str(root / "folder.png")
-    models = {name: str(root / name) for name in ("m_empty", "m_badjson", "m_bert", "m_noweights", "m_pickle", "m_truncated", "m_noimage", "m_otherimage")}
+    models = {name: str(root / name) for name in ("m_empty", "m_badjson", "m_bigconfig", "m_bigprocessor", "m_fifojson", "m_bert", "m_noweights", "m_pickle", "m_truncated", "m_noimage", "m_otherimage")}
     return {**found, **models, "red": str(images["red"]), "missing": str(root / "missing.png"), "model": str(tiny_model), "hub_cache": HF_HUB_CACHE, "home": str(root / "home"), "out_link": str(root / "out-link.jsonl")}
 
 
@@ -283,6 +308,7 @@ SLASH_CASES = [
     ("/bogus", error("unknown command /bogus (/help lists the commands)")),
     ("/IMAGE {red}", error("unknown command /IMAGE (/help lists the commands)")),
     ("/image_ {red}", error("unknown command /image_; did you mean /image? (/help lists the commands)")),
+    ("/image {red}\x00.txt", error("'{red}\\x00.txt' is not a valid path (it holds a NUL byte or an unencodable character)")),
     ("word " * 60, error("this message needs 188 tokens with its images but the context window is 64; shorten it or attach fewer images")),
 ]
 

@@ -182,3 +182,51 @@ def test_llama_style_tokenizers_never_rebuild_control_tokens_from_user_text(llam
     assert tok.decode(ids) == tok.decode(tok(text)["input_ids"])  # the same text, spaces included
     ordinary = [Segment("USER: <image>\n", True), Segment("what is this", False), Segment(" ASSISTANT:", True)]
     assert tokenize(tok, ordinary) == tok("USER: <image>\nwhat is this ASSISTANT:")["input_ids"]
+
+
+class CountingTokenizer:
+    """A tokenizer that records the length of every text it is asked to tokenize."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.seen = tok, []
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **options):
+        self.seen.append(len(text))
+        return self.tok(text, **options)
+
+
+@pytest.mark.parametrize("text", ["word " * 400, "ÿé漢字🙂" * 300, "<image></s><s>" * 200, "\n\t  x" * 500, "a" * 3000])
+def test_the_character_bound_never_exceeds_the_real_token_count(tok, llama_style_tokenizer, text):
+    from llava_cli.prompting import least_tokens
+
+    for tokenizer in (tok, llama_style_tokenizer):
+        segments = [Segment("USER: ", True), Segment(text, False), Segment(" ASSISTANT:", True)]
+        joined = "".join(segment.text for segment in segments)
+        assert 0 < least_tokens(tokenizer, len(joined)) <= len(tokenize(tokenizer, segments))
+
+
+def test_text_that_cannot_fit_is_refused_before_the_tokenizer_sees_it(tok):
+    """Issue 28, item 1: 60 MB of text went through the tokenizer (12 GB) before being refused."""
+    from llava_cli.prompting import TooLong
+
+    counting = CountingTokenizer(tok)
+    huge = [Segment("USER: ", True), Segment("word " * 1_000_000, False), Segment(" ASSISTANT:", True)]
+    with pytest.raises(TooLong) as refused:
+        tokenize(counting, huge, limit=1024)
+    assert counting.seen == [] and refused.value.at_least > 1024
+    fitting = [Segment("USER: ", True), Segment("word " * 100, False), Segment(" ASSISTANT:", True)]
+    assert tokenize(counting, fitting, limit=1024) == tokenize(tok, fitting)  # a limit changes no ids
+
+
+def test_a_tokenizer_that_drops_characters_gets_no_bound():
+    from llava_cli.prompting import shrink_factor
+
+    assert shrink_factor(None, {"type": "ByteLevel"}) == 1
+    assert shrink_factor({"type": "Sequence", "normalizers": [{"type": "Prepend"}, {"type": "Replace", "content": "▁"}]}, None) == 1
+    assert shrink_factor({"type": "NFC"}, {"type": "Sequence", "pretokenizers": [{"type": "Split", "behavior": "Isolated"}, {"type": "ByteLevel"}]}) == 4
+    assert shrink_factor(None, {"type": "WhitespaceSplit"}) is None  # drops every space
+    assert shrink_factor({"type": "Replace", "content": ""}, None) is None
+    assert shrink_factor({"type": "BertNormalizer"}, None) is None

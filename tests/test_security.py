@@ -4,6 +4,7 @@ loading exits 130, pickle weights need --allow-pickle, and no secret or tracebac
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,3 +242,48 @@ def test_verbose_goes_to_stderr_and_hf_token_is_never_printed(monkeypatch, tiny_
     assert debug.returncode == 1 and "Traceback" in debug.stderr_text and "ModelError" in debug.stderr_text
     for output in (answered.stdout, answered.stderr, missing.stdout, missing.stderr, debug.stdout_text, debug.stderr_text):
         assert SECRET not in output
+
+
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "loops over a list": "{% set xs = [1] * 1000 %}{% for a in xs %}{% for b in xs %}{% for c in xs %}{% endfor %}{% endfor %}{% endfor %}",
+    "recursive macro": "{% macro f(n) %}{{ f(n) }}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "huge string": "{{ 'x' * 10000000000 }}",
+    "huge power": "{{ 10 ** 64 ** 64 ** 64 ** 64 ** 64 ** 64 }}",
+    "endless output": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
+def test_a_hostile_chat_template_fails_fast_in_one_line(template, tmp_path, tiny_model, images, monkeypatch):
+    """Issue 28, item 10: two nested range(100000) loops in a checkpoint's chat_template.jinja hung
+    `ask` with no output; every rendering runs in a sandbox with a budget of steps and output."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    (model / "chat_template.jinja").write_text(template + "{{ '<image>' }}")
+    started = time.monotonic()
+    result = invoke(monkeypatch, "ask", str(images["red"]), "what is it?", "--model", str(model), "--chat-template", str(model / "chat_template.jinja"))
+    assert time.monotonic() - started < 30
+    assert (result.code, result.stdout) == (2, "")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"llava: error: the chat template in {model / 'chat_template.jinja'} does not render a simple message"), lines
+
+
+def test_the_bounded_sandbox_renders_as_transformers_does_and_keeps_its_guards(tmp_path):
+    from tiny_checkpoint import build_family_checkpoint
+    from transformers import AutoProcessor
+
+    from llava_cli.conversation import ChatTemplateFormat
+    from llava_cli.images import ImageRef
+
+    for family in ("llava-interleave", "llava-next"):
+        processor = AutoProcessor.from_pretrained(build_family_checkpoint(family, tmp_path / family))
+        conversation = Conversation(system="be brief")
+        image = ImageRef(name="x", digest="d", image=None)
+        conversation.ask("hi <image> there", [image])
+        conversation.answer("ok")
+        conversation.ask("more {{ 7 * 7 }}", [image, image])
+        expected = processor.apply_chat_template(conversation.messages(), add_generation_prompt=True, tokenize=False)
+        assert ChatTemplateFormat(processor).render(conversation) == expected
+        processor.chat_template = "{{ messages.__class__.__mro__ }}"  # the sandbox's own guard still holds
+        with pytest.raises(InputError, match="the chat template cannot render this conversation"):
+            ChatTemplateFormat(processor).render(conversation)

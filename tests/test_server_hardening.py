@@ -275,9 +275,9 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
     job = Job(conversation=conversation, settings=Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=128))
     encode, forwards = engine.encode, []
 
-    def encode_then_hang_up(talk):
+    def encode_then_hang_up(talk, limit=None):
         job.cancelled.set()  # the client disconnects while the history is being fitted
-        return encode(talk)
+        return encode(talk, limit)
 
     engine.encode = encode_then_hang_up
     worker.batch.admit = lambda *args: forwards.append(args)  # where a job reaches the model
@@ -635,3 +635,34 @@ def test_the_served_model_id_is_the_folder_name_by_default_or_served_model_name(
         service.worker.stop()
     with pytest.raises(UsageError, match="--served-model-name is empty"):
         ServeOptions(host="127.0.0.1", port=0, served_model_name=" ")
+
+
+def test_a_message_far_beyond_the_window_is_refused_before_tokenizing(app, settings, monkeypatch):
+    """Issue 28, item 1: 60 MB of "word " took the server to 12 GB inside the tokenizer (it aborted);
+    here 4 MB must be refused with a 400 without the tokenizer ever seeing the text."""
+    import llava_cli.prompting as prompting
+
+    seen: list[int] = []
+    real = prompting.control_tokens
+    monkeypatch.setattr(prompting, "control_tokens", lambda tok: seen.append(1) or real(tok))  # runs right after the tokenizer
+    reply = post(app, body(settings.model, [{"role": "user", "content": "word " * 800_000}]))
+    assert error_of(reply) == (400, "context_length_exceeded")
+    message = reply.json()["error"]["message"]
+    assert re.fullmatch(r"this message needs at least 5\d{5} tokens with its images but the context window is 1024; shorten it or attach fewer images", message)
+    assert seen == []
+    assert post(app, body(settings.model, max_tokens=1)).status_code == 200  # and the server answers the next one
+
+
+def test_a_nul_byte_or_a_path_that_changes_while_resolved_gets_400_not_500(media_app, settings, media, monkeypatch):
+    """Issue 28, item 11: these were 500s (ValueError from the NUL byte, OSError from readlink)."""
+    for path in (f"{media}/red.png\x00.txt", f"{media}/red\ud800.png", f"file://{media}/red.png%00"):
+        reply = post(media_app, body(settings.model, [user("what?", path)]))
+        assert reply.json()["error"] == {"message": f"messages[0]: {LOCAL_IMAGE_REFUSED}", "type": "invalid_request_error", "param": "messages[0]", "code": "invalid_image"}, path
+        assert reply.status_code == 400
+
+    def swapped(path, *args, **kwargs):  # a link turned into a file between realpath's lstat and readlink
+        raise OSError(22, "Invalid argument", path)
+
+    monkeypatch.setattr(os, "readlink", swapped)
+    reply = post(media_app, body(settings.model, [user("what?", str(media / "escape.png"))]))
+    assert error_of(reply) == (400, "invalid_image")

@@ -353,3 +353,47 @@ def test_llava_ask_no_save_in_the_environment_turns_saving_off(monkeypatch, llav
     monkeypatch.setenv("LLAVA_ASK_NO_SAVE", "0")
     assert invoke(monkeypatch, "ask", images["red"], "what is this?", "--model", tiny_model, "-n", MAX_NEW, "--no-server").code == 0
     assert len(saved_files(llava_home_dir)) == 1
+
+
+def saved_session(llava_home_dir: Path, name: str, model: str, turns: list[tuple[str, str]]) -> Path:
+    """A conversation file written as a hostile editor would: any number of turns of any length."""
+    folder = llava_home_dir / "sessions"
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {
+        "format": "llava-cli-conversation", "version": 1, "id": name, "name": None, "model": model,
+        "created": "2026-12-05T00:00:00Z", "updated": "2026-12-05T00:00:00Z", "system": None,
+        "settings": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": MAX_NEW, "seed": None, "max_context": None},
+        "turns": [{"user": user, "images": [], "assistant": answer, "answered_at": None} for user, answer in turns],
+    }
+    (folder / f"{name}.json").write_text(json.dumps(document))
+    return folder / f"{name}.json"
+
+
+def test_a_session_with_one_huge_turn_resumes_without_tokenizing_it(llava_home_dir, monkeypatch, tiny_model, reference):
+    """Issue 28, item 7: a 26 MB turn made `chat --resume` abort in the tokenizer (rc 134, 5 GB).
+    Here 3 MB: the turn is dropped as any turn beyond the window is, and the tokenizer never sees it."""
+    import llava_cli.prompting as prompting
+
+    saved_session(llava_home_dir, "long", str(tiny_model), [("word " * 600_000, "a"), ("hi", "hello")])
+    longest: list[int] = []
+    real = prompting.untrusted_ranges  # runs right after the tokenizer, with every text it tokenized
+    monkeypatch.setattr(prompting, "untrusted_ranges", lambda segments: longest.append(sum(len(s.text) for s in segments)) or real(segments))
+    result = invoke(monkeypatch, "chat", "--resume", "long", "--no-server", "--no-save", stdin=b"and now?\n")
+    assert result.code == 0, result.stderr
+    assert result.stdout == reference.answer(render_llava15([("hi", 0, "hello"), ("and now?", 0, None)]), [], MAX_NEW) + "\n"
+    assert "dropped the 1 oldest turn(s) to fit the 1024-token context window" in result.stderr
+    assert max(longest) < 10_000
+
+
+def test_a_session_of_too_many_turns_is_refused_in_one_line_and_left_alone(llava_home_dir, monkeypatch, tiny_model):
+    """Issue 28, item 7: 560,000 turns took 23.7 s and 2.9 GB to resume; more than a chat can keep is refused early."""
+    from llava_cli.store import MAX_SESSION_TURNS
+
+    path = saved_session(llava_home_dir, "many", str(tiny_model), [(f"q{i}", "a") for i in range(MAX_SESSION_TURNS + 1)])
+    before = path.read_bytes()
+    result = invoke(monkeypatch, "chat", "--resume", "many", "--no-server", stdin=b"hi\n")
+    assert (result.code, result.stderr) == (2, f"llava: error: {path} holds more than 10,000 turns, more than a chat keeps; it was left as it is\n")
+    path.write_text(json.dumps(json.loads(before) | {"turns": [{}] * 50_000}))  # objects of no kind are counted too
+    assert invoke(monkeypatch, "sessions", "show", "many").first_error_line.endswith("holds more than 10,000 turns, more than a chat keeps; it was left as it is")
+    assert saved_session(llava_home_dir, "fine", str(tiny_model), [(f"q{i}", "a") for i in range(MAX_SESSION_TURNS)]).exists()
+    assert invoke(monkeypatch, "sessions", "show", "fine").code == 0

@@ -85,9 +85,9 @@ def counting_encodes(engine: Engine) -> list[int]:
     calls: list[int] = []
     encode = engine.encode
 
-    def counted(conversation: Conversation) -> Prompt:
+    def counted(conversation: Conversation, limit: int | None = None) -> Prompt:
         calls.append(len(conversation.turns))
-        return encode(conversation)
+        return encode(conversation, limit)
 
     engine.encode = counted
     return calls
