@@ -13,6 +13,7 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
 - The request fields of the option table (options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
   `max_tokens`/`max_completion_tokens`, `seed`) override the server's `Settings` for this request,
   each type-checked, then validated by `Settings`.
+- Any other field is refused with a 400 naming it (requestfields.py), never silently ignored.
 
 `api_error_from` turns what the engine refused (`LlavaError`) into the `ApiError` a client gets.
 """
@@ -34,6 +35,7 @@ from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import ContextError, InputError, LlavaError, UsageError
 from llava_cli.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, ImageRef, image_from_bytes, refuse_video
 from llava_cli.options import REQUEST_FIELDS
+from llava_cli.requestfields import refused_field
 from llava_cli.serveguard import Guard, MediaRefused
 from llava_cli.servelog import log_detail
 from llava_cli.settings import Settings
@@ -123,6 +125,8 @@ def parse_job(body: Any, served_model: str, base: Settings) -> Job:
     if model != served_model:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
                        code="model_not_found", param="model")
+    if refused := refused_field(body):
+        raise ApiError(400, refused[1], code="unsupported_parameter", param=refused[0])
     n = body.get("n")
     if n is not None and (type(n) is not int or n != 1):  # bool is an int to Python, not to the API
         raise ApiError(400, "only n=1 is supported", param="n")

@@ -171,6 +171,36 @@ def test_the_openai_client_library_gets_the_same_answers(server, images, referen
         client.chat.completions.create(model="no/such-model", messages=messages)
 
 
+UNSUPPORTED = {  # field -> a value an OpenAI client may send, which this server does not honour
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "tool_choice": "auto",
+    "functions": [{"name": "f", "parameters": {"type": "object"}}],
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "logprobs": True,
+    "presence_penalty": 0.5,
+    "colour": "blue",  # unknown to OpenAI too
+}
+
+
+def test_the_openai_client_gets_400_naming_each_field_the_server_does_not_honour(server, images, reference):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    for field, value in UNSUPPORTED.items():
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, extra_body={field: value})
+        assert refused.value.body["param"] == field and f"`{field}`" in refused.value.body["message"], field
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=server.model, messages=messages, stream=True, stream_options={"include_obfuscation": True})
+    assert refused.value.body["param"] == "stream_options.include_obfuscation"
+    expected = reference.answer(render_llava15([("hi", 0, None)]), [], 3)
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_completion_tokens=3,
+                                           logprobs=False, user="me", tools=None)
+    assert reply.choices[0].message.content == expected and reply.usage.completion_tokens <= 3
+
+
 def test_ask_through_the_server_prints_what_a_local_ask_prints(server, images, reference):
     expected = reference.answer(render_llava15([("What is in this picture?", 1, None)]), [images["blue"]], MAX_NEW)
     common = ["--model", server.model, "-n", str(MAX_NEW), str(images["blue"]), "What is in this picture?"]
