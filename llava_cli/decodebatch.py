@@ -105,7 +105,7 @@ class DecodeBatch:
                 )
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))
                 sampler = self.engine.sampler(settings)
-                sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget), keep, len(prompt.ids), source)
+                sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget, sampler.hooks), keep, len(prompt.ids), source)
                 self.advance(sequence, logits[0], checked_argmax(logits)[0])
                 if sequence.ended:
                     self.give_to_pool(sequence, cache, 0)

@@ -34,10 +34,11 @@ Prompt text becomes ids through prompting.py, where user text can never become a
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk, window_within
 from llava_cli.conversation import Conversation
@@ -52,6 +53,9 @@ from llava_cli.settings import Settings
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.trimming import TrimSearch
 from llava_cli.vision import VisionInputs
+
+if TYPE_CHECKING:
+    from llava_cli.constraints import Grammars
 
 
 OUT_OF_MEMORY = (
@@ -183,8 +187,16 @@ class Engine:
         return TextStream(self.tokenizer)
 
     def sampler(self, settings: Settings) -> Sampler:
-        """A new row's sampler for `settings` (its own seeded generator, on the model's device)."""
-        return Sampler(settings, self.loaded.device)
+        """A new row's sampler for `settings` (its own seeded generator, on the model's device), with
+        the row's hooks (a grammar matcher for `settings.constraint`); give its `hooks` to the row's `Row`."""
+        return Sampler(settings, self.loaded.device, [self.grammars.hook(settings.constraint)] if settings.constraint else ())
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """This engine's compiled grammars (built on the first constrained answer)."""
+        from llava_cli.constraints import Grammars
+
+        return Grammars(self.tokenizer, self.model.config.get_text_config().vocab_size)
 
     def use_path_for(self, settings: Settings) -> None:
         """Switch to the forward path `settings` asks for (`--compile`, `--no-cuda-graph` or not); a switch empties the cache."""
@@ -211,8 +223,8 @@ class Engine:
         keep = self.cache.reusable_prefix(prompt)
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
-        row = Row(budget=self.token_budget(prompt, settings))
         sampler = self.sampler(settings)
+        row = Row(budget=self.token_budget(prompt, settings), hooks=sampler.hooks)
         stream = self.detokenizer()
         with self.guarded():  # a bigger bucket may not fit in memory
             self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)

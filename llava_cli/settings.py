@@ -65,6 +65,8 @@ class Settings:
     no_server: bool = False  # load the model here: no --server, no discovered `llava serve`
     # The options the user set (command line, /set): a server is sent only these, its own defaults apply to the rest.
     chosen: frozenset[str] = frozenset()
+    # A JSON schema (constraints.py's canonical text) every answer must follow: ask --schema/--format json, serve's response_format.
+    constraint: str | None = None
 
     def __post_init__(self) -> None:
         for option in OPTIONS.values():
