@@ -13,6 +13,7 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
 - The request fields of the option table (options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
   `max_tokens`/`max_completion_tokens`, `seed`) override the server's `Settings` for this request,
   each type-checked, then validated by `Settings`.
+- `response_format` (text, json_object, json_schema) becomes `Settings.constraint` (constraints.py).
 - Any other field is refused with a 400 naming it (requestfields.py), never silently ignored.
 
 `api_error_from` turns what the engine refused (`LlavaError`) into the `ApiError` a client gets.
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llava_cli.constraints import response_format_constraint
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import ContextError, InputError, LlavaError, UsageError
 from llava_cli.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, ImageRef, image_from_bytes, refuse_video
@@ -135,7 +137,7 @@ def parse_job(body: Any, served_model: str, base: Settings) -> Job:
     return Job(
         conversation=conversation,
         images=images,
-        settings=request_settings(body, base),
+        settings=dataclasses.replace(request_settings(body, base), constraint=response_constraint(body)),
         stream=optional(body, "stream", bool, "true or false") is True,
         include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
     )
@@ -147,6 +149,14 @@ def optional(body: dict[str, Any], key: str, kind: type, described: str, prefix:
     if value is not None and type(value) is not kind:
         raise ApiError(400, f"`{prefix}{key}` must be {described}", param=prefix + key)
     return value
+
+
+def response_constraint(body: dict[str, Any]) -> str | None:
+    """`response_format` as the answer's schema text (constraints.py); a 400 naming the field if unusable."""
+    try:
+        return response_format_constraint(body.get("response_format"))
+    except UsageError as err:
+        raise ApiError(400, str(err), code="invalid_response_format", param="response_format") from None
 
 
 def request_settings(body: dict[str, Any], base: Settings) -> Settings:

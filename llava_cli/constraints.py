@@ -13,6 +13,8 @@ Contract:
   when the grammar has terminated. Once an answer's JSON is complete only end-of-sequence is
   allowed, so the answer ends there.
 - JSON is written compactly (no free whitespace between tokens), so a model cannot wander in blanks.
+- `response_format_constraint(value)`: serve's `response_format` (text, json_object, json_schema)
+  as the same schema text, or `UsageError` (a 400 naming `response_format`).
 - `parsed_answer(text)`: the answer as a JSON value, or `LlavaError` (exit 1) when it was cut off (budget spent).
 - `ask_constraint(settings, schema, answer_format)`: `llava ask --schema/--format json` applied to its
   settings: the model is loaded here (a server is not sent the schema: `--server` is refused).
@@ -141,6 +143,27 @@ def ask_constraint(settings: Settings, schema: str | None, answer_format: str | 
         raise UsageError("--schema and --format are not sent to a server yet: drop --server to answer with the model loaded here")
     constraint = schema_text(schema) if schema is not None else ANY_OBJECT
     return dataclasses.replace(settings, constraint=constraint, no_server=True)  # a running llava serve would ignore it
+
+
+def response_format_constraint(response_format: Any) -> str | None:
+    """A chat-completions `response_format` as a schema text (None: free text); `UsageError` naming what is wrong."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        xgrammar()
+        return ANY_OBJECT
+    if kind != "json_schema":
+        raise UsageError("`response_format.type` must be text, json_object or json_schema")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise UsageError("`response_format.json_schema.schema` must be a JSON schema object")
+    canonical = json.dumps(schema)
+    check_schema(canonical, "response_format.json_schema.schema")
+    return canonical
 
 
 def parsed_answer(text: str) -> Any:

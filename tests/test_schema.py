@@ -33,17 +33,8 @@ QUESTION = "What is in this picture?"
 
 
 def reference_answer(reference, schema: str, image) -> str:
-    """Plain transformers greedy `generate` with xgrammar's logits processor, compiled independently of llava_cli."""
-    from PIL import Image
-    from xgrammar.contrib.hf import LogitsProcessor
-
-    vocab_size = reference.model.config.get_text_config().vocab_size
-    info = xgr.TokenizerInfo.from_huggingface(reference.processor.tokenizer, vocab_size=vocab_size)
-    compiled = xgr.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False)
-    prompt = render_llava15([(QUESTION, 1, None)])
-    inputs = reference.processor(text=prompt, images=[Image.open(image).convert("RGB")], return_tensors="pt")
-    output = reference.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, logits_processor=[LogitsProcessor(compiled)])
-    return reference.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    """Plain transformers greedy `generate` with xgrammar's logits processor (conftest's `Reference`)."""
+    return reference.answer(render_llava15([(QUESTION, 1, None)]), [image], MAX_NEW, schema=schema)
 
 
 @pytest.fixture(scope="module")

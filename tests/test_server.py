@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -199,6 +200,41 @@ def test_the_openai_client_gets_400_naming_each_field_the_server_does_not_honour
     reply = client.chat.completions.create(model=server.model, messages=messages, max_completion_tokens=3,
                                            logprobs=False, user="me", tools=None)
     assert reply.choices[0].message.content == expected and reply.usage.completion_tokens <= 3
+
+
+def test_response_format_gives_the_answer_transformers_gives_under_xgrammars_processor(server, images, reference):
+    pytest.importorskip("xgrammar")
+    from openai import BadRequestError, OpenAI
+    from pydantic import BaseModel
+
+    class Colour(BaseModel):
+        colour: Literal["red", "green", "blue"]
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    question = "What is in this picture?"
+    messages = [user(question, data_url(images["green"]))]
+    prompt = render_llava15([(question, 1, None)])
+    schema = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["count"]}
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40,
+                                           response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    assert reply.choices[0].message.content == reference.answer(prompt, [images["green"]], 40, schema=json.dumps(schema))
+    parsed = client.chat.completions.parse(model=server.model, messages=messages, max_tokens=40, response_format=Colour)
+    pydantic_schema = {"type": "json_schema", "json_schema": {"name": "Colour", "strict": True, "schema": openai_schema(Colour)}}
+    expected = reference.answer(prompt, [images["green"]], 40, schema=json.dumps(pydantic_schema["json_schema"]["schema"]))
+    assert parsed.choices[0].message.parsed == Colour.model_validate_json(expected)
+    anything = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40, response_format={"type": "json_object"})
+    assert anything.choices[0].message.content == reference.answer(prompt, [images["green"]], 40, schema='{"type": "object"}')
+    for bad in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nope"}}}):
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=server.model, messages=messages, response_format=bad)
+        assert refused.value.body["param"] == "response_format"
+
+
+def openai_schema(model) -> dict:
+    """The JSON schema the openai package sends for a pydantic model (`parse`)."""
+    from openai.lib._pydantic import to_strict_json_schema
+
+    return to_strict_json_schema(model)
 
 
 def test_ask_through_the_server_prints_what_a_local_ask_prints(server, images, reference):
