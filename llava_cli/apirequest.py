@@ -13,7 +13,7 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
 - The request fields of the option table (options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
   `max_tokens`/`max_completion_tokens`, `seed`) override the server's `Settings` for this request,
   each type-checked, then validated by `Settings`.
-- `response_format` (text, json_object, json_schema) becomes `Settings.constraint` (constraints.py).
+- `stop` (a string or up to 4) becomes `Settings.stop` (stops.py); `response_format` (text, json_object, json_schema) becomes `Settings.constraint` (constraints.py).
 - Any other field is refused with a 400 naming it (requestfields.py), never silently ignored.
 
 `api_error_from` turns what the engine refused (`LlavaError`) into the `ApiError` a client gets.
@@ -41,6 +41,7 @@ from llava_cli.requestfields import refused_field
 from llava_cli.serveguard import Guard, MediaRefused
 from llava_cli.servelog import log_detail
 from llava_cli.settings import Settings
+from llava_cli.stops import stop_list
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -137,7 +138,7 @@ def parse_job(body: Any, served_model: str, base: Settings) -> Job:
     return Job(
         conversation=conversation,
         images=images,
-        settings=dataclasses.replace(request_settings(body, base), constraint=response_constraint(body)),
+        settings=dataclasses.replace(request_settings(body, base), constraint=response_constraint(body), stop=request_stops(body)),
         stream=optional(body, "stream", bool, "true or false") is True,
         include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
     )
@@ -157,6 +158,14 @@ def response_constraint(body: dict[str, Any]) -> str | None:
         return response_format_constraint(body.get("response_format"))
     except UsageError as err:
         raise ApiError(400, str(err), code="invalid_response_format", param="response_format") from None
+
+
+def request_stops(body: dict[str, Any]) -> tuple[str, ...]:
+    """`stop`: a string or up to 4 (stops.py); a 400 naming the field otherwise."""
+    try:
+        return () if body.get("stop") is None else stop_list(body["stop"], "`stop`")
+    except UsageError as err:
+        raise ApiError(400, str(err), param="stop") from None
 
 
 def request_settings(body: dict[str, Any], base: Settings) -> Settings:

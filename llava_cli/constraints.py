@@ -24,7 +24,6 @@ xgrammar is an optional dependency (`pip install 'llava-cli[schema]'`), imported
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -139,10 +138,8 @@ def ask_constraint(settings: Settings, schema: str | None, answer_format: str | 
         raise UsageError("--schema already asks for JSON: drop --format")
     if schema is None and answer_format is None:
         return settings
-    if settings.server is not None:
-        raise UsageError("--schema and --format are not sent to a server yet: drop --server to answer with the model loaded here")
     constraint = schema_text(schema) if schema is not None else ANY_OBJECT
-    return dataclasses.replace(settings, constraint=constraint, no_server=True)  # a running llava serve would ignore it
+    return settings.answered_here("--schema and --format are", constraint=constraint)
 
 
 def response_format_constraint(response_format: Any) -> str | None:

@@ -47,6 +47,7 @@ from llava_cli.errors import LlavaError, ResourceError
 from llava_cli.kvrows import columns, drop_left, merged, rows_of
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
+from llava_cli.stops import before_stop
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
@@ -233,7 +234,7 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
 
     def end(sequence: Sequence, index: int, started: float) -> None:
         done[index] = sequence.error or BatchAnswer(
-            engine.decode(sequence.row.tokens), len(sequence.prompt_ids),
+            before_stop(engine.decode(sequence.row.tokens), settings.stop), len(sequence.prompt_ids),
             len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started,
         )
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk, window_within
 from llava_cli.conversation import Conversation
-from llava_cli.decoding import Row, Sampler, token_budget
+from llava_cli.decoding import Row, Sampler, TokenHook, token_budget
 from llava_cli.errors import ContextError, ResourceError
 from llava_cli.forward import CompiledPath, ForwardPath, Steps
 from llava_cli.graphstep import default_path
@@ -50,6 +50,7 @@ from llava_cli.images import ImageRef
 from llava_cli.loader import LoadedModel
 from llava_cli.prompting import expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
+from llava_cli.stops import StopHook, StoppedStream
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.trimming import TrimSearch
 from llava_cli.vision import VisionInputs
@@ -182,14 +183,17 @@ class Engine:
         """A whole answer's text from its tokens, stripped."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
-    def detokenizer(self) -> TextStream:
-        """A new incremental detokenizer for one answer's tokens."""
-        return TextStream(self.tokenizer)
+    def detokenizer(self, stops: tuple[str, ...] = ()) -> TextStream | StoppedStream:
+        """A new incremental detokenizer for one answer's tokens, ending before the first of `stops`."""
+        return StoppedStream(TextStream(self.tokenizer), stops) if stops else TextStream(self.tokenizer)
 
     def sampler(self, settings: Settings) -> Sampler:
         """A new row's sampler for `settings` (its own seeded generator, on the model's device), with
         the row's hooks (a grammar matcher for `settings.constraint`); give its `hooks` to the row's `Row`."""
-        return Sampler(settings, self.loaded.device, [self.grammars.hook(settings.constraint)] if settings.constraint else ())
+        hooks: list[TokenHook] = [self.grammars.hook(settings.constraint)] if settings.constraint else []
+        if settings.stop:
+            hooks.append(StopHook(self.tokenizer, settings.stop))
+        return Sampler(settings, self.loaded.device, hooks)
 
     @functools.cached_property
     def grammars(self) -> Grammars:
@@ -225,7 +229,7 @@ class Engine:
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
         sampler = self.sampler(settings)
         row = Row(budget=self.token_budget(prompt, settings), hooks=sampler.hooks)
-        stream = self.detokenizer()
+        stream = self.detokenizer(settings.stop)
         with self.guarded():  # a bigger bucket may not fit in memory
             self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
@@ -237,7 +241,7 @@ class Engine:
             if stop():
                 return
             token = self.next_token(steps, row)
-            if row.finish_reason == "stop":
+            if token in self.eos_ids:
                 break
             if chunk := stream.push(token):
                 yield TextChunk(chunk)

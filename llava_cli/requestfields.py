@@ -5,7 +5,7 @@ Contract: `refused_field(body)` returns `(param, message)` for the first field o
 the field. No field is ever silently ignored:
 
 - READ: fields apirequest.py reads and checks itself (`model`, `messages`, `n`, `stream`,
-  `stream_options`, `response_format`), plus the option table's request fields (options.py `REQUEST_FIELDS`).
+  `stream_options`, `response_format`, `stop`), plus the option table's request fields (options.py `REQUEST_FIELDS`).
 - HARMLESS: fields that ask for nothing of the answer (`user`, an end-user id for the client's
   own records).
 - OFF_VALUES: OpenAI fields accepted only at the value that asks for nothing (`logprobs: false`,
@@ -23,7 +23,7 @@ from typing import Any
 
 from llava_cli.options import REQUEST_FIELDS
 
-READ = frozenset({"model", "messages", "n", "stream", "stream_options", "response_format", *REQUEST_FIELDS})
+READ = frozenset({"model", "messages", "n", "stream", "stream_options", "response_format", "stop", *REQUEST_FIELDS})
 HARMLESS = frozenset({"user"})
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,),

@@ -237,6 +237,27 @@ def openai_schema(model) -> dict:
     return to_strict_json_schema(model)
 
 
+def test_stop_ends_a_streamed_answer_before_the_stop_and_streams_nothing_past_it(server, images, reference):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    question = "What is in this picture?"
+    full = reference.answer(render_llava15([(question, 1, None)]), [images["blue"]], 24)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)].rstrip()
+    messages = [user(question, data_url(images["blue"]))]
+    chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=24, stream=True,
+                                                 stop=["never-said", stop]))
+    pieces = [choice.delta.content or "" for chunk in chunks for choice in chunk.choices]
+    assert "".join(pieces) == expected and len([piece for piece in pieces if piece]) > 1
+    assert [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason] == ["stop"]
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=24, stop=stop)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=server.model, messages=messages, stop=["a", "b", "c", "d", "e"])
+    assert refused.value.body["param"] == "stop"
+
+
 def test_ask_through_the_server_prints_what_a_local_ask_prints(server, images, reference):
     expected = reference.answer(render_llava15([("What is in this picture?", 1, None)]), [images["blue"]], MAX_NEW)
     common = ["--model", server.model, "-n", str(MAX_NEW), str(images["blue"]), "What is in this picture?"]
