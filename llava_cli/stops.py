@@ -38,10 +38,9 @@ class StopText:
         if self.hit:
             return ""
         text = self.held + chunk
-        found = [index for index in (text.find(stop) for stop in self.stops) if index >= 0]
-        if found:
+        if (index := first_stop(text, self.stops)) is not None:
             self.hit, self.held = True, ""
-            return text[: min(found)].rstrip()
+            return text[:index].rstrip()
         shown = len(text) - self.possible_stop(text)
         shown = len(text[:shown].rstrip())
         self.held = text[shown:]
@@ -99,10 +98,16 @@ class StopHook:
         return self.stream.hit
 
 
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop in `text` begins, or None."""
+    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    return min(found) if found else None
+
+
 def before_stop(text: str, stops: Sequence[str]) -> str:
     """`text` up to its first stop, stripped."""
-    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
-    return text[: min(found)].rstrip() if found else text
+    index = first_stop(text, stops)
+    return text if index is None else text[:index].rstrip()
 
 
 def stop_list(value: Any, where: str, limit: int | None = MAX_REQUEST_STOPS) -> tuple[str, ...]:
