@@ -17,6 +17,8 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
   each type-checked, then validated by `Settings`.
 - `cache_salt` (a string, as vLLM has it) scopes the prefix cache: only requests with the same
   salt, sent with the same API key, share cached prefixes (`Job.cache_scope`).
+- `stop` (a string or up to 4) becomes `Settings.stop` (stops.py); `response_format` (text, json_object, json_schema) becomes `Settings.constraint` (constraints.py).
+- Any other field is refused with a 400 naming it (requestfields.py), never silently ignored.
 
 `api_error_from` turns what the engine refused (`LlavaError`) into the `ApiError` a client gets.
 """
@@ -34,16 +36,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llava_cli.constraints import response_format_constraint
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.errors import ContextError, InputError, LlavaError, UsageError
 from llava_cli.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE
 from llava_cli.media import Media, media_from_bytes
 from llava_cli.video import MAX_VIDEO_BYTES, is_video_name
 from llava_cli.options import REQUEST_FIELDS
+from llava_cli.requestfields import refused_field
 from llava_cli.serveguard import Guard, MediaRefused
 from llava_cli.servelog import log_detail
 from llava_cli.settings import Settings
 from llava_cli.video import VideoRef
+from llava_cli.stops import stop_list
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -151,6 +156,8 @@ def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[s
     if model != served_model and model not in aliases:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
                        code="model_not_found", param="model")
+    if refused := refused_field(body):
+        raise ApiError(400, refused[1], code="unsupported_parameter", param=refused[0])
     n = body.get("n")
     if n is not None and (type(n) is not int or n != 1):  # bool is an int to Python, not to the API
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -159,7 +166,7 @@ def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[s
     return Job(
         conversation=conversation,
         images=images,
-        settings=request_settings(body, base),
+        settings=dataclasses.replace(request_settings(body, base), constraint=response_constraint(body), stop=request_stops(body)),
         stream=optional(body, "stream", bool, "true or false") is True,
         include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
         cache_salt=cache_salt(body),
@@ -179,6 +186,22 @@ def optional(body: dict[str, Any], key: str, kind: type, described: str, prefix:
     if value is not None and type(value) is not kind:
         raise ApiError(400, f"`{prefix}{key}` must be {described}", param=prefix + key)
     return value
+
+
+def response_constraint(body: dict[str, Any]) -> str | None:
+    """`response_format` as the answer's schema text (constraints.py); a 400 naming the field if unusable."""
+    try:
+        return response_format_constraint(body.get("response_format"))
+    except UsageError as err:
+        raise ApiError(400, str(err), code="invalid_response_format", param="response_format") from None
+
+
+def request_stops(body: dict[str, Any]) -> tuple[str, ...]:
+    """`stop`: a string or up to 4 (stops.py); a 400 naming the field otherwise."""
+    try:
+        return () if body.get("stop") is None else stop_list(body["stop"], "`stop`")
+    except UsageError as err:
+        raise ApiError(400, str(err), param="stop") from None
 
 
 def request_settings(body: dict[str, Any], base: Settings) -> Settings:

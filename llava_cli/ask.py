@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.batch import run_batch
 from llava_cli.backend import Answer
+from llava_cli.constraints import parsed_answer
 from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
 from llava_cli.media import Media
@@ -92,7 +93,8 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     answer = Answer(engine.generate(conversation, settings), show_note)
     text = writer.stream(answer, settings.raw)
     session = save_answer(opened.recorder, conversation, settings)
-    writer.finish(answer_record(text, settings.model, image_names, session, answer.stats.as_dict()), settings.raw)
+    answer_value = parsed_answer(text) if settings.constraint else text
+    writer.finish(answer_record(answer_value, settings.model, image_names, session, answer.stats.as_dict()), settings.raw)
     if settings.verbose:
         emit(stats_line(answer.stats.as_dict()), sys.stderr)
     return 0

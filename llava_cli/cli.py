@@ -116,6 +116,9 @@ def ask(
     continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation (chat or ask): images become optional.", rich_help_panel=SESSION_HELP)] = False,
     no_save: Annotated[bool, ASK_NO_SAVE] = False,
     drop_missing_images: Annotated[bool, DROP_MISSING] = False,
+    schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="The answer is JSON following this JSON schema: a file, inline JSON, or 'name, age int, colours list' (str, int, float, bool, list). --json holds it parsed. Needs pip install 'llava-cli[schema]'.", show_default=False)] = None,
+    answer_format: Annotated[Optional[str], typer.Option("--format", metavar="json", help="json: the answer is a JSON object.", show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End the answer before this text (repeatable); nothing past it is printed.", show_default=False)] = None,
     settings: Settings = Settings(),
 ) -> int:
     """Answer one question about one or more images, on stdout; --each: about every image separately.
@@ -130,8 +133,13 @@ def ask(
     """
     from llava_cli.ask import run_ask
     from llava_cli.arguments import AskOptions
+    from llava_cli.constraints import ask_constraint
     from llava_cli.resume import SessionOptions
+    from llava_cli.stops import stop_list
 
+    settings = ask_constraint(settings, schema, answer_format)
+    if stop:
+        settings = settings.answered_here("--stop is", stop=stop_list(stop, "--stop", limit=None))
     options = AskOptions.from_command_line(
         dict(
             json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,

@@ -47,6 +47,7 @@ from llava_cli.errors import LlavaError, ResourceError
 from llava_cli.kvrows import columns, drop_left, merged, rows_of
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
+from llava_cli.stops import before_stop
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
@@ -105,7 +106,7 @@ class DecodeBatch:
                 )
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))
                 sampler = self.engine.sampler(settings)
-                sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget), keep, len(prompt.ids), source)
+                sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget, sampler.hooks), keep, len(prompt.ids), source)
                 self.advance(sequence, logits[0], checked_argmax(logits)[0])
                 if sequence.ended:
                     self.give_to_pool(sequence, cache, 0)
@@ -234,7 +235,7 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
 
     def end(sequence: Sequence, index: int, started: float, videos: tuple[dict[str, Any], ...]) -> None:
         done[index] = sequence.error or BatchAnswer(
-            engine.decode(sequence.row.tokens), len(sequence.prompt_ids),
+            before_stop(engine.decode(sequence.row.tokens), settings.stop), len(sequence.prompt_ids),
             len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started, videos,
         )
 

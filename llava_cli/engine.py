@@ -34,14 +34,15 @@ Prompt text becomes ids through prompting.py, where user text can never become a
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk, window_within
 from llava_cli.conversation import Conversation
-from llava_cli.decoding import Row, Sampler, token_budget
+from llava_cli.decoding import Row, Sampler, TokenHook, token_budget
 from llava_cli.errors import ContextError, ResourceError
 from llava_cli.forward import CompiledPath, ForwardPath, Steps
 from llava_cli.graphstep import default_path
@@ -49,9 +50,13 @@ from llava_cli.images import ImageRef
 from llava_cli.loader import LoadedModel
 from llava_cli.prompting import TooLong, expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
+from llava_cli.stops import StopHook, StoppedStream
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.trimming import TrimSearch
 from llava_cli.vision import VisionInputs, is_video
+
+if TYPE_CHECKING:
+    from llava_cli.constraints import Grammars
 
 
 OUT_OF_MEMORY = (
@@ -190,13 +195,24 @@ class Engine:
         """A whole answer's text from its tokens, stripped."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
-    def detokenizer(self) -> TextStream:
-        """A new incremental detokenizer for one answer's tokens."""
-        return TextStream(self.tokenizer)
+    def detokenizer(self, stops: tuple[str, ...] = ()) -> TextStream | StoppedStream:
+        """A new incremental detokenizer for one answer's tokens, ending before the first of `stops`."""
+        return StoppedStream(TextStream(self.tokenizer), stops) if stops else TextStream(self.tokenizer)
 
     def sampler(self, settings: Settings) -> Sampler:
-        """A new row's sampler for `settings` (its own seeded generator, on the model's device)."""
-        return Sampler(settings, self.loaded.device)
+        """A new row's sampler for `settings` (its own seeded generator, on the model's device), with
+        the row's hooks (a grammar matcher for `settings.constraint`); give its `hooks` to the row's `Row`."""
+        hooks: list[TokenHook] = [self.grammars.hook(settings.constraint)] if settings.constraint else []
+        if settings.stop:
+            hooks.append(StopHook(self.tokenizer, settings.stop))
+        return Sampler(settings, self.loaded.device, hooks)
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """This engine's compiled grammars (built on the first constrained answer)."""
+        from llava_cli.constraints import Grammars
+
+        return Grammars(self.tokenizer, self.model.config.get_text_config().vocab_size)
 
     def use_path_for(self, settings: Settings) -> None:
         """Switch to the forward path `settings` asks for (`--compile`, `--no-cuda-graph` or not); a switch empties the cache."""
@@ -224,9 +240,9 @@ class Engine:
         self.cache.truncate(keep, prompt)
         stats.prompt_tokens, stats.cached_tokens = len(prompt.ids), keep
         stats.videos = self.video_report(prompt)
-        row = Row(budget=self.token_budget(prompt, settings))
         sampler = self.sampler(settings)
-        stream = self.detokenizer()
+        row = Row(budget=self.token_budget(prompt, settings), hooks=sampler.hooks)
+        stream = self.detokenizer(settings.stop)
         with self.guarded():  # a bigger bucket may not fit in memory
             self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
@@ -238,7 +254,7 @@ class Engine:
             if stop():
                 return
             token = self.next_token(steps, row)
-            if row.finish_reason == "stop":
+            if token in self.eos_ids:
                 break
             if chunk := stream.push(token):
                 yield TextChunk(chunk)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from llava_cli.decoding import Sampler
-from llava_cli.forward import MASKED_ATTENTION, EagerPath, ForwardPath, run_model
+from llava_cli.forward import MASKED_ATTENTION, EagerPath, ForwardPath, HostSteps, run_model
 from llava_cli.settings import Settings
 
 BUCKET_TOKENS = (1024, 2048, 4096)  # static cache sizes; past the last, doubling; never beyond the context window
@@ -129,10 +129,12 @@ class StaticPath:
     def __call__(self, cache: Any, ids: list[int], start: int, image_inputs: dict[str, Any]) -> Any:
         return run_model(self.model, self.model, cache, ids, start, image_inputs)
 
-    def steps(self, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> DeviceSteps:
+    def steps(self, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> DeviceSteps | HostSteps:
         """This turn's decode steps, after a prefill that left `start` tokens in `cache` and `logits`."""
         if self.step is None or self.step.cache is not cache:
             self.step = DecodeStep(self.model, cache)
+        if sampler.hooks:  # a hook sees each token before the next is chosen: no look-ahead on the device
+            return HostSteps(self, cache, logits, start, sampler, eos_ids)
         reason = uncaptured_reason(self.model.device.type, self.cuda_graph, sampler.settings.greedy)
         if reason and self.model.device.type == "cuda" and reason not in self.noted:
             self.noted.add(reason)

@@ -26,8 +26,8 @@ from llava_cli.output import json_line
 from llava_cli.safeio import open_output, write_all
 
 
-def answer_record(answer: str, model: str, images: list[str], session: str | None, figures: dict[str, Any]) -> dict[str, Any]:
-    """One answer as `--json` prints it: the answer, the model, the turn's images as given, the id of
+def answer_record(answer: Any, model: str, images: list[str], session: str | None, figures: dict[str, Any]) -> dict[str, Any]:
+    """One answer as `--json` prints it: the answer (parsed JSON under a schema), the model, the turn's images as given, the id of
     the saved conversation (null when not saved), then the figures of `Stats.as_dict()`."""
     return {"answer": answer, "model": model, "images": images, "session": session, **figures}
 

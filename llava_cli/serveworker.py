@@ -48,6 +48,7 @@ from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveguard import Guard
 from llava_cli.servelog import log
 from llava_cli.servemodel import ModelHolder, give_memory_back
+from llava_cli.stops import StoppedStream
 from llava_cli.streaming import Stats, TextStream
 
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
@@ -73,7 +74,7 @@ class Answer:
 
     job: Job
     emit: Emit
-    stream: TextStream
+    stream: TextStream | StoppedStream
     stats: Stats
     started: float = field(default_factory=time.perf_counter)
     sequence: Sequence | None = None
@@ -153,7 +154,7 @@ class Worker:
 
     def admit(self, job: Job, emit: Emit) -> None:
         """Decode the job's images, fit it to the window, prefill it and add it to the batch."""
-        answer = Answer(job, emit, self.engine.detokenizer(), Stats(load_s=self.engine.info().load_seconds))
+        answer = Answer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
         try:
             if not job.load_images(self.guard, job.settings.max_image_pixels, stop):

@@ -8,6 +8,7 @@ row of the option table (options.py), which holds its default and the rule check
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from llava_cli.errors import UsageError
@@ -73,6 +74,9 @@ class Settings:
     no_server: bool = False  # load the model here: no --server, no discovered `llava serve`
     # The options the user set (command line, /set): a server is sent only these, its own defaults apply to the rest.
     chosen: frozenset[str] = frozenset()
+    # A JSON schema (constraints.py's canonical text) every answer must follow: ask --schema/--format json, serve's response_format.
+    constraint: str | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these texts (stops.py): ask --stop, serve's stop
 
     def __post_init__(self) -> None:
         for option in OPTIONS.values():
@@ -83,6 +87,13 @@ class Settings:
             raise UsageError("--frames and --fps exclude each other: pick one")
         if self.compile and self.attn == "flash_attention_2":
             raise UsageError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
+
+    def answered_here(self, flags: str, **changes: object) -> Settings:
+        """These settings with `changes` that only a model loaded here honours (`flags` names them):
+        `UsageError` with --server, and a running `llava serve` is not used."""
+        if self.server is not None:
+            raise UsageError(f"{flags} not sent to a server yet: drop --server to answer with the model loaded here")
+        return dataclasses.replace(self, no_server=True, **changes)
 
     @property
     def greedy(self) -> bool:

@@ -110,14 +110,25 @@ class Reference:
         self.processor = AutoProcessor.from_pretrained(folder)
         self.model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
 
-    def answer(self, prompt: str, image_paths: list[Path], max_new_tokens: int) -> str:
+    def answer(self, prompt: str, image_paths: list[Path], max_new_tokens: int, schema: str | None = None) -> str:
+        """`schema`: a JSON schema's text, enforced by xgrammar's own transformers logits processor."""
         from PIL import Image
 
         pictures = [Image.open(path).convert("RGB") for path in image_paths] or None
         inputs = self.processor(text=prompt, images=pictures, return_tensors="pt")
-        output = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        processors = [self.grammar_processor(schema)] if schema is not None else None
+        output = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=processors)
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         return self.processor.decode(new_tokens, skip_special_tokens=True).strip()
+
+    def grammar_processor(self, schema: str):
+        """xgrammar's logits processor for transformers, compiled independently of llava_cli (compact JSON)."""
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        vocab_size = self.model.config.get_text_config().vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab_size)
+        return LogitsProcessor(xgr.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False))
 
 
 @pytest.fixture(scope="session")

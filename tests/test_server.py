@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -169,6 +170,92 @@ def test_the_openai_client_library_gets_the_same_answers(server, images, referen
     assert "".join(pieces) == expected and usage.total_tokens == reply.usage.total_tokens
     with pytest.raises(NotFoundError, match="not served here"):
         client.chat.completions.create(model="no/such-model", messages=messages)
+
+
+UNSUPPORTED = {  # field -> a value an OpenAI client may send, which this server does not honour
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "tool_choice": "auto",
+    "functions": [{"name": "f", "parameters": {"type": "object"}}],
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "logprobs": True,
+    "presence_penalty": 0.5,
+    "colour": "blue",  # unknown to OpenAI too
+}
+
+
+def test_the_openai_client_gets_400_naming_each_field_the_server_does_not_honour(server, images, reference):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    for field, value in UNSUPPORTED.items():
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, extra_body={field: value})
+        assert refused.value.body["param"] == field and f"`{field}`" in refused.value.body["message"], field
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=server.model, messages=messages, stream=True, stream_options={"include_obfuscation": True})
+    assert refused.value.body["param"] == "stream_options.include_obfuscation"
+    expected = reference.answer(render_llava15([("hi", 0, None)]), [], 3)
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_completion_tokens=3,
+                                           logprobs=False, user="me", tools=None)
+    assert reply.choices[0].message.content == expected and reply.usage.completion_tokens <= 3
+
+
+def test_response_format_gives_the_answer_transformers_gives_under_xgrammars_processor(server, images, reference):
+    pytest.importorskip("xgrammar")
+    from openai import BadRequestError, OpenAI
+    from pydantic import BaseModel
+
+    class Colour(BaseModel):
+        colour: Literal["red", "green", "blue"]
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    question = "What is in this picture?"
+    messages = [user(question, data_url(images["green"]))]
+    prompt = render_llava15([(question, 1, None)])
+    schema = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["count"]}
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40,
+                                           response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    assert reply.choices[0].message.content == reference.answer(prompt, [images["green"]], 40, schema=json.dumps(schema))
+    parsed = client.chat.completions.parse(model=server.model, messages=messages, max_tokens=40, response_format=Colour)
+    pydantic_schema = {"type": "json_schema", "json_schema": {"name": "Colour", "strict": True, "schema": openai_schema(Colour)}}
+    expected = reference.answer(prompt, [images["green"]], 40, schema=json.dumps(pydantic_schema["json_schema"]["schema"]))
+    assert parsed.choices[0].message.parsed == Colour.model_validate_json(expected)
+    anything = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40, response_format={"type": "json_object"})
+    assert anything.choices[0].message.content == reference.answer(prompt, [images["green"]], 40, schema='{"type": "object"}')
+    for bad in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nope"}}}):
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=server.model, messages=messages, response_format=bad)
+        assert refused.value.body["param"] == "response_format"
+
+
+def openai_schema(model) -> dict:
+    """The JSON schema the openai package sends for a pydantic model (`parse`)."""
+    from openai.lib._pydantic import to_strict_json_schema
+
+    return to_strict_json_schema(model)
+
+
+def test_stop_ends_a_streamed_answer_before_the_stop_and_streams_nothing_past_it(server, images, reference):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    question = "What is in this picture?"
+    full = reference.answer(render_llava15([(question, 1, None)]), [images["blue"]], 24)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)].rstrip()
+    messages = [user(question, data_url(images["blue"]))]
+    chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=24, stream=True,
+                                                 stop=["never-said", stop]))
+    pieces = [choice.delta.content or "" for chunk in chunks for choice in chunk.choices]
+    assert "".join(pieces) == expected and len([piece for piece in pieces if piece]) > 1
+    assert [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason] == ["stop"]
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=24, stop=stop)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=server.model, messages=messages, stop=["a", "b", "c", "d", "e"])
+    assert refused.value.body["param"] == "stop"
 
 
 def test_ask_through_the_server_prints_what_a_local_ask_prints(server, images, reference):

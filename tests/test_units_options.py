@@ -91,7 +91,7 @@ def test_every_row_is_a_settings_field_of_its_type_and_default(option):
 
 
 def test_every_settings_field_is_a_row():
-    assert {field.name for field in dataclasses.fields(Settings)} - {"chosen"} == set(OPTIONS)
+    assert {field.name for field in dataclasses.fields(Settings)} - {"chosen", "constraint", "stop"} == set(OPTIONS)
 
 
 @pytest.mark.parametrize("option", ROWS, ids=lambda option: option.name)
