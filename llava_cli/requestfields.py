@@ -23,7 +23,7 @@ from typing import Any
 
 from llava_cli.options import REQUEST_FIELDS
 
-READ = frozenset({"model", "messages", "n", "stream", "stream_options", "response_format", "stop", *REQUEST_FIELDS})
+READ = frozenset({"model", "messages", "n", "stream", "stream_options", "response_format", "stop", "cache_salt", *REQUEST_FIELDS})
 HARMLESS = frozenset({"user"})
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,),

@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def restored_environment():
+    """Each test starts from the same environment: in-process commands set variables for themselves
+    (startup.py quiets huggingface_hub's own progress bars with HF_HUB_DISABLE_PROGRESS_BARS, for one),
+    and a subprocess a later test starts from `os.environ` (cli_env) must not inherit them."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def llava_home(tmp_path_factory) -> Path:
     """Saved conversations and input history go to a temporary LLAVA_HOME, never the real home dir."""

@@ -134,17 +134,17 @@ def colour_codes(raw: str) -> set[str]:
 
 SLOW_DECODE_HOOK = """
 import time
-import llava_cli.engine as engine
+import llava_cli.forward as forward
 
-_run = engine.Engine.run
-
-
-def slow_run(self, *args, **kwargs):
-    time.sleep(0.05)  # 900 tokens take 45 s: Ctrl-C surely lands mid-answer
-    return _run(self, *args, **kwargs)
+_run_model = forward.run_model
 
 
-engine.Engine.run = slow_run
+def slow_run_model(*args, **kwargs):
+    time.sleep(0.05)  # every forward, one a token on every path: 900 tokens take 45 s, so Ctrl-C surely lands mid-answer
+    return _run_model(*args, **kwargs)
+
+
+forward.run_model = slow_run_model
 """
 
 

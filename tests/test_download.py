@@ -215,6 +215,13 @@ def test_pull_finishes_an_interrupted_download(hub, env, sharded_model, cut_off_
     assert hub.file_requests("GET") == [SHARDS[1]]
 
 
+def on_a_terminal(env: dict[str, str]) -> dict[str, str]:
+    """`env` as a person's terminal has it: whatever the test run inherited (CI, a dumb TERM, a fixed
+    width, Rich's TTY_* switches) must not change how the bar is drawn in the pty."""
+    quirks = ("CI", "COLUMNS", "LINES", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR", "NO_COLOR", "JUPYTER_COLUMNS", "JUPYTER_LINES")
+    return {name: value for name, value in env.items() if name not in quirks} | {"TERM": "xterm-256color"}
+
+
 def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sharded_model):
     import pexpect
 
@@ -222,7 +229,7 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
     hub.held_files.update(SHARDS)  # each shard's bytes go out only as the test sees the bar redrawn
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
     bar = re.compile(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)")
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=on_a_terminal(env), timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
     output, bars = "", []
     while (seen := child.expect([bar, pexpect.TIMEOUT, pexpect.EOF], timeout=REDRAW_WAIT_S)) != 2:
         if seen == 0:
@@ -234,7 +241,7 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
     assert child.exitstatus == 0, output
     total = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     number, unit = total.split()
-    assert len(bars) >= 2  # drawn, then redrawn as the bytes come in
+    assert len(bars) >= 2, output  # drawn, then redrawn as the bytes come in
     assert {(shown_total, shown_unit) for _, shown_total, shown_unit in bars} == {(number, unit)}  # one bar: the model's total, never one file's
     assert float(bars[-1][0]) > float(bars[0][0])
     assert "downloaded " + REPO in output
@@ -263,7 +270,7 @@ def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_to
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
     files = wanted(sharded_model)
     bar = re.compile(r"Downloading " + re.escape(REPO) + r": file (\d+) of (\d+).*?(\d+\.\d)/\? ([kMG]?B)")
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=env, timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=on_a_terminal(env), timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
     output, bars = "", []
     while (seen := child.expect([bar, pexpect.TIMEOUT, pexpect.EOF], timeout=REDRAW_WAIT_S)) != 2:
         if seen == 0:
@@ -273,7 +280,7 @@ def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_to
     output += child.before
     child.close()
     assert child.exitstatus == 0, output
-    assert {total for _, total, _, _ in bars} == {str(len(files))}
+    assert {total for _, total, _, _ in bars} == {str(len(files))}, output
     assert int(bars[-1][0]) == len(files) and float(bars[-1][2]) > float(bars[0][2])  # files, then bytes as they arrive
     total = human_size(sum((sharded_model / name).stat().st_size for name in files))
     assert f"downloaded {REPO}: {len(files)} of {len(files)} files, {total} in " in output  # the real bytes, not 0 B
