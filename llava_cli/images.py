@@ -85,20 +85,26 @@ def refuse_video(name: str, path: str) -> None:
 
 def read_image_file(path: Path) -> bytes:
     """The bytes of an image file: a regular file only (a FIFO or /dev/zero is refused at once), at most MAX_IMAGE_BYTES."""
+    return read_media_file(path, str(path), "image", MAX_IMAGE_BYTES, "is it really an image?")
+
+
+def read_media_file(path: Path, name: str, kind: str, max_bytes: int, too_large_hint: str) -> bytes:
+    """A user's `kind` file (image, video, PDF) as bytes, at most `max_bytes`, regular files only;
+    `InputError` in one line, naming the file as `name`, for every way it can fail."""
     try:
-        return read_regular(path, MAX_IMAGE_BYTES)
+        return read_regular(path, max_bytes)
     except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
+        raise InputError(f"{kind} not found: {name}") from None
     except NotRegularFile as err:
-        raise InputError(f"{path} is {err.kind}, not an image") from None
+        raise InputError(f"{name} is {err.kind}, not {'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
     except BadPath:
-        raise InputError(f"{str(path)!r} is not a valid path (it holds a NUL byte or an unencodable character)") from None
+        raise InputError(f"{name!r} is not a valid path (it holds a NUL byte or an unencodable character)") from None
     except FileTooLarge:
-        raise InputError(f"{path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB; is it really an image?") from None
+        raise InputError(f"{name} is larger than {max_bytes // 2**20} MiB; {too_large_hint}") from None
     except PermissionError:
-        raise InputError(f"cannot read {path}: permission denied") from None
+        raise InputError(f"cannot read {name}: permission denied") from None
     except OSError as err:
-        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+        raise InputError(f"cannot read {name}: {err.strerror or err}") from None
 
 
 def read_stream(

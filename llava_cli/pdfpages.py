@@ -26,9 +26,8 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Callable
 
 from llava_cli.errors import InputError, UsageError, one_line
-from llava_cli.images import check_size, shrink_to_usable
+from llava_cli.images import check_size, read_media_file, shrink_to_usable
 from llava_cli.options import DEFAULT_MAX_IMAGE_PIXELS
-from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
 
 if TYPE_CHECKING:
     from llava_cli.images import ImageRef
@@ -89,16 +88,7 @@ def pdf_pages(path: str, pages: str | None = None, max_pixels: int = DEFAULT_MAX
 
 
 def read_pdf(file: Path, name: str) -> bytes:
-    try:
-        data = read_regular(file, MAX_PDF_BYTES)
-    except FileNotFoundError:
-        raise InputError(f"PDF not found: {name}") from None
-    except NotRegularFile as err:
-        raise InputError(f"{name} is {err.kind}, not a PDF") from None
-    except FileTooLarge:
-        raise InputError(f"{name} is larger than {MAX_PDF_BYTES // 2**20} MiB; extract the pages you need") from None
-    except OSError as err:
-        raise InputError(f"cannot read {name}: {err.strerror or err}") from None
+    data = read_media_file(file, name, "PDF", MAX_PDF_BYTES, "extract the pages you need")
     if not data.lstrip()[:5] == b"%PDF-":
         raise InputError(f"{name} is not a PDF (no %PDF- header)")
     return data

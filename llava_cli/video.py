@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.errors import InputError, one_line
-from llava_cli.images import VIDEO_SUFFIXES
+from llava_cli.images import VIDEO_SUFFIXES, read_media_file
 from llava_cli.options import MAX_VIDEO_FRAMES
-from llava_cli.safeio import FileTooLarge, NotRegularFile, read_regular
 
 MAX_VIDEO_BYTES = 512 * 1024 * 1024
 MAX_DURATION_S = 3 * 3600  # a feature film; longer is no clip to ask about
@@ -88,16 +87,7 @@ def is_video_name(name: str) -> bool:
 def load_video(path: str, sampling: Sampling = Sampling()) -> VideoRef:
     """Read and check the video file at `path`; raise `InputError` saying what is wrong with it."""
     file = Path(path).expanduser()
-    try:
-        data = read_regular(file, MAX_VIDEO_BYTES)
-    except FileNotFoundError:
-        raise InputError(f"video not found: {path}") from None
-    except NotRegularFile as err:
-        raise InputError(f"{path} is {err.kind}, not a video") from None
-    except FileTooLarge:
-        raise InputError(f"{path} is larger than {MAX_VIDEO_BYTES // 2**20} MiB; cut the part you want to ask about") from None
-    except OSError as err:
-        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    data = read_media_file(file, path, "video", MAX_VIDEO_BYTES, "cut the part you want to ask about")
     return replace(video_from_bytes(data, path, sampling), path=os.path.abspath(file))
 
 

@@ -222,6 +222,21 @@ def on_a_terminal(env: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if name not in quirks} | {"TERM": "xterm-256color"}
 
 
+def watch_bars(child, bar: re.Pattern[str], hub) -> tuple[str, list[tuple[str, ...]]]:
+    """Read `child` to its end: everything it drew, and the groups of each `bar` seen. Each bar seen
+    lets the held shards' next chunks go out, so the bar must be redrawn for the download to go on."""
+    import pexpect
+
+    output, bars = "", []
+    while (seen := child.expect([bar, pexpect.TIMEOUT, pexpect.EOF], timeout=REDRAW_WAIT_S)) != 2:
+        if seen == 0:
+            output += child.before + child.after
+            bars.append(child.match.groups())
+        hub.release(CHUNKS_PER_REDRAW)  # on a timeout too: a redraw the pattern missed must not stall the download
+    child.close()
+    return output + child.before, bars
+
+
 def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sharded_model):
     import pexpect
 
@@ -230,14 +245,7 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
     bar = re.compile(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)")
     child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=on_a_terminal(env), timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
-    output, bars = "", []
-    while (seen := child.expect([bar, pexpect.TIMEOUT, pexpect.EOF], timeout=REDRAW_WAIT_S)) != 2:
-        if seen == 0:
-            output += child.before + child.after
-            bars.append(child.match.groups())
-        hub.release(CHUNKS_PER_REDRAW)  # on a timeout too: a redraw the pattern missed must not stall the download
-    output += child.before
-    child.close()
+    output, bars = watch_bars(child, bar, hub)
     assert child.exitstatus == 0, output
     total = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     number, unit = total.split()
@@ -271,14 +279,7 @@ def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_to
     files = wanted(sharded_model)
     bar = re.compile(r"Downloading " + re.escape(REPO) + r": file (\d+) of (\d+).*?(\d+\.\d)/\? ([kMG]?B)")
     child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=on_a_terminal(env), timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
-    output, bars = "", []
-    while (seen := child.expect([bar, pexpect.TIMEOUT, pexpect.EOF], timeout=REDRAW_WAIT_S)) != 2:
-        if seen == 0:
-            output += child.before + child.after
-            bars.append(child.match.groups())
-        hub.release(CHUNKS_PER_REDRAW)  # on a timeout too: a redraw the pattern missed must not stall the download
-    output += child.before
-    child.close()
+    output, bars = watch_bars(child, bar, hub)
     assert child.exitstatus == 0, output
     assert {total for _, total, _, _ in bars} == {str(len(files))}, output
     assert int(bars[-1][0]) == len(files) and float(bars[-1][2]) > float(bars[0][2])  # files, then bytes as they arrive
