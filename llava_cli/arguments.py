@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.errors import InputError, UsageError
-from llava_cli.images import IMAGE_SUFFIXES, looks_like_image, read_stream
+from llava_cli.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, looks_like_image, read_stream
 from llava_cli.media import Media, media_from_bytes, open_media
 from llava_cli.output import OUTPUT_FORMATS
 from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
@@ -98,8 +98,11 @@ def folder_images(names: list[str], recursive: bool = False) -> tuple[list[str],
     return images, notes
 
 
+ANSWERABLE_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what `--each FOLDER` answers: images and video clips
+
+
 def images_in_folder(folder: Path, recursive: bool) -> tuple[list[str], list[str]]:
-    """The image files under `folder` and a note for each other entry, in path order."""
+    """The image and video files under `folder` and a note for each other entry, in path order."""
     try:
         entries = sorted(folder.rglob("*") if recursive else folder.iterdir(), key=lambda path: path.relative_to(folder).parts)
     except OSError as err:
@@ -111,10 +114,10 @@ def images_in_folder(folder: Path, recursive: bool) -> tuple[list[str], list[str
         if path.is_dir():
             if not recursive:
                 skipped.append(f"skipping {path}: a folder (--recursive includes its images)")
-        elif path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        elif path.suffix.lower() in ANSWERABLE_SUFFIXES and path.is_file():
             found.append(str(path))
         else:
-            skipped.append(f"skipping {path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            skipped.append(f"skipping {path}: not an image or a video ({', '.join(sorted(ANSWERABLE_SUFFIXES))})")
     return found, skipped
 
 

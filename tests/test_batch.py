@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, default_sigint, render_llava15, run_llava
-from llava_cli.arguments import AskOptions
+from llava_cli.arguments import ANSWERABLE_SUFFIXES, AskOptions
 from llava_cli.ask import sigterm_as_interrupt
 from llava_cli.batch import BatchProgress, run_batch
 from llava_cli.conversation import Conversation
@@ -436,7 +436,7 @@ def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_ea
     assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", batch_size=2)) == 0
     out, err = capsys.readouterr()
     assert out == f"{folder / 'a.PNG'}\t{one_line['red']}\n{folder / 'b.png'}\t{one_line['green']}\n"
-    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image (.bmp, .gif, .ico, .jpeg, .jpg, .pgm, .png, .ppm, .tga, .tif, .tiff, .webp)",
+    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image or a video ({', '.join(sorted(ANSWERABLE_SUFFIXES))})",
                                 f"llava: skipping {folder / 'sub'}: a folder (--recursive includes its images)"]
 
     assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", recursive=True)) == 0
@@ -444,7 +444,7 @@ def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_ea
     lines = out.split("\n")
     assert [line.split("\t")[0] for line in lines] == [str(folder / name) for name in ("a.PNG", "b.png", "sub/c.png")] + [""]
     assert lines[2] == f"{folder / 'sub/c.png'}\t{one_line['blue']}"
-    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image (.bmp, .gif, .ico, .jpeg, .jpg, .pgm, .png, .ppm, .tga, .tif, .tiff, .webp)"]
+    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image or a video ({', '.join(sorted(ANSWERABLE_SUFFIXES))})"]
 
 
 def as_one_line(answer: str) -> str:

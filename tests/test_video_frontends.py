@@ -88,14 +88,17 @@ def test_ask_reads_a_video_from_stdin_and_takes_frames(monkeypatch, onevision, c
     assert record["videos"][0]["frames"] == [0, 5, 10] and record["videos"][0]["name"] == "<stdin>"
 
 
-def test_ask_each_answers_each_clip(monkeypatch, onevision, clips, engine_answer):
-    outcome = ask(monkeypatch, onevision, "--each", str(clips["walk"]), str(clips["pan"]), "-p", QUESTION)
+@pytest.mark.parametrize("named", ["files", "folder"])
+def test_ask_each_answers_each_clip(monkeypatch, onevision, clips, engine_answer, named):
+    given = [str(clips["walk"]), str(clips["pan"])] if named == "files" else [str(clips["walk"].parent)]
+    outcome = ask(monkeypatch, onevision, "--each", *given, "-p", QUESTION)
     assert (outcome.code, outcome.stderr) == (0, "")
     records = [json.loads(line) for line in outcome.stdout.splitlines()]
-    assert [record["answer"] for record in records] == [engine_answer([clips["walk"]])[0], engine_answer([clips["pan"]])[0]]
+    order = ["walk", "pan"] if named == "files" else ["pan", "walk"]  # a folder's entries sorted by name
+    assert [record["answer"] for record in records] == [engine_answer([clips[clip]])[0] for clip in order]
+    frames = {"walk": [0, 2, 5, 7, 10, 12, 15, 17], "pan": [0, 2, 4, 6, 8, 10, 12, 14]}
     assert [record["videos"] for record in records] == [
-        [{"name": str(clips["walk"]), "frames": [0, 2, 5, 7, 10, 12, 15, 17], "video_tokens": 33}],
-        [{"name": str(clips["pan"]), "frames": [0, 2, 4, 6, 8, 10, 12, 14], "video_tokens": 33}],
+        [{"name": str(clips[clip]), "frames": frames[clip], "video_tokens": 33}] for clip in order
     ]
 
 
