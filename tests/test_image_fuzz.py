@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mutations import mutated
 from llava_cli.errors import InputError
 from llava_cli.imagelimits import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_TIFF_VALUES, jpeg_counts
 from llava_cli.images import image_from_bytes, read_stream
@@ -50,23 +51,6 @@ SEEDS = [
 ]
 
 
-@st.composite
-def mutated_images(draw) -> bytes:
-    data = bytearray(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(1, 4))):
-        operation = draw(st.sampled_from(["flip", "truncate", "splice", "insert"]))
-        position = draw(st.integers(0, max(len(data) - 1, 0)))
-        if operation == "flip" and data:
-            data[position] ^= draw(st.integers(1, 255))
-        elif operation == "truncate":
-            del data[position:]
-        elif operation == "splice":
-            donor = draw(st.sampled_from(SEEDS))
-            start = draw(st.integers(0, len(donor) - 1))
-            data[position : position + draw(st.integers(0, 64))] = donor[start : start + draw(st.integers(1, 256))]
-        else:
-            data[position:position] = draw(st.binary(min_size=1, max_size=32))
-    return bytes(data)
 
 
 def assert_clean(data: bytes) -> None:
@@ -81,7 +65,7 @@ def assert_clean(data: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated_images())
+@given(mutated(SEEDS))
 def test_mutated_real_images_decode_or_fail_cleanly(data):
     assert_clean(data)
 

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from videos import CONTAINERS, encode_video, frames_of
+from mutations import mutated
 from llava_cli.errors import InputError
 from llava_cli.video import sample_frames, video_from_bytes
 
@@ -16,23 +17,6 @@ pytest.importorskip("av")
 SEEDS = [encode_video(frames_of(6, 24, 16, seed=index), kind) for index, kind in enumerate(CONTAINERS)]
 
 
-@st.composite
-def mutated_videos(draw) -> bytes:
-    data = bytearray(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(1, 4))):
-        operation = draw(st.sampled_from(["flip", "truncate", "splice", "insert"]))
-        position = draw(st.integers(0, max(len(data) - 1, 0)))
-        if operation == "flip" and data:
-            data[position] ^= draw(st.integers(1, 255))
-        elif operation == "truncate":
-            del data[position:]
-        elif operation == "splice":
-            donor = draw(st.sampled_from(SEEDS))
-            start = draw(st.integers(0, len(donor) - 1))
-            data[position : position + draw(st.integers(0, 64))] = donor[start : start + draw(st.integers(1, 256))]
-        else:
-            data[position:position] = draw(st.binary(min_size=1, max_size=32))
-    return bytes(data)
 
 
 def assert_clean(data: bytes) -> None:
@@ -46,7 +30,7 @@ def assert_clean(data: bytes) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated_videos())
+@given(mutated(SEEDS))
 def test_mutated_real_videos_decode_or_fail_cleanly(data):
     assert_clean(data)
 
