@@ -40,6 +40,19 @@ def restored_environment():
     os.environ.update(before)
 
 
+@pytest.fixture
+def fake_clipboard(tmp_path, monkeypatch) -> Path:
+    """A Wayland session whose only clipboard tool, `wl-copy`, writes what it is given to the returned file."""
+    bin_dir, clipboard = tmp_path / "bin", tmp_path / "clipboard.txt"
+    bin_dir.mkdir()
+    tool = bin_dir / "wl-copy"
+    tool.write_text(f"#!/bin/sh\nexec /bin/cat > {clipboard}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
+    return clipboard
+
+
 @pytest.fixture(scope="session", autouse=True)
 def llava_home(tmp_path_factory) -> Path:
     """Saved conversations and input history go to a temporary LLAVA_HOME, never the real home dir."""

