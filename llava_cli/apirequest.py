@@ -3,7 +3,8 @@
 Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or raises `ApiError`
 (HTTP status and OpenAI-style error body) naming the first thing wrong with the request:
 
-- `model` must be the served one (404 otherwise); only `n=1`; `stream` and
+- `model` must be the served one (404 otherwise); `n` 1..MAX_CHOICES (`Job.row_settings`: row i
+  samples with seed + i); `logprobs`/`top_logprobs` (0..20) become `Settings.logprobs`; `stream` and
   `stream_options.include_usage` are booleans (`true` is not 1, and 1 is not `true`).
 - `messages` (at most MAX_MESSAGES) become a `Conversation`: system/developer texts joined,
   consecutive user messages one turn, assistant messages that turn's answer; the last message
@@ -42,7 +43,7 @@ from llava_cli.errors import ContextError, InputError, LlavaError, UsageError
 from llava_cli.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE
 from llava_cli.media import Media, media_from_bytes
 from llava_cli.video import MAX_VIDEO_BYTES, is_video_name
-from llava_cli.options import REQUEST_FIELDS
+from llava_cli.options import LOGPROBS, MAX_TOP_LOGPROBS, REQUEST_FIELDS
 from llava_cli.requestfields import refused_field
 from llava_cli.serveguard import Guard, MediaRefused
 from llava_cli.servelog import log_detail
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 MAX_MESSAGES = 4096  # per request: a 2,000-turn chat; trimming to the window costs a few encodes whatever the count
 MAX_IMAGES_PER_REQUEST = 16
 MAX_CACHE_SALT_CHARS = 256
+MAX_CHOICES = 8  # `n`: rows of one request (also within the server's --max-batch)
 MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_SIDE**2  # decoded pixels of one request's images together (after shrinking)
 LOCAL_IMAGE_REFUSED = (
     "the image cannot be used: send it as a data: URL (a path is read only when it lies under the "
@@ -108,12 +110,19 @@ class Job:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: threading.Event = field(default_factory=threading.Event)
+    n: int = 1  # answers asked for: row i samples with seed + i (`row_settings`)
     cache_salt: str = ""  # the request's `cache_salt`: only requests with the same salt (and key) share cached prefixes
     key_id: str = ""  # which of the server's API keys sent it (serveapp.py)
 
     @property
     def cache_scope(self) -> str:
         return f"{self.key_id}\n{self.cache_salt}"
+
+    def row_settings(self) -> list[Settings]:
+        """One `Settings` per answer of `n`: row i samples with `seed + i` (all unseeded without a seed), so
+        a seeded request's answers are those of n single requests seeded seed, seed+1, ..."""
+        seed = self.settings.seed
+        return [dataclasses.replace(self.settings, seed=None if seed is None else seed + index) for index in range(self.n)]
     decoded: bool = False  # the images are in their turns (llava serve decodes them before queueing the job)
     on_release: Callable[[], None] = lambda: None  # told when the decoded images are dropped
     pixels: int = 0  # the decoded images' pixels in all (a video has caps of its own, video.py)
@@ -158,19 +167,37 @@ def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[s
                        code="model_not_found", param="model")
     if refused := refused_field(body):
         raise ApiError(400, refused[1], code="unsupported_parameter", param=refused[0])
-    n = body.get("n")
-    if n is not None and (type(n) is not int or n != 1):  # bool is an int to Python, not to the API
-        raise ApiError(400, "only n=1 is supported", param="n")
     stream_options = optional(body, "stream_options", dict, "an object") or {}
     conversation, images = conversation_from_messages(body.get("messages"), base)
     return Job(
         conversation=conversation,
         images=images,
-        settings=dataclasses.replace(request_settings(body, base), constraint=response_constraint(body), stop=request_stops(body)),
+        settings=dataclasses.replace(request_settings(body, base), constraint=response_constraint(body), stop=request_stops(body),
+                                     logprobs=request_logprobs(body)),
+        n=choices_asked(body),
         stream=optional(body, "stream", bool, "true or false") is True,
         include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
         cache_salt=cache_salt(body),
     )
+
+
+def choices_asked(body: dict[str, Any]) -> int:
+    """`n`: 1 to MAX_CHOICES answers, each a row of one batch sharing the prompt's prefill."""
+    n = optional(body, "n", int, f"an integer from 1 to {MAX_CHOICES}")  # `true` is not 1
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"`n` must be between 1 and {MAX_CHOICES} (got {n})", param="n")
+    return 1 if n is None else n
+
+
+def request_logprobs(body: dict[str, Any]) -> int | None:
+    """`logprobs` and `top_logprobs` as `Settings.logprobs`: the alternatives per token, or None (no logprobs)."""
+    wanted = optional(body, "logprobs", bool, "true or false")
+    top = optional(body, "top_logprobs", int, f"an integer from 0 to {MAX_TOP_LOGPROBS}")
+    if top is not None and (fault := LOGPROBS.fault(top)) is not None:
+        raise ApiError(400, f"`top_logprobs` {fault}", param="top_logprobs")
+    if top and not wanted:
+        raise ApiError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def cache_salt(body: dict[str, Any]) -> str:

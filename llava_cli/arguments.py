@@ -21,6 +21,7 @@ from typing import Any
 from llava_cli.errors import InputError, UsageError
 from llava_cli.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, looks_like_image, read_stream
 from llava_cli.media import Media, media_from_bytes, open_media
+from llava_cli.options import LOGPROBS
 from llava_cli.output import OUTPUT_FORMATS
 from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
 from llava_cli.terminal import is_terminal
@@ -206,6 +207,7 @@ class AskOptions:
     clipboard: bool = False  # --clipboard: the clipboard's image goes with the question (paste.py)
     pages: str | None = None  # --pages 1-3,7: the pages of a PDF argument (pdfpages.py); None: the first
     recursive: bool = False  # --each FOLDER: its subfolders' images too
+    logprobs: int | None = None  # --logprobs N: each token's logprob and N alternatives in the --json record
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
@@ -224,7 +226,17 @@ class AskOptions:
             raise UsageError("--pages selects pages of a PDF for one question; it does not go with --each or --from-file")
         if self.output is not None and self.format == "text":
             raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
+        self.check_logprobs()
         self.check_ray_options()
+
+    def check_logprobs(self) -> None:
+        if self.logprobs is None:
+            return
+        LOGPROBS.check(self.logprobs)
+        if self.is_batch:
+            raise UsageError("--logprobs reports one answer's tokens; it does not go with --each or --from-file")
+        if self.format != "json":
+            raise UsageError("--logprobs N adds the tokens' logprobs to the JSON record: add --json")
 
     def check_ray_options(self) -> None:
         if self.ray is not None and not RAY_ADDRESS.fullmatch(self.ray):
@@ -257,6 +269,7 @@ class AskOptions:
             clipboard=bool(values.get("clipboard")),
             pages=values.get("pages"),
             recursive=bool(values.get("recursive")),
+            logprobs=None if values.get("logprobs") is None else int(values["logprobs"]),
         )
 
     def batch_only_options(self) -> str:

@@ -18,6 +18,7 @@ from llava_cli.backend import Answer
 from llava_cli.constraints import parsed_answer
 from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
+from llava_cli.logprobs import as_openai
 from llava_cli.media import Media
 from llava_cli.output import WRITERS
 from llava_cli.paste import PASTED_NAME, paste_image
@@ -94,7 +95,10 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     text = writer.stream(answer, settings.raw)
     session = save_answer(opened.recorder, conversation, settings)
     answer_value = parsed_answer(text) if settings.constraint else text
-    writer.finish(answer_record(answer_value, settings.model, image_names, session, answer.stats.as_dict()), settings.raw)
+    record = answer_record(answer_value, settings.model, image_names, session, answer.stats.as_dict())
+    if settings.logprobs is not None:
+        record["logprobs"] = as_openai(answer.done.logprobs)  # answer.done: its figures were read just above
+    writer.finish(record, settings.raw)
     if settings.verbose:
         emit(stats_line(answer.stats.as_dict()), sys.stderr)
     return 0

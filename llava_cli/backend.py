@@ -29,6 +29,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from llava_cli.logprobs import TokenLogprob
 from llava_cli.streaming import Stats
 
 if TYPE_CHECKING:
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TextChunk:
-    """Newly visible text of the answer."""
+    """Newly visible text of the answer; with logprobs asked for (`Settings.logprobs`), those of the tokens not reported before."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,10 @@ class Note:
 
 @dataclass(frozen=True)
 class Done:
-    """The answer is complete and in the conversation: its figures."""
+    """The answer is complete and in the conversation: its figures, and each token's logprobs when asked for (`Settings.logprobs`)."""
 
     stats: Stats
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 Event = TextChunk | Note | Done

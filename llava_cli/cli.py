@@ -20,7 +20,7 @@ import typer
 
 from llava_cli import __version__
 from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
-from llava_cli.options import OPTIONS, Option
+from llava_cli.options import LOGPROBS, OPTIONS, Option
 from llava_cli.settings import (
     DEFAULT_BATCH_SIZE, DEFAULT_CACHE_MB, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_TIMEOUT_KEEP_ALIVE_S, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings,
@@ -119,6 +119,7 @@ def ask(
     schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="The answer is JSON following this JSON schema: a file, inline JSON, or 'name, age int, colours list' (str, int, float, bool, list). --json holds it parsed. Needs pip install 'llava-cli[schema]'.", show_default=False)] = None,
     answer_format: Annotated[Optional[str], typer.Option("--format", metavar="json", help="json: the answer is a JSON object.", show_default=False)] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End the answer before this text (repeatable); nothing past it is printed.", show_default=False)] = None,
+    logprobs: Annotated[Optional[int], typer_option(LOGPROBS)[2]] = None,
     settings: Settings = Settings(),
 ) -> int:
     """Answer one question about one or more images, on stdout; --each: about every image separately.
@@ -144,8 +145,11 @@ def ask(
         dict(
             json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,
             batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, clipboard=clipboard, pages=pages, recursive=recursive,
+            logprobs=logprobs,
         )
     )
+    if logprobs is not None:
+        settings = settings.answered_here("--logprobs is", logprobs=logprobs)
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_ask(args, settings, json_output, options, sessions)
 

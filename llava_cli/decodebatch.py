@@ -15,6 +15,8 @@ do it (transformers' own continuous batching takes no images yet):
   its settings and seeded generator, its hooks). Rows that end (end-of-sequence, budget spent) leave,
   and are returned. A row whose scores are not finite, or whose draw fails, ends with its `error`
   (`RowFault`) and leaves: the other rows go on with the answers they get alone.
+- `admit_rows(prompt, settings, budget)`: as `admit`, for a request's `n` rows (one `Settings` each:
+  its seed): ONE prefill, whose cache is copied into every row that goes on (`batch_repeat_interleave`).
 - `remove(sequence)` takes a row out at once (its client left); `clear()` empties the batch.
 
 A row that leaves is selected out (`batch_select_indices`); then the padding columns that no row
@@ -83,6 +85,7 @@ class DecodeBatch:
         self.pool = pool
         self.sequences: list[Sequence] = []  # in batch order
         self.cache: Any = None  # rows in batch order, `width` columns
+        self.prefills = 0  # prompts prefilled (the rows of one request's `n` share one)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -94,6 +97,11 @@ class DecodeBatch:
     def admit(self, prompt: Prompt, settings: Settings, budget: int) -> Sequence:
         """Prefill `prompt` (with at least one token of `budget`) alone, pick its first token, join the batch
         unless it has already ended (`Sequence.ended`: that token ended it, or its row failed)."""
+        return self.admit_rows(prompt, [settings], budget)[0]
+
+    def admit_rows(self, prompt: Prompt, settings: list[Settings], budget: int) -> list[Sequence]:
+        """`admit` for several rows answering the same prompt (a request's `n`), one per `settings`:
+        the prompt is prefilled once and its cache copied into each row that goes on."""
         import torch
 
         try:
@@ -105,17 +113,28 @@ class DecodeBatch:
                     torch.arange(keep, len(prompt.ids), device=self.model.device).unsqueeze(0),
                 )
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))
-                sampler = self.engine.sampler(settings)
-                sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget, sampler.hooks), keep, len(prompt.ids), source)
-                self.advance(sequence, logits[0], checked_argmax(logits)[0])
-                if sequence.ended:
-                    self.give_to_pool(sequence, cache, 0)
-                else:
+                self.prefills += 1
+                greedy = checked_argmax(logits)[0]
+                sequences = [self.started(prompt, each, budget, keep, source, logits[0], greedy) for each in settings]
+                going = [sequence for sequence in sequences if not sequence.ended]
+                for sequence in sequences:
+                    if sequence.ended:
+                        self.give_to_pool(sequence, cache, 0)
+                if len(going) > 1:
+                    cache.batch_repeat_interleave(len(going))
+                if going:
                     self.cache = merged(self.cache, cache) if self.sequences else cache
-                    self.sequences.append(sequence)
+                    self.sequences += going
         except torch.OutOfMemoryError:
             self.free_memory()
             raise ResourceError(OUT_OF_MEMORY) from None
+        return sequences
+
+    def started(self, prompt: Prompt, settings: Settings, budget: int, keep: int, source: int | None, logits: Any, greedy: int | None) -> Sequence:
+        """A new row for `prompt`, its first token picked from the prefill's `logits` through its own pipeline."""
+        sampler = self.engine.sampler(settings)
+        sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget, sampler.hooks), keep, len(prompt.ids), source)
+        self.advance(sequence, logits, greedy)
         return sequence
 
     def step(self) -> list[Sequence]:

@@ -48,6 +48,7 @@ from llava_cli.forward import CompiledPath, ForwardPath, Steps
 from llava_cli.graphstep import default_path
 from llava_cli.images import ImageRef
 from llava_cli.loader import LoadedModel
+from llava_cli.logprobs import LogprobHook, logprob_hook
 from llava_cli.prompting import TooLong, expand_images, render_segments, tokenize
 from llava_cli.settings import Settings
 from llava_cli.stops import StopHook, StoppedStream
@@ -201,8 +202,11 @@ class Engine:
 
     def sampler(self, settings: Settings) -> Sampler:
         """A new row's sampler for `settings` (its own seeded generator, on the model's device), with
-        the row's hooks (a grammar matcher for `settings.constraint`); give its `hooks` to the row's `Row`."""
-        hooks: list[TokenHook] = [self.grammars.hook(settings.constraint)] if settings.constraint else []
+        the row's hooks (logprobs first, so they see the raw scores; a grammar matcher for `settings.constraint`;
+        the stop texts); give its `hooks` to the row's `Row`."""
+        hooks: list[TokenHook] = [] if settings.logprobs is None else [LogprobHook(self.tokenizer, settings.logprobs)]
+        if settings.constraint:
+            hooks.append(self.grammars.hook(settings.constraint))
         if settings.stop:
             hooks.append(StopHook(self.tokenizer, settings.stop))
         return Sampler(settings, self.loaded.device, hooks)
@@ -266,7 +270,8 @@ class Engine:
             yield TextChunk(tail)
         conversation.answer(stream.text)
         stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - started, self.peak_memory_mb())
-        yield Done(stats)
+        recorded = logprob_hook(sampler.hooks)
+        yield Done(stats, tuple(recorded.tokens) if recorded else ())
 
     def fit(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> tuple[Prompt, int]:
         """Encode the conversation, dropping its oldest turns until it fits the context window.

@@ -5,11 +5,10 @@ Contract: `refused_field(body)` returns `(param, message)` for the first field o
 the field. No field is ever silently ignored:
 
 - READ: fields apirequest.py reads and checks itself (`model`, `messages`, `n`, `stream`,
-  `stream_options`, `response_format`, `stop`), plus the option table's request fields (options.py `REQUEST_FIELDS`).
+  `stream_options`, `response_format`, `stop`, `cache_salt`, `logprobs`, `top_logprobs`), plus the option table's request fields (options.py `REQUEST_FIELDS`).
 - HARMLESS: fields that ask for nothing of the answer (`user`, an end-user id for the client's
   own records).
-- OFF_VALUES: OpenAI fields accepted only at the value that asks for nothing (`logprobs: false`,
-  `presence_penalty: 0`...). Anything else of theirs, and every field not named here (`tools`,
+- OFF_VALUES: OpenAI fields accepted only at the value that asks for nothing (`presence_penalty: 0`...). Anything else of theirs, and every field not named here (`tools`,
   `tool_choice`, `functions`, `audio`, `modalities`, typos), is refused.
 
 A null value is the same as leaving the field out. `stream_options` may hold `include_usage` only.
@@ -23,11 +22,10 @@ from typing import Any
 
 from llava_cli.options import REQUEST_FIELDS
 
-READ = frozenset({"model", "messages", "n", "stream", "stream_options", "response_format", "stop", "cache_salt", *REQUEST_FIELDS})
+READ = frozenset({"model", "messages", "n", "stream", "stream_options", "response_format", "stop", "cache_salt", "logprobs", "top_logprobs",
+                  *REQUEST_FIELDS})
 HARMLESS = frozenset({"user"})
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
     "logit_bias": ({},),

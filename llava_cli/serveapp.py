@@ -34,13 +34,14 @@ from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import rows_that_fit
 from llava_cli.discovery import served_name
 from llava_cli.engine import Engine
+from llava_cli.logprobs import TokenLogprob, as_openai
 from llava_cli.serveaccess import RECORD, AccessLog, note
 from llava_cli.servedecode import DecodeAhead
 from llava_cli.serveguard import Guard, ServeOptions, key_id
 from llava_cli.servelog import log, log_detail
 from llava_cli.servemetrics import Metrics
 from llava_cli.servemodel import LOADING, ModelHolder
-from llava_cli.serveworker import Failed, Item, Unfinished, Worker
+from llava_cli.serveworker import Choice, Failed, Item, Unfinished, Worker
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
 
@@ -55,14 +56,17 @@ DRAIN_RETRY_AFTER_S = 5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def job_items(queue: asyncio.Queue[Item], first: Item, ended: Callable[[Stats], None]) -> AsyncIterator[Item]:
-    """`first`, then the job's items up to and including its `Done`, `Unfinished` or `Failed`; `ended` gets a finished answer's figures."""
-    item = first
+async def job_items(queue: asyncio.Queue[Item], first: Item, ended: Callable[[Stats], None], n: int = 1) -> AsyncIterator[tuple[int, Item]]:
+    """`first`, then the job's items with their answer's index, up to and including its `n`th `Done`, or its
+    `Unfinished` or `Failed`; `ended` gets each finished answer's figures."""
+    item, left = first, n
     while True:
-        if isinstance(item, Done):
-            ended(item.stats)
-        yield item
-        if not isinstance(item, TextChunk):
+        index, bare = (item.index, item.item) if isinstance(item, Choice) else (0, item)
+        if isinstance(bare, Done):
+            ended(bare.stats)
+            left -= 1
+        yield index, bare
+        if not isinstance(bare, TextChunk) and not (isinstance(bare, Done) and left):
             return
         item = await queue.get()
 
@@ -77,13 +81,20 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
 # ---------------------------------------------------------------- responses
 
 
-def usage(stats: Stats) -> dict[str, Any]:
+def usage(answers: list[Stats]) -> dict[str, Any]:
+    """A request's usage: its prompt once (its `n` answers share it), the completion tokens of every answer."""
+    completion = sum(stats.completion_tokens for stats in answers)
     return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+        "prompt_tokens": answers[0].prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": answers[0].prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": answers[0].cached_tokens},
     }
+
+
+def logprobs_field(job: Job, tokens: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """A choice's `logprobs` (OpenAI's shape) when the request asked for them, else nothing."""
+    return {} if job.settings.logprobs is None else {"logprobs": {"content": as_openai(tokens)}}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -144,6 +155,7 @@ class Service:
             "llava_queue_depth": ("Requests waiting for a place in the batch", lambda: worker.jobs.qsize() + len(worker.queued)),
             "llava_running_rows": ("Answers being decoded together", lambda: len(worker.answers)),
             "llava_max_batch": ("Answers that may be decoded together (--max-batch)", lambda: worker.max_batch),
+            "llava_prefills": ("Prompts prefilled since the server started (the n answers of a request share one)", lambda: worker.prefills),
             "llava_prefix_cache_bytes": ("Bytes of KV cache held in the prefix cache", lambda: worker.pool.held_bytes),
             "llava_prefix_cache_budget_bytes": ("The prefix cache's budget (--cache-mb)", lambda: cache_bytes),
             "llava_model_loaded": ("1 while the model is loaded", lambda: float(worker.holder.engine is not None)),
@@ -220,6 +232,8 @@ class Service:
 
         body = parse_json(await self.read_body(request))
         job = await run_in_threadpool(parse_job, body, self.model, self.settings, self.aliases)  # long histories: off the loop
+        if job.n > self.worker.max_batch:
+            raise ApiError(400, f"`n` must be at most {self.worker.max_batch}, the answers this server decodes at once (llava serve --max-batch)", param="n")
         job.key_id = request.scope.get(RECORD, {}).get("key_id", "")
         ended = functools.partial(self.answered, request.scope)
         release_images = await self.decoder.decode(job)  # a bad image raises here (its slot given back)
@@ -264,21 +278,24 @@ class Service:
     async def completed(self, job: Job, queue: asyncio.Queue[Item], first: Item, ended: Callable[[Stats], None]) -> Response:
         from starlette.responses import JSONResponse
 
-        pieces: list[str] = []
-        end: Item = Unfinished()
-        async for item in job_items(queue, first, ended):
+        pieces: dict[int, list[str]] = {index: [] for index in range(job.n)}
+        done: dict[int, Done] = {}
+        async for index, item in job_items(queue, first, ended, job.n):
             if isinstance(item, TextChunk):
-                pieces.append(item.text)
+                pieces[index].append(item.text)
             elif isinstance(item, Failed):
                 raise item.error
-            else:
-                end = item
-        if not isinstance(end, Done):
+            elif isinstance(item, Done):
+                done[index] = item
+        if len(done) < job.n:
             raise SHUTTING_DOWN
-        stats = end.stats
-        message = {"role": "assistant", "content": "".join(pieces)}
-        choice = {"index": 0, "message": message, "finish_reason": stats.finish_reason}
-        return JSONResponse({**self.envelope(job, "chat.completion"), "choices": [choice], "usage": usage(stats), "llava": stats.as_dict()})
+        choices = [
+            {"index": index, "message": {"role": "assistant", "content": "".join(pieces[index])}, **logprobs_field(job, done[index].logprobs),
+             "finish_reason": done[index].stats.finish_reason}
+            for index in range(job.n)
+        ]
+        figures = [done[index].stats for index in range(job.n)]
+        return JSONResponse({**self.envelope(job, "chat.completion"), "choices": choices, "usage": usage(figures), "llava": figures[0].as_dict()})
 
     def streamed(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task, ended: Callable[[Stats], None]) -> Response:
         from starlette.responses import StreamingResponse
@@ -288,17 +305,20 @@ class Service:
     async def events(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task,
                      ended: Callable[[Stats], None]) -> AsyncIterator[str]:
         try:
-            yield sse(self.chunk(job, {"role": "assistant", "content": ""}))
-            async for item in job_items(queue, first, ended):
+            for index in range(job.n):
+                yield sse(self.chunk(job, {"role": "assistant", "content": ""}, index=index))
+            figures: list[Stats] = []
+            async for index, item in job_items(queue, first, ended, job.n):
                 if isinstance(item, TextChunk):
-                    yield sse(self.chunk(job, {"content": item.text}))
+                    yield sse(self.chunk(job, {"content": item.text}, index=index, logprobs=item.logprobs))
                 elif not isinstance(item, Done):
                     yield sse((item.error if isinstance(item, Failed) else SHUTTING_DOWN).body())
                     return
                 else:
-                    yield sse({**self.chunk(job, {}, item.stats.finish_reason), "llava": item.stats.as_dict()})
-                    if job.include_usage:
-                        yield sse({**self.envelope(job, "chat.completion.chunk"), "choices": [], "usage": usage(item.stats)})
+                    figures.append(item.stats)
+                    yield sse({**self.chunk(job, {}, item.stats.finish_reason, index=index), "llava": item.stats.as_dict()})
+            if job.include_usage:
+                yield sse({**self.envelope(job, "chat.completion.chunk"), "choices": [], "usage": usage(figures)})
             yield sse("[DONE]")
         finally:
             job.cancelled.set()  # the client went away mid-stream: free the engine
@@ -307,8 +327,10 @@ class Service:
     def envelope(self, job: Job, kind: str) -> dict[str, Any]:
         return {"id": job.id, "object": kind, "created": job.created, "model": self.model}
 
-    def chunk(self, job: Job, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    def chunk(self, job: Job, delta: dict[str, str], finish_reason: str | None = None, index: int = 0,
+              logprobs: tuple[TokenLogprob, ...] | None = None) -> dict[str, Any]:
+        """One event of a stream; a text chunk's `logprobs` are those of its tokens (when asked for)."""
+        choice = {"index": index, "delta": delta, **(logprobs_field(job, logprobs) if logprobs is not None else {}), "finish_reason": finish_reason}
         return {**self.envelope(job, "chat.completion.chunk"), "choices": [choice]}
 
 

@@ -1,9 +1,13 @@
 """`llava serve`'s worker: one engine, one daemon thread, a running batch that requests join and leave.
 
 Contract: `Worker.submit(job)` (on the event loop) queues a `Job` and returns an asyncio queue on
-which the job's events arrive: the backend contract's `TextChunk`s (backend.py), then exactly one
-`Done` (the answer's `Stats`), `Unfinished` (stopped before the end) or `Failed` (the `ApiError` the
-client gets).
+which the job's events arrive: the backend contract's `TextChunk`s (backend.py; with logprobs asked
+for, each carries those of its tokens), then exactly one `Done` (the answer's `Stats` and logprobs),
+`Unfinished` (stopped before the end) or `Failed` (the `ApiError` the client gets). A job asking for
+`n` > 1 answers is prefilled once and decodes as `n` rows (`DecodeBatch.admit_rows`, row i seeded
+seed + i): each row's chunks and `Done` come wrapped in a `Choice` with its index; the job ends with
+the last `Done`, or with the first `Unfinished`/`Failed` (its other rows are stopped). A job's `n`
+rows join the batch together, within `max_batch` (serveapp.py refuses an `n` over it).
 
 The thread is a scheduler (continuous batching, decodebatch.py): between two decode steps it admits
 waiting jobs, in arrival order, until `max_batch` answers run at once; each job admitted is fitted
@@ -32,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import queue
 import threading
@@ -44,6 +49,7 @@ from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import DecodeBatch, Sequence
 from llava_cli.engine import Engine, Stopped
 from llava_cli.errors import LlavaError
+from llava_cli.logprobs import TokenLogprob, logprob_hook
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveguard import Guard
 from llava_cli.servelog import log
@@ -64,7 +70,15 @@ class Failed:
     error: ApiError
 
 
-Item = TextChunk | Done | Unfinished | Failed  # what a job sends back: text chunks, then one of the others
+@dataclass(frozen=True)
+class Choice:
+    """An item of answer `index` of a job asking for `n` > 1 answers (a job with one sends its items bare)."""
+
+    index: int
+    item: TextChunk | Done
+
+
+Item = TextChunk | Done | Unfinished | Failed | Choice  # what a job sends back: text chunks, then one of the others
 Emit = Callable[[Item], None]
 
 
@@ -79,6 +93,7 @@ class Answer:
     started: float = field(default_factory=time.perf_counter)
     sequence: Sequence | None = None
     sent: int = 0  # text chunks emitted
+    reported: int = 0  # tokens whose logprobs were sent with a chunk
 
 
 class Worker:
@@ -95,6 +110,8 @@ class Worker:
         self.queued: collections.deque[tuple[Job, Emit]] = collections.deque()  # submitted, not admitted yet
         self.answers: list[Answer] = []  # admitted, in the batch
         self.waiting: dict[str, Emit] = {}  # job id -> emit, for jobs not finished yet
+        self.earlier_prefills = 0  # by the batches of engines unloaded since (--keep-alive)
+        self.rows_left: dict[str, int] = {}  # job id -> its rows still running (a request's `n`)
         self.stopping = threading.Event()  # the server is shutting down: stop every answer
         self.thread = threading.Thread(target=self.loop, name="llava-engine", daemon=True)
         self.thread.start()
@@ -117,7 +134,7 @@ class Worker:
             self.drop_stopped()
             if self.queued and self.batch is None and not self.load():
                 continue
-            while self.queued and len(self.batch) < self.max_batch:
+            while self.queued and len(self.batch) + self.queued[0][0].n <= self.max_batch:  # a job's `n` rows join at once
                 self.admit(*self.queued.popleft())
             if self.answers:
                 self.step()
@@ -153,7 +170,7 @@ class Worker:
             self.stopped(answer)
 
     def admit(self, job: Job, emit: Emit) -> None:
-        """Decode the job's images, fit it to the window, prefill it and add it to the batch."""
+        """Decode the job's images, fit it to the window, prefill it once and add its `n` rows to the batch."""
         answer = Answer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
         try:
@@ -163,7 +180,7 @@ class Worker:
             if stop():
                 return self.stopped(answer)
             self.pool.use_scope(job.cache_scope)
-            answer.sequence = self.batch.admit(prompt, job.settings, self.engine.token_budget(prompt, job.settings))
+            sequences = self.batch.admit_rows(prompt, job.row_settings(), self.engine.token_budget(prompt, job.settings))
         except Stopped:
             return self.stopped(answer)
         except Exception as err:
@@ -175,10 +192,17 @@ class Worker:
             if job.images:
                 job.release()
                 give_memory_back()
-        answer.stats.prompt_tokens, answer.stats.cached_tokens = len(prompt.ids), answer.sequence.cached_tokens
+        answer.stats.prompt_tokens, answer.stats.cached_tokens = len(prompt.ids), sequences[0].cached_tokens
         answer.stats.ttft_s = time.perf_counter() - answer.started
-        self.answers.append(answer)
-        self.send(answer)
+        self.rows_left[job.id] = len(sequences)
+        for index, sequence in enumerate(sequences):
+            row = answer if index == 0 else dataclasses.replace(answer, stream=self.engine.detokenizer(job.settings.stop),
+                                                               stats=dataclasses.replace(answer.stats))
+            row.sequence = sequence
+            if job.n > 1:
+                row.emit = functools.partial(choice_emit, emit, index)
+            self.answers.append(row)
+            self.send(row)
 
     def step(self) -> None:
         """One token for every answer in the batch, sent to its client; the answers that ended are finished."""
@@ -193,12 +217,12 @@ class Worker:
             self.send(answer)
 
     def send(self, answer: Answer) -> None:
-        """Emit the text of the answer's new tokens (a stream's as they come, a plain answer's once
-        it has ended: every item wakes the event loop); once it has ended, its figures."""
+        """Emit the text of the answer's new tokens (a stream's as they come, with their logprobs when asked
+        for; a plain answer's once it has ended: every item wakes the event loop); once it has ended, its figures."""
         sequence = answer.sequence
         for token in sequence.row.tokens[len(answer.stream.ids) :]:
             if (chunk := answer.stream.push(token)) and answer.job.stream:
-                answer.emit(TextChunk(chunk))
+                answer.emit(TextChunk(chunk, self.unreported(answer)))
                 answer.sent += 1
         if not sequence.ended:
             return
@@ -208,10 +232,20 @@ class Worker:
         tail = answer.stream.finish()
         if not answer.job.stream:
             tail = answer.stream.text  # the whole answer, at once
-        if tail:
-            answer.emit(TextChunk(tail))
+        if tail or (answer.job.stream and answer.reported < len(sequence.row.tokens)):
+            answer.emit(TextChunk(tail, self.unreported(answer)))
         self.answers.remove(answer)
-        self.end(answer, Done(self.figures(answer)))
+        recorded = logprob_hook(sequence.sampler.hooks)
+        self.end(answer, Done(self.figures(answer), tuple(recorded.tokens) if recorded else ()))
+
+    def unreported(self, answer: Answer) -> tuple[TokenLogprob, ...]:
+        """The logprobs of the tokens pushed so far and not yet sent (none unless asked for)."""
+        recorded = logprob_hook(answer.sequence.sampler.hooks)
+        if recorded is None:
+            return ()
+        new = recorded.tokens[answer.reported : len(answer.stream.ids)]
+        answer.reported += len(new)
+        return tuple(new)
 
     def figures(self, answer: Answer) -> Stats:
         row = answer.sequence.row
@@ -219,7 +253,16 @@ class Worker:
         return answer.stats
 
     def end(self, answer: Answer, item: Done | Unfinished | Failed) -> None:
-        self.waiting.pop(answer.job.id, None)
+        """The end of one of the job's rows; a failure ends the whole job (its other rows are stopped)."""
+        job = answer.job
+        left = self.rows_left.get(job.id, 1) - 1
+        if isinstance(item, Done) and left > 0:
+            self.rows_left[job.id] = left
+            return answer.emit(item)
+        self.rows_left.pop(job.id, None)
+        self.waiting.pop(job.id, None)
+        if job.n > 1 and not isinstance(item, Done):
+            job.cancelled.set()  # one answer failed: the request fails, and its other rows stop
         answer.emit(item)
 
     def stopped(self, answer: Answer) -> None:
@@ -227,7 +270,13 @@ class Worker:
         log(f"stopped an answer after {answer.sent} chunk(s): {reason}")
         self.end(answer, Unfinished())
 
+    @property
+    def prefills(self) -> int:
+        """Prompts prefilled since the server started (`/metrics`)."""
+        return self.earlier_prefills + (self.batch.prefills if self.batch is not None else 0)
+
     def unload(self) -> None:
+        self.earlier_prefills = self.prefills
         self.pool.clear()
         self.engine = self.batch = None
         self.holder.unload()
@@ -260,6 +309,11 @@ class Worker:
         self.jobs.put(None)
         self.thread.join(SHUTDOWN_GRACE_S)
         return not self.thread.is_alive()
+
+
+def choice_emit(emit: Emit, index: int, item: Item) -> None:
+    """`emit` for answer `index` of a job with `n` > 1: its chunks and `Done` marked with the index; its end as is."""
+    emit(Choice(index, item) if isinstance(item, (TextChunk, Done)) else item)
 
 
 def failure(err: Exception) -> Failed:

@@ -21,6 +21,7 @@ from llava_cli.options import (
     DEFAULT_MODEL,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    LOGPROBS,
     OPTIONS,
 )
 
@@ -77,10 +78,12 @@ class Settings:
     # A JSON schema (constraints.py's canonical text) every answer must follow: ask --schema/--format json, serve's response_format.
     constraint: str | None = None
     stop: tuple[str, ...] = ()  # the answer ends before the first of these texts (stops.py): ask --stop, serve's stop
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives (logprobs.py): ask --logprobs, serve's top_logprobs; None: none
 
     def __post_init__(self) -> None:
         for option in OPTIONS.values():
             option.check(getattr(self, option.name))
+        LOGPROBS.check(self.logprobs)
         if self.load_4bit and self.load_8bit:
             raise UsageError("--load-4bit and --load-8bit exclude each other: pick one")
         if self.frames is not None and self.fps is not None:

@@ -178,7 +178,7 @@ UNSUPPORTED = {  # field -> a value an OpenAI client may send, which this server
     "functions": [{"name": "f", "parameters": {"type": "object"}}],
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
-    "logprobs": True,
+    "logit_bias": {"1": 5},
     "presence_penalty": 0.5,
     "colour": "blue",  # unknown to OpenAI too
 }

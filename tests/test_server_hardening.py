@@ -135,7 +135,9 @@ def test_json_nested_100k_deep_gets_400_not_500(app):
 
 
 WRONG_TYPES = {
-    "n": [1.0, True, "1", 2],
+    "n": [1.0, True, "1", 0, 9],
+    "logprobs": [1, "true"],
+    "top_logprobs": [True, 1.5, -1, 21],
     "stream": ["yes", 1, 0],
     "stream_options": ["include_usage", [True]],
     "max_tokens": [True, 1.0, "3"],
