@@ -143,13 +143,13 @@ def ask(server: InProcessServer, request: Ask, images: dict[str, Path], history:
 def all_at_once(server: InProcessServer, requests: list[Ask], images: dict[str, Path]) -> list[tuple[str, dict]]:
     """Send every request from its own thread; the first one is admitted only once all have arrived,
     so the rest join a running batch."""
-    admit, arrived = server.batch.admit, threading.Event()
+    admit, arrived = server.batch.admit_rows, threading.Event()  # the worker admits a request's rows at once
 
     def admit_when_all_arrived(*args):
         arrived.wait(CLIENT_TIMEOUT_S)
         return admit(*args)
 
-    server.batch.admit = admit_when_all_arrived
+    server.batch.admit_rows = admit_when_all_arrived
     results: list = [None] * len(requests)
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(server, requests[i], images))) for i in range(len(requests))]
     for thread in threads:

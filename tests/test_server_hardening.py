@@ -282,7 +282,7 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
         return encode(talk, limit)
 
     engine.encode = encode_then_hang_up
-    worker.batch.admit = lambda *args: forwards.append(args)  # where a job reaches the model
+    worker.batch.admit_rows = lambda *args: forwards.append(args)  # where a job reaches the model
     items = queue.SimpleQueue()
     try:
         worker.jobs.put((job, items.put))

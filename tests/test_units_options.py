@@ -20,7 +20,7 @@ from llava_cli.cli import app
 from llava_cli.commands import changed_settings, find
 from llava_cli.conversation import Conversation
 from llava_cli.errors import InputError, UsageError
-from llava_cli.options import OPTIONS, REQUEST_FIELDS, SAVED, SETTABLE, Option, request_fields
+from llava_cli.options import LOGPROBS, OPTIONS, REQUEST_FIELDS, SAVED, SETTABLE, Option, request_fields
 from llava_cli.resume import restored_settings
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionStore
@@ -91,7 +91,15 @@ def test_every_row_is_a_settings_field_of_its_type_and_default(option):
 
 
 def test_every_settings_field_is_a_row():
-    assert {field.name for field in dataclasses.fields(Settings)} - {"chosen", "constraint", "stop"} == set(OPTIONS)
+    assert {field.name for field in dataclasses.fields(Settings)} - {"chosen", "constraint", "stop", LOGPROBS.name} == set(OPTIONS)
+
+
+def test_ask_only_logprobs_option_agrees_with_its_settings_field():
+    """--logprobs is declared once (options.LOGPROBS, not a row: only `ask --json` takes it)."""
+    assert typing.get_type_hints(Settings)["logprobs"] == Optional[int]
+    assert Settings(logprobs=20).logprobs == 20
+    with pytest.raises(UsageError, match="--logprobs must be between 0 and 20"):
+        Settings(logprobs=21)
 
 
 @pytest.mark.parametrize("option", ROWS, ids=lambda option: option.name)
