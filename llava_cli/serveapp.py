@@ -23,6 +23,7 @@ their bodies hold at most that share of MAX_OPEN_REQUESTS (503 beyond). Each req
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import time
@@ -54,19 +55,21 @@ MAX_SLOW_BODIES = MAX_OPEN_REQUESTS // 4  # bodies still arriving after SLOW_BOD
 SLOW_BODY_AFTER_S = 1.0
 DRAIN_RETRY_AFTER_S = 5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Ended = Callable[[list[Stats]], None]  # told the figures of a request's answers (its `n`) once all have finished
 
 
-async def job_items(queue: asyncio.Queue[Item], first: Item, ended: Callable[[Stats], None], n: int = 1) -> AsyncIterator[tuple[int, Item]]:
+async def job_items(queue: asyncio.Queue[Item], first: Item, ended: Ended, n: int = 1) -> AsyncIterator[tuple[int, Item]]:
     """`first`, then the job's items with their answer's index, up to and including its `n`th `Done`, or its
-    `Unfinished` or `Failed`; `ended` gets each finished answer's figures."""
-    item, left = first, n
+    `Unfinished` or `Failed`; `ended` gets the figures of the `n` answers once all have finished."""
+    item, finished = first, []
     while True:
         index, bare = (item.index, item.item) if isinstance(item, Choice) else (0, item)
         if isinstance(bare, Done):
-            ended(bare.stats)
-            left -= 1
+            finished.append(bare.stats)
+            if len(finished) == n:
+                ended(finished)
         yield index, bare
-        if not isinstance(bare, TextChunk) and not (isinstance(bare, Done) and left):
+        if not isinstance(bare, TextChunk) and not (isinstance(bare, Done) and len(finished) < n):
             return
         item = await queue.get()
 
@@ -254,10 +257,13 @@ class Service:
                 job.cancelled.set()  # a no-op once the job has finished
                 watcher.cancel()
 
-    def answered(self, scope: dict[str, Any], stats: Stats) -> None:
-        self.metrics.answered(stats)
-        note(scope, prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
-             completion_tokens=stats.completion_tokens, ttft_s=round(stats.ttft_s, 4))
+    def answered(self, scope: dict[str, Any], answers: list[Stats]) -> None:
+        """Count a request's answers (the `n` of them share one prompt: its tokens count once) and log them."""
+        for index, stats in enumerate(answers):
+            self.metrics.answered(stats if index == 0 else dataclasses.replace(stats, prompt_tokens=0, cached_tokens=0))
+        first = answers[0]
+        note(scope, prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+             completion_tokens=sum(stats.completion_tokens for stats in answers), ttft_s=round(first.ttft_s, 4))
 
     async def read_body(self, request: Request) -> bytes:
         """The body (see `read_body`); one that is still arriving after SLOW_BODY_AFTER_S needs a slow-body place."""
@@ -275,7 +281,7 @@ class Service:
         finally:
             self.slow_bodies -= 1
 
-    async def completed(self, job: Job, queue: asyncio.Queue[Item], first: Item, ended: Callable[[Stats], None]) -> Response:
+    async def completed(self, job: Job, queue: asyncio.Queue[Item], first: Item, ended: Ended) -> Response:
         from starlette.responses import JSONResponse
 
         pieces: dict[int, list[str]] = {index: [] for index in range(job.n)}
@@ -297,13 +303,13 @@ class Service:
         figures = [done[index].stats for index in range(job.n)]
         return JSONResponse({**self.envelope(job, "chat.completion"), "choices": choices, "usage": usage(figures), "llava": figures[0].as_dict()})
 
-    def streamed(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task, ended: Callable[[Stats], None]) -> Response:
+    def streamed(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task, ended: Ended) -> Response:
         from starlette.responses import StreamingResponse
 
         return StreamingResponse(self.events(job, queue, first, watcher, ended), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def events(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task,
-                     ended: Callable[[Stats], None]) -> AsyncIterator[str]:
+                     ended: Ended) -> AsyncIterator[str]:
         try:
             for index in range(job.n):
                 yield sse(self.chunk(job, {"role": "assistant", "content": ""}, index=index))

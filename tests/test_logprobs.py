@@ -169,9 +169,11 @@ def test_serve_logprobs_streamed_or_not_are_plain_transformers_ones(server, refe
         assert refused.value.body["param"] == "top_logprobs" and "`top_logprobs`" in refused.value.body["message"]
 
 
-def prefills(server: Server) -> float:
+def metrics(server: Server) -> tuple[float, float, float]:
+    """/metrics' prompts prefilled, prompt tokens and generated tokens."""
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return float(re.search(r"^llava_prefills (\S+)$", text, re.M)[1])
+    return tuple(float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+                 for name in ("llava_prefills", "llava_prompt_tokens_total", "llava_generated_tokens_total"))
 
 
 def test_n_gives_n_seeded_answers_from_one_prefill_each_a_single_seeded_requests(server, images):
@@ -180,9 +182,11 @@ def test_n_gives_n_seeded_answers_from_one_prefill_each_a_single_seeded_requests
     client = client_for(server)
     messages = [user(QUESTION, data_url(images["red"]))]
     sampling = {"model": server.model, "messages": messages, "temperature": 1.0, "max_tokens": MAX_NEW}
-    before = prefills(server)
+    before = metrics(server)
     reply = client.chat.completions.create(n=3, seed=11, **sampling)
-    assert prefills(server) == before + 1
+    after = metrics(server)
+    assert after[0] == before[0] + 1  # one prefill for the three answers
+    assert (after[1] - before[1], after[2] - before[2]) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
     answers = [choice.message.content for choice in reply.choices]
     assert [choice.index for choice in reply.choices] == [0, 1, 2] and len(set(answers)) == 3
     singles = [client.chat.completions.create(seed=11 + index, **sampling) for index in range(3)]
