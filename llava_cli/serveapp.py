@@ -6,8 +6,10 @@ Contract: `Service(engine, settings, options).app()` is the ASGI app; its `Worke
 `--request-timeout` (408) and under `--max-request-mb` (413); at most MAX_OPEN_REQUESTS are open
 at once (503 beyond). The body becomes a `Job` (apirequest.py), its images decoded here
 (servedecode.py, off the worker), answered by the `Worker` (serveworker.py),
-as one JSON completion or as server-sent events (`stream: true`). `usage` carries
-the token counts and `prompt_tokens_details.cached_tokens`, a non-standard `llava` object the
+as one JSON completion or as server-sent events (`stream: true`). A request's `n` answers are
+`choices` 0..n-1 (each stream chunk names its `index`; an `n` over the worker's `max_batch` is a
+400); with `logprobs`, each choice has OpenAI's `logprobs.content`, a stream chunk those of its own
+tokens. `usage` carries the token counts (the prompt once, every answer's completion tokens) and `prompt_tokens_details.cached_tokens`, a non-standard `llava` object the
 engine's figures (`Stats.as_dict`). Every refusal is an OpenAI-style error body; a bug becomes a
 500 and one log line, and the server keeps serving.
 

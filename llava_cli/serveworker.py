@@ -232,8 +232,8 @@ class Worker:
         tail = answer.stream.finish()
         if not answer.job.stream:
             tail = answer.stream.text  # the whole answer, at once
-        if tail or (answer.job.stream and answer.reported < len(sequence.row.tokens)):
-            answer.emit(TextChunk(tail, self.unreported(answer)))
+        if (rest := self.unreported(answer)) or tail:  # a stream's last tokens may show no text (a stop held them back)
+            answer.emit(TextChunk(tail, rest))
         self.answers.remove(answer)
         recorded = logprob_hook(sequence.sampler.hooks)
         self.end(answer, Done(self.figures(answer), tuple(recorded.tokens) if recorded else ()))
