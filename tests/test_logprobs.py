@@ -161,6 +161,9 @@ def test_serve_logprobs_streamed_or_not_are_plain_transformers_ones(server, refe
     assert all(choice.logprobs.content for choice in with_text) and len(with_text) > 1  # each chunk carries its own tokens
     plain = client.chat.completions.create(model=server.model, messages=messages)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
+    contents = [choice.delta.content for chunk in client.chat.completions.create(model=server.model, messages=messages, stream=True)
+                for choice in chunk.choices]
+    assert contents[0] == "" and "" not in contents[1:]  # without logprobs no chunk is sent for nothing
     only_chosen = client.chat.completions.create(model=server.model, messages=messages, logprobs=True)
     assert [entry.top_logprobs for entry in only_chosen.choices[0].logprobs.content] == [[]] * len(content)
     for bad in ({"logprobs": True, "top_logprobs": 21}, {"top_logprobs": 2}):
