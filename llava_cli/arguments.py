@@ -207,7 +207,7 @@ class AskOptions:
     clipboard: bool = False  # --clipboard: the clipboard's image goes with the question (paste.py)
     pages: str | None = None  # --pages 1-3,7: the pages of a PDF argument (pdfpages.py); None: the first
     recursive: bool = False  # --each FOLDER: its subfolders' images too
-    logprobs: int | None = None  # --logprobs N: each token's logprob and N alternatives in the --json record
+    logprobs: int | None = None  # --logprobs N: each token's logprob and N alternatives in the JSON record (ask --json, --each's lines)
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
@@ -233,9 +233,9 @@ class AskOptions:
         if self.logprobs is None:
             return
         LOGPROBS.check(self.logprobs)
-        if self.is_batch:
-            raise UsageError("--logprobs reports one answer's tokens; it does not go with --each or --from-file")
-        if self.format != "json":
+        if self.ray is not None:
+            raise UsageError("--logprobs is not carried back from Ray workers yet: drop --ray to answer with the model loaded here")
+        if self.format not in ("json", "jsonl"):
             raise UsageError("--logprobs N adds the tokens' logprobs to the JSON record: add --json")
 
     def check_ray_options(self) -> None:

@@ -36,6 +36,7 @@ from llava_cli.conversation import Conversation
 from llava_cli.decodebatch import BatchAnswer, answers_in_order
 from llava_cli.engine import Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
+from llava_cli.logprobs import as_openai
 from llava_cli.output import StdoutRecords
 from llava_cli.prompting import TooLong
 from llava_cli.records import RecordFile, make_record
@@ -196,6 +197,7 @@ def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswe
         seconds=round(answer.seconds, 4),
         finish_reason=answer.finish_reason,
         **({"videos": list(answer.videos)} if answer.videos else {}),  # a clip's frames and video tokens
+        **({"logprobs": as_openai(answer.logprobs)} if answer.logprobs is not None else {}),  # --logprobs N
     )
 
 

@@ -47,6 +47,7 @@ from llava_cli.decoding import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, 
 from llava_cli.engine import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.errors import LlavaError, ResourceError
 from llava_cli.kvrows import columns, drop_left, merged, rows_of
+from llava_cli.logprobs import TokenLogprob, logprob_hook
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
 from llava_cli.stops import before_stop
@@ -236,6 +237,7 @@ class BatchAnswer:
     finish_reason: str  # "stop" (end-of-sequence) or "length" (token budget spent)
     seconds: float  # from its admission (its image read, its prefill) to its last token
     videos: tuple[dict[str, Any], ...] = ()  # the prompt's videos as `Stats.videos` reports them
+    logprobs: tuple[TokenLogprob, ...] | None = None  # each token's, when asked for (`Settings.logprobs`)
 
 
 def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int) -> Iterator[BatchAnswer | LlavaError]:
@@ -253,9 +255,11 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
     waiting, emitted, exhausted = enumerate(prompts), 0, False
 
     def end(sequence: Sequence, index: int, started: float, videos: tuple[dict[str, Any], ...]) -> None:
+        recorded = logprob_hook(sequence.sampler.hooks)
         done[index] = sequence.error or BatchAnswer(
             before_stop(engine.decode(sequence.row.tokens), settings.stop), len(sequence.prompt_ids),
             len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started, videos,
+            None if recorded is None else tuple(recorded.tokens),
         )
 
     while True:

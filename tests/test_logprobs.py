@@ -1,6 +1,6 @@
 """Logprobs and `n`: each answer token's logprob and top alternatives equal log_softmax of the raw logits
 plain transformers computes (`generate(output_logits=True)`), within 1e-4 in float32, through
-`Engine.generate`, a `DecodeBatch` row, `llava ask --json --logprobs N` and `llava serve` with the
+`Engine.generate`, a `DecodeBatch` row, `llava ask --json --logprobs N`, `ask --each` and `llava serve` with the
 official openai client (streamed and not); serve's `n` gives n seeded rows from one prefill, each the
 answer a single request seeded seed + i gets."""
 
@@ -113,10 +113,24 @@ def test_ask_json_logprobs_holds_them_in_the_record(monkeypatch, tiny_model, ref
     assert record["completion_tokens"] == len(record["logprobs"])
 
 
+def test_ask_each_logprobs_holds_each_images_in_its_line(monkeypatch, tiny_model, reference, images, tmp_path):
+    from cli_runner import BytesStdout, invoke
+
+    monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
+    args = ("ask", "--each", str(images["red"]), str(images["green"]), "-p", QUESTION, "--model", str(tiny_model),
+            "-n", str(MAX_NEW), "--batch-size", "2", "--logprobs", "2")  # both images decoded together
+    outcome = invoke(monkeypatch, *args, stdout=BytesStdout())
+    assert outcome.code == 0, outcome.stderr
+    records = [json.loads(line) for line in outcome.stdout.splitlines()]
+    for record, image in zip(records, (images["red"], images["green"]), strict=True):
+        assert_matches(record["logprobs"], expected_logprobs(reference, image, 2), reference.processor.tokenizer)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--logprobs", "2"), "--logprobs N adds the tokens' logprobs to the JSON record: add --json"),
     (("--json", "--logprobs", "21"), "--logprobs must be between 0 and 20 (got 21)"),
     (("--json", "--logprobs", "2", "--server", "http://127.0.0.1:9"), "--logprobs is not sent to a server yet"),
+    (("--each", "--logprobs", "2", "--ray", "local"), "--logprobs is not carried back from Ray workers yet"),
 ])
 def test_ask_logprobs_without_json_or_out_of_range_is_a_usage_error(monkeypatch, images, args, message):
     from cli_runner import invoke
