@@ -11,14 +11,14 @@ import re
 
 import httpx
 import pytest
-
 from conftest import render_llava15
+from test_server import Server, data_url, user
+
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.images import load_image
 from llava_cli.logprobs import as_openai, from_openai, logprob_hook
 from llava_cli.settings import Settings
-from test_server import Server, data_url, user
 
 MAX_NEW = 12  # the server's -n (test_server.Server)
 TOP = 3
@@ -189,7 +189,7 @@ def test_serve_logprobs_streamed_or_not_are_plain_transformers_ones(server, refe
 def metrics(server: Server) -> tuple[float, float, float]:
     """/metrics' prompts prefilled, prompt tokens and generated tokens."""
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return tuple(float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+    return tuple(float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE)[1])
                  for name in ("llava_prefills", "llava_prompt_tokens_total", "llava_generated_tokens_total"))
 
 
