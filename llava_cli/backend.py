@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TextChunk:
-    """Newly visible text of the answer; with logprobs asked for (`Settings.logprobs`), those of the tokens not reported before."""
+    """Newly visible text of the answer; `logprobs`: those of its tokens, where a backend streams them
+    (llava serve's worker does; every backend reports them all in `Done`)."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()

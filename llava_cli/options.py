@@ -171,8 +171,8 @@ ROWS = (
 OPTIONS: dict[str, Option] = {option.name: option for option in ROWS}  # in --help order
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for `top_logprobs`
-# `ask --json --logprobs N` only (not a row: no other command reports logprobs); serve's `top_logprobs` follows the same rule.
-LOGPROBS = Option("logprobs", int, None, ("--logprobs",), f"With --json: each answer token's logprob and the N most likely tokens at its step (0-{MAX_TOP_LOGPROBS}).",
+# `ask --logprobs N` only (not a row: no other command reports logprobs); serve's `top_logprobs` follows the same rule.
+LOGPROBS = Option("logprobs", int, None, ("--logprobs",), f"In the JSON record (--json, --each): each answer token's logprob and the N most likely tokens at its step (0-{MAX_TOP_LOGPROBS}).",
                   metavar="N", optional=True, valid=lambda n: 0 <= n <= MAX_TOP_LOGPROBS, problem=f"must be between 0 and {MAX_TOP_LOGPROBS} (got {{value}})")
 SETTABLE: dict[str, Option] = {option.key: option for option in ROWS if option.settable}  # by /set key
 SAVED: tuple[str, ...] = tuple(option.name for option in ROWS if option.saved)
