@@ -25,6 +25,8 @@ xgrammar is an optional dependency (`pip install 'llava-cli[schema]'`), imported
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ ANY_OBJECT = json.dumps({"type": "object"})
 SHORT_TYPES = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
                "bool": {"type": "boolean"}, "list": {"type": "array", "items": {"type": "string"}}}
 MAX_SCHEMA_BYTES = 1 << 20
+MAX_PROBED = 200  # parts of a bad schema compiled alone to find where it is bad (each well under a millisecond)
+LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[10:45:11] /project/cpp/x.cc:5082: "
 INSTALL = "schema-constrained answers need xgrammar: pip install 'llava-cli[schema]'"
 
 
@@ -46,55 +50,90 @@ def xgrammar() -> Any:
     return xgr
 
 
-def schema_text(spec: str) -> str:
-    """`--schema`'s value as canonical schema JSON, checked by the grammar engine; `UsageError` if unusable."""
-    text = read_spec(spec)
+def schema_text(spec: str, where: str = "--schema") -> str:
+    """`--schema`'s value (`where`: the option or command named in errors) as canonical schema JSON,
+    checked by the grammar engine; `UsageError` if unusable."""
+    text = read_spec(spec, where)
     if text.lstrip().startswith(("{", "[", '"')) or text.strip() in ("true", "false"):
         try:
             schema = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UsageError(f"--schema is not valid JSON: {err}") from None
+            raise UsageError(f"{where} is not valid JSON: {err}") from None
     else:
-        schema = short_form(text)
+        schema = short_form(text, where)
     if not isinstance(schema, dict):
-        raise UsageError("--schema must be a JSON object (a JSON schema such as {\"type\": \"object\", ...})")
+        raise UsageError(f"{where} must be a JSON object (a JSON schema such as {{\"type\": \"object\", ...}})")
     canonical = json.dumps(schema)  # property order kept: the answer writes them in this order
-    check_schema(canonical, "--schema")
+    check_schema(canonical, where)
     return canonical
 
 
-def read_spec(spec: str) -> str:
+def read_spec(spec: str, where: str) -> str:
     """The file `spec` names, if it names one (a regular file within MAX_SCHEMA_BYTES); else `spec` itself."""
     path = Path(spec)
     try:
         if len(spec) < 4096 and path.is_file():
             if path.stat().st_size > MAX_SCHEMA_BYTES:
-                raise UsageError(f"--schema file {spec} is larger than {MAX_SCHEMA_BYTES:,} bytes")
+                raise UsageError(f"{where} file {spec} is larger than {MAX_SCHEMA_BYTES:,} bytes")
             return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--schema file {spec} cannot be read: {err}") from None
+        raise UsageError(f"{where} file {spec} cannot be read: {err}") from None
     return spec
 
 
-def short_form(text: str) -> dict[str, Any]:
+def short_form(text: str, where: str) -> dict[str, Any]:
     """'name, age int, colours list' -> an object schema with those required fields (str unless typed)."""
     properties: dict[str, Any] = {}
     for part in text.split(","):
         words = part.split()
         if not words or len(words) > 2 or (len(words) == 2 and words[1] not in SHORT_TYPES):
-            raise UsageError(f"--schema: cannot read {part.strip()!r}; write a JSON schema, a file, or "
+            raise UsageError(f"{where}: cannot read {part.strip()!r}; write a JSON schema, a file, or "
                              f"'name, age int' with types {', '.join(SHORT_TYPES)}")
         properties[words[0]] = SHORT_TYPES[words[1] if len(words) == 2 else "str"]
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
 def check_schema(canonical: str, where: str) -> None:
-    """`UsageError` unless the grammar engine can compile `canonical` (needs no tokenizer, so no model)."""
+    """`UsageError` unless the grammar engine can compile `canonical` (needs no tokenizer, so no model),
+    naming where inside the schema the problem is (a JSON pointer such as /properties/age)."""
+    problem = compile_problem(canonical)
+    if problem is not None:
+        inside = problem_path(json.loads(canonical), problem)
+        at = f" at {inside}" if inside else ""
+        raise UsageError(f"{where}: the grammar engine cannot use this schema{at}: {problem}")
+
+
+def compile_problem(canonical: str) -> str | None:
+    """xgrammar's complaint about a schema text, without its log prefix (time, C++ source line); None if it compiles."""
     try:
         xgrammar().Grammar.from_json_schema(canonical, any_whitespace=False)
     except (RuntimeError, ValueError, TypeError) as err:
-        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{where}: the grammar engine cannot use this schema: {message}") from None
+        lines = str(err).strip().splitlines()
+        return LOG_PREFIX.sub("", lines[-1]).strip() if lines else type(err).__name__
+    return None
+
+
+def problem_path(schema: dict[str, Any], problem: str) -> str:
+    """The JSON pointer of the deepest part of `schema` that fails alone with the same `problem`
+    ("" when only the whole schema does). xgrammar's messages name no place, and a schema its user
+    did not write (an API client's) is hard to fix without one. At most MAX_PROBED parts are compiled."""
+    found = ""
+    for probed, (pointer, part) in enumerate(schema_parts(schema)):
+        if probed == MAX_PROBED:
+            break
+        if pointer.count("/") > found.count("/") and compile_problem(json.dumps(part)) == problem:
+            found = pointer
+    return found
+
+
+def schema_parts(value: Any, pointer: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object nested in `value` with its JSON pointer, parents before children."""
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        inner = f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}"
+        if isinstance(child, dict):
+            yield inner, child
+        yield from schema_parts(child, inner)
 
 
 class Grammars:
@@ -163,9 +202,14 @@ def response_format_constraint(response_format: Any) -> str | None:
     return canonical
 
 
+def answer_value(text: str, settings: Settings) -> Any:
+    """What a record holds as the answer: the parsed JSON under a schema (or --format json), else the text."""
+    return parsed_answer(text) if settings.constraint else text
+
+
 def parsed_answer(text: str) -> Any:
     """The constrained answer as a JSON value; `InputError` when it ended before its JSON did."""
     try:
-        return json.loads(text)
+        return json.loads(text, strict=False)  # xgrammar lets a string hold raw control characters, which strict JSON does not
     except json.JSONDecodeError:
         raise LlavaError("the answer ran out of tokens before its JSON was complete; raise --max-new-tokens") from None
