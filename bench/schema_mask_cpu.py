@@ -6,7 +6,8 @@ step, and xgrammar against llguidance on the same schemas.
 
 Part 1, the engine: decode_paths_cpu.py's weights-bound model (a ~300M-parameter decoder, float32,
 all the CPU's threads; a step is bound by reading the weights, as on a real model). Unconstrained
-answers of exactly `--new-tokens` give the decode step time (median tokens/s); then each schema is
+answers of exactly `--new-tokens` give the decode step time (the quickest answer's tokens/s: on a
+shared machine a slow step would flatter the mask); then each schema is
 answered under it while every `GrammarHook` call (the mask on the row's logits, the matcher taking
 the token) is clocked. The figure is hook seconds per token / step seconds: the target is <= 0.10.
 
@@ -75,9 +76,9 @@ def engine_part(answers: int, new_tokens: int) -> float:
         setattr(constraints.GrammarHook, name, clocked(getattr(constraints.GrammarHook, name), spent))
     with weights_bound_model(new_tokens, "float32") as (settings, loaded):
         rates, _ = timed_answers(fixed_length(Engine(loaded)), settings, answers)
-        step = 1 / median(rates)
+        step = 1 / max(rates)  # the quickest step seen: on a shared machine the conservative denominator
         print(f"part 1: weights-bound model, vocab {loaded.model.config.get_text_config().vocab_size}; "
-              f"unconstrained decode {', '.join(f'{rate:.1f}' for rate in rates)} tokens/s: step {step * 1000:.1f} ms")
+              f"unconstrained decode {', '.join(f'{rate:.1f}' for rate in rates)} tokens/s: quickest step {step * 1000:.1f} ms")
         engine = Engine(loaded)
         for name, schema in SCHEMAS.items():
             constrained = dataclasses.replace(settings, constraint=schema_text(json.dumps(schema)))

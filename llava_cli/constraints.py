@@ -70,15 +70,21 @@ def schema_text(spec: str, where: str = "--schema") -> str:
 
 def read_spec(spec: str, where: str) -> str:
     """The file `spec` names, if it names one (a regular file within MAX_SCHEMA_BYTES); else `spec` itself."""
-    path = Path(spec)
+    if not names_file(spec):
+        return spec
     try:
-        if len(spec) < 4096 and path.is_file():
-            if path.stat().st_size > MAX_SCHEMA_BYTES:
-                raise UsageError(f"{where} file {spec} is larger than {MAX_SCHEMA_BYTES:,} bytes")
-            return path.read_text(encoding="utf-8")
+        if Path(spec).stat().st_size > MAX_SCHEMA_BYTES:
+            raise UsageError(f"{where} file {spec} is larger than {MAX_SCHEMA_BYTES:,} bytes")
+        return Path(spec).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{where} file {spec} cannot be read: {err}") from None
-    return spec
+
+
+def names_file(spec: str) -> bool:
+    try:
+        return len(spec) < 4096 and Path(spec).is_file()
+    except OSError:  # inline JSON longer than a file name may be (ENAMETOOLONG) names no file
+        return False
 
 
 def short_form(text: str, where: str) -> dict[str, Any]:

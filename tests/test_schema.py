@@ -93,6 +93,8 @@ def test_a_file_inline_json_and_the_short_form_are_the_same_schema(tmp_path):
     saved = tmp_path / "s.json"
     saved.write_text(json.dumps(short, indent=2))
     assert schema_text("name, age int, colours list") == schema_text(json.dumps(short)) == schema_text(str(saved))
+    long_inline = json.dumps({**short, "description": "x" * 300})  # longer than a file name may be
+    assert json.loads(schema_text(long_inline))["description"] == "x" * 300
     assert json.loads(ANY_OBJECT) == {"type": "object"}
 
 
@@ -267,3 +269,18 @@ def test_serve_refuses_an_unusable_schema_with_400_naming_where_inside_it():
     assert refused.value.status == 400 and refused.value.param == "response_format"
     assert str(refused.value) == ("response_format.json_schema.schema: the grammar engine cannot use this schema "
                                   "at /properties/item/properties/tags/items: enum array must not be empty")
+
+
+def test_schema_at_a_terminal_streams_the_reference_answer(tiny_model, images, reference, tmp_path):
+    from test_cli_chat import Repl, visible
+
+    enum = json.dumps(SCHEMAS["enum"])
+    repl = Repl(tiny_model, MAX_NEW, tmp_path)
+    repl.command(f"/image {images['red']}", "attached")
+    repl.command('/schema {"type": 5}', "error: /schema: the grammar engine cannot use this schema: Type should be a string")
+    repl.command(f"/schema {enum}", "schema set")
+    assert repl.ask(QUESTION) == visible(reference_answer(reference, schema_text(enum), images["red"]))
+    repl.command("/schema off", "schema removed")
+    repl.child.sendline("/quit")
+    assert repl.exit_status() == 0
+    assert "Traceback" not in repl.screen()
