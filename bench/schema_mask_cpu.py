@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model import median  # noqa: E402
+from bench_model import median
 
 # The exactness tests' three (tests/test_schema.py), and a free string that runs to the budget. Objects
 # say additionalProperties false: xgrammar assumes it (strict mode, llava-cli's), llguidance follows
@@ -62,9 +62,11 @@ COMPILE_REPEATS = 5
 
 def engine_part(answers: int, new_tokens: int) -> float:
     """Print the hook's share of a decode step per schema; return the decode step in seconds."""
-    from compile_cpu import QUESTION, answers as timed_answers
+    from compile_cpu import QUESTION
+    from compile_cpu import answers as timed_answers
     from decode_paths_cpu import weights_bound_model
     from gpu_phases import fixed_length
+
     from llava_cli import constraints
     from llava_cli.backend import Answer
     from llava_cli.constraints import schema_text

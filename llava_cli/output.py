@@ -164,7 +164,7 @@ def guarded(text: str) -> str:
 
 def unguarded(cell: str) -> str:
     """The text `guarded` wrote as `cell`."""
-    return cell[1:] if cell.startswith("'") else cell
+    return cell.removeprefix("'")
 
 
 def csv_line(cells: list[str]) -> str:
