@@ -222,6 +222,16 @@ def test_each_csv_on_stdout_and_resumed_in_a_file_holds_the_reference_answers(mo
     assert out.read_bytes() == stdout.getvalue().encode()  # the same bytes as on stdout, half row gone
 
 
+def test_one_answer_as_csv_is_the_header_and_its_row(monkeypatch, tiny_model, reference, images):
+    from cli_runner import BytesStdout, invoke
+
+    stdout = BytesStdout()
+    outcome = invoke(monkeypatch, "ask", str(images["red"]), QUESTION, "--model", str(tiny_model), "-n", str(MAX_NEW), "--no-save",
+                     "--schema", json.dumps(CSV_SCHEMA), "--output-format", "csv", stdout=stdout)
+    assert outcome.code == 0, outcome.stderr
+    assert read_csv(stdout.getvalue().encode()) == [["image", "colour", "sizes"], *expected_csv_rows(reference, [images["red"]])]
+
+
 def test_csv_cells_are_quoted_and_guarded_against_formulas(tmp_path):
     from llava_cli.output import CsvWriter
     from llava_cli.records import CsvFile, make_record
