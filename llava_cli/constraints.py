@@ -4,7 +4,9 @@ Contract:
 - `schema_text(spec)`: `--schema`'s value (a file, inline JSON, or the short form
   `'name, age int, colours list'`) as the canonical JSON text of a schema, checked by the grammar
   engine (xgrammar) without a tokenizer, so a bad schema gets one line (`UsageError`) before the
-  model loads. `ANY_OBJECT` is `--format json`'s schema (any JSON object).
+  model loads, naming where inside the schema the engine balks (a JSON pointer, found by compiling
+  its parts alone: xgrammar's messages name no place). `where` names the option or command (`/schema`).
+  `ANY_OBJECT` is `--format json`'s schema (any JSON object).
 - `Grammars(tokenizer, vocab_size)`: one per engine, so per process; compiles a schema text for
   this tokenizer once (xgrammar's compiler caches what it compiled) and hands out a new
   `GrammarHook` per row.
@@ -15,7 +17,8 @@ Contract:
 - JSON is written compactly (no free whitespace between tokens), so a model cannot wander in blanks.
 - `response_format_constraint(value)`: serve's `response_format` (text, json_object, json_schema)
   as the same schema text, or `UsageError` (a 400 naming `response_format`).
-- `parsed_answer(text)`: the answer as a JSON value, or `LlavaError` (exit 1) when it was cut off (budget spent).
+- `parsed_answer(text)`: the answer as a JSON value, or `LlavaError` (exit 1) when it was cut off (budget spent);
+  `answer_value(text, settings)`: what a record holds, the parsed value under a constraint, else the text.
 - `ask_constraint(settings, schema, answer_format)`: `llava ask --schema/--format json` applied to its
   settings: the model is loaded here (a server is not sent the schema: `--server` is refused).
 

@@ -203,6 +203,23 @@ def test_each_records_hold_parsed_answers_and_resume_under_a_schema(monkeypatch,
         (str(images["red"]), expected[0]), (str(images["green"]), expected[1])]
 
 
+def test_each_answer_cut_off_before_its_json_ended_is_an_error_a_rerun_retries(monkeypatch, tiny_model, reference, images, tmp_path):
+    from cli_runner import invoke
+
+    out = tmp_path / "out.jsonl"
+    schema = json.dumps(SCHEMAS["enum"])
+    common = ("--each", str(images["red"]), "-p", QUESTION, "--model", str(tiny_model), "--schema", schema, "-o", str(out))
+    short = invoke(monkeypatch, "ask", *common, "-n", "3")
+    assert short.code == 1
+    message = f"{images['red']}: the answer ran out of tokens before its JSON was complete; raise --max-new-tokens"
+    assert short.stderr == f"llava: error: {message}\n"
+    assert json.loads(out.read_text())["error"] == message and json.loads(out.read_text())["answer"] is None
+    retried = invoke(monkeypatch, "ask", *common, "-n", str(MAX_NEW))
+    assert retried.code == 0 and "skipping" not in retried.stderr, retried.stderr
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert last["answer"] == json.loads(reference_answer(reference, schema_text(schema), images["red"]))
+
+
 def test_each_csv_on_stdout_and_resumed_in_a_file_holds_the_reference_answers(monkeypatch, tiny_model, reference, images, tmp_path):
     from cli_runner import BytesStdout, invoke
 
