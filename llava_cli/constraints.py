@@ -40,7 +40,9 @@ ANY_OBJECT = json.dumps({"type": "object"})
 SHORT_TYPES = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
                "bool": {"type": "boolean"}, "list": {"type": "array", "items": {"type": "string"}}}
 MAX_SCHEMA_BYTES = 1 << 20
-MAX_PROBED = 200  # parts of a bad schema compiled alone to find where it is bad (each well under a millisecond)
+# A bad schema's parts are compiled alone to find where it is bad: at most this many, and at most
+# PROBE_BUDGET times the schema's size in all (each compile takes about 0.1 ms plus its size's share).
+MAX_PROBED, PROBE_BUDGET = 256, 8
 LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[10:45:11] /project/cpp/x.cc:5082: "
 INSTALL = "schema-constrained answers need xgrammar: pip install 'llava-cli[schema]'"
 
@@ -125,12 +127,16 @@ def compile_problem(canonical: str) -> str | None:
 def problem_path(schema: dict[str, Any], problem: str) -> str:
     """The JSON pointer of the deepest part of `schema` that fails alone with the same `problem`
     ("" when only the whole schema does). xgrammar's messages name no place, and a schema its user
-    did not write (an API client's) is hard to fix without one. At most MAX_PROBED parts are compiled."""
-    found = ""
+    did not write (an API client's) is hard to fix without one. At most MAX_PROBED parts, adding up to
+    at most PROBE_BUDGET times the schema's size, are compiled: a request's bad schema costs a few
+    compiles of itself (past that the line names no place)."""
+    found, budget = "", PROBE_BUDGET * len(json.dumps(schema))
     for probed, (pointer, part) in enumerate(schema_parts(schema)):
-        if probed == MAX_PROBED:
+        text = json.dumps(part)
+        budget -= len(text)
+        if budget < 0 or probed == MAX_PROBED:
             break
-        if pointer.count("/") > found.count("/") and compile_problem(json.dumps(part)) == problem:
+        if pointer.count("/") > found.count("/") and compile_problem(text) == problem:
             found = pointer
     return found
 
