@@ -152,9 +152,7 @@ def top_level_properties(constraint: str | None) -> list[str]:
 def csv_cell(value: Any) -> str:
     if value is MISSING:
         return ""
-    if isinstance(value, str):
-        return guarded(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return guarded(value) if isinstance(value, str) else compact_json(value)
 
 
 def guarded(text: str) -> str:
@@ -181,7 +179,11 @@ def encoded(text: str) -> bytes:
 
 def answer_text(answer: Any) -> str:
     """An answer as one text: itself, or under a schema its compact JSON."""
-    return answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+    return answer if isinstance(answer, str) else compact_json(answer)
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def one_field(text: str) -> str:

@@ -311,3 +311,11 @@ def test_schema_at_a_terminal_streams_the_reference_answer(tiny_model, images, r
     repl.child.sendline("/quit")
     assert repl.exit_status() == 0
     assert "Traceback" not in repl.screen()
+
+
+def test_each_text_lines_show_a_parsed_answer_as_compact_json():
+    from llava_cli.output import WRITERS
+    from llava_cli.records import make_record
+
+    record = make_record("a.png", "q", "m", answer={"name": "Ann\nLee", "tags": ["x"]})
+    assert WRITERS["text"](None).line(record, raw=False) == b'a.png\t{"name":"Ann\\nLee","tags":["x"]}\n'
