@@ -10,16 +10,19 @@ waiting jobs, in arrival order, until `max_batch` answers run at once; each job 
 to the context window and prefilled alone, then decodes with the others, one token per step, its
 text streamed as it comes (a `TextStream` per answer); an answer that ends leaves the batch and a
 waiting job takes its place at the next step. Greedy and seeded answers are those of the job alone.
-Prefill starts from the longest reusable prefix of the `PrefixPool` (`cache_mb` of KV caches of
-recent answers, least recently used out), so a chat client resending its history pays only for
-what is new.
+Prefill starts from the longest reusable prefix of the `PrefixPool` (KV caches of recent answers,
+least recently used out), so a chat client resending its history pays only for what is new. The
+rows and the pool share the engine's `--cache-mb` budget (kvbudget.py): a job the budget has no
+room for while rows run (`Full`) waits at the head of the queue until one ends; one that cannot
+fit alone fails with its one-line error (400). The worker uses only the engine's and the batch's
+public methods (`fit`, `token_budget`, `detokenizer`, `forget_images`; `admit`, `step`, `remove`).
 
 A job's images are decoded only when it is admitted, and dropped once it is prefilled (glibc's
 heap trimmed). A client that disconnects (`job.cancelled`) or a server shutting down (`abandon`,
 `stop`) stops its job wherever it is: queued, decoding, trimming, or at the next step. A failure
 while admitting a job (a bad image, a prompt over the window, out of memory) fails that job only;
-a row whose scores go bad (not finite) fails alone; a failure of a decode step itself (out of
-memory) fails the answers in the batch, and the server goes on.
+a row whose scores go bad (not finite), or that runs out of memory in a step even alone, fails
+alone; any other failure of a decode step fails the answers in the batch, and the server goes on.
 A daemon thread, so that a job deep in a forward never keeps a stopping server alive.
 
 `--keep-alive` (servemodel.py's `ModelHolder`): idle past it, the thread drops the batch, the pool's
@@ -44,6 +47,7 @@ from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import DecodeBatch, Sequence
 from llava_cli.engine import Engine, Stopped
 from llava_cli.errors import LlavaError
+from llava_cli.kvbudget import Full, KvBudget
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveguard import Guard
 from llava_cli.servelog import log
@@ -84,11 +88,12 @@ class Answer:
 class Worker:
     """Runs jobs on one daemon thread, up to `max_batch` at once, admitted in the order they were submitted."""
 
-    def __init__(self, engine: Engine, guard: Guard, max_batch: int, cache_bytes: int, holder: ModelHolder | None = None) -> None:
+    def __init__(self, engine: Engine, guard: Guard, max_batch: int, holder: ModelHolder | None = None) -> None:
         self.engine: Engine | None = engine
         self.guard = guard
         self.max_batch = max_batch
-        self.pool = PrefixPool(cache_bytes)
+        self.budget: KvBudget = engine.budget  # the loaded engine's: the rows and the pool report to it
+        self.pool = PrefixPool(self.budget)
         self.batch: DecodeBatch | None = DecodeBatch(engine, self.pool)
         self.holder = holder or ModelHolder(engine)
         self.jobs: queue.SimpleQueue[tuple[Job, Emit] | None] = queue.SimpleQueue()
@@ -118,7 +123,12 @@ class Worker:
             if self.queued and self.batch is None and not self.load():
                 continue
             while self.queued and len(self.batch) < self.max_batch:
-                self.admit(*self.queued.popleft())
+                job, emit = self.queued.popleft()
+                try:
+                    self.admit(job, emit)
+                except Full:  # no room in the budget until a row ends: it waits at the head of the queue
+                    self.queued.appendleft((job, emit))
+                    break
             if self.answers:
                 self.step()
 
@@ -153,7 +163,8 @@ class Worker:
             self.stopped(answer)
 
     def admit(self, job: Job, emit: Emit) -> None:
-        """Decode the job's images, fit it to the window, prefill it and add it to the batch."""
+        """Decode the job's images, fit it to the window, prefill it and add it to the batch; `Full` (its
+        images dropped, nothing else done) when the budget has no room for it until a row ends."""
         answer = Answer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
         try:
@@ -164,6 +175,8 @@ class Worker:
                 return self.stopped(answer)
             self.pool.use_scope(job.cache_scope)
             answer.sequence = self.batch.admit(prompt, job.settings, self.engine.token_budget(prompt, job.settings))
+        except Full:
+            raise
         except Stopped:
             return self.stopped(answer)
         except Exception as err:
@@ -242,6 +255,8 @@ class Worker:
                 self.waiting.pop(job.id, None)
             self.queued.clear()
             return False
+        self.budget = self.engine.budget
+        self.pool = PrefixPool(self.budget)  # emptied when unloaded; its entries count in the new engine's budget
         self.batch = DecodeBatch(self.engine, self.pool)
         return True
 

@@ -23,10 +23,12 @@ import pytest
 from cli_runner import invoke
 from fakes import answer_of
 from llava_cli.conversation import Conversation, Turn
-from llava_cli.decodebatch import DecodeBatch, kv_bytes_per_token
+from llava_cli.decodebatch import DecodeBatch
+from llava_cli.kvbudget import kv_bytes_per_token
 from llava_cli.decoding import PaddedBatch, forward
 from llava_cli.engine import Engine, Prompt
 from llava_cli.images import load_image
+from llava_cli.kvbudget import KvBudget
 from llava_cli.kvrows import new_cache
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveapp import Service
@@ -39,12 +41,12 @@ CLIENT_TIMEOUT_S = 120
 class InProcessServer:
     """A `Service` on the tiny model behind uvicorn on a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, loaded, settings: Settings, **options) -> None:
+    def __init__(self, loaded, settings: Settings, cache_mb: int | None = None, **options) -> None:
         import uvicorn
 
         from llava_cli.server import bind, local_url
 
-        self.engine = Engine(loaded)
+        self.engine = Engine(loaded, cache_mb)
         self.service = Service(self.engine, settings, ServeOptions(host="127.0.0.1", port=0, **options))
         self.batch = self.service.worker.batch
         self.model = settings.model
@@ -323,7 +325,7 @@ def test_a_row_whose_scores_go_bad_fails_alone_and_the_others_keep_their_answers
     from llava_cli import decodebatch
 
     engine = Engine(tiny_loaded)
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(None))
     texts = ["hi", "What is in this picture? Tell me more.", "the quick brown fox"]
     prompts = [encoded(engine, texts[0]), encoded(engine, texts[1], images["red"]), encoded(engine, texts[2])]
     sampled = dataclasses.replace(settings, temperature=0.9, seed=3)
@@ -370,7 +372,7 @@ def test_a_merged_batch_gives_each_row_its_logits_alone_and_drops_padding_as_row
     import torch
 
     engine = Engine(tiny_loaded)
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(None))
     prompts = [encoded(engine, "hi"), encoded(engine, "What is in this picture? Tell me more.", images["red"]), encoded(engine, "the quick brown fox")]
     sequences = [batch.admit(prompt, settings, 30) for prompt in prompts]
     batch.step()  # the rows of different lengths have decoded one token together
@@ -406,7 +408,7 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
     def start(ids: list[int]):
         return pool.start(Prompt(ids=ids, images=[], image_spans=[]))
 
-    pool = PrefixPool(11 * 2 * 4 * 4)  # 11 tokens of keys and values, 4 floats each
+    pool = PrefixPool(KvBudget(11 * 2 * 4 * 4))  # 11 tokens of keys and values, 4 floats each
     keep([1, 2, 3, 4], prompt_tokens=2)
     keep([5, 6, 7, 8], prompt_tokens=4)
     assert start([5, 6, 0])[1:] == (2, ("", None))  # only the beginning is shared: not that chat's next turn
@@ -421,7 +423,7 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
     keep(list(range(1, 13)), prompt_tokens=12)  # over the whole budget: not kept, nothing evicted for it
     assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9]]
     keep([9, 9, 9, 9, 1], prompt_tokens=5)  # holds all that [9, 9, 9, 9] held: takes its place
-    assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9, 1]] and pool.held_bytes <= pool.budget_bytes
+    assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9, 1]] and pool.held_bytes <= pool.budget.limit_bytes == pool.budget.used
 
 
 def test_the_pool_reuses_an_entry_only_in_the_scope_that_made_it():
@@ -433,7 +435,7 @@ def test_the_pool_reuses_an_entry_only_in_the_scope_that_made_it():
         pool.use_scope(scope)
         return pool.start(Prompt(ids=ids, images=[], image_spans=[]))
 
-    pool = PrefixPool(2**20)
+    pool = PrefixPool(KvBudget(2**20))
     _, _, source = start("key-1", [1, 2, 3])
     kv = new_cache([(torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))])
     pool.keep(PrefixCache(kv=kv, ids=[1, 2, 3, 4]), 3, source)

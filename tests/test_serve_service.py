@@ -36,7 +36,7 @@ def server(tiny_model, tmp_path_factory):
     key_file.chmod(0o600)
     running = Server(tiny_model, folder, options=(
         "--api-key-file", str(key_file), "--log-format", "json", "--header-timeout", str(HEADER_TIMEOUT_S),
-        "--max-connections-per-client", str(PER_CLIENT), "--timeout-keep-alive", "1",
+        "--max-connections-per-client", str(PER_CLIENT), "--timeout-keep-alive", "1", "--cache-mb", "1024",
     ))
     yield running
     if running.process.poll() is None:
