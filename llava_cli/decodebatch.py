@@ -80,6 +80,15 @@ class Sequence:
         return bool(self.row.finish_reason) or self.error is not None
 
     @property
+    def tokens(self) -> list[int]:
+        """The answer's tokens so far (the front-ends read these, not the row's pipeline)."""
+        return self.row.tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return self.row.finish_reason
+
+    @property
     def final_length(self) -> int:
         """The most tokens this answer's cache may hold: its prompt and its whole token budget."""
         return len(self.prompt_ids) + self.row.budget

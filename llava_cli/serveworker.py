@@ -209,7 +209,7 @@ class Worker:
         """Emit the text of the answer's new tokens (a stream's as they come, a plain answer's once
         it has ended: every item wakes the event loop); once it has ended, its figures."""
         sequence = answer.sequence
-        for token in sequence.row.tokens[len(answer.stream.ids) :]:
+        for token in sequence.tokens[len(answer.stream.ids) :]:
             if (chunk := answer.stream.push(token)) and answer.job.stream:
                 answer.emit(TextChunk(chunk))
                 answer.sent += 1
@@ -227,8 +227,8 @@ class Worker:
         self.end(answer, Done(self.figures(answer)))
 
     def figures(self, answer: Answer) -> Stats:
-        row = answer.sequence.row
-        answer.stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
+        sequence = answer.sequence
+        answer.stats.end(len(sequence.tokens), sequence.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
         return answer.stats
 
     def end(self, answer: Answer, item: Done | Unfinished | Failed) -> None:
