@@ -52,7 +52,7 @@ from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveguard import Guard
 from llava_cli.servelog import log
 from llava_cli.servemodel import ModelHolder, give_memory_back
-from llava_cli.stops import StoppedStream
+from llava_cli.stops import StoppedStream, before_stop
 from llava_cli.streaming import Stats, TextStream
 
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
@@ -207,20 +207,24 @@ class Worker:
 
     def send(self, answer: Answer) -> None:
         """Emit the text of the answer's new tokens (a stream's as they come, a plain answer's once
-        it has ended: every item wakes the event loop); once it has ended, its figures."""
+        it has ended: every item wakes the event loop); once it has ended, its figures.
+        A plain answer is detokenized once, whole, at its end: per-token detokenizing (two decodes
+        a token) cost as much as a decode step of the tiny model for 8 rows."""
         sequence = answer.sequence
-        for token in sequence.tokens[len(answer.stream.ids) :]:
-            if (chunk := answer.stream.push(token)) and answer.job.stream:
-                answer.emit(TextChunk(chunk))
-                answer.sent += 1
+        if answer.job.stream:
+            for token in sequence.tokens[len(answer.stream.ids) :]:
+                if chunk := answer.stream.push(token):
+                    answer.emit(TextChunk(chunk))
+                    answer.sent += 1
         if not sequence.ended:
             return
         if sequence.error is not None:  # this row alone went bad; the batch goes on
             self.answers.remove(answer)
             return self.end(answer, failure(sequence.error))
-        tail = answer.stream.finish()
-        if not answer.job.stream:
-            tail = answer.stream.text  # the whole answer, at once
+        if answer.job.stream:
+            tail = answer.stream.finish()
+        else:  # the whole answer, at once, as a batch answer's text is made
+            tail = before_stop(self.engine.decode(sequence.tokens), answer.job.settings.stop)
         if tail:
             answer.emit(TextChunk(tail))
         self.answers.remove(answer)
