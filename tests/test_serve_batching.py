@@ -24,11 +24,10 @@ from cli_runner import invoke
 from fakes import answer_of
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.decodebatch import DecodeBatch
-from llava_cli.kvbudget import kv_bytes_per_token
 from llava_cli.decoding import PaddedBatch, forward
 from llava_cli.engine import Engine, Prompt
 from llava_cli.images import load_image
-from llava_cli.kvbudget import KvBudget
+from llava_cli.kvbudget import KvBudget, kv_bytes_per_token
 from llava_cli.kvrows import new_cache
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveapp import Service
