@@ -196,9 +196,11 @@ class Engine:
         self.forget_images()
 
     def forget_cache(self) -> None:
-        """Drop the KV cache and give its reservation back to the budget."""
+        """Drop the KV cache and give its reservation back to the budget, all but what the path keeps:
+        a static path keeps its bucket (its CUDA graph points at it) until the path itself goes."""
         self.cache.reset()
-        self.budget.hold(CHAT, 0)
+        kept = getattr(self.path, "cache", None)
+        self.budget.hold(CHAT, nbytes(kept) if kept is not None else 0)
 
     def reserve(self, tokens: int) -> None:
         """Reserve a cache of `tokens` tokens as `CHAT` (the pool's oldest entries go first); `ResourceError` if it cannot fit."""
@@ -392,8 +394,8 @@ class Engine:
 
     def free_memory(self) -> None:
         """Give back what the cache and the image memo hold, so the next message has room."""
-        self.reset()
         self.path = None  # and its static cache; the next answer makes a path again
+        self.reset()
         if self.loaded.device == "cuda":
             import torch
 
