@@ -163,10 +163,11 @@ class Worker:
             self.stopped(answer)
 
     def admit(self, job: Job, emit: Emit) -> None:
-        """Decode the job's images, fit it to the window, prefill it and add it to the batch; `Full` (its
-        images dropped, nothing else done) when the budget has no room for it until a row ends."""
+        """Decode the job's images, fit it to the window, prefill it and add it to the batch; `Full` (nothing
+        done; its decoded images kept for its next try) when the budget has no room for it until a row ends."""
         answer = Answer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
+        waits = False  # only the job at the head of the queue waits, so at most one job's images are kept
         try:
             if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
                 return self.stopped(answer)
@@ -176,6 +177,7 @@ class Worker:
             self.pool.use_scope(job.cache_scope)
             answer.sequence = self.batch.admit(prompt, job.settings, self.engine.token_budget(prompt, job.settings))
         except Full:
+            waits = True
             raise
         except Stopped:
             return self.stopped(answer)
@@ -185,7 +187,7 @@ class Worker:
             # The preprocessed-image memo pays off within one chat, but a server sees endless images:
             # keep it from growing without bound (the pool keeps the KV caches of recent answers).
             self.engine.forget_images()
-            if job.images:
+            if job.images and not waits:
                 job.release()
                 give_memory_back()
         answer.stats.prompt_tokens, answer.stats.cached_tokens = len(prompt.ids), answer.sequence.cached_tokens

@@ -27,7 +27,7 @@ from llava_cli.decodebatch import DecodeBatch
 from llava_cli.decoding import PaddedBatch, forward
 from llava_cli.engine import Engine, Prompt
 from llava_cli.images import load_image
-from llava_cli.kvbudget import KvBudget, kv_bytes_per_token
+from llava_cli.kvbudget import BATCH, KvBudget, kv_bytes_per_token
 from llava_cli.kvrows import new_cache
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveapp import Service
@@ -190,6 +190,24 @@ def test_a_batch_smaller_than_the_crowd_admits_each_waiting_request_as_a_row_lea
     results = all_at_once(server, EIGHT, images)
     assert [text for text, _ in results] == [request.alone(tiny_loaded, settings, images)[0] for request in EIGHT]
     assert max(server.step_rows) == 3 and server.step_rows.count(3) > 3
+
+
+def test_a_full_kv_budget_makes_requests_wait_for_room_and_every_answer_is_the_one_alone(serve, tiny_loaded, settings, images):
+    """--cache-mb bounds the running rows: a request the budget has no room for waits at the head of
+    the queue until a row leaves; the reservations never pass the budget, and nobody fails."""
+    server = serve(max_batch=8, cache_mb=1)
+    expected = [request.alone(tiny_loaded, settings, images) for request in EIGHT]
+    longest = max(usage["prompt_tokens"] + request.max_tokens for request, (_, usage) in zip(EIGHT, expected))
+    budget = server.engine.budget
+    budget.limit_bytes = kv_bytes_per_token(tiny_loaded.model) * 2 * longest  # any two rows, never all eight
+    reserved = []
+    step = server.batch.step
+    server.batch.step = lambda: (reserved.append(budget.used), step())[1]
+    results = all_at_once(server, EIGHT, images)
+    assert [text for text, _ in results] == [text for text, _ in expected]
+    assert 2 <= max(server.step_rows) < 8 and max(reserved) <= budget.limit_bytes
+    server.wait_until_idle()
+    assert budget.held[BATCH] == 0
 
 
 def test_a_client_hanging_up_mid_stream_stops_only_its_row(serve, tiny_loaded, settings, images):
