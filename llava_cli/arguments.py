@@ -223,7 +223,7 @@ class AskOptions:
         if self.pages is not None and self.is_batch:
             raise UsageError("--pages selects pages of a PDF for one question; it does not go with --each or --from-file")
         if self.output is not None and self.format == "text":
-            raise UsageError("-o writes JSON lines (so that a rerun can resume); drop --output-format text")
+            raise UsageError("-o writes JSON lines or CSV (so that a rerun can resume); drop --output-format text")
         self.check_ray_options()
 
     def check_ray_options(self) -> None:

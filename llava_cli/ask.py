@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from llava_cli.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.batch import run_batch
 from llava_cli.backend import Answer
-from llava_cli.constraints import parsed_answer
+from llava_cli.constraints import answer_value
 from llava_cli.conversation import Conversation
 from llava_cli.errors import UsageError
 from llava_cli.media import Media
@@ -84,17 +84,16 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
         image_names = [*image_names, PASTED_NAME]
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
+    writer = WRITERS[options.format](settings.constraint)  # before the model loads: csv checks the schema's columns
     from llava_cli.startup import show_note, start_engine  # looked up here, so a test replaces the backend in one place
 
     engine = start_engine(settings)
     conversation = opened.conversation or Conversation(system=settings.system)
     conversation.ask(prompt, images)
-    writer = WRITERS[options.format]
     answer = Answer(engine.generate(conversation, settings), show_note)
     text = writer.stream(answer, settings.raw)
     session = save_answer(opened.recorder, conversation, settings)
-    answer_value = parsed_answer(text) if settings.constraint else text
-    writer.finish(answer_record(answer_value, settings.model, image_names, session, answer.stats.as_dict()), settings.raw)
+    writer.finish(answer_record(answer_value(text, settings), settings.model, image_names, session, answer.stats.as_dict()), settings.raw)
     if settings.verbose:
         emit(stats_line(answer.stats.as_dict()), sys.stderr)
     return 0

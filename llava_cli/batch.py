@@ -32,13 +32,14 @@ from llava_cli.arguments import (
     STDIN, AskOptions, folder_images, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin,
 )
 from llava_cli.batchserver import batch_server, server_records
+from llava_cli.constraints import parsed_answer
 from llava_cli.conversation import Conversation
 from llava_cli.decodebatch import BatchAnswer, answers_in_order
 from llava_cli.engine import Engine, Prompt
 from llava_cli.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
 from llava_cli.output import StdoutRecords
 from llava_cli.prompting import TooLong
-from llava_cli.records import RecordFile, make_record
+from llava_cli.records import CsvFile, RecordFile, make_record
 from llava_cli.safeio import NotRegularFile, read_regular
 from llava_cli.startup import load_engine
 from llava_cli.settings import DEFAULT_PARALLEL, Settings
@@ -51,7 +52,7 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
     """Answer `prompt` for every image; 0 when all were answered, 1 when any failed."""
     names, prompt = batch_inputs(args, options)
     stdin_image = read_image_from_stdin() if STDIN in names else b""
-    sink = RecordFile(Path(options.output)) if options.output else StdoutRecords(options.format, settings.raw)
+    sink = output_sink(options, settings)
     try:
         todo = [name for name in names if not sink.answered(name, prompt)]
         if len(todo) < len(names):
@@ -61,6 +62,15 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
         return answer_all(todo, prompt, settings, options, sink, stdin_image, skipped=len(names) - len(todo))
     finally:
         sink.close()
+
+
+def output_sink(options: AskOptions, settings: Settings) -> StdoutRecords | RecordFile | CsvFile:
+    """Where the records go: stdout in the output format, or -o's resumable file (JSON lines, or CSV)."""
+    if options.output is None:
+        return StdoutRecords(options.format, settings.raw, settings.constraint)
+    if options.format == "csv":
+        return CsvFile(Path(options.output), settings.constraint)
+    return RecordFile(Path(options.output))
 
 
 def stop_message(done: int, total: int, output: str | None) -> str:
@@ -106,7 +116,7 @@ def read_image_list(source: str) -> list[str]:
 
 
 def answer_all(
-    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile, stdin_image: bytes,
+    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile | CsvFile, stdin_image: bytes,
     skipped: int = 0,
 ) -> int:
     """Answer `names` (`skipped` more were answered before, in -o's file); Ctrl-C says where it stopped."""
@@ -131,16 +141,29 @@ def answer_all(
 
 def record_source(names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes) -> Iterator[dict[str, Any]]:
     """The records of a Ray cluster with --ray (batchray.py), of a server when one is named or running
-    for the model (batchserver.py), else of a model loaded here."""
+    for the model (batchserver.py), else of a model loaded here; under a schema with parsed answers."""
     if options.ray is not None:
         from llava_cli.batchray import ray_results
 
         results = ray_results(names, prompt, settings, options, stdin_image, answer_chunk)
-        return (record_of(name, prompt, settings, result) for name, result in zip(names, results))
-    remote = batch_server(settings, options)
-    if remote is not None:
-        return server_records(remote, names, prompt, settings, options.parallel or DEFAULT_PARALLEL, stdin_image)
-    return local_records(names, prompt, settings, options.batch_size, stdin_image)
+        records = (record_of(name, prompt, settings, result) for name, result in zip(names, results))
+    elif (remote := batch_server(settings, options)) is not None:
+        records = server_records(remote, names, prompt, settings, options.parallel or DEFAULT_PARALLEL, stdin_image)
+    else:
+        records = local_records(names, prompt, settings, options.batch_size, stdin_image)
+    return with_parsed_answers(records) if settings.constraint else records
+
+
+def with_parsed_answers(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Each answer as its parsed JSON (one place for every record source). An answer cut off before
+    its JSON ended (the token budget spent) becomes the image's error, so a rerun with -o tries it again."""
+    for record in records:
+        if record["error"] is None and isinstance(record["answer"], str):
+            try:
+                record["answer"] = parsed_answer(record["answer"])
+            except LlavaError as err:
+                record.update(answer=None, error=f"{record['image']}: {err}")
+        yield record
 
 
 def local_records(names: list[str], prompt: str, settings: Settings, batch_size: int, stdin_image: bytes) -> Iterator[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any
 from llava_cli.chatio import ChatIO
 from llava_cli.backend import Answer, Backend
 from llava_cli.commands import context_summary, ends_chat, recap, run_command
+from llava_cli.constraints import answer_value
 from llava_cli.conversation import Conversation
 from llava_cli.errors import EXIT_OK, LlavaError
 from llava_cli.images import ImageRef
@@ -134,7 +135,7 @@ class ChatLoop:
         self.autosave()
         turn = self.conversation.turns[-1]
         images = [image.name for image in turn.images]
-        self.io.answered(answer_record(turn.answer or "", self.settings.model, images, self.saved_id(), figures))
+        self.io.answered(answer_record(answer_value(turn.answer or "", self.settings), self.settings.model, images, self.saved_id(), figures))
 
     def autosave(self) -> None:
         """Save the conversation if it is recorded; a failure is reported once and the chat goes on."""
@@ -177,7 +178,7 @@ class PipeIO:
     columns = 80  # infos are not shown; only for ChatIO's sake
 
     def __init__(self, as_json: bool, raw: bool = False, verbose: bool = False) -> None:
-        self.writer = WRITERS["json" if as_json else "text"]
+        self.writer = WRITERS["json" if as_json else "text"](None)  # neither depends on a schema
         self.verbose = verbose  # a stats line on stderr after each answer
         self.raw = raw  # stdout may still be a terminal (`echo hi | llava chat`)
 

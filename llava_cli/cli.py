@@ -103,7 +103,7 @@ def ask(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="The question; then every argument is an image.")] = None,
     pages: Annotated[Optional[str], typer.Option("--pages", metavar="PAGES", help="Pages of a PDF argument, e.g. 1-3,7 (default: the first). Needs pip install 'llava-cli[pdf]'.", show_default=False)] = None,
     clipboard: Annotated[bool, typer.Option("--clipboard", help="Also ask about the image on the system clipboard (wl-paste, xclip, pngpaste, osascript or PowerShell).")] = False,
-    output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="FORMAT", help="text|json|jsonl; default text, or jsonl with --each.", show_default=False)] = None,
+    output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="FORMAT", help="text|json|jsonl|csv; default text, or jsonl with --each. csv: one row per image, a column per top-level schema field.", show_default=False)] = None,
     each: Annotated[bool, typer.Option("--each", help="Ask the question of each image separately: one answer (JSON line) per image.", rich_help_panel=BATCH_HELP)] = False,
     from_file: Annotated[Optional[str], typer.Option("--from-file", metavar="FILE", help="Image paths or URLs, one per line ('-': stdin); implies --each.", rich_help_panel=BATCH_HELP)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Append JSON lines to FILE; a rerun skips images already answered there.", rich_help_panel=BATCH_HELP)] = None,

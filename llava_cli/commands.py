@@ -189,6 +189,24 @@ def system(chat: Chat, argument: str) -> None:
     chat.autosave()
 
 
+@command("schema", "[FILE|JSON|FIELDS|off]", "show, set or remove the JSON schema answers follow (what ask --schema takes)")
+def schema(chat: Chat, argument: str) -> None:
+    if not argument:
+        chat.io.report(f"schema: {chat.settings.constraint}" if chat.settings.constraint else "no schema: answers are free text")
+        return
+    if argument == "off":
+        chat.settings = dataclasses.replace(chat.settings, constraint=None)
+        chat.io.info("schema removed: answers are free text again")
+        return
+    from llava_cli.constraints import schema_text
+
+    constraint = schema_text(argument, "/schema")  # a bad schema: one line, and the old one stays
+    if chat.engine.info().dtype is None:  # a server (it tells no dtype) is not sent the schema
+        raise InputError("/schema needs the model loaded here: a server is not sent the schema; start llava chat --no-server")
+    chat.settings = dataclasses.replace(chat.settings, constraint=constraint)
+    chat.io.info("schema set: every answer is now JSON following it (/schema off to stop)")
+
+
 @command("set", "[KEY VALUE]", f"show or change {', '.join(SETTABLE)}")
 def set_option(chat: Chat, argument: str) -> None:
     key, _, value = argument.partition(" ")

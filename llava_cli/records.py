@@ -1,6 +1,7 @@
 """The JSON records scripts read: one answer (`ask --json`, piped `chat --json`), one `ask --each`
-answer or error, and the JSON-lines file (`-o`) that a rerun resumes. How a record is written to
-stdout in each output format is output.py's.
+answer or error, and the JSON-lines file (`-o`) that a rerun resumes, or its CSV form
+(`-o FILE --output-format csv`, `CsvFile`). How a record is written to stdout in each output format is output.py's.
+Under a schema a record's `answer` is the parsed JSON value (an object for an object schema), not its text.
 
 `answer_record` is the object of one answer, the same keys for `ask` and `chat` (README lists them).
 
@@ -16,13 +17,15 @@ read, cut and appended to through that one descriptor.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from llava_cli.errors import UsageError
-from llava_cli.output import json_line
+from llava_cli.output import CsvWriter, encoded, json_line, unguarded
 from llava_cli.safeio import open_output, write_all
 
 
@@ -50,10 +53,7 @@ class RecordFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self.fd, content = open_output(path, MAX_OUTPUT_BYTES)
-        except OSError as err:
-            raise UsageError(f"cannot write {path}: {err.strerror or err}; choose another -o") from None
+        self.fd, content = open_records(path)
         try:
             self.done = answered_in(content, self.fd, path)
         except BaseException:
@@ -72,6 +72,14 @@ class RecordFile:
         os.close(self.fd)
 
 
+def open_records(path: Path) -> tuple[int, bytes]:
+    """(the append descriptor, the content so far) of `-o`'s file; `UsageError` when it cannot be ours."""
+    try:
+        return open_output(path, MAX_OUTPUT_BYTES)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}; choose another -o") from None
+
+
 def answered_in(data: bytes, fd: int, path: Path) -> set[tuple[str, str]]:
     """(image, prompt) of every answered record in `data`, the content of `fd`; cut a half-written last line off it.
 
@@ -85,7 +93,7 @@ def answered_in(data: bytes, fd: int, path: Path) -> set[tuple[str, str]]:
         record = parse_record(line)
         if record is None:
             raise UsageError(f"{path} line {number} is not a llava answer record; choose another -o")
-        if record.get("error") is None and isinstance(record.get("answer"), str):
+        if record.get("error") is None and "answer" in record:  # text, or parsed JSON under a schema
             done.add((record["image"], record["prompt"]))
     if partial:
         if not partial.startswith(RECORD_START):
@@ -101,3 +109,56 @@ def parse_record(line: bytes) -> dict[str, Any] | None:
         return None
     ok = isinstance(record, dict) and isinstance(record.get("image"), str) and isinstance(record.get("prompt"), str)
     return record if ok else None
+
+
+class CsvFile:
+    """`-o FILE --output-format csv`: output.py's CSV rows appended, one write per row, resumed from
+    the rows already there. A CSV holds answers only (errors go to stderr, so a rerun retries them)
+    and no prompt: a rerun skips the images the file holds whatever the question was, so give a
+    new question a new file. A file whose columns are not this run's (another schema) is refused."""
+
+    def __init__(self, path: Path, constraint: str | None) -> None:
+        self.path = path
+        self.writer = CsvWriter(constraint)
+        self.fd, content = open_records(path)
+        try:
+            self.done = self.resumed(content)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def resumed(self, content: bytes) -> set[str]:
+        """The images the file answered; a half-written last row is cut off, a new file gets the header."""
+        whole = whole_rows_end(content)
+        if whole < len(content):
+            os.ftruncate(self.fd, whole)  # a run died mid-row: redo that image
+        header = self.writer.header()
+        if whole == 0:
+            write_all(self.fd, header)
+            return set()
+        if not content.startswith(header):
+            raise UsageError(f"{self.path} is not a CSV with this run's columns ({', '.join(self.writer.columns)}); choose another -o")
+        rows = csv.reader(io.StringIO(content[len(header):whole].decode("utf-8", "replace"), newline=""))
+        return {unguarded(row[0]) for row in rows if row}
+
+    def answered(self, image: str, prompt: str) -> bool:
+        return image != "-" and image in self.done
+
+    def write(self, record: dict[str, Any]) -> None:
+        if record["error"] is None:
+            write_all(self.fd, encoded(self.writer.record_row(record)))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def whole_rows_end(data: bytes) -> int:
+    """Where the last whole CSV row of `data` ends: after a CRLF outside quotes (a quoted cell may hold
+    line breaks; quotes inside a cell are doubled, so an even count of quotes means outside)."""
+    end = position = quotes = 0
+    for piece in data.split(b"\r\n")[:-1]:
+        quotes += piece.count(b'"')
+        position += len(piece) + 2
+        if quotes % 2 == 0:
+            end = position
+    return end

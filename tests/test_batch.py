@@ -304,9 +304,9 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
         (dict(batch_size=4), "--batch-size 4: only with --each or --from-file, which answer images one by one"),
         (dict(output="a.jsonl", batch_size=4), "-o a.jsonl and --batch-size 4: only with --each or --from-file, which answer images one by one"),
         (dict(each=True, batch_size=0), "--batch-size must be between 1 and 256 (got 0)"),
-        (dict(each=True, output="a.jsonl", output_format="text"), "-o writes JSON lines (so that a rerun can resume); drop --output-format text"),
+        (dict(each=True, output="a.jsonl", output_format="text"), "-o writes JSON lines or CSV (so that a rerun can resume); drop --output-format text"),
         (dict(json=True, output_format="text"), "--json and --output-format text exclude each other: pick one"),
-        (dict(output_format="yaml"), "--output-format must be one of text, json, jsonl (got 'yaml')"),
+        (dict(output_format="yaml"), "--output-format must be one of text, json, jsonl, csv (got 'yaml')"),
     ],
 )
 def test_bad_option_combinations_are_usage_errors(options, message):

@@ -132,7 +132,7 @@ def test_a_file_name_cannot_forge_a_line_of_text_output(separator, monkeypatch):
     monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
     name = f"cat.png\tA CAT{separator}dog.png"
     record = make_record(name, "q", "m", answer=f"a cat{separator}dog.png\tA DOG")
-    line = WRITERS["text"].line(record, raw=False).decode()
+    line = WRITERS["text"](None).line(record, raw=False).decode()
     assert line.splitlines() == [line.rstrip("\n")]
     assert line == "cat.png A CAT dog.png\ta cat dog.png A DOG\n"
 
