@@ -4,7 +4,7 @@
     python bench/batch_throughput.py --gpu-7b     # a random llava-1.5-7b-shaped model, float16 on CUDA
     python bench/batch_throughput.py --smoke-7b   # the --gpu-7b steps on a small model on the CPU
 
-Answers the same prompt for `--images` distinct pictures through `batch.answer_chunk`, the code
+Answers the same prompt for `--images` distinct pictures through `batch.answered_records` a batch at a time, the code
 path of `llava ask --each` (image loading, prompt encoding, batched greedy generation), once per
 batch size, after one warm-up batch. Prints images/second for each batch size as a ratio to batch
 size 1 measured in the same run, and checks that every batch size gave the same answers as batch
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_phases import SMOKE, Shape, build_loaded  # noqa: E402
-from llava_cli.batch import answer_chunk  # noqa: E402
+from llava_cli.batch import answered_records  # noqa: E402
 from llava_cli.engine import Engine  # noqa: E402
 from llava_cli.loader import LoadedModel, load_model  # noqa: E402
 from llava_cli.settings import Settings  # noqa: E402
@@ -58,7 +58,7 @@ def answer_all(engine: Engine, names: list[str], settings: Settings, batch_size:
     started = time.perf_counter()
     answers = []
     for start in range(0, len(names), batch_size):
-        for record in answer_chunk(engine, names[start : start + batch_size], PROMPT, settings, b""):
+        for record in answered_records(engine, names[start : start + batch_size], PROMPT, settings, b"", batch_size):
             answers.append(record["answer"])
     if engine.loaded.device == "cuda":
         import torch

@@ -10,7 +10,7 @@ Both runs answer the same prompt about the same `--images` pictures on the bench
 end answers too, so they end at many lengths) through batch.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
 at once on the scheduler (decodebatch.py):
 
-- fixed: the images in chunks of `--batch-size` (`answer_chunk`, as Ray actors do and as a local
+- fixed: the images in chunks of `--batch-size` (`answered_records` per chunk, as Ray actors do and as a local
   run did before issue 21): a chunk's rows decode together and the next chunk starts only when the
   chunk's longest answer has ended;
 - continuous: every image through `answered_records` (a local `ask --each`): a row that ends is
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batch_throughput import write_pictures  # noqa: E402
 from bench_model import Shape, build_bench_checkpoint  # noqa: E402
-from llava_cli.batch import answer_chunk, answered_records  # noqa: E402
+from llava_cli.batch import answered_records  # noqa: E402
 from llava_cli.engine import Engine  # noqa: E402
 from llava_cli.loader import load_model  # noqa: E402
 from llava_cli.settings import Settings  # noqa: E402
@@ -57,7 +57,7 @@ WEIGHTS_BOUND = Shape(image_size=112, text_hidden=1024, text_layers=8)
 
 def fixed(engine: Engine, names: list[str], settings: Settings, batch_size: int) -> list[dict]:
     return [record for start in range(0, len(names), batch_size)
-            for record in answer_chunk(engine, names[start : start + batch_size], PROMPT, settings, b"")]
+            for record in answered_records(engine, names[start : start + batch_size], PROMPT, settings, b"", batch_size)]
 
 
 def continuous(engine: Engine, names: list[str], settings: Settings, batch_size: int) -> list[dict]:

@@ -144,9 +144,10 @@ def record_source(names: list[str], prompt: str, settings: Settings, options: As
     """The records of a Ray cluster with --ray (batchray.py), of a server when one is named or running
     for the model (batchserver.py), else of a model loaded here; under a schema with parsed answers."""
     if options.ray is not None:
-        from llava_cli.batchray import ray_records
+        from llava_cli.batchray import ray_results
 
-        records = ray_records(names, prompt, settings, options, stdin_image, answer_chunk)
+        results = ray_results(names, prompt, settings, options, stdin_image, answer_chunk)
+        records = (record_of(name, prompt, settings, result) for name, result in zip(names, results))
     elif (remote := batch_server(settings, options)) is not None:
         records = server_records(remote, names, prompt, settings, options.parallel or DEFAULT_PARALLEL, stdin_image)
     else:
@@ -172,22 +173,33 @@ def local_records(names: list[str], prompt: str, settings: Settings, batch_size:
     return answered_records(engine, names, prompt, settings, stdin_image, batch_size)
 
 
-def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes) -> list[dict[str, Any]]:
-    """Records for `names`, in order, all decoding at once (a Ray actor's batch)."""
-    return list(answered_records(engine, names, prompt, settings, stdin_image, len(names)))
+def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes) -> list[BatchAnswer | LlavaError]:
+    """The scheduler's typed results for `names`, in order, all decoding at once (a Ray actor's batch)."""
+    return list(scheduled(engine, names, prompt, settings, stdin_image, len(names)))
 
 
 def answered_records(
     engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes, rows: int
 ) -> Iterator[dict[str, Any]]:
-    """Records for `names`, in order, from the continuous scheduler (decodebatch.py's `answers_in_order`):
-    each image is read when its row is admitted, and a row that ends is replaced at once."""
+    """Records for `names`, in order, from the scheduler's results."""
+    for name, result in zip(names, scheduled(engine, names, prompt, settings, stdin_image, rows)):
+        yield record_of(name, prompt, settings, result)
+
+
+def scheduled(
+    engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes, rows: int
+) -> Iterator[BatchAnswer | LlavaError]:
+    """The typed results for `names`, in order, from the continuous scheduler (decodebatch.py's
+    `answers_in_order`): each image is read when its row is admitted, and a row that ends is replaced at once."""
     makers = [functools.partial(encode, engine, name, prompt, settings, stdin_image) for name in names]
-    for name, answer in zip(names, answers_in_order(engine, makers, settings, rows)):
-        if isinstance(answer, LlavaError):
-            yield make_record(name, prompt, settings.model, error=str(answer))
-        else:
-            yield answer_record(name, prompt, settings, answer)
+    return answers_in_order(engine, makers, settings, rows)
+
+
+def record_of(name: str, prompt: str, settings: Settings, result: BatchAnswer | LlavaError) -> dict[str, Any]:
+    """The record of one image from its typed result, local or from a Ray actor."""
+    if isinstance(result, LlavaError):
+        return make_record(name, prompt, settings.model, error=str(result))
+    return answer_record(name, prompt, settings, result)
 
 
 def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Prompt:

@@ -1,8 +1,10 @@
 """`llava ask --each ... --ray ADDRESS`: the same batch job as a Ray Data pipeline on a cluster.
 
-A record source, sibling of batch.py's `local_records`: `ray_records(...)` returns an iterator of
-one record per image, in INPUT order, each exactly once, with the keys of records.py, so batch.py
-writes, resumes, counts errors and draws its progress bar as for a local `--each`.
+A result source, sibling of batch.py's local scheduler: `ray_results(...)` returns an iterator of
+the scheduler's typed results (decodebatch.py's `BatchAnswer`, or the `LlavaError` that failed
+that image), one per image, in INPUT order, each exactly once; batch.py makes each record from
+them with the one function the local `--each` uses, then writes, resumes, counts errors and draws
+its progress bar as for a local `--each`. Records are never made on the workers.
 
 - Where: `local` starts a Ray instance on this machine (all its CPUs, no dashboard) and stops it
   at the end; `auto` joins the running cluster (RAY_ADDRESS, or the one `ray start` left here);
@@ -12,14 +14,15 @@ writes, resumes, counts errors and draws its progress bar as for a local `--each
   cluster), each asking `--gpus-per-actor G` GPUs (default 1 on a cluster with GPUs, else 0) and a
   fraction of a CPU (so a 2-CPU machine still has room for Ray's own work). Each actor loads the
   model once (`load_engine` with the user's `Settings`) and answers `--batch-size` images per
-  pass with batch.py's `answer_chunk`, passed in as `answer_chunk` (batch.py imports this module).
+  pass on the scheduler with batch.py's `answer_chunk`, passed in as `answer_chunk` (batch.py
+  imports this module); each typed result crosses back as JSON (`wire`, `unwire`).
 - Workers read the images themselves: a path must name the same file on every worker (shared
   storage; a relative path is taken from this command's directory there), or be a URL. An image
   read from stdin (`-`) travels with the job.
 - Failures: an image that cannot be used (or a batch that fails: its images are retried one by
-  one) is an error record, never a failed job. An actor that dies (killed, out of memory) is
+  one) is an error result, never a failed job. An actor that dies (killed, out of memory) is
   restarted by Ray and its task retried up to `TASK_RETRIES` times; a block that still fails
-  comes back as an error record per image, never a lost line, and the job goes on. A record that
+  comes back as an error result per image, never a lost line, and the job goes on. A record that
   comes back twice (a retried task) is written once: the driver keeps the images' order by index.
   A model that cannot be loaded on the workers stops the run with its own one-line error and exit
   code; actors that do not start within `ACTOR_START_TIMEOUT_S` (resources the cluster lacks)
@@ -33,6 +36,7 @@ writes, resumes, counts errors and draws its progress bar as for a local `--each
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,8 +51,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.arguments import AskOptions
+from llava_cli.decodebatch import BatchAnswer
 from llava_cli.errors import LlavaError, UsageError, one_line
-from llava_cli.records import RECORD_KEYS, make_record
 from llava_cli.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,9 +64,9 @@ ACTOR_CPUS = 0.5  # a fraction: whole CPUs for every actor would leave none for 
 TASK_RETRIES = 3  # a block whose actor dies is tried again this often, then its images get errors
 ACTOR_START_TIMEOUT_S = 600  # actors (model loaded) must be up by then: else the cluster lacks resources
 BATCHES_PER_BLOCK = 4  # a block holds this many --batch-size batches: what one actor task answers
-ANSWER_KEYS = tuple(key for key in RECORD_KEYS if key not in ("image", "prompt", "model"))  # what a worker fills in
 
-AnswerChunk = Callable[["Engine", list[str], str, Settings, bytes], list[dict[str, Any]]]  # batch.py's answer_chunk
+Result = BatchAnswer | LlavaError  # the scheduler's typed result for one image
+AnswerChunk = Callable[["Engine", list[str], str, Settings, bytes], list[Result]]  # batch.py's answer_chunk
 
 
 @dataclass(frozen=True)
@@ -82,13 +86,13 @@ class WorkerFailure(LlavaError):
         self.exit_code = exit_code
 
 
-def ray_records(
+def ray_results(
     names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes, answer_chunk: AnswerChunk
-) -> Iterator[dict[str, Any]]:
-    """One record per name, in order, answered on the Ray cluster at `options.ray`.
+) -> Iterator[Result]:
+    """One typed result per name, in order, answered on the Ray cluster at `options.ray`.
 
     Connects at once (a missing Ray or an unreachable cluster fails before any output, and
-    stderr is quieted before the caller draws its progress bar), then returns the records as the
+    stderr is quieted before the caller draws its progress bar), then returns the results as the
     blocks come back; Ray is shut down (or left) and stderr restored when the iteration ends."""
     if settings.server and not settings.no_server:
         raise UsageError("--ray answers with models loaded on the Ray workers; drop --server")
@@ -109,13 +113,13 @@ def ray_records(
 def answered_in_order(
     ray: Any, names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes,
     answer_chunk: AnswerChunk, cleanup: ExitStack,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Result]:
     with cleanup:
         try:
             pool = pool_shape(ray, options)
             batches = pipeline(ray, names, prompt, settings, options.batch_size, pool, stdin_image, answer_chunk)
             for index, returned in in_input_order(len(names), rows_of(batches)):
-                yield checked_record(index, returned, names, prompt, settings)
+                yield checked_result(names[index], returned)
         except LlavaError:
             raise
         except Exception as err:
@@ -200,7 +204,7 @@ def pipeline(
     ray: Any, names: list[str], prompt: str, settings: Settings, batch_size: int, pool: Pool, stdin_image: bytes,
     answer_chunk: AnswerChunk,
 ) -> Iterable[dict[str, Any]]:
-    """The Ray Data pipeline: (index, name) blocks → the actor pool → batches of (index, record JSON)."""
+    """The Ray Data pipeline: (index, name) blocks → the actor pool → batches of (index, result JSON)."""
     configure_data(ray, settings.verbose)
     rows = [{"index": index, "name": encode_name(name)} for index, name in enumerate(names)]
     dataset = ray.data.from_items(rows, override_num_blocks=block_count(len(names), batch_size, pool.actors))
@@ -247,28 +251,42 @@ class ImageAnswerer:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         names = [bytes(name).decode("utf-8", "surrogateescape") for name in batch["name"]]
-        records = [self.failure] * len(names) if self.failure else self.answer(names)
-        return {"index": batch["index"], "record": [json.dumps(record) for record in records]}
+        wired = [json.dumps(self.failure)] * len(names) if self.failure else [wire(result) for result in self.answer(names)]
+        return {"index": batch["index"], "result": wired}
 
-    def answer(self, names: list[str]) -> list[dict[str, Any]]:
-        """Records for `names`: the batch at once; if that fails, image by image, so that one
-        image's failure is that image's error record."""
+    def answer(self, names: list[str]) -> list[Result]:
+        """The scheduler's results for `names`: the batch at once; if that fails, image by image, so that
+        one image's failure is that image's error."""
         try:
             return self.answer_chunk(self.engine, names, self.prompt, self.settings, self.stdin_image)
         except Exception as err:
             if len(names) > 1:
-                return [record for name in names for record in self.answer([name])]
-            message = str(err) if isinstance(err, LlavaError) else f"{names[0]}: {type(err).__name__}: {one_line(err)}"
-            return [make_record(names[0], self.prompt, self.settings.model, error=message)]
+                return [result for name in names for result in self.answer([name])]
+            return [err if isinstance(err, LlavaError) else LlavaError(f"{names[0]}: {type(err).__name__}: {one_line(err)}")]
+
+
+def wire(result: Result) -> str:
+    """A typed result as JSON, to cross from an actor to the driver (an error keeps its message)."""
+    if isinstance(result, LlavaError):
+        return json.dumps({"error": str(result)})
+    return json.dumps({"answer": dataclasses.asdict(result)})
+
+
+def unwire(text: str) -> Result:
+    """The typed result `wire` sent."""
+    sent = json.loads(text)
+    if "error" in sent:
+        return LlavaError(sent["error"])
+    return BatchAnswer(**{**sent["answer"], "videos": tuple(sent["answer"]["videos"])})
 
 
 def rows_of(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[int, str]]:
     for batch in batches:
-        yield from zip((int(index) for index in batch["index"]), batch["record"])
+        yield from zip((int(index) for index in batch["index"]), batch["result"])
 
 
 def in_input_order(count: int, rows: Iterable[tuple[int, str]]) -> Iterator[tuple[int, str | None]]:
-    """(index, record JSON) for 0..count-1, each index once, in order; None for an index that never
+    """(index, result JSON) for 0..count-1, each index once, in order; None for an index that never
     came back. The rows come in input order (preserve_order), so a row past a gap means the block
     in the gap failed for good; a row seen before (a retried task's) is dropped."""
     expected = 0
@@ -283,16 +301,14 @@ def in_input_order(count: int, rows: Iterable[tuple[int, str]]) -> Iterator[tupl
         yield missing, None
 
 
-def checked_record(index: int, returned: str | None, names: list[str], prompt: str, settings: Settings) -> dict[str, Any]:
-    """The record to write for image `index`: image, prompt and model are ours; the rest the worker's."""
-    name = names[index]
+def checked_result(name: str, returned: str | None) -> Result:
+    """The typed result for image `name` (its result JSON, None when its block was lost); `WorkerFailure`
+    when the workers could not load the model."""
     if returned is None:
-        lost = f"{name}: no answer came back from the Ray cluster (its block failed {TASK_RETRIES + 1} times); run again to retry it"
-        return make_record(name, prompt, settings.model, error=lost)
-    record = json.loads(returned)
-    if "failure" in record:
-        raise WorkerFailure(str(record["failure"]), int(record["exit_code"]))
-    return make_record(name, prompt, settings.model, **{key: record.get(key) for key in ANSWER_KEYS})
+        return LlavaError(f"{name}: no answer came back from the Ray cluster (its block failed {TASK_RETRIES + 1} times); run again to retry it")
+    if "failure" in (sent := json.loads(returned)):
+        raise WorkerFailure(str(sent["failure"]), int(sent["exit_code"]))
+    return unwire(returned)
 
 
 def job_failure(ray: Any, err: Exception) -> LlavaError:

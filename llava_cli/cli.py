@@ -22,7 +22,7 @@ from llava_cli import __version__
 from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
 from llava_cli.options import LOGPROBS, OPTIONS, Option
 from llava_cli.settings import (
-    DEFAULT_BATCH_SIZE, DEFAULT_CACHE_MB, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_BATCH_SIZE, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_TIMEOUT_KEEP_ALIVE_S, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings,
 )
 from llava_cli.terminal import emit_error
@@ -194,7 +194,6 @@ def serve(
     allowed_origin: Annotated[Optional[list[str]], typer.Option("--allowed-origin", metavar="ORIGIN", show_default=False, help="Answer requests from web pages of ORIGIN, e.g. http://localhost:3000 (repeatable; '*': any). Others are refused.")] = None,
     allowed_local_media_path: Annotated[Optional[str], typer.Option("--allowed-local-media-path", metavar="DIR", show_default=False, help="Let requests name image files under DIR (symlinks resolved). Without it only data: URLs are accepted.")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", metavar="N", show_default=False, help="Answer up to N requests at once, decoded together (default: as many as the GPU's free memory holds at full context, 8 on a CPU).")] = None,
-    cache_mb: Annotated[int, typer.Option("--cache-mb", metavar="MB", help="Keep up to MB of recent answers' KV caches, so chat clients resending their history skip its prefill (0: none).")] = DEFAULT_CACHE_MB,
     keep_alive: Annotated[str, typer.Option("--keep-alive", metavar="DURATION", help="Unload the model after this idle time (30s, 5m, 1h; 0: after each answer; -1: never); the next request loads it again.")] = "-1",
     metrics_public: Annotated[bool, typer.Option("--metrics-public", help="Serve GET /metrics without the API key.")] = False,
     header_timeout: Annotated[float, typer.Option("--header-timeout", metavar="SECONDS", help="Close connections whose request headers take longer.")] = DEFAULT_HEADER_TIMEOUT_S,
@@ -222,7 +221,7 @@ def serve(
     options = ServeOptions(
         host=host, port=port, api_keys=api_keys, max_request_mb=max_request_mb, request_timeout_s=request_timeout,
         allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
-        allowed_local_media_path=allowed_local_media_path, max_batch=max_batch, cache_mb=cache_mb,
+        allowed_local_media_path=allowed_local_media_path, max_batch=max_batch,
         keep_alive_s=parse_keep_alive(keep_alive), metrics_public=metrics_public, header_timeout_s=header_timeout,
         timeout_keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
         drain_timeout_s=drain_timeout, log_format=log_format,

@@ -25,19 +25,27 @@ gives its cache, padding cut off, to the pool, for a client that sends the histo
 
 Greedy answers are the ones the prompt gets alone (`Engine.generate`, plain `generate`): padding
 is masked and positions are per row; seeded sampled answers too, each row drawing from its own
-generator. Out of memory in `admit` raises `ResourceError` and leaves the batch as it was; in
-`step` it empties the batch and the pool, then raises `ResourceError`; any failure in `step`
-empties the batch (every row has failed).
+generator.
+
+Memory (kvbudget.py): the batch reserves, as `BATCH` in the engine's `--cache-mb` budget, its rows'
+worst case (every row at the longest final length of any row); `admit` first makes room (the pool's
+oldest entries go) and raises `Full` when the rows running leave too little (the caller waits for
+one to end), `ResourceError` when the row cannot fit even alone. A row that leaves (ended, failed,
+removed) gives its reservation back at once. Out of memory in `admit` raises `ResourceError` and
+leaves the batch as it was. Out of memory in a step's forward fails only the rows it hit: the pool
+and the allocator give back what they hold, then each row runs that step alone (`step_alone`) and
+a row that still runs out ends with a `ResourceError`; the others go on. Any other failure in
+`step` empties the batch (every row has failed).
 The caller owns the threading: one thread uses a `DecodeBatch`.
 
-`rows_that_fit(engine, window, reserved_bytes)` is `llava serve`'s default `--max-batch`: on a CPU
-CPU_MAX_BATCH; on CUDA as many rows as GPU_MEMORY_SHARE of the free memory holds (less the
-`--cache-mb` budget) when every row fills the whole context window (KV bytes per token x window),
-between 1 and MAX_BATCH_LIMIT.
+`rows_that_fit(engine, window)` is `llava serve`'s default `--max-batch`: on a CPU CPU_MAX_BATCH;
+on CUDA as many rows as the `--cache-mb` budget holds when every row fills the whole context window
+(KV bytes per token x window), between 1 and MAX_BATCH_LIMIT.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -46,7 +54,8 @@ from typing import Any
 from llava_cli.decoding import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
 from llava_cli.engine import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.errors import LlavaError, ResourceError
-from llava_cli.kvrows import columns, drop_left, merged, rows_of
+from llava_cli.kvbudget import BATCH, Full, budget_for, kv_bytes_per_token, over_budget
+from llava_cli.kvrows import columns, drop_left, keep_columns, merged, rows_of
 from llava_cli.logprobs import TokenLogprob, logprob_hook
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
@@ -54,7 +63,6 @@ from llava_cli.stops import before_stop
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
-GPU_MEMORY_SHARE = 0.8  # of the free memory after loading; the rest for activations (prefill, logits) and the allocator
 
 
 @dataclass(eq=False)
@@ -68,11 +76,25 @@ class Sequence:
     cached_tokens: int  # the prompt's tokens that came from the pool
     length: int  # tokens of this answer in the KV cache: its next position
     source: int | None  # the key of the pool entry whose conversation it continues, which its own cache replaces there
-    error: RowFault | None = None  # why this row failed alone (its scores went bad), else None
+    error: LlavaError | None = None  # why this row failed alone (its scores went bad, it ran out of memory), else None
 
     @property
     def ended(self) -> bool:
         return bool(self.row.finish_reason) or self.error is not None
+
+    @property
+    def tokens(self) -> list[int]:
+        """The answer's tokens so far (the front-ends read these, not the row's pipeline)."""
+        return self.row.tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return self.row.finish_reason
+
+    @property
+    def final_length(self) -> int:
+        """The most tokens this answer's cache may hold: its prompt and its whole token budget."""
+        return len(self.prompt_ids) + self.row.budget
 
     @property
     def cached_ids(self) -> list[int]:
@@ -84,6 +106,8 @@ class DecodeBatch:
         self.engine = engine
         self.model = engine.model
         self.pool = pool
+        self.budget = engine.budget
+        self.token_bytes = kv_bytes_per_token(engine.model)
         self.sequences: list[Sequence] = []  # in batch order
         self.cache: Any = None  # rows in batch order, `width` columns
         self.prefills = 0  # prompts prefilled (the rows of one request's `n` share one)
@@ -95,16 +119,40 @@ class DecodeBatch:
     def width(self) -> int:
         return columns(self.cache) if self.sequences else 0
 
+    def reservation(self, rows: int, longest: int) -> int:
+        """The bytes `rows` rows may come to hold when the longest may reach `longest` tokens (the padded batch)."""
+        return self.token_bytes * rows * longest
+
+    def report(self) -> None:
+        """Tell the budget what the running rows reserve now."""
+        longest = max((sequence.final_length for sequence in self.sequences), default=0)
+        self.budget.hold(BATCH, self.reservation(len(self.sequences), longest))
+
+    def make_room(self, final_length: int, rows: int = 1) -> None:
+        """Reserve room for `rows` more rows of `final_length` tokens: `Full` while the rows running leave too
+        little, `ResourceError` when they cannot fit even alone (the module docstring)."""
+        longest = max([final_length, *(sequence.final_length for sequence in self.sequences)])
+        wanted = self.reservation(len(self.sequences) + rows, longest)
+        if self.budget.make_room(BATCH, wanted):
+            return self.budget.hold(BATCH, wanted)
+        alone = self.reservation(rows, final_length)
+        if self.sequences and self.budget.could_hold(BATCH, alone):
+            raise Full
+        raise ResourceError(over_budget(alone, self.budget))
+
     def admit(self, prompt: Prompt, settings: Settings, budget: int) -> Sequence:
         """Prefill `prompt` (with at least one token of `budget`) alone, pick its first token, join the batch
-        unless it has already ended (`Sequence.ended`: that token ended it, or its row failed)."""
+        unless it has already ended (`Sequence.ended`: that token ended it, or its row failed).
+        `Full` (nothing done) when the budget has no room for it until a row leaves."""
         return self.admit_rows(prompt, [settings], budget)[0]
 
     def admit_rows(self, prompt: Prompt, settings: list[Settings], budget: int) -> list[Sequence]:
         """`admit` for several rows answering the same prompt (a request's `n`), one per `settings`:
-        the prompt is prefilled once and its cache copied into each row that goes on."""
+        the prompt is prefilled once and its cache copied into each row that goes on; room for all
+        of them is reserved first."""
         import torch
 
+        self.make_room(len(prompt.ids) + budget, len(settings))
         try:
             with torch.inference_mode():
                 cache, keep, source = self.pool.start(prompt)
@@ -129,6 +177,8 @@ class DecodeBatch:
         except torch.OutOfMemoryError:
             self.free_memory()
             raise ResourceError(OUT_OF_MEMORY) from None
+        finally:
+            self.report()  # the reservation made for them, or given back
         return sequences
 
     def started(self, prompt: Prompt, settings: Settings, budget: int, keep: int, source: int | None, logits: Any, greedy: int | None) -> Sequence:
@@ -144,10 +194,14 @@ class DecodeBatch:
 
         try:
             with torch.inference_mode():
-                logits = forward(self.model, self.cache, self.next_inputs(), {})
+                failed: list[Sequence] = []
+                try:
+                    logits = forward(self.model, self.cache, self.next_inputs(), {})
+                except torch.OutOfMemoryError:
+                    logits, failed = self.step_alone()
                 for sequence in self.sequences:
                     sequence.length += 1
-                checked = checked_argmax(logits)
+                checked = checked_argmax(logits) if self.sequences else []
                 for place, sequence in enumerate(self.sequences):
                     self.advance(sequence, logits[place], checked[place])
                 ended = [sequence for sequence in self.sequences if sequence.ended]
@@ -161,7 +215,33 @@ class DecodeBatch:
         except BaseException:
             self.clear()  # a forward that failed halfway may have grown only some layers
             raise
-        return ended
+        finally:
+            self.report()
+        return failed + ended
+
+    def step_alone(self) -> tuple[Any, list[Sequence]]:
+        """After the step's forward ran out of memory: the pool and the allocator give back what they hold,
+        each row runs the step alone (a copy of its own columns), and a row that still runs out fails
+        (`ResourceError`) and leaves; the others are the batch again. Their logits, and the rows that failed."""
+        import torch
+
+        width = self.width
+        keep_columns(self.cache, width)  # the failed forward may have grown some layers
+        inputs = self.next_inputs()
+        alone = [rows_of(self.cache, place, width - sequence.length) for place, sequence in enumerate(self.sequences)]
+        self.cache = None
+        self.free_memory()
+        ran, failed = [], []
+        for place, (sequence, cache) in enumerate(zip(self.sequences, alone)):
+            one = PaddedBatch(inputs.ids[place : place + 1], None, inputs.positions[place : place + 1])
+            try:
+                ran.append((sequence, cache, forward(self.model, cache, one, {})))
+            except torch.OutOfMemoryError:
+                sequence.error = ResourceError(OUT_OF_MEMORY)
+                failed.append(sequence)
+        self.sequences = [sequence for sequence, _, _ in ran]
+        self.cache = functools.reduce(merged, [cache for _, cache, _ in ran]) if ran else None
+        return (torch.cat([logits for _, _, logits in ran]) if ran else None), failed
 
     def advance(self, sequence: Sequence, logits: Any, greedy: int | None) -> None:
         """The row's next token through its pipeline (`greedy`: the row's `checked_argmax`, None when
@@ -189,7 +269,7 @@ class DecodeBatch:
     def give_to_pool(self, sequence: Sequence, cache: Any, place: int) -> None:
         """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool,
         unless it failed (its cache may hold what made it fail)."""
-        if self.pool.budget_bytes and sequence.error is None:
+        if self.pool.keeps and sequence.error is None:
             kv = rows_of(cache, place, columns(cache) - sequence.length)
             self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
 
@@ -198,6 +278,7 @@ class DecodeBatch:
 
         with torch.inference_mode():
             self.leave([sequence])
+        self.report()
 
     def leave(self, leaving: list[Sequence]) -> None:
         """Select the other rows, then drop the padding columns no row needs any more."""
@@ -216,6 +297,7 @@ class DecodeBatch:
 
     def clear(self) -> None:
         self.sequences, self.cache = [], None
+        self.report()
 
     def free_memory(self) -> None:
         """After running out: the pool's caches and the allocator's idle blocks go back to the device."""
@@ -246,13 +328,15 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
 
     Each of `prompts` makes its prompt when admitted (an image is read then, not before) or raises
     `LlavaError`. One result per prompt, in order: its `BatchAnswer`, or the `LlavaError` that failed
-    it alone (its prompt, its row's scores, out of memory in its prefill; out of memory in a step
-    fails the rows of that step). No cache is reused (an empty pool): a batch sees each image once.
+    it alone (its prompt, its row's scores, out of memory in its prefill or its step alone, a row
+    over the whole `--cache-mb` budget). A prompt the budget has no room for while rows run waits,
+    made, until one ends. No cache is reused (an empty pool): a batch sees each image once.
     """
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(None))
     done: dict[int, BatchAnswer | LlavaError] = {}
     running: dict[Sequence, tuple[int, float, tuple[dict[str, Any], ...]]] = {}  # a row's index among `prompts`, when it was admitted, its videos
     waiting, emitted, exhausted = enumerate(prompts), 0, False
+    held: tuple[int, Callable[[], Prompt]] | None = None  # made, waiting for room in the budget
 
     def end(sequence: Sequence, index: int, started: float, videos: tuple[dict[str, Any], ...]) -> None:
         recorded = logprob_hook(sequence.sampler.hooks)
@@ -264,7 +348,7 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
 
     while True:
         while not exhausted and len(batch) < rows:
-            entry = next(waiting, None)
+            entry, held = held or next(waiting, None), None
             if entry is None:
                 exhausted = True
                 break
@@ -274,6 +358,9 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
                 prompt = make_prompt()
                 videos = tuple(engine.video_report(prompt))
                 sequence = batch.admit(prompt, settings, engine.token_budget(prompt, settings))
+            except Full:
+                held = (index, functools.partial(lambda made: made, prompt))
+                break
             except LlavaError as err:
                 done[index] = err
                 continue
@@ -300,20 +387,9 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
             end(sequence, *running.pop(sequence))
 
 
-def rows_that_fit(engine: Engine, window: int, reserved_bytes: int) -> int:
-    """The default --max-batch (module docstring): rows whose worst-case KV cache fits the device."""
+def rows_that_fit(engine: Engine, window: int) -> int:
+    """The default --max-batch (module docstring): rows whose worst-case KV cache fits the `--cache-mb` budget."""
     if engine.loaded.device != "cuda":
         return CPU_MAX_BATCH
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    per_row = kv_bytes_per_token(engine.model) * window
-    return max(1, min(MAX_BATCH_LIMIT, int((free * GPU_MEMORY_SHARE - reserved_bytes) // per_row)))
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """Keys and values of one token in every decoder layer, in the model's dtype."""
-    text = model.config.text_config
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+    limit = engine.budget.limit_bytes or budget_for(None, "cuda").limit_bytes  # --cache-mb 0: the device's memory
+    return max(1, min(MAX_BATCH_LIMIT, limit // (kv_bytes_per_token(engine.model) * window)))

@@ -26,6 +26,11 @@ Context: when history plus room for an answer would overflow the window, the old
 are dropped (said in a `Note` event); a message that cannot fit alone raises `ContextError`
 and leaves the conversation as it was.
 
+Memory: the engine owns the process's `--cache-mb` budget (`budget`, kvbudget.py), which the
+scheduler's rows and serve's pool report to as well. `generate` reserves its cache's worst case
+(prompt and whole token budget) as `CHAT` before it prefills, and refuses with one line
+(`ResourceError`) an answer that cannot fit; forgetting the cache gives the reservation back.
+
 Out of GPU memory in a forward: the cache is freed (`free_memory`) and `ResourceError` raised, naming
 the options that help; the conversation keeps its unanswered turn for the caller, as on any error.
 Prompt text becomes ids through prompting.py, where user text can never become a control token.
@@ -47,6 +52,8 @@ from llava_cli.errors import ContextError, ResourceError
 from llava_cli.forward import CompiledPath, ForwardPath, Steps
 from llava_cli.graphstep import default_path
 from llava_cli.images import ImageRef
+from llava_cli.kvbudget import CHAT, KvBudget, budget_for, kv_bytes_per_token, over_budget
+from llava_cli.kvrows import nbytes
 from llava_cli.loader import LoadedModel
 from llava_cli.logprobs import LogprobHook, logprob_hook
 from llava_cli.prompting import TooLong, expand_images, render_segments, tokenize
@@ -145,8 +152,9 @@ class PrefixCache:
 class Engine:
     """Answers conversations with a loaded model, reusing the KV cache across turns."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, cache_mb: int | None = None) -> None:
         self.loaded = loaded
+        self.budget: KvBudget = budget_for(cache_mb, loaded.device)  # --cache-mb, for every holder of KV memory in this process
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
@@ -185,8 +193,22 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the cache (after /clear, or when memory must be freed)."""
-        self.cache.reset()
+        self.forget_cache()
         self.forget_images()
+
+    def forget_cache(self) -> None:
+        """Drop the KV cache and give its reservation back to the budget, all but what the path keeps:
+        a static path keeps its bucket (its CUDA graph points at it) until the path itself goes."""
+        self.cache.reset()
+        kept = getattr(self.path, "cache", None)
+        self.budget.hold(CHAT, nbytes(kept) if kept is not None else 0)
+
+    def reserve(self, tokens: int) -> None:
+        """Reserve a cache of `tokens` tokens as `CHAT` (the pool's oldest entries go first); `ResourceError` if it cannot fit."""
+        wanted = max(kv_bytes_per_token(self.model) * tokens, nbytes(self.cache.kv) if self.cache.kv is not None else 0)
+        if not self.budget.make_room(CHAT, wanted):
+            raise ResourceError(over_budget(wanted, self.budget))
+        self.budget.hold(CHAT, wanted)
 
     def forget_images(self) -> None:
         """Drop the memo of preprocessed images (it pays off within one chat; a server or a batch sees endless images)."""
@@ -222,7 +244,7 @@ class Engine:
         """Switch to the forward path `settings` asks for (`--compile`, `--no-cuda-graph` or not); a switch empties the cache."""
         window = self.context_window(settings)
         if self.path is None or not self.path.suits(settings, window):
-            self.cache.reset()
+            self.forget_cache()
             self.path = CompiledPath(self.model, window) if settings.compile else default_path(self.model, settings, window)
 
     def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
@@ -247,8 +269,10 @@ class Engine:
         sampler = self.sampler(settings)
         row = Row(budget=self.token_budget(prompt, settings), hooks=sampler.hooks)
         stream = self.detokenizer(settings.stop)
+        self.reserve(len(prompt.ids) + row.budget)
         with self.guarded():  # a bigger bucket may not fit in memory
             self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
+        self.budget.hold(CHAT, max(self.budget.held[CHAT], nbytes(self.cache.kv)))  # a static bucket may be larger than asked
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
@@ -365,7 +389,7 @@ class Engine:
         try:
             yield
         except BaseException as err:
-            self.cache.reset()  # an interrupted forward may have updated only some layers
+            self.forget_cache()  # an interrupted forward may have updated only some layers
             import torch
 
             if isinstance(err, torch.OutOfMemoryError):
@@ -375,8 +399,8 @@ class Engine:
 
     def free_memory(self) -> None:
         """Give back what the cache and the image memo hold, so the next message has room."""
-        self.reset()
         self.path = None  # and its static cache; the next answer makes a path again
+        self.reset()
         if self.loaded.device == "cuda":
             import torch
 

@@ -11,7 +11,9 @@ Selecting rows is transformers' own `batch_select_indices`; what it lacks is her
   the left with zero columns (the attention mask hides them), so each row keeps its columns flush right;
 - `drop_left(cache, columns)`: the first `columns` columns dropped, in place (copied, so the
   memory they held is freed);
-- `nbytes(cache)`: the bytes its tensors hold.
+- `keep_columns(cache, columns)`: every layer cut back to its first `columns` columns, in place
+  (after a forward that failed halfway and grew only some layers);
+- `nbytes(cache)`: the bytes its tensors hold (dynamic or static layers).
 
 Functions that build a new cache leave their inputs as they were, even when they fail halfway (out
 of memory): nothing is assigned until every layer is built. Call them under `torch.inference_mode()`,
@@ -72,6 +74,12 @@ def drop_left(cache: Any, count: int) -> None:
     kept = [(layer.keys[:, :, count:].clone(), layer.values[:, :, count:].clone()) for layer in cache.layers]
     for layer, (keys, values) in zip(cache.layers, kept):
         layer.keys, layer.values = keys, values
+
+
+def keep_columns(cache: Any, count: int) -> None:
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys.shape[-2] > count:
+            layer.keys, layer.values = layer.keys[:, :, :count], layer.values[:, :, :count]
 
 
 def nbytes(cache: Any) -> int:

@@ -143,6 +143,12 @@ ROWS = (
            metavar="F", optional=True, valid=lambda f: 0 < f <= MAX_VIDEO_FPS, problem=f"must be above 0 and at most {MAX_VIDEO_FPS} (got {{value}})"),
     Option("max_image_tokens", int, None, ("--max-image-tokens",), "Anyres families: use only the tilings whose images take at most N tokens.", MODEL_PANEL,
            optional=True, valid=lambda tokens: tokens >= 1, problem="must be at least 1 (got {value})"),
+    Option("cache_mb", int, None, ("--cache-mb",),
+           "Bound the KV cache of the whole process to MB: running answers (reserved at their longest), the chat's cache, "
+           "and serve's caches of recent answers (dropped oldest first when an answer needs room). An answer that cannot fit "
+           "alone fails with an error; serve and ask --each wait for room. 0: no bound but the device's memory, and serve keeps "
+           "no caches between requests. Default: 80% of the GPU's free memory after loading, a quarter of the RAM on a CPU.",
+           MODEL_PANEL, metavar="MB", optional=True, valid=lambda mb: mb >= 0, problem="must be 0 or more (got {value})"),
     Option("temperature", float, DEFAULT_TEMPERATURE, ("--temperature", "-t"), "0 is greedy (deterministic), as is anything below 1e-5.", GENERATION_PANEL,
            valid=lambda t: 0.0 <= t <= 100.0, problem="must be between 0 and 100 (got {value})",
            settable=True, saved=True, request=("temperature",)),

@@ -1,8 +1,10 @@
 """`llava serve`'s prefix caches: the KV caches of recent answers, for clients that resend a growing history.
 
-Contract: `PrefixPool(budget_bytes)` holds entries, each a one-row cache (kvrows.py) with exactly
-the token ids and image keys it holds (engine.py's `PrefixCache`), within `budget_bytes` (the
-`--cache-mb` budget; 0 keeps nothing), least recently used out.
+Contract: `PrefixPool(budget)` holds entries, each a one-row cache (kvrows.py) with exactly
+the token ids and image keys it holds (engine.py's `PrefixCache`), within what the process's
+`--cache-mb` budget (kvbudget.py) leaves beside the running answers, least recently used out:
+it reports its bytes there as `POOL`, and gives entries back, oldest first, when a running answer
+needs the room. `PrefixPool(None)`, or a budget without a cap (`--cache-mb 0`), keeps nothing.
 
 - `start(prompt) -> (cache, keep, source)`: a new cache holding the first `keep` tokens of
   `prompt`, copied from the entry that holds the longest reusable prefix
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llava_cli.engine import Prompt, PrefixCache
+from llava_cli.kvbudget import POOL, KvBudget
 from llava_cli.kvrows import nbytes, new_cache, prefix_of
 
 
@@ -39,11 +42,18 @@ class Held:
 
 
 class PrefixPool:
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget: KvBudget | None) -> None:
+        self.budget = budget
         self.entries: dict[int, Held] = {}  # by key, least recently used first
         self.keys = itertools.count()  # a key, not the entry, names a source: an answer must not keep an evicted cache alive
         self.scope = ""  # of the next `start`
+        if budget is not None:
+            budget.evictable(POOL, self.evict)
+
+    @property
+    def keeps(self) -> bool:
+        """Whether this pool keeps anything (a capped budget)."""
+        return self.budget is not None and self.budget.limit_bytes is not None
 
     def use_scope(self, scope: str) -> None:
         self.scope = scope
@@ -63,18 +73,34 @@ class PrefixPool:
         return prefix_of(held.entry.kv, keep), keep, (self.scope, best if keep >= held.prompt_tokens else None)
 
     def keep(self, entry: PrefixCache, prompt_tokens: int, source: tuple[str, int | None] | None = None) -> None:
+        if not self.keeps:
+            return
         size = nbytes(entry.kv)
-        if size > self.budget_bytes:
+        if size > self.budget.room_for(POOL):  # more than the running answers leave it: not kept, nothing evicted for it
             return
         scope, replaces = source or ("", None)
         self.entries = {key: held for key, held in self.entries.items()
                         if key != replaces and not (held.scope == scope and extends(entry, held.entry))}
         self.entries[next(self.keys)] = Held(entry, size, prompt_tokens, scope)
-        while self.held_bytes > self.budget_bytes:
+        self.within(self.budget.room_for(POOL))
+
+    def evict(self, wanted: int) -> None:
+        """Give back at least `wanted` bytes (the budget asks, for a running answer), least recently used first."""
+        self.within(self.held_bytes - wanted)
+
+    def within(self, room: int) -> None:
+        """Drop the least recently used entries until the pool holds at most `room` bytes; report what it holds."""
+        while self.entries and self.held_bytes > room:
             del self.entries[next(iter(self.entries))]
+        self.report()
+
+    def report(self) -> None:
+        if self.budget is not None:
+            self.budget.hold(POOL, self.held_bytes)
 
     def clear(self) -> None:
         self.entries.clear()
+        self.report()
 
 
 def extends(new: PrefixCache, old: PrefixCache) -> bool:

@@ -1,7 +1,7 @@
 """`llava serve`'s HTTP endpoints: `POST /v1/chat/completions` and `GET /v1/models` (Starlette).
 
 Contract: `Service(engine, settings, options).app()` is the ASGI app; its `Worker` batches up to
-`options.max_batch` answers (default `decodebatch.rows_that_fit`) with `options.cache_mb` of prefix caches. Every request passes the
+`options.max_batch` answers (default `decodebatch.rows_that_fit`) within the engine's `--cache-mb` budget (kvbudget.py). Every request passes the
 `Guard` (Host, Origin, Content-Type) and the API key first; the body must arrive within
 `--request-timeout` (408) and under `--max-request-mb` (413); at most MAX_OPEN_REQUESTS are open
 at once (503 beyond). The body becomes a `Job` (apirequest.py), its images decoded here
@@ -119,12 +119,11 @@ class Service:
 
     def __init__(self, engine: Engine, settings: Settings, options: ServeOptions, load: Callable[[], Engine] | None = None) -> None:
         self.guard = Guard(options)
-        cache_bytes = options.cache_mb * 2**20
-        max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings), cache_bytes)
+        max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings))
         self.metrics = Metrics()
         self.holder = ModelHolder(engine, load, options.keep_alive_s, self.metrics)
-        self.worker = Worker(engine, self.guard, max_batch, cache_bytes, self.holder)
-        self.watch_worker(cache_bytes)
+        self.worker = Worker(engine, self.guard, max_batch, self.holder)
+        self.watch_worker()
         self.decoder = DecodeAhead(self.guard)  # images decoded here, not on the worker: one slow image stalls no answer
         self.settings = settings
         self.model = options.served_model_name or served_name(settings.model)  # the id clients send
@@ -154,7 +153,7 @@ class Service:
         app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
         return AccessLog(app, self.metrics, self.json_log, frozenset(route.path for route in routes))
 
-    def watch_worker(self, cache_bytes: int) -> None:
+    def watch_worker(self) -> None:
         worker = self.worker
         self.metrics.watch({
             "llava_queue_depth": ("Requests waiting for a place in the batch", lambda: worker.jobs.qsize() + len(worker.queued)),
@@ -162,7 +161,8 @@ class Service:
             "llava_max_batch": ("Answers that may be decoded together (--max-batch)", lambda: worker.max_batch),
             "llava_prefills": ("Prompts prefilled since the server started (the n answers of a request share one)", lambda: worker.prefills),
             "llava_prefix_cache_bytes": ("Bytes of KV cache held in the prefix cache", lambda: worker.pool.held_bytes),
-            "llava_prefix_cache_budget_bytes": ("The prefix cache's budget (--cache-mb)", lambda: cache_bytes),
+            "llava_prefix_cache_budget_bytes": ("The KV-cache budget of the process (--cache-mb; 0: none)", lambda: worker.budget.limit_bytes or 0),
+            "llava_kv_cache_bytes": ("KV-cache bytes held or reserved in all: running answers, prefix cache", lambda: worker.budget.used),
             "llava_model_loaded": ("1 while the model is loaded", lambda: float(worker.holder.engine is not None)),
         })
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from llava_cli.errors import UsageError
 from llava_cli.safeio import read_regular, read_within
 from llava_cli.settings import (
-    DEFAULT_CACHE_MB, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_TIMEOUT_KEEP_ALIVE_S,
 )
 
@@ -71,7 +71,6 @@ class ServeOptions:
     allowed_origins: tuple[str, ...] = ()
     allowed_local_media_path: str | None = None
     max_batch: int | None = None  # answers decoded at once; None: as many as the device holds (decodebatch.rows_that_fit)
-    cache_mb: int = DEFAULT_CACHE_MB
     keep_alive_s: float | None = None  # --keep-alive: unload the model after this idle time; None: never
     metrics_public: bool = False  # GET /metrics without the API key
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
@@ -92,8 +91,6 @@ class ServeOptions:
             raise UsageError(f"--max-batch must be at least 1 (got {self.max_batch})")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise UsageError("--served-model-name is empty; give the id clients should send, or leave it out")
-        if self.cache_mb < 0:
-            raise UsageError(f"--cache-mb must be 0 or more (got {self.cache_mb})")
         if not self.header_timeout_s > 0:
             raise UsageError(f"--header-timeout must be more than 0 seconds (got {self.header_timeout_s:g})")
         if self.max_connections < 1 or self.max_connections_per_client < 1:

@@ -14,16 +14,19 @@ waiting jobs, in arrival order, until `max_batch` answers run at once; each job 
 to the context window and prefilled alone, then decodes with the others, one token per step, its
 text streamed as it comes (a `TextStream` per answer); an answer that ends leaves the batch and a
 waiting job takes its place at the next step. Greedy and seeded answers are those of the job alone.
-Prefill starts from the longest reusable prefix of the `PrefixPool` (`cache_mb` of KV caches of
-recent answers, least recently used out), so a chat client resending its history pays only for
-what is new.
+Prefill starts from the longest reusable prefix of the `PrefixPool` (KV caches of recent answers,
+least recently used out), so a chat client resending its history pays only for what is new. The
+rows and the pool share the engine's `--cache-mb` budget (kvbudget.py): a job the budget has no
+room for while rows run (`Full`) waits at the head of the queue until one ends; one that cannot
+fit alone fails with its one-line error (400). The worker uses only the engine's and the batch's
+public methods (`fit`, `token_budget`, `detokenizer`, `forget_images`; `admit`, `step`, `remove`).
 
 A job's images are decoded only when it is admitted, and dropped once it is prefilled (glibc's
 heap trimmed). A client that disconnects (`job.cancelled`) or a server shutting down (`abandon`,
 `stop`) stops its job wherever it is: queued, decoding, trimming, or at the next step. A failure
 while admitting a job (a bad image, a prompt over the window, out of memory) fails that job only;
-a row whose scores go bad (not finite) fails alone; a failure of a decode step itself (out of
-memory) fails the answers in the batch, and the server goes on.
+a row whose scores go bad (not finite), or that runs out of memory in a step even alone, fails
+alone; any other failure of a decode step fails the answers in the batch, and the server goes on.
 A daemon thread, so that a job deep in a forward never keeps a stopping server alive.
 
 `--keep-alive` (servemodel.py's `ModelHolder`): idle past it, the thread drops the batch, the pool's
@@ -49,12 +52,13 @@ from llava_cli.backend import Done, TextChunk
 from llava_cli.decodebatch import DecodeBatch, Sequence
 from llava_cli.engine import Engine, Stopped
 from llava_cli.errors import LlavaError
+from llava_cli.kvbudget import Full, KvBudget
 from llava_cli.logprobs import TokenLogprob, logprob_hook
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveguard import Guard
 from llava_cli.servelog import log
 from llava_cli.servemodel import ModelHolder, give_memory_back
-from llava_cli.stops import StoppedStream
+from llava_cli.stops import StoppedStream, before_stop
 from llava_cli.streaming import Stats, TextStream
 
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
@@ -99,11 +103,12 @@ class Answer:
 class Worker:
     """Runs jobs on one daemon thread, up to `max_batch` at once, admitted in the order they were submitted."""
 
-    def __init__(self, engine: Engine, guard: Guard, max_batch: int, cache_bytes: int, holder: ModelHolder | None = None) -> None:
+    def __init__(self, engine: Engine, guard: Guard, max_batch: int, holder: ModelHolder | None = None) -> None:
         self.engine: Engine | None = engine
         self.guard = guard
         self.max_batch = max_batch
-        self.pool = PrefixPool(cache_bytes)
+        self.budget: KvBudget = engine.budget  # the loaded engine's: the rows and the pool report to it
+        self.pool = PrefixPool(self.budget)
         self.batch: DecodeBatch | None = DecodeBatch(engine, self.pool)
         self.holder = holder or ModelHolder(engine)
         self.jobs: queue.SimpleQueue[tuple[Job, Emit] | None] = queue.SimpleQueue()
@@ -135,7 +140,12 @@ class Worker:
             if self.queued and self.batch is None and not self.load():
                 continue
             while self.queued and len(self.batch) + self.queued[0][0].n <= self.max_batch:  # a job's `n` rows join at once
-                self.admit(*self.queued.popleft())
+                job, emit = self.queued.popleft()
+                try:
+                    self.admit(job, emit)
+                except Full:  # no room in the budget until a row ends: it waits at the head of the queue
+                    self.queued.appendleft((job, emit))
+                    break
             if self.answers:
                 self.step()
 
@@ -170,9 +180,12 @@ class Worker:
             self.stopped(answer)
 
     def admit(self, job: Job, emit: Emit) -> None:
-        """Decode the job's images, fit it to the window, prefill it once and add its `n` rows to the batch."""
+        """Decode the job's images, fit it to the window, prefill it once and add its `n` rows to the batch;
+        `Full` (nothing done; its decoded images kept for its next try) when the budget has no room for
+        it until a row ends."""
         answer = Answer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
+        waits = False  # only the job at the head of the queue waits, so at most one job's images are kept
         try:
             if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
                 return self.stopped(answer)
@@ -181,6 +194,9 @@ class Worker:
                 return self.stopped(answer)
             self.pool.use_scope(job.cache_scope)
             sequences = self.batch.admit_rows(prompt, job.row_settings(), self.engine.token_budget(prompt, job.settings))
+        except Full:
+            waits = True
+            raise
         except Stopped:
             return self.stopped(answer)
         except Exception as err:
@@ -189,7 +205,7 @@ class Worker:
             # The preprocessed-image memo pays off within one chat, but a server sees endless images:
             # keep it from growing without bound (the pool keeps the KV caches of recent answers).
             self.engine.forget_images()
-            if job.images:
+            if job.images and not waits:
                 job.release()
                 give_memory_back()
         answer.stats.prompt_tokens, answer.stats.cached_tokens = len(prompt.ids), sequences[0].cached_tokens
@@ -218,21 +234,25 @@ class Worker:
 
     def send(self, answer: Answer) -> None:
         """Emit the text of the answer's new tokens (a stream's as they come, with their logprobs when asked
-        for; a plain answer's once it has ended: every item wakes the event loop); once it has ended, its figures."""
+        for; a plain answer's once it has ended: every item wakes the event loop); once it has ended, its figures.
+        A plain answer is detokenized once, whole, at its end: per-token detokenizing (two decodes
+        a token) cost as much as a decode step of the tiny model for 8 rows."""
         sequence = answer.sequence
-        for token in sequence.row.tokens[len(answer.stream.ids) :]:
-            if (chunk := answer.stream.push(token)) and answer.job.stream:
-                answer.emit(TextChunk(chunk, self.unreported(answer)))
-                answer.sent += 1
+        if answer.job.stream:
+            for token in sequence.tokens[len(answer.stream.ids) :]:
+                if chunk := answer.stream.push(token):
+                    answer.emit(TextChunk(chunk, self.unreported(answer)))
+                    answer.sent += 1
         if not sequence.ended:
             return
         if sequence.error is not None:  # this row alone went bad; the batch goes on
             self.answers.remove(answer)
             return self.end(answer, failure(sequence.error))
-        tail = answer.stream.finish()
-        if not answer.job.stream:
-            tail = answer.stream.text  # the whole answer, at once
-        if (rest := self.unreported(answer)) or tail:  # a stream's last tokens may show no text (a stop held them back)
+        if answer.job.stream:
+            tail, rest = answer.stream.finish(), self.unreported(answer)
+        else:  # the whole answer, at once, as a batch answer's text is made (its logprobs travel in `Done`)
+            tail, rest = before_stop(self.engine.decode(sequence.tokens), answer.job.settings.stop), ()
+        if rest or tail:  # a stream's last tokens may show no text (a stop held them back)
             answer.emit(TextChunk(tail, rest))
         self.answers.remove(answer)
         recorded = logprob_hook(sequence.sampler.hooks)
@@ -248,8 +268,8 @@ class Worker:
         return tuple(new)
 
     def figures(self, answer: Answer) -> Stats:
-        row = answer.sequence.row
-        answer.stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
+        sequence = answer.sequence
+        answer.stats.end(len(sequence.tokens), sequence.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
         return answer.stats
 
     def end(self, answer: Answer, item: Done | Unfinished | Failed) -> None:
@@ -291,6 +311,8 @@ class Worker:
                 self.waiting.pop(job.id, None)
             self.queued.clear()
             return False
+        self.budget = self.engine.budget
+        self.pool = PrefixPool(self.budget)  # emptied when unloaded; its entries count in the new engine's budget
         self.batch = DecodeBatch(self.engine, self.pool)
         return True
 

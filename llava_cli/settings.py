@@ -31,7 +31,6 @@ DEFAULT_SERVER_HOST = "127.0.0.1"  # llava serve: this machine only unless --hos
 DEFAULT_SERVER_PORT = 8700  # clear of vLLM's 8000, llama.cpp's 8080 and Ollama's 11434
 DEFAULT_MAX_REQUEST_MB = 64  # llava serve: largest request body, images included
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive within this (slow-body clients)
-DEFAULT_CACHE_MB = 1024  # llava serve: KV caches of recent answers kept for clients resending their history (a 7B chat: ~0.5 MB/token)
 DEFAULT_HEADER_TIMEOUT_S = 10.0  # llava serve: a request's headers must arrive within this (slowloris)
 DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # llava serve: idle kept-alive connections closed after this (uvicorn's default)
 DEFAULT_MAX_CONNECTIONS = 512  # llava serve: open connections in all (also kept under the open-file limit)
@@ -66,6 +65,7 @@ class Settings:
     max_context: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_image_tokens: int | None = None  # anyres families: only the pinpoints whose images fit (imagetokens.py)
+    cache_mb: int | None = None  # the whole process's KV-cache budget (kvbudget.py); None: sized to the device, 0: no bound
     frames: int | None = None  # frames sampled per video; None: the checkpoint's default (or --fps)
     fps: float | None = None  # video frames sampled per second, capped
     allow_pickle: bool = False

@@ -76,7 +76,7 @@ def load_engine(settings: Settings) -> Engine:
         loaded = load_model(settings, folder)
     if settings.verbose:
         say(stderr, f"loaded {loaded.name} on {loaded.device} ({loaded.dtype}) in {loaded.load_seconds:.1f}s")
-    return Engine(loaded)
+    return Engine(loaded, settings.cache_mb)
 
 
 def show_note(text: str) -> None:

@@ -26,8 +26,10 @@ import pytest
 from conftest import cli_env, default_sigint, run_llava
 from test_batch import copies
 from llava_cli.arguments import AskOptions
-from llava_cli.batchray import INSTALL_HINT, TASK_RETRIES, block_count, checked_record, in_input_order
-from llava_cli.errors import UsageError
+from llava_cli.batch import record_of
+from llava_cli.batchray import INSTALL_HINT, TASK_RETRIES, block_count, checked_result, in_input_order, wire
+from llava_cli.decodebatch import BatchAnswer
+from llava_cli.errors import ContextError, LlavaError, UsageError
 from llava_cli.records import RECORD_KEYS
 from llava_cli.settings import Settings
 
@@ -270,7 +272,7 @@ def test_records_are_written_once_each_in_input_order_and_a_lost_block_is_an_err
 
 def test_a_lost_image_gets_an_error_record_that_a_rerun_retries():
     settings = Settings(model="m")
-    record = checked_record(1, None, ["a.png", "b.png"], PROMPT, settings)
+    record = record_of("b.png", PROMPT, settings, checked_result("b.png", None))
 
     assert list(record) == list(RECORD_KEYS)
     assert (record["image"], record["prompt"], record["model"], record["answer"]) == ("b.png", PROMPT, "m", None)
@@ -279,11 +281,14 @@ def test_a_lost_image_gets_an_error_record_that_a_rerun_retries():
     )
 
 
-def test_image_prompt_and_model_of_a_record_are_the_drivers_own():
-    returned = json.dumps({"image": "other.png", "prompt": "other", "model": "other", "answer": "hi", "error": None, "seconds": 1.0})
-    record = checked_record(0, returned, ["a.png"], PROMPT, Settings(model="m"))
+def test_an_actor_sends_the_schedulers_typed_results_and_the_driver_makes_the_records():
+    answer = BatchAnswer("hi", 7, 2, "stop", 1.5, ({"name": "clip.mp4", "frames": 8, "tokens": 64},))
+    failed = ContextError("a.png: the prompt with its image needs 900 tokens but the context window is 512")
 
-    assert (record["image"], record["prompt"], record["model"], record["answer"], record["seconds"]) == ("a.png", PROMPT, "m", "hi", 1.0)
+    assert checked_result("a.png", wire(answer)) == answer
+    returned = checked_result("a.png", wire(failed))
+    assert type(returned) is LlavaError and str(returned) == str(failed)
+    assert record_of("a.png", PROMPT, Settings(model="m"), checked_result("a.png", wire(answer))) == record_of("a.png", PROMPT, Settings(model="m"), answer)
 
 
 @pytest.mark.parametrize("images, batch_size, actors, blocks", [(1, 1, 2, 1), (8, 1, 2, 4), (100, 1, 2, 25), (100, 8, 4, 8), (3, 4, 1, 2)])

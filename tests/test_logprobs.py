@@ -83,7 +83,7 @@ def test_a_batch_row_reports_them_too_sampled_rows_beside_it(engine, tiny_model,
     from llava_cli.prefixpool import PrefixPool
 
     expected = expected_logprobs(reference, images["green"], TOP)
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(None))
 
     def prompt(image):
         asked = Conversation()

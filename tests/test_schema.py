@@ -65,7 +65,7 @@ def test_rows_of_a_batch_each_follow_their_own_schema(tiny_loaded, tiny_model, r
     schemas = [schema_text(json.dumps(schema)) for schema in SCHEMAS.values()]
     expected = [reference_answer(reference, schema, images["red"]) for schema in schemas]
     engine = Engine(tiny_loaded)
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(None))
     rows = []
     for schema in schemas:
         settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW, constraint=schema)

@@ -23,10 +23,11 @@ import pytest
 from cli_runner import invoke
 from fakes import answer_of
 from llava_cli.conversation import Conversation, Turn
-from llava_cli.decodebatch import DecodeBatch, kv_bytes_per_token
+from llava_cli.decodebatch import DecodeBatch
 from llava_cli.decoding import PaddedBatch, forward
 from llava_cli.engine import Engine, Prompt
 from llava_cli.images import load_image
+from llava_cli.kvbudget import BATCH, KvBudget, kv_bytes_per_token
 from llava_cli.kvrows import new_cache
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.serveapp import Service
@@ -39,12 +40,12 @@ CLIENT_TIMEOUT_S = 120
 class InProcessServer:
     """A `Service` on the tiny model behind uvicorn on a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, loaded, settings: Settings, **options) -> None:
+    def __init__(self, loaded, settings: Settings, cache_mb: int | None = None, **options) -> None:
         import uvicorn
 
         from llava_cli.server import bind, local_url
 
-        self.engine = Engine(loaded)
+        self.engine = Engine(loaded, cache_mb)
         self.service = Service(self.engine, settings, ServeOptions(host="127.0.0.1", port=0, **options))
         self.batch = self.service.worker.batch
         self.model = settings.model
@@ -191,6 +192,24 @@ def test_a_batch_smaller_than_the_crowd_admits_each_waiting_request_as_a_row_lea
     assert max(server.step_rows) == 3 and server.step_rows.count(3) > 3
 
 
+def test_a_full_kv_budget_makes_requests_wait_for_room_and_every_answer_is_the_one_alone(serve, tiny_loaded, settings, images):
+    """--cache-mb bounds the running rows: a request the budget has no room for waits at the head of
+    the queue until a row leaves; the reservations never pass the budget, and nobody fails."""
+    server = serve(max_batch=8, cache_mb=1)
+    expected = [request.alone(tiny_loaded, settings, images) for request in EIGHT]
+    longest = max(usage["prompt_tokens"] + request.max_tokens for request, (_, usage) in zip(EIGHT, expected))
+    budget = server.engine.budget
+    budget.limit_bytes = kv_bytes_per_token(tiny_loaded.model) * 2 * longest  # any two rows, never all eight
+    reserved = []
+    step = server.batch.step
+    server.batch.step = lambda: (reserved.append(budget.used), step())[1]
+    results = all_at_once(server, EIGHT, images)
+    assert [text for text, _ in results] == [text for text, _ in expected]
+    assert 2 <= max(server.step_rows) < 8 and max(reserved) <= budget.limit_bytes
+    server.wait_until_idle()
+    assert budget.held[BATCH] == 0
+
+
 def test_a_client_hanging_up_mid_stream_stops_only_its_row(serve, tiny_loaded, settings, images):
     server = serve(max_batch=4, cache_mb=0)
     others = [Ask("What is in this picture?", ("red",), max_tokens=200), Ask("hello", max_tokens=200, stream=True)]
@@ -235,9 +254,9 @@ def test_a_growing_chat_reuses_its_cache_and_gets_the_answers_it_gets_without(se
 
 
 def test_the_cache_budget_keeps_the_most_recent_chats(serve, tiny_loaded, settings, images):
-    server = serve(max_batch=2, cache_mb=1)  # the tiny model's KV: 512 bytes per token, so ~2,000 tokens in all
-    filler = "the quick brown fox jumps over the lazy dog " * 33
-    chats = [Ask(f"{word}: {filler}") for word in ("alpha", "bravo", "charlie", "delta")]  # ~590 tokens (~300 KB) each
+    server = serve(max_batch=2, cache_mb=2)  # the tiny model's KV: 512 bytes per token, so ~4,000 tokens in all, running answers included
+    filler = "the quick brown fox jumps over the lazy dog " * 50
+    chats = [Ask(f"{word}: {filler}") for word in ("alpha", "bravo", "charlie", "delta")]  # ~890 tokens (~450 KB) each: 3 kept beside a running one
     first = [ask(server, chat, images) for chat in chats[:3]]
     held = list(server.batch.pool.entries.values())
     assert [entry.size for entry in held] == [kv_bytes_per_token(tiny_loaded.model) * len(entry.entry.ids) for entry in held]
@@ -247,7 +266,7 @@ def test_the_cache_budget_keeps_the_most_recent_chats(serve, tiny_loaded, settin
         return ask(server, Ask("and then?", max_tokens=2), images, history)[1]["prompt_tokens_details"]["cached_tokens"]
 
     ask(server, chats[3], images)  # a fourth chat: the least recently used one (alpha) goes
-    assert len(server.batch.pool.entries) == 3 and server.batch.pool.held_bytes <= 2**20
+    assert len(server.batch.pool.entries) == 3 and server.batch.pool.held_bytes <= 2 * 2**20
     assert again(2) >= first[2][1]["prompt_tokens"]  # charlie is still held
     assert again(0) < 10  # alpha was evicted: only the prompt format's first tokens are shared
 
@@ -282,7 +301,7 @@ def test_running_out_of_memory_fails_only_the_request_it_happened_to(serve, tiny
     assert [text for text, _ in results] == [request.alone(tiny_loaded, settings, images)[0] for request in fine]
 
 
-def test_running_out_of_memory_in_a_decode_step_fails_that_batch_and_the_server_goes_on(serve, tiny_loaded, settings, images, monkeypatch):
+def test_a_decode_step_that_runs_out_of_memory_once_is_run_row_by_row_and_the_answer_stays(serve, tiny_loaded, settings, images, monkeypatch):
     import torch
 
     from llava_cli import decodebatch
@@ -298,10 +317,8 @@ def test_running_out_of_memory_in_a_decode_step_fails_that_batch_and_the_server_
 
     monkeypatch.setattr(decodebatch, "forward", forward_or_run_out_once)
     hello = Ask("hello")
-    reply = httpx.post(f"{server.url}/v1/chat/completions", json=hello.body(server.model, images), timeout=CLIENT_TIMEOUT_S)
-    assert reply.status_code == 500 and reply.json()["error"]["message"].startswith("out of memory while answering")
-    assert len(server.batch) == 0 and not server.batch.pool.entries
-    assert ask(server, hello, images)[0] == hello.alone(tiny_loaded, settings, images)[0]
+    assert ask(server, hello, images)[0] == hello.alone(tiny_loaded, settings, images)[0] and not steps_to_fail
+    assert len(server.batch) == 0
 
 
 def test_a_temperature_too_small_for_float32_is_greedy_and_spoils_no_other_answer(serve, tiny_loaded, settings, images):
@@ -323,7 +340,7 @@ def test_a_row_whose_scores_go_bad_fails_alone_and_the_others_keep_their_answers
     from llava_cli import decodebatch
 
     engine = Engine(tiny_loaded)
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(None))
     texts = ["hi", "What is in this picture? Tell me more.", "the quick brown fox"]
     prompts = [encoded(engine, texts[0]), encoded(engine, texts[1], images["red"]), encoded(engine, texts[2])]
     sampled = dataclasses.replace(settings, temperature=0.9, seed=3)
@@ -348,6 +365,36 @@ def test_a_row_whose_scores_go_bad_fails_alone_and_the_others_keep_their_answers
         assert sequences[place].error is None and engine.tokenizer.decode(sequences[place].row.tokens, skip_special_tokens=True).strip() == alone
 
 
+def test_out_of_memory_in_a_step_fails_only_the_request_it_hit(serve, tiny_loaded, settings, images, monkeypatch):
+    """An injected out-of-memory error in the step where one row reaches a position: after the batch
+    retries each row alone, that request alone gets a 500 naming it; the others get their answers alone."""
+    import torch
+
+    from llava_cli import decodebatch
+
+    server = serve(max_batch=4, cache_mb=0)
+    requests = [Ask("hello", max_tokens=9), Ask("the quick brown fox jumps over the lazy dog " * 3, max_tokens=9), Ask("numbers 0 1 2 3", max_tokens=9)]
+    hit = len(server.engine.encode(Conversation(turns=[Turn(text=requests[1].text)])).ids) + 2  # its third step
+
+    def forward_running_out(model, cache, padded, image_inputs):
+        if padded.positions.shape[1] == 1 and hit in padded.positions[:, -1].tolist():
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(model, cache, padded, image_inputs)
+
+    monkeypatch.setattr(decodebatch, "forward", forward_running_out)
+    replies: list = [None] * len(requests)
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, httpx.post(
+        f"{server.url}/v1/chat/completions", json=requests[i].body(server.model, images), timeout=CLIENT_TIMEOUT_S))) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CLIENT_TIMEOUT_S)
+    assert replies[1].status_code == 500 and replies[1].json()["error"]["message"].startswith("out of memory while answering")
+    for place in (0, 2):
+        assert replies[place].status_code == 200
+        assert replies[place].json()["choices"][0]["message"]["content"] == requests[place].alone(tiny_loaded, settings, images)[0]
+
+
 # ---------------------------------------------------------------- the batch itself: merge, positions, trim
 
 
@@ -370,7 +417,7 @@ def test_a_merged_batch_gives_each_row_its_logits_alone_and_drops_padding_as_row
     import torch
 
     engine = Engine(tiny_loaded)
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(None))
     prompts = [encoded(engine, "hi"), encoded(engine, "What is in this picture? Tell me more.", images["red"]), encoded(engine, "the quick brown fox")]
     sequences = [batch.admit(prompt, settings, 30) for prompt in prompts]
     batch.step()  # the rows of different lengths have decoded one token together
@@ -406,7 +453,7 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
     def start(ids: list[int]):
         return pool.start(Prompt(ids=ids, images=[], image_spans=[]))
 
-    pool = PrefixPool(11 * 2 * 4 * 4)  # 11 tokens of keys and values, 4 floats each
+    pool = PrefixPool(KvBudget(11 * 2 * 4 * 4))  # 11 tokens of keys and values, 4 floats each
     keep([1, 2, 3, 4], prompt_tokens=2)
     keep([5, 6, 7, 8], prompt_tokens=4)
     assert start([5, 6, 0])[1:] == (2, ("", None))  # only the beginning is shared: not that chat's next turn
@@ -421,7 +468,7 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
     keep(list(range(1, 13)), prompt_tokens=12)  # over the whole budget: not kept, nothing evicted for it
     assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9]]
     keep([9, 9, 9, 9, 1], prompt_tokens=5)  # holds all that [9, 9, 9, 9] held: takes its place
-    assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9, 1]] and pool.held_bytes <= pool.budget_bytes
+    assert held() == [[1, 2, 3, 9, 9, 7], [9, 9, 9, 9, 1]] and pool.held_bytes <= pool.budget.limit_bytes == pool.budget.used
 
 
 def test_the_pool_reuses_an_entry_only_in_the_scope_that_made_it():
@@ -433,7 +480,7 @@ def test_the_pool_reuses_an_entry_only_in_the_scope_that_made_it():
         pool.use_scope(scope)
         return pool.start(Prompt(ids=ids, images=[], image_spans=[]))
 
-    pool = PrefixPool(2**20)
+    pool = PrefixPool(KvBudget(2**20))
     _, _, source = start("key-1", [1, 2, 3])
     kv = new_cache([(torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))])
     pool.keep(PrefixCache(kv=kv, ids=[1, 2, 3, 4]), 3, source)

@@ -36,7 +36,7 @@ def server(tiny_model, tmp_path_factory):
     key_file.chmod(0o600)
     running = Server(tiny_model, folder, options=(
         "--api-key-file", str(key_file), "--log-format", "json", "--header-timeout", str(HEADER_TIMEOUT_S),
-        "--max-connections-per-client", str(PER_CLIENT), "--timeout-keep-alive", "1",
+        "--max-connections-per-client", str(PER_CLIENT), "--timeout-keep-alive", "1", "--cache-mb", "1024",
     ))
     yield running
     if running.process.poll() is None:
@@ -92,6 +92,7 @@ def test_metrics_need_a_key_and_count_requests_tokens_and_times(server, images, 
     assert grew("llava_time_per_output_token_seconds_count") == (1 if reply.usage.completion_tokens > 1 else 0)
     assert after["llava_model_loaded"] == 1 and after["llava_max_batch"] >= 1 and after["llava_queue_depth"] == 0
     assert 0 < after["llava_prefix_cache_bytes"] <= after["llava_prefix_cache_budget_bytes"] == 1024 * 2**20
+    assert after["llava_kv_cache_bytes"] == after["llava_prefix_cache_bytes"]  # no answer running: its reservation was given back
     assert after["llava_model_loads_total"] == after["llava_model_unloads_total"] == 0
 
 

@@ -272,7 +272,7 @@ def test_a_fifo_or_dev_zero_in_the_allowed_folder_gets_400_at_once(tiny_loaded, 
 
 def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(tiny_loaded, settings):
     engine = Engine(tiny_loaded)
-    worker = Worker(engine, Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2, cache_bytes=0)
+    worker = Worker(engine, Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2)
     conversation = Conversation(turns=[Turn(text=f"question {i}", answer=f"answer {i}") for i in range(300)] + [Turn(text="now?")])
     job = Job(conversation=conversation, settings=Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=128))
     encode, forwards = engine.encode, []
@@ -293,7 +293,7 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
 
 
 def test_a_job_queued_behind_another_is_dropped_when_its_client_leaves(tiny_loaded, settings):
-    worker = Worker(Engine(tiny_loaded), Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2, cache_bytes=0)
+    worker = Worker(Engine(tiny_loaded), Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2)
     job = Job(conversation=Conversation(turns=[Turn(text="hi")]), settings=settings)
     job.cancelled.set()
     items = queue.SimpleQueue()

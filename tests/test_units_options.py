@@ -36,6 +36,7 @@ SAMPLES: dict[str, Any] = {
     "attn": "eager",
     "max_image_pixels": 1234,
     "max_image_tokens": 600,
+    "cache_mb": 256,
     "temperature": 0.5,
     "top_p": 0.25,
     "max_new_tokens": 7,
@@ -47,6 +48,7 @@ SAMPLES: dict[str, Any] = {
 }
 # A value of the right type that the row's rule refuses, for every row that has a rule.
 REFUSED: dict[str, Any] = {
+    "cache_mb": -1,
     "frames": 0,
     "fps": 100.0,
     "model": "  ",
