@@ -10,6 +10,7 @@ the interpreter's slow teardown once torch is loaded.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import inspect
 import os
@@ -140,7 +141,7 @@ def ask(
 
     settings = ask_constraint(settings, schema, answer_format)
     if stop:
-        settings = settings.answered_here("--stop is", stop=stop_list(stop, "--stop", limit=None))
+        settings = dataclasses.replace(settings, stop=stop_list(stop, "--stop", limit=None))
     options = AskOptions.from_command_line(
         dict(
             json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,

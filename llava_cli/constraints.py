@@ -20,13 +20,14 @@ Contract:
 - `parsed_answer(text)`: the answer as a JSON value, or `LlavaError` (exit 1) when it was cut off (budget spent);
   `answer_value(text, settings)`: what a record holds, the parsed value under a constraint, else the text.
 - `ask_constraint(settings, schema, answer_format)`: `llava ask --schema/--format json` applied to its
-  settings: the model is loaded here (a server is not sent the schema: `--server` is refused).
+  settings (a server is sent it as `response_format`: remote.py).
 
 xgrammar is an optional dependency (`pip install 'llava-cli[schema]'`), imported only when a schema is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -193,7 +194,7 @@ def ask_constraint(settings: Settings, schema: str | None, answer_format: str | 
     if schema is None and answer_format is None:
         return settings
     constraint = schema_text(schema) if schema is not None else ANY_OBJECT
-    return settings.answered_here("--schema and --format are", constraint=constraint)
+    return dataclasses.replace(settings, constraint=constraint)
 
 
 def response_format_constraint(response_format: Any) -> str | None:

@@ -35,16 +35,18 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import http.client
+import functools
 import io
 import json
 import os
+import ssl
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
-from typing import Any, TypeVar
+from contextlib import closing, contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llava_cli.backend import BackendInfo, Done, Events, Note, TextChunk
+from llava_cli.constraints import ANY_OBJECT
 from llava_cli.conversation import Conversation
 from llava_cli.deadline import Deadline
 from llava_cli.discovery import find_server, only_server
@@ -55,6 +57,9 @@ from llava_cli.options import DEFAULT_MODEL, request_fields, server_url
 from llava_cli.video import VIDEO_MIME_TYPES, VideoRef
 from llava_cli.settings import Settings
 
+if TYPE_CHECKING:
+    import httpx
+
 API_KEY_ENV = "LLAVA_API_KEY"
 CONNECT_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0  # a discovered server that does not answer this fast is not used
@@ -63,9 +68,8 @@ MAX_EVENT_BYTES = 1 << 20  # one server-sent event line; a server's answer comes
 MAX_ERROR_BYTES = 1 << 16  # the body of a refusal: a short JSON message
 GUARD_CODES = {"host_not_allowed", "origin_not_allowed"}  # llava serve's 403s that are not about the key
 BUSY_STATUSES = {429, 502, 503, 504}  # too many requests, a restarting server or its proxy: try again later
-# Failures of the connection itself (refused, reset, timed out, closed before or during the
-# answer): nothing was wrong with the request.
-CONNECTION_FAILURES = (ConnectionError, TimeoutError, http.client.BadStatusLine, http.client.IncompleteRead)
+# Failures of the connection itself (refused, reset, timed out): nothing was wrong with the request.
+CONNECTION_FAILURES = (ConnectionError, TimeoutError)
 Default = TypeVar("Default")
 
 
@@ -128,22 +132,19 @@ class RemoteEngine:
 
     def stream(self, conversation: Conversation, settings: Settings, reply: Reply) -> Iterator[str]:
         """Send the conversation; for each event of the answer, record it in `reply` and yield the text it makes visible."""
-        connection, response = self.open("POST", "/chat/completions", self.request_body(conversation, settings))
-        try:
-            for event in self.events(response):
+        with self.exchange("POST", "/chat/completions", self.request_body(conversation, settings)) as response:
+            for event in self.events(response):  # leaving early (Ctrl-C) closes the connection: the server stops
                 yield reply.take(event, self.url)
-        finally:
-            connection.close()  # early close (Ctrl-C) tells the server to stop
 
     def reachable(self) -> bool:
         """True if the server answers GET /v1/models at once (used before trusting a discovered one)."""
         try:
             with Deadline(PROBE_TIMEOUT_S) as deadline:  # for the whole answer: a peer dripping bytes resets each read's timeout
-                connection, _ = self.open("GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S,
-                                          deadline=deadline)
+                with self.exchange("GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S,
+                                   deadline=deadline):
+                    pass
         except LlavaError:
             return False
-        connection.close()
         return not deadline.passed()  # a shut socket reads as the end of the headers
 
     def request_body(self, conversation: Conversation, settings: Settings) -> dict[str, Any]:
@@ -153,6 +154,7 @@ class RemoteEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
             **request_fields(settings),  # only the options the user chose: the rest is left to the server's defaults
+            **answer_shape(settings),
         }
 
     def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
@@ -175,43 +177,48 @@ class RemoteEngine:
             self.data_urls[image.digest] = media_data_url(image)
         return self.data_urls[image.digest]
 
-    def open(self, method: str, path: str, body: dict[str, Any] | None, read_timeout: float | None = None,
-             connect_timeout: float = CONNECT_TIMEOUT_S,
-             deadline: Deadline | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send a request; return the open connection and a 200 response, or raise what went wrong."""
-        kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(self.parts.hostname, self.parts.port, timeout=connect_timeout)
+    @contextmanager
+    def exchange(self, method: str, path: str, body: dict[str, Any] | None, read_timeout: float | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S, deadline: Deadline | None = None) -> Iterator[httpx.Response]:
+        """Send a request; give its 200 response, still streaming, or raise what went wrong. The
+        connection is closed on leaving: one connection per exchange, never a redirect followed."""
+        import httpx
+
+        transport = httpx.HTTPTransport(verify=system_tls(), trust_env=False)  # no proxy, .netrc or certificate from the environment
         if deadline:
-            deadline.clock(connection)
-        try:
-            connection.connect()
-            connection.sock.settimeout(read_timeout)  # an answer may wait its turn behind others: no limit
+            clock(transport, deadline)
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)  # an answer may wait its turn behind others: no read limit
+        with httpx.Client(transport=transport, timeout=timeout, trust_env=False, follow_redirects=False) as client:
             data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
-            connection.request(method, self.prefix + path, body=data, headers=self.headers())
-            response = connection.getresponse()
-            if response.status != 200:
-                raise refusal(response.status, read_json(response), self.url, response.getheader("Retry-After"))
-        except (OSError, http.client.HTTPException) as err:
-            connection.close()
-            kind = ServerUnavailable if isinstance(err, CONNECTION_FAILURES) else LlavaError
-            raise kind(f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?") from None
-        except LlavaError:
-            connection.close()
-            raise
-        return connection, response
+            request = client.build_request(method, self.endpoint(path), content=data, headers=self.headers())
+            try:
+                response = client.send(request, stream=True)
+                if response.status_code != 200:
+                    raise refusal(response.status_code, read_json(response), self.url, response.headers.get("Retry-After"))
+            except (OSError, httpx.HTTPError) as err:
+                raise failure(err)(f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?") from None
+            with closing(response):
+                yield response
+
+    def endpoint(self, path: str) -> httpx.URL:
+        """The url of an API path: the server's scheme, host and port (never credentials or a query from --server)."""
+        import httpx
+
+        return httpx.URL(scheme=self.parts.scheme, host=self.parts.hostname or "", port=self.parts.port, path=self.prefix + path)
 
     def headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        # identity: the byte caps below count what the server sends, not what it inflates to
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream", "Accept-Encoding": "identity"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def events(self, response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    def events(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
         """The JSON payloads of the server-sent events, up to `data: [DONE]` or the end of the stream."""
+        import httpx
+
         try:
-            while line := response.readline(MAX_EVENT_BYTES + 1):
-                if len(line) > MAX_EVENT_BYTES:
-                    raise ValueError(f"an event over {MAX_EVENT_BYTES:,} bytes")
+            for line in capped_lines(response.iter_raw(), MAX_EVENT_BYTES):
                 data = line.decode("utf-8").strip()
                 if not data.startswith("data:"):
                     continue  # blank separators, comments, `event:` lines
@@ -221,9 +228,67 @@ class RemoteEngine:
                 event = json.loads(data)
                 if isinstance(event, dict):
                     yield event
-        except (OSError, http.client.HTTPException, ValueError, RecursionError) as err:
-            kind = ServerUnavailable if isinstance(err, CONNECTION_FAILURES) else LlavaError
-            raise kind(f"the connection to {self.url} broke mid-answer ({describe(err)})") from None
+        except (OSError, httpx.HTTPError, ValueError, RecursionError) as err:
+            raise failure(err)(f"the connection to {self.url} broke mid-answer ({describe(err)})") from None
+
+
+def capped_lines(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    """The lines of a byte stream; ValueError as soon as one grows past `limit` bytes (never held whole)."""
+    pending = bytearray()
+    for chunk in chunks:
+        *ends, rest = chunk.split(b"\n")
+        for end in ends:
+            pending += end
+            yield bytes(within(pending, limit))
+            pending.clear()
+        pending += rest
+        within(pending, limit)
+    if pending:
+        yield bytes(pending)
+
+
+def within(line: bytearray, limit: int) -> bytearray:
+    if len(line) > limit:
+        raise ValueError(f"an event over {limit:,} bytes")
+    return line
+
+
+def clock(transport: httpx.HTTPTransport, deadline: Deadline) -> None:
+    """Make the transport's connections connect within the deadline's time left, their sockets watched by it."""
+    import httpcore
+
+    class OnTheClock(httpcore.SyncBackend):
+        def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                        socket_options: Any = None) -> httpcore.NetworkStream:
+            stream = super().connect_tcp(host, port, deadline.left(), local_address, socket_options)
+            deadline.watch(stream.get_extra_info("socket"))
+            return stream
+
+    # httpx names no network backend of its own; httpcore's pool (pinned in constraints.txt) takes one
+    transport._pool._network_backend = OnTheClock()  # type: ignore[attr-defined]
+
+
+@functools.cache
+def system_tls() -> ssl.SSLContext:
+    """The system's certificate store, as Python's own clients use (httpx alone would use certifi's); made once."""
+    return ssl.create_default_context()
+
+
+def failure(err: BaseException) -> type[LlavaError]:
+    """`ServerUnavailable` for a failure of the connection itself (refused, reset, timed out, closed
+    before or during the answer: nothing was wrong with the request), else `LlavaError`."""
+    import httpx
+
+    if isinstance(err, (httpx.TimeoutException, httpx.RemoteProtocolError)):  # a read timed out; closed before or during the answer
+        return ServerUnavailable
+    return ServerUnavailable if isinstance(os_error(err), CONNECTION_FAILURES) else LlavaError
+
+
+def os_error(err: BaseException) -> BaseException | None:
+    """The system's error under httpx's and httpcore's wrappers, if any."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 class Reply:
@@ -282,6 +347,20 @@ class Reply:
         return stats
 
 
+def answer_shape(settings: Settings) -> dict[str, Any]:
+    """The request fields for what the answer must be, as OpenAI's API spells them: its JSON
+    (`response_format`: any object for --format json, else the schema) and its stop texts."""
+    fields: dict[str, Any] = {}
+    if settings.constraint == ANY_OBJECT:
+        fields["response_format"] = {"type": "json_object"}
+    elif settings.constraint:
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": json.loads(settings.constraint)}}
+    if settings.stop:
+        fields["stop"] = list(settings.stop)
+    # logprobs: `logprobs` / `top_logprobs` join these fields here (wired with --logprobs)
+    return fields
+
+
 def whole_number(value: Any, default: Default) -> int | Default:
     """A count the server reported, or `default` when it sent something else (a server is not trusted)."""
     return value if type(value) is int and value >= 0 else default
@@ -305,9 +384,15 @@ def png_data_url(image: ImageRef) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def read_json(response: http.client.HTTPResponse) -> Any:
+def read_json(response: httpx.Response) -> Any:
+    """A refusal's JSON body, read up to MAX_ERROR_BYTES; None when it is not JSON."""
+    body = b""
+    for chunk in response.iter_raw():
+        body += chunk
+        if len(body) >= MAX_ERROR_BYTES:
+            break
     try:
-        return json.loads(response.read(MAX_ERROR_BYTES))
+        return json.loads(body[:MAX_ERROR_BYTES])
     except (ValueError, RecursionError):
         return None
 
@@ -353,7 +438,8 @@ def seconds_to_wait(retry_after: str | None) -> float | None:
 
 
 def describe(err: BaseException) -> str:
-    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+    cause = os_error(err) or err
+    return getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
 
 
 def model_named(settings: Settings) -> bool:
