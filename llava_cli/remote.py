@@ -7,8 +7,17 @@ timed here); `info()` names the model and the server's url (dtype and window are
 known here); `prompt_tokens` is None. The API is stateless, so every turn sends the whole
 conversation: images as PNG `data:` URLs, the system text as a system message, and of `temperature`,
 `top_p`, `max_tokens` and `seed` only those the user set (`Settings.chosen`), so that the server's
-own defaults apply to the rest; the answer streams back as server-sent events. Plain OpenAI
-chat-completions: it works against `llava serve`, vLLM, llama.cpp's server and Ollama's `/v1`.
+own defaults apply to the rest; what the answer must be, whenever set: the schema as
+`response_format` (`json_object` for --format json, else `json_schema`) and the stop texts as
+`stop`. The answer streams back as server-sent events. Plain OpenAI chat-completions: it works
+against `llava serve`, vLLM, llama.cpp's server and Ollama's `/v1`.
+
+The HTTP is httpx's, hardened as before: one connection per exchange, no redirect followed, no
+proxy, `.netrc` or certificate bundle taken from the environment (the system's certificates), no
+compression (the caps count the bytes sent): an event line over MAX_EVENT_BYTES and a refusal's
+body past MAX_ERROR_BYTES are not read; the probe of a discovered server has a `Deadline` for the
+whole exchange. Retries are the caller's (batchserver.py): a library's would retry other statuses,
+with its own waits, and not a connection reset mid-answer.
 
 Errors keep the local exit codes: a message over the context window raises `ContextError` (2), any
 other refused request (image, model, API key) exit 2, an unreachable or failing server exit 1.

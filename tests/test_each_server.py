@@ -336,3 +336,55 @@ def test_retry_delays_double_from_half_a_second_and_follow_retry_after_up_to_the
     assert [seconds_to_wait(value) for value in (None, "", "2", "1.5", "-4", "soon")] == [None, None, 2.0, 1.5, 0.0, None]
     assert seconds_to_wait("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: at once
     assert 55 < seconds_to_wait(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))) <= 60
+
+
+# --- what the answer must be, sent to the server: a schema (response_format) and stops (issue 23) -----------
+
+SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "size": {"type": "integer"}},
+          "required": ["colour", "size"]}
+SHAPED_NEW = 40  # room for the schema's JSON to end
+
+
+def ask_both(serve, tiny_model, image: Path, *args: str):
+    """`llava ask IMAGE PROMPT ARGS` answered by a model loaded here, then through the server."""
+    common = ("ask", str(image), PROMPT, "--model", str(tiny_model), "-n", SHAPED_NEW, "--no-save", *args)
+    local = run_llava(*common, "--no-server", env=serve.client_env())
+    assert local.returncode == 0, local.stderr_text
+    return local, run_llava(*common, "--server", serve.url, env=serve.client_env())
+
+
+@pytest.mark.parametrize("args", [("--schema", json.dumps(SCHEMA), "--json"), ("--format", "json")], ids=["schema", "format json"])
+def test_a_schema_is_sent_to_the_server_and_its_answer_is_the_local_one(serve, tiny_model, images, args):
+    pytest.importorskip("xgrammar")
+    local, remote = ask_both(serve, tiny_model, images["red"], *args)
+    assert (remote.returncode, remote.stderr_text) == (0, "")
+    if "--json" in args:
+        answer = json.loads(local.stdout_text)["answer"]
+        assert set(answer) == {"colour", "size"} and answer["colour"] in ("red", "green", "blue")  # the schema was followed
+        assert json.loads(remote.stdout_text)["answer"] == answer
+    else:
+        assert isinstance(json.loads(local.stdout_text), dict)
+        assert remote.stdout_text == local.stdout_text
+
+
+def test_a_stop_is_sent_to_the_server_and_its_answer_ends_where_the_local_one_does(serve, tiny_model, images):
+    free = run_llava("ask", str(images["red"]), PROMPT, "--model", str(tiny_model), "-n", SHAPED_NEW, "--no-save",
+                     "--no-server", env=serve.client_env())
+    text = free.stdout_text.strip()
+    stop = text.split()[-1]
+    assert text.index(stop) > 0, text  # the answer has text before its stop
+    local, remote = ask_both(serve, tiny_model, images["red"], "--stop", stop, "--stop", "never in it \x01")
+    assert local.stdout_text.strip() == text[:text.index(stop)].strip()
+    assert (remote.returncode, remote.stdout_text, remote.stderr_text) == (0, local.stdout_text, "")
+
+
+def test_each_through_the_server_with_a_schema_gives_the_local_records(serve, tiny_model, folder):
+    pytest.importorskip("xgrammar")
+    common = ("ask", "--model", str(tiny_model), "-n", SHAPED_NEW, "--each", *map(str, folder["good"][:3]), str(folder["odd"]),
+              "-p", PROMPT, "--schema", json.dumps(SCHEMA))
+    local = run_llava(*common, "--no-server", env=serve.client_env())
+    remote = run_llava(*common, "--server", serve.url, "--parallel", 2, env=serve.client_env())
+    assert local.returncode == 0, local.stderr_text
+    assert all(isinstance(record["answer"], dict) for record in lines_of(local.stdout_text))
+    assert (remote.returncode, remote.stderr_text) == (0, local.stderr_text)
+    assert without_seconds(lines_of(remote.stdout_text)) == without_seconds(lines_of(local.stdout_text))

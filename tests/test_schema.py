@@ -117,7 +117,6 @@ def test_ask_json_holds_the_parsed_object_the_reference_gives(monkeypatch, tiny_
     (("--schema", "{oops"), "--schema is not valid JSON"),
     (("--schema", '{"type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}}'), "--schema: the grammar engine cannot use this schema"),
     (("--format", "yaml"), "--format takes json"),
-    (("--format", "json", "--server", "http://127.0.0.1:9"), "not sent to a server"),
 ])
 def test_a_bad_schema_option_is_one_line_and_exit_2_before_the_model_loads(monkeypatch, images, tmp_path, args, message):
     from cli_runner import invoke
