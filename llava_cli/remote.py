@@ -50,7 +50,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -139,7 +139,7 @@ class RemoteEngine:
             pass
         return reply
 
-    def stream(self, conversation: Conversation, settings: Settings, reply: Reply) -> Iterator[str]:
+    def stream(self, conversation: Conversation, settings: Settings, reply: Reply) -> Generator[str, None, None]:
         """Send the conversation; for each event of the answer, record it in `reply` and yield the text it makes visible."""
         with self.exchange("POST", "/chat/completions", self.request_body(conversation, settings)) as response:
             for event in self.events(response):  # leaving early (Ctrl-C) closes the connection: the server stops
@@ -148,10 +148,10 @@ class RemoteEngine:
     def reachable(self) -> bool:
         """True if the server answers GET /v1/models at once (used before trusting a discovered one)."""
         try:
-            with Deadline(PROBE_TIMEOUT_S) as deadline:  # for the whole answer: a peer dripping bytes resets each read's timeout
-                with self.exchange("GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S,
-                                   deadline=deadline):
-                    pass
+            # a deadline for the whole answer: a peer dripping bytes resets each read's timeout
+            with Deadline(PROBE_TIMEOUT_S) as deadline, self.exchange(
+                    "GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S, deadline=deadline):
+                pass
         except LlavaError:
             return False
         return not deadline.passed()  # a shut socket reads as the end of the headers
@@ -293,11 +293,12 @@ def failure(err: BaseException) -> type[LlavaError]:
     return ServerUnavailable if isinstance(os_error(err), CONNECTION_FAILURES) else LlavaError
 
 
-def os_error(err: BaseException) -> BaseException | None:
+def os_error(err: BaseException) -> OSError | None:
     """The system's error under httpx's and httpcore's wrappers, if any."""
-    while err is not None and not isinstance(err, OSError):
-        err = err.__cause__ or err.__context__
-    return err
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 class Reply:
