@@ -546,6 +546,8 @@ class CannedServer:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 self.send_response(canned.status)
                 self.send_header("Content-Type", "text/event-stream" if canned.status == 200 else "application/json")
+                for name, value in canned.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 with contextlib.suppress(OSError):
                     canned.body(self.wfile) if callable(canned.body) else self.wfile.write(canned.body)
@@ -553,7 +555,7 @@ class CannedServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.status, self.body = 200, b""
+        self.status, self.body, self.headers = 200, b"", {}
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -603,6 +605,21 @@ def test_the_client_refuses_an_endless_line_or_deep_json_with_one_line(canned):
     assert deep.startswith(f"the connection to {canned.url} broke mid-answer")
     _, refused, _ = answer_through(canned, 400, b"[" * 100_000)
     assert refused == f"{canned.url} refused the request: no details"
+
+
+def test_the_client_follows_no_redirect_and_no_proxy_from_the_environment(canned, monkeypatch):
+    canned.headers = {"Location": "http://127.0.0.1:9/v1/chat/completions"}  # a dead port: followed, it would say "cannot reach"
+    try:
+        _, redirected, _ = answer_through(canned, 307, b"{}")
+    finally:
+        canned.headers = {}
+    assert redirected == f"the server at {canned.url} failed (HTTP 307): no details"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    answer, error, _ = answer_through(canned, 200, events({"choices": [{"delta": {"content": "direct"}}]}))
+    assert (answer, error) == ("direct", None)
 
 
 def test_a_host_refusal_is_not_reported_as_a_missing_api_key(canned):
