@@ -201,8 +201,6 @@ def schema(chat: Chat, argument: str) -> None:
     from llava_cli.constraints import schema_text
 
     constraint = schema_text(argument, "/schema")  # a bad schema: one line, and the old one stays
-    if chat.engine.info().dtype is None:  # a server (it tells no dtype) is not sent the schema
-        raise InputError("/schema needs the model loaded here: a server is not sent the schema; start llava chat --no-server")
     chat.settings = dataclasses.replace(chat.settings, constraint=constraint)
     chat.io.info("schema set: every answer is now JSON following it (/schema off to stop)")
 

@@ -388,3 +388,16 @@ def test_each_through_the_server_with_a_schema_gives_the_local_records(serve, ti
     assert all(isinstance(record["answer"], dict) for record in lines_of(local.stdout_text))
     assert (remote.returncode, remote.stderr_text) == (0, local.stderr_text)
     assert without_seconds(lines_of(remote.stdout_text)) == without_seconds(lines_of(local.stdout_text))
+
+
+def test_chat_schema_command_is_sent_to_the_server_and_its_answers_are_the_local_ones(serve, tiny_model, images):
+    pytest.importorskip("xgrammar")
+    lines = f"/schema {json.dumps(SCHEMA)}\n{PROMPT}\n/schema off\nAnd now?\n"
+    common = ("chat", "--image", str(images["red"]), "--json", "--no-save", "--model", str(tiny_model), "-n", SHAPED_NEW)
+    local = run_llava(*common, "--no-server", stdin=lines, env=serve.client_env())
+    remote = run_llava(*common, "--server", serve.url, stdin=lines, env=serve.client_env())
+    assert (local.returncode, local.stderr_text) == (0, ""), local.stderr_text
+    answers = [record["answer"] for record in lines_of(local.stdout_text)]
+    assert len(answers) == 2 and isinstance(answers[0], dict) and isinstance(answers[1], str)  # under the schema, then free
+    assert (remote.returncode, remote.stderr_text) == (0, "")
+    assert [record["answer"] for record in lines_of(remote.stdout_text)] == answers
