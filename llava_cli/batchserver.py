@@ -46,6 +46,7 @@ from llava_cli.arguments import AskOptions, image_argument
 from llava_cli.conversation import Conversation
 from llava_cli.errors import LlavaError, ModelError, UsageError
 from llava_cli.records import make_record
+from llava_cli.logprobs import as_openai
 from llava_cli.remote import RemoteEngine, Reply, ServerUnavailable, whole_number
 from llava_cli.settings import DEFAULT_BATCH_SIZE, Settings
 from llava_cli.startup import connect_server, show_note
@@ -149,6 +150,7 @@ def reply_record(name: str, prompt: str, settings: Settings, reply: Reply) -> di
         completion_tokens=whole_number(reply.usage.get("completion_tokens"), None),
         seconds=round(reply.stats().seconds, 4),
         finish_reason=reply.finish_reason,
+        **({"logprobs": as_openai(reply.logprobs)} if settings.logprobs is not None else {}),  # --logprobs N
     )
 
 

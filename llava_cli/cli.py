@@ -150,7 +150,7 @@ def ask(
         )
     )
     if logprobs is not None:
-        settings = settings.answered_here("--logprobs is", logprobs=logprobs)
+        settings = dataclasses.replace(settings, logprobs=logprobs)
     sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
     return run_ask(args, settings, json_output, options, sessions)
 

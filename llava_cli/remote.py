@@ -62,6 +62,7 @@ from llava_cli.discovery import find_server, only_server
 from llava_cli.streaming import Stats, TextStream
 from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
 from llava_cli.images import ImageRef
+from llava_cli.logprobs import TokenLogprob, from_openai
 from llava_cli.options import DEFAULT_MODEL, request_fields, server_url
 from llava_cli.video import VIDEO_MIME_TYPES, VideoRef
 from llava_cli.settings import Settings
@@ -130,7 +131,7 @@ class RemoteEngine:
             conversation.drop_oldest(stats.dropped_turns)
             yield Note(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
         conversation.answer(reply.text)
-        yield Done(stats)
+        yield Done(stats, tuple(reply.logprobs))
 
     def answer(self, conversation: Conversation, settings: Settings) -> Reply:
         """The whole answer to the conversation's last question, read to its end; the conversation is unchanged."""
@@ -312,6 +313,7 @@ class Reply:
         self.finish_reason: str | None = None  # None until the server says why the answer ended
         self.usage: dict[str, Any] = {}
         self.figures: dict[str, Any] = {}
+        self.logprobs: list[TokenLogprob] = []  # each token's, when asked for (`logprobs` in the request)
 
     @property
     def text(self) -> str:
@@ -333,6 +335,8 @@ class Reply:
                 self.deltas += 1
                 self.ttft_s = self.ttft_s or time.perf_counter() - self.started
                 visible += self.trimmer.release(content)
+            if isinstance(choice, dict) and isinstance(logprobs := choice.get("logprobs"), dict):
+                self.logprobs += server_logprobs(logprobs.get("content"), url)
             if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
                 self.finish_reason = choice["finish_reason"]
         return visible
@@ -367,8 +371,23 @@ def answer_shape(settings: Settings) -> dict[str, Any]:
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": json.loads(settings.constraint)}}
     if settings.stop:
         fields["stop"] = list(settings.stop)
-    # logprobs: `logprobs` / `top_logprobs` join these fields here (wired with --logprobs)
+    if settings.logprobs is not None:
+        fields |= {"logprobs": True, "top_logprobs": settings.logprobs}
     return fields
+
+
+def server_logprobs(content: Any, url: str) -> tuple[TokenLogprob, ...]:
+    """A choice's `logprobs.content` from a server, checked (a server is not trusted); null is none."""
+    if content is None:
+        return ()
+    try:
+        tokens = from_openai(content)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise LlavaError(f"the server at {url} sent logprobs that are not OpenAI's shape ({type(err).__name__})") from None
+    pieces = [piece for token in tokens for piece in (token, *token.top)]
+    if not all(isinstance(piece.token, str) and all(type(b) is int and 0 <= b < 256 for b in piece.bytes) for piece in pieces):
+        raise LlavaError(f"the server at {url} sent logprobs that are not OpenAI's shape (a token or its bytes)")
+    return tokens
 
 
 def whole_number(value: Any, default: Default) -> int | Default:

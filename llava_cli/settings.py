@@ -91,13 +91,6 @@ class Settings:
         if self.compile and self.attn == "flash_attention_2":
             raise UsageError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
 
-    def answered_here(self, flags: str, **changes: object) -> Settings:
-        """These settings with `changes` that only a model loaded here honours (`flags` names them):
-        `UsageError` with --server, and a running `llava serve` is not used."""
-        if self.server is not None:
-            raise UsageError(f"{flags} not sent to a server yet: drop --server to answer with the model loaded here")
-        return dataclasses.replace(self, no_server=True, **changes)
-
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW

@@ -129,7 +129,6 @@ def test_ask_each_logprobs_holds_each_images_in_its_line(monkeypatch, tiny_model
 @pytest.mark.parametrize(("args", "message"), [
     (("--logprobs", "2"), "--logprobs N adds the tokens' logprobs to the JSON record: add --json"),
     (("--json", "--logprobs", "21"), "--logprobs must be between 0 and 20 (got 21)"),
-    (("--json", "--logprobs", "2", "--server", "http://127.0.0.1:9"), "--logprobs is not sent to a server yet"),
     (("--each", "--logprobs", "2", "--ray", "local"), "--logprobs is not carried back from Ray workers yet"),
 ])
 def test_ask_logprobs_without_json_or_out_of_range_is_a_usage_error(monkeypatch, images, args, message):
@@ -184,6 +183,20 @@ def test_serve_logprobs_streamed_or_not_are_plain_transformers_ones(server, refe
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(model=server.model, messages=messages, **bad)
         assert refused.value.body["param"] == "top_logprobs" and "`top_logprobs`" in refused.value.body["message"]
+
+
+@pytest.mark.parametrize("each", [False, True])
+def test_ask_logprobs_through_a_server_are_the_servers_ones(monkeypatch, server, reference, images, tmp_path, each):
+    """Client mode sends `logprobs`/`top_logprobs` and reads them back: the record holds plain transformers' values."""
+    from cli_runner import BytesStdout, invoke
+
+    monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
+    shape = ("--each", "-p", QUESTION) if each else ("--json", QUESTION, "--no-save")
+    outcome = invoke(monkeypatch, "ask", str(images["red"]), *shape, "--server", server.url, "--model", server.model, "--logprobs", "2",
+                     stdout=BytesStdout())
+    assert outcome.code == 0, outcome.stderr
+    record = json.loads(outcome.stdout)
+    assert_matches(record["logprobs"], expected_logprobs(reference, images["red"], 2), reference.processor.tokenizer)
 
 
 def metrics(server: Server) -> tuple[float, float, float]:

@@ -69,3 +69,27 @@ def test_chat_takes_the_figures_of_each_answer_and_resets_the_backend_on_clear(l
     assert io.infos[1].splitlines()[:1] == ["model     m on nowhere (server)"]
     assert "context   50 tokens" in io.infos[1].splitlines()  # prompt + completion; a server does not tell its window
     assert (backend.resets, io.infos[-1]) == (1, "conversation cleared")
+
+
+@pytest.mark.parametrize("content", [
+    [{"token": "a"}],  # no logprob
+    [{"token": 7, "logprob": -1.0}],  # a token that is not text
+    [{"token": "a", "logprob": -1.0, "bytes": [300]}],  # not a byte
+    [{"token": "a", "logprob": "x"}],
+    {"token": "a"},  # not a list
+])
+def test_a_servers_logprobs_of_another_shape_are_one_error_line(content):
+    from llava_cli.errors import LlavaError
+    from llava_cli.remote import server_logprobs
+
+    with pytest.raises(LlavaError, match=r"^the server at http://h sent logprobs that are not OpenAI's shape"):
+        server_logprobs(content, "http://h")
+
+
+def test_a_servers_logprobs_read_back_as_sent():
+    from llava_cli.logprobs import as_openai
+    from llava_cli.remote import server_logprobs
+
+    content = [{"token": "é", "logprob": -0.5, "bytes": [195, 169], "top_logprobs": [{"token": "e", "logprob": -1.5, "bytes": [101]}]}]
+    assert as_openai(server_logprobs(content, "http://h")) == content
+    assert server_logprobs(None, "http://h") == ()
