@@ -42,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.discovery import process_alive
 from llava_cli.errors import InputError, SessionError, one_line
@@ -65,16 +67,16 @@ TEMP_FILE = re.compile(r"\..+\.json\.(\d+)\..*\.tmp")  # safeio.write_private_fi
 
 
 def data_dir() -> Path:
-    """llava-cli's data folder: $LLAVA_HOME, else the platform's per-user data location."""
+    """llava-cli's data folder: $LLAVA_HOME, else the platform's per-user data location.
+
+    platformdirs only names the folder (on Linux `$XDG_DATA_HOME/llava-cli` when that is absolute, else
+    `~/.local/share/llava-cli`, the paths earlier versions used); the store makes it private and
+    checks it (safeio.private_folder)."""
     if home := os.environ.get("LLAVA_HOME"):
         return Path(home).expanduser()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / APP_NAME
-    if sys.platform == "darwin":
+    if sys.platform == "darwin":  # platformdirs reads $XDG_DATA_HOME on macOS too: saved conversations stay put
         return Path.home() / "Library" / "Application Support" / APP_NAME
-    xdg = os.environ.get("XDG_DATA_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"  # the XDG spec ignores relative paths
-    return base / APP_NAME
+    return platformdirs.user_data_path(APP_NAME, appauthor=False)
 
 
 def describe_settings(values: dict[str, Any], separator: str = " · ") -> str:
