@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_cli.download import human_size, read_json, snapshot_gaps
+from rich.filesize import decimal
+
+from llava_cli.download import read_json, snapshot_gaps
 from llava_cli.families import MODEL_TYPES, family_for
 from llava_cli.terminal import emit
 
@@ -82,7 +84,7 @@ def current_snapshot(repo: Any) -> Path:
 
 def format_table(models: list[CachedModel]) -> str:
     rows = [("MODEL", "FAMILY", "SIZE", "OFFLINE")] + [
-        (model.model, model.family, human_size(model.size_bytes), "yes" if model.offline else "no: " + "; ".join(model.missing))
+        (model.model, model.family, decimal(model.size_bytes), "yes" if model.offline else "no: " + "; ".join(model.missing))
         for model in models
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(3)]

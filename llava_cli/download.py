@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.filesize import decimal  # sizes as `du -h --si` prints them: 512 bytes, 3.4 MB, 13.5 GB
+
 from llava_cli.errors import LlavaError, ModelError, one_line
 from llava_cli.safeio import read_regular
 from llava_cli.terminal import emit, is_terminal, make_console, shown
@@ -189,7 +191,7 @@ def size_on_disk(folder: Path, files: list[HubFile]) -> int:
 
 def stopped_line(repo_id: str, finished: int, needed: int, size: int) -> str:
     """Ctrl-C during a download: what is kept, and that the same command finishes it."""
-    return (f"llava: download of {repo_id} stopped: {finished} of {needed} files finished ({human_size(size)}), "
+    return (f"llava: download of {repo_id} stopped: {finished} of {needed} files finished ({decimal(size)}), "
             "kept in the cache; run the same command again to resume")
 
 
@@ -367,16 +369,6 @@ def run_pull(repo_id: str) -> int:
 def summary(repo_id: str, result: PullResult) -> str:
     """`llava pull`'s one line after a download."""
     return (
-        f"downloaded {repo_id}: {result.fetched_files} of {result.files} files, {human_size(result.fetched_bytes)} "
+        f"downloaded {repo_id}: {result.fetched_files} of {result.files} files, {decimal(result.fetched_bytes)} "
         f"in {result.seconds:.1f} s, into {result.folder}"
     )
-
-
-def human_size(size: int) -> str:
-    """Sizes as `du -h --si` prints them: 512 B, 3.4 MB, 13.5 GB."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"

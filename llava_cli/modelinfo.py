@@ -25,8 +25,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rich.filesize import decimal
+
 from llava_cli.cached_models import current_snapshot
-from llava_cli.download import cached_snapshot, human_size, read_json
+from llava_cli.download import cached_snapshot, read_json
 from llava_cli.errors import ModelError, UsageError
 from llava_cli.families import PromptStyle, text_model_type
 from llava_cli.safeio import open_regular
@@ -136,7 +138,7 @@ def show_lines(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("context", f"{window:,} tokens" if isinstance(window, int) else "unknown"),
         ("parameters", f"{facts['parameters']:,}" if facts["parameters"] else "no weights on disk"),
         ("dtype", f"{facts['dtype'] or 'not stated'} (weights: {', '.join(facts['weight_dtypes']) or 'none'})"),
-        ("size", human_size(facts["size_bytes"])),
+        ("size", decimal(facts["size_bytes"])),
         ("image tokens", f"{tokens['min']:,}" if tokens["min"] == tokens["max"] else f"{tokens['min']:,} to {tokens['max']:,} (anyres: by image size)"),
         ("template", facts["chat_template"]),
         ("revision", facts["revision"]),
@@ -169,11 +171,11 @@ def run_rm(repo_id: str, yes: bool) -> int:
     only_this = dataclasses.replace(scanned, repos=frozenset({repo}), size_on_disk=repo.size_on_disk)
     strategy = only_this.delete_revisions(*(revision.commit_hash for revision in repo.revisions))
     check_inside(Path(repo.repo_path), strategy)
-    if not (yes or confirm(f"delete {repo_id} ({human_size(repo.size_on_disk)}, {current_snapshot(repo).name}) from {cache}?")):
+    if not (yes or confirm(f"delete {repo_id} ({decimal(repo.size_on_disk)}, {current_snapshot(repo).name}) from {cache}?")):
         emit("nothing deleted", sys.stderr)
         return 1
     strategy.execute()
-    emit(f"deleted {repo_id}: {human_size(strategy.expected_freed_size)} freed", sys.stderr)
+    emit(f"deleted {repo_id}: {decimal(strategy.expected_freed_size)} freed", sys.stderr)
     return 0
 
 

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.filesize import decimal
 
 from conftest import SHORT_ANSWER, cli_env, render_llava15, run_llava
 from hub_standin import COMMIT, StandInHub
-from llava_cli.download import human_size
 from tiny_checkpoint import copy_without_weights, lay_out_hub_cache
 
 REPO = "llava-tests/sharded-llava"
@@ -109,7 +109,7 @@ def test_a_download_interrupted_mid_file_is_finished_by_the_next_run(hub, env, s
         process.kill()
     assert (process.returncode, stdout) == (130, b"")  # no half-written answer
     kept = [name for name in wanted(sharded_model) if name != last]
-    size = human_size(sum((sharded_model / name).stat().st_size for name in kept))
+    size = decimal(sum((sharded_model / name).stat().st_size for name in kept))
     assert stderr.decode().strip() == (  # one line, no traceback
         f"llava: download of {REPO} stopped: {len(kept)} of {len(kept) + 1} files finished ({size}), kept in the cache; "
         "run the same command again to resume"
@@ -193,7 +193,7 @@ def test_pull_downloads_the_loaded_files_then_says_it_is_complete_without_the_ne
 
     result = run_llava("pull", REPO, env=env)
     assert result.returncode == 0, result.stderr_text
-    size = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
+    size = decimal(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     files = len(wanted(sharded_model))
     assert re.fullmatch(
         rf"downloaded {REPO}: {files} of {files} files, {re.escape(size)} in \d+\.\d s, into {re.escape(str(snapshot(env)))}\n", result.stderr_text
@@ -247,7 +247,7 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
     child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=on_a_terminal(env), timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
     output, bars = watch_bars(child, bar, hub)
     assert child.exitstatus == 0, output
-    total = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
+    total = decimal(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     number, unit = total.split()
     assert len(bars) >= 2, output  # drawn, then redrawn as the bytes come in
     assert {(shown_total, shown_unit) for _, shown_total, shown_unit in bars} == {(number, unit)}  # one bar: the model's total, never one file's
@@ -283,5 +283,5 @@ def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_to
     assert child.exitstatus == 0, output
     assert {total for _, total, _, _ in bars} == {str(len(files))}, output
     assert int(bars[-1][0]) == len(files) and float(bars[-1][2]) > float(bars[0][2])  # files, then bytes as they arrive
-    total = human_size(sum((sharded_model / name).stat().st_size for name in files))
+    total = decimal(sum((sharded_model / name).stat().st_size for name in files))
     assert f"downloaded {REPO}: {len(files)} of {len(files)} files, {total} in " in output  # the real bytes, not 0 B
