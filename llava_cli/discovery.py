@@ -36,6 +36,8 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 def runtime_dir() -> Path:
+    # Not platformdirs.user_runtime_dir: it falls back to /run/user/UID (not where earlier versions looked) and warns;
+    # the checks on a shared XDG_RUNTIME_DIR are safeio.private_folder's.
     if explicit := os.environ.get("LLAVA_RUNTIME_DIR"):
         return Path(explicit)
     if xdg := os.environ.get("XDG_RUNTIME_DIR"):

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
 MAX_OPEN_REQUESTS = 32  # being read, queued or answered (until a stream starts): with --max-request-mb, bounds what bodies hold
+# Not uvicorn's `limit_concurrency`: that counts every connection (idle kept-alive ones too) and every request
+# (/health, /metrics, whole streams), and refuses with a text/plain 503 where clients read an OpenAI error (server_busy).
 MAX_SLOW_BODIES = MAX_OPEN_REQUESTS // 4  # bodies still arriving after SLOW_BODY_AFTER_S: the rest stay free for other clients
 SLOW_BODY_AFTER_S = 1.0
 DRAIN_RETRY_AFTER_S = 5

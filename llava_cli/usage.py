@@ -13,6 +13,12 @@ option parser (the one typer uses, without value conversion) over the command li
 A help page reads like a man page: a usage line, the description, the options grouped by panel,
 each with its metavar (IMAGE, TEXT, N, FILE, URL...), then examples; wrapped to the terminal's
 width (at least 40 columns) between words, never inside one.
+
+Why not click's own hooks (a Group subclass catching `UsageError` from `main(standalone_mode=False)`):
+typer coerces a parameter through pydantic as soon as the top group processes its own options,
+before any subcommand or hook sees the rest, so an answer from there costs the pydantic import
+(`llava ask --help` and `llava ask --temprature ...`: 0.13 s instead of 0.07 s); and click's
+`NoSuchOption.possibilities` covers only long options, where these messages suggest any name.
 """
 
 from __future__ import annotations
