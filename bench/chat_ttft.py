@@ -103,6 +103,7 @@ def answer(engine: Engine, conversation: Conversation, settings: Settings) -> St
     answer = Answer(engine.generate(conversation, settings))
     for _ in answer:
         pass
+    answer.record_in(conversation)
     return answer.stats
 
 

@@ -447,6 +447,7 @@ def crop_chat(engine, bench: Bench, settings) -> tuple[int, int]:
         reference = plain_greedy(engine, conversation, settings.max_new_tokens)
         answer = Answer(engine.generate(conversation, settings))
         text = "".join(answer)
+        answer.record_in(conversation)
         crops += answer.stats.cached_tokens < cached
         equal += text.strip() == reference
     return crops, equal

@@ -84,7 +84,7 @@ def one(model: Path, clip: Path, frames: int, repeats: int) -> dict:
     engine = Engine(load_model(settings))
     warm_up = Conversation()
     warm_up.ask("Hello?")
-    answer_of(engine.generate(warm_up, settings))  # the first forward pays one-off set-up costs
+    answer_of(engine.generate(warm_up, settings), warm_up)  # the first forward pays one-off set-up costs
     times, tokens = [], 0
     for _ in range(repeats):
         engine.reset()  # every run pays sampling, preprocessing and prefill
@@ -92,7 +92,7 @@ def one(model: Path, clip: Path, frames: int, repeats: int) -> dict:
         media = [load_video(str(clip), Sampling(frames=frames))] if frames else []
         conversation.ask("What happens in this clip?", media)
         started = time.perf_counter()
-        _, stats = answer_of(engine.generate(conversation, settings))
+        _, stats = answer_of(engine.generate(conversation, settings), conversation)
         times.append(time.perf_counter() - started)
         tokens = stats.prompt_tokens
     return {"frames": frames, "ttft_s": median(times), "prompt_tokens": tokens,

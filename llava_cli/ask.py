@@ -93,6 +93,7 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     conversation.ask(prompt, images)
     answer = Answer(engine.generate(conversation, settings), show_note)
     text = writer.stream(answer, settings.raw)
+    answer.record_in(conversation)
     session = save_answer(opened.recorder, conversation, settings)
     record = answer_record(answer_value(text, settings), settings.model, image_names, session, answer.stats.as_dict())
     if settings.logprobs is not None:

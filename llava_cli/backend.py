@@ -8,9 +8,10 @@ torch or HTTP.
 - `generate(conversation, settings, stop)` answers the conversation's pending turn. It yields
   `TextChunk`s (joined: the answer with surrounding whitespace stripped) and `Note`s (one-line
   remarks for the user: the only way a backend speaks to the user), then exactly one `Done`
-  carrying the answer's figures (`Stats`), after the answer has been added to the conversation.
-  Nothing follows `Done`. When `stop()` says True, or the generator is closed early (Ctrl-C), or it
-  raises, no `Done` comes and the conversation keeps its unanswered turn for the caller to discard.
+  carrying the answer's text and figures (`Stats`). A backend never changes the caller's
+  conversation: the caller records the answer (`Answer.record_in`: the turns dropped to fit the
+  window, then the answer). Nothing follows `Done`. When `stop()` says True, or the generator is
+  closed early (Ctrl-C), or it raises, no `Done` comes and the conversation is as it was.
 - `info()` is what the front-ends show about where answers come from (`BackendInfo`).
 - `reset()` forgets what the backend keeps between answers (KV cache, encoded images): after
   /clear, or to free memory. Answers stay the same; only their speed changes.
@@ -18,7 +19,8 @@ torch or HTTP.
   answers' figures tell (a server) or where it holds more than the model's window (not counted).
 
 `Answer` wraps the events for a front-end that streams text: iterating it gives the text chunks;
-once the iteration is over, `stats` is the `Done` event's figures.
+once the iteration is over, `stats` is the `Done` event's figures and `record_in(conversation)`
+puts the answer in the front-end's conversation.
 Capabilities beyond the protocol belong to one backend and are typed with it (`ask --each` runs the
 scheduler of decodebatch.py over an `Engine`, so it always loads the model locally).
 """
@@ -55,10 +57,12 @@ class Note:
 
 @dataclass(frozen=True)
 class Done:
-    """The answer is complete and in the conversation: its figures, and each token's logprobs when asked for (`Settings.logprobs`)."""
+    """The answer is complete: its text (whitespace stripped), its figures (`stats.dropped_turns`: the
+    oldest turns left out to fit the window), and each token's logprobs when asked for (`Settings.logprobs`)."""
 
     stats: Stats
     logprobs: tuple[TokenLogprob, ...] = ()
+    answer: str = ""
 
 
 Event = TextChunk | Note | Done
@@ -126,6 +130,16 @@ class Answer(Iterator[str]):
 
     @property
     def stats(self) -> Stats:
+        return self.finished.stats
+
+    @property
+    def finished(self) -> Done:
         if self.done is None:
             raise RuntimeError("the answer ended without its figures (a backend must end with a Done event)")
-        return self.done.stats
+        return self.done
+
+    def record_in(self, conversation: Conversation) -> None:
+        """Put the finished answer in the caller's conversation (the backend never changes it): the
+        turns left out to fit the window are dropped, the pending turn gets the answer."""
+        conversation.drop_oldest(self.stats.dropped_turns)
+        conversation.answer(self.finished.answer)

@@ -44,7 +44,7 @@ from llava_cli.records import CsvFile, RecordFile, make_record
 from llava_cli.safeio import NotRegularFile, read_regular
 from llava_cli.startup import load_engine
 from llava_cli.settings import DEFAULT_PARALLEL, Settings
-from llava_cli.terminal import emit, is_terminal, make_console
+from llava_cli.terminal import emit, is_terminal, make_console, progress_bar
 
 MAX_LIST_BYTES = 64 * 1024 * 1024  # --from-file: about a million paths
 
@@ -199,7 +199,7 @@ def record_of(name: str, prompt: str, settings: Settings, result: BatchAnswer | 
     """The record of one image from its typed result, local or from a Ray actor."""
     if isinstance(result, LlavaError):
         return make_record(name, prompt, settings.model, error=str(result))
-    return answer_record(name, prompt, settings, result)
+    return each_record(name, prompt, settings, result)
 
 
 def encode(engine: Engine, name: str, prompt: str, settings: Settings, stdin_image: bytes) -> Prompt:
@@ -221,7 +221,7 @@ def too_long(name: str, tokens: str, window: int) -> ContextError:
     return ContextError(f"{name}: the prompt with its image needs {tokens} tokens but the context window is {window}")
 
 
-def answer_record(name: str, prompt: str, settings: Settings, answer: BatchAnswer) -> dict[str, Any]:
+def each_record(name: str, prompt: str, settings: Settings, answer: BatchAnswer) -> dict[str, Any]:
     return make_record(
         name,
         prompt,
@@ -279,7 +279,7 @@ class BatchProgress:
 
 
 def make_progress(console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import MofNCompleteColumn, ProgressColumn
     from rich.text import Text
 
     class RateColumn(ProgressColumn):
@@ -287,16 +287,4 @@ def make_progress(console: Any) -> Any:
             speed = task.finished_speed or task.speed
             return Text(f"{speed:.2f} images/s" if speed else "… images/s")
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        auto_refresh=False,  # drawn only between lines, never while one is being written
-        redirect_stdout=False,  # stdout carries the answers; it must never be captured
-        redirect_stderr=False,
-        transient=True,
-    )
+    return progress_bar(console, MofNCompleteColumn(), RateColumn(), auto_refresh=False)  # drawn only between lines

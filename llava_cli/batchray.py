@@ -70,7 +70,7 @@ AnswerChunk = Callable[["Engine", list[str], str, Settings, bytes], list[Result]
 
 
 @dataclass(frozen=True)
-class Pool:
+class ActorPool:
     """The actor pool's shape: how many actors, and what each one asks of the cluster."""
 
     actors: int
@@ -102,7 +102,7 @@ def ray_results(
     if not settings.verbose:
         cleanup.enter_context(stderr_for_us_only())
     try:
-        connect(ray, options.ray or LOCAL, settings.verbose)
+        connect_ray(ray, options.ray or LOCAL, settings.verbose)
     except BaseException:
         cleanup.close()
         raise
@@ -118,7 +118,7 @@ def answered_in_order(
         try:
             pool = pool_shape(ray, options)
             batches = pipeline(ray, names, prompt, settings, options.batch_size, pool, stdin_image, answer_chunk)
-            for index, returned in in_input_order(len(names), rows_of(batches)):
+            for index, returned in in_input_order(len(names), indexed_rows(batches)):
                 yield checked_result(names[index], returned)
         except LlavaError:
             raise
@@ -136,7 +136,7 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(ray: Any, address: str, verbose: bool) -> None:
+def connect_ray(ray: Any, address: str, verbose: bool) -> None:
     """Start a local Ray instance (`local`) or join the cluster at `address`, quietly."""
     level = logging.INFO if verbose else logging.ERROR
     try:
@@ -174,16 +174,16 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def pool_shape(ray: Any, options: AskOptions) -> Pool:
+def pool_shape(ray: Any, options: AskOptions) -> ActorPool:
     """--actors and --gpus-per-actor, or their defaults read from the cluster's resources."""
     resources = ray.cluster_resources()
     cluster_gpus = resources.get("GPU", 0.0)
     gpus = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if cluster_gpus > 0 else 0.0)
     if options.actors is not None:
-        return Pool(options.actors, gpus)
+        return ActorPool(options.actors, gpus)
     if gpus > 0:
-        return Pool(max(1, int(cluster_gpus // gpus)), gpus)
-    return Pool(max(1, sum(1 for node in ray.nodes() if node.get("Alive"))), gpus)
+        return ActorPool(max(1, int(cluster_gpus // gpus)), gpus)
+    return ActorPool(max(1, sum(1 for node in ray.nodes() if node.get("Alive"))), gpus)
 
 
 def configure_data(ray: Any, verbose: bool) -> None:
@@ -201,7 +201,7 @@ def configure_data(ray: Any, verbose: bool) -> None:
 
 
 def pipeline(
-    ray: Any, names: list[str], prompt: str, settings: Settings, batch_size: int, pool: Pool, stdin_image: bytes,
+    ray: Any, names: list[str], prompt: str, settings: Settings, batch_size: int, pool: ActorPool, stdin_image: bytes,
     answer_chunk: AnswerChunk,
 ) -> Iterable[dict[str, Any]]:
     """The Ray Data pipeline: (index, name) blocks → the actor pool → batches of (index, result JSON)."""
@@ -280,7 +280,7 @@ def unwire(text: str) -> Result:
     return BatchAnswer(**{**sent["answer"], "videos": tuple(sent["answer"]["videos"])})
 
 
-def rows_of(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[int, str]]:
+def indexed_rows(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[int, str]]:
     for batch in batches:
         yield from zip((int(index) for index in batch["index"]), batch["result"])
 

@@ -86,7 +86,7 @@ def server_records(
     remote: RemoteEngine, names: list[str], prompt: str, settings: Settings, parallel: int, stdin_image: bytes
 ) -> Iterator[dict[str, Any]]:
     """One record per name, in input order, answered by `remote` with up to `parallel` requests at once."""
-    pool = Pool(lambda index: answer_image(remote, names[index], prompt, settings, stdin_image), min(parallel, len(names)))
+    pool = RequestPool(lambda index: answer_image(remote, names[index], prompt, settings, stdin_image), min(parallel, len(names)))
     sent = written = 0
     try:
         while written < len(names):
@@ -173,7 +173,7 @@ def retry_delay(attempt: int, retry_after: float | None = None) -> float:
     return min(wanted, MAX_BACKOFF_S)
 
 
-class Pool:
+class RequestPool:
     """`threads` daemon threads answering submitted indexes with `work`; `take(index)` waits for one.
 
     Once an image's attempts are used up, or a fatal error comes back, or the pool is closed,

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.filesize import decimal
 
-from llava_cli.download import read_json, snapshot_gaps
+from llava_cli.download import read_json_file, snapshot_gaps
 from llava_cli.families import MODEL_TYPES, family_for
 from llava_cli.terminal import emit
 
@@ -70,7 +70,7 @@ def find_models(cache: str) -> list[CachedModel]:
 def describe(repo: Any) -> CachedModel | None:
     """The repo as a `CachedModel`, or None when it is not a LLaVA-family checkpoint."""
     snapshot = current_snapshot(repo)
-    config = read_json(snapshot / "config.json")
+    config = read_json_file(snapshot / "config.json")
     if not isinstance(config, dict) or config.get("model_type") not in MODEL_TYPES:
         return None
     return CachedModel(model=repo.repo_id, family=family_for(config).label, size_bytes=repo.size_on_disk, missing=snapshot_gaps(snapshot))

@@ -120,6 +120,7 @@ class ChatLoop:
         try:
             with closing(Answer(self.engine.generate(self.conversation, self.settings), show_note)) as answer:
                 self.io.stream(answer)
+            answer.record_in(self.conversation)
         except KeyboardInterrupt:
             undo()
             if not self.io.interactive:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from llava_cli.arguments import split_image_command
 from llava_cli.clipboard import copy_to_clipboard
 from llava_cli.conversation import Turn
+from llava_cli.discovery import model_key
 from llava_cli.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.options import SAVED, SETTABLE
 from llava_cli.paste import paste_image
@@ -27,7 +28,6 @@ from llava_cli.resume import restore_conversation, restored_settings
 from llava_cli.store import (
     SessionStore,
     describe_settings,
-    model_id,
     shorten,
 )
 from llava_cli.terminal import is_terminal, table
@@ -337,7 +337,7 @@ def load(chat: Chat, argument: str) -> None:
     if chat.recorder is not None:
         chat.recorder.switch(saved)
     chat.io.info(f"loaded {saved.label}: {len(conversation.turns)} turn(s)")
-    if saved.model != model_id(chat.settings.model):
+    if saved.model != model_key(chat.settings.model):
         chat.io.info(f"note: it was held with {saved.model}; answers now come from {chat.settings.model}")
 
 

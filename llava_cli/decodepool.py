@@ -98,7 +98,7 @@ class Helper:
         return bytes(data)
 
 
-class Pool:
+class DecoderPool:
     """Idle helpers, handed to one decode at a time."""
 
     def __init__(self) -> None:
@@ -121,7 +121,7 @@ class Pool:
         helper.kill()
 
 
-POOL = Pool()
+POOL = DecoderPool()
 
 
 def decode_elsewhere(data: bytes, name: str, max_pixels: int, budget_s: float) -> Image.Image:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llava_cli.errors import LlavaError
+from llava_cli.errors import LlavaError, one_line
 from llava_cli.settings import Settings
 
 NOT_FINITE = "the model's scores for this answer became NaN or infinite; try another --temperature or a float32 --dtype"
@@ -81,7 +81,7 @@ class Sampler:
         try:
             return int(self.choose(logits))
         except RuntimeError as err:  # torch.multinomial refuses a distribution that is not one
-            raise RowFault(f"{NOT_FINITE} ({str(err).splitlines()[0]})") from None
+            raise RowFault(f"{NOT_FINITE} ({one_line(err)})") from None
 
     def choose(self, logits: Any) -> Any:
         """`pick` without leaving the device: the token as a one-element tensor (no host sync)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from llava_cli.safeio import FileTooLarge, NotPrivate, NotRegularFile, private_folder, read_regular, write_private_file
 
 MAX_RECORD_BYTES = 64 * 1024  # a record is about 200 bytes
-LOOPBACK_NAMES = ("localhost",)
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})  # hosts that are this machine, by name
 
 
 def runtime_dir() -> Path:

@@ -33,7 +33,7 @@ from rich.filesize import decimal  # sizes as `du -h --si` prints them: 512 byte
 
 from llava_cli.errors import LlavaError, ModelError, one_line
 from llava_cli.safeio import read_regular
-from llava_cli.terminal import emit, is_terminal, make_console, shown
+from llava_cli.terminal import emit, is_terminal, make_console, progress_bar, shown
 
 DEFAULT_HUB = "https://huggingface.co"
 HUB_TIMEOUT_S = "10"  # seconds of silence from the hub before a download fails: it must not hang
@@ -86,7 +86,7 @@ def snapshot_gaps(folder: Path) -> list[str]:
 
 def weight_gaps(folder: Path) -> list[str]:
     """Safetensors weights with every shard their index names (a cut-off download has fewer)."""
-    index = read_json(folder / WEIGHT_INDEX)
+    index = read_json_file(folder / WEIGHT_INDEX)
     if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
         shards = sorted({str(shard) for shard in index["weight_map"].values()})
         missing = [shard for shard in shards if not (folder / shard).is_file()]
@@ -99,7 +99,7 @@ def weight_gaps(folder: Path) -> list[str]:
     return [] if present else ["no weights (*.safetensors)"]
 
 
-def read_json(path: Path) -> Any:
+def read_json_file(path: Path) -> Any:
     try:
         return json.loads(read_regular(path, MAX_CONFIG_BYTES))  # a downloaded repo may hold a FIFO or a huge file
     except (OSError, ValueError, RecursionError):  # absent (a broken blob link too) or unreadable
@@ -335,20 +335,9 @@ class ModelProgress:
 
 
 def make_download_progress(console: Any) -> Any:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import DownloadColumn, TransferSpeedColumn
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        redirect_stdout=False,  # stdout carries the answers; it must never be captured
-        redirect_stderr=False,
-        transient=True,
-    )
+    return progress_bar(console, DownloadColumn(), TransferSpeedColumn())
 
 
 def run_pull(repo_id: str) -> int:

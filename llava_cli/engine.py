@@ -292,15 +292,15 @@ class Engine:
             self.path.take_notes()  # each said once, and only with --verbose
         if tail := stream.finish():
             yield TextChunk(tail)
-        conversation.answer(stream.text)
         stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - started, self.peak_memory_mb())
         recorded = logprob_hook(sampler.hooks)
-        yield Done(stats, tuple(recorded.tokens) if recorded else ())
+        yield Done(stats, tuple(recorded.tokens) if recorded else (), answer=stream.text.strip())
 
     def fit(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> tuple[Prompt, int]:
         """Encode the conversation, dropping its oldest turns until it fits the context window.
 
-        The result is the smallest number of oldest turns whose removal leaves room for an answer
+        The conversation is not changed. The result is the prompt without the smallest number of
+        oldest turns whose removal leaves room for an answer
         (all but the last turn when nothing fits), found with a few encodes (`TrimSearch`) instead of
         one encode per dropped turn. Raises `Stopped` when `stop()` says so between two encodes.
         """
@@ -324,8 +324,6 @@ class Engine:
             raise too_long(f"at least {err.at_least}", window) from None
         if len(prompt.ids) >= window:
             raise too_long(str(len(prompt.ids)), window)
-        if dropped:
-            conversation.drop_oldest(dropped)
         return prompt, dropped
 
     def encode(self, conversation: Conversation, limit: int | None = None) -> Prompt:

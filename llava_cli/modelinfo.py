@@ -28,7 +28,7 @@ from typing import Any
 from rich.filesize import decimal
 
 from llava_cli.cached_models import current_snapshot
-from llava_cli.download import cached_snapshot, read_json
+from llava_cli.download import cached_snapshot, read_json_file
 from llava_cli.errors import ModelError, UsageError
 from llava_cli.families import PromptStyle, text_model_type
 from llava_cli.safeio import open_regular
@@ -122,7 +122,7 @@ def template_source(folder: Path, style: PromptStyle) -> str:
     if style is PromptStyle.LLAVA15:
         return "llava-1.5 format (built in, as the model card documents)"
     for name in TEMPLATE_FILES:
-        data = read_json(folder / name) if name.endswith(".json") else None
+        data = read_json_file(folder / name) if name.endswith(".json") else None
         if name.endswith(".jinja") and (folder / name).is_file() or isinstance(data, dict) and data.get("chat_template"):
             return name
     return "none (pass --chat-template FILE)"

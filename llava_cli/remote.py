@@ -32,7 +32,7 @@ window are dropped from the conversation here too, with a `Note` as locally.
 `ask --each`, whose requests run in parallel threads: `RemoteEngine` keeps no state per request, and
 with `remember_images=False` no image cache either, so memory does not grow with the images sent).
 
-`connect(settings, notify)` returns the remote engine to use, or None to load the model here
+`choose_server(settings, notify)` returns the remote engine to use, or None to load the model here
 (`notify` hears only why a discovered server was skipped; answers speak through `Note` events):
 none with `--no-server`; else `--server`/LLAVA_SERVER; else a running `llava serve` for the same
 model found through discovery.py, if it answers. LLAVA_API_KEY is sent as `Authorization: Bearer`,
@@ -59,7 +59,7 @@ from llava_cli.constraints import ANY_OBJECT
 from llava_cli.conversation import Conversation
 from llava_cli.deadline import Deadline
 from llava_cli.discovery import find_server, only_server
-from llava_cli.streaming import Stats, TextStream
+from llava_cli.streaming import Stats, TextStream, decode_rate
 from llava_cli.errors import ContextError, InputError, LlavaError, ModelError, UsageError
 from llava_cli.images import ImageRef
 from llava_cli.logprobs import TokenLogprob, from_openai
@@ -128,10 +128,8 @@ class RemoteEngine:
         if not 0 <= stats.dropped_turns < len(conversation.turns):  # a server is not trusted
             stats.dropped_turns = 0
         if stats.dropped_turns:
-            conversation.drop_oldest(stats.dropped_turns)
             yield Note(f"the server dropped the {stats.dropped_turns} oldest turn(s) to fit its context window")
-        conversation.answer(reply.text)
-        yield Done(stats, tuple(reply.logprobs))
+        yield Done(stats, tuple(reply.logprobs), answer=reply.text.strip())
 
     def answer(self, conversation: Conversation, settings: Settings) -> Reply:
         """The whole answer to the conversation's last question, read to its end; the conversation is unchanged."""
@@ -204,7 +202,7 @@ class RemoteEngine:
             try:
                 response = client.send(request, stream=True)
                 if response.status_code != 200:
-                    raise refusal(response.status_code, read_json(response), self.url, response.headers.get("Retry-After"))
+                    raise refusal(response.status_code, response_json(response), self.url, response.headers.get("Retry-After"))
             except (OSError, httpx.HTTPError) as err:
                 raise failure(err)(f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?") from None
             with closing(response):
@@ -345,13 +343,12 @@ class Reply:
         seconds = time.perf_counter() - self.started
         completion = whole_number(self.usage.get("completion_tokens"), self.deltas)
         details = self.usage.get("prompt_tokens_details")
-        decode_seconds = seconds - self.ttft_s
         stats = Stats(
             prompt_tokens=whole_number(self.usage.get("prompt_tokens"), 0),
             cached_tokens=whole_number(details.get("cached_tokens"), 0) if isinstance(details, dict) else 0,
             completion_tokens=completion,
             ttft_s=self.ttft_s,
-            tokens_per_s=(completion - 1) / decode_seconds if completion > 1 and decode_seconds > 0 else 0.0,
+            tokens_per_s=decode_rate(completion, seconds - self.ttft_s),
             seconds=seconds,
             finish_reason=self.finish_reason or "stop",
         )
@@ -413,7 +410,7 @@ def png_data_url(image: ImageRef) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def read_json(response: httpx.Response) -> Any:
+def response_json(response: httpx.Response) -> Any:
     """A refusal's JSON body, read up to MAX_ERROR_BYTES; None when it is not JSON."""
     body = b""
     for chunk in response.iter_raw():
@@ -486,7 +483,7 @@ def the_only_server(notify: Callable[[str], None]) -> tuple[str, str] | None:
     return found
 
 
-def connect(settings: Settings, notify: Callable[[str], None], remember_images: bool = True) -> RemoteEngine | None:
+def choose_server(settings: Settings, notify: Callable[[str], None], remember_images: bool = True) -> RemoteEngine | None:
     """The remote engine these settings ask for, or None to load the model in this process."""
     if settings.no_server:
         return None

@@ -17,12 +17,13 @@ import os
 from dataclasses import dataclass
 
 from llava_cli.conversation import Conversation, Turn
+from llava_cli.discovery import model_key
 from llava_cli.errors import InputError, SessionError, UsageError
 from llava_cli.images import ImageRef, load_image
 from llava_cli.paste import PASTED_NAME
 from llava_cli.video import VideoRef, is_video_name, load_video
 from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SavedConversation, SavedImage, SessionStore, model_id, parse_time
+from llava_cli.store import Recorder, SavedConversation, SavedImage, SessionStore, parse_time
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def open_conversation(settings: Settings, options: SessionOptions) -> Opened:
     restored = restored_settings(settings, saved, options.given)
     if "system" in options.given:
         conversation.system = settings.system
-    if "model" in options.given and model_id(settings.model) != saved.model:
+    if "model" in options.given and model_key(settings.model) != saved.model:
         notes.append(f"continuing with {settings.model}; the conversation was held with {saved.model}")
     return Opened(restored, conversation, Recorder(store, saved) if options.save else None, notes)
 

@@ -44,7 +44,7 @@ from llava_cli.serveguard import Guard, ServeOptions, key_id
 from llava_cli.servelog import log, log_detail
 from llava_cli.servemetrics import Metrics
 from llava_cli.servemodel import LOADING, ModelHolder
-from llava_cli.serveworker import Choice, Failed, Item, Unfinished, Worker
+from llava_cli.serveworker import Choice, Failed, Item, Worker
 from llava_cli.settings import Settings
 from llava_cli.streaming import Stats
 

@@ -34,6 +34,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_cli.discovery import LOOPBACK_NAMES
 from llava_cli.errors import UsageError
 from llava_cli.safeio import read_regular, read_within
 from llava_cli.settings import (
@@ -41,7 +42,6 @@ from llava_cli.settings import (
     DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_TIMEOUT_KEEP_ALIVE_S,
 )
 
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 ANY = "*"
 LOG_FORMATS = ("text", "json")

@@ -87,7 +87,7 @@ Emit = Callable[[Item], None]
 
 
 @dataclass(eq=False)
-class Answer:
+class ServedAnswer:
     """A job being answered: where its text goes, its detokenizer, its figures, its row in the batch."""
 
     job: Job
@@ -113,7 +113,7 @@ class Worker:
         self.holder = holder or ModelHolder(engine)
         self.jobs: queue.SimpleQueue[tuple[Job, Emit] | None] = queue.SimpleQueue()
         self.queued: collections.deque[tuple[Job, Emit]] = collections.deque()  # submitted, not admitted yet
-        self.answers: list[Answer] = []  # admitted, in the batch
+        self.answers: list[ServedAnswer] = []  # admitted, in the batch
         self.waiting: dict[str, Emit] = {}  # job id -> emit, for jobs not finished yet
         self.earlier_prefills = 0  # by the batches of engines unloaded since (--keep-alive)
         self.rows_left: dict[str, int] = {}  # job id -> its rows still running (a request's `n`)
@@ -170,7 +170,7 @@ class Worker:
         staying: collections.deque[tuple[Job, Emit]] = collections.deque()
         for job, emit in self.queued:  # each asked once: a client may leave meanwhile
             if self.must_stop(job):
-                self.stopped(Answer(job, emit, TextStream(None), Stats()))
+                self.stopped(ServedAnswer(job, emit, TextStream(None), Stats()))
             else:
                 staying.append((job, emit))
         self.queued = staying
@@ -183,7 +183,7 @@ class Worker:
         """Decode the job's images, fit it to the window, prefill it once and add its `n` rows to the batch;
         `Full` (nothing done; its decoded images kept for its next try) when the budget has no room for
         it until a row ends."""
-        answer = Answer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
+        answer = ServedAnswer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
         stop = functools.partial(self.must_stop, job)
         waits = False  # only the job at the head of the queue waits, so at most one job's images are kept
         try:
@@ -232,7 +232,7 @@ class Worker:
         for answer in list(self.answers):
             self.send(answer)
 
-    def send(self, answer: Answer) -> None:
+    def send(self, answer: ServedAnswer) -> None:
         """Emit the text of the answer's new tokens (a stream's as they come, with their logprobs when asked
         for; a plain answer's once it has ended: every item wakes the event loop); once it has ended, its figures.
         A plain answer is detokenized once, whole, at its end: per-token detokenizing (two decodes
@@ -258,7 +258,7 @@ class Worker:
         recorded = logprob_hook(sequence.sampler.hooks)
         self.end(answer, Done(self.figures(answer), tuple(recorded.tokens) if recorded else ()))
 
-    def unreported(self, answer: Answer) -> tuple[TokenLogprob, ...]:
+    def unreported(self, answer: ServedAnswer) -> tuple[TokenLogprob, ...]:
         """The logprobs of the tokens pushed so far and not yet sent (none unless asked for)."""
         recorded = logprob_hook(answer.sequence.sampler.hooks)
         if recorded is None:
@@ -267,12 +267,12 @@ class Worker:
         answer.reported += len(new)
         return tuple(new)
 
-    def figures(self, answer: Answer) -> Stats:
+    def figures(self, answer: ServedAnswer) -> Stats:
         sequence = answer.sequence
         answer.stats.end(len(sequence.tokens), sequence.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
         return answer.stats
 
-    def end(self, answer: Answer, item: Done | Unfinished | Failed) -> None:
+    def end(self, answer: ServedAnswer, item: Done | Unfinished | Failed) -> None:
         """The end of one of the job's rows; a failure ends the whole job (its other rows are stopped)."""
         job = answer.job
         left = self.rows_left.get(job.id, 1) - 1
@@ -285,7 +285,7 @@ class Worker:
             job.cancelled.set()  # one answer failed: the request fails, and its other rows stop
         answer.emit(item)
 
-    def stopped(self, answer: Answer) -> None:
+    def stopped(self, answer: ServedAnswer) -> None:
         reason = "the server is shutting down" if self.stopping.is_set() else "the client disconnected"
         log(f"stopped an answer after {answer.sent} chunk(s): {reason}")
         self.end(answer, Unfinished())

@@ -8,7 +8,6 @@ row of the option table (options.py), which holds its default and the rule check
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from llava_cli.errors import UsageError

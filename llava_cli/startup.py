@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from llava_cli.backend import Backend
 from llava_cli.engine import Engine
-from llava_cli.remote import RemoteEngine, connect, model_named
+from llava_cli.remote import RemoteEngine, choose_server, model_named
 from llava_cli.settings import Settings
 from llava_cli.terminal import is_terminal, make_console, shown
 
@@ -56,7 +56,7 @@ def start_engine(settings: Settings) -> Backend:
 def connect_server(settings: Settings, remember_images: bool = True) -> RemoteEngine | None:
     """remote.py's `connect`, its notes on stderr (and with --verbose, the server it chose)."""
     stderr = make_console(sys.stderr)
-    remote = connect(settings, lambda message: say(stderr, f"note: {message}"), remember_images)
+    remote = choose_server(settings, lambda message: say(stderr, f"note: {message}"), remember_images)
     if remote is not None and settings.verbose:
         say(stderr, f"answering through the server at {remote.url}")
         if not settings.server and not model_named(settings):

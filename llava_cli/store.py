@@ -45,7 +45,7 @@ from typing import Any
 import platformdirs
 
 from llava_cli.conversation import Conversation, Turn
-from llava_cli.discovery import process_alive
+from llava_cli.discovery import model_key, process_alive
 from llava_cli.errors import InputError, SessionError, one_line
 from llava_cli.images import ImageRef
 from llava_cli.options import OPTIONS, SAVED
@@ -241,12 +241,6 @@ def turn_entry(turn: Turn) -> dict[str, Any]:
     }
 
 
-def model_id(model: str) -> str:
-    """A local folder is recorded as an absolute path, so resuming works from any directory."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
-
-
 def modified(path: Path) -> int:
     try:
         return path.stat().st_mtime_ns
@@ -377,7 +371,7 @@ class Recorder:
             "name": self.name,
             "created": self.created,
             "updated": utc_now(),
-            "model": model_id(settings.model),
+            "model": model_key(settings.model),
             "settings": {key: getattr(settings, key) for key in SAVED},
             "system": conversation.system,
             "turns": [turn_entry(turn) for turn in conversation.turns if turn.answer is not None],

@@ -43,8 +43,12 @@ class Stats:
         The decode rate counts the tokens after the first, which `ttft_s` already paid for."""
         self.completion_tokens, self.finish_reason = completion_tokens, finish_reason
         self.seconds, self.peak_memory_mb = seconds, peak_memory_mb
-        decode_seconds = seconds - self.ttft_s
-        self.tokens_per_s = (completion_tokens - 1) / decode_seconds if completion_tokens > 1 else 0.0
+        self.tokens_per_s = decode_rate(completion_tokens, seconds - self.ttft_s)
+
+
+def decode_rate(completion_tokens: int, decode_seconds: float) -> float:
+    """Tokens per second after the first token (which the time to first token already paid for)."""
+    return (completion_tokens - 1) / decode_seconds if completion_tokens > 1 and decode_seconds > 0 else 0.0
 
 
 def stats_line(figures: dict[str, Any]) -> str:

@@ -120,6 +120,21 @@ def make_console(stream: IO[str] | None = None) -> Console:
     )
 
 
+def progress_bar(console: Console, *counts: Any, auto_refresh: bool = True) -> Any:
+    """The one shape of progress bar on stderr: what it is doing, the bar, `counts` (columns: items
+    or bytes done, a rate), the time left; it disappears when done and never captures stdout or stderr."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), *counts, TextColumn("ETA"), TimeRemainingColumn(),
+        console=console,
+        auto_refresh=auto_refresh,
+        redirect_stdout=False,  # stdout carries the answers; it must never be captured
+        redirect_stderr=False,
+        transient=True,
+    )
+
+
 def safe_text(item: Any, stream: IO[str]) -> Any:
     """A Rich `Text` with escape sequences in it rebuilt without them (style kept) on a terminal; anything else as is."""
     from rich.text import Text

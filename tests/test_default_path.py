@@ -115,7 +115,7 @@ def test_dropping_old_turns_in_a_small_window_answers_like_plain_generate(loaded
     conversation = Conversation()
     for text in ["first question here", "second question", "third question please", "fourth"]:
         conversation.ask(text, [load_image(str(images["red"]))] if text == "fourth" else [])
-        _, figures = answer_of(engine.generate(conversation, settings))
+        _, figures = answer_of(engine.generate(conversation, settings), conversation)
     assert figures.dropped_turns >= 1 and engine.path.size == 80  # the bucket stopped at the window
     kept = [(t.text, len(t.images), t.answer) for t in conversation.turns]
     expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW)
@@ -129,7 +129,7 @@ def test_seeded_sampling_gives_the_eager_paths_answers(loaded):
         engine, conversation, said = engine_on(loaded, name), Conversation(), []
         for text in ("tell me something", "and more"):
             conversation.ask(text)
-            said.append(answer_text(engine.generate(conversation, settings)))
+            said.append(answer_text(engine.generate(conversation, settings), conversation))
         answers[name] = said
     assert answers["static"] == answers["eager"]
 
@@ -144,7 +144,7 @@ def test_another_family_answers_like_the_eager_path(family, tmp_path_factory, im
         engine, conversation = engine_on(loaded, name), Conversation()
         for text, paths in [("What is this?", [images["red"]]), ("And this one?", [images["blue"]]), ("Colours?", [])]:
             conversation.ask(text, [load_image(str(p)) for p in paths])
-            answer_of(engine.generate(conversation, settings))
+            answer_of(engine.generate(conversation, settings), conversation)
         answers[name] = [turn.answer for turn in conversation.turns]
     assert answers["static"] == answers["eager"]
 
@@ -190,7 +190,7 @@ def test_the_step_chooses_on_the_device_and_the_host_reads_one_step_behind(loade
     conversation = Conversation()
     conversation.ask("tell me something")
     prompt = engine.encode(conversation).ids
-    answer_of(engine.generate(conversation, settings))
+    answer_of(engine.generate(conversation, settings), conversation)
     # Step N+1 is launched before token N is read; the last token is read without a launch after it;
     # nothing inside a step waits for the host.
     assert log.events == ["launch", "read"] * (MAX_NEW - 1) + ["read"]
@@ -233,7 +233,7 @@ def test_without_verbose_a_failed_capture_says_nothing(loaded, settings, monkeyp
     engine = engine_on(loaded, "static", notes=notes)
     conversation = Conversation()
     conversation.ask("tell me something")
-    assert answer_text(engine.generate(conversation, settings)) == conversation.turns[-1].answer
+    assert answer_text(engine.generate(conversation, settings), conversation) == conversation.turns[-1].answer
     assert notes == [] and engine.path.capture_failure
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import render_llava15
 from fakes import answer_of, answer_text, with_notes
-from llava_cli.conversation import Conversation
+from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine
 from llava_cli.errors import ContextError
 from llava_cli.images import load_image
@@ -42,7 +42,7 @@ def chat(engine, settings, conversation, reference, script, system=None):
     paths, stats = [image.name for image in conversation.images], []
     for text, image_paths in script:
         conversation.ask(text, [load_image(str(p)) for p in image_paths])
-        streamed, figures = answer_of(engine.generate(conversation, settings))
+        streamed, figures = answer_of(engine.generate(conversation, settings), conversation)
         answer = conversation.turns[-1].answer
         paths += map(str, image_paths)
         expected = reference.answer(render_llava15(history + [(text, len(image_paths), None)], system), paths, settings.max_new_tokens)
@@ -97,7 +97,7 @@ def test_old_turns_are_dropped_to_fit_the_context_window(engine, loaded, images,
     conversation = Conversation()
     for text in ["first question here", "second question", "third question please", "fourth"]:
         conversation.ask(text, [load_image(str(images["red"]))] if text == "fourth" else [])
-        _, figures = answer_of(engine.generate(conversation, settings))
+        _, figures = answer_of(engine.generate(conversation, settings), conversation)
         assert figures.prompt_tokens + min(MAX_NEW, 40) <= 80
     assert engine.notes and "dropped" in engine.notes[0]
     assert figures.dropped_turns >= 1
@@ -111,14 +111,14 @@ def test_a_message_too_long_for_the_window_is_refused_and_the_conversation_kept(
     settings = Settings(model=loaded.name, max_new_tokens=MAX_NEW, max_context=40)
     conversation = Conversation()
     conversation.ask("short")
-    answer_of(engine.generate(conversation, settings))
+    answer_of(engine.generate(conversation, settings), conversation)
     conversation.ask("word " * 200)
     with pytest.raises(ContextError, match="context window is 40"):
-        answer_of(engine.generate(conversation, settings))
+        answer_of(engine.generate(conversation, settings), conversation)
     assert [t.text for t in conversation.turns] == ["short", "word " * 200]
     conversation.discard_pending()
     conversation.ask("still works")
-    text, _ = answer_of(engine.generate(conversation, settings))
+    text, _ = answer_of(engine.generate(conversation, settings), conversation)
     assert conversation.turns[-1].answer == text
     kept = [(turn.text, 0, turn.answer) for turn in conversation.turns]
     assert kept[-1][2] == reference.answer(render_llava15(kept[:-1] + [("still works", 0, None)]), [], MAX_NEW)
@@ -130,8 +130,25 @@ def test_sampling_with_a_seed_is_repeatable(engine, loaded):
     for _ in range(2):
         conversation = Conversation()
         conversation.ask("tell me something")
-        answers.append(answer_text(engine.generate(conversation, settings)))
+        answers.append(answer_text(engine.generate(conversation, settings), conversation))
     assert answers[0] == answers[1]
     greedy = Conversation()
     greedy.ask("tell me something")
-    assert answer_text(engine.generate(greedy, dataclasses.replace(settings, temperature=0.0))) != answers[0]
+    assert answer_text(engine.generate(greedy, dataclasses.replace(settings, temperature=0.0)), greedy) != answers[0]
+
+
+def test_generate_leaves_the_callers_conversation_alone_even_when_it_drops_turns(tiny_loaded, images):
+    """The backend contract: `Done` carries the answer and the dropped turns; the caller records them."""
+    import copy
+
+    from llava_cli.backend import Answer
+
+    settings = Settings(model=tiny_loaded.name, max_new_tokens=8, max_context=60)
+    conversation = Conversation(turns=[Turn(text="an old question " * 6, answer="an old answer " * 6), Turn(text="hi")])
+    before = copy.deepcopy(conversation)
+    answer = Answer(Engine(tiny_loaded).generate(conversation, settings))
+    streamed = "".join(answer)
+    assert conversation == before
+    assert answer.stats.dropped_turns == 1 and answer.finished.answer == streamed.strip()
+    answer.record_in(conversation)
+    assert [(turn.text, turn.answer) for turn in conversation.turns] == [("hi", streamed.strip())]

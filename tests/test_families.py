@@ -184,7 +184,7 @@ def test_multi_turn_multi_image_chat_equals_plain_transformers_on_the_full_promp
         prompts.append(engine.encode(conversation))
         # The same tokens, image tokens included (LLaVA-NeXT's count depends on each image's size).
         assert prompts[-1].ids == family.reference.ids(messages), f"turn {turn}"
-        streamed, figures = answer_of(engine.generate(conversation, family.settings))
+        streamed, figures = answer_of(engine.generate(conversation, family.settings), conversation)
         answer = conversation.turns[-1].answer
         assert answer == family.reference.answer(messages), f"turn {turn}"
         assert streamed == answer
@@ -209,7 +209,7 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
     conversation = Conversation()
     for text, name in questions:
         conversation.ask(text, [load_image(str(images[name]))])
-        _, figures = answer_of(engine.generate(conversation, settings))
+        _, figures = answer_of(engine.generate(conversation, settings), conversation)
         assert figures.prompt_tokens + MAX_NEW <= settings.max_context
     assert notes and "dropped" in notes[0]
     assert [turn.text for turn in conversation.turns][-1] == "third question" and len(conversation.turns) < 3
@@ -253,7 +253,7 @@ def test_chat_template_file_prompts_an_untemplated_checkpoint(untemplated, image
     settings = Settings(model=str(untemplated), max_new_tokens=MAX_NEW, chat_template=str(template))
     conversation = Conversation()
     conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
-    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings))
+    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings), conversation)
     # The same weights with that template shipped: the llava-interleave checkpoint.
     assert answer == references("llava-interleave").answer([user("What is in this picture?", [images["red"]])])
 

@@ -318,7 +318,7 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
-    from llava_cli.remote import connect
+    from llava_cli.remote import choose_server
     from llava_cli.settings import Settings
 
     server = http.server.HTTPServer(("127.0.0.1", 0), RecordingHandler)
@@ -327,10 +327,10 @@ def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
         plant(runtime, url=f"http://127.0.0.1:{server.server_port}")
         monkeypatch.setenv("LLAVA_API_KEY", "sk-secret")
         RecordingHandler.seen = []
-        engine = connect(Settings(model="m"), notify=lambda message: None)
+        engine = choose_server(Settings(model="m"), notify=lambda message: None)
         assert engine is not None and engine.url == f"http://127.0.0.1:{server.server_port}"  # a private loopback file is used
         assert engine.api_key is None and RecordingHandler.seen == [None]
-        named = connect(Settings(model="m", server=engine.url), notify=lambda message: None)
+        named = choose_server(Settings(model="m", server=engine.url), notify=lambda message: None)
         assert named.api_key == "sk-secret"  # a server the user named does get it
     finally:
         server.shutdown()

@@ -118,7 +118,7 @@ def test_generate_reserves_its_cache_and_refuses_an_answer_that_cannot_fit(tiny_
     conversation = Conversation(turns=[Turn(text="hi")])
     prompt_tokens = len(engine.encode(conversation).ids)
     engine.budget = KvBudget(kv_bytes_per_token(engine.model) * (prompt_tokens + BUDGET))
-    text, _ = answer_of(engine.generate(conversation, settings))
+    text, _ = answer_of(engine.generate(conversation, settings), conversation)
     assert text == alone(tiny_loaded, settings, "hi") and engine.budget.held[CHAT] == engine.budget.limit_bytes
     engine.reset()
     assert engine.budget.held[CHAT] == 0

@@ -167,7 +167,7 @@ def test_max_image_tokens_answers_equal_transformers_with_the_same_pinpoints(nex
     conversation.ask("What is in this picture?", [load_image(str(square))])
     engine = Engine(loaded)
     prompt = engine.encode(conversation).ids
-    answer = answer_text(engine.generate(conversation, Settings(model=str(next_model), max_new_tokens=MAX_NEW)))
+    answer = answer_text(engine.generate(conversation, Settings(model=str(next_model), max_new_tokens=MAX_NEW)), conversation)
 
     processor = AutoProcessor.from_pretrained(next_model)
     processor.image_processor.image_grid_pinpoints = kept

@@ -49,13 +49,13 @@ def test_a_constrained_greedy_answer_equals_transformers_with_xgrammars_processo
     expected = reference_answer(reference, schema, images["red"])
     conversation = Conversation()
     conversation.ask(QUESTION, [load_image(str(images["red"]))])
-    streamed, figures = answer_of(engine.generate(conversation, settings))
+    streamed, figures = answer_of(engine.generate(conversation, settings), conversation)
     assert streamed == expected
     if figures.finish_reason == "stop":
         json.loads(streamed)  # a finished answer is JSON
     plain = Conversation()
     plain.ask(QUESTION, [load_image(str(images["red"]))])
-    assert answer_of(engine.generate(plain, dataclasses.replace(settings, constraint=None)))[0] != expected
+    assert answer_of(engine.generate(plain, dataclasses.replace(settings, constraint=None)), plain)[0] != expected
 
 
 def test_rows_of_a_batch_each_follow_their_own_schema(tiny_loaded, tiny_model, reference, images):

@@ -201,7 +201,7 @@ def test_pickle_weights_load_with_allow_pickle_and_answer_like_the_safetensors_m
     settings = Settings(model=str(pickle_model), max_new_tokens=MAX_NEW, allow_pickle=True)
     conversation = Conversation()
     conversation.ask("what is it?", [load_image(str(images["green"]))])
-    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings))
+    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings), conversation)
     assert answer == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW)
 
 

@@ -361,7 +361,7 @@ def test_a_row_whose_scores_go_bad_fails_alone_and_the_others_keep_their_answers
     for place in (0, 2):
         conversation = Conversation(turns=[Turn(text=texts[place])])
         request_settings = dataclasses.replace([settings, sampled, sampled][place], max_new_tokens=12)
-        alone, _ = answer_of(Engine(tiny_loaded).generate(conversation, request_settings))
+        alone, _ = answer_of(Engine(tiny_loaded).generate(conversation, request_settings), conversation)
         assert sequences[place].error is None and engine.tokenizer.decode(sequences[place].row.tokens, skip_special_tokens=True).strip() == alone
 
 

@@ -576,7 +576,7 @@ def answer_through(canned: CannedServer, status: int, body) -> tuple[str | None,
     canned.status, canned.body = status, body
     conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])
     try:
-        return answer_text(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m"))), None, conversation
+        return answer_text(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m")), conversation), None, conversation
     except LlavaError as err:
         return None, str(err), conversation
 
@@ -685,3 +685,21 @@ def test_a_nul_byte_or_a_path_that_changes_while_resolved_gets_400_not_500(media
     monkeypatch.setattr(os, "readlink", swapped)
     reply = post(media_app, body(settings.model, [user("what?", str(media / "escape.png"))]))
     assert error_of(reply) == (400, "invalid_image")
+
+
+def test_the_client_leaves_the_callers_conversation_alone_and_says_what_to_record(canned):
+    """The backend contract: the answer and the dropped turns travel in `Done`; the caller records them."""
+    import copy
+
+    from llava_cli.backend import Answer
+    from llava_cli.remote import RemoteEngine
+
+    canned.status, canned.body = 200, events({"choices": [{"delta": {"content": " Hi there "}}], "llava": {"dropped_turns": 1}})
+    conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])
+    before = copy.deepcopy(conversation)
+    answer = Answer(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m")))
+    assert "".join(answer) == "Hi there"
+    assert conversation == before
+    assert (answer.finished.answer, answer.stats.dropped_turns) == ("Hi there", 1)
+    answer.record_in(conversation)
+    assert [(turn.text, turn.answer) for turn in conversation.turns] == [("hi", "Hi there")]

@@ -75,7 +75,7 @@ def test_the_engine_and_a_batch_row_end_before_the_stop(engine, tiny_model, refe
     settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW, stop=(stop,))
     conversation = Conversation()
     conversation.ask(QUESTION, [load_image(str(images["red"]))])
-    streamed, figures = answer_of(engine.generate(conversation, settings))
+    streamed, figures = answer_of(engine.generate(conversation, settings), conversation)
     assert streamed == conversation.turns[-1].answer == expected
     assert figures.finish_reason == "stop" and figures.completion_tokens < MAX_NEW
 

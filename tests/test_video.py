@@ -136,7 +136,7 @@ def test_a_chat_mixing_a_video_and_an_image_equals_plain_transformers_and_encode
         conversation.ask(text, [load_video(str(path)) for path, _ in videos] + [load_image(str(p)) for p in pictures])
         messages.append(user(text, videos, pictures))
         assert engine.encode(conversation).ids == reference.inputs(messages)["input_ids"][0].tolist(), text
-        _, figures = answer_of(engine.generate(conversation, settings))
+        _, figures = answer_of(engine.generate(conversation, settings), conversation)
         assert conversation.turns[-1].answer == reference.answer(messages), text
         messages.append(assistant(conversation.turns[-1].answer))
         stats.append(figures)
@@ -151,5 +151,5 @@ def test_frames_n_equals_transformers_num_frames(family, clips, frames):
     reference = VideoReference(folder)
     conversation = Conversation()
     conversation.ask("Describe it.", [load_video(str(clips["pan"]), Sampling(frames=frames))])
-    answer_of(Engine(loaded).generate(conversation, settings))
+    answer_of(Engine(loaded).generate(conversation, settings), conversation)
     assert conversation.turns[-1].answer == reference.answer([user("Describe it.", [(clips["pan"], frames)])])

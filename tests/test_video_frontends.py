@@ -61,7 +61,7 @@ def engine_answer(onevision):
         conversation = Conversation()
         attached = [load_video(str(p)) if p.suffix in (".mp4", ".mkv") else load_image(str(p)) for p in media]
         conversation.ask(question, attached)
-        text, stats = answer_of(engine.generate(conversation, settings))
+        text, stats = answer_of(engine.generate(conversation, settings), conversation)
         return text, stats
 
     return answer

@@ -52,7 +52,7 @@ def expected(onevision, clip) -> str:
     settings = Settings(model=str(onevision), max_new_tokens=MAX_NEW)
     conversation = Conversation()
     conversation.ask(QUESTION, [load_video(str(clip))])
-    return answer_of(Engine(load_model(settings)).generate(conversation, settings))[0]
+    return answer_of(Engine(load_model(settings)).generate(conversation, settings), conversation)[0]
 
 
 def data_url(path: Path) -> str:
