@@ -30,7 +30,7 @@ from llava_cli.images import load_image
 from llava_cli.resume import SessionOptions, open_conversation
 from llava_cli.settings import Settings
 from llava_cli.safeio import write_private_file
-from llava_cli.store import Recorder, SessionStore
+from llava_cli.store import Recorder, SessionStore, data_dir
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
@@ -51,6 +51,26 @@ def saved_files(llava_home_dir: Path) -> list[Path]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(("platform", "env", "expected"), [
+    ("linux", {"LLAVA_HOME": "~/elsewhere", "XDG_DATA_HOME": "/xdg"}, "{home}/elsewhere"),
+    ("linux", {"XDG_DATA_HOME": "/xdg"}, "/xdg/llava-cli"),
+    ("linux", {"XDG_DATA_HOME": "relative"}, "{home}/.local/share/llava-cli"),  # the XDG spec ignores relative paths
+    ("linux", {}, "{home}/.local/share/llava-cli"),
+    ("darwin", {"XDG_DATA_HOME": "/xdg"}, "{home}/Library/Application Support/llava-cli"),
+])
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX home and paths")
+def test_the_data_folder_stays_where_earlier_versions_saved_conversations(tmp_path, monkeypatch, platform, env, expected):
+    if platform == "linux" and sys.platform != "linux":
+        pytest.skip("platformdirs names the Linux folders on Linux only")
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("LLAVA_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert data_dir() == Path(expected.format(home=tmp_path))
 
 
 def test_each_answer_is_saved_with_messages_images_model_settings_and_times(llava_home_dir, tiny_loaded, tiny_model, tiny_settings, images):
