@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import invoke
-from conftest import render_llava15
+from helpers import render_llava15
 
 @dataclass(frozen=True)
 class Case:

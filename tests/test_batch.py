@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, default_sigint, render_llava15, run_llava
+from helpers import cli_env, default_sigint, render_llava15, run_llava, slow_fixture
 from llava_cli.arguments import ANSWERABLE_SUFFIXES, AskOptions
 from llava_cli.ask import sigterm_as_interrupt
 from llava_cli.batch import BatchProgress, run_batch
@@ -87,7 +87,7 @@ class QuietServer(http.server.ThreadingHTTPServer):
         pass  # the timeout test hangs up on /slow: expected, not worth a traceback
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def server(images):
     green = images["green"].read_bytes()
     ImageServer.routes = {"/green.png": green, "/no-length-big": b"x" * 5000, "/big": b"x" * 5000, "/slow": green}

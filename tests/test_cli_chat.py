@@ -13,7 +13,7 @@ import time
 
 import pexpect
 
-from conftest import cli_env, default_sigint, render_llava15, run_llava
+from helpers import cli_env, default_sigint, render_llava15, run_llava
 
 MAX_NEW = 12
 # What a terminal shows is not what was written: colours, cursor moves and control characters go.

@@ -10,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from helpers import slow_fixture
+
 from cli_runner import invoke
 
 ANSWER = "a red circle"
@@ -53,7 +55,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-@pytest.fixture
+@slow_fixture  # an HTTP server
 def recording_server():
     server = RecordingServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -11,7 +11,7 @@ import re
 import pytest
 from PIL import Image
 
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
+from helpers import HUB_ID, cli_env, render_llava15, run_llava
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.forward import CompiledPath, EagerPath

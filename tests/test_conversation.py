@@ -1,7 +1,7 @@
 from llava_cli.conversation import Conversation, Llava15Format
 from llava_cli.images import ImageRef
 
-from conftest import render_llava15
+from helpers import render_llava15
 
 
 def image(name: str) -> ImageRef:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
+from helpers import HUB_ID, cli_env, render_llava15, run_llava
 from fakes import answer_of, answer_text, with_notes
 from test_engine import MAX_NEW, chat, loaded, settings  # noqa: F401 (loaded, settings: the engine tests' fixtures)
 from tiny_checkpoint import build_family_checkpoint
@@ -134,6 +134,7 @@ def test_seeded_sampling_gives_the_eager_paths_answers(loaded):
     assert answers["static"] == answers["eager"]
 
 
+@pytest.mark.slow  # builds and loads checkpoints
 @pytest.mark.parametrize("family", ["llava-interleave", "llava-next"])
 def test_another_family_answers_like_the_eager_path(family, tmp_path_factory, images):
     folder = build_family_checkpoint(family, tmp_path_factory.mktemp(family))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, default_sigint, run_llava
+from helpers import cli_env, default_sigint, run_llava, slow_fixture
 from test_batch import copies
 from llava_cli.arguments import AskOptions
 from llava_cli.batchray import INSTALL_HINT, TASK_RETRIES, block_count, checked_record, in_input_order
@@ -65,7 +65,7 @@ def command_line(pid: int) -> bytes:
         return b""
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # a Ray head
 def cluster():
     """A Ray head on this machine, for the module: (address, session id of its processes)."""
     temp = tempfile.mkdtemp(prefix="llava-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -250,6 +250,7 @@ def test_ray_local_starts_an_instance_here(tiny_model, good_images, local_good, 
 # Without a cluster ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a process
 def test_without_ray_installed_the_error_says_how_to_install_it(images):
     argv = ["llava", "ask", "--each", str(images["red"]), "-p", PROMPT, "--ray", "local"]
     script = f"import sys; sys.modules['ray'] = None; sys.argv = {argv!r}; from llava_cli.cli import main; main()"

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import cli_env, default_sigint, run_llava
+from helpers import cli_env, default_sigint, run_llava
 from llava_cli import batchserver
 from llava_cli.arguments import AskOptions
 from llava_cli.batch import run_batch
@@ -324,6 +324,7 @@ def test_ctrl_c_keeps_the_lines_finished_in_order_and_a_rerun_finishes_the_rest(
     (["--each", "x.png", "-p", "hi", "--server", "http://127.0.0.1:9", "--batch-size", "2"],
      "--batch-size 2 batches on a model loaded here; with --server, send requests at once with --parallel N"),
 ])
+@pytest.mark.slow  # starts a process
 def test_parallel_and_batch_size_misuse_is_a_usage_error(args, message, tmp_path):
     result = run_llava("ask", *args, env=cli_env(LLAVA_RUNTIME_DIR=str(tmp_path)))
     assert (result.returncode, result.stdout_text, result.stderr_text) == (2, "", f"llava: error: {message}\n")

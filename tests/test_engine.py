@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from conftest import render_llava15
+from helpers import render_llava15
 from fakes import answer_of, answer_text, with_notes
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine

@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from conftest import cli_env, default_sigint
+from helpers import cli_env, default_sigint
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 CHILD = """
 import atexit, os, sys

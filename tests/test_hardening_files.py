@@ -28,7 +28,7 @@ import pexpect
 import pytest
 
 from cli_runner import FakeTerminal, invoke
-from conftest import SHORT_ANSWER as MAX_NEW, cli_env, render_llava15
+from helpers import SHORT_ANSWER as MAX_NEW, cli_env, render_llava15
 from llava_cli.images import image_from_bytes
 
 # The documented limits (images.py), written out so these tests also run, and fail, on older code.
@@ -317,6 +317,7 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow  # an HTTP server
 def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
     from llava_cli.remote import connect
     from llava_cli.settings import Settings
@@ -492,6 +493,7 @@ def test_sigterm_in_the_middle_of_a_save_leaves_no_temp_file(tmp_path, monkeypat
     assert [p.name for p in path.parent.iterdir()] == ["x.json"] and path.read_text() == "old"
 
 
+@pytest.mark.slow  # starts processes
 def test_temp_files_of_killed_saves_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("LLAVA_HOME", str(home))

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from cli_runner import invoke
-from conftest import cli_env
+from helpers import cli_env
 from llava_cli.settings import Settings
 
 NOBODY = 65534

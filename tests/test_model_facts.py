@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import slow_fixture
+
 from cli_runner import invoke
 from fakes import answer_text
 from tiny_checkpoint import build_family_checkpoint, lay_out_hub_cache
@@ -21,7 +23,7 @@ NEXT_ID, L15_ID = "tests/tiny-next", "tests/tiny-l15"
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def next_model(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-next", tmp_path_factory.mktemp("next"))
 
@@ -188,7 +190,7 @@ def test_rm_asks_at_a_terminal_and_only_yes_deletes(tiny_model, tmp_path):
 
     import pexpect
 
-    from conftest import cli_env, default_sigint
+    from helpers import cli_env, default_sigint
 
     lay_out_hub_cache(tiny_model, tmp_path, L15_ID)
     env = cli_env(HF_HUB_CACHE=str(tmp_path / "hub"), TERM="dumb")

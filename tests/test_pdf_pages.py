@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import invoke
-from conftest import SHORT_ANSWER as MAX_NEW, render_llava15
+from helpers import SHORT_ANSWER as MAX_NEW, render_llava15
 from fake_io import FakeIO
 from llava_cli.pdfpages import MAX_DPI, parse_pages
 from llava_cli.errors import UsageError

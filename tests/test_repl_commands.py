@@ -16,7 +16,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import SHORT_ANSWER as MAX_NEW, cli_env, default_sigint, render_llava15
+from helpers import SHORT_ANSWER as MAX_NEW, cli_env, default_sigint, render_llava15
 from fake_io import FakeIO
 from llava_cli.arguments import split_image_command
 from llava_cli.chat import ChatLoop, TerminalIO

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import render_llava15
+from helpers import render_llava15
 from fakes import answer_of
 from llava_cli.constraints import ANY_OBJECT, schema_text
 from llava_cli.conversation import Conversation
@@ -33,7 +33,7 @@ QUESTION = "What is in this picture?"
 
 
 def reference_answer(reference, schema: str, image) -> str:
-    """Plain transformers greedy `generate` with xgrammar's logits processor (conftest's `Reference`)."""
+    """Plain transformers greedy `generate` with xgrammar's logits processor (helpers' `Reference`)."""
     return reference.answer(render_llava15([(QUESTION, 1, None)]), [image], MAX_NEW, schema=schema)
 
 
@@ -130,7 +130,7 @@ def test_a_bad_schema_option_is_one_line_and_exit_2_before_the_model_loads(monke
 
 
 def test_chat_schema_command_answers_under_each_schema_until_off(tiny_model, images, reference, tmp_path):
-    from conftest import run_llava
+    from helpers import run_llava
 
     red = images["red"]
     enum, nested = (schema_text(json.dumps(SCHEMAS[name])) for name in ("enum", "nested object"))
@@ -156,7 +156,7 @@ def test_chat_schema_command_answers_under_each_schema_until_off(tiny_model, ima
 
 
 def test_chat_schema_answers_stream_as_text_lines(tiny_model, images, reference):
-    from conftest import run_llava
+    from helpers import run_llava
 
     schema = schema_text("seen bool, ok bool")
     result = run_llava("chat", "--image", images["green"], "--no-save", "--model", tiny_model, "-n", MAX_NEW,

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import render_llava15, run_llava
+from helpers import render_llava15, run_llava
 from llava_cli.discovery import served_name
 from llava_cli.errors import UsageError
 from llava_cli.serveconn import RequestFraming

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from llava_cli.discovery import served_name
-from conftest import render_llava15
+from helpers import render_llava15
 from test_server import MAX_NEW, Server, data_url, user
 
 KEYS = ("sk-first-0123456789", "sk-second-9876543210")

@@ -22,7 +22,7 @@ from typing import Literal
 import httpx
 import pytest
 
-from conftest import cli_env, default_sigint, render_llava15, run_llava
+from helpers import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.discovery import find_server, remove_server_file, write_server_file
 from llava_cli.engine import Stats
 

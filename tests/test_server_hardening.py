@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from cli_runner import invoke
-from conftest import cli_env, render_llava15
+from helpers import cli_env, render_llava15, slow_fixture
 from fakes import answer_text
 from hostile_images import many_scan_jpeg
 from llava_cli.conversation import Conversation, Turn
@@ -557,7 +557,7 @@ class CannedServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def canned():
     server = CannedServer()
     yield server

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers import slow_fixture
+
 from llava_cli.errors import InputError
 from llava_cli.urls import fetch_image_url
 
@@ -42,7 +44,7 @@ def drip(connection: socket.socket, head: bytes, dripped: bytes) -> None:
         connection.close()
 
 
-@pytest.fixture
+@slow_fixture  # an HTTP server
 def dripping_server() -> Iterator[callable]:
     """A server whose every connection gets `drip(head, dripped)`; yields a function (head, dripped) -> url."""
     listener = socket.create_server(("127.0.0.1", 0))

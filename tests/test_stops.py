@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import render_llava15
+from helpers import render_llava15
 from fakes import answer_of
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine

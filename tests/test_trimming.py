@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from conftest import render_llava15
+from helpers import render_llava15
 from fakes import answer_text, with_notes
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine, Prompt

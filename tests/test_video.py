@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import slow_fixture
+
 from fakes import answer_of
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
@@ -45,7 +47,7 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+@slow_fixture(scope="module", params=VIDEO_FAMILIES)
 def family(request, tmp_path_factory):
     folder = build_family_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
     settings = Settings(model=str(folder), max_new_tokens=MAX_NEW)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import slow_fixture
+
 from cli_runner import BytesStdout, invoke
 from fakes import answer_of
 from hostile_videos import HOSTILE, write_hostile
@@ -31,7 +33,7 @@ MAX_NEW = "6"
 QUESTION = "What happens?"
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def onevision(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-onevision", tmp_path_factory.mktemp("onevision"))
 
@@ -148,7 +150,7 @@ def test_without_pyav_a_video_gets_the_install_hint_in_one_line(monkeypatch, one
     assert (outcome.code, outcome.stderr) == (2, "llava: error: videos need PyAV: pip install 'llava-cli[video]'\n")
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def clip_server(clips, hostile):
     """An http server of the clips' and the hostile videos' folders: http://127.0.0.1:PORT/clips/NAME, /hostile/NAME."""
     import functools

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import slow_fixture
+
 from cli_runner import invoke
 from fakes import answer_of
 from hostile_videos import write_hostile
@@ -30,7 +32,7 @@ QUESTION = "What happens?"
 MIME = {".mp4": "video/mp4", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def onevision(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-onevision", tmp_path_factory.mktemp("onevision"))
 
