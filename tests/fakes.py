@@ -2,7 +2,7 @@
 
 `FakeBackend` keeps the protocol's contract: its chunks, then (unless told to raise midway, as a
 Ctrl-C does) the joined answer added to the conversation and one `Done` with `stats`.
-`use_backend` makes `llava ask` and `llava chat` answer with it (`session.start_engine`, the one
+`use_backend` makes `llava ask` and `llava chat` answer with it (`startup.start_engine`, the one
 place the front-ends get their backend).
 """
 

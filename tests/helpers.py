@@ -5,20 +5,38 @@ subprocess (`run_llava`), and decodepool's helper run in this process (`HelperHe
 
 from __future__ import annotations
 
+import base64
+import functools
+import http.server
+import io
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pexpect
 import pytest
 
-from llava_cli.decodepool import REQUEST, DecoderGone, Helper
+from fakes import answer_of
 from llava_cli.decodechild import reply
+from llava_cli.decodepool import REQUEST, DecoderGone, Helper
+
+if TYPE_CHECKING:
+    import httpx
 
 HUB_ID = "llava-tests/tiny-llava"
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
 SHORT_ANSWER = 12  # tokens: enough to tell answers apart, quick on a CPU
+READY_TIMEOUT_S = 90  # a `llava serve` subprocess loads its model within this
+EXIT_TIMEOUT_S = 20
+# What a terminal shows is not what was written: colours, cursor moves and control characters go.
+TERMINAL_NOISE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b.?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def slow_fixture(function=None, **kwargs):
@@ -101,6 +119,175 @@ def run_llava(*args: str, stdin: bytes | str | None = b"", env: dict[str, str] |
     result.stdout_text = result.stdout.decode("utf-8", errors="replace")
     result.stderr_text = result.stderr.decode("utf-8", errors="replace")
     return result
+
+
+# The engine against plain transformers ------------------------------------------------------------
+
+
+def chat(engine, settings, conversation, reference, script, system=None):
+    """Run `script` [(text, [image paths])] through the engine and the reference; return stats per turn."""
+    from llava_cli.images import load_image
+
+    history = [(turn.text, len(turn.images), turn.answer) for turn in conversation.turns]
+    paths, stats = [image.name for image in conversation.images], []
+    for text, image_paths in script:
+        conversation.ask(text, [load_image(str(p)) for p in image_paths])
+        streamed, figures = answer_of(engine.generate(conversation, settings))
+        answer = conversation.turns[-1].answer
+        paths += map(str, image_paths)
+        expected = reference.answer(render_llava15(history + [(text, len(image_paths), None)], system), paths, settings.max_new_tokens)
+        assert answer == expected, f"turn {len(history) + 1}"
+        assert streamed == answer
+        history.append((text, len(image_paths), answer))
+        stats.append(figures)
+    return stats
+
+
+
+# HTTP: a quiet test server; `llava serve` in a subprocess and in this process; OpenAI messages --
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a test hanging up on purpose is expected, not worth a traceback
+
+
+
+class Server:
+    """A `llava serve` subprocess, started at once; `url` (from the discovery file) waits until it is ready."""
+
+    def __init__(self, model: Path, folder: Path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> None:
+        self.model = str(model)
+        self.runtime = folder / "run"
+        self.log_path = folder / "serve.log"
+        self.env = cli_env(LLAVA_RUNTIME_DIR=str(self.runtime), **(env or {}))
+        command = [sys.executable, "-m", "llava_cli", "serve", "--model", self.model, "--port", "0",
+                   "-n", str(SHORT_ANSWER), "--max-request-mb", "1", *options]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=self.env, preexec_fn=default_sigint)
+
+    @functools.cached_property
+    def url(self) -> str:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            files = list(self.runtime.glob("server-*.json")) if self.runtime.is_dir() else []
+            if files:
+                return json.loads(files[0].read_text())["url"]
+            if self.process.poll() is not None:
+                raise AssertionError(f"llava serve exited with {self.process.returncode}: {self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"llava serve did not start: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def post(self, body: dict | bytes, **headers: str) -> httpx.Response:
+        import httpx
+
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **headers}
+        return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, timeout=120)
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        return {**self.env, **extra}
+
+    def stop(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=EXIT_TIMEOUT_S)
+
+
+
+def client_for(tiny_loaded, settings, **options):
+    """A starlette TestClient on `llava serve`'s app over `tiny_loaded` (no socket), and its Service."""
+    from starlette.testclient import TestClient
+
+    from llava_cli.engine import Engine
+    from llava_cli.serveapp import Service
+    from llava_cli.serveguard import ServeOptions
+
+    service = Service(Engine(tiny_loaded), settings, ServeOptions(host="127.0.0.1", port=0, **options))
+    return TestClient(service.app(), base_url="http://127.0.0.1:8700"), service
+
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+
+def user(text: str, *image_urls: str) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+
+# `ask --each`: its inputs and its JSON lines ----------------------------------------------------
+
+
+def copies(images: dict[str, Path], folder: Path, count: int) -> list[Path]:
+    """`count` distinct files cycling through the test images (red, green, blue, red...)."""
+    folder.mkdir(exist_ok=True)
+    colours = list(images)
+    paths = []
+    for index in range(count):
+        path = folder / f"{index:02d}-{colours[index % 3]}.png"
+        shutil.copy(images[colours[index % 3]], path)
+        paths.append(path)
+    return paths
+
+
+
+def lines_of(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+
+# `llava chat` at a pseudo-terminal --------------------------------------------------------------
+
+
+def visible(text: str) -> str:
+    return TERMINAL_NOISE.sub("", text)
+
+
+
+class Repl:
+    """`llava chat` at a pseudo-terminal, with everything it wrote kept for inspection."""
+
+    def __init__(self, model, max_new: int, home, **env_extra: str) -> None:
+        env = cli_env(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", LLAVA_HOME=str(home), **env_extra)
+        # --no-markdown: the answer is shown exactly as streamed, so it can be compared with the reference.
+        args = ["-m", "llava_cli", "chat", "--model", str(model), "-n", str(max_new), "--no-markdown"]
+        self.log = io.BytesIO()
+        self.child = pexpect.spawn(sys.executable, args, env=env, timeout=120, dimensions=(40, 400), preexec_fn=default_sigint)
+        self.child.logfile_read = self.log
+        self.prompt()
+
+    def prompt(self) -> None:
+        self.child.expect_exact(">>>")
+
+    def screen(self) -> str:
+        return visible(self.log.getvalue().decode("utf-8", errors="replace"))
+
+    def command(self, line: str, reply: str) -> None:
+        self.child.sendline(line)
+        self.child.expect_exact(reply)
+        self.prompt()
+
+    def ask(self, question: str) -> str:
+        """Send `question`, wait for the next prompt after its answer, and return the answer as shown."""
+        self.child.sendline(question)
+        answered = re.compile(re.escape(question) + r"\n(.*?)\n>>>", re.DOTALL)
+        while not (found := answered.findall(self.screen())):
+            self.prompt()
+        return found[-1]
+
+    def exit_status(self) -> int | None:
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        return self.child.exitstatus
+
+
+# Images decoded without decodepool's process ----------------------------------------------------
 
 
 class ChildHere:

@@ -15,9 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import HUB_ID, cli_env, render_llava15, run_llava
+from helpers import HUB_ID, SHORT_ANSWER as MAX_NEW, chat, cli_env, render_llava15, run_llava
 from fakes import answer_of, answer_text, with_notes
-from test_engine import MAX_NEW, chat, loaded, settings  # noqa: F401 (loaded, settings: the engine tests' fixtures)
 from tiny_checkpoint import build_family_checkpoint
 from llava_cli import graphstep
 from llava_cli.conversation import Conversation
@@ -29,6 +28,16 @@ from llava_cli.loader import load_model
 from llava_cli.settings import Settings
 
 SMALL_BUCKETS = (48, 96)  # then 192, 384, ...: the script below outgrows two of them
+
+
+@pytest.fixture
+def settings(tiny_settings) -> Settings:
+    return tiny_settings
+
+
+@pytest.fixture
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 def engine_on(loaded, path_kind: str, window: int | None = None, notes: list[str] | None = None) -> Engine:

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_env, default_sigint, run_llava, slow_fixture
-from test_batch import copies
+from helpers import cli_env, copies, default_sigint, run_llava, slow_fixture
 from llava_cli.arguments import AskOptions
 from llava_cli.batchray import INSTALL_HINT, TASK_RETRIES, block_count, checked_record, in_input_order
 from llava_cli.errors import UsageError

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import cli_env, default_sigint, run_llava
+from helpers import cli_env, copies, default_sigint, lines_of, QuietServer, run_llava, Server
 from llava_cli import batchserver
 from llava_cli.arguments import AskOptions
 from llava_cli.batch import run_batch
@@ -34,8 +34,6 @@ from llava_cli.batchserver import MAX_ATTEMPTS, retry_delay
 from llava_cli.errors import LlavaError, ModelError, UsageError
 from llava_cli.remote import seconds_to_wait
 from llava_cli.settings import Settings
-from test_batch import QuietServer, copies, lines_of
-from test_server import Server
 
 MAX_NEW = 12  # the server's -n too (test_server.Server)
 PROMPT = "describe the picture"

@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import chat
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import LlavaError, UsageError
 from llava_cli.forward import CompiledPath
 from llava_cli.loader import load_model, pick_attention
 from llava_cli.settings import Settings
-from test_engine import chat
 
 MAX_NEW = 8
 

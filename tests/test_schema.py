@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from helpers import render_llava15
+from helpers import render_llava15, Repl, visible
 from fakes import answer_of
 from llava_cli.constraints import ANY_OBJECT, schema_text
 from llava_cli.conversation import Conversation
@@ -299,7 +299,6 @@ def test_serve_refuses_an_unusable_schema_with_400_naming_where_inside_it():
 
 
 def test_schema_at_a_terminal_streams_the_reference_answer(tiny_model, images, reference, tmp_path):
-    from test_cli_chat import Repl, visible
 
     enum = json.dumps(SCHEMAS["enum"])
     repl = Repl(tiny_model, MAX_NEW, tmp_path)

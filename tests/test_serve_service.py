@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from llava_cli.discovery import served_name
-from helpers import render_llava15
-from test_server import MAX_NEW, Server, data_url, user
+from helpers import SHORT_ANSWER as MAX_NEW, data_url, render_llava15, Server, user
 
 KEYS = ("sk-first-0123456789", "sk-second-9876543210")
 HEADER_TIMEOUT_S = 1.5

@@ -24,14 +24,13 @@ import httpx
 import pytest
 
 from cli_runner import invoke
-from helpers import cli_env, render_llava15, slow_fixture
+from helpers import cli_env, client_for, render_llava15, slow_fixture
 from fakes import answer_text
 from hostile_images import many_scan_jpeg
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine
 from llava_cli.errors import UsageError
 from llava_cli.apirequest import LOCAL_IMAGE_REFUSED, MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, Job
-from llava_cli.serveapp import Service
 from llava_cli.serveworker import Unfinished, Worker
 from llava_cli.serveguard import Guard, ServeOptions, api_keys_from_file
 from llava_cli.settings import Settings
@@ -44,13 +43,6 @@ READY_TIMEOUT_S = 90
 @pytest.fixture(scope="module")
 def settings(tiny_model) -> Settings:
     return Settings(model=str(tiny_model), max_new_tokens=MAX_NEW)
-
-
-def client_for(tiny_loaded, settings, **options):
-    from starlette.testclient import TestClient
-
-    service = Service(Engine(tiny_loaded), settings, ServeOptions(host="127.0.0.1", port=0, **options))
-    return TestClient(service.app(), base_url="http://127.0.0.1:8700"), service
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import slow_fixture
+from helpers import Server, slow_fixture
 
 from cli_runner import invoke
 from fakes import answer_of
 from hostile_videos import write_hostile
-from test_server import Server
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
 from llava_cli.conversation import Conversation
