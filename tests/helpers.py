@@ -11,12 +11,13 @@ import http.server
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
 SHORT_ANSWER = 12  # tokens: enough to tell answers apart, quick on a CPU
 READY_TIMEOUT_S = 90  # a `llava serve` subprocess loads its model within this
 EXIT_TIMEOUT_S = 20
+SERVING = re.compile(rb"llava serve: serving .* at (http://\S+)/v1")  # its line once ready (server.py)
 # What a terminal shows is not what was written: colours, cursor moves and control characters go.
 TERMINAL_NOISE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b.?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -153,8 +155,44 @@ class QuietServer(http.server.ThreadingHTTPServer):
 
 
 
+class Serve(subprocess.Popen):
+    """A `llava serve` process whose stderr a thread copies, line by line, to `log_path`. `url()`
+    waits for the line saying it serves (written once it listens and has announced itself): the
+    event that it is ready. `wait()` returns once the log holds all the process wrote."""
+
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str], **popen: object) -> None:
+        super().__init__(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, **popen)
+        self.log_path = log_path
+        self.urls: queue.Queue[str | None] = queue.Queue()
+        self.copier = threading.Thread(target=self.copy_log, daemon=True)
+        self.copier.start()
+
+    def copy_log(self) -> None:
+        with open(self.log_path, "wb") as log:
+            for line in self.stderr:
+                log.write(line)
+                log.flush()
+                if serving := SERVING.match(line):
+                    self.urls.put(serving[1].decode())
+        self.urls.put(None)  # the process ended
+
+    def url(self) -> str:
+        try:
+            url = self.urls.get(timeout=READY_TIMEOUT_S)
+        except queue.Empty:
+            raise AssertionError(f"llava serve did not start: {self.log_path.read_text(errors='replace')}") from None
+        if url is None:
+            raise AssertionError(f"llava serve exited with {self.wait()}: {self.log_path.read_text(errors='replace')}")
+        return url
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = super().wait(timeout)
+        self.copier.join(timeout)
+        return code
+
+
 class Server:
-    """A `llava serve` subprocess, started at once; `url` (from the discovery file) waits until it is ready."""
+    """A `llava serve` subprocess, started at once; `url` waits until it is ready."""
 
     def __init__(self, model: Path, folder: Path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> None:
         self.model = str(model)
@@ -163,20 +201,11 @@ class Server:
         self.env = cli_env(LLAVA_RUNTIME_DIR=str(self.runtime), **(env or {}))
         command = [sys.executable, "-m", "llava_cli", "serve", "--model", self.model, "--port", "0",
                    "-n", str(SHORT_ANSWER), "--max-request-mb", "1", *options]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=self.env, preexec_fn=default_sigint)
+        self.process = Serve(command, self.log_path, self.env, preexec_fn=default_sigint)
 
     @functools.cached_property
     def url(self) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            files = list(self.runtime.glob("server-*.json")) if self.runtime.is_dir() else []
-            if files:
-                return json.loads(files[0].read_text())["url"]
-            if self.process.poll() is not None:
-                raise AssertionError(f"llava serve exited with {self.process.returncode}: {self.log()}")
-            time.sleep(0.1)
-        raise AssertionError(f"llava serve did not start: {self.log()}")
+        return self.process.url()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

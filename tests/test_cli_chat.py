@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 from helpers import render_llava15, Repl, run_llava, visible
 
@@ -85,15 +84,21 @@ def colour_codes(raw: str) -> set[str]:
     return found
 
 
-SLOW_DECODE_HOOK = """
+DECODING = "<decoding>"  # what the hook writes to stderr once the answer is under way
+SLOW_DECODE_HOOK = f"""
+import itertools
+import os
 import time
 import llava_cli.forward as forward
 
 _run_model = forward.run_model
+_forwards = itertools.count()
 
 
 def slow_run_model(*args, **kwargs):
     time.sleep(0.05)  # every forward, one a token on every path: 900 tokens take 45 s, so Ctrl-C surely lands mid-answer
+    if next(_forwards) == 3:  # the prompt's and two tokens': into the answer
+        os.write(2, b"{DECODING}")
     return _run_model(*args, **kwargs)
 
 
@@ -109,7 +114,7 @@ def test_repl_bad_image_ctrl_c_mid_answer_ctrl_d_and_no_colour(tiny_model, tmp_p
     repl.command(f"/image {tmp_path / 'missing.png'}", f"error: image not found: {tmp_path / 'missing.png'}")
     repl.child.sendline("tell me a long story")
     repl.child.expect_exact("story")
-    time.sleep(2)  # into the answer, which the hook makes last far longer than this
+    repl.child.expect_exact(DECODING)  # into the answer, which the hook makes last 45 s
     repl.child.sendintr()
     repl.child.expect_exact("answer stopped")
     repl.prompt()

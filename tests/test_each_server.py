@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ class StandIn(http.server.ThreadingHTTPServer):
         self.retry_after = retry_after
         self.hold_after = hold_after
         self.release = threading.Event()
-        self.lock = threading.Lock()
+        self.logged = threading.Condition()  # notified at each entry of `log`
         self.log: list[int | str] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -137,8 +138,12 @@ class StandIn(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def wait_for_log(self, done: Callable[[list[int | str]], bool], timeout: float) -> bool:
+        with self.logged:
+            return self.logged.wait_for(lambda: done(self.log), timeout)
+
     def action(self, body: dict) -> int | str:
-        with self.lock:
+        with self.logged:
             if self.plan:
                 action = self.plan.pop(0)
             elif image_width(body) == REFUSED_WIDTH:
@@ -148,6 +153,7 @@ class StandIn(http.server.ThreadingHTTPServer):
             else:
                 action = "forward"
             self.log.append(action)
+            self.logged.notify_all()
             return action
 
     def handle_error(self, request, client_address) -> None:
@@ -293,17 +299,18 @@ def test_ctrl_c_keeps_the_lines_finished_in_order_and_a_rerun_finishes_the_rest(
                "-p", PROMPT, "-o", str(output), "--server", standing.url, "--parallel", "4"]
     env = cli_env(LLAVA_RUNTIME_DIR=str(tmp_path / "run"))
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
-    deadline = time.monotonic() + 60
-    while standing.log.count("hold") < 4 and time.monotonic() < deadline:  # every request thread waits on the stand-in
+    assert standing.wait_for_log(lambda log: log.count("hold") == 4, timeout=60)  # every request thread waits on the stand-in
+    # The 3 answers that came back go to the file in order; no event says a line was written, so look.
+    deadline = time.monotonic() + 30
+    while not (output.exists() and len(output.read_bytes().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.2)  # the answers that came back are written by now
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=30)
 
     assert run.returncode == 130, stderr
     assert stdout == b"" and b"Traceback" not in stderr
     finished = lines_of(output.read_text())
-    assert len(finished) <= 3
+    assert len(finished) == 3
     assert [record["image"] for record in finished] == names[: len(finished)]
 
     standing.hold_after = None

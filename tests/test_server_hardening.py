@@ -14,7 +14,6 @@ import queue
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from cli_runner import invoke
-from helpers import cli_env, client_for, render_llava15, slow_fixture
+from helpers import Serve, cli_env, client_for, render_llava15, slow_fixture
 from fakes import answer_text
 from hostile_images import many_scan_jpeg
 from llava_cli.conversation import Conversation, Turn
@@ -37,7 +36,6 @@ from llava_cli.settings import Settings
 
 MAX_NEW = 6
 SECRET = "sk-file-0123456789abcdef"
-READY_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
@@ -428,20 +426,15 @@ def test_bad_server_options_are_refused_with_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a real server: slow bodies, signals, ps
 
 
-def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[subprocess.Popen, str, Path]:
+def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[Serve, str, Path]:
     """A `llava serve` subprocess with a key file; (process, url, log path) once it is ready."""
     key_file = folder / "key"
     key_file.write_text(SECRET)
     runtime, log_path = folder / "run", folder / "serve.log"
     command = [sys.executable, "-m", "llava_cli", "serve", "--model", str(tiny_model), "--port", "0", "-n", "4",
                "--api-key-file", str(key_file), "--drain-timeout", "0", *options]  # SIGTERM stops at once (draining: test_serve_service.py)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not (runtime.is_dir() and list(runtime.glob("server-*.json"))):
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
-    return process, json.loads(next(runtime.glob("server-*.json")).read_text())["url"], log_path
+    process = Serve(command, log_path, cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
+    return process, process.url(), log_path
 
 
 @pytest.fixture
