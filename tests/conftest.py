@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 import tiny_checkpoint
 from helpers import COLOURS, HUB_ID, SHORT_ANSWER, HelperHere, Reference, slow_fixture
 from tiny_checkpoint import build_checkpoint, lay_out_hub_cache
+
+from llava_cli import decodepool
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -30,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 class SlowWork(BaseException):
-    """A test not marked `slow` started a process or listened on a socket. A BaseException, so that
+    """A test not marked `slow` started a process, listened on a socket or built a checkpoint. A BaseException, so that
     the code under test's own `except Exception` cannot hide it (`fast_stays_fast` also re-raises it)."""
 
 
@@ -101,8 +102,6 @@ def images_decode_here(request, monkeypatch) -> None:
     Tests of the helper process itself (killed at its budget, crashed) are slow and get the real one."""
     if request.node.get_closest_marker("slow"):
         return
-    from llava_cli import decodepool
-
     monkeypatch.setattr(decodepool, "Helper", HelperHere)
     monkeypatch.setattr(decodepool, "POOL", decodepool.Pool())  # no real helper left idle by a slow test
 

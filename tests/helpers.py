@@ -1,7 +1,10 @@
 """Helpers shared by the test modules: import them from here, never from conftest.py (the fixtures)
-or another test module. The tiny checkpoint's constants, `slow_fixture`, the llava-1.5 prompt
-written out independently, the plain-transformers `Reference`, the real `llava` command in a
-subprocess (`run_llava`), and decodepool's helper run in this process (`HelperHere`)."""
+or another test module. The tiny checkpoint's constants and `slow_fixture`; the llava-1.5 prompt
+written out independently and the plain-transformers `Reference`; the real `llava` command in a
+subprocess (`run_llava`); an engine chat checked turn by turn (`chat`); `llava serve` in a
+subprocess (`Serve`, `Server`) or in this process (`client_for`) and OpenAI messages; `ask --each`
+inputs and lines; `llava chat` at a pseudo-terminal (`Repl`); and decodepool's helper run in this
+process (`HelperHere`)."""
 
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import pexpect
 import pytest
-
 from fakes import answer_of
+
 from llava_cli.decodechild import reply
 from llava_cli.decodepool import REQUEST, DecoderGone, Helper
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fake_io import FakeIO
 from fakes import FakeBackend
+from videos import frames_of, write_video
+
 from llava_cli.chat import ChatLoop
 from llava_cli.commands import COMMANDS, help_text
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionStore
 from llava_cli.streaming import Stats
-from videos import frames_of, write_video
 
 SCHEMA = '{"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}'
 
