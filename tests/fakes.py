@@ -19,11 +19,13 @@ from llava_cli.streaming import Stats
 
 
 class FakeBackend:
-    """Answers every message with `chunks`; `raises` (e.g. KeyboardInterrupt) is raised after the chunks instead."""
+    """Answers every message with `chunks`; `raises` (e.g. KeyboardInterrupt) is raised after the chunks instead.
+    `dtype` None: it tells no dtype, as a server; set, it is a model loaded here."""
 
     def __init__(self, chunks: Sequence[str] = ("an answer",), stats: Stats | None = None,
-                 raises: BaseException | None = None) -> None:
+                 raises: BaseException | None = None, dtype: str | None = None) -> None:
         self.chunks = list(chunks)
+        self.dtype = dtype
         self.stats = stats or Stats()
         self.raises = raises
         self.resets = 0
@@ -36,7 +38,7 @@ class FakeBackend:
         yield Done(self.stats, answer="".join(self.chunks).strip())
 
     def info(self) -> BackendInfo:
-        return BackendInfo(name="fake", where="nowhere", load_seconds=self.stats.load_s)
+        return BackendInfo(name="fake", where="nowhere", dtype=self.dtype, load_seconds=self.stats.load_s)
 
     def reset(self) -> None:
         self.resets += 1

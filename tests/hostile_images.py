@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import struct
 
-
 EOB_RUN_SCAN_TABLE = bytes([0xFF, 0xC4, 0x00, 0x14, 0x11, 1] + [0] * 15 + [0xE0])  # AC table 1: one code, "0" = EOB14
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
-from conftest import render_llava15
+from helpers import render_llava15
+
 
 @dataclass(frozen=True)
 class Case:

@@ -22,8 +22,17 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from helpers import (
+    QuietServer,
+    cli_env,
+    copies,
+    default_sigint,
+    lines_of,
+    render_llava15,
+    run_llava,
+    slow_fixture,
+)
 
-from conftest import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.arguments import ANSWERABLE_SUFFIXES, AskOptions
 from llava_cli.ask import sigterm_as_interrupt
 from llava_cli.batch import BatchProgress, run_batch
@@ -82,12 +91,7 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class QuietServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request, client_address) -> None:
-        pass  # the timeout test hangs up on /slow: expected, not worth a traceback
-
-
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def server(images):
     green = images["green"].read_bytes()
     ImageServer.routes = {"/green.png": green, "/no-length-big": b"x" * 5000, "/big": b"x" * 5000, "/slow": green}
@@ -95,10 +99,6 @@ def server(images):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
-
-
-def lines_of(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
 
 
 # Batched generation -----------------------------------------------------------------------------
@@ -229,18 +229,6 @@ def test_mixed_batch_stdin_url_broken_and_missing_images(images, image_dir, serv
     assert [r["error"] is None for r in records] == [True, True, False, False, True]
     assert all(r["prompt"] == PROMPT and r["completion_tokens"] == MAX_NEW for r in records if r["answer"])
     assert result.stderr_text.splitlines() == [f"llava: error: {records[2]['error']}", f"llava: error: {records[3]['error']}"]
-
-
-def copies(images: dict[str, Path], folder: Path, count: int) -> list[Path]:
-    """`count` distinct files cycling through the test images (red, green, blue, red...)."""
-    folder.mkdir(exist_ok=True)
-    colours = list(images)
-    paths = []
-    for index in range(count):
-        path = folder / f"{index:02d}-{colours[index % 3]}.png"
-        shutil.copy(images[colours[index % 3]], path)
-        paths.append(path)
-    return paths
 
 
 def llava_command(*args) -> list[str]:

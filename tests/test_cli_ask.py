@@ -14,8 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
+from helpers import HUB_ID, cli_env, render_llava15, run_llava
 
 MAX_NEW = 12
 QUESTION = "What is in this picture?"
@@ -149,6 +148,7 @@ sys.modules["kernels"] = kernels
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_bitsandbytes_is_imported_on_its_bundled_kernels_silently(tmp_path):
     """No hub kernel loader call, no network attempt, no warning; `kernels` is importable again after."""
     import subprocess

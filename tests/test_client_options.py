@@ -9,8 +9,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from cli_runner import invoke
+from helpers import slow_fixture
 
 ANSWER = "a red circle"
 OPTION_KEYS = {"temperature", "top_p", "max_tokens", "seed"}
@@ -53,7 +53,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-@pytest.fixture
+@slow_fixture  # an HTTP server
 def recording_server():
     server = RecordingServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -9,16 +9,15 @@ import json
 import re
 
 import pytest
+from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
 from PIL import Image
 
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.forward import CompiledPath, EagerPath
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings
 from llava_cli.streaming import stats_line
-from test_engine import chat
 
 MAX_NEW = 10
 FIGURES = ("prompt_tokens", "cached_tokens", "ttft_s", "completion_tokens", "tokens_per_s", "seconds")

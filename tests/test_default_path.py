@@ -14,21 +14,41 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
 from fakes import answer_of, answer_text, with_notes
-from test_engine import MAX_NEW, chat, loaded, settings  # noqa: F401 (loaded, settings: the engine tests' fixtures)
+from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
+from helpers import SHORT_ANSWER as MAX_NEW
 from tiny_checkpoint import build_family_checkpoint
+
 from llava_cli import graphstep
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.forward import EagerPath
-from llava_cli.graphstep import BUCKET_TOKENS, CPU_NOTE, FLASH_NOTE, DecodeStep, StaticPath, TokenReader, bucket_size, default_path, uncaptured_reason
+from llava_cli.graphstep import (
+    BUCKET_TOKENS,
+    CPU_NOTE,
+    FLASH_NOTE,
+    DecodeStep,
+    StaticPath,
+    TokenReader,
+    bucket_size,
+    default_path,
+    uncaptured_reason,
+)
 from llava_cli.images import load_image
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings
 
 SMALL_BUCKETS = (48, 96)  # then 192, 384, ...: the script below outgrows two of them
+
+
+@pytest.fixture
+def settings(tiny_settings) -> Settings:
+    return tiny_settings
+
+
+@pytest.fixture
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 def engine_on(loaded, path_kind: str, window: int | None = None, notes: list[str] | None = None) -> Engine:
@@ -134,6 +154,7 @@ def test_seeded_sampling_gives_the_eager_paths_answers(loaded):
     assert answers["static"] == answers["eager"]
 
 
+@pytest.mark.slow  # builds and loads checkpoints
 @pytest.mark.parametrize("family", ["llava-interleave", "llava-next"])
 def test_another_family_answers_like_the_eager_path(family, tmp_path_factory, images):
     folder = build_family_checkpoint(family, tmp_path_factory.mktemp(family))

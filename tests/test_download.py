@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from rich.filesize import decimal
 
-from conftest import SHORT_ANSWER, cli_env, render_llava15, run_llava
+from helpers import SHORT_ANSWER, cli_env, render_llava15, run_llava
 from hub_standin import COMMIT, StandInHub
 from tiny_checkpoint import copy_without_weights, lay_out_hub_cache
+
 
 REPO = "llava-tests/sharded-llava"
 SHARDS = [f"model-0000{n}-of-00003.safetensors" for n in (1, 2, 3)]
@@ -255,6 +256,7 @@ def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sha
     assert "downloaded " + REPO in output
 
 
+@pytest.mark.slow  # starts a process
 def test_pull_offline_says_it_cannot_download(tmp_path):
     result = run_llava("pull", REPO, env=cli_env(HF_HOME=str(tmp_path / "empty-home")))
     assert (result.returncode, result.stdout_text) == (2, "")

@@ -22,12 +22,18 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli_env, copies, default_sigint, run_llava, slow_fixture
 
-from conftest import cli_env, default_sigint, run_llava
-from test_batch import copies
 from llava_cli.arguments import AskOptions
 from llava_cli.batch import record_of
-from llava_cli.batchray import INSTALL_HINT, TASK_RETRIES, block_count, checked_result, in_input_order, wire
+from llava_cli.batchray import (
+    INSTALL_HINT,
+    TASK_RETRIES,
+    block_count,
+    checked_result,
+    in_input_order,
+    wire,
+)
 from llava_cli.decodebatch import BatchAnswer
 from llava_cli.errors import ContextError, LlavaError, UsageError
 from llava_cli.records import RECORD_KEYS
@@ -67,7 +73,7 @@ def command_line(pid: int) -> bytes:
         return b""
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # a Ray head
 def cluster():
     """A Ray head on this machine, for the module: (address, session id of its processes)."""
     temp = tempfile.mkdtemp(prefix="llava-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -252,6 +258,7 @@ def test_ray_local_starts_an_instance_here(tiny_model, good_images, local_good, 
 # Without a cluster ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a process
 def test_without_ray_installed_the_error_says_how_to_install_it(images):
     argv = ["llava", "ask", "--each", str(images["red"]), "-p", PROMPT, "--ray", "local"]
     script = f"import sys; sys.modules['ray'] = None; sys.argv = {argv!r}; from llava_cli.cli import main; main()"

@@ -21,12 +21,21 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import (
+    QuietServer,
+    Server,
+    cli_env,
+    copies,
+    default_sigint,
+    lines_of,
+    run_llava,
+)
 from PIL import Image
 
-from conftest import cli_env, default_sigint, run_llava
 from llava_cli import batchserver
 from llava_cli.arguments import AskOptions
 from llava_cli.batch import run_batch
@@ -34,8 +43,6 @@ from llava_cli.batchserver import MAX_ATTEMPTS, retry_delay
 from llava_cli.errors import LlavaError, ModelError, UsageError
 from llava_cli.remote import seconds_to_wait
 from llava_cli.settings import Settings
-from test_batch import QuietServer, copies, lines_of
-from test_server import Server
 
 MAX_NEW = 12  # the server's -n too (test_server.Server)
 PROMPT = "describe the picture"
@@ -131,7 +138,7 @@ class StandIn(http.server.ThreadingHTTPServer):
         self.retry_after = retry_after
         self.hold_after = hold_after
         self.release = threading.Event()
-        self.lock = threading.Lock()
+        self.logged = threading.Condition()  # notified at each entry of `log`
         self.log: list[int | str] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -139,8 +146,12 @@ class StandIn(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def wait_for_log(self, done: Callable[[list[int | str]], bool], timeout: float) -> bool:
+        with self.logged:
+            return self.logged.wait_for(lambda: done(self.log), timeout)
+
     def action(self, body: dict) -> int | str:
-        with self.lock:
+        with self.logged:
             if self.plan:
                 action = self.plan.pop(0)
             elif image_width(body) == REFUSED_WIDTH:
@@ -150,6 +161,7 @@ class StandIn(http.server.ThreadingHTTPServer):
             else:
                 action = "forward"
             self.log.append(action)
+            self.logged.notify_all()
             return action
 
     def handle_error(self, request, client_address) -> None:
@@ -295,10 +307,9 @@ def test_ctrl_c_keeps_the_lines_finished_in_order_and_a_rerun_finishes_the_rest(
                "-p", PROMPT, "-o", str(output), "--server", standing.url, "--parallel", "4"]
     env = cli_env(LLAVA_RUNTIME_DIR=str(tmp_path / "run"))
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
-    deadline = time.monotonic() + 60
-    while standing.log.count("hold") < 4 and time.monotonic() < deadline:  # every request thread waits on the stand-in
-        time.sleep(0.02)
-    time.sleep(0.2)  # the answers that came back are written by now
+    assert standing.wait_for_log(lambda log: log.count("hold") == 4, timeout=60)  # every request thread waits on the stand-in
+    # Ctrl-C now: of the 3 answers that came back, those in input order may be in the file (which
+    # requests arrived first decides how many); whatever is there is a finished prefix.
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=30)
 
@@ -324,6 +335,7 @@ def test_ctrl_c_keeps_the_lines_finished_in_order_and_a_rerun_finishes_the_rest(
     (["--each", "x.png", "-p", "hi", "--server", "http://127.0.0.1:9", "--batch-size", "2"],
      "--batch-size 2 batches on a model loaded here; with --server, send requests at once with --parallel N"),
 ])
+@pytest.mark.slow  # starts a process
 def test_parallel_and_batch_size_misuse_is_a_usage_error(args, message, tmp_path):
     result = run_llava("ask", *args, env=cli_env(LLAVA_RUNTIME_DIR=str(tmp_path)))
     assert (result.returncode, result.stdout_text, result.stderr_text) == (2, "", f"llava: error: {message}\n")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
-from conftest import render_llava15
 from fakes import answer_of, answer_text, with_notes
+from helpers import chat, render_llava15
+
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine
 from llava_cli.errors import ContextError
@@ -34,23 +34,6 @@ def engine(loaded):
     engine = with_notes(Engine(loaded), notes)
     engine.notes = notes
     return engine
-
-
-def chat(engine, settings, conversation, reference, script, system=None):
-    """Run `script` [(text, [image paths])] through the engine and the reference; return stats per turn."""
-    history = [(turn.text, len(turn.images), turn.answer) for turn in conversation.turns]
-    paths, stats = [image.name for image in conversation.images], []
-    for text, image_paths in script:
-        conversation.ask(text, [load_image(str(p)) for p in image_paths])
-        streamed, figures = answer_of(engine.generate(conversation, settings), conversation)
-        answer = conversation.turns[-1].answer
-        paths += map(str, image_paths)
-        expected = reference.answer(render_llava15(history + [(text, len(image_paths), None)], system), paths, settings.max_new_tokens)
-        assert answer == expected, f"turn {len(history) + 1}"
-        assert streamed == answer
-        history.append((text, len(image_paths), answer))
-        stats.append(figures)
-    return stats
 
 
 def test_six_turns_three_images_equal_plain_transformers_and_reuse_the_cache(engine, settings, reference, images):

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli_env, default_sigint
 
-from conftest import cli_env, default_sigint
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 CHILD = """
 import atexit, os, sys

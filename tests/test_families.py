@@ -20,14 +20,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from cli_runner import BytesStdout, invoke
 from fakes import answer_of, answer_text, with_notes
-from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
+from tiny_checkpoint import (
+    CHATML_TEMPLATE,
+    FAMILIES,
+    MISTRAL_TEMPLATE,
+    build_family_checkpoint,
+    lay_out_hub_cache,
+)
+
 from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
 from llava_cli.decodebatch import answers_in_order
 from llava_cli.engine import Engine
-from llava_cli.families import FAMILIES as ROWS, family_for
+from llava_cli.families import FAMILIES as ROWS
+from llava_cli.families import family_for
 from llava_cli.images import load_image
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings

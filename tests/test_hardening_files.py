@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
 from cli_runner import FakeTerminal, invoke
-from conftest import SHORT_ANSWER as MAX_NEW, cli_env, render_llava15
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import cli_env, render_llava15
+
 from llava_cli.images import image_from_bytes
 
 # The documented limits (images.py), written out so these tests also run, and fail, on older code.
@@ -317,6 +318,7 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow  # an HTTP server
 def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
     from llava_cli.remote import choose_server
     from llava_cli.settings import Settings
@@ -481,8 +483,8 @@ def test_sigterm_ends_a_terminal_chat_cleanly_with_the_conversation_saved(tiny_m
 
 
 def test_sigterm_in_the_middle_of_a_save_leaves_no_temp_file(tmp_path, monkeypatch):
-    from llava_cli.signals import Terminated, sigterm_raises
     from llava_cli.safeio import write_private_file
+    from llava_cli.signals import Terminated, sigterm_raises
 
     path = tmp_path / "sessions" / "x.json"
     write_private_file(path, b"old")
@@ -492,6 +494,7 @@ def test_sigterm_in_the_middle_of_a_save_leaves_no_temp_file(tmp_path, monkeypat
     assert [p.name for p in path.parent.iterdir()] == ["x.json"] and path.read_text() == "old"
 
 
+@pytest.mark.slow  # starts processes
 def test_temp_files_of_killed_saves_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("LLAVA_HOME", str(home))

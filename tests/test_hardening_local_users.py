@@ -22,10 +22,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from cli_runner import invoke
+from helpers import cli_env
 from PIL import Image
 
-from cli_runner import invoke
-from conftest import cli_env
 from llava_cli.settings import Settings
 
 NOBODY = 65534

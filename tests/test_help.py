@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import cli_env
+from helpers import cli_env
 
 # Runs in a fresh interpreter: each --help through the real entry point, then what got imported.
 PROBE = """

@@ -9,9 +9,8 @@ import json
 import threading
 
 import pytest
-
 from cli_runner import BytesStdout, invoke
-from conftest import render_llava15
+from helpers import render_llava15
 
 MAX_NEW = 8
 QUESTION = "what is in the picture?"

@@ -10,14 +10,19 @@ import os
 import threading
 
 import pytest
+from hostile_images import many_scan_jpeg, many_strip_tiff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from mutations import mutated
+
 from llava_cli.errors import InputError
-from llava_cli.imagelimits import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_TIFF_VALUES, jpeg_counts
+from llava_cli.imagelimits import (
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_TIFF_VALUES,
+    jpeg_counts,
+)
 from llava_cli.images import image_from_bytes, read_stream
-from hostile_images import many_scan_jpeg, many_strip_tiff
 
 MAX_PIXELS = 1_000_000  # small, so a mutated header claiming a huge size is refused, not decoded slowly
 
@@ -183,6 +188,7 @@ def test_a_stalled_pipe_times_out():
 # ---------------------------------------------------------------- the decode time budget (issue 28 item 4)
 
 
+@pytest.mark.slow  # decodepool's helper process
 def test_a_decode_past_the_budget_is_abandoned_and_its_helper_killed(monkeypatch):
     """A picture within every byte-level limit that still decodes slowly: 250 scans of 4000x4000
     (about half a second). With a 50 ms budget it is refused in one line, the helper process that
@@ -202,6 +208,7 @@ def test_a_decode_past_the_budget_is_abandoned_and_its_helper_killed(monkeypatch
     assert image_from_bytes(small, "after.png", MAX_PIXELS).image.getpixel((5, 5)) == (200, 0, 40)
 
 
+@pytest.mark.slow  # decodepool's helper process
 def test_a_decoder_that_dies_gives_one_line_and_the_next_image_decodes(monkeypatch):
     from llava_cli import decodepool
 

@@ -4,8 +4,9 @@ command as written, and constraints.txt pins every dependency pyproject.toml nam
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from fakes import answer_of
+
 from llava_cli import decodebatch
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.decodebatch import DecodeBatch, answers_in_order

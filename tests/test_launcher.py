@@ -1,6 +1,6 @@
 """The suite under any launcher (issue 14, section 6): a launcher that ignores SIGINT (`nohup ... &`,
 some CI runners) passes the ignored signal on to every process; the processes the tests start get
-SIGINT back (conftest.default_sigint), so the Ctrl-C tests still pass."""
+SIGINT back (helpers.default_sigint), so the Ctrl-C tests still pass."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import default_sigint
+import pytest
+from helpers import default_sigint
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 READ_SIGIGN = "print(next(line for line in open('/proc/self/status') if line.startswith('SigIgn:')).split()[1])"
 

@@ -11,8 +11,7 @@ import re
 
 import httpx
 import pytest
-from conftest import render_llava15
-from test_server import Server, data_url, user
+from helpers import Server, data_url, render_llava15, user
 
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
 from fakes import answer_text
+from helpers import slow_fixture
 from tiny_checkpoint import build_family_checkpoint, lay_out_hub_cache
+
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.images import load_image
@@ -21,7 +22,7 @@ NEXT_ID, L15_ID = "tests/tiny-next", "tests/tiny-l15"
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def next_model(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-next", tmp_path_factory.mktemp("next"))
 
@@ -187,8 +188,7 @@ def test_rm_asks_at_a_terminal_and_only_yes_deletes(tiny_model, tmp_path):
     import sys
 
     import pexpect
-
-    from conftest import cli_env, default_sigint
+    from helpers import cli_env, default_sigint
 
     lay_out_hub_cache(tiny_model, tmp_path, L15_ID)
     env = cli_env(HF_HUB_CACHE=str(tmp_path / "hub"), TERM="dumb")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 from cli_runner import invoke
+
 from llava_cli import loader
 from llava_cli.errors import UsageError
 from llava_cli.forward import EagerPath

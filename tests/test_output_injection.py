@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
+
 from llava_cli.output import WRITERS
 from llava_cli.records import make_record
 
@@ -174,7 +174,8 @@ FRAGMENTS = ["<script>", "</div>", "<!--", "-->", "`", "```", "~~~", "\n", "\n\n
 
 
 def test_no_arrangement_of_markdown_pieces_gets_html_a_script_link_or_a_heading_out():
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     from llava_cli.markdownsafe import message
 

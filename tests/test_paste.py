@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
-from conftest import SHORT_ANSWER as MAX_NEW, render_llava15
 from fake_io import FakeIO
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import render_llava15, slow_fixture
+
 from llava_cli.chat import ChatLoop
 from llava_cli.engine import Engine
 from llava_cli.paste import from_osascript
@@ -27,7 +28,7 @@ base64 -w0 "$FAKE_CLIPBOARD"
 """
 
 
-@pytest.fixture
+@slow_fixture  # the fake clipboard tools are processes
 def clipboard(tmp_path, monkeypatch):
     """put(path or None): what the fake X11 clipboard holds; only the fake tools are on PATH."""
     tools = tmp_path / "bin"

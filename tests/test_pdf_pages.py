@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
-from conftest import SHORT_ANSWER as MAX_NEW, render_llava15
 from fake_io import FakeIO
-from llava_cli.pdfpages import MAX_DPI, parse_pages
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import render_llava15
+
 from llava_cli.errors import UsageError
+from llava_cli.pdfpages import MAX_DPI, parse_pages
 
 pdfium = pytest.importorskip("pypdfium2")
 QUESTION = "What is in this picture?"

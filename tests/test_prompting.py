@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from fakes import answer_text
+
 from llava_cli.conversation import Conversation, Llava15Format, Turn
 from llava_cli.engine import Engine
 from llava_cli.images import load_image
@@ -157,7 +157,14 @@ def test_tokenize_keeps_the_tokenizers_ids_when_user_text_is_ordinary(tok):
 @pytest.fixture(scope="module")
 def llama_style_tokenizer():
     """A Llama-style tokenizer (Metaspace, prepend "first", byte fallback) whose BPE merges can rebuild `</s>`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
-from conftest import SHORT_ANSWER as MAX_NEW, cli_env, default_sigint, render_llava15
 from fake_io import FakeIO
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import cli_env, default_sigint, render_llava15
+
 from llava_cli.arguments import split_image_command
 from llava_cli.chat import ChatLoop, TerminalIO
 from llava_cli.clipboard import copy_to_clipboard
@@ -26,7 +27,6 @@ from llava_cli.engine import Engine
 from llava_cli.errors import LlavaError
 from llava_cli.store import Recorder, SessionStore
 from llava_cli.terminal import safe_for_terminal
-
 
 
 @pytest.fixture

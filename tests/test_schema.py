@@ -8,9 +8,9 @@ import dataclasses
 import json
 
 import pytest
-
-from conftest import render_llava15
 from fakes import answer_of
+from helpers import Repl, render_llava15, visible
+
 from llava_cli.constraints import ANY_OBJECT, schema_text
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
@@ -33,7 +33,7 @@ QUESTION = "What is in this picture?"
 
 
 def reference_answer(reference, schema: str, image) -> str:
-    """Plain transformers greedy `generate` with xgrammar's logits processor (conftest's `Reference`)."""
+    """Plain transformers greedy `generate` with xgrammar's logits processor (helpers' `Reference`)."""
     return reference.answer(render_llava15([(QUESTION, 1, None)]), [image], MAX_NEW, schema=schema)
 
 
@@ -129,7 +129,7 @@ def test_a_bad_schema_option_is_one_line_and_exit_2_before_the_model_loads(monke
 
 
 def test_chat_schema_command_answers_under_each_schema_until_off(tiny_model, images, reference, tmp_path):
-    from conftest import run_llava
+    from helpers import run_llava
 
     red = images["red"]
     enum, nested = (schema_text(json.dumps(SCHEMAS[name])) for name in ("enum", "nested object"))
@@ -155,7 +155,7 @@ def test_chat_schema_command_answers_under_each_schema_until_off(tiny_model, ima
 
 
 def test_chat_schema_answers_stream_as_text_lines(tiny_model, images, reference):
-    from conftest import run_llava
+    from helpers import run_llava
 
     schema = schema_text("seen bool, ok bool")
     result = run_llava("chat", "--image", images["green"], "--no-save", "--model", tiny_model, "-n", MAX_NEW,
@@ -298,7 +298,6 @@ def test_serve_refuses_an_unusable_schema_with_400_naming_where_inside_it():
 
 
 def test_schema_at_a_terminal_streams_the_reference_answer(tiny_model, images, reference, tmp_path):
-    from test_cli_chat import Repl, visible
 
     enum = json.dumps(SCHEMAS["enum"])
     repl = Repl(tiny_model, MAX_NEW, tmp_path)

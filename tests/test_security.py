@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_runner import FakeTerminal, invoke
-from conftest import cli_env, default_sigint, render_llava15, run_llava
 from fake_io import FakeIO
 from fakes import FakeBackend, answer_text, use_backend
+from helpers import cli_env, default_sigint, render_llava15, run_llava
+from tiny_checkpoint import copy_without_weights
+
 from llava_cli.chat import ChatLoop
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
@@ -25,7 +26,6 @@ from llava_cli.images import load_image
 from llava_cli.loader import load_model
 from llava_cli.settings import Settings
 from llava_cli.terminal import safe_for_terminal
-from tiny_checkpoint import copy_without_weights
 
 MAX_NEW = 8
 SECRET = "hf_SeCrEtToKeN1234567890abcdef"
@@ -268,6 +268,7 @@ def test_a_hostile_chat_template_fails_fast_in_one_line(template, tmp_path, tiny
     assert len(lines) == 1 and lines[0].startswith(f"llava: error: the chat template in {model / 'chat_template.jinja'} does not render a simple message"), lines
 
 
+@pytest.mark.slow  # builds checkpoints
 def test_the_bounded_sandbox_renders_as_transformers_does_and_keeps_its_guards(tmp_path):
     from tiny_checkpoint import build_family_checkpoint
     from transformers import AutoProcessor

@@ -12,7 +12,6 @@ import io
 import json
 
 import pytest
-
 from cli_runner import invoke
 
 PROMPT = "describe the picture"

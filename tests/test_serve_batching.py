@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from cli_runner import invoke
 from fakes import answer_of
+
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.decodebatch import DecodeBatch
 from llava_cli.decoding import PaddedBatch, forward

@@ -12,14 +12,14 @@ import time
 
 import httpx
 import pytest
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import Server, client_for, data_url, render_llava15, run_llava, user
 
-from conftest import render_llava15, run_llava
 from llava_cli.discovery import served_name
 from llava_cli.errors import UsageError
 from llava_cli.serveconn import RequestFraming
 from llava_cli.serveguard import api_keys_from_file
 from llava_cli.servemodel import parse_keep_alive
-from test_server import MAX_NEW, Server, data_url, user
 
 QUESTION = "What is in this picture?"
 
@@ -138,7 +138,6 @@ def test_the_guard_finds_where_each_pipelined_request_head_ends():
 def test_health_is_503_while_the_model_loads_again_and_metrics_can_be_public(tiny_loaded, tiny_model):
     from llava_cli.engine import Engine
     from llava_cli.settings import Settings
-    from test_server_hardening import client_for
 
     loading = threading.Event()
 

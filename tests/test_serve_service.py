@@ -16,10 +16,10 @@ import time
 
 import httpx
 import pytest
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import Server, data_url, render_llava15, user
 
 from llava_cli.discovery import served_name
-from conftest import render_llava15
-from test_server import MAX_NEW, Server, data_url, user
 
 KEYS = ("sk-first-0123456789", "sk-second-9876543210")
 HEADER_TIMEOUT_S = 1.5

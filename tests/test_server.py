@@ -9,7 +9,6 @@ bad request, the API key, a client hanging up mid-stream, and shutdown on SIGINT
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import signal
 import subprocess
@@ -21,57 +20,14 @@ from typing import Literal
 
 import httpx
 import pytest
+from helpers import EXIT_TIMEOUT_S, Server, data_url, render_llava15, run_llava, user
 
-from conftest import cli_env, default_sigint, render_llava15, run_llava
 from llava_cli.discovery import find_server, remove_server_file, write_server_file
 from llava_cli.engine import Stats
 
 MAX_NEW = 12
 LONG = 900  # max_tokens for answers that must still be running when they are cut off
-READY_TIMEOUT_S = 90
-EXIT_TIMEOUT_S = 20
 API_KEY = "sk-test-0123456789"
-
-
-class Server:
-    """A `llava serve` subprocess, started at once; `url` (from the discovery file) waits until it is ready."""
-
-    def __init__(self, model: Path, folder: Path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> None:
-        self.model = str(model)
-        self.runtime = folder / "run"
-        self.log_path = folder / "serve.log"
-        self.env = cli_env(LLAVA_RUNTIME_DIR=str(self.runtime), **(env or {}))
-        command = [sys.executable, "-m", "llava_cli", "serve", "--model", self.model, "--port", "0",
-                   "-n", str(MAX_NEW), "--max-request-mb", "1", *options]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=self.env, preexec_fn=default_sigint)
-
-    @functools.cached_property
-    def url(self) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            files = list(self.runtime.glob("server-*.json")) if self.runtime.is_dir() else []
-            if files:
-                return json.loads(files[0].read_text())["url"]
-            if self.process.poll() is not None:
-                raise AssertionError(f"llava serve exited with {self.process.returncode}: {self.log()}")
-            time.sleep(0.1)
-        raise AssertionError(f"llava serve did not start: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def post(self, body: dict | bytes, **headers: str) -> httpx.Response:
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", **headers}
-        return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, timeout=120)
-
-    def client_env(self, **extra: str) -> dict[str, str]:
-        return {**self.env, **extra}
-
-    def stop(self, sig: int) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=EXIT_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +48,6 @@ def servers(tiny_model, image_dir, tmp_path_factory):
 def server(servers) -> Server:
     """The server without an API key that most tests share."""
     return servers["main"]
-
-
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def user(text: str, *image_urls: str) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
-    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
 def request(server: Server, messages: list[dict], **options) -> dict:

@@ -14,7 +14,6 @@ import queue
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,35 +21,31 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from cli_runner import invoke
-from conftest import cli_env, render_llava15
 from fakes import answer_text
+from helpers import Serve, cli_env, client_for, render_llava15, slow_fixture
 from hostile_images import many_scan_jpeg
+
+from llava_cli.apirequest import (
+    LOCAL_IMAGE_REFUSED,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_MESSAGES,
+    Job,
+)
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine
 from llava_cli.errors import UsageError
-from llava_cli.apirequest import LOCAL_IMAGE_REFUSED, MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, Job
-from llava_cli.serveapp import Service
-from llava_cli.serveworker import Unfinished, Worker
 from llava_cli.serveguard import Guard, ServeOptions, api_keys_from_file
+from llava_cli.serveworker import Unfinished, Worker
 from llava_cli.settings import Settings
 
 MAX_NEW = 6
 SECRET = "sk-file-0123456789abcdef"
-READY_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
 def settings(tiny_model) -> Settings:
     return Settings(model=str(tiny_model), max_new_tokens=MAX_NEW)
-
-
-def client_for(tiny_loaded, settings, **options):
-    from starlette.testclient import TestClient
-
-    service = Service(Engine(tiny_loaded), settings, ServeOptions(host="127.0.0.1", port=0, **options))
-    return TestClient(service.app(), base_url="http://127.0.0.1:8700"), service
 
 
 @pytest.fixture(scope="module")
@@ -438,20 +433,15 @@ def test_bad_server_options_are_refused_with_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a real server: slow bodies, signals, ps
 
 
-def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[subprocess.Popen, str, Path]:
+def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[Serve, str, Path]:
     """A `llava serve` subprocess with a key file; (process, url, log path) once it is ready."""
     key_file = folder / "key"
     key_file.write_text(SECRET)
     runtime, log_path = folder / "run", folder / "serve.log"
     command = [sys.executable, "-m", "llava_cli", "serve", "--model", str(tiny_model), "--port", "0", "-n", "4",
                "--api-key-file", str(key_file), "--drain-timeout", "0", *options]  # SIGTERM stops at once (draining: test_serve_service.py)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not (runtime.is_dir() and list(runtime.glob("server-*.json"))):
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
-    return process, json.loads(next(runtime.glob("server-*.json")).read_text())["url"], log_path
+    process = Serve(command, log_path, cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
+    return process, process.url(), log_path
 
 
 @pytest.fixture
@@ -498,7 +488,9 @@ def test_shutdown_with_a_request_still_open_says_so_in_one_line(tiny_model, tmp_
     process, url, log_path = start_server(tiny_model, tmp_path)
     try:
         with send_half_a_body(url):
-            time.sleep(0.5)
+            # Answered after the half body was read: the server's loop took the connections in order,
+            # so that request is open in it now.
+            assert httpx.get(f"{url}/health").status_code == 200
             process.send_signal(signal.SIGTERM)
             started = time.monotonic()
             assert process.wait(timeout=20) == 0
@@ -561,7 +553,7 @@ class CannedServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def canned():
     server = CannedServer()
     yield server

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import urllib.parse
 import os
 import re
 import shutil
@@ -15,21 +14,23 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
-from conftest import SHORT_ANSWER as MAX_NEW, render_llava15
 from fake_io import FakeIO
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import render_llava15
+
 from llava_cli.chat import ChatLoop
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import SessionError
 from llava_cli.images import load_image
 from llava_cli.resume import SessionOptions, open_conversation
-from llava_cli.settings import Settings
 from llava_cli.safeio import write_private_file
+from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionStore, data_dir
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -157,16 +158,14 @@ def test_a_process_killed_while_saving_leaves_a_complete_file(tmp_path):
     versions = ["A" * 3_000_000, "B" * 3_000_000]
     writer = (
         "import sys; from pathlib import Path; from llava_cli.safeio import write_private_file\n"
-        "path = Path(sys.argv[1]); print('ready', flush=True)\n"
+        "path = Path(sys.argv[1]); write_private_file(path, b'A' * 3_000_000); print('saved', flush=True)\n"
         "while True:\n"
-        "    for text in ('A' * 3_000_000, 'B' * 3_000_000): write_private_file(path, text.encode())\n"
+        "    for text in ('B' * 3_000_000, 'A' * 3_000_000): write_private_file(path, text.encode())\n"
     )
     for delay in (0.05, 0.2):
         process = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE)
-        process.stdout.readline()
-        while not path.exists():  # on a busy machine the first save alone can take longer than `delay`
-            time.sleep(0.01)
-        time.sleep(delay)
+        assert process.stdout.readline() == b"saved\n"  # the first save is whole: `delay` runs from here, however busy the machine
+        time.sleep(delay)  # not a wait for anything: where in the rewriting loop the kill lands
         process.send_signal(signal.SIGKILL)
         process.wait()
         process.stdout.close()
@@ -264,7 +263,7 @@ def test_chat_id_without_resume_is_a_usage_error(llava_home_dir, monkeypatch):
 def two_saved(llava_home_dir, images, tiny_model) -> list[Recorder]:
     """Two conversations saved without a model: one with an image and a name, one plain."""
     tiny_settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW)
-    recorders = []
+    recorders, newest = [], 0
     for name, turns in [("cats", [("What is in this picture?", [images["red"]], "A red circle."), ("And the colour?", [], "Red.")]),
                         (None, [("hello there", [], "Hi.")])]:
         conversation = Conversation(system="Be brief." if name else None)
@@ -274,9 +273,10 @@ def two_saved(llava_home_dir, images, tiny_model) -> list[Recorder]:
         recorder = Recorder(SessionStore.default())
         if name:
             recorder.rename(name)
-        recorder.save(conversation, tiny_settings)
+        path = recorder.save(conversation, tiny_settings)
+        newest = max(path.stat().st_mtime_ns, newest + 10**9)  # each saved after the last: the newest is listed first
+        os.utime(path, ns=(newest, newest))
         recorders.append(recorder)
-        time.sleep(0.01)  # distinct modification times: the newest is listed first
     return recorders
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import slow_fixture
 
 from llava_cli.errors import InputError
 from llava_cli.urls import fetch_image_url
@@ -42,7 +43,7 @@ def drip(connection: socket.socket, head: bytes, dripped: bytes) -> None:
         connection.close()
 
 
-@pytest.fixture
+@slow_fixture  # an HTTP server
 def dripping_server() -> Iterator[callable]:
     """A server whose every connection gets `drip(head, dripped)`; yields a function (head, dripped) -> url."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -85,8 +86,9 @@ def test_a_url_that_drips_its_answer_fails_at_the_time_limit(dripping_server, he
 
 
 def test_a_url_that_answers_in_time_is_fetched(dripping_server):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (4, 3), (0, 200, 0)).save(buffer, "PNG")

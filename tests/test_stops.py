@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from conftest import render_llava15
 from fakes import answer_of
+from helpers import render_llava15
+
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.errors import UsageError

@@ -9,11 +9,11 @@ import re
 from collections import Counter
 
 import pytest
-from rich.console import Console
-
 from cli_runner import invoke
 from fake_io import FakeIO
 from fakes import FakeBackend, use_backend
+from rich.console import Console
+
 from llava_cli.streaming import Stats
 
 

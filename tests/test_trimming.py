@@ -8,15 +8,15 @@ import math
 import random
 
 import pytest
-
-from conftest import render_llava15
 from fakes import answer_text, with_notes
+from helpers import render_llava15
+
 from llava_cli.conversation import Conversation, Turn
 from llava_cli.engine import Engine, Prompt
-from llava_cli.trimming import TrimSearch
 from llava_cli.errors import ContextError
 from llava_cli.images import load_image
 from llava_cli.settings import Settings
+from llava_cli.trimming import TrimSearch
 
 MAX_NEW = 8
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from cli_runner import invoke
 from fake_io import FakeIO
 from fakes import FakeBackend, use_backend
+
 from llava_cli.backend import Answer, BackendInfo, Done, Note, TextChunk
 from llava_cli.chat import ChatLoop
 from llava_cli.settings import Settings

@@ -10,16 +10,28 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_checkpoint import FAMILY_BUILDERS
 
 from llava_cli.errors import ModelError
-from llava_cli.families import FAMILIES, MODEL_TYPES, Family, PromptStyle, Tiling, family_for
+from llava_cli.families import (
+    FAMILIES,
+    MODEL_TYPES,
+    Family,
+    PromptStyle,
+    Tiling,
+    family_for,
+)
 from llava_cli.loader import read_config
-from tiny_checkpoint import FAMILY_BUILDERS
 
 
 def registry(name: str) -> dict:
     """One of transformers' model-type -> class-name tables, e.g. the image-text-to-text models."""
-    from transformers.models.auto import configuration_auto, image_processing_auto, modeling_auto, processing_auto
+    from transformers.models.auto import (
+        configuration_auto,
+        image_processing_auto,
+        modeling_auto,
+        processing_auto,
+    )
 
     tables = {
         "configs": configuration_auto.CONFIG_MAPPING_NAMES,

@@ -20,7 +20,15 @@ from llava_cli.cli import app
 from llava_cli.commands import changed_settings, find
 from llava_cli.conversation import Conversation
 from llava_cli.errors import InputError, UsageError
-from llava_cli.options import LOGPROBS, OPTIONS, REQUEST_FIELDS, SAVED, SETTABLE, Option, request_fields
+from llava_cli.options import (
+    LOGPROBS,
+    OPTIONS,
+    REQUEST_FIELDS,
+    SAVED,
+    SETTABLE,
+    Option,
+    request_fields,
+)
 from llava_cli.resume import restored_settings
 from llava_cli.settings import Settings
 from llava_cli.store import Recorder, SessionStore

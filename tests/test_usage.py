@@ -14,9 +14,8 @@ import sys
 from collections import Counter
 
 import pytest
-
 from cli_runner import invoke
-from conftest import cli_env
+from helpers import cli_env
 
 
 def error(message: str) -> str:
@@ -151,6 +150,7 @@ print(json.dumps({"codes": codes, "heavy": heavy}))
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_help_and_usage_errors_import_neither_typer_conversion_nor_rich():
     probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=cli_env(), timeout=60)
     assert probe.returncode == 0, probe.stderr

@@ -17,10 +17,11 @@ import re
 from pathlib import Path
 
 import pytest
-
 from fakes import answer_of
+from helpers import slow_fixture
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
+
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.images import load_image
@@ -45,7 +46,7 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+@slow_fixture(scope="module", params=VIDEO_FAMILIES)
 def family(request, tmp_path_factory):
     folder = build_family_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
     settings = Settings(model=str(folder), max_new_tokens=MAX_NEW)
@@ -85,6 +86,7 @@ class VideoReference:
     def by_parts(self, text: str, images: list, videos: list) -> dict:
         import torch
         import transformers
+
         from llava_cli.videopixels import VideoPreprocess, video_config
 
         config = video_config(self.folder)

@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import BytesStdout, invoke
 from fakes import answer_of
+from helpers import slow_fixture
 from hostile_videos import HOSTILE, write_hostile
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
+
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.images import load_image
@@ -31,7 +32,7 @@ MAX_NEW = "6"
 QUESTION = "What happens?"
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def onevision(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-onevision", tmp_path_factory.mktemp("onevision"))
 
@@ -118,6 +119,7 @@ def test_hostile_videos_get_one_line_in_ask(monkeypatch, onevision, hostile, nam
 
 def test_chat_video_command_answers_shows_frames_and_image_refuses_a_video(onevision, clips, hostile, engine_answer):
     from fake_io import FakeIO
+
     from llava_cli.chat import ChatLoop
 
     settings = Settings(model=str(onevision), max_new_tokens=int(MAX_NEW))
@@ -148,7 +150,7 @@ def test_without_pyav_a_video_gets_the_install_hint_in_one_line(monkeypatch, one
     assert (outcome.code, outcome.stderr) == (2, "llava: error: videos need PyAV: pip install 'llava-cli[video]'\n")
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def clip_server(clips, hostile):
     """An http server of the clips' and the hostile videos' folders: http://127.0.0.1:PORT/clips/NAME, /hostile/NAME."""
     import functools

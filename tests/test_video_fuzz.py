@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from videos import CONTAINERS, encode_video, frames_of
 from mutations import mutated
+from videos import CONTAINERS, encode_video, frames_of
+
 from llava_cli.errors import InputError
 from llava_cli.video import sample_frames, video_from_bytes
 

@@ -9,13 +9,13 @@ import base64
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
 from fakes import answer_of
+from helpers import Server, slow_fixture
 from hostile_videos import write_hostile
-from test_server import Server
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
+
 from llava_cli.conversation import Conversation
 from llava_cli.engine import Engine
 from llava_cli.loader import load_model
@@ -30,7 +30,7 @@ QUESTION = "What happens?"
 MIME = {".mp4": "video/mp4", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def onevision(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-onevision", tmp_path_factory.mktemp("onevision"))
 

@@ -69,7 +69,14 @@ FAMILIES = tuple(family.label for family in families.FAMILIES)
 
 def build_tokenizer(*, chatml: bool = False, video: bool = False):
     """Llama-like (`<s>` first, `</s>` ends answers) or, with `chatml`, Qwen2-like (no BOS, `<|im_end|>`)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = (CHATML_SPECIAL_TOKENS if chatml else SPECIAL_TOKENS) + (["<video>"] if video else [])
@@ -214,7 +221,12 @@ def llava15(context: int):
 
 def llava_interleave(context: int):
     """llava-interleave-qwen: a plain `llava` model type whose decoder is Qwen2, prompted in ChatML."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessor
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+    )
 
     tokenizer = build_tokenizer(chatml=True)
     config = LlavaConfig(
@@ -263,7 +275,11 @@ def next_parts(tokenizer, context: int) -> tuple[dict, dict]:
 
 def llava_next(context: int):
     """llava-v1.6-mistral shaped: anyres tiles, a variable number of image tokens per image."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
 
     config, processor = next_parts(build_tokenizer(), context)
     return (
@@ -274,7 +290,10 @@ def llava_next(context: int):
 
 def llava_next_video(context: int):
     """LLaVA-NeXT-Video-7B shaped: LLaVA-NeXT with a video path, vicuna-style prompts."""
-    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers import (
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
     tokenizer = build_tokenizer(video=True)
     config, parts = next_parts(tokenizer, context)
@@ -293,7 +312,11 @@ def llava_next_video(context: int):
 
 def llava_onevision(context: int):
     """llava-onevision-qwen2 shaped: SigLIP + Qwen2, anyres for one image, base tiles for several."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
 
     tokenizer = build_tokenizer(chatml=True, video=True)
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
