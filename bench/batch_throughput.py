@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_phases import SMOKE, Shape, build_loaded  # noqa: E402
-from llava_cli.batch import answered_records  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import LoadedModel, load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from llava_cli.ask.each import answered_records  # noqa: E402
+from llava_cli.engine.local import Engine  # noqa: E402
+from llava_cli.models.loader import LoadedModel, load_model  # noqa: E402
+from llava_cli.base.settings import Settings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_checkpoint import build_checkpoint  # noqa: E402

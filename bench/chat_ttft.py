@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_model import Shape, build_bench_checkpoint, median, write_test_images  # noqa: E402
-from llava_cli.backend import Answer  # noqa: E402
-from llava_cli.conversation import Conversation, Turn  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.images import ImageRef, load_image  # noqa: E402
-from llava_cli.loader import LoadedModel, load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
-from llava_cli.streaming import Stats  # noqa: E402
+from llava_cli.engine.backend import Answer  # noqa: E402
+from llava_cli.prompt.conversation import Conversation, Turn  # noqa: E402
+from llava_cli.engine.local import Engine  # noqa: E402
+from llava_cli.media.images import ImageRef, load_image  # noqa: E402
+from llava_cli.models.loader import LoadedModel, load_model  # noqa: E402
+from llava_cli.base.settings import Settings  # noqa: E402
+from llava_cli.engine.streaming import Stats  # noqa: E402
 
 QUESTIONS = [
     "What is in this picture?",

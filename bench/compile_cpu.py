@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import median  # noqa: E402
 from gpu_phases import fixed_length  # noqa: E402
-from llava_cli.backend import Answer  # noqa: E402
-from llava_cli.conversation import Conversation  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from llava_cli.engine.backend import Answer  # noqa: E402
+from llava_cli.prompt.conversation import Conversation  # noqa: E402
+from llava_cli.engine.local import Engine  # noqa: E402
+from llava_cli.models.loader import load_model  # noqa: E402
+from llava_cli.base.settings import Settings  # noqa: E402
 from tiny_checkpoint import build_checkpoint  # noqa: E402
 
 

@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import Shape, build_bench_checkpoint, median  # noqa: E402
 from compile_cpu import QUESTION, answers, bench_args, tiny_model_on_one_thread  # noqa: E402
 from gpu_phases import TokenStamps, fixed_length  # noqa: E402
-from llava_cli.conversation import Conversation  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.forward import EagerPath  # noqa: E402
-from llava_cli.graphstep import StaticPath  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from llava_cli.prompt.conversation import Conversation  # noqa: E402
+from llava_cli.engine.local import Engine  # noqa: E402
+from llava_cli.engine.paths import EagerPath  # noqa: E402
+from llava_cli.engine.graphstep import StaticPath  # noqa: E402
+from llava_cli.models.loader import load_model  # noqa: E402
+from llava_cli.base.settings import Settings  # noqa: E402
 
 
 def plain_rates(engine: Engine, tokens: int, count: int) -> list[float]:

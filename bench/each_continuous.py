@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batch_throughput import write_pictures  # noqa: E402
 from bench_model import Shape, build_bench_checkpoint  # noqa: E402
-from llava_cli.batch import answered_records  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from llava_cli.ask.each import answered_records  # noqa: E402
+from llava_cli.engine.local import Engine  # noqa: E402
+from llava_cli.models.loader import load_model  # noqa: E402
+from llava_cli.base.settings import Settings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_checkpoint import build_checkpoint  # noqa: E402

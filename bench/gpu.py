@@ -133,8 +133,8 @@ def print_marks(found: dict[str, dict[str, Any]], smoke: bool) -> None:
 def prepare(args: argparse.Namespace) -> Bench:
     import torch
 
-    from llava_cli.loader import pick_attention
-    from llava_cli.settings import Settings
+    from llava_cli.models.loader import pick_attention
+    from llava_cli.base.settings import Settings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32

@@ -80,9 +80,9 @@ def build_loaded(shape: Shape, device: str, dtype, attention: str = "sdpa"):
         LlavaProcessor,
     )
 
-    from llava_cli.conversation import Llava15Format
-    from llava_cli.families import family_for
-    from llava_cli.loader import LoadedModel
+    from llava_cli.prompt.conversation import Llava15Format
+    from llava_cli.base.families import family_for
+    from llava_cli.models.loader import LoadedModel
 
     started = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -124,7 +124,7 @@ def picture():
 
 def image_ref(image):
     """An `ImageRef` for an in-memory picture, through llava-cli's own loader (PNG bytes)."""
-    from llava_cli.images import image_from_bytes
+    from llava_cli.media.images import image_from_bytes
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -220,9 +220,9 @@ class Bench:
     def engine(self, path: str):
         """The one fixed-length engine of each path (one --compile engine: one compile, one static cache;
         one default engine: its buckets and graphs kept from phase to phase)."""
-        from llava_cli.engine import Engine
-        from llava_cli.forward import EagerPath
-        from llava_cli.graphstep import StaticPath
+        from llava_cli.engine.local import Engine
+        from llava_cli.engine.paths import EagerPath
+        from llava_cli.engine.graphstep import StaticPath
 
         if path not in self.engines:
             engine = self.engines[path] = fixed_length(Engine(self.loaded))
@@ -327,8 +327,8 @@ def graph_replayed(engine) -> bool:
 
 def answer_image(engine, bench: Bench, settings):
     """One answer to a fresh one-image conversation; its figures (the backend's `Done`)."""
-    from llava_cli.backend import Answer
-    from llava_cli.conversation import Conversation
+    from llava_cli.engine.backend import Answer
+    from llava_cli.prompt.conversation import Conversation
 
     engine.reset()  # a fresh conversation every run: the image and prompt run again
     conversation = Conversation()
@@ -433,8 +433,8 @@ def crop_chat_phase(bench: Bench) -> dict[str, Any]:
 
 def crop_chat(engine, bench: Bench, settings) -> tuple[int, int]:
     """Turns whose cache was cropped, and turns whose answer equals plain greedy `generate`'s."""
-    from llava_cli.backend import Answer
-    from llava_cli.conversation import Conversation
+    from llava_cli.engine.backend import Answer
+    from llava_cli.prompt.conversation import Conversation
 
     engine.reset()
     conversation, crops, equal = Conversation(), 0, 0
@@ -469,7 +469,7 @@ def memory_phase(bench: Bench) -> dict[str, Any]:
     estimate, since bitsandbytes is not on the GPU machine: every linear layer but lm_head (what
     `--load-4bit` quantizes) at 4.5 bits/param, the rest as loaded, plus the static cache bucket the
     default phase ran in and the activations it needed beyond its weights and cache."""
-    from llava_cli.graphstep import bucket_size
+    from llava_cli.engine.graphstep import bucket_size
 
     model = bench.loaded.model
     default = bench.found.get("default")
@@ -495,8 +495,8 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
     one-image prompt, fixed-length answers, all admitted at once; the clock spans their prefills too.
     Each is also given as a ratio to the batch-of-one default path with and without its CUDA graph
     (the `default` and `no_cuda_graph` phases), when those ran. The scheduler's step is uncaptured."""
-    from llava_cli.conversation import Conversation
-    from llava_cli.decodebatch import answers_in_order
+    from llava_cli.prompt.conversation import Conversation
+    from llava_cli.engine.scheduler import answers_in_order
 
     engine = bench.engine("eager")
     settings = dataclasses.replace(bench.paths["eager"], max_new_tokens=bench.tokens)
@@ -523,7 +523,7 @@ def buckets_phase(bench: Bench) -> dict[str, Any]:
     """Peak memory of the default path in each bucket of its static cache: the bucket is grown first
     (as a conversation that long would), then one short image answer runs in it. Also the bucket's
     own size (2 x layers x KV heads x head size x bytes, per token)."""
-    from llava_cli.graphstep import bucket_size
+    from llava_cli.engine.graphstep import bucket_size
 
     settings = dataclasses.replace(bench.paths["default"], max_new_tokens=min(bench.tokens, 16))
     for path, other in bench.engines.items():

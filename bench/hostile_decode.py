@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, resource, sys, time
-from llava_cli.images import image_from_bytes
-from llava_cli.errors import InputError
+from llava_cli.media.images import image_from_bytes
+from llava_cli.base.errors import InputError
 import PIL.Image, numpy
 def hwm_kb(pid):  # the peak resident memory of one process's own memory (ru_maxrss keeps the parent's from before exec)
     for line in open(f"/proc/{pid}/status"):
@@ -40,7 +40,7 @@ def hwm_kb(pid):  # the peak resident memory of one process's own memory (ru_max
     return 0
 def helper_pids():  # the fixed code's helper processes, alive
     try:
-        from llava_cli.decodepool import POOL
+        from llava_cli.media.decodepool import POOL
     except ImportError:
         return []
     return [helper.process.pid for helper in POOL.idle]

@@ -64,8 +64,8 @@ def child(case: str, mode: str, folder: str) -> dict:
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from llava_cli.errors import InputError
-    from llava_cli.images import image_from_bytes
+    from llava_cli.base.errors import InputError
+    from llava_cli.media.images import image_from_bytes
 
     processor = AutoImageProcessor.from_pretrained(folder)
     data = (Path(folder) / f"{CASES.index(case)}.img").read_bytes()

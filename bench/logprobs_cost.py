@@ -23,7 +23,7 @@ from compile_cpu import answers, bench_args, tiny_model_on_one_thread  # noqa: E
 from decode_paths_cpu import weights_bound_model  # noqa: E402
 from gpu_phases import fixed_length  # noqa: E402
 
-from llava_cli.engine import Engine  # noqa: E402
+from llava_cli.engine.local import Engine  # noqa: E402
 
 CASES = {"none": None, "logprobs 0": 0, "logprobs 20": 20}
 

@@ -67,11 +67,11 @@ def engine_part(answers: int, new_tokens: int) -> float:
     from decode_paths_cpu import weights_bound_model
     from gpu_phases import fixed_length
 
-    from llava_cli import constraints
-    from llava_cli.backend import Answer
-    from llava_cli.constraints import schema_text
-    from llava_cli.conversation import Conversation
-    from llava_cli.engine import Engine
+    from llava_cli.engine import constraints
+    from llava_cli.engine.backend import Answer
+    from llava_cli.engine.constraints import schema_text
+    from llava_cli.prompt.conversation import Conversation
+    from llava_cli.engine.local import Engine
 
     spent = [0.0]
     for name in ("constrain", "accepted"):

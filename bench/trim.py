@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tiny_checkpoint import build_checkpoint  # noqa: E402
 
-from llava_cli.conversation import Conversation, Turn  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from llava_cli.prompt.conversation import Conversation, Turn  # noqa: E402
+from llava_cli.engine.local import Engine  # noqa: E402
+from llava_cli.models.loader import load_model  # noqa: E402
+from llava_cli.base.settings import Settings  # noqa: E402
 
 MAX_NEW = 64
 

@@ -74,11 +74,11 @@ def one(model: Path, clip: Path, frames: int, repeats: int) -> dict:
 
     from bench_model import median
     from fakes import answer_of
-    from llava_cli.conversation import Conversation
-    from llava_cli.engine import Engine
-    from llava_cli.loader import load_model
-    from llava_cli.settings import Settings
-    from llava_cli.video import Sampling, load_video
+    from llava_cli.prompt.conversation import Conversation
+    from llava_cli.engine.local import Engine
+    from llava_cli.models.loader import load_model
+    from llava_cli.base.settings import Settings
+    from llava_cli.media.video import Sampling, load_video
 
     settings = Settings(model=str(model), max_new_tokens=1)
     engine = Engine(load_model(settings))
@@ -103,7 +103,7 @@ def decode_comparison(clip: Path, repeats: int) -> tuple[float, float]:
     import av
 
     from bench_model import median
-    from llava_cli.video import load_video, sample_frames
+    from llava_cli.media.video import load_video, sample_frames
 
     def sampled() -> None:
         sample_frames(load_video(str(clip)), 8)

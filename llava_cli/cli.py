@@ -20,13 +20,13 @@ from typing import Annotated, Any, Callable, NoReturn, Optional
 import typer
 
 from llava_cli import __version__
-from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
-from llava_cli.options import LOGPROBS, OPTIONS, Option
-from llava_cli.settings import (
+from llava_cli.base.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
+from llava_cli.base.options import LOGPROBS, OPTIONS, Option
+from llava_cli.base.settings import (
     DEFAULT_BATCH_SIZE, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_TIMEOUT_KEEP_ALIVE_S, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings,
 )
-from llava_cli.terminal import emit_error
+from llava_cli.base.terminal import emit_error
 from llava_cli.usage import preflight
 
 app = typer.Typer(
@@ -133,11 +133,11 @@ def ask(
 
     llava ask -c "and what colour is it?"
     """
-    from llava_cli.ask import run_ask
-    from llava_cli.arguments import AskOptions
-    from llava_cli.constraints import ask_constraint
-    from llava_cli.resume import SessionOptions
-    from llava_cli.stops import stop_list
+    from llava_cli.ask.one import run_ask
+    from llava_cli.frontend.arguments import AskOptions
+    from llava_cli.engine.constraints import ask_constraint
+    from llava_cli.store.resume import SessionOptions
+    from llava_cli.engine.stops import stop_list
 
     settings = ask_constraint(settings, schema, answer_format)
     if stop:
@@ -173,9 +173,9 @@ def chat(
     Without a terminal, reads one message per line from stdin and prints each answer on a line.
     Every conversation is saved; `llava chat --resume` continues the last one.
     """
-    from llava_cli.arguments import check_chat_arguments
-    from llava_cli.chat import run_chat
-    from llava_cli.resume import SessionOptions
+    from llava_cli.frontend.arguments import check_chat_arguments
+    from llava_cli.chat.loop import run_chat
+    from llava_cli.store.resume import SessionOptions
 
     check_chat_arguments({"session": session, "resume": resume})
     sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=settings.chosen)
@@ -214,9 +214,9 @@ def serve(
 
     Generation options are the defaults for requests. Ctrl-C stops it (exit 130), SIGTERM too (exit 0).
     """
-    from llava_cli.server import run_serve
-    from llava_cli.serveguard import ServeOptions, api_keys_from_file
-    from llava_cli.servemodel import parse_keep_alive
+    from llava_cli.serve.server import run_serve
+    from llava_cli.serve.guard import ServeOptions, api_keys_from_file
+    from llava_cli.serve.keepalive import parse_keep_alive
 
     api_keys = api_keys_from_file(api_key_file) if api_key_file is not None else (api_key,) if api_key is not None else ()
     options = ServeOptions(
@@ -239,7 +239,7 @@ def models(
 
     The cache is HF_HUB_CACHE, else HF_HOME/hub (~/.cache/huggingface/hub). Nothing is downloaded.
     """
-    from llava_cli.cached_models import run_models
+    from llava_cli.manage.models import run_models
 
     raise typer.Exit(run_models(json_output))
 
@@ -252,7 +252,7 @@ def pull(
 
     llava pull llava-hf/llava-1.5-7b-hf
     """
-    from llava_cli.download import run_pull
+    from llava_cli.models.download import run_pull
 
     raise typer.Exit(run_pull(model))
 
@@ -268,7 +268,7 @@ def show(
 
     Reads config, processor files and the weights' headers only; nothing is downloaded or loaded.
     """
-    from llava_cli.modelinfo import run_show
+    from llava_cli.manage.info import run_show
 
     raise typer.Exit(run_show(model, json_output))
 
@@ -282,7 +282,7 @@ def rm(
 
     llava rm llava-hf/llava-1.5-7b-hf
     """
-    from llava_cli.modelinfo import run_rm
+    from llava_cli.manage.info import run_rm
 
     raise typer.Exit(run_rm(model, yes))
 
@@ -300,7 +300,7 @@ def tokens(
 
     Needs the model's processor files only, no weights.
     """
-    from llava_cli.tokencount import run_tokens
+    from llava_cli.manage.tokens import run_tokens
 
     raise typer.Exit(run_tokens(images, Settings(model=model, max_image_tokens=max_image_tokens), json_output))
 
@@ -313,7 +313,7 @@ SESSION_REF = typer.Argument(metavar="ID", help="A conversation's id, unique id 
 @sessions_app.command("list")
 def sessions_list(json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
     """Saved conversations, newest first: id, date, turns, model, name, first words."""
-    from llava_cli.sessions import list_sessions
+    from llava_cli.manage.sessions import list_sessions
 
     raise typer.Exit(list_sessions(json_output))
 
@@ -324,7 +324,7 @@ def sessions_show(
     json_output: Annotated[bool, typer.Option("--json", help="Print the saved file's JSON.")] = False,
 ) -> None:
     """The transcript of a saved conversation."""
-    from llava_cli.sessions import show_session
+    from llava_cli.manage.sessions import show_session
 
     raise typer.Exit(show_session(ref, json_output))
 
@@ -332,7 +332,7 @@ def sessions_show(
 @sessions_app.command("rm")
 def sessions_rm(ref: Annotated[str, SESSION_REF]) -> None:
     """Delete a saved conversation."""
-    from llava_cli.sessions import remove_session
+    from llava_cli.manage.sessions import remove_session
 
     raise typer.Exit(remove_session(ref))
 
@@ -347,7 +347,7 @@ def sessions_prune(
     llava sessions prune --older-than 7d
     llava sessions prune --keep 20
     """
-    from llava_cli.sessions import prune_sessions
+    from llava_cli.manage.sessions import prune_sessions
 
     raise typer.Exit(prune_sessions(older_than, keep))
 
@@ -358,7 +358,7 @@ def sessions_export(
     fmt: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="markdown|json")] = "markdown",
 ) -> None:
     """A saved conversation as a Markdown document or as JSON, on stdout."""
-    from llava_cli.sessions import export_session
+    from llava_cli.manage.sessions import export_session
 
     raise typer.Exit(export_session(ref, fmt))
 

@@ -31,10 +31,10 @@ from typing import Any
 
 import typer
 
-from llava_cli.errors import EXIT_OK, UsageError, suggestion
-from llava_cli.options import OPTIONS
-from llava_cli.settings import Settings
-from llava_cli.terminal import table
+from llava_cli.base.errors import EXIT_OK, UsageError, suggestion
+from llava_cli.base.options import OPTIONS
+from llava_cli.base.settings import Settings
+from llava_cli.base.terminal import table
 
 MIN_WIDTH, MAX_WIDTH = 40, 100
 GENERAL_PANEL = "Options"
@@ -145,7 +145,7 @@ def check_settings(command: Any, options: dict[str, Any]) -> None:
 def check_command(name: str, options: dict[str, Any]) -> None:
     """What `ask` and `chat` check of their own options together, through the same code the commands run."""
     if name in ("ask", "chat"):
-        from llava_cli.arguments import AskOptions, check_chat_arguments  # only here: it costs tens of ms
+        from llava_cli.frontend.arguments import AskOptions, check_chat_arguments  # only here: it costs tens of ms
 
         (AskOptions.from_command_line if name == "ask" else check_chat_arguments)(options)
 

@@ -17,7 +17,7 @@ import tiny_checkpoint
 from helpers import COLOURS, HUB_ID, SHORT_ANSWER, HelperHere, Reference, slow_fixture
 from tiny_checkpoint import build_checkpoint, lay_out_hub_cache
 
-from llava_cli import decodepool
+from llava_cli.media import decodepool
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -98,7 +98,7 @@ def fast_stays_fast(item: pytest.Item) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def images_decode_here(request, monkeypatch) -> None:
     """In a test not marked `slow`, decodepool's helper runs in this process (`HelperHere`): the same
-    framing, `decodechild.reply` and `images.decode`, without starting `python -m llava_cli.decodechild`.
+    framing, `decodechild.reply` and `images.decode`, without starting `python -m llava_cli.media.decodechild`.
     Tests of the helper process itself (killed at its budget, crashed) are slow and get the real one."""
     if request.node.get_closest_marker("slow"):
         return
@@ -141,7 +141,7 @@ def llava_home(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_settings(tiny_model):
     """Settings for the tiny checkpoint with short answers (SHORT_ANSWER tokens)."""
-    from llava_cli.settings import Settings
+    from llava_cli.base.settings import Settings
 
     return Settings(model=str(tiny_model), max_new_tokens=SHORT_ANSWER)
 
@@ -161,8 +161,8 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model):
     """The tiny checkpoint loaded once (float32 on CPU): build an `Engine` on it for in-process tests."""
-    from llava_cli.loader import load_model
-    from llava_cli.settings import Settings
+    from llava_cli.models.loader import load_model
+    from llava_cli.base.settings import Settings
 
     return load_model(Settings(model=str(tiny_model)))
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import closing
 
-from llava_cli.backend import Answer, BackendInfo, Done, Events, Note, TextChunk
-from llava_cli.conversation import Conversation
-from llava_cli.settings import Settings
-from llava_cli.streaming import Stats
+from llava_cli.engine.backend import Answer, BackendInfo, Done, Events, Note, TextChunk
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.base.settings import Settings
+from llava_cli.engine.streaming import Stats
 
 
 class FakeBackend:
@@ -49,7 +49,7 @@ class FakeBackend:
 
 def use_backend(monkeypatch, backend: FakeBackend) -> None:
     """Make the front-ends answer through `backend`."""
-    monkeypatch.setattr("llava_cli.startup.start_engine", lambda settings: backend)
+    monkeypatch.setattr("llava_cli.frontend.startup.start_engine", lambda settings: backend)
 
 
 def answer_of(events: Events, conversation: Conversation | None = None) -> tuple[str, Stats]:

@@ -28,8 +28,8 @@ import pexpect
 import pytest
 from fakes import answer_of
 
-from llava_cli.decodechild import reply
-from llava_cli.decodepool import REQUEST, DecoderGone, Helper
+from llava_cli.media.decodechild import reply
+from llava_cli.media.decodepool import REQUEST, DecoderGone, Helper
 
 if TYPE_CHECKING:
     import httpx
@@ -131,7 +131,7 @@ def run_llava(*args: str, stdin: bytes | str | None = b"", env: dict[str, str] |
 
 def chat(engine, settings, conversation, reference, script, system=None):
     """Run `script` [(text, [image paths])] through the engine and the reference; return stats per turn."""
-    from llava_cli.images import load_image
+    from llava_cli.media.images import load_image
 
     history = [(turn.text, len(turn.images), turn.answer) for turn in conversation.turns]
     paths, stats = [image.name for image in conversation.images], []
@@ -233,9 +233,9 @@ def client_for(tiny_loaded, settings, **options):
     """A starlette TestClient on `llava serve`'s app over `tiny_loaded` (no socket), and its Service."""
     from starlette.testclient import TestClient
 
-    from llava_cli.engine import Engine
-    from llava_cli.serveapp import Service
-    from llava_cli.serveguard import ServeOptions
+    from llava_cli.engine.local import Engine
+    from llava_cli.serve.app import Service
+    from llava_cli.serve.guard import ServeOptions
 
     service = Service(Engine(tiny_loaded), settings, ServeOptions(host="127.0.0.1", port=0, **options))
     return TestClient(service.app(), base_url="http://127.0.0.1:8700"), service

@@ -3,7 +3,7 @@
 Run once, in a separate venv that has torchvision (CPU llava-cli installs have none):
     python3 -m venv /work/tvenv && /work/tvenv/bin/pip install torch==2.13.0 torchvision==0.28.0 transformers==5.25.0 numpy
     /work/tvenv/bin/python tests/record_video_pixels.py
-tests/test_video_pixels.py compares llava_cli.videopixels against these values (within 1e-6), and
+tests/test_video_pixels.py compares llava_cli.media.videopixels against these values (within 1e-6), and
 the frame indices against the video processor's own `sample_frames`.
 """
 

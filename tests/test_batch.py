@@ -33,19 +33,19 @@ from helpers import (
     slow_fixture,
 )
 
-from llava_cli.arguments import ANSWERABLE_SUFFIXES, AskOptions
-from llava_cli.ask import sigterm_as_interrupt
-from llava_cli.batch import BatchProgress, run_batch
-from llava_cli.conversation import Conversation
-from llava_cli.decodebatch import DecodeBatch, answers_in_order
-from llava_cli.decoding import forward
-from llava_cli.engine import Engine, Prompt
-from llava_cli.errors import InputError, UsageError
-from llava_cli.images import load_image
-from llava_cli.output import json_line
-from llava_cli.records import RECORD_KEYS, RecordFile, make_record
-from llava_cli.settings import Settings
-from llava_cli.urls import fetch_image_url
+from llava_cli.frontend.arguments import ANSWERABLE_SUFFIXES, AskOptions
+from llava_cli.ask.one import sigterm_as_interrupt
+from llava_cli.ask.each import BatchProgress, run_batch
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.scheduler import DecodeBatch, answers_in_order
+from llava_cli.engine.pipeline import forward
+from llava_cli.engine.local import Engine, Prompt
+from llava_cli.base.errors import InputError, UsageError
+from llava_cli.media.images import load_image
+from llava_cli.frontend.output import json_line
+from llava_cli.frontend.records import RECORD_KEYS, RecordFile, make_record
+from llava_cli.base.settings import Settings
+from llava_cli.media.urls import fetch_image_url
 
 MAX_NEW = 10
 PROMPT = "describe the picture"
@@ -177,7 +177,7 @@ def test_out_of_memory_fails_only_the_images_it_hit_and_the_run_goes_on(engine, 
     by row and only a row that runs out alone too fails; every other image is answered as alone."""
     import torch
 
-    from llava_cli import decodebatch
+    from llava_cli.engine import scheduler as decodebatch
 
     questions = [("hi", "red"), ("describe", "green"), ("how many objects are there?", "blue"), ("what colour?", "red")]
     prompts = []
@@ -463,7 +463,7 @@ def test_ctrl_c_without_o_says_where_it_stopped_and_how_to_resume(settings, imag
             yield make_record(name, PROMPT, settings.model, answer="a")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llava_cli.batch.record_source", two_then_ctrl_c)
+    monkeypatch.setattr("llava_cli.ask.each.record_source", two_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run_batch([*map(str, images.values()), PROMPT], settings, AskOptions(each=True))
     assert capsys.readouterr().err == "llava: stopped at 2/3; rerun with -o FILE to resume\n"

@@ -156,7 +156,7 @@ def test_bitsandbytes_is_imported_on_its_bundled_kernels_silently(tmp_path):
 
     (tmp_path / "sitecustomize.py").write_text(NO_NETWORK_SITECUSTOMIZE)
     script = RECORDING_KERNELS + (
-        "from llava_cli.loader import import_bitsandbytes\n"
+        "from llava_cli.models.loader import import_bitsandbytes\n"
         "import_bitsandbytes()\n"
         "import bitsandbytes.functional as functional\n"
         "print(bool(functional.has_avx512bf16()), sys.modules['kernels'] is kernels)\n"

@@ -89,7 +89,7 @@ SLOW_DECODE_HOOK = f"""
 import itertools
 import os
 import time
-import llava_cli.forward as forward
+import llava_cli.engine.paths as forward
 
 _run_model = forward.run_model
 _forwards = itertools.count()

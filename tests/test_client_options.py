@@ -83,7 +83,7 @@ def test_ask_through_a_server_sends_only_the_options_given(monkeypatch, recordin
 
 
 def test_a_discovered_server_gets_only_the_options_given(monkeypatch, recording_server, images, llava_home_dir, tmp_path):
-    from llava_cli.discovery import write_server_file
+    from llava_cli.client.discovery import write_server_file
 
     monkeypatch.setenv("LLAVA_RUNTIME_DIR", str(tmp_path / "run"))
     monkeypatch.delenv("LLAVA_SERVER", raising=False)
@@ -101,7 +101,7 @@ def test_chat_sends_what_set_changed_from_then_on(monkeypatch, recording_server,
 
 
 def test_with_no_model_named_the_one_running_server_is_used_and_verbose_says_so(monkeypatch, recording_server, images, llava_home_dir, tmp_path):
-    from llava_cli.discovery import write_server_file
+    from llava_cli.client.discovery import write_server_file
 
     monkeypatch.setenv("LLAVA_RUNTIME_DIR", str(tmp_path / "run"))
     for name in ("LLAVA_SERVER", "LLAVA_MODEL"):
@@ -116,7 +116,7 @@ def test_with_no_model_named_the_one_running_server_is_used_and_verbose_says_so(
 def test_with_no_model_named_and_two_servers_running_none_is_picked(monkeypatch, recording_server, images, llava_home_dir, tmp_path):
     import os
 
-    from llava_cli.discovery import write_server_file
+    from llava_cli.client.discovery import write_server_file
 
     monkeypatch.setenv("LLAVA_RUNTIME_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))

@@ -12,12 +12,12 @@ import pytest
 from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
 from PIL import Image
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.forward import CompiledPath, EagerPath
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.streaming import stats_line
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.engine.paths import CompiledPath, EagerPath
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
+from llava_cli.engine.streaming import stats_line
 
 MAX_NEW = 10
 FIGURES = ("prompt_tokens", "cached_tokens", "ttft_s", "completion_tokens", "tokens_per_s", "seconds")

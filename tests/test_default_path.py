@@ -19,11 +19,11 @@ from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
 from helpers import SHORT_ANSWER as MAX_NEW
 from tiny_checkpoint import build_family_checkpoint
 
-from llava_cli import graphstep
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.forward import EagerPath
-from llava_cli.graphstep import (
+from llava_cli.engine import graphstep
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.engine.paths import EagerPath
+from llava_cli.engine.graphstep import (
     BUCKET_TOKENS,
     CPU_NOTE,
     FLASH_NOTE,
@@ -34,9 +34,9 @@ from llava_cli.graphstep import (
     default_path,
     uncaptured_reason,
 )
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
 
 SMALL_BUCKETS = (48, 96)  # then 192, 384, ...: the script below outgrows two of them
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from helpers import cli_env, copies, default_sigint, run_llava, slow_fixture
 
-from llava_cli.arguments import AskOptions
-from llava_cli.batch import record_of
-from llava_cli.batchray import (
+from llava_cli.frontend.arguments import AskOptions
+from llava_cli.ask.each import record_of
+from llava_cli.ask.via_ray import (
     INSTALL_HINT,
     TASK_RETRIES,
     block_count,
@@ -34,10 +34,10 @@ from llava_cli.batchray import (
     in_input_order,
     wire,
 )
-from llava_cli.decodebatch import BatchAnswer
-from llava_cli.errors import ContextError, LlavaError, UsageError
-from llava_cli.records import RECORD_KEYS
-from llava_cli.settings import Settings
+from llava_cli.engine.scheduler import BatchAnswer
+from llava_cli.base.errors import ContextError, LlavaError, UsageError
+from llava_cli.frontend.records import RECORD_KEYS
+from llava_cli.base.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
@@ -218,7 +218,7 @@ def test_actors_that_cannot_start_stop_the_run_with_one_line(cluster, tiny_model
     """One GPU per actor on a cluster without GPUs: a one-line error once the wait is over."""
     address, _ = cluster
     argv = ["llava", *ask_each(tiny_model, good_images[:2], "--ray", address, "--gpus-per-actor", 1)]
-    script = f"import sys, llava_cli.batchray as b; b.ACTOR_START_TIMEOUT_S = 3; sys.argv = {argv!r}; from llava_cli.cli import main; main()"
+    script = f"import sys, llava_cli.ask.via_ray as b; b.ACTOR_START_TIMEOUT_S = 3; sys.argv = {argv!r}; from llava_cli.cli import main; main()"
 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, env=cli_env(), timeout=120)
 

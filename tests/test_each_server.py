@@ -36,13 +36,13 @@ from helpers import (
 )
 from PIL import Image
 
-from llava_cli import batchserver
-from llava_cli.arguments import AskOptions
-from llava_cli.batch import run_batch
-from llava_cli.batchserver import MAX_ATTEMPTS, retry_delay
-from llava_cli.errors import LlavaError, ModelError, UsageError
-from llava_cli.remote import seconds_to_wait
-from llava_cli.settings import Settings
+from llava_cli.ask import via_server as batchserver
+from llava_cli.frontend.arguments import AskOptions
+from llava_cli.ask.each import run_batch
+from llava_cli.ask.via_server import MAX_ATTEMPTS, retry_delay
+from llava_cli.base.errors import LlavaError, ModelError, UsageError
+from llava_cli.client.remote import seconds_to_wait
+from llava_cli.base.settings import Settings
 
 MAX_NEW = 12  # the server's -n too (test_server.Server)
 PROMPT = "describe the picture"

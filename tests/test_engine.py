@@ -8,12 +8,12 @@ import pytest
 from fakes import answer_of, answer_text, with_notes
 from helpers import chat, render_llava15
 
-from llava_cli.conversation import Conversation, Turn
-from llava_cli.engine import Engine
-from llava_cli.errors import ContextError
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import Conversation, Turn
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import ContextError
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
 
 MAX_NEW = 12
 
@@ -124,7 +124,7 @@ def test_generate_leaves_the_callers_conversation_alone_even_when_it_drops_turns
     """The backend contract: `Done` carries the answer and the dropped turns; the caller records them."""
     import copy
 
-    from llava_cli.backend import Answer
+    from llava_cli.engine.backend import Answer
 
     settings = Settings(model=tiny_loaded.name, max_new_tokens=8, max_context=60)
     conversation = Conversation(turns=[Turn(text="an old question " * 6, answer="an old answer " * 6), Turn(text="hi")])

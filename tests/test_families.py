@@ -30,14 +30,14 @@ from tiny_checkpoint import (
     lay_out_hub_cache,
 )
 
-from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
-from llava_cli.decodebatch import answers_in_order
-from llava_cli.engine import Engine
-from llava_cli.families import FAMILIES as ROWS
-from llava_cli.families import family_for
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import ChatTemplateFormat, Conversation, Llava15Format
+from llava_cli.engine.scheduler import answers_in_order
+from llava_cli.engine.local import Engine
+from llava_cli.base.families import FAMILIES as ROWS
+from llava_cli.base.families import family_for
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
 
 MAX_NEW = 10
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -403,11 +403,11 @@ def test_video_family_checkpoints_are_laid_out_as_the_hub_repos(checkpoints, fam
 @pytest.fixture
 def without_torchvision(monkeypatch):
     """llava_cli as it runs where torchvision is not installed, whether or not it is here."""
-    import llava_cli.loader
-    import llava_cli.processors
+    import llava_cli.models.loader
+    import llava_cli.models.processors
 
-    monkeypatch.setattr(llava_cli.loader, "torchvision_installed", lambda: False)
-    monkeypatch.setattr(llava_cli.processors, "torchvision_installed", lambda: False)
+    monkeypatch.setattr(llava_cli.models.loader, "torchvision_installed", lambda: False)
+    monkeypatch.setattr(llava_cli.models.processors, "torchvision_installed", lambda: False)
 
 
 @pytest.mark.parametrize("family_name", IMAGE_PARTS_FAMILIES)
@@ -416,8 +416,8 @@ def test_image_parts_give_the_pixels_of_transformers_pil_image_processor_and_the
 ):
     from PIL import Image
 
-    from llava_cli.loader import load_processor
-    from llava_cli.vision import VisionInputs
+    from llava_cli.models.loader import load_processor
+    from llava_cli.models.vision import VisionInputs
 
     folder = checkpoints(family_name)
     row = family_for(json.loads((folder / "config.json").read_text()))

@@ -16,12 +16,12 @@ import pytest
 import torch
 from helpers import chat
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import LlavaError, UsageError
-from llava_cli.forward import CompiledPath
-from llava_cli.loader import load_model, pick_attention
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import LlavaError, UsageError
+from llava_cli.engine.paths import CompiledPath
+from llava_cli.models.loader import load_model, pick_attention
+from llava_cli.base.settings import Settings
 
 MAX_NEW = 8
 

@@ -30,7 +30,7 @@ from cli_runner import FakeTerminal, invoke
 from helpers import SHORT_ANSWER as MAX_NEW
 from helpers import cli_env, render_llava15
 
-from llava_cli.images import image_from_bytes
+from llava_cli.media.images import image_from_bytes
 
 # The documented limits (images.py), written out so these tests also run, and fail, on older code.
 MAX_ASPECT_RATIO = 50
@@ -179,7 +179,7 @@ def test_an_eps_named_png_never_reaches_ghostscript(source, fake_ghostscript, ti
 
 
 def test_image_bytes_as_a_server_data_url_never_reach_ghostscript(fake_ghostscript, monkeypatch):
-    from llava_cli.errors import InputError
+    from llava_cli.base.errors import InputError
 
     env, marker = fake_ghostscript
     monkeypatch.setenv("PATH", env["PATH"])
@@ -233,7 +233,7 @@ def test_every_folder_llava_creates_is_0700_whatever_the_umask(tmp_path, images,
     for folder in (tmp_path / "data", home, home / "sessions"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
-    from llava_cli.discovery import runtime_dir, write_server_file
+    from llava_cli.client.discovery import runtime_dir, write_server_file
 
     monkeypatch.delenv("LLAVA_RUNTIME_DIR", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
@@ -278,7 +278,7 @@ def plant(folder: Path, url: str = "http://127.0.0.1:8700", mode: int = 0o600, o
     ids=["world-writable", "other owner", "lan address", "remote host", "symlink"],
 )
 def test_a_discovery_file_others_could_plant_is_ignored_with_a_note(runtime, setup, reason):
-    from llava_cli.discovery import find_server
+    from llava_cli.client.discovery import find_server
 
     setup(runtime)
     notes: list[str] = []
@@ -288,7 +288,7 @@ def test_a_discovery_file_others_could_plant_is_ignored_with_a_note(runtime, set
 
 @pytest.mark.parametrize("change", ["chmod 0777", "chown"])
 def test_a_discovery_folder_others_can_write_is_ignored(runtime, change):
-    from llava_cli.discovery import find_server
+    from llava_cli.client.discovery import find_server
 
     plant(runtime)
     if change == "chmod 0777":
@@ -320,8 +320,8 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.slow  # an HTTP server
 def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
-    from llava_cli.remote import choose_server
-    from llava_cli.settings import Settings
+    from llava_cli.client.remote import choose_server
+    from llava_cli.base.settings import Settings
 
     server = http.server.HTTPServer(("127.0.0.1", 0), RecordingHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -342,7 +342,7 @@ def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
 def test_an_input_history_others_could_read_or_plant_is_not_used(problem, tmp_path):
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
-    from llava_cli.inputline import history_at
+    from llava_cli.chat.inputline import history_at
 
     folder = tmp_path / "home"
     folder.mkdir(mode=0o700)
@@ -483,8 +483,8 @@ def test_sigterm_ends_a_terminal_chat_cleanly_with_the_conversation_saved(tiny_m
 
 
 def test_sigterm_in_the_middle_of_a_save_leaves_no_temp_file(tmp_path, monkeypatch):
-    from llava_cli.safeio import write_private_file
-    from llava_cli.signals import Terminated, sigterm_raises
+    from llava_cli.base.safeio import write_private_file
+    from llava_cli.frontend.signals import Terminated, sigterm_raises
 
     path = tmp_path / "sessions" / "x.json"
     write_private_file(path, b"old")

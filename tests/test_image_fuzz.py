@@ -15,14 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mutations import mutated
 
-from llava_cli.errors import InputError
-from llava_cli.imagelimits import (
+from llava_cli.base.errors import InputError
+from llava_cli.media.imagelimits import (
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
     MAX_TIFF_VALUES,
     jpeg_counts,
 )
-from llava_cli.images import image_from_bytes, read_stream
+from llava_cli.media.images import image_from_bytes, read_stream
 
 MAX_PIXELS = 1_000_000  # small, so a mutated header claiming a huge size is refused, not decoded slowly
 
@@ -193,7 +193,8 @@ def test_a_decode_past_the_budget_is_abandoned_and_its_helper_killed(monkeypatch
     """A picture within every byte-level limit that still decodes slowly: 250 scans of 4000x4000
     (about half a second). With a 50 ms budget it is refused in one line, the helper process that
     was decoding it is gone (killed, not left burning a core), and the next image decodes."""
-    from llava_cli import decodepool, images
+    from llava_cli.media import decodepool
+    from llava_cli.media import images
 
     small = encoded("PNG")
     image_from_bytes(small, "warm.png", MAX_PIXELS)  # a helper is started and idle
@@ -210,7 +211,7 @@ def test_a_decode_past_the_budget_is_abandoned_and_its_helper_killed(monkeypatch
 
 @pytest.mark.slow  # decodepool's helper process
 def test_a_decoder_that_dies_gives_one_line_and_the_next_image_decodes(monkeypatch):
-    from llava_cli import decodepool
+    from llava_cli.media import decodepool
 
     image_from_bytes(encoded("PNG"), "warm.png", MAX_PIXELS)
     for helper in decodepool.POOL.idle:  # died (as under the OOM killer) after its last check

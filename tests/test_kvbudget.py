@@ -13,16 +13,16 @@ import dataclasses
 import pytest
 from fakes import answer_of
 
-from llava_cli import decodebatch
-from llava_cli.conversation import Conversation, Turn
-from llava_cli.decodebatch import DecodeBatch, answers_in_order
-from llava_cli.decoding import forward
-from llava_cli.engine import Engine, PrefixCache, Prompt
-from llava_cli.errors import ResourceError
-from llava_cli.kvbudget import BATCH, CHAT, POOL, Full, KvBudget, kv_bytes_per_token
-from llava_cli.kvrows import nbytes, new_cache
-from llava_cli.prefixpool import PrefixPool
-from llava_cli.settings import Settings
+from llava_cli.engine import scheduler as decodebatch
+from llava_cli.prompt.conversation import Conversation, Turn
+from llava_cli.engine.scheduler import DecodeBatch, answers_in_order
+from llava_cli.engine.pipeline import forward
+from llava_cli.engine.local import Engine, PrefixCache, Prompt
+from llava_cli.base.errors import ResourceError
+from llava_cli.engine.kvbudget import BATCH, CHAT, POOL, Full, KvBudget, kv_bytes_per_token
+from llava_cli.engine.kvrows import nbytes, new_cache
+from llava_cli.engine.prefixpool import PrefixPool
+from llava_cli.base.settings import Settings
 
 BUDGET = 12  # tokens per row
 

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from helpers import Server, data_url, render_llava15, user
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.logprobs import as_openai, from_openai, logprob_hook
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.engine.logprobs import as_openai, from_openai, logprob_hook
+from llava_cli.base.settings import Settings
 
 MAX_NEW = 12  # the server's -n (test_server.Server)
 TOP = 3
@@ -78,8 +78,8 @@ def test_the_engine_reports_the_logprobs_plain_transformers_computes(engine, tin
 
 
 def test_a_batch_row_reports_them_too_sampled_rows_beside_it(engine, tiny_model, reference, images):
-    from llava_cli.decodebatch import DecodeBatch
-    from llava_cli.prefixpool import PrefixPool
+    from llava_cli.engine.scheduler import DecodeBatch
+    from llava_cli.engine.prefixpool import PrefixPool
 
     expected = expected_logprobs(reference, images["green"], TOP)
     batch = DecodeBatch(engine, PrefixPool(None))

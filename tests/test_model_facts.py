@@ -12,11 +12,11 @@ from fakes import answer_text
 from helpers import slow_fixture
 from tiny_checkpoint import build_family_checkpoint, lay_out_hub_cache
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
 
 NEXT_ID, L15_ID = "tests/tiny-next", "tests/tiny-l15"
 MAX_NEW = 8

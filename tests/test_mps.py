@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 from cli_runner import invoke
 
-from llava_cli import loader
-from llava_cli.errors import UsageError
-from llava_cli.forward import EagerPath
-from llava_cli.graphstep import CPU_NOTE, MPS_NOTE, default_path
-from llava_cli.settings import Settings
+from llava_cli.models import loader
+from llava_cli.base.errors import UsageError
+from llava_cli.engine.paths import EagerPath
+from llava_cli.engine.graphstep import CPU_NOTE, MPS_NOTE, default_path
+from llava_cli.base.settings import Settings
 
 torch = pytest.importorskip("torch")
 

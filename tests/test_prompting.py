@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from fakes import answer_text
 
-from llava_cli.conversation import Conversation, Llava15Format, Turn
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.prompting import Segment, expand_images, render_segments, tokenize
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import Conversation, Llava15Format, Turn
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.prompting import Segment, expand_images, render_segments, tokenize
+from llava_cli.base.settings import Settings
 
 MAX_NEW = 10
 IMAGE_TOKENS = 16  # tiny checkpoint: (32 / 8) ** 2 patches
@@ -207,7 +207,7 @@ class CountingTokenizer:
 
 @pytest.mark.parametrize("text", ["word " * 400, "ÿé漢字🙂" * 300, "<image></s><s>" * 200, "\n\t  x" * 500, "a" * 3000])
 def test_the_character_bound_never_exceeds_the_real_token_count(tok, llama_style_tokenizer, text):
-    from llava_cli.prompting import least_tokens
+    from llava_cli.prompt.prompting import least_tokens
 
     for tokenizer in (tok, llama_style_tokenizer):
         segments = [Segment("USER: ", True), Segment(text, False), Segment(" ASSISTANT:", True)]
@@ -217,7 +217,7 @@ def test_the_character_bound_never_exceeds_the_real_token_count(tok, llama_style
 
 def test_text_that_cannot_fit_is_refused_before_the_tokenizer_sees_it(tok):
     """Issue 28, item 1: 60 MB of text went through the tokenizer (12 GB) before being refused."""
-    from llava_cli.prompting import TooLong
+    from llava_cli.prompt.prompting import TooLong
 
     counting = CountingTokenizer(tok)
     huge = [Segment("USER: ", True), Segment("word " * 1_000_000, False), Segment(" ASSISTANT:", True)]
@@ -229,7 +229,7 @@ def test_text_that_cannot_fit_is_refused_before_the_tokenizer_sees_it(tok):
 
 
 def test_a_tokenizer_that_drops_characters_gets_no_bound():
-    from llava_cli.prompting import shrink_factor
+    from llava_cli.prompt.prompting import shrink_factor
 
     assert shrink_factor(None, {"type": "ByteLevel"}) == 1
     assert shrink_factor({"type": "Sequence", "normalizers": [{"type": "Prepend"}, {"type": "Replace", "content": "▁"}]}, None) == 1

@@ -19,14 +19,14 @@ from fake_io import FakeIO
 from helpers import SHORT_ANSWER as MAX_NEW
 from helpers import cli_env, default_sigint, render_llava15
 
-from llava_cli.arguments import split_image_command
-from llava_cli.chat import ChatLoop, TerminalIO
-from llava_cli.clipboard import copy_to_clipboard
-from llava_cli.commands import COMMANDS, help_text
-from llava_cli.engine import Engine
-from llava_cli.errors import LlavaError
-from llava_cli.store import Recorder, SessionStore
-from llava_cli.terminal import safe_for_terminal
+from llava_cli.frontend.arguments import split_image_command
+from llava_cli.chat.loop import ChatLoop, TerminalIO
+from llava_cli.chat.clipboard import copy_to_clipboard
+from llava_cli.chat.slash import COMMANDS, help_text
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import LlavaError
+from llava_cli.store.conversations import Recorder, SessionStore
+from llava_cli.base.terminal import safe_for_terminal
 
 
 @pytest.fixture

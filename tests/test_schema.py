@@ -11,12 +11,12 @@ import pytest
 from fakes import answer_of
 from helpers import Repl, render_llava15, visible
 
-from llava_cli.constraints import ANY_OBJECT, schema_text
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import UsageError
-from llava_cli.images import load_image
-from llava_cli.settings import Settings
+from llava_cli.engine.constraints import ANY_OBJECT, schema_text
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import UsageError
+from llava_cli.media.images import load_image
+from llava_cli.base.settings import Settings
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -59,8 +59,8 @@ def test_a_constrained_greedy_answer_equals_transformers_with_xgrammars_processo
 
 
 def test_rows_of_a_batch_each_follow_their_own_schema(tiny_loaded, tiny_model, reference, images):
-    from llava_cli.decodebatch import DecodeBatch
-    from llava_cli.prefixpool import PrefixPool
+    from llava_cli.engine.scheduler import DecodeBatch
+    from llava_cli.engine.prefixpool import PrefixPool
 
     schemas = [schema_text(json.dumps(schema)) for schema in SCHEMAS.values()]
     expected = [reference_answer(reference, schema, images["red"]) for schema in schemas]
@@ -249,8 +249,8 @@ def test_one_answer_as_csv_is_the_header_and_its_row(monkeypatch, tiny_model, re
 
 
 def test_csv_cells_are_quoted_and_guarded_against_formulas(tmp_path):
-    from llava_cli.output import CsvWriter
-    from llava_cli.records import CsvFile, make_record
+    from llava_cli.frontend.output import CsvWriter
+    from llava_cli.frontend.records import CsvFile, make_record
 
     schema = schema_text("name, count int, tags list")
     hostile = {"name": '=HYPERLINK("http://x","a,b\r\nc")', "count": -3, "tags": ["+1", "@x"]}
@@ -287,7 +287,7 @@ def test_a_bad_schema_with_each_is_one_line_and_exit_2_before_the_model_loads(mo
 
 
 def test_serve_refuses_an_unusable_schema_with_400_naming_where_inside_it():
-    from llava_cli.apirequest import ApiError, response_constraint
+    from llava_cli.serve.request import ApiError, response_constraint
 
     schema = {"type": "object", "properties": {"item": {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": []}}}}}}
     with pytest.raises(ApiError) as refused:
@@ -312,8 +312,8 @@ def test_schema_at_a_terminal_streams_the_reference_answer(tiny_model, images, r
 
 
 def test_each_text_lines_show_a_parsed_answer_as_compact_json():
-    from llava_cli.output import WRITERS
-    from llava_cli.records import make_record
+    from llava_cli.frontend.output import WRITERS
+    from llava_cli.frontend.records import make_record
 
     record = make_record("a.png", "q", "m", answer={"name": "Ann\nLee", "tags": ["x"]})
     assert WRITERS["text"](None).line(record, raw=False) == b'a.png\t{"name":"Ann\\nLee","tags":["x"]}\n'

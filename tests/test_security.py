@@ -18,14 +18,14 @@ from fakes import FakeBackend, answer_text, use_backend
 from helpers import cli_env, default_sigint, render_llava15, run_llava
 from tiny_checkpoint import copy_without_weights
 
-from llava_cli.chat import ChatLoop
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import InputError, ModelError
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.terminal import safe_for_terminal
+from llava_cli.chat.loop import ChatLoop
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import InputError, ModelError
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
+from llava_cli.base.terminal import safe_for_terminal
 
 MAX_NEW = 8
 SECRET = "hf_SeCrEtToKeN1234567890abcdef"
@@ -127,7 +127,7 @@ def test_out_of_memory_in_ask_exits_1_with_the_options_that_help(monkeypatch, ti
 
 SLOW_LOAD_HOOK = '''
 import sys, time
-import llava_cli.loader as loader
+import llava_cli.models.loader as loader
 
 real = loader.load_weights
 
@@ -215,7 +215,7 @@ def test_an_unexpected_exception_is_one_line_pointing_at_llava_debug(monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("something internal\nwith a second line")
 
-    monkeypatch.setattr("llava_cli.startup.start_engine", broken)
+    monkeypatch.setattr("llava_cli.frontend.startup.start_engine", broken)
     outcome = invoke(monkeypatch, "ask", images["red"], "hi")
     assert outcome.code == 1
     assert outcome.stderr == (
@@ -273,8 +273,8 @@ def test_the_bounded_sandbox_renders_as_transformers_does_and_keeps_its_guards(t
     from tiny_checkpoint import build_family_checkpoint
     from transformers import AutoProcessor
 
-    from llava_cli.conversation import ChatTemplateFormat
-    from llava_cli.images import ImageRef
+    from llava_cli.prompt.conversation import ChatTemplateFormat
+    from llava_cli.media.images import ImageRef
 
     for family in ("llava-interleave", "llava-next"):
         processor = AutoProcessor.from_pretrained(build_family_checkpoint(family, tmp_path / family))

@@ -22,17 +22,17 @@ import pytest
 from cli_runner import invoke
 from fakes import answer_of
 
-from llava_cli.conversation import Conversation, Turn
-from llava_cli.decodebatch import DecodeBatch
-from llava_cli.decoding import PaddedBatch, forward
-from llava_cli.engine import Engine, Prompt
-from llava_cli.images import load_image
-from llava_cli.kvbudget import BATCH, KvBudget, kv_bytes_per_token
-from llava_cli.kvrows import new_cache
-from llava_cli.prefixpool import PrefixPool
-from llava_cli.serveapp import Service
-from llava_cli.serveguard import ServeOptions
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import Conversation, Turn
+from llava_cli.engine.scheduler import DecodeBatch
+from llava_cli.engine.pipeline import PaddedBatch, forward
+from llava_cli.engine.local import Engine, Prompt
+from llava_cli.media.images import load_image
+from llava_cli.engine.kvbudget import BATCH, KvBudget, kv_bytes_per_token
+from llava_cli.engine.kvrows import new_cache
+from llava_cli.engine.prefixpool import PrefixPool
+from llava_cli.serve.app import Service
+from llava_cli.serve.guard import ServeOptions
+from llava_cli.base.settings import Settings
 
 CLIENT_TIMEOUT_S = 120
 
@@ -43,7 +43,7 @@ class InProcessServer:
     def __init__(self, loaded, settings: Settings, cache_mb: int | None = None, **options) -> None:
         import uvicorn
 
-        from llava_cli.server import bind, local_url
+        from llava_cli.serve.server import bind, local_url
 
         self.engine = Engine(loaded, cache_mb)
         self.service = Service(self.engine, settings, ServeOptions(host="127.0.0.1", port=0, **options))
@@ -277,7 +277,7 @@ def test_the_cache_budget_keeps_the_most_recent_chats(serve, tiny_loaded, settin
 def test_running_out_of_memory_fails_only_the_request_it_happened_to(serve, tiny_loaded, settings, images, monkeypatch):
     import torch
 
-    from llava_cli import decodebatch
+    from llava_cli.engine import scheduler as decodebatch
 
     server = serve(max_batch=4, cache_mb=0)
     doomed = Ask("this one runs out of memory")
@@ -304,7 +304,7 @@ def test_running_out_of_memory_fails_only_the_request_it_happened_to(serve, tiny
 def test_a_decode_step_that_runs_out_of_memory_once_is_run_row_by_row_and_the_answer_stays(serve, tiny_loaded, settings, images, monkeypatch):
     import torch
 
-    from llava_cli import decodebatch
+    from llava_cli.engine import scheduler as decodebatch
 
     server = serve(max_batch=4)
     steps_to_fail = [1]
@@ -337,7 +337,7 @@ def test_a_row_whose_scores_go_bad_fails_alone_and_the_others_keep_their_answers
     """Per-row finite check: NaN scores in one row of a decode step end that row with its `RowFault`;
     the other rows go on in the same batch and get the answers they get alone."""
 
-    from llava_cli import decodebatch
+    from llava_cli.engine import scheduler as decodebatch
 
     engine = Engine(tiny_loaded)
     batch = DecodeBatch(engine, PrefixPool(None))
@@ -370,7 +370,7 @@ def test_out_of_memory_in_a_step_fails_only_the_request_it_hit(serve, tiny_loade
     retries each row alone, that request alone gets a 500 naming it; the others get their answers alone."""
     import torch
 
-    from llava_cli import decodebatch
+    from llava_cli.engine import scheduler as decodebatch
 
     server = serve(max_batch=4, cache_mb=0)
     requests = [Ask("hello", max_tokens=9), Ask("the quick brown fox jumps over the lazy dog " * 3, max_tokens=9), Ask("numbers 0 1 2 3", max_tokens=9)]
@@ -441,7 +441,7 @@ def test_a_merged_batch_gives_each_row_its_logits_alone_and_drops_padding_as_row
 def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recently_used():
     import torch
 
-    from llava_cli.engine import PrefixCache
+    from llava_cli.engine.local import PrefixCache
 
     def keep(ids: list[int], prompt_tokens: int, replaces: tuple[str, int | None] | None = None) -> None:
         kv = new_cache([(torch.full((1, 1, len(ids), 4), float(ids[0])), torch.zeros(1, 1, len(ids), 4))])
@@ -474,7 +474,7 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
 def test_the_pool_reuses_an_entry_only_in_the_scope_that_made_it():
     import torch
 
-    from llava_cli.engine import PrefixCache
+    from llava_cli.engine.local import PrefixCache
 
     def start(scope: str, ids: list[int]):
         pool.use_scope(scope)

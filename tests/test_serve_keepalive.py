@@ -15,11 +15,11 @@ import pytest
 from helpers import SHORT_ANSWER as MAX_NEW
 from helpers import Server, client_for, data_url, render_llava15, run_llava, user
 
-from llava_cli.discovery import served_name
-from llava_cli.errors import UsageError
-from llava_cli.serveconn import RequestFraming
-from llava_cli.serveguard import api_keys_from_file
-from llava_cli.servemodel import parse_keep_alive
+from llava_cli.client.discovery import served_name
+from llava_cli.base.errors import UsageError
+from llava_cli.serve.connections import RequestFraming
+from llava_cli.serve.guard import api_keys_from_file
+from llava_cli.serve.keepalive import parse_keep_alive
 
 QUESTION = "What is in this picture?"
 
@@ -105,7 +105,7 @@ def test_keep_alive_durations_and_bad_values():
 def test_connections_stay_under_the_open_file_limit(monkeypatch):
     import resource
 
-    from llava_cli.serveconn import RESERVED_FILE_DESCRIPTORS, ConnectionLimits
+    from llava_cli.serve.connections import RESERVED_FILE_DESCRIPTORS, ConnectionLimits
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (300, 4096))
     limits = ConnectionLimits(max_connections=512, max_per_client=128)
@@ -136,8 +136,8 @@ def test_the_guard_finds_where_each_pipelined_request_head_ends():
 
 
 def test_health_is_503_while_the_model_loads_again_and_metrics_can_be_public(tiny_loaded, tiny_model):
-    from llava_cli.engine import Engine
-    from llava_cli.settings import Settings
+    from llava_cli.engine.local import Engine
+    from llava_cli.base.settings import Settings
 
     loading = threading.Event()
 

@@ -19,7 +19,7 @@ import pytest
 from helpers import SHORT_ANSWER as MAX_NEW
 from helpers import Server, data_url, render_llava15, user
 
-from llava_cli.discovery import served_name
+from llava_cli.client.discovery import served_name
 
 KEYS = ("sk-first-0123456789", "sk-second-9876543210")
 HEADER_TIMEOUT_S = 1.5
@@ -204,7 +204,7 @@ def test_a_connection_that_sends_nothing_and_an_idle_kept_alive_one_are_closed(s
 
 
 def test_slow_bodies_hold_only_a_share_and_other_clients_are_answered(server):
-    from llava_cli.serveapp import MAX_SLOW_BODIES
+    from llava_cli.serve.app import MAX_SLOW_BODIES
 
     host, port = server.url.removeprefix("http://").split(":")
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS[0]}\r\n"

@@ -26,18 +26,18 @@ from fakes import answer_text
 from helpers import Serve, cli_env, client_for, render_llava15, slow_fixture
 from hostile_images import many_scan_jpeg
 
-from llava_cli.apirequest import (
+from llava_cli.serve.request import (
     LOCAL_IMAGE_REFUSED,
     MAX_IMAGES_PER_REQUEST,
     MAX_MESSAGES,
     Job,
 )
-from llava_cli.conversation import Conversation, Turn
-from llava_cli.engine import Engine
-from llava_cli.errors import UsageError
-from llava_cli.serveguard import Guard, ServeOptions, api_keys_from_file
-from llava_cli.serveworker import Unfinished, Worker
-from llava_cli.settings import Settings
+from llava_cli.prompt.conversation import Conversation, Turn
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import UsageError
+from llava_cli.serve.guard import Guard, ServeOptions, api_keys_from_file
+from llava_cli.serve.worker import Unfinished, Worker
+from llava_cli.base.settings import Settings
 
 MAX_NEW = 6
 SECRET = "sk-file-0123456789abcdef"
@@ -171,7 +171,7 @@ def test_too_many_messages_or_images_are_refused_before_any_work(app, settings, 
 
 
 def test_a_server_holding_its_maximum_of_requests_says_busy_and_recovers(tiny_loaded, settings):
-    from llava_cli.serveapp import MAX_OPEN_REQUESTS
+    from llava_cli.serve.app import MAX_OPEN_REQUESTS
 
     client, service = client_for(tiny_loaded, settings)
     try:
@@ -301,7 +301,7 @@ def test_a_job_queued_behind_another_is_dropped_when_its_client_leaves(tiny_load
 
 
 def test_a_request_with_images_does_not_keep_them(app, settings, images):
-    from llava_cli import serveworker
+    from llava_cli.serve import worker as serveworker
 
     kept = []
     release = Job.release
@@ -322,7 +322,7 @@ def test_an_image_that_decodes_slowly_does_not_stall_other_answers(tiny_loaded, 
     """Issue 28 item 4: images are decoded before their job is queued, not on the engine's worker.
     The image's decode is held until the text-only request has its answer; decoded on the worker
     (before), the "hi" waited behind it (the gate opens by itself after 20 s, and the test fails)."""
-    from llava_cli import images as image_module
+    from llava_cli.media import images as image_module
 
     decode, entered, gate, decoded = image_module.decode_elsewhere, threading.Event(), threading.Event(), threading.Event()
 
@@ -359,8 +359,8 @@ def test_decoding_pauses_while_the_decoded_images_waiting_for_the_worker_fill_th
     until the worker has prefilled (released) one."""
     import asyncio
 
-    from llava_cli import servedecode
-    from llava_cli.apirequest import parse_job
+    from llava_cli.serve import imagedecode as servedecode
+    from llava_cli.serve.request import parse_job
 
     monkeypatch.setattr(servedecode, "WAITING_PIXELS", 1)
 
@@ -562,8 +562,8 @@ def canned():
 
 def answer_through(canned: CannedServer, status: int, body) -> tuple[str | None, str | None, Conversation]:
     """(answer, error message) of one remote turn against the canned server."""
-    from llava_cli.errors import LlavaError
-    from llava_cli.remote import RemoteEngine
+    from llava_cli.base.errors import LlavaError
+    from llava_cli.client.remote import RemoteEngine
 
     canned.status, canned.body = status, body
     conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])
@@ -651,7 +651,7 @@ def test_the_served_model_id_is_the_folder_name_by_default_or_served_model_name(
 def test_a_message_far_beyond_the_window_is_refused_before_tokenizing(app, settings, monkeypatch):
     """Issue 28, item 1: 60 MB of "word " took the server to 12 GB inside the tokenizer (it aborted);
     here 4 MB must be refused with a 400 without the tokenizer ever seeing the text."""
-    import llava_cli.prompting as prompting
+    import llava_cli.prompt.prompting as prompting
 
     seen: list[int] = []
     real = prompting.control_tokens
@@ -683,8 +683,8 @@ def test_the_client_leaves_the_callers_conversation_alone_and_says_what_to_recor
     """The backend contract: the answer and the dropped turns travel in `Done`; the caller records them."""
     import copy
 
-    from llava_cli.backend import Answer
-    from llava_cli.remote import RemoteEngine
+    from llava_cli.engine.backend import Answer
+    from llava_cli.client.remote import RemoteEngine
 
     canned.status, canned.body = 200, events({"choices": [{"delta": {"content": " Hi there "}}], "llava": {"dropped_turns": 1}})
     conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])

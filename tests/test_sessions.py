@@ -23,15 +23,15 @@ from fake_io import FakeIO
 from helpers import SHORT_ANSWER as MAX_NEW
 from helpers import render_llava15
 
-from llava_cli.chat import ChatLoop
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import SessionError
-from llava_cli.images import load_image
-from llava_cli.resume import SessionOptions, open_conversation
-from llava_cli.safeio import write_private_file
-from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SessionStore, data_dir
+from llava_cli.chat.loop import ChatLoop
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import SessionError
+from llava_cli.media.images import load_image
+from llava_cli.store.resume import SessionOptions, open_conversation
+from llava_cli.base.safeio import write_private_file
+from llava_cli.base.settings import Settings
+from llava_cli.store.conversations import Recorder, SessionStore, data_dir
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
@@ -157,7 +157,7 @@ def test_a_process_killed_while_saving_leaves_a_complete_file(tmp_path):
     path = tmp_path / "conversation.json"
     versions = ["A" * 3_000_000, "B" * 3_000_000]
     writer = (
-        "import sys; from pathlib import Path; from llava_cli.safeio import write_private_file\n"
+        "import sys; from pathlib import Path; from llava_cli.base.safeio import write_private_file\n"
         "path = Path(sys.argv[1]); write_private_file(path, b'A' * 3_000_000); print('saved', flush=True)\n"
         "while True:\n"
         "    for text in ('B' * 3_000_000, 'A' * 3_000_000): write_private_file(path, text.encode())\n"
@@ -333,7 +333,7 @@ def test_sessions_rm_removes_one_and_unknown_ids_are_errors(monkeypatch, two_sav
 
 def age_saved(path: Path, days: float) -> None:
     """Make a saved conversation look last updated `days` ago."""
-    from llava_cli.store import iso_time
+    from llava_cli.store.conversations import iso_time
 
     document = json.loads(path.read_text())
     document["updated"] = iso_time(time.time() - days * 86400)
@@ -392,7 +392,7 @@ def saved_session(llava_home_dir: Path, name: str, model: str, turns: list[tuple
 def test_a_session_with_one_huge_turn_resumes_without_tokenizing_it(llava_home_dir, monkeypatch, tiny_model, reference):
     """Issue 28, item 7: a 26 MB turn made `chat --resume` abort in the tokenizer (rc 134, 5 GB).
     Here 3 MB: the turn is dropped as any turn beyond the window is, and the tokenizer never sees it."""
-    import llava_cli.prompting as prompting
+    import llava_cli.prompt.prompting as prompting
 
     saved_session(llava_home_dir, "long", str(tiny_model), [("word " * 600_000, "a"), ("hi", "hello")])
     longest: list[int] = []
@@ -407,7 +407,7 @@ def test_a_session_with_one_huge_turn_resumes_without_tokenizing_it(llava_home_d
 
 def test_a_session_of_too_many_turns_is_refused_in_one_line_and_left_alone(llava_home_dir, monkeypatch, tiny_model):
     """Issue 28, item 7: 560,000 turns took 23.7 s and 2.9 GB to resume; more than a chat can keep is refused early."""
-    from llava_cli.store import MAX_SESSION_TURNS
+    from llava_cli.store.conversations import MAX_SESSION_TURNS
 
     path = saved_session(llava_home_dir, "many", str(tiny_model), [(f"q{i}", "a") for i in range(MAX_SESSION_TURNS + 1)])
     before = path.read_bytes()

@@ -11,11 +11,11 @@ from fake_io import FakeIO
 from fakes import FakeBackend
 from videos import frames_of, write_video
 
-from llava_cli.chat import ChatLoop
-from llava_cli.commands import COMMANDS, help_text
-from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SessionStore
-from llava_cli.streaming import Stats
+from llava_cli.chat.loop import ChatLoop
+from llava_cli.chat.slash import COMMANDS, help_text
+from llava_cli.base.settings import Settings
+from llava_cli.store.conversations import Recorder, SessionStore
+from llava_cli.engine.streaming import Stats
 
 SCHEMA = '{"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}'
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 from helpers import slow_fixture
 
-from llava_cli.errors import InputError
-from llava_cli.urls import fetch_image_url
+from llava_cli.base.errors import InputError
+from llava_cli.media.urls import fetch_image_url
 
 LIMIT_S = 1.0
 DRIP_S = 0.1  # one byte every 0.1 s: each read sees data long before a 1 s socket timeout
@@ -104,7 +104,7 @@ def test_a_url_that_answers_in_time_is_fetched(dripping_server):
 def test_the_probe_of_a_discovered_server_that_drips_its_answer_gives_up_at_its_limit(dripping_server):
     """`ask` probes a server found by discovery before using it; a port taken over by a process
     that drips bytes must not hold `ask` (before: each header byte reset the 2 s read timeout)."""
-    from llava_cli.remote import PROBE_TIMEOUT_S, RemoteEngine
+    from llava_cli.client.remote import PROBE_TIMEOUT_S, RemoteEngine
 
     url = dripping_server(b"", SLOW_HEADERS).removesuffix("/picture.png")
     started = time.monotonic()

@@ -10,12 +10,12 @@ import pytest
 from fakes import answer_of
 from helpers import render_llava15
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import UsageError
-from llava_cli.images import load_image
-from llava_cli.settings import Settings
-from llava_cli.stops import StopText, before_stop, stop_list
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.base.errors import UsageError
+from llava_cli.media.images import load_image
+from llava_cli.base.settings import Settings
+from llava_cli.engine.stops import StopText, before_stop, stop_list
 
 MAX_NEW = 24
 QUESTION = "What is in this picture?"
@@ -68,7 +68,7 @@ def engine(tiny_loaded) -> Engine:
 
 
 def test_the_engine_and_a_batch_row_end_before_the_stop(engine, tiny_model, reference, images):
-    from llava_cli.decodebatch import answers_in_order
+    from llava_cli.engine.scheduler import answers_in_order
 
     full, stop = reference_and_stop(reference, images["red"])
     expected = before_stop(full, [stop])

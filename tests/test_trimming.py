@@ -11,12 +11,12 @@ import pytest
 from fakes import answer_text, with_notes
 from helpers import render_llava15
 
-from llava_cli.conversation import Conversation, Turn
-from llava_cli.engine import Engine, Prompt
-from llava_cli.errors import ContextError
-from llava_cli.images import load_image
-from llava_cli.settings import Settings
-from llava_cli.trimming import TrimSearch
+from llava_cli.prompt.conversation import Conversation, Turn
+from llava_cli.engine.local import Engine, Prompt
+from llava_cli.base.errors import ContextError
+from llava_cli.media.images import load_image
+from llava_cli.base.settings import Settings
+from llava_cli.prompt.trimming import TrimSearch
 
 MAX_NEW = 8
 

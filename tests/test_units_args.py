@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from llava_cli.arguments import split_images_and_prompt
-from llava_cli.errors import UsageError
+from llava_cli.frontend.arguments import split_images_and_prompt
+from llava_cli.base.errors import UsageError
 
 LONG_PROMPT = "describe " * 100  # longer than any file name may be
 

@@ -10,10 +10,10 @@ from cli_runner import invoke
 from fake_io import FakeIO
 from fakes import FakeBackend, use_backend
 
-from llava_cli.backend import Answer, BackendInfo, Done, Note, TextChunk
-from llava_cli.chat import ChatLoop
-from llava_cli.settings import Settings
-from llava_cli.streaming import Stats
+from llava_cli.engine.backend import Answer, BackendInfo, Done, Note, TextChunk
+from llava_cli.chat.loop import ChatLoop
+from llava_cli.base.settings import Settings
+from llava_cli.engine.streaming import Stats
 
 FIGURES = Stats(prompt_tokens=41, cached_tokens=17, completion_tokens=9, seconds=0.5, finish_reason="length")
 
@@ -79,16 +79,16 @@ def test_chat_takes_the_figures_of_each_answer_and_resets_the_backend_on_clear(l
     {"token": "a"},  # not a list
 ])
 def test_a_servers_logprobs_of_another_shape_are_one_error_line(content):
-    from llava_cli.errors import LlavaError
-    from llava_cli.remote import server_logprobs
+    from llava_cli.base.errors import LlavaError
+    from llava_cli.client.remote import server_logprobs
 
     with pytest.raises(LlavaError, match=r"^the server at http://h sent logprobs that are not OpenAI's shape"):
         server_logprobs(content, "http://h")
 
 
 def test_a_servers_logprobs_read_back_as_sent():
-    from llava_cli.logprobs import as_openai
-    from llava_cli.remote import server_logprobs
+    from llava_cli.engine.logprobs import as_openai
+    from llava_cli.client.remote import server_logprobs
 
     content = [{"token": "é", "logprob": -0.5, "bytes": [195, 169], "top_logprobs": [{"token": "e", "logprob": -1.5, "bytes": [101]}]}]
     assert as_openai(server_logprobs(content, "http://h")) == content

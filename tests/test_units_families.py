@@ -1,4 +1,4 @@
-"""The families table (llava_cli/families.py) against transformers' own registries: every row
+"""The families table (llava_cli/base/families.py) against transformers' own registries: every row
 complete, every model type the loader accepts has a row, and each row says what transformers says
 about that model type (its class, processor, whether the processor needs a video processor, how
 its image processor tiles). No checkpoint, no model."""
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tiny_checkpoint import FAMILY_BUILDERS
 
-from llava_cli.errors import ModelError
-from llava_cli.families import (
+from llava_cli.base.errors import ModelError
+from llava_cli.base.families import (
     FAMILIES,
     MODEL_TYPES,
     Family,
@@ -21,7 +21,7 @@ from llava_cli.families import (
     Tiling,
     family_for,
 )
-from llava_cli.loader import read_config
+from llava_cli.models.loader import read_config
 
 
 def registry(name: str) -> dict:

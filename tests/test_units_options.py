@@ -15,12 +15,12 @@ from typing import Any, Optional
 import pytest
 import typer
 
-from llava_cli import apirequest
+from llava_cli.serve import request as apirequest
 from llava_cli.cli import app
-from llava_cli.commands import changed_settings, find
-from llava_cli.conversation import Conversation
-from llava_cli.errors import InputError, UsageError
-from llava_cli.options import (
+from llava_cli.chat.slash import changed_settings, find
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.base.errors import InputError, UsageError
+from llava_cli.base.options import (
     LOGPROBS,
     OPTIONS,
     REQUEST_FIELDS,
@@ -29,9 +29,9 @@ from llava_cli.options import (
     Option,
     request_fields,
 )
-from llava_cli.resume import restored_settings
-from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SessionStore
+from llava_cli.store.resume import restored_settings
+from llava_cli.base.settings import Settings
+from llava_cli.store.conversations import Recorder, SessionStore
 from llava_cli.usage import preflight
 
 # A valid value other than the default, for every row that takes a value (flags take none: True).

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mock_tokenizer import EOS, MockTokenizer
 
-from llava_cli.streaming import Stats, TextStream, stats_line
+from llava_cli.engine.streaming import Stats, TextStream, stats_line
 
 EURO = "€".encode()  # three bytes: e2 82 ac
 PIECES = [b" ", b"\n", b"Hi", b" there", EURO[:1], EURO[1:2], EURO[2:], EURO, "é".encode()[:1], "é".encode()[1:], b"!", b"  "]

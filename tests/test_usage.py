@@ -77,14 +77,14 @@ def test_the_prompt_is_refused_on_stdin_too(monkeypatch, images):
 def test_device_cuda_without_a_gpu_is_refused_before_the_model_is_looked_for(monkeypatch, images, tiny_model):
     import torch
 
-    import llava_cli.loader
+    import llava_cli.models.loader
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     def must_not_run(name):
         raise AssertionError("the model was looked for before --device was checked")
 
-    monkeypatch.setattr(llava_cli.loader, "resolve_model", must_not_run)
+    monkeypatch.setattr(llava_cli.models.loader, "resolve_model", must_not_run)
     outcome = invoke(monkeypatch, "ask", "--no-server", "--device", "cuda", "--model", tiny_model, images["red"], "hi")
     assert (outcome.code, outcome.stderr) == (2, error("--device cuda was asked for but no CUDA GPU is visible; use --device cpu"))
 

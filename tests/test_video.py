@@ -22,12 +22,12 @@ from helpers import slow_fixture
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.video import Sampling, load_video
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
+from llava_cli.media.video import Sampling, load_video
 
 pytest.importorskip("av")
 
@@ -87,7 +87,7 @@ class VideoReference:
         import torch
         import transformers
 
-        from llava_cli.videopixels import VideoPreprocess, video_config
+        from llava_cli.media.videopixels import VideoPreprocess, video_config
 
         config = video_config(self.folder)
         preprocess = VideoPreprocess.from_config(config, config["video_processor_type"])

@@ -19,12 +19,12 @@ from hostile_videos import HOSTILE, write_hostile
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.video import load_video
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
+from llava_cli.media.video import load_video
 
 pytest.importorskip("av")
 
@@ -120,7 +120,7 @@ def test_hostile_videos_get_one_line_in_ask(monkeypatch, onevision, hostile, nam
 def test_chat_video_command_answers_shows_frames_and_image_refuses_a_video(onevision, clips, hostile, engine_answer):
     from fake_io import FakeIO
 
-    from llava_cli.chat import ChatLoop
+    from llava_cli.chat.loop import ChatLoop
 
     settings = Settings(model=str(onevision), max_new_tokens=int(MAX_NEW))
     hostile_lines = [f"/video {path}" for path in hostile.values()]

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from mutations import mutated
 from videos import CONTAINERS, encode_video, frames_of
 
-from llava_cli.errors import InputError
-from llava_cli.video import sample_frames, video_from_bytes
+from llava_cli.base.errors import InputError
+from llava_cli.media.video import sample_frames, video_from_bytes
 
 pytest.importorskip("av")
 

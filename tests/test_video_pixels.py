@@ -12,8 +12,8 @@ import pytest
 import torch
 from record_video_pixels import CASES, SAMPLE_STRIDE, SHAPES
 
-from llava_cli.video import frame_indices
-from llava_cli.videopixels import VideoPreprocess
+from llava_cli.media.video import frame_indices
+from llava_cli.media.videopixels import VideoPreprocess
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "video_pixels.npz")
 

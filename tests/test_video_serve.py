@@ -16,11 +16,11 @@ from hostile_videos import write_hostile
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.video import load_video
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.engine.local import Engine
+from llava_cli.models.loader import load_model
+from llava_cli.base.settings import Settings
+from llava_cli.media.video import load_video
 
 pytest.importorskip("av")
 pytest.importorskip("openai")

@@ -3,7 +3,7 @@
 `build_checkpoint` writes a llava-1.5 shaped one: a CLIP vision tower, a two-layer MLP projector, a
 Llama decoder, a byte-level BPE tokenizer trained here with `<image>` as a special token, and a
 `LlavaProcessor` with a chat template. `build_family_checkpoint(family, folder)` writes one of each
-LLaVA family (`FAMILIES`: the labels of llava_cli/families.py's rows; `FAMILY_BUILDERS` has one
+LLaVA family (`FAMILIES`: the labels of llava_cli/base/families.py's rows; `FAMILY_BUILDERS` has one
 builder per label) the way the llava-hf checkpoints are laid out: llava-interleave (SigLIP + Qwen2,
 ChatML tokens), LLaVA-NeXT and llava-next-video (CLIP + Llama with anyres tiling), LLaVA-OneVision
 (SigLIP + Qwen2 with anyres tiling). OneVision and NeXT-Video processors are written file by file
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli import families
+from llava_cli.base import families
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
