@@ -7,8 +7,8 @@
 
 Both runs answer the same prompt about the same `--images` pictures on the bench model
 (bench_model.py's, shaped as `WEIGHTS_BOUND`: a decoder step bound by its weights; `END_TOKENS`
-end answers too, so they end at many lengths) through batch.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
-at once on the scheduler (decodebatch.py):
+end answers too, so they end at many lengths) through ask/each.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
+at once on the scheduler (engine/scheduler.py):
 
 - fixed: the images in chunks of `--batch-size` (`answered_records` per chunk, as Ray actors do and as a local
   run did before issue 21): a chunk's rows decode together and the next chunk starts only when the

@@ -490,7 +490,7 @@ def memory_phase(bench: Bench) -> dict[str, Any]:
 
 
 def batch_phase(bench: Bench) -> dict[str, Any]:
-    """Decode tokens/s of the scheduler that `llava serve` and `ask --each` run (decodebatch.py) at
+    """Decode tokens/s of the scheduler that `llava serve` and `ask --each` run (engine/scheduler.py) at
     batch 1, 8 and `bench.batch` rows (32 on a GPU; 1 and 4 in a smoke run): that many copies of the
     one-image prompt, fixed-length answers, all admitted at once; the clock spans their prefills too.
     Each is also given as a ratio to the batch-of-one default path with and without its CUDA graph

@@ -56,7 +56,7 @@ def typer_option(option: Option) -> tuple[Any, Any, Any]:
     return kind, option.default, info
 
 
-# name -> (type, default, typer.Option): the options every command takes, in --help order (options.py declares them).
+# name -> (type, default, typer.Option): the options every command takes, in --help order (base/options.py declares them).
 SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {name: typer_option(option) for name, option in OPTIONS.items() if not option.client}
 # The commands that can answer through a server (ask, chat) also take these (--server, --no-server); `llava serve` does not.
 CLIENT_OPTIONS: dict[str, tuple[Any, Any, Any]] = {name: typer_option(option) for name, option in OPTIONS.items() if option.client}

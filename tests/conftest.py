@@ -109,7 +109,7 @@ def images_decode_here(request, monkeypatch) -> None:
 @pytest.fixture(autouse=True)
 def restored_environment():
     """Each test starts from the same environment: in-process commands set variables for themselves
-    (startup.py quiets huggingface_hub's own progress bars with HF_HUB_DISABLE_PROGRESS_BARS, for one),
+    (frontend/startup.py quiets huggingface_hub's own progress bars with HF_HUB_DISABLE_PROGRESS_BARS, for one),
     and a subprocess a later test starts from `os.environ` (cli_env) must not inherit them."""
     before = dict(os.environ)
     yield

@@ -1,4 +1,4 @@
-"""One fake `Backend` (backend.py) for the front-end tests: scripted text, then the answer and its figures.
+"""One fake `Backend` (engine/backend.py) for the front-end tests: scripted text, then the answer and its figures.
 
 `FakeBackend` keeps the protocol's contract: its chunks, then (unless told to raise midway, as a
 Ctrl-C does) one `Done` with the joined answer and `stats`; the caller's conversation is not changed.

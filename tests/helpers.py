@@ -39,7 +39,7 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
 SHORT_ANSWER = 12  # tokens: enough to tell answers apart, quick on a CPU
 READY_TIMEOUT_S = 90  # a `llava serve` subprocess loads its model within this
 EXIT_TIMEOUT_S = 20
-SERVING = re.compile(rb"llava serve: serving .* at (http://\S+)/v1")  # its line once ready (server.py)
+SERVING = re.compile(rb"llava serve: serving .* at (http://\S+)/v1")  # its line once ready (serve/server.py)
 # What a terminal shows is not what was written: colours, cursor moves and control characters go.
 TERMINAL_NOISE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b.?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 

@@ -120,7 +120,7 @@ def test_load_4bit_answers_like_transformers_with_the_same_quantization(tiny_mod
 
     result = run_llava("ask", images["red"], QUESTION, "--load-4bit", "--model", tiny_model, "-n", MAX_NEW)
 
-    # What loader.py asks for on a CPU: NF4 weights, computing in the model dtype (float32).
+    # What models/loader.py asks for on a CPU: NF4 weights, computing in the model dtype (float32).
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = LlavaForConditionalGeneration.from_pretrained(
         tiny_model, dtype=torch.float32, device_map="cpu", quantization_config=quantization

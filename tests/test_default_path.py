@@ -1,4 +1,4 @@
-"""Issue 17, findings 3 and 4: the default decode path (graphstep.py's `StaticPath`: a bucketed static
+"""Issue 17, findings 3 and 4: the default decode path (engine/graphstep.py's `StaticPath`: a bucketed static
 cache, the next token chosen on the device, one step of look-ahead, a CUDA graph on a GPU) answers
 token for token like plain `generate` and like the eager dynamic-cache path, across turns with
 cache reuse and crops, context dropping, a bucket outgrown mid-conversation and seeded sampling;

@@ -32,7 +32,7 @@ from helpers import cli_env, render_llava15
 
 from llava_cli.media.images import image_from_bytes
 
-# The documented limits (images.py), written out so these tests also run, and fail, on older code.
+# The documented limits (media/images.py), written out so these tests also run, and fail, on older code.
 MAX_ASPECT_RATIO = 50
 MAX_IMAGE_SIDE = 4096
 

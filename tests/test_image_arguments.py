@@ -1,4 +1,4 @@
-"""One `IMAGE... [PROMPT]` grammar (arguments.py) for `llava ask` and `ask --each`: an http(s) URL is
+"""One `IMAGE... [PROMPT]` grammar (frontend/arguments.py) for `llava ask` and `ask --each`: an http(s) URL is
 an image even without an image extension, so the prompt then comes from stdin. Through the real
 entry point, in-process, against a local HTTP server and plain transformers' answers."""
 

@@ -1,4 +1,4 @@
-"""One KV-cache budget for the whole process (`--cache-mb`, kvbudget.py; issue 21 item 5).
+"""One KV-cache budget for the whole process (`--cache-mb`, engine/kvbudget.py; issue 21 item 5).
 
 The running batch reserves its rows' worst case and gives it back the moment a row leaves; the
 prefix pool's least recently used entries go first when a row needs room; a row that cannot fit

@@ -1,4 +1,4 @@
-"""Schema-constrained answers (constraints.py) against plain transformers `generate` with xgrammar's own
+"""Schema-constrained answers (engine/constraints.py) against plain transformers `generate` with xgrammar's own
 transformers logits processor, on the same prompt: the greedy answers must be identical, alone
 (`Engine.generate`, ask/chat) and as rows of a batch (`DecodeBatch`, serve and `ask --each`)."""
 

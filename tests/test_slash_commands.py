@@ -1,4 +1,4 @@
-"""Every slash command of commands.py `COMMANDS`, on the fake backend (fakes.py): what it tells the
+"""Every slash command of chat/slash.py `COMMANDS`, on the fake backend (fakes.py): what it tells the
 user, what it does to the conversation and settings, and its one-line refusals. In-process and
 fast; test_repl_commands.py drives them on the tiny model, against plain transformers."""
 

@@ -1,4 +1,4 @@
-"""Stop sequences (stops.py): the answer ends before the first stop text, whatever the chunk boundaries,
+"""Stop sequences (engine/stops.py): the answer ends before the first stop text, whatever the chunk boundaries,
 nothing past it is ever shown, and the row ends there ("stop"): `Engine.generate` (ask/chat), a
 `DecodeBatch` row (serve, `ask --each`), `llava ask --stop` and serve's `stop` with the openai client."""
 

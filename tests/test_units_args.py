@@ -1,4 +1,4 @@
-"""The `IMAGE... [PROMPT]` grammar of `llava ask` and of `ask --each` (arguments.py), on argument
+"""The `IMAGE... [PROMPT]` grammar of `llava ask` and of `ask --each` (frontend/arguments.py), on argument
 lists alone (no model)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The backend contract (backend.py): events, `Answer`, `BackendInfo`, and the front-ends taking an
+"""The backend contract (engine/backend.py): events, `Answer`, `BackendInfo`, and the front-ends taking an
 answer's figures from its final `Done` event, with one fake backend and no model."""
 
 from __future__ import annotations

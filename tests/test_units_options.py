@@ -1,4 +1,4 @@
-"""The option table (options.py) walked row by row: every option is reachable by each of its
+"""The option table (base/options.py) walked row by row: every option is reachable by each of its
 spellings (each flag parses, the `/set` key is accepted, each request field is read and the one
 sent is what the server reads, the saved key is restored), refused the same way everywhere, and
 agrees with the `Settings` field it fills. A new row fails here until it has a sample value below

@@ -1,22 +1,22 @@
 """`llava ask --each IMAGE...` / `--from-file FILE`: one question for many images, answered one by one.
 
-Every image gets its own answer, in input order, as one record per line (`records.py` has the
-keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text lines (output.py). An image
+Every image gets its own answer, in input order, as one record per line (`frontend/records.py` has the
+keys): JSON lines on stdout or appended to `-o FILE`, or `IMAGE<TAB>ANSWER` text lines (frontend/output.py). An image
 that cannot be used (missing, broken, a URL that fails, too long for the context) gets a record
 carrying its `error` and a line on stderr; the batch goes on and the exit code is 1 at the end.
-`--batch-size N` decodes up to N images at once on the engine's scheduler (decodebatch.py), admitted
+`--batch-size N` decodes up to N images at once on the engine's scheduler (engine/scheduler.py), admitted
 continuously: an image whose answer ends is replaced at once by the next, so no image waits for
 the longest answer of a fixed batch. Answers are the same as one at a time (greedy, or sampled
 with the same --seed); a record's `seconds` runs from its image's admission to its last token. With a server (--server, or a
 running `llava serve` for the model, as `llava ask` finds one) the records come from
-batchserver.py instead, `--parallel N` requests at once, with the same lines, order and exit codes. With `-o FILE`, images already answered there for the same
+ask/via_server.py instead, `--parallel N` requests at once, with the same lines, order and exit codes. With `-o FILE`, images already answered there for the same
 prompt are skipped, so an interrupted run is finished by running the same command again.
 
 stderr carries only error lines, plus a progress bar when stderr is a terminal and there is
 more than one image to answer. Images are read lazily, as their rows are admitted, so memory does not
 grow with the number of images. Failures that are not about one image (the model cannot be
 loaded, the output cannot be written) stop the run, with every finished line already written.
-With `--ray ADDRESS` the records come from a Ray Data pipeline on a cluster instead (batchray.py):
+With `--ray ADDRESS` the records come from a Ray Data pipeline on a cluster instead (ask/via_ray.py):
 the same lines, order, resume, errors and exit codes.
 """
 
@@ -141,8 +141,8 @@ def answer_all(
 
 
 def record_source(names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes) -> Iterator[dict[str, Any]]:
-    """The records of a Ray cluster with --ray (batchray.py), of a server when one is named or running
-    for the model (batchserver.py), else of a model loaded here; under a schema with parsed answers."""
+    """The records of a Ray cluster with --ray (ask/via_ray.py), of a server when one is named or running
+    for the model (ask/via_server.py), else of a model loaded here; under a schema with parsed answers."""
     if options.ray is not None:
         from llava_cli.ask.via_ray import ray_results
 
@@ -189,7 +189,7 @@ def answered_records(
 def scheduled(
     engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes, rows: int
 ) -> Iterator[BatchAnswer | LlavaError]:
-    """The typed results for `names`, in order, from the continuous scheduler (decodebatch.py's
+    """The typed results for `names`, in order, from the continuous scheduler (engine/scheduler.py's
     `answers_in_order`): each image is read when its row is admitted, and a row that ends is replaced at once."""
     makers = [functools.partial(encode, engine, name, prompt, settings, stdin_image) for name in names]
     return answers_in_order(engine, makers, settings, rows)

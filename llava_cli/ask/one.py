@@ -2,9 +2,9 @@
 
 stdout carries only the answer (streamed, newline-terminated) or, with --json, one JSON object;
 everything else goes to stderr. Images are checked before the model loads, so a bad path fails fast.
-With --each or --from-file, `batch.py` answers the question for every image separately instead.
-The arguments are read by arguments.py, and the answer written by output.py's writer for the format.
-A single answer is saved as a conversation (store.py); `-c` continues the last saved one.
+With --each or --from-file, `ask/each.py` answers the question for every image separately instead.
+The arguments are read by frontend/arguments.py, and the answer written by frontend/output.py's writer for the format.
+A single answer is saved as a conversation (store/conversations.py); `-c` continues the last saved one.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def sigterm_as_interrupt() -> AbstractContextManager[None]:
 
 
 def load_images(names: list[str], settings: Settings, stdin_taken: bool, pages: str | None = None) -> list[Media]:
-    """The images and videos the arguments name (media.py tells them apart); a PDF gives its `pages`
+    """The images and videos the arguments name (media/attachments.py tells them apart); a PDF gives its `pages`
     (--pages), with a note on stderr when only page 1 is taken."""
     if pages is not None and not any(is_pdf(name) for name in names):
         raise UsageError("--pages selects pages of a PDF, and no PDF was given")
@@ -61,7 +61,7 @@ def run_ask(
     options: AskOptions | None = None,
     sessions: SessionOptions = SessionOptions(),
 ) -> int:
-    """One question about the images; with --each or --from-file, one answer per image (batch.py)."""
+    """One question about the images; with --each or --from-file, one answer per image (ask/each.py)."""
     options = options or AskOptions(json=as_json)
     with sigterm_as_interrupt():
         if options.is_batch:

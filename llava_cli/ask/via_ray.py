@@ -1,8 +1,8 @@
 """`llava ask --each ... --ray ADDRESS`: the same batch job as a Ray Data pipeline on a cluster.
 
-A result source, sibling of batch.py's local scheduler: `ray_results(...)` returns an iterator of
-the scheduler's typed results (decodebatch.py's `BatchAnswer`, or the `LlavaError` that failed
-that image), one per image, in INPUT order, each exactly once; batch.py makes each record from
+A result source, sibling of ask/each.py's local scheduler: `ray_results(...)` returns an iterator of
+the scheduler's typed results (engine/scheduler.py's `BatchAnswer`, or the `LlavaError` that failed
+that image), one per image, in INPUT order, each exactly once; ask/each.py makes each record from
 them with the one function the local `--each` uses, then writes, resumes, counts errors and draws
 its progress bar as for a local `--each`. Records are never made on the workers.
 
@@ -14,7 +14,7 @@ its progress bar as for a local `--each`. Records are never made on the workers.
   cluster), each asking `--gpus-per-actor G` GPUs (default 1 on a cluster with GPUs, else 0) and a
   fraction of a CPU (so a 2-CPU machine still has room for Ray's own work). Each actor loads the
   model once (`load_engine` with the user's `Settings`) and answers `--batch-size` images per
-  pass on the scheduler with batch.py's `answer_chunk`, passed in as `answer_chunk` (batch.py
+  pass on the scheduler with ask/each.py's `answer_chunk`, passed in as `answer_chunk` (ask/each.py
   imports this module); each typed result crosses back as JSON (`wire`, `unwire`).
 - Workers read the images themselves: a path must name the same file on every worker (shared
   storage; a relative path is taken from this command's directory there), or be a URL. An image
@@ -28,7 +28,7 @@ its progress bar as for a local `--each`. Records are never made on the workers.
   code; actors that do not start within `ACTOR_START_TIMEOUT_S` (resources the cluster lacks)
   stop it with a one-line error; so does a cluster that cannot be reached.
 - Quiet: Ray Data's progress bars and start-up messages are off, its log lines and Ray's stay in
-  Ray's log files; stdout carries only the records, stderr only batch.py's error lines and
+  Ray's log files; stdout carries only the records, stderr only ask/each.py's error lines and
   progress bar (with --verbose, Ray's own log lines too).
 - Without Ray installed, `--ray` is a `UsageError` (exit 2) that says how to install it.
   Ray is imported only here and only once `--ray` is used.
@@ -66,7 +66,7 @@ ACTOR_START_TIMEOUT_S = 600  # actors (model loaded) must be up by then: else th
 BATCHES_PER_BLOCK = 4  # a block holds this many --batch-size batches: what one actor task answers
 
 Result = BatchAnswer | LlavaError  # the scheduler's typed result for one image
-AnswerChunk = Callable[["Engine", list[str], str, Settings, bytes], list[Result]]  # batch.py's answer_chunk
+AnswerChunk = Callable[["Engine", list[str], str, Settings, bytes], list[Result]]  # ask/each.py's answer_chunk
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def start_or_join(ray: Any, address: str, level: int) -> None:
 
 @contextmanager
 def sigterm_handler_kept() -> Iterator[None]:
-    """`ray.init` makes SIGTERM exit at once (status 15), mid-line; ours (ask.py) stops the run
+    """`ray.init` makes SIGTERM exit at once (status 15), mid-line; ours (ask/one.py) stops the run
     as Ctrl-C does, finished lines written (exit 130): put it back."""
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -192,7 +192,7 @@ def configure_data(ray: Any, verbose: bool) -> None:
     context.execution_options.preserve_order = True  # the records come back in input order
     context.max_errored_blocks = -1  # a block that fails is reported per image, never fails the job
     context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S  # no timeout by default: a hang
-    context.enable_progress_bars = False  # batch.py draws the one progress bar
+    context.enable_progress_bars = False  # ask/each.py draws the one progress bar
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     for handler in logging.getLogger("ray.data").handlers:
@@ -342,7 +342,7 @@ def stderr_for_us_only() -> Iterator[None]:
     """Ray's C++ core writes its own log lines to file descriptor 2 (actor restarts, warnings).
     While Ray runs, descriptor 2 goes to /dev/null and `sys.stderr` writes to a copy of the real
     stderr, so only our lines (errors, the progress bar) reach the user. The copy stays open after
-    (batch.py's progress bar, made while Ray ran, ends after it) and closes with its last user."""
+    (ask/each.py's progress bar, made while Ray ran, ends after it) and closes with its last user."""
     sys.stderr.flush()
     real = os.dup(2)
     ours = open(real, "w", encoding=sys.stderr.encoding, errors=sys.stderr.errors, buffering=1)

@@ -1,14 +1,14 @@
 """`llava ask --each` / `--from-file` through a server: up to N requests at once, one record per image.
 
-`server_records(remote, names, prompt, settings, parallel, stdin_image)` is the sibling of batch.py's
-`local_records`: it yields one record per name (records.py's keys), in INPUT order, while up to
+`server_records(remote, names, prompt, settings, parallel, stdin_image)` is the sibling of ask/each.py's
+`local_records`: it yields one record per name (frontend/records.py's keys), in INPUT order, while up to
 `parallel` requests run at once against any OpenAI-compatible chat-completions server (`llava
-serve`, vLLM, llama.cpp, Ollama) through remote.py's `RemoteEngine`. Answers that finish early wait
+serve`, vLLM, llama.cpp, Ollama) through client/remote.py's `RemoteEngine`. Answers that finish early wait
 in memory for the slower ones before them; at most `parallel * LOOKAHEAD` images are sent ahead of
 the oldest one not yet written, so what waits stays small whatever the number of images.
 
 Each image is read and checked here, by the same readers as a local `--each` (a file, an http(s)
-URL or stdin: arguments.py's `image_argument`), and sent as a lossless PNG `data:` URL, so that a
+URL or stdin: frontend/arguments.py's `image_argument`), and sent as a lossless PNG `data:` URL, so that a
 `llava serve` sees the pixels the local model would and gives the same answer. A record's
 `prompt_tokens`, `completion_tokens` and `finish_reason` are what the server's usage and choice
 say (null when it does not say), `seconds` the time of the request that answered.

@@ -31,7 +31,7 @@ class PromptStyle(Enum):
 
 
 class Tiling(Enum):
-    """How many tokens an image takes (the processor counts them; vision.py must know when it tiles)."""
+    """How many tokens an image takes (the processor counts them; models/vision.py must know when it tiles)."""
 
     FIXED = "fixed"  # one base tile, the same number of tokens for every image
     ANYRES = "anyres"  # high-resolution tiles: the count depends on the image's size
@@ -48,7 +48,7 @@ class Family:
     model_class: str  # the transformers class made for it (never chosen from the model's name)
     processor_class: str  # the transformers processor class AutoProcessor builds for it
     # transformers builds the processor only with a video processor, which needs torchvision; without
-    # torchvision llava-cli builds it from the checkpoint's image parts (processors.py)
+    # torchvision llava-cli builds it from the checkpoint's image parts (models/processors.py)
     processor_needs_torchvision: bool
     prompt_style: PromptStyle
     tiling: Tiling

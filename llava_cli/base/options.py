@@ -8,13 +8,13 @@ rule its value must follow with the one-line message when it does not, and its h
 panel and metavar. Everything else is built from `OPTIONS`:
 - cli.py: the options every command takes (`SHARED_OPTIONS`, `CLIENT_OPTIONS`), and usage.py's
   preflight converts given values by the row's type;
-- settings.py: `Settings` validates each field with its row's `check` (one place for ranges);
-- commands.py: `/set KEY VALUE` (`SETTABLE`, `Option.parse_text`) and its help line;
-- store.py: what a conversation saves and restores (`SAVED`, `Option.json_kinds`);
-- apirequest.py (llava serve): which request fields are read and their JSON types (`REQUEST_FIELDS`);
-- remote.py: the request fields sent to a server, only those the user chose (`request_fields`).
+- base/settings.py: `Settings` validates each field with its row's `check` (one place for ranges);
+- chat/slash.py: `/set KEY VALUE` (`SETTABLE`, `Option.parse_text`) and its help line;
+- store/conversations.py: what a conversation saves and restores (`SAVED`, `Option.json_kinds`);
+- serve/request.py (llava serve): which request fields are read and their JSON types (`REQUEST_FIELDS`);
+- client/remote.py: the request fields sent to a server, only those the user chose (`request_fields`).
 
-This module is a leaf: it imports nothing of llava-cli but errors.py, and nothing heavy.
+This module is a leaf: it imports nothing of llava-cli but base/errors.py, and nothing heavy.
 Adding an option is one row here and one field in `Settings` (tests/test_units_options.py
 checks that both agree and that every spelling of every row works).
 """

@@ -3,7 +3,7 @@
 Front-ends build a `Settings` from their options; `Settings(...)` raises `UsageError` with a
 one-line message for any bad value, so the rest of the program can trust what it is given.
 Change a value mid-session with `dataclasses.replace`, which validates again. Each field is a
-row of the option table (options.py), which holds its default and the rule checked here.
+row of the option table (base/options.py), which holds its default and the rule checked here.
 """
 
 from __future__ import annotations
@@ -63,21 +63,21 @@ class Settings:
     chat_template: str | None = None  # a file; overrides the checkpoint's prompt format
     max_context: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    max_image_tokens: int | None = None  # anyres families: only the pinpoints whose images fit (imagetokens.py)
-    cache_mb: int | None = None  # the whole process's KV-cache budget (kvbudget.py); None: sized to the device, 0: no bound
+    max_image_tokens: int | None = None  # anyres families: only the pinpoints whose images fit (models/imagetokens.py)
+    cache_mb: int | None = None  # the whole process's KV-cache budget (engine/kvbudget.py); None: sized to the device, 0: no bound
     frames: int | None = None  # frames sampled per video; None: the checkpoint's default (or --fps)
     fps: float | None = None  # video frames sampled per second, capped
     allow_pickle: bool = False
     raw: bool = False
     verbose: bool = False
-    server: str | None = None  # answer through this OpenAI-compatible server (remote.py)
+    server: str | None = None  # answer through this OpenAI-compatible server (client/remote.py)
     no_server: bool = False  # load the model here: no --server, no discovered `llava serve`
     # The options the user set (command line, /set): a server is sent only these, its own defaults apply to the rest.
     chosen: frozenset[str] = frozenset()
-    # A JSON schema (constraints.py's canonical text) every answer must follow: ask --schema/--format json, serve's response_format.
+    # A JSON schema (engine/constraints.py's canonical text) every answer must follow: ask --schema/--format json, serve's response_format.
     constraint: str | None = None
-    stop: tuple[str, ...] = ()  # the answer ends before the first of these texts (stops.py): ask --stop, serve's stop
-    logprobs: int | None = None  # report each token's logprob and this many top alternatives (logprobs.py): ask --logprobs, serve's top_logprobs; None: none
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these texts (engine/stops.py): ask --stop, serve's stop
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives (engine/logprobs.py): ask --logprobs, serve's top_logprobs; None: none
 
     def __post_init__(self) -> None:
         for option in OPTIONS.values():

@@ -6,7 +6,7 @@ OSC 52 escape sequence, which many terminals (also over SSH) put on the clipboar
 silently ignore; the message says so, since there is no way to know. With neither, `LlavaError`.
 
 What is copied is the text as the screen showed it: escape sequences, controls and the invisible
-characters terminal.py strips are left out, so a paste never carries what the reader did not see.
+characters base/terminal.py strips are left out, so a paste never carries what the reader did not see.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 - input history kept across runs in `<data dir>/input-history` (0600, in a 0700 folder); in memory
   when that file cannot be written, or when it or its folder is not private (another user's file,
   writable by others, a link or not a regular file: it could collect what is typed), with a note;
-- Tab completes slash commands (those registered in commands.py), and file paths after a command
+- Tab completes slash commands (those registered in chat/slash.py), and file paths after a command
   that takes them, `/image` (written back quoted or with backslash-escaped spaces, as typed, so
-  arguments.py's `split_image_command` reads them);
+  frontend/arguments.py's `split_image_command` reads them);
 - Enter sends; Alt-Enter (or Esc then Enter) inserts a newline; a message that starts with `\"\"\"`
   goes on over several lines until a closing `\"\"\"`; pasted text (bracketed paste) is inserted as
   it is, newlines included, and sent as one message;

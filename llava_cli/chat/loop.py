@@ -6,11 +6,11 @@ a `ChatIO`. `TerminalIO` gives a prompt-toolkit input line and streams the answe
 object per line with --json). A failed message leaves the conversation as it was, images attached
 to it included, and the loop goes on; Ctrl-C stops an answer and returns to the prompt.
 
-After each answer the conversation is saved through a `Recorder` (store.py); a save that fails
+After each answer the conversation is saved through a `Recorder` (store/conversations.py); a save that fails
 (disk full, read-only folder) is reported once and the chat goes on. SIGTERM ends the chat like
 /quit (exit 0, what was answered is saved, no traceback, no temp file left). The slash commands
-(/image, /retry, /set, /save...) are registered in commands.py and see the chat through
-chatio.`Chat`, which `ChatLoop` implements; `PipeIO` writes answers through output.py's writers.
+(/image, /retry, /set, /save...) are registered in chat/slash.py and see the chat through
+chatio.`Chat`, which `ChatLoop` implements; `PipeIO` writes answers through frontend/output.py's writers.
 """
 
 from __future__ import annotations

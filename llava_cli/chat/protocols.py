@@ -1,6 +1,6 @@
 """The two contracts between the chat and its parts, as protocols with no code: `ChatIO`, how the
-chat talks to the user (chat.py's `TerminalIO` and `PipeIO`, the tests' `FakeIO`), and `Chat`,
-what a slash command (commands.py) may use of the running chat (chat.py's `ChatLoop`)."""
+chat talks to the user (chat/loop.py's `TerminalIO` and `PipeIO`, the tests' `FakeIO`), and `Chat`,
+what a slash command (chat/slash.py) may use of the running chat (chat/loop.py's `ChatLoop`)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """The chat's slash commands, by registration: each is declared once, with its name, aliases, usage,
-help line and handler, and /help, Tab completion (inputline.py) and "did you mean" read `COMMANDS`.
+help line and handler, and /help, Tab completion (chat/inputline.py) and "did you mean" read `COMMANDS`.
 
-A handler is a function `(chat, argument)`; `chat` is chatio.`Chat` (chat.py's `ChatLoop`), so
+A handler is a function `(chat, argument)`; `chat` is chatio.`Chat` (chat/loop.py's `ChatLoop`), so
 commands know the chat only through that protocol. To add a command, write its handler here under
 `@command(name, arguments, help)`; the order of registration is /help's order. Every command
 reports through the `ChatIO` and raises `InputError` with a one-line message when it cannot do what
 was asked. Text from saved conversations (names, model, system text, image names) is passed on as
-it is: the `ChatIO` shows it through terminal.py's choke point, which strips escape sequences.
+it is: the `ChatIO` shows it through base/terminal.py's choke point, which strips escape sequences.
 """
 
 from __future__ import annotations

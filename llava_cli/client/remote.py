@@ -1,6 +1,6 @@
 """Client mode: answer through an OpenAI-compatible server instead of loading a model here.
 
-`RemoteEngine` is a `Backend` (backend.py), like the local `Engine`: `generate(conversation,
+`RemoteEngine` is a `Backend` (engine/backend.py), like the local `Engine`: `generate(conversation,
 settings)` yields `TextChunk`s (joined: the answer with surrounding whitespace stripped) and, once the
 answer is complete and added to the conversation, one `Done` with its figures (the server's usage,
 timed here); `info()` names the model and the server's url (dtype and window are the server's, not
@@ -16,14 +16,14 @@ The HTTP is httpx's, hardened as before: one connection per exchange, no redirec
 proxy, `.netrc` or certificate bundle taken from the environment (the system's certificates), no
 compression (the caps count the bytes sent): an event line over MAX_EVENT_BYTES and a refusal's
 body past MAX_ERROR_BYTES are not read; the probe of a discovered server has a `Deadline` for the
-whole exchange. Retries are the caller's (batchserver.py): a library's would retry other statuses,
+whole exchange. Retries are the caller's (ask/via_server.py): a library's would retry other statuses,
 with its own waits, and not a connection reset mid-answer.
 
 Errors keep the local exit codes: a message over the context window raises `ContextError` (2), any
 other refused request (image, model, API key) exit 2, an unreachable or failing server exit 1.
 `ServerUnavailable` (exit 1) marks the failures that the same request may get past a little later:
 the server cannot be reached, the connection was reset (before or during the answer), or it
-answered 429/502/503/504 (with its `Retry-After`, if any); `ask --each` retries those (batchserver.py).
+answered 429/502/503/504 (with its `Retry-After`, if any); `ask --each` retries those (ask/via_server.py).
 Closing the generator early (Ctrl-C) closes the connection, which stops the answer on a
 `llava serve`. `--max-context` is the server's business; turns the server dropped to fit its
 window are dropped from the conversation here too, with a `Note` as locally.
@@ -35,7 +35,7 @@ with `remember_images=False` no image cache either, so memory does not grow with
 `choose_server(settings, notify)` returns the remote engine to use, or None to load the model here
 (`notify` hears only why a discovered server was skipped; answers speak through `Note` events):
 none with `--no-server`; else `--server`/LLAVA_SERVER; else a running `llava serve` for the same
-model found through discovery.py, if it answers. LLAVA_API_KEY is sent as `Authorization: Bearer`,
+model found through client/discovery.py, if it answers. LLAVA_API_KEY is sent as `Authorization: Bearer`,
 but only to a server the user named (--server, LLAVA_SERVER): a discovered server is found through
 a file and is never given the key (a server that needs one is then not used; name it instead).
 """

@@ -1,8 +1,8 @@
 """The contract between the front-ends (ask, chat) and whatever answers: the `Backend` protocol.
 
-Two backends implement it without importing each other: `Engine` (engine.py, a model loaded in
-this process) and `RemoteEngine` (remote.py, an OpenAI-compatible server). A leaf module
-(standard library and streaming.py only), so front-ends and tests depend on the contract, not on
+Two backends implement it without importing each other: `Engine` (engine/local.py, a model loaded in
+this process) and `RemoteEngine` (client/remote.py, an OpenAI-compatible server). A leaf module
+(standard library and engine/streaming.py only), so front-ends and tests depend on the contract, not on
 torch or HTTP.
 
 - `generate(conversation, settings, stop)` answers the conversation's pending turn. It yields
@@ -22,7 +22,7 @@ torch or HTTP.
 once the iteration is over, `stats` is the `Done` event's figures and `record_in(conversation)`
 puts the answer in the front-end's conversation.
 Capabilities beyond the protocol belong to one backend and are typed with it (`ask --each` runs the
-scheduler of decodebatch.py over an `Engine`, so it always loads the model locally).
+scheduler of engine/scheduler.py over an `Engine`, so it always loads the model locally).
 """
 
 from __future__ import annotations

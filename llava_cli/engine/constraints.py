@@ -20,7 +20,7 @@ Contract:
 - `parsed_answer(text)`: the answer as a JSON value, or `LlavaError` (exit 1) when it was cut off (budget spent);
   `answer_value(text, settings)`: what a record holds, the parsed value under a constraint, else the text.
 - `ask_constraint(settings, schema, answer_format)`: `llava ask --schema/--format json` applied to its
-  settings (a server is sent it as `response_format`: remote.py).
+  settings (a server is sent it as `response_format`: client/remote.py).
 
 xgrammar is an optional dependency (`pip install 'llava-cli[schema]'`), imported only when a schema is used.
 """
@@ -166,7 +166,7 @@ class Grammars:
 
 
 class GrammarHook:
-    """One row's grammar matcher as a `TokenHook` (decoding.py)."""
+    """One row's grammar matcher as a `TokenHook` (engine/pipeline.py)."""
 
     def __init__(self, compiled: Any, vocab_size: int) -> None:
         xgr = xgrammar()

@@ -1,7 +1,7 @@
 """The default decode path on a GPU: a static KV cache grown in buckets, and a one-token step that never
 waits for the host and, on a GPU, is replayed as a CUDA graph.
 
-`StaticPath` is a `ForwardPath` (forward.py). Its contract:
+`StaticPath` is a `ForwardPath` (engine/paths.py). Its contract:
 
 - Cache: a transformers `StaticCache` of the smallest bucket (`BUCKET_TOKENS`, then doubling,
   capped at the context window) that holds the turn: `cache_for(cache, held, needed)` before each
@@ -11,7 +11,7 @@ waits for the host and, on a GPU, is replayed as a CUDA graph.
   captured graph is kept too; memory is the largest bucket the conversation needed.
 - Prefill (several tokens, or images) runs eagerly, as on every path.
 - Decode (`steps`): the next token is chosen on the device (argmax, or the `Sampler`'s seeded
-  draw: the same math and generator as decoding.py, so seeded answers do not change) and written
+  draw: the same math and generator as engine/pipeline.py, so seeded answers do not change) and written
   in place into static input buffers (token id and position). `launch()` runs the one-token step
   over them, which chooses the following token; `read()` brings the token chosen before that launch
   to the host (a pinned copy and an event: it waits for that copy, not for the step launched after

@@ -1,12 +1,12 @@
 """Generation: stream the answer to a conversation, paying only for what is new since last turn.
 
-`Engine` is the local `Backend` (backend.py): `Engine.generate(conversation, settings)` yields
+`Engine` is the local `Backend` (engine/backend.py): `Engine.generate(conversation, settings)` yields
 `TextChunk`s (joined: exactly the answer with surrounding whitespace stripped), then, once the answer
 has been added to the conversation, one `Done` with its figures. If it is stopped, closed early
 (Ctrl-C) or raises, no `Done` comes and the conversation keeps its unanswered turn for the caller.
-Beyond the protocol, the scheduler (decodebatch.py: `llava serve`, `ask --each`) uses its public
+Beyond the protocol, the scheduler (engine/scheduler.py: `llava serve`, `ask --each`) uses its public
 `fit`, `encode`, `token_budget`, `image_inputs` and `eos_ids`. Every path draws tokens through
-decoding.py's per-row pipeline (one sampler, one token budget, one stopping rule), so a batch row's
+engine/pipeline.py's per-row pipeline (one sampler, one token budget, one stopping rule), so a batch row's
 answer is the one `generate` gives that prompt alone, greedy or seeded.
 
 Cache reuse: the engine keeps the KV cache of the tokens it has already run, with their token ids
@@ -14,8 +14,8 @@ and the digests of the images they hold. A new prompt keeps the longest common p
 splitting an image, never trusting an image whose content changed), drops the rest of the cache
 and runs only the new tokens; the vision tower sees only images that are not in the cache. Greedy
 answers are therefore the ones plain `model.generate` gives for the full prompt. How the model runs
-over the cache is a `ForwardPath` (forward.py), chosen from the settings of each `generate` call:
-on a GPU the default `StaticPath` (graphstep.py: a bucketed static cache, the next token chosen on the
+over the cache is a `ForwardPath` (engine/paths.py), chosen from the settings of each `generate` call:
+on a GPU the default `StaticPath` (engine/graphstep.py: a bucketed static cache, the next token chosen on the
 device, a CUDA graph), `EagerPath` on a CPU (faster there) or where the model cannot use it, or `--compile`'s.
 
 Decoding looks one step ahead: the step that feeds token N is launched before token N is read on
@@ -26,14 +26,14 @@ Context: when history plus room for an answer would overflow the window, the old
 are dropped (said in a `Note` event); a message that cannot fit alone raises `ContextError`
 and leaves the conversation as it was.
 
-Memory: the engine owns the process's `--cache-mb` budget (`budget`, kvbudget.py), which the
+Memory: the engine owns the process's `--cache-mb` budget (`budget`, engine/kvbudget.py), which the
 scheduler's rows and serve's pool report to as well. `generate` reserves its cache's worst case
 (prompt and whole token budget) as `CHAT` before it prefills, and refuses with one line
 (`ResourceError`) an answer that cannot fit; forgetting the cache gives the reservation back.
 
 Out of GPU memory in a forward: the cache is freed (`free_memory`) and `ResourceError` raised, naming
 the options that help; the conversation keeps its unanswered turn for the caller, as on any error.
-Prompt text becomes ids through prompting.py, where user text can never become a control token.
+Prompt text becomes ids through prompt/prompting.py, where user text can never become a control token.
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ class Engine:
 
     def encode(self, conversation: Conversation, limit: int | None = None) -> Prompt:
         """Render, widen each image (and video) placeholder to its tokens, tokenize (user text stays text);
-        `TooLong` (prompting.py), before tokenizing, when the prompt cannot fit in `limit` tokens."""
+        `TooLong` (prompt/prompting.py), before tokenizing, when the prompt cannot fit in `limit` tokens."""
         media = conversation.images
         counts = self.vision.token_counts(media)  # first: it refuses a video this model cannot take
         videos = [is_video(item) for item in media]

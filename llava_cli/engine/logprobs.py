@@ -6,7 +6,7 @@ can fill the same types from a server's `choices[i].logprobs.content` (`from_ope
 - `TokenLogprob(token, logprob, bytes, top)`: one generated token; `top` holds `Alternative`s, the
   N most likely tokens at that step (N = `top_logprobs` or `--logprobs`, 0..options.MAX_TOP_LOGPROBS), most likely first.
   `as_openai` / `from_openai` convert a list of them to and from OpenAI's `logprobs.content` list.
-- `LogprobHook`: the `TokenHook` (decoding.py) that records them, one per row, on every path
+- `LogprobHook`: the `TokenHook` (engine/pipeline.py) that records them, one per row, on every path
   (`ask`, `ask --each`, `serve`, alone or batched). It must be the row's FIRST hook, so it sees the
   model's raw scores: the values are `log_softmax` of the model's logits in float32, before the
   temperature, top-p and any constraint mask, exactly what plain transformers computes from

@@ -5,7 +5,7 @@ A path gives the cache for a turn (`cache_for`), runs token ids after what the c
 `Steps` (`steps`): `launch()` feeds the chosen token and computes the next one, `read()` returns the
 chosen token on the host. The engine never looks inside the cache beyond `crop`.
 
-- `StaticPath` (graphstep.py) is the default on a GPU: a bucketed static cache and device-chosen steps,
+- `StaticPath` (engine/graphstep.py) is the default on a GPU: a bucketed static cache and device-chosen steps,
   replayed as a CUDA graph.
 - `EagerPath` (the default on a CPU, where it decodes faster, and with flash-attention, which cannot
   mask a static cache): a `DynamicCache`

@@ -13,7 +13,7 @@
   `accepted` (each chosen token: logprobs, stop sequences; it may end the row). A row's hooks are
   given to its `Sampler` and its `Row`.
 - `RowFault`: one row's scores went bad (not finite) or its draw failed. Only that row fails: the
-  scheduler (decodebatch.py) takes it out and the other rows go on. `checked_argmax(logits)` is the
+  scheduler (engine/scheduler.py) takes it out and the other rows go on. `checked_argmax(logits)` is the
   per-row check and the greedy tokens, in one host sync for the whole batch.
 - `Row`: one answer's tokens and, once it has stopped, why.
 - `forward`: one forward of the model over a batch's new ids after what a `DynamicCache` holds.

@@ -1,8 +1,8 @@
 """`llava serve`'s prefix caches: the KV caches of recent answers, for clients that resend a growing history.
 
-Contract: `PrefixPool(budget)` holds entries, each a one-row cache (kvrows.py) with exactly
-the token ids and image keys it holds (engine.py's `PrefixCache`), within what the process's
-`--cache-mb` budget (kvbudget.py) leaves beside the running answers, least recently used out:
+Contract: `PrefixPool(budget)` holds entries, each a one-row cache (engine/kvrows.py) with exactly
+the token ids and image keys it holds (engine/local.py's `PrefixCache`), within what the process's
+`--cache-mb` budget (engine/kvbudget.py) leaves beside the running answers, least recently used out:
 it reports its bytes there as `POOL`, and gives entries back, oldest first, when a running answer
 needs the room. `PrefixPool(None)`, or a budget without a cap (`--cache-mb 0`), keeps nothing.
 

@@ -7,11 +7,11 @@ do it (transformers' own continuous batching takes no images yet):
   length), starting from a copy of the longest reusable prefix the `PrefixPool` holds, and picks
   its first token. Unless that token ends it, the sequence then joins the batch: the shorter of
   the two caches is padded on the left to the other's length and the rows are stacked
-  (kvrows.py), so every row's tokens stay flush right and all rows take their next token in the
+  (engine/kvrows.py), so every row's tokens stay flush right and all rows take their next token in the
   same step.
 - `step() -> list[Sequence]` runs one forward for every row: each row's newest token, at the
   row's own position (its count of cached tokens), under a mask that hides the row's padding
-  columns; then each row picks its token through its own pipeline (decoding.py: its `Sampler` with
+  columns; then each row picks its token through its own pipeline (engine/pipeline.py: its `Sampler` with
   its settings and seeded generator, its hooks). Rows that end (end-of-sequence, budget spent) leave,
   and are returned. A row whose scores are not finite, or whose draw fails, ends with its `error`
   (`RowFault`) and leaves: the other rows go on with the answers they get alone.
@@ -27,7 +27,7 @@ Greedy answers are the ones the prompt gets alone (`Engine.generate`, plain `gen
 is masked and positions are per row; seeded sampled answers too, each row drawing from its own
 generator.
 
-Memory (kvbudget.py): the batch reserves, as `BATCH` in the engine's `--cache-mb` budget, its rows'
+Memory (engine/kvbudget.py): the batch reserves, as `BATCH` in the engine's `--cache-mb` budget, its rows'
 worst case (every row at the longest final length of any row); `admit` first makes room (the pool's
 oldest entries go) and raises `Full` when the rows running leave too little (the caller waits for
 one to end), `ResourceError` when the row cannot fit even alone. A row that leaves (ended, failed,

@@ -5,9 +5,9 @@ Contract:
   a tail that could still become a stop (a stop's beginning) and trailing whitespace (answers are
   stripped); at the first stop it releases the text before it (stripped) and `hit` becomes true.
   Joined, its output is the answer up to the first stop, whatever the chunk boundaries.
-- `StoppedStream(stream, stops)`: a `TextStream` (streaming.py) whose output goes through `StopText`;
+- `StoppedStream(stream, stops)`: a `TextStream` (engine/streaming.py) whose output goes through `StopText`;
   the engine and the server stream with it (`Engine.detokenizer`).
-- `StopHook(tokenizer, stops)`: the `TokenHook` (decoding.py) that ends the row ("stop") on the
+- `StopHook(tokenizer, stops)`: the `TokenHook` (engine/pipeline.py) that ends the row ("stop") on the
   token whose text completes a stop; it reads the same `TextStream` text, so it ends the row exactly
   where the shown text stops.
 - `before_stop(text, stops)`: a whole answer's text up to its first stop (batch answers).

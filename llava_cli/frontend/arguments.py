@@ -201,11 +201,11 @@ class AskOptions:
     output: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     parallel: int | None = None  # None: DEFAULT_PARALLEL, when a server answers
-    ray: str | None = None  # --ray ADDRESS: answer on a Ray cluster (batchray.py)
+    ray: str | None = None  # --ray ADDRESS: answer on a Ray cluster (ask/via_ray.py)
     actors: int | None = None  # None: one per GPU (or per node) of the cluster
     gpus_per_actor: float | None = None  # None: 1 on a cluster with GPUs, else 0
-    clipboard: bool = False  # --clipboard: the clipboard's image goes with the question (paste.py)
-    pages: str | None = None  # --pages 1-3,7: the pages of a PDF argument (pdfpages.py); None: the first
+    clipboard: bool = False  # --clipboard: the clipboard's image goes with the question (media/paste.py)
+    pages: str | None = None  # --pages 1-3,7: the pages of a PDF argument (media/pdfpages.py); None: the first
     recursive: bool = False  # --each FOLDER: its subfolders' images too
     logprobs: int | None = None  # --logprobs N: each token's logprob and N alternatives in the JSON record (ask --json, --each's lines)
 

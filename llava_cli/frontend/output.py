@@ -3,7 +3,7 @@
 `WRITERS[name](constraint)` makes the writer for a run whose answers follow the schema text
 `constraint` (None: free text); only csv's columns depend on it.
 
-A writer has four jobs, each given the records of records.py (`answer_record` for one answer,
+A writer has four jobs, each given the records of frontend/records.py (`answer_record` for one answer,
 `make_record` for a batch line):
 - `stream(chunks, raw)`: take in one answer as it is generated and return its whole text (text
   shows it at once and ends its line, even when it is stopped midway; JSON shows nothing yet).
@@ -13,7 +13,7 @@ A writer has four jobs, each given the records of records.py (`answer_record` fo
   (text and csv lines carry answers only; errors go to stderr).
 - `header()`: the bytes that come before the first line of a new output (csv's column names), or None.
 
-Everything goes through terminal.py's choke point: on a terminal escape sequences are stripped
+Everything goes through base/terminal.py's choke point: on a terminal escape sequences are stripped
 unless `raw`; piped, the bytes are exactly as generated.
 """
 

@@ -1,6 +1,6 @@
 """The JSON records scripts read: one answer (`ask --json`, piped `chat --json`), one `ask --each`
 answer or error, and the JSON-lines file (`-o`) that a rerun resumes, or its CSV form
-(`-o FILE --output-format csv`, `CsvFile`). How a record is written to stdout in each output format is output.py's.
+(`-o FILE --output-format csv`, `CsvFile`). How a record is written to stdout in each output format is frontend/output.py's.
 Under a schema a record's `answer` is the parsed JSON value (an object for an object schema), not its text.
 
 `answer_record` is the object of one answer, the same keys for `ask` and `chat` (README lists them).
@@ -112,7 +112,7 @@ def parse_record(line: bytes) -> dict[str, Any] | None:
 
 
 class CsvFile:
-    """`-o FILE --output-format csv`: output.py's CSV rows appended, one write per row, resumed from
+    """`-o FILE --output-format csv`: frontend/output.py's CSV rows appended, one write per row, resumed from
     the rows already there. A CSV holds answers only (errors go to stderr, so a rerun retries them)
     and no prompt: a rerun skips the images the file holds whatever the question was, so give a
     new question a new file. A file whose columns are not this run's (another schema) is refused."""

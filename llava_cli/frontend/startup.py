@@ -1,7 +1,7 @@
 """Start-up shared by the front-ends: quiet libraries, load the model, build the backend.
 
-`start_engine` decides where answers come from and returns it as a `Backend` (backend.py): a server
-(`RemoteEngine`: --server, or a running `llava serve` for the model; see remote.py) or a model
+`start_engine` decides where answers come from and returns it as a `Backend` (engine/backend.py): a server
+(`RemoteEngine`: --server, or a running `llava serve` for the model; see client/remote.py) or a model
 loaded here. `load_engine` always loads the model here and returns the local `Engine` itself, for
 the callers that need more than the protocol (`llava serve`, `ask --each`'s batches).
 
@@ -54,7 +54,7 @@ def start_engine(settings: Settings) -> Backend:
 
 
 def connect_server(settings: Settings, remember_images: bool = True) -> RemoteEngine | None:
-    """remote.py's `connect`, its notes on stderr (and with --verbose, the server it chose)."""
+    """client/remote.py's `connect`, its notes on stderr (and with --verbose, the server it chose)."""
     stderr = make_console(sys.stderr)
     remote = choose_server(settings, lambda message: say(stderr, f"note: {message}"), remember_images)
     if remote is not None and settings.verbose:

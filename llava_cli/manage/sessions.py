@@ -1,9 +1,9 @@
-"""`llava sessions`: list, show, export and remove saved conversations (files described in store.py).
+"""`llava sessions`: list, show, export and remove saved conversations (files described in store/conversations.py).
 
 Everything goes to stdout (escape sequences removed when it is a terminal); warnings about files
 that cannot be read go to stderr. `show --json` and `export --format json` print the file's
 document as stored; `export --format markdown` writes a Markdown transcript with image links, each
-field encoded for its place by markdownsafe.py (a saved file is untrusted: no raw HTML, no
+field encoded for its place by store/markdownsafe.py (a saved file is untrusted: no raw HTML, no
 `javascript:` or `data:` link, no forged heading survives; the rest of the answers' Markdown does). `prune` removes unnamed
 conversations last updated before `--older-than` and/or beyond the `--keep` newest (both given: only
 those that are both); named ones (`/save NAME`) and unreadable files are left alone.

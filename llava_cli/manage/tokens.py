@@ -2,7 +2,7 @@
 
 The model is a local folder, or a hub id: its cached snapshot (weights or not), else only its
 config, tokenizer and processor files are downloaded (download.pull without weights). Images go
-through the same checks as everywhere (images.py; a PDF gives its first page, pdfpages.py);
+through the same checks as everywhere (media/images.py; a PDF gives its first page, media/pdfpages.py);
 `--max-image-tokens` restricts the anyres grid as it would for an answer. One line per image on stdout (imagetokens.`ImageTokens.line`), or
 a JSON list with --json.
 """

@@ -1,8 +1,8 @@
 """What a user attaches, image or video: one choke point that tells them apart and opens them.
 
 `open_media(name, settings)` reads a file or fetches an http(s) URL: a name with a video extension
-(VIDEO_SUFFIXES, on the URL's path for a URL) is a video (video.py), anything else an image
-(images.py, urls.py); `open_local` is the chat's (/image, /video). `media_from_bytes(data, name, settings)` decides by content instead (stdin,
+(VIDEO_SUFFIXES, on the URL's path for a URL) is a video (media/video.py), anything else an image
+(media/images.py, media/urls.py); `open_local` is the chat's (/image, /video). `media_from_bytes(data, name, settings)` decides by content instead (stdin,
 data: URLs, a server request's part): the magic bytes of an allowed video container make a video.
 Videos are sampled as `settings` says (`--frames`, `--fps`; neither: the checkpoint's default).
 """

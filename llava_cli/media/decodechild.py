@@ -1,6 +1,6 @@
-"""The helper process of decodepool.py: decodes the images it is sent, one at a time, until its stdin closes.
+"""The helper process of media/decodepool.py: decodes the images it is sent, one at a time, until its stdin closes.
 
-Run as `python -m llava_cli.media.decodechild`; speaks decodepool.py's framing on stdin/stdout and
+Run as `python -m llava_cli.media.decodechild`; speaks media/decodepool.py's framing on stdin/stdout and
 writes nothing else there (file descriptor 1 is pointed at stderr, so a library that prints
 cannot corrupt a reply). Each image goes through `images.decode`: the same checks and the same
 pixels as decoding in llava-cli itself.

@@ -12,8 +12,8 @@ Image bytes are hostile, so decoding is limited:
 - only the formats in DECODED_FORMATS are tried (`Image.open(formats=...)`): never EPS, PS or PDF,
   which Pillow hands to Ghostscript, nor any other plugin nobody needs for a photo;
 - bytes that ask the decoder for more work than any real picture needs (a JPEG of thousands of
-  scans, a TIFF of millions of strips) are refused before it runs (`imagelimits.py`);
-- `image_from_bytes` decodes in a helper process (decodepool.py) within DECODE_BUDGET_S: a decode
+  scans, a TIFF of millions of strips) are refused before it runs (`media/imagelimits.py`);
+- `image_from_bytes` decodes in a helper process (media/decodepool.py) within DECODE_BUDGET_S: a decode
   past it is killed and refused in one line, and a crashing decoder takes only the helper down;
 - an image whose sides differ by more than MAX_ASPECT_RATIO:1 is refused before it is decoded: the
   processor scales the short side up to its input size (336 or 384 px), so a 177-byte 1x100000 PNG
@@ -135,7 +135,7 @@ def image_from_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE
 
 
 def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """The RGB picture of `data`, decoded here (decodepool.py's helper process runs this)."""
+    """The RGB picture of `data`, decoded here (media/decodepool.py's helper process runs this)."""
     from PIL import Image, UnidentifiedImageError
 
     check_decoding_work(data, name)

@@ -8,7 +8,7 @@ tool is killed past `TOOL_TIMEOUT_S`, and the bytes go through the same decoding
 file (images.image_from_bytes: allow-listed formats, pixel and aspect caps). The result is named
 `PASTED_NAME` and has no path, so a saved conversation records it as a pasted image that, like
 one read from stdin, cannot be read again on resume. With no tool, or no image on the clipboard,
-`InputError` says so. clipboard.py (`/copy`) is the other direction.
+`InputError` says so. chat/clipboard.py (`/copy`) is the other direction.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ A PDF is hostile input like any image file:
   `InputError` line;
 - each page is rendered at the DPI that makes its long side RENDER_SIDE pixels (the largest input
   any LLaVA family uses, so no model loses detail; between MIN_DPI and MAX_DPI), and then goes
-  through images.py's size checks (`--max-image-pixels`, aspect ratio).
+  through media/images.py's size checks (`--max-image-pixels`, aspect ratio).
 A page has no file of its own: a saved conversation records it by name (`report.pdf page 3`)
 without a path, so, like a pasted image, it cannot be re-read on resume.
 """

@@ -3,7 +3,7 @@
 `describe_images(processor, family, images, window)` returns one `ImageTokens` per image of a prompt
 that holds exactly `images` (LLaVA-OneVision tiles only a lone image): the original size, the size
 the processor resized or padded it to (the anyres resolution it chose, or the one input tile),
-the grid of tiles (rows x columns, anyres families only), its image tokens (vision.py's count, the
+the grid of tiles (rows x columns, anyres families only), its image tokens (models/vision.py's count, the
 processor's own) and their share of the context window. `llava tokens` and `/show` print these.
 
 `--max-image-tokens N` (anyres families): `restrict_pinpoints(processor, family, n, model)` keeps

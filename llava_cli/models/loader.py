@@ -2,17 +2,17 @@
 
 `load_model(settings)` returns a `LoadedModel` or raises `ModelError` with one line naming what was
 asked and what to do. `resolve_model` turns `--model` into a folder: a local folder as is, a hub id
-through download.py (a complete cached snapshot with no network at all; else the missing files are
+through models/download.py (a complete cached snapshot with no network at all; else the missing files are
 downloaded, with short timeouts and a progress bar on a terminal's stderr). The checkpoint is checked
 before any weights are read (config, model type, weights, processor files), safetensors are
 loaded straight to the target device and dtype, and `trust_remote_code` is off unless asked for.
-config.json picks the family's row (families.py): the transformers class, the processor (transformers'
+config.json picks the family's row (base/families.py): the transformers class, the processor (transformers'
 AutoProcessor or, for a family whose processor needs torchvision when it is missing, the checkpoint's
-image parts: processors.py) and the prompt format (`--chat-template`, else the family's:
+image parts: models/processors.py) and the prompt format (`--chat-template`, else the family's:
 `prompt_format_for`), checked to render a message with an image before any weights are read.
 `--max-image-tokens` restricts an anyres family's grid pinpoints on the processor and the model's
-config alike (imagetokens.py).
-This module never prints (download.py draws its progress bar).
+config alike (models/imagetokens.py).
+This module never prints (models/download.py draws its progress bar).
 """
 
 from __future__ import annotations

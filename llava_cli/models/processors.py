@@ -1,6 +1,6 @@
 """A checkpoint's processor built from its image parts, for when transformers cannot build the whole one.
 
-transformers builds the processors of some families (`processor_needs_torchvision` in families.py:
+transformers builds the processors of some families (`processor_needs_torchvision` in base/families.py:
 LLaVA-OneVision, LLaVA-NeXT-Video) only together with a video processor, and every video processor
 needs torchvision, while their images need none. `image_parts_processor(folder, processor_class)`
 builds the family row's processor class from the checkpoint's own files, without a video
@@ -9,7 +9,7 @@ processor: the tokenizer, transformers' PIL image processor configured by `prepr
 `processor_config.json` (image token, tokens per image) and the chat template (`chat_template.jinja`
 or `chat_template.json`). Prompts, image-token counts and pixel values are then exactly
 transformers' own: the class's `apply_chat_template` and `replace_image_token`, and the PIL image
-processor's output. Its videos' pixels come from `videopixels.py` (the video processor's tensor path in torch).
+processor's output. Its videos' pixels come from `media/videopixels.py` (the video processor's tensor path in torch).
 `torchvision_installed()` says which way to go.
 """
 

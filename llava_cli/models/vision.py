@@ -5,7 +5,7 @@ checkpoint's own processor answers when `apply_chat_template` hands it the whole
 (`processor(text=prompt, images=[images])`):
 
 - `token_counts(images)`: how many image tokens each image placeholder widens to, by the family's
-  `Tiling` (families.py). llava-1.5 and llava-interleave: a fixed number; LLaVA-NeXT (and -Video):
+  `Tiling` (base/families.py). llava-1.5 and llava-interleave: a fixed number; LLaVA-NeXT (and -Video):
   it depends on each image's size (anyres tiles); LLaVA-OneVision: anyres tiles when the prompt
   holds one image, only the base tile (and a newline) when it holds several. The count is the
   processor's own `replace_image_token`, so it cannot drift from what plain `transformers` does.
@@ -18,7 +18,7 @@ Each image is preprocessed once per tiling mode and memoized by its content dige
 Videos (`video.VideoRef`) travel in the same lists, in prompt order: `token_counts` gives a video
 the processor's own `replace_video_token` count, `model_inputs` adds `pixel_values_videos` (frames,
 3, H, W per video) for the new ones. Their frames are sampled and turned into pixels by the loaded
-`VideoFrames` (videopixels.py: the checkpoint's own video processor, or its torch-only twin), once
+`VideoFrames` (media/videopixels.py: the checkpoint's own video processor, or its torch-only twin), once
 per video digest. A family without a video path (`Family.takes_videos`) refuses a video in one
 line. Images alone decide OneVision's tiling (`batch_num_images` counts images, not videos), as in
 its processor.

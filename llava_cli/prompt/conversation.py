@@ -7,7 +7,7 @@ plus an optional system text. It knows nothing about models: a `PromptFormat` re
     [SYSTEM ]USER: <image>\n<prompt1> ASSISTANT: <answer1></s>USER: <prompt2> ASSISTANT:
 one `<image>` line per image, in the turn that added it. Other families use the checkpoint's own
 chat template (`ChatTemplateFormat`). `prompt_format_for` builds the format a family's row names
-(families.py: chosen from the checkpoint's config, never from its name).
+(base/families.py: chosen from the checkpoint's config, never from its name).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class Llava15Format:
 
 class ChatTemplateFormat:
     """The checkpoint's own chat template: the text `processor.apply_chat_template` gives, rendered
-    in a bounded sandbox (templates.py), since a template is code from the checkpoint."""
+    in a bounded sandbox (prompt/templates.py), since a template is code from the checkpoint."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 MAX_TEMPLATE_STEPS = 1_000_000  # a 4,096-message conversation takes a few tens of thousands
-MAX_TEMPLATE_CHARS = 4 * 1024 * 1024  # user text reaches the template as short markers (prompting.py)
+MAX_TEMPLATE_CHARS = 4 * 1024 * 1024  # user text reaches the template as short markers (prompt/prompting.py)
 MAX_POWER_BITS = 1 << 16  # `**` chains (10 ** 64 ** 64 ** ...) grow past any budget in one step
 LOOP_COUNTER = "__llava_counted_loop"
 

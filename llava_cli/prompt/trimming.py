@@ -4,7 +4,7 @@
 2... drops in turn would give, with a few encodes instead of one per dropped turn (1000 turns:
 about ten), so a long history cannot hold the engine (or a server's worker) for minutes.
 `encode(dropped)` is the engine's: the prompt of the conversation without its `dropped` oldest turns,
-or `TooLong` (prompting.py) for one that cannot fit, refused before tokenizing.
+or `TooLong` (prompt/prompting.py) for one that cannot fit, refused before tokenizing.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """`llava serve`'s HTTP endpoints: `POST /v1/chat/completions` and `GET /v1/models` (Starlette).
 
 Contract: `Service(engine, settings, options).app()` is the ASGI app; its `Worker` batches up to
-`options.max_batch` answers (default `decodebatch.rows_that_fit`) within the engine's `--cache-mb` budget (kvbudget.py). Every request passes the
+`options.max_batch` answers (default `decodebatch.rows_that_fit`) within the engine's `--cache-mb` budget (engine/kvbudget.py). Every request passes the
 `Guard` (Host, Origin, Content-Type) and the API key first; the body must arrive within
 `--request-timeout` (408) and under `--max-request-mb` (413); at most MAX_OPEN_REQUESTS are open
-at once (503 beyond). The body becomes a `Job` (apirequest.py), its images decoded here
-(servedecode.py, off the worker), answered by the `Worker` (serveworker.py),
+at once (503 beyond). The body becomes a `Job` (serve/request.py), its images decoded here
+(serve/imagedecode.py, off the worker), answered by the `Worker` (serve/worker.py),
 as one JSON completion or as server-sent events (`stream: true`). A request's `n` answers are
 `choices` 0..n-1 (each stream chunk names its `index`; an `n` over the worker's `max_batch` is a
 400); with `logprobs`, each choice has OpenAI's `logprobs.content`, a stream chunk those of its own
@@ -15,11 +15,11 @@ engine's figures (`Stats.as_dict`). Every refusal is an OpenAI-style error body;
 
 Also: `GET|HEAD /health` (no key, no Host check: load balancers) answers `{status, model, loaded}`,
 200 when the server can take work (the model loaded or unloaded by `--keep-alive`), 503 while it
-loads or drains. `GET /metrics` (servemetrics.py) needs the key unless `--metrics-public`. With
-`draining` set (SIGTERM, server.py) every other request gets 503 with `Retry-After`. A body still
+loads or drains. `GET /metrics` (serve/metrics.py) needs the key unless `--metrics-public`. With
+`draining` set (SIGTERM, serve/server.py) every other request gets 503 with `Retry-After`. A body still
 arriving after SLOW_BODY_AFTER_S takes one of MAX_SLOW_BODIES places, so clients that trickle
 their bodies hold at most that share of MAX_OPEN_REQUESTS (503 beyond). Each request's key id
-(`key-N`) scopes its prefix-cache entries and goes to the access log (serveaccess.py), never the key.
+(`key-N`) scopes its prefix-cache entries and goes to the access log (serve/access.py), never the key.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class Service:
         self.api_keys = options.api_keys
         self.metrics_public = options.metrics_public
         self.json_log = options.log_format == "json"
-        self.draining = False  # set on SIGTERM (server.py)
+        self.draining = False  # set on SIGTERM (serve/server.py)
         self.slow_bodies = 0  # changed on the event loop only
         self.max_request_bytes = options.max_request_mb * 2**20
         self.request_timeout_s = options.request_timeout_s

@@ -19,7 +19,7 @@ that passes everything through to uvicorn's and adds:
   find the next request's headers, and clients send JSON with a Content-Length.
 
 Idle kept-alive connections are closed by uvicorn's `timeout_keep_alive` (`--timeout-keep-alive`);
-bodies that trickle in by the server's body deadline and slow-body share (serveapp.py).
+bodies that trickle in by the server's body deadline and slow-body share (serve/app.py).
 """
 
 from __future__ import annotations

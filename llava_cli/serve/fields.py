@@ -1,18 +1,18 @@
 """Which chat-completions request fields `llava serve` reads, and the first one it must refuse.
 
 Contract: `refused_field(body)` returns `(param, message)` for the first field of a request body
-(a dict) that the server does not honour, else None; apirequest.py answers it with a 400 naming
+(a dict) that the server does not honour, else None; serve/request.py answers it with a 400 naming
 the field. No field is ever silently ignored:
 
-- READ: fields apirequest.py reads and checks itself (`model`, `messages`, `n`, `stream`,
-  `stream_options`, `response_format`, `stop`, `cache_salt`, `logprobs`, `top_logprobs`), plus the option table's request fields (options.py `REQUEST_FIELDS`).
+- READ: fields serve/request.py reads and checks itself (`model`, `messages`, `n`, `stream`,
+  `stream_options`, `response_format`, `stop`, `cache_salt`, `logprobs`, `top_logprobs`), plus the option table's request fields (base/options.py `REQUEST_FIELDS`).
 - HARMLESS: fields that ask for nothing of the answer (`user`, an end-user id for the client's
   own records).
 - OFF_VALUES: OpenAI fields accepted only at the value that asks for nothing (`presence_penalty: 0`...). Anything else of theirs, and every field not named here (`tools`,
   `tool_choice`, `functions`, `audio`, `modalities`, typos), is refused.
 
 A null value is the same as leaving the field out. `stream_options` may hold `include_usage` only.
-This module is a leaf: it imports only options.py.
+This module is a leaf: it imports only base/options.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`llava serve`'s images, decoded before their request is queued, off the engine's worker thread.
 
 Contract: `await DecodeAhead(guard).decode(job)` decodes the job's images into its turns (in a
-thread, which waits on a decoder process: decodepool.py) and marks the job decoded, so the worker
+thread, which waits on a decoder process: media/decodepool.py) and marks the job decoded, so the worker
 only prefills it; it raises the `ApiError` of the first bad image. It returns a `release` function,
 also set as the job's `on_release`: the worker calls it once the images are prefilled and dropped,
 the request handler when the request ends (whichever comes first counts; later calls do nothing).

@@ -2,7 +2,7 @@
 
 Contract: `ModelHolder(engine, load, keep_alive_s, metrics)` holds the engine the server started
 with. `keep_alive_s` None keeps it forever (the default); 0 frees it after each answer; N seconds
-frees it after N idle seconds. The worker thread (serveworker.py) asks `idle_wait_s()` how long it
+frees it after N idle seconds. The worker thread (serve/worker.py) asks `idle_wait_s()` how long it
 may wait for work before calling `unload()`, and calls `load()` before admitting a job while the
 model is out; requests arriving meanwhile wait in the worker's queue. `state` ("loaded",
 "unloaded", "loading") is what `/health` reports; it is read from the event loop, written on the

@@ -7,7 +7,7 @@ apart). The server reports into it:
 - `answered(stats)`: an answer's prompt, cached and generated tokens, time to first token and
   time per output token (from its `Stats`);
 - `loaded()` / `unloaded()`: model load and unload events (`--keep-alive`);
-- `watch({name: (help, read)})`: gauges read when scraped (serveapp.py: queue depth, running rows,
+- `watch({name: (help, read)})`: gauges read when scraped (serve/app.py: queue depth, running rows,
   the batch size, whether the model is loaded, the KV-cache bytes held against `--cache-mb`).
 
 `render() -> (bytes, content type)` is the text exposition. prometheus_client is imported here

@@ -9,17 +9,17 @@ Contract: `parse_job(body, served_model, base_settings)` returns a `Job` or rais
 - `messages` (at most MAX_MESSAGES) become a `Conversation`: system/developer texts joined,
   consecutive user messages one turn, assistant messages that turn's answer; the last message
   must be the user's. `image_url` and `video_url` parts (at most MAX_IMAGES_PER_REQUEST; a data:
-  URL is an image or a video by its bytes, media.py) are `data:` URLs or paths
+  URL is an image or a video by its bytes, media/attachments.py) are `data:` URLs or paths
   the Guard allows; they are checked for form here and decoded later (`Job.load_images`, within
-  MAX_REQUEST_PIXELS): by the server before it queues the job (servedecode.py), a few requests'
+  MAX_REQUEST_PIXELS): by the server before it queues the job (serve/imagedecode.py), a few requests'
   images at a time, or by the worker for a job queued undecoded.
-- The request fields of the option table (options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
+- The request fields of the option table (base/options.py `REQUEST_FIELDS`: `temperature`, `top_p`,
   `max_tokens`/`max_completion_tokens`, `seed`) override the server's `Settings` for this request,
   each type-checked, then validated by `Settings`.
 - `cache_salt` (a string, as vLLM has it) scopes the prefix cache: only requests with the same
   salt, sent with the same API key, share cached prefixes (`Job.cache_scope`).
-- `stop` (a string or up to 4) becomes `Settings.stop` (stops.py); `response_format` (text, json_object, json_schema) becomes `Settings.constraint` (constraints.py).
-- Any other field is refused with a 400 naming it (requestfields.py), never silently ignored.
+- `stop` (a string or up to 4) becomes `Settings.stop` (engine/stops.py); `response_format` (text, json_object, json_schema) becomes `Settings.constraint` (engine/constraints.py).
+- Any other field is refused with a 400 naming it (serve/fields.py), never silently ignored.
 
 `api_error_from` turns what the engine refused (`LlavaError`) into the `ApiError` a client gets.
 """
@@ -112,7 +112,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     n: int = 1  # answers asked for: row i samples with seed + i (`row_settings`)
     cache_salt: str = ""  # the request's `cache_salt`: only requests with the same salt (and key) share cached prefixes
-    key_id: str = ""  # which of the server's API keys sent it (serveapp.py)
+    key_id: str = ""  # which of the server's API keys sent it (serve/app.py)
 
     @property
     def cache_scope(self) -> str:
@@ -125,7 +125,7 @@ class Job:
         return [dataclasses.replace(self.settings, seed=None if seed is None else seed + index) for index in range(self.n)]
     decoded: bool = False  # the images are in their turns (llava serve decodes them before queueing the job)
     on_release: Callable[[], None] = lambda: None  # told when the decoded images are dropped
-    pixels: int = 0  # the decoded images' pixels in all (a video has caps of its own, video.py)
+    pixels: int = 0  # the decoded images' pixels in all (a video has caps of its own, media/video.py)
 
     def load_images(self, guard: Guard, max_pixels: int, stop: Callable[[], bool]) -> bool:
         """Decode the images in order, within MAX_REQUEST_PIXELS; False if told to stop meanwhile. Once is enough."""
@@ -137,7 +137,7 @@ class Job:
                 return False
             loaded = pending.load(guard, dataclasses.replace(self.settings, max_image_pixels=max_pixels))
             if isinstance(loaded, VideoRef):
-                continue  # a video has caps of its own (video.py)
+                continue  # a video has caps of its own (media/video.py)
             width, height = loaded.image.size
             pixels += width * height
             if pixels > MAX_REQUEST_PIXELS:
@@ -216,7 +216,7 @@ def optional(body: dict[str, Any], key: str, kind: type, described: str, prefix:
 
 
 def response_constraint(body: dict[str, Any]) -> str | None:
-    """`response_format` as the answer's schema text (constraints.py); a 400 naming the field if unusable."""
+    """`response_format` as the answer's schema text (engine/constraints.py); a 400 naming the field if unusable."""
     try:
         return response_format_constraint(body.get("response_format"))
     except UsageError as err:
@@ -224,7 +224,7 @@ def response_constraint(body: dict[str, Any]) -> str | None:
 
 
 def request_stops(body: dict[str, Any]) -> tuple[str, ...]:
-    """`stop`: a string or up to 4 (stops.py); a 400 naming the field otherwise."""
+    """`stop`: a string or up to 4 (engine/stops.py); a 400 naming the field otherwise."""
     try:
         return () if body.get("stop") is None else stop_list(body["stop"], "`stop`")
     except UsageError as err:

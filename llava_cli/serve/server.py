@@ -3,7 +3,7 @@
 Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent events) and
 `GET /v1/models`, served by uvicorn + Starlette. Contract:
 
-- Before anything else, serveguard.py's `Guard` checks Host, Origin and Content-Type (403, 415),
+- Before anything else, serve/guard.py's `Guard` checks Host, Origin and Content-Type (403, 415),
   then the API key (401); the body must arrive within `--request-timeout` (408) and under
   `--max-request-mb` (413).
 - A request's `messages` (at most MAX_MESSAGES, every field's type checked: `true` is not 1)
@@ -12,7 +12,7 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   `llava ask`/`llava chat` give locally.
 - At most MAX_OPEN_REQUESTS are open at once (503 beyond). One engine, one daemon worker thread
   that batches: requests are admitted in arrival order, prefilled alone and decoded together, up
-  to `--max-batch` at once (continuous batching, serveworker.py and decodebatch.py); the
+  to `--max-batch` at once (continuous batching, serve/worker.py and engine/scheduler.py); the
   `--cache-mb` pool of recent answers' caches serves a multi-turn client's growing history
   without re-running it. A request's images (at most MAX_IMAGES_PER_REQUEST, MAX_REQUEST_PIXELS in
   all) are decoded only when it is admitted, and dropped once it is prefilled (glibc's heap
@@ -33,15 +33,15 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
   answers in flight finish for up to `--drain-timeout` seconds, then the server exits 0 (a second
   SIGTERM, or `--drain-timeout 0`, skips the wait). SIGINT (Ctrl-C) exits 130 within a few seconds
   whatever the worker is doing. Answers still in flight are stopped and the discovery file
-  (discovery.py) is removed. Nothing is printed but one-line messages on stderr (uvicorn's
+  (client/discovery.py) is removed. Nothing is printed but one-line messages on stderr (uvicorn's
   tracebacks are folded into one line).
-- Connections go through serveconn.py's guard (header deadline, connection caps); idle kept-alive
-  ones close after `--timeout-keep-alive`. `--keep-alive` unloads an idle model (servemodel.py).
+- Connections go through serve/connections.py's guard (header deadline, connection caps); idle kept-alive
+  ones close after `--timeout-keep-alive`. `--keep-alive` unloads an idle model (serve/keepalive.py).
 
-Where each part lives: serveguard.py (who may ask), apirequest.py (a request body -> `Job`),
-serveworker.py (the engine's thread, scheduling the batch), serveapp.py (the HTTP endpoints and responses),
-servelog.py (one-line logging), serveaccess.py (access log, request ids), servemetrics.py (/metrics),
-serveconn.py (slow and too many connections); this module binds the socket, runs uvicorn and shuts down.
+Where each part lives: serve/guard.py (who may ask), serve/request.py (a request body -> `Job`),
+serve/worker.py (the engine's thread, scheduling the batch), serve/app.py (the HTTP endpoints and responses),
+serve/log.py (one-line logging), serve/access.py (access log, request ids), serve/metrics.py (/metrics),
+serve/connections.py (slow and too many connections); this module binds the socket, runs uvicorn and shuts down.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def serve_until_signal(service: Service, sock: socket.socket, verbose: bool, opt
         service.app(),
         http=guarded(H11Protocol, limits),
         log_level="info" if verbose else "warning",
-        access_log=False,  # serveaccess.py writes it
+        access_log=False,  # serve/access.py writes it
         lifespan="off",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         timeout_keep_alive=options.timeout_keep_alive_s,

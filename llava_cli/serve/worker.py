@@ -1,22 +1,22 @@
 """`llava serve`'s worker: one engine, one daemon thread, a running batch that requests join and leave.
 
 Contract: `Worker.submit(job)` (on the event loop) queues a `Job` and returns an asyncio queue on
-which the job's events arrive: the backend contract's `TextChunk`s (backend.py; with logprobs asked
+which the job's events arrive: the backend contract's `TextChunk`s (engine/backend.py; with logprobs asked
 for, each carries those of its tokens), then exactly one `Done` (the answer's `Stats` and logprobs),
 `Unfinished` (stopped before the end) or `Failed` (the `ApiError` the client gets). A job asking for
 `n` > 1 answers is prefilled once and decodes as `n` rows (`DecodeBatch.admit_rows`, row i seeded
 seed + i): each row's chunks and `Done` come wrapped in a `Choice` with its index; the job ends with
 the last `Done`, or with the first `Unfinished`/`Failed` (its other rows are stopped). A job's `n`
-rows join the batch together, within `max_batch` (serveapp.py refuses an `n` over it).
+rows join the batch together, within `max_batch` (serve/app.py refuses an `n` over it).
 
-The thread is a scheduler (continuous batching, decodebatch.py): between two decode steps it admits
+The thread is a scheduler (continuous batching, engine/scheduler.py): between two decode steps it admits
 waiting jobs, in arrival order, until `max_batch` answers run at once; each job admitted is fitted
 to the context window and prefilled alone, then decodes with the others, one token per step, its
 text streamed as it comes (a `TextStream` per answer); an answer that ends leaves the batch and a
 waiting job takes its place at the next step. Greedy and seeded answers are those of the job alone.
 Prefill starts from the longest reusable prefix of the `PrefixPool` (KV caches of recent answers,
 least recently used out), so a chat client resending its history pays only for what is new. The
-rows and the pool share the engine's `--cache-mb` budget (kvbudget.py): a job the budget has no
+rows and the pool share the engine's `--cache-mb` budget (engine/kvbudget.py): a job the budget has no
 room for while rows run (`Full`) waits at the head of the queue until one ends; one that cannot
 fit alone fails with its one-line error (400). The worker uses only the engine's and the batch's
 public methods (`fit`, `token_budget`, `detokenizer`, `forget_images`; `admit`, `step`, `remove`).
@@ -29,9 +29,9 @@ a row whose scores go bad (not finite), or that runs out of memory in a step eve
 alone; any other failure of a decode step fails the answers in the batch, and the server goes on.
 A daemon thread, so that a job deep in a forward never keeps a stopping server alive.
 
-`--keep-alive` (servemodel.py's `ModelHolder`): idle past it, the thread drops the batch, the pool's
+`--keep-alive` (serve/keepalive.py's `ModelHolder`): idle past it, the thread drops the batch, the pool's
 caches and the engine (`unload`); the next job loads the model again first (`load`), and jobs
-arriving meanwhile queue. Each job's cache entries are scoped by `job.cache_scope` (prefixpool.py).
+arriving meanwhile queue. Each job's cache entries are scoped by `job.cache_scope` (engine/prefixpool.py).
 """
 
 from __future__ import annotations

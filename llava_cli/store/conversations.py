@@ -23,7 +23,7 @@ Session files are untrusted input (they can be edited, planted or shared): they 
 name inside must match NAME_PATTERN, and where a conversation is saved is decided by the name of
 the file it was read from, never by the `id` inside it.
 
-Continuing a saved conversation (its images read again and checked) is resume.py's job.
+Continuing a saved conversation (its images read again and checked) is store/resume.py's job.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing
     return Conversation(system=saved.system, turns=turns), [f"continuing without an image ({problem})" for problem in problems]
 
 
-# Where an image saved without a path came from; any other: a URL or a PDF page (pdfpages.py).
+# Where an image saved without a path came from; any other: a URL or a PDF page (media/pdfpages.py).
 NO_FILE_SOURCES = {"<stdin>": "read from stdin", PASTED_NAME: "pasted from the clipboard"}
 OTHER_SOURCE = "not read from a file of its own (a URL or a PDF page)"
 
