@@ -19,18 +19,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compile_cpu import answers, bench_args, tiny_model_on_one_thread  # noqa: E402
-from decode_paths_cpu import weights_bound_model  # noqa: E402
-from gpu_phases import fixed_length  # noqa: E402
+from compile_cpu import answers, bench_args, tiny_model_on_one_thread
+from decode_paths_cpu import weights_bound_model
+from gpu_phases import fixed_length
 
-from llava_cli.engine.local import Engine  # noqa: E402
+from llava_cli.engine.local import Engine
 
 CASES = {"none": None, "logprobs 0": 0, "logprobs 20": 20}
 
 
 def main() -> int:
     args = bench_args(__doc__, weights_bound=True)
-    model = weights_bound_model(args.new_tokens, args.weights_bound) if args.weights_bound else tiny_model_on_one_thread(args.new_tokens)
+    model = (
+        weights_bound_model(args.new_tokens, args.weights_bound)
+        if args.weights_bound
+        else tiny_model_on_one_thread(args.new_tokens)
+    )
     rates: dict[str, list[float]] = {name: [] for name in CASES}
     texts: set[str] = set()
     with model as (settings, loaded):
@@ -44,7 +48,9 @@ def main() -> int:
         print(f"{name:>12}: {', '.join(f'{rate:.1f}' for rate in values)} tokens/s (best {max(values):.1f})")
     print(f"same answers: {'yes' if len(texts) == 1 else 'NO'}")
     base = max(rates["none"])
-    print(f"logprobs 0 / none: {max(rates['logprobs 0']) / base:.2f}; logprobs 20 / none: {max(rates['logprobs 20']) / base:.2f}")
+    print(
+        f"logprobs 0 / none: {max(rates['logprobs 0']) / base:.2f}; logprobs 20 / none: {max(rates['logprobs 20']) / base:.2f}"
+    )
     return 0
 
 

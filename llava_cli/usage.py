@@ -152,7 +152,9 @@ def check_command(name: str, options: dict[str, Any]) -> None:
 
 def check_arguments(command: Any, values: dict[str, Any], left_over: list[str], where: str) -> None:
     """Every required argument given, none too many (click's parser fills arguments in `values`)."""
-    missing = [param for param in command.params if is_argument(param) and param.required and values.get(param.name) is None]
+    missing = [
+        param for param in command.params if is_argument(param) and param.required and values.get(param.name) is None
+    ]
     if missing:
         raise UsageError(f"missing {missing[0].metavar or missing[0].name.upper()}: {where} {usage_arguments(command)}")
     if left_over:

@@ -161,8 +161,8 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model):
     """The tiny checkpoint loaded once (float32 on CPU): build an `Engine` on it for in-process tests."""
-    from llava_cli.models.loader import load_model
     from llava_cli.base.settings import Settings
+    from llava_cli.models.loader import load_model
 
     return load_model(Settings(model=str(tiny_model)))
 

@@ -12,25 +12,32 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import closing
 
-from llava_cli.engine.backend import Answer, BackendInfo, Done, Events, Note, TextChunk
-from llava_cli.prompt.conversation import Conversation
 from llava_cli.base.settings import Settings
+from llava_cli.engine.backend import Answer, BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.engine.streaming import Stats
+from llava_cli.prompt.conversation import Conversation
 
 
 class FakeBackend:
     """Answers every message with `chunks`; `raises` (e.g. KeyboardInterrupt) is raised after the chunks instead.
     `dtype` None: it tells no dtype, as a server; set, it is a model loaded here."""
 
-    def __init__(self, chunks: Sequence[str] = ("an answer",), stats: Stats | None = None,
-                 raises: BaseException | None = None, dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        chunks: Sequence[str] = ("an answer",),
+        stats: Stats | None = None,
+        raises: BaseException | None = None,
+        dtype: str | None = None,
+    ) -> None:
         self.chunks = list(chunks)
         self.dtype = dtype
         self.stats = stats or Stats()
         self.raises = raises
         self.resets = 0
 
-    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
+    def generate(
+        self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False
+    ) -> Events:
         for chunk in self.chunks:
             yield TextChunk(chunk)
         if self.raises is not None:

@@ -41,7 +41,9 @@ READY_TIMEOUT_S = 90  # a `llava serve` subprocess loads its model within this
 EXIT_TIMEOUT_S = 20
 SERVING = re.compile(rb"llava serve: serving .* at (http://\S+)/v1")  # its line once ready (serve/server.py)
 # What a terminal shows is not what was written: colours, cursor moves and control characters go.
-TERMINAL_NOISE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b.?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+TERMINAL_NOISE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b.?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
 
 
 def slow_fixture(function=None, **kwargs):
@@ -83,7 +85,9 @@ class Reference:
         pictures = [Image.open(path).convert("RGB") for path in image_paths] or None
         inputs = self.processor(text=prompt, images=pictures, return_tensors="pt")
         processors = [self.grammar_processor(schema)] if schema is not None else None
-        output = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=processors)
+        output = self.model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=processors
+        )
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         return self.processor.decode(new_tokens, skip_special_tokens=True).strip()
 
@@ -140,13 +144,14 @@ def chat(engine, settings, conversation, reference, script, system=None):
         streamed, figures = answer_of(engine.generate(conversation, settings), conversation)
         answer = conversation.turns[-1].answer
         paths += map(str, image_paths)
-        expected = reference.answer(render_llava15(history + [(text, len(image_paths), None)], system), paths, settings.max_new_tokens)
+        expected = reference.answer(
+            render_llava15(history + [(text, len(image_paths), None)], system), paths, settings.max_new_tokens
+        )
         assert answer == expected, f"turn {len(history) + 1}"
         assert streamed == answer
         history.append((text, len(image_paths), answer))
         stats.append(figures)
     return stats
-
 
 
 # HTTP: a quiet test server; `llava serve` in a subprocess and in this process; OpenAI messages --
@@ -155,7 +160,6 @@ def chat(engine, settings, conversation, reference, script, system=None):
 class QuietServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         pass  # a test hanging up on purpose is expected, not worth a traceback
-
 
 
 class Serve(subprocess.Popen):
@@ -197,13 +201,28 @@ class Serve(subprocess.Popen):
 class Server:
     """A `llava serve` subprocess, started at once; `url` waits until it is ready."""
 
-    def __init__(self, model: Path, folder: Path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, model: Path, folder: Path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()
+    ) -> None:
         self.model = str(model)
         self.runtime = folder / "run"
         self.log_path = folder / "serve.log"
         self.env = cli_env(LLAVA_RUNTIME_DIR=str(self.runtime), **(env or {}))
-        command = [sys.executable, "-m", "llava_cli", "serve", "--model", self.model, "--port", "0",
-                   "-n", str(SHORT_ANSWER), "--max-request-mb", "1", *options]
+        command = [
+            sys.executable,
+            "-m",
+            "llava_cli",
+            "serve",
+            "--model",
+            self.model,
+            "--port",
+            "0",
+            "-n",
+            str(SHORT_ANSWER),
+            "--max-request-mb",
+            "1",
+            *options,
+        ]
         self.process = Serve(command, self.log_path, self.env, preexec_fn=default_sigint)
 
     @functools.cached_property
@@ -228,7 +247,6 @@ class Server:
         return self.process.wait(timeout=EXIT_TIMEOUT_S)
 
 
-
 def client_for(tiny_loaded, settings, **options):
     """A starlette TestClient on `llava serve`'s app over `tiny_loaded` (no socket), and its Service."""
     from starlette.testclient import TestClient
@@ -241,16 +259,13 @@ def client_for(tiny_loaded, settings, **options):
     return TestClient(service.app(), base_url="http://127.0.0.1:8700"), service
 
 
-
 def data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
 
 
 def user(text: str, *image_urls: str) -> dict:
     parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-
 
 
 # `ask --each`: its inputs and its JSON lines ----------------------------------------------------
@@ -268,10 +283,8 @@ def copies(images: dict[str, Path], folder: Path, count: int) -> list[Path]:
     return paths
 
 
-
 def lines_of(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
-
 
 
 # `llava chat` at a pseudo-terminal --------------------------------------------------------------
@@ -279,7 +292,6 @@ def lines_of(text: str) -> list[dict]:
 
 def visible(text: str) -> str:
     return TERMINAL_NOISE.sub("", text)
-
 
 
 class Repl:
@@ -290,7 +302,9 @@ class Repl:
         # --no-markdown: the answer is shown exactly as streamed, so it can be compared with the reference.
         args = ["-m", "llava_cli", "chat", "--model", str(model), "-n", str(max_new), "--no-markdown"]
         self.log = io.BytesIO()
-        self.child = pexpect.spawn(sys.executable, args, env=env, timeout=120, dimensions=(40, 400), preexec_fn=default_sigint)
+        self.child = pexpect.spawn(
+            sys.executable, args, env=env, timeout=120, dimensions=(40, 400), preexec_fn=default_sigint
+        )
         self.child.logfile_read = self.log
         self.prompt()
 

@@ -17,9 +17,17 @@ SAMPLE_STRIDE = 97  # full-size outputs are stored as every 97th value, plus the
 CASES = [
     ("next_video_default", "LlavaNextVideoVideoProcessor", {}),
     ("onevision_default", "LlavaOnevisionVideoProcessor", {}),
-    ("next_video_small", "LlavaNextVideoVideoProcessor", dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
+    (
+        "next_video_small",
+        "LlavaNextVideoVideoProcessor",
+        dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    ),
     ("onevision_small", "LlavaOnevisionVideoProcessor", dict(size={"height": 32, "width": 32})),
-    ("next_video_bilinear", "LlavaNextVideoVideoProcessor", dict(size={"shortest_edge": 24}, crop_size={"height": 20, "width": 28}, resample=2)),
+    (
+        "next_video_bilinear",
+        "LlavaNextVideoVideoProcessor",
+        dict(size={"shortest_edge": 24}, crop_size={"height": 20, "width": 28}, resample=2),
+    ),
 ]
 SHAPES = {"landscape": (4, 40, 56), "portrait": (3, 57, 41)}
 INDEX_CASES = [(total, n) for total in (1, 7, 8, 30, 31, 100, 301) for n in (1, 2, 3, 8, 16, 32) if n <= total]

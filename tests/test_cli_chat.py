@@ -28,7 +28,9 @@ def test_piped_three_turns_two_images_print_one_reference_answer_per_line(tiny_m
     red, green = images["red"], images["green"]
     stdin = f"/image {red}\nWhat is in this picture?\nDescribe the colours.\n/image {green} Compare the two.\n"
     result = run_llava("chat", "--model", tiny_model, "-n", MAX_NEW, stdin=stdin)
-    expected = answers_for(reference, [("What is in this picture?", [red]), ("Describe the colours.", []), ("Compare the two.", [green])])
+    expected = answers_for(
+        reference, [("What is in this picture?", [red]), ("Describe the colours.", []), ("Compare the two.", [green])]
+    )
     assert result.returncode == 0, result.stderr_text
     assert result.stderr_text == ""
     assert result.stdout == "".join(answer + "\n" for answer in expected).encode()
@@ -45,8 +47,15 @@ def test_piped_json_lines_with_a_bad_image_and_clear(tiny_model, images, referen
         "/clear",
         "Start again.",
     ]
-    result = run_llava("chat", "--image", red, "--json", "--model", tiny_model, "-n", MAX_NEW, stdin="\n".join(lines) + "\n")
-    script = [("What is in this picture?", [red]), ("Describe the colours.", []), ("Compare the two.", [green]), ("Which one is brighter?", [])]
+    result = run_llava(
+        "chat", "--image", red, "--json", "--model", tiny_model, "-n", MAX_NEW, stdin="\n".join(lines) + "\n"
+    )
+    script = [
+        ("What is in this picture?", [red]),
+        ("Describe the colours.", []),
+        ("Compare the two.", [green]),
+        ("Which one is brighter?", []),
+    ]
     expected = answers_for(reference, script) + answers_for(reference, [("Start again.", [])])
 
     assert result.returncode == 1  # a message failed along the way

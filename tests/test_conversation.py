@@ -1,8 +1,8 @@
 import pytest
 from helpers import render_llava15
 
-from llava_cli.prompt.conversation import Conversation, Llava15Format
 from llava_cli.media.images import ImageRef
+from llava_cli.prompt.conversation import Conversation, Llava15Format
 
 
 def image(name: str) -> ImageRef:

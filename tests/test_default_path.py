@@ -19,10 +19,8 @@ from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
 from helpers import SHORT_ANSWER as MAX_NEW
 from tiny_checkpoint import build_family_checkpoint
 
+from llava_cli.base.settings import Settings
 from llava_cli.engine import graphstep
-from llava_cli.prompt.conversation import Conversation
-from llava_cli.engine.local import Engine
-from llava_cli.engine.paths import EagerPath
 from llava_cli.engine.graphstep import (
     BUCKET_TOKENS,
     CPU_NOTE,
@@ -34,9 +32,11 @@ from llava_cli.engine.graphstep import (
     default_path,
     uncaptured_reason,
 )
+from llava_cli.engine.local import Engine
+from llava_cli.engine.paths import EagerPath
 from llava_cli.media.images import load_image
 from llava_cli.models.loader import load_model
-from llava_cli.base.settings import Settings
+from llava_cli.prompt.conversation import Conversation
 
 SMALL_BUCKETS = (48, 96)  # then 192, 384, ...: the script below outgrows two of them
 
@@ -54,7 +54,9 @@ def loaded(tiny_loaded):
 def engine_on(loaded, path_kind: str, window: int | None = None, notes: list[str] | None = None) -> Engine:
     engine = Engine(loaded) if notes is None else with_notes(Engine(loaded), notes)
     window = window or loaded.context_window
-    engine.path = StaticPath(loaded.model, window, buckets=SMALL_BUCKETS) if path_kind == "static" else EagerPath(loaded.model)
+    engine.path = (
+        StaticPath(loaded.model, window, buckets=SMALL_BUCKETS) if path_kind == "static" else EagerPath(loaded.model)
+    )
     return engine
 
 
@@ -95,13 +97,19 @@ def test_a_gpu_gets_the_static_path_with_or_without_its_graph_and_a_cpu_the_eage
     captured = default_path(on_gpu, settings, 4096)
     assert isinstance(captured, StaticPath) and captured.cuda_graph is True
     uncaptured = default_path(on_gpu, dataclasses.replace(settings, no_cuda_graph=True), 4096)
-    assert isinstance(uncaptured, StaticPath) and uncaptured.cuda_graph is False and not captured.suits(dataclasses.replace(settings, no_cuda_graph=True), 4096)
+    assert (
+        isinstance(uncaptured, StaticPath)
+        and uncaptured.cuda_graph is False
+        and not captured.suits(dataclasses.replace(settings, no_cuda_graph=True), 4096)
+    )
     engine = Engine(loaded)
     engine.use_path_for(settings)
     assert isinstance(engine.path, EagerPath) and engine.path.take_notes() == [CPU_NOTE]
 
 
-def test_turns_with_reuse_crops_and_outgrown_buckets_equal_plain_generate_and_the_eager_path(loaded, settings, reference, images):
+def test_turns_with_reuse_crops_and_outgrown_buckets_equal_plain_generate_and_the_eager_path(
+    loaded, settings, reference, images
+):
     static, eager = engine_on(loaded, "static"), engine_on(loaded, "eager")
     script = [
         ("What is in this picture?", [images["red"]]),
@@ -138,7 +146,9 @@ def test_dropping_old_turns_in_a_small_window_answers_like_plain_generate(loaded
         _, figures = answer_of(engine.generate(conversation, settings), conversation)
     assert figures.dropped_turns >= 1 and engine.path.size == 80  # the bucket stopped at the window
     kept = [(t.text, len(t.images), t.answer) for t in conversation.turns]
-    expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW)
+    expected = reference.answer(
+        render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW
+    )
     assert conversation.turns[-1].answer == expected
 
 
@@ -238,14 +248,18 @@ def fake_cuda_that_fails_at_capture(monkeypatch) -> None:
     monkeypatch.setattr(graphstep, "uncaptured_reason", lambda *args: None)  # as on a GPU
 
 
-def test_a_failed_capture_falls_back_to_the_uncaptured_step_with_one_verbose_line(loaded, reference, images, monkeypatch):
+def test_a_failed_capture_falls_back_to_the_uncaptured_step_with_one_verbose_line(
+    loaded, reference, images, monkeypatch
+):
     fake_cuda_that_fails_at_capture(monkeypatch)
     notes: list[str] = []
     engine = engine_on(loaded, "static", notes=notes)
     verbose = Settings(model=loaded.name, max_new_tokens=MAX_NEW, verbose=True)
     script = [("What is in this picture?", [images["red"]]), ("Describe the colours.", [])]
     chat(engine, verbose, Conversation(), reference, script)  # the warm-up and the failed capture changed nothing
-    assert notes == ["CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); decoding without it"]
+    assert notes == [
+        "CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); decoding without it"
+    ]
 
 
 def test_without_verbose_a_failed_capture_says_nothing(loaded, settings, monkeypatch):
@@ -258,7 +272,9 @@ def test_without_verbose_a_failed_capture_says_nothing(loaded, settings, monkeyp
     assert notes == [] and engine.path.capture_failure
 
 
-def test_stopping_or_closing_mid_answer_leaves_the_bookkeeping_exact_for_the_next_turn(loaded, settings, reference, images):
+def test_stopping_or_closing_mid_answer_leaves_the_bookkeeping_exact_for_the_next_turn(
+    loaded, settings, reference, images
+):
     engine = engine_on(loaded, "static")
     conversation = Conversation()
     conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
@@ -274,7 +290,19 @@ def test_stopping_or_closing_mid_answer_leaves_the_bookkeeping_exact_for_the_nex
 
 
 def test_ask_with_no_cuda_graph_answers_like_plain_generate(hf_home, images, reference):
-    result = run_llava("ask", "--model", HUB_ID, "--no-cuda-graph", "-n", MAX_NEW, images["green"], "what is it?",
-                       env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"))
+    result = run_llava(
+        "ask",
+        "--model",
+        HUB_ID,
+        "--no-cuda-graph",
+        "-n",
+        MAX_NEW,
+        images["green"],
+        "what is it?",
+        env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"),
+    )
     assert result.returncode == 0, result.stderr_text
-    assert result.stdout_text == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW) + "\n"
+    assert (
+        result.stdout_text
+        == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW) + "\n"
+    )

@@ -9,6 +9,7 @@ processes are ended by their ids at the end); the real `llava` command joins it 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,7 +25,6 @@ from pathlib import Path
 import pytest
 from helpers import cli_env, copies, default_sigint, run_llava, slow_fixture
 
-from llava_cli.frontend.arguments import AskOptions
 from llava_cli.ask.each import record_of
 from llava_cli.ask.via_ray import (
     INSTALL_HINT,
@@ -34,17 +34,20 @@ from llava_cli.ask.via_ray import (
     in_input_order,
     wire,
 )
-from llava_cli.engine.scheduler import BatchAnswer
 from llava_cli.base.errors import ContextError, LlavaError, UsageError
-from llava_cli.frontend.records import RECORD_KEYS
 from llava_cli.base.settings import Settings
+from llava_cli.engine.scheduler import BatchAnswer
+from llava_cli.frontend.arguments import AskOptions
+from llava_cli.frontend.records import RECORD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
 PROMPT = "describe the picture"
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is an optional extra: pip install -e '.[test]'")
-ACTOR_TITLE = b"ImageAnswerer"  # Ray names an actor's process after its class: ray::MapWorker(MapBatches(ImageAnswerer))
+ACTOR_TITLE = (
+    b"ImageAnswerer"  # Ray names an actor's process after its class: ray::MapWorker(MapBatches(ImageAnswerer))
+)
 
 
 def free_port() -> int:
@@ -80,10 +83,20 @@ def cluster():
     port = free_port()
     # The workers import this checkout. Token authentication off: Ray turns it on when a token is in
     # ~/.ray, and a client must then be given the token.
-    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), RAY_AUTH_MODE="disabled")
+    env = cli_env(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), RAY_AUTH_MODE="disabled"
+    )
     start = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-        "--object-store-memory=100000000", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--object-store-memory=100000000",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
     ]
     head = subprocess.Popen(start, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     session = head.pid  # start_new_session: this pid is the session of all the head starts
@@ -91,10 +104,8 @@ def cluster():
     assert head.returncode == 0, errors.decode(errors="replace")
     yield f"127.0.0.1:{port}", session
     for pid in processes_of_session(session):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -152,11 +163,14 @@ def local_good(tiny_model, good_images):
 
 
 @needs_ray
-def test_ray_each_with_two_actors_writes_the_lines_of_local_each(cluster, tiny_model, mixed_images, images, local_mixed):
+def test_ray_each_with_two_actors_writes_the_lines_of_local_each(
+    cluster, tiny_model, mixed_images, images, local_mixed
+):
     address, _ = cluster
     result = run_llava(
         *ask_each(tiny_model, mixed_images, "--ray", address, "--actors", 2, "--batch-size", 2),
-        stdin=images["red"].read_bytes(), timeout=300,
+        stdin=images["red"].read_bytes(),
+        timeout=300,
     )
 
     assert result.returncode == 1, result.stderr_text
@@ -174,7 +188,10 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny_mode
     output = tmp_path / "answers.jsonl"
     run = subprocess.Popen(
         llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 2, "-o", output)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 240
     while not (output.exists() and output.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
@@ -196,7 +213,9 @@ def test_a_killed_driver_is_resumed_by_running_it_again(cluster, tiny_model, goo
     address, _ = cluster
     output = tmp_path / "answers.jsonl"
     command = llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 1, "-o", output))
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint)
+    run = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint
+    )
     deadline = time.monotonic() + 240
     while not (output.exists() and output.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -209,7 +228,10 @@ def test_a_killed_driver_is_resumed_by_running_it_again(cluster, tiny_model, goo
 
     assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
     assert rerun.stdout == b""
-    assert rerun.stderr.decode() == f"llava: skipping {len(finished)} of {len(good_images)} images, already answered in {output}\n"
+    assert (
+        rerun.stderr.decode()
+        == f"llava: skipping {len(finished)} of {len(good_images)} images, already answered in {output}\n"
+    )
     assert without_seconds(records_of(output.read_text())) == without_seconds(local_good)
 
 
@@ -295,10 +317,14 @@ def test_an_actor_sends_the_schedulers_typed_results_and_the_driver_makes_the_re
     assert checked_result("a.png", wire(answer)) == answer
     returned = checked_result("a.png", wire(failed))
     assert type(returned) is LlavaError and str(returned) == str(failed)
-    assert record_of("a.png", PROMPT, Settings(model="m"), checked_result("a.png", wire(answer))) == record_of("a.png", PROMPT, Settings(model="m"), answer)
+    assert record_of("a.png", PROMPT, Settings(model="m"), checked_result("a.png", wire(answer))) == record_of(
+        "a.png", PROMPT, Settings(model="m"), answer
+    )
 
 
-@pytest.mark.parametrize("images, batch_size, actors, blocks", [(1, 1, 2, 1), (8, 1, 2, 4), (100, 1, 2, 25), (100, 8, 4, 8), (3, 4, 1, 2)])
+@pytest.mark.parametrize(
+    "images, batch_size, actors, blocks", [(1, 1, 2, 1), (8, 1, 2, 4), (100, 1, 2, 25), (100, 8, 4, 8), (3, 4, 1, 2)]
+)
 def test_blocks_hold_a_few_batches_and_keep_every_actor_busy(images, batch_size, actors, blocks):
     assert block_count(images, batch_size, actors) == blocks
 

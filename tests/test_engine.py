@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from fakes import answer_of, answer_text, with_notes
 from helpers import chat, render_llava15
 
-from llava_cli.prompt.conversation import Conversation, Turn
-from llava_cli.engine.local import Engine
 from llava_cli.base.errors import ContextError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
 from llava_cli.media.images import load_image
 from llava_cli.models.loader import load_model
-from llava_cli.base.settings import Settings
+from llava_cli.prompt.conversation import Conversation, Turn
 
 MAX_NEW = 12
 
@@ -47,7 +48,7 @@ def test_six_turns_three_images_equal_plain_transformers_and_reuse_the_cache(eng
     ]
     stats = chat(engine, settings, Conversation(), reference, script)
     assert stats[0].cached_tokens == 0
-    for previous, current in zip(stats, stats[1:]):
+    for previous, current in itertools.pairwise(stats):
         # Everything up to the previous answer is reused; at most that answer is re-run.
         assert current.cached_tokens >= previous.prompt_tokens
         assert current.prompt_tokens > current.cached_tokens
@@ -55,7 +56,14 @@ def test_six_turns_three_images_equal_plain_transformers_and_reuse_the_cache(eng
 
 def test_system_text_and_answers_match_reference(engine, settings, reference, images):
     script = [("hello", [images["blue"]]), ("and again?", [])]
-    chat(engine, dataclasses.replace(settings, system="Be brief."), Conversation(system="Be brief."), reference, script, system="Be brief.")
+    chat(
+        engine,
+        dataclasses.replace(settings, system="Be brief."),
+        Conversation(system="Be brief."),
+        reference,
+        script,
+        system="Be brief.",
+    )
 
 
 def test_a_different_image_in_the_same_place_is_not_taken_from_the_cache(engine, settings, reference, images):
@@ -86,7 +94,9 @@ def test_old_turns_are_dropped_to_fit_the_context_window(engine, loaded, images,
     assert figures.dropped_turns >= 1
     # What is left is answered exactly as plain transformers answers that shorter history.
     kept = [(t.text, len(t.images), t.answer) for t in conversation.turns]
-    expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW)
+    expected = reference.answer(
+        render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW
+    )
     assert conversation.turns[-1].answer == expected
 
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from helpers import chat
 
-from llava_cli.prompt.conversation import Conversation
-from llava_cli.engine.local import Engine
 from llava_cli.base.errors import LlavaError, UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
 from llava_cli.engine.paths import CompiledPath
 from llava_cli.models.loader import load_model, pick_attention
-from llava_cli.base.settings import Settings
+from llava_cli.prompt.conversation import Conversation
 
 MAX_NEW = 8
 
@@ -56,7 +56,9 @@ def flash_installed(monkeypatch):
     import transformers.utils.import_utils
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a)
+    )
     for module in (transformers.utils, transformers.utils.import_utils):
         monkeypatch.setattr(module, "is_flash_attn_2_available", lambda *args, **kwargs: True)
 

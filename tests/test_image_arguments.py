@@ -41,17 +41,41 @@ def picture_url(images):
     httpd.shutdown()
 
 
-def test_ask_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(monkeypatch, tiny_model, images, reference, picture_url):
-    outcome = invoke(monkeypatch, "ask", images["red"], picture_url, "--model", tiny_model, "-n", MAX_NEW, "--no-save", stdin=QUESTION.encode())
+def test_ask_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(
+    monkeypatch, tiny_model, images, reference, picture_url
+):
+    outcome = invoke(
+        monkeypatch,
+        "ask",
+        images["red"],
+        picture_url,
+        "--model",
+        tiny_model,
+        "-n",
+        MAX_NEW,
+        "--no-save",
+        stdin=QUESTION.encode(),
+    )
 
     expected = reference.answer(render_llava15([(QUESTION, 2, None)]), [images["red"], images["green"]], MAX_NEW)
     assert (outcome.code, outcome.stdout, outcome.stderr) == (0, expected + "\n", "")
 
 
-def test_ask_each_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(monkeypatch, tiny_model, images, reference, picture_url):
+def test_ask_each_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(
+    monkeypatch, tiny_model, images, reference, picture_url
+):
     outcome = invoke(
-        monkeypatch, "ask", "--each", images["red"], picture_url, "--model", tiny_model, "-n", MAX_NEW,
-        stdin=QUESTION.encode(), stdout=BytesStdout(),
+        monkeypatch,
+        "ask",
+        "--each",
+        images["red"],
+        picture_url,
+        "--model",
+        tiny_model,
+        "-n",
+        MAX_NEW,
+        stdin=QUESTION.encode(),
+        stdout=BytesStdout(),
     )
 
     prompt = render_llava15([(QUESTION, 1, None)])

@@ -13,16 +13,16 @@ import dataclasses
 import pytest
 from fakes import answer_of
 
-from llava_cli.engine import scheduler as decodebatch
-from llava_cli.prompt.conversation import Conversation, Turn
-from llava_cli.engine.scheduler import DecodeBatch, answers_in_order
-from llava_cli.engine.pipeline import forward
-from llava_cli.engine.local import Engine, PrefixCache, Prompt
 from llava_cli.base.errors import ResourceError
+from llava_cli.base.settings import Settings
+from llava_cli.engine import scheduler as decodebatch
 from llava_cli.engine.kvbudget import BATCH, CHAT, POOL, Full, KvBudget, kv_bytes_per_token
 from llava_cli.engine.kvrows import nbytes, new_cache
+from llava_cli.engine.local import Engine, PrefixCache, Prompt
+from llava_cli.engine.pipeline import forward
 from llava_cli.engine.prefixpool import PrefixPool
-from llava_cli.base.settings import Settings
+from llava_cli.engine.scheduler import DecodeBatch, answers_in_order
+from llava_cli.prompt.conversation import Conversation, Turn
 
 BUDGET = 12  # tokens per row
 
@@ -50,7 +50,9 @@ def test_a_row_that_leaves_gives_its_reservation_and_its_cache_back_at_once(tiny
     batch = DecodeBatch(engine, PrefixPool(engine.budget))
     short, long = encoded(engine, "hi"), encoded(engine, "the quick brown fox jumps over the lazy dog")
     first, second = batch.admit(short, settings, BUDGET), batch.admit(long, settings, BUDGET)
-    assert engine.budget.held[BATCH] == per_token * 2 * (len(long.ids) + BUDGET)  # both rows at the longest's worst case
+    assert engine.budget.held[BATCH] == per_token * 2 * (
+        len(long.ids) + BUDGET
+    )  # both rows at the longest's worst case
     batch.step()
     batch.remove(second)  # cancelled: its reservation and its columns go at once
     assert engine.budget.held[BATCH] == per_token * 1 * (len(short.ids) + BUDGET)
@@ -76,7 +78,12 @@ def test_the_pool_gives_its_oldest_entries_back_when_a_row_needs_room(tiny_loade
 
     def entry(first: int, tokens: int) -> None:
         shape = (1, heads, tokens, head_dim)
-        kv = new_cache([(torch.zeros(shape, dtype=engine.model.dtype), torch.zeros(shape, dtype=engine.model.dtype)) for _ in range(text.num_hidden_layers)])
+        kv = new_cache(
+            [
+                (torch.zeros(shape, dtype=engine.model.dtype), torch.zeros(shape, dtype=engine.model.dtype))
+                for _ in range(text.num_hidden_layers)
+            ]
+        )
         pool.keep(PrefixCache(kv=kv, ids=list(range(first, first + tokens))), tokens)
 
     for first in (1000, 2000, 3000):
@@ -97,8 +104,13 @@ def test_a_row_waits_for_room_and_a_row_too_big_alone_fails_with_one_line(tiny_l
     batch.admit(prompt, settings, BUDGET)
     with pytest.raises(Full):
         batch.admit(prompt, settings, BUDGET)
-    assert len(batch) == 1 and engine.budget.held[BATCH] == engine.budget.limit_bytes  # nothing done for the one waiting
-    with pytest.raises(ResourceError, match=r"^this answer needs [0-9.]+ MB of KV cache but --cache-mb allows [0-9.]+ MB; raise --cache-mb"):
+    assert (
+        len(batch) == 1 and engine.budget.held[BATCH] == engine.budget.limit_bytes
+    )  # nothing done for the one waiting
+    with pytest.raises(
+        ResourceError,
+        match=r"^this answer needs [0-9.]+ MB of KV cache but --cache-mb allows [0-9.]+ MB; raise --cache-mb",
+    ):
         batch.admit(prompt, settings, BUDGET + 1)  # over the whole budget even alone: waiting would not help
 
 
@@ -107,7 +119,9 @@ def test_ask_each_waits_for_room_and_answers_every_prompt_as_alone(tiny_loaded, 
     texts = ["hi", "the quick brown fox", "numbers 0 1 2 3", "what colour is it?"]
     prompts = [encoded(engine, text) for text in texts]
     longest = max(len(prompt.ids) for prompt in prompts) + BUDGET
-    engine.budget = KvBudget(kv_bytes_per_token(engine.model) * longest * 2)  # two rows at a time, whatever --batch-size says
+    engine.budget = KvBudget(
+        kv_bytes_per_token(engine.model) * longest * 2
+    )  # two rows at a time, whatever --batch-size says
     answers = list(answers_in_order(engine, [lambda p=p: p for p in prompts], settings, rows=4))
     assert [answer.text for answer in answers] == [alone(tiny_loaded, settings, text) for text in texts]
     assert engine.budget.used == 0
@@ -149,5 +163,7 @@ def test_out_of_memory_in_a_step_fails_only_the_row_it_hit(tiny_loaded, settings
         ended += batch.step()
     assert set(ended) == set(sequences) and isinstance(hit.error, ResourceError) and len(hit.row.tokens) == 4
     for place in (0, 2):
-        assert sequences[place].error is None and text_of(engine, sequences[place]) == alone(tiny_loaded, settings, texts[place])
+        assert sequences[place].error is None and text_of(engine, sequences[place]) == alone(
+            tiny_loaded, settings, texts[place]
+        )
     assert engine.budget.held[BATCH] == 0

@@ -29,7 +29,9 @@ def sigint_ignored() -> Iterator[None]:
 
 
 def sigint_ignored_in_child(**popen: object) -> bool:
-    mask = subprocess.run([sys.executable, "-c", READ_SIGIGN], capture_output=True, text=True, check=True, **popen).stdout
+    mask = subprocess.run(
+        [sys.executable, "-c", READ_SIGIGN], capture_output=True, text=True, check=True, **popen
+    ).stdout
     return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
 
 
@@ -44,7 +46,10 @@ def test_a_ctrl_c_test_passes_when_started_with_sigint_ignored():
     test = "tests/test_security.py::test_ctrl_c_while_loading_exits_130_without_a_traceback[importing torch]"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-        cwd=root, capture_output=True, text=True, timeout=300,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `nohup ... &` starts it
     )
     assert run.returncode == 0, run.stdout[-2000:]

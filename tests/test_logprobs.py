@@ -13,11 +13,11 @@ import httpx
 import pytest
 from helpers import Server, data_url, render_llava15, user
 
-from llava_cli.prompt.conversation import Conversation
-from llava_cli.engine.local import Engine
-from llava_cli.media.images import load_image
-from llava_cli.engine.logprobs import as_openai, from_openai, logprob_hook
 from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.engine.logprobs import as_openai, from_openai, logprob_hook
+from llava_cli.media.images import load_image
+from llava_cli.prompt.conversation import Conversation
 
 MAX_NEW = 12  # the server's -n (test_server.Server)
 TOP = 3
@@ -31,8 +31,12 @@ def expected_logprobs(reference, image, top: int, max_new: int = MAX_NEW) -> lis
     from PIL import Image
 
     processor, model = reference.processor, reference.model
-    inputs = processor(text=render_llava15([(QUESTION, 1, None)]), images=[Image.open(image).convert("RGB")], return_tensors="pt")
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new, output_logits=True, return_dict_in_generate=True)
+    inputs = processor(
+        text=render_llava15([(QUESTION, 1, None)]), images=[Image.open(image).convert("RGB")], return_tensors="pt"
+    )
+    out = model.generate(
+        **inputs, do_sample=False, max_new_tokens=max_new, output_logits=True, return_dict_in_generate=True
+    )
     tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     eos = model.generation_config.eos_token_id
     content = []
@@ -41,8 +45,13 @@ def expected_logprobs(reference, image, top: int, max_new: int = MAX_NEW) -> lis
             break
         scores = torch.log_softmax(logits[0].float(), dim=-1)
         best = scores.topk(top)
-        content.append({"id": token, "logprob": float(scores[token]),
-                        "top": list(zip(best.indices.tolist(), best.values.tolist()))})
+        content.append(
+            {
+                "id": token,
+                "logprob": float(scores[token]),
+                "top": list(zip(best.indices.tolist(), best.values.tolist())),
+            }
+        )
     return content
 
 
@@ -52,12 +61,16 @@ def assert_matches(content: list[dict], expected: list[dict], tokenizer) -> None
     assert len(content) == len(expected) > 0
     for got, want in zip(content, expected):
         assert abs(got["logprob"] - want["logprob"]) < TOLERANCE
-        assert [abs(a["logprob"] - value) < TOLERANCE for a, (_, value) in zip(got["top_logprobs"], want["top"])] == [True] * len(want["top"])
+        assert [abs(a["logprob"] - value) < TOLERANCE for a, (_, value) in zip(got["top_logprobs"], want["top"])] == [
+            True
+        ] * len(want["top"])
         assert len(got["top_logprobs"]) == len(want["top"])
         text = tokenizer.decode([want["id"]])
         if "\ufffd" not in text:  # a whole character: the token's text and bytes are it
             assert got["token"] == text and bytes(got["bytes"]) == text.encode()
-    joined = b"".join(bytes(entry["bytes"]) for entry in content).decode(errors="replace")  # a random model writes any bytes
+    joined = b"".join(bytes(entry["bytes"]) for entry in content).decode(
+        errors="replace"
+    )  # a random model writes any bytes
     assert joined == tokenizer.decode([want["id"] for want in expected])
 
 
@@ -78,8 +91,8 @@ def test_the_engine_reports_the_logprobs_plain_transformers_computes(engine, tin
 
 
 def test_a_batch_row_reports_them_too_sampled_rows_beside_it(engine, tiny_model, reference, images):
-    from llava_cli.engine.scheduler import DecodeBatch
     from llava_cli.engine.prefixpool import PrefixPool
+    from llava_cli.engine.scheduler import DecodeBatch
 
     expected = expected_logprobs(reference, images["green"], TOP)
     batch = DecodeBatch(engine, PrefixPool(None))
@@ -104,8 +117,20 @@ def test_ask_json_logprobs_holds_them_in_the_record(monkeypatch, tiny_model, ref
 
     monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
     expected = expected_logprobs(reference, images["blue"], 2)
-    outcome = invoke(monkeypatch, "ask", str(images["blue"]), QUESTION, "--model", str(tiny_model), "-n", str(MAX_NEW),
-                     "--json", "--logprobs", "2", "--no-save")
+    outcome = invoke(
+        monkeypatch,
+        "ask",
+        str(images["blue"]),
+        QUESTION,
+        "--model",
+        str(tiny_model),
+        "-n",
+        str(MAX_NEW),
+        "--json",
+        "--logprobs",
+        "2",
+        "--no-save",
+    )
     assert outcome.code == 0, outcome.stderr
     record = json.loads(outcome.stdout)
     assert_matches(record["logprobs"], expected, reference.processor.tokenizer)
@@ -116,8 +141,22 @@ def test_ask_each_logprobs_holds_each_images_in_its_line(monkeypatch, tiny_model
     from cli_runner import BytesStdout, invoke
 
     monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
-    args = ("ask", "--each", str(images["red"]), str(images["green"]), "-p", QUESTION, "--model", str(tiny_model),
-            "-n", str(MAX_NEW), "--batch-size", "2", "--logprobs", "2")  # both images decoded together
+    args = (
+        "ask",
+        "--each",
+        str(images["red"]),
+        str(images["green"]),
+        "-p",
+        QUESTION,
+        "--model",
+        str(tiny_model),
+        "-n",
+        str(MAX_NEW),
+        "--batch-size",
+        "2",
+        "--logprobs",
+        "2",
+    )  # both images decoded together
     outcome = invoke(monkeypatch, *args, stdout=BytesStdout())
     assert outcome.code == 0, outcome.stderr
     records = [json.loads(line) for line in outcome.stdout.splitlines()]
@@ -125,11 +164,14 @@ def test_ask_each_logprobs_holds_each_images_in_its_line(monkeypatch, tiny_model
         assert_matches(record["logprobs"], expected_logprobs(reference, image, 2), reference.processor.tokenizer)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("--logprobs", "2"), "--logprobs N adds the tokens' logprobs to the JSON record: add --json"),
-    (("--json", "--logprobs", "21"), "--logprobs must be between 0 and 20 (got 21)"),
-    (("--each", "--logprobs", "2", "--ray", "local"), "--logprobs is not carried back from Ray workers yet"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--logprobs", "2"), "--logprobs N adds the tokens' logprobs to the JSON record: add --json"),
+        (("--json", "--logprobs", "21"), "--logprobs must be between 0 and 20 (got 21)"),
+        (("--each", "--logprobs", "2", "--ray", "local"), "--logprobs is not carried back from Ray workers yet"),
+    ],
+)
 def test_ask_logprobs_without_json_or_out_of_range_is_a_usage_error(monkeypatch, images, args, message):
     from cli_runner import invoke
 
@@ -166,15 +208,30 @@ def test_serve_logprobs_streamed_or_not_are_plain_transformers_ones(server, refe
     reply = client.chat.completions.create(model=server.model, messages=messages, logprobs=True, top_logprobs=TOP)
     content = [entry.model_dump() for entry in reply.choices[0].logprobs.content]
     assert_matches(content, expected, reference.processor.tokenizer)
-    chunks = list(client.chat.completions.create(model=server.model, messages=messages, logprobs=True, top_logprobs=TOP, stream=True))
-    streamed = [entry.model_dump() for chunk in chunks for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content]
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model, messages=messages, logprobs=True, top_logprobs=TOP, stream=True
+        )
+    )
+    streamed = [
+        entry.model_dump()
+        for chunk in chunks
+        for choice in chunk.choices
+        if choice.logprobs
+        for entry in choice.logprobs.content
+    ]
     assert streamed == content
     with_text = [choice for chunk in chunks for choice in chunk.choices if choice.delta.content]
-    assert all(choice.logprobs.content for choice in with_text) and len(with_text) > 1  # each chunk carries its own tokens
+    assert (
+        all(choice.logprobs.content for choice in with_text) and len(with_text) > 1
+    )  # each chunk carries its own tokens
     plain = client.chat.completions.create(model=server.model, messages=messages)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
-    contents = [choice.delta.content for chunk in client.chat.completions.create(model=server.model, messages=messages, stream=True)
-                for choice in chunk.choices]
+    contents = [
+        choice.delta.content
+        for chunk in client.chat.completions.create(model=server.model, messages=messages, stream=True)
+        for choice in chunk.choices
+    ]
     assert contents[0] == "" and "" not in contents[1:]  # without logprobs no chunk is sent for nothing
     only_chosen = client.chat.completions.create(model=server.model, messages=messages, logprobs=True)
     assert [entry.top_logprobs for entry in only_chosen.choices[0].logprobs.content] == [[]] * len(content)
@@ -191,8 +248,19 @@ def test_ask_logprobs_through_a_server_are_the_servers_ones(monkeypatch, server,
 
     monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
     shape = ("--each", "-p", QUESTION) if each else ("--json", QUESTION, "--no-save")
-    outcome = invoke(monkeypatch, "ask", str(images["red"]), *shape, "--server", server.url, "--model", server.model, "--logprobs", "2",
-                     stdout=BytesStdout())
+    outcome = invoke(
+        monkeypatch,
+        "ask",
+        str(images["red"]),
+        *shape,
+        "--server",
+        server.url,
+        "--model",
+        server.model,
+        "--logprobs",
+        "2",
+        stdout=BytesStdout(),
+    )
     assert outcome.code == 0, outcome.stderr
     record = json.loads(outcome.stdout)
     assert_matches(record["logprobs"], expected_logprobs(reference, images["red"], 2), reference.processor.tokenizer)
@@ -201,8 +269,10 @@ def test_ask_logprobs_through_a_server_are_the_servers_ones(monkeypatch, server,
 def metrics(server: Server) -> tuple[float, float, float]:
     """/metrics' prompts prefilled, prompt tokens and generated tokens."""
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return tuple(float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE)[1])
-                 for name in ("llava_prefills", "llava_prompt_tokens_total", "llava_generated_tokens_total"))
+    return tuple(
+        float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE)[1])
+        for name in ("llava_prefills", "llava_prompt_tokens_total", "llava_generated_tokens_total")
+    )
 
 
 def test_n_gives_n_seeded_answers_from_one_prefill_each_a_single_seeded_requests(server, images):
@@ -222,7 +292,9 @@ def test_n_gives_n_seeded_answers_from_one_prefill_each_a_single_seeded_requests
     assert answers == [single.choices[0].message.content for single in singles]
     assert reply.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
     assert reply.usage.prompt_tokens == singles[0].usage.prompt_tokens
-    chunks = list(client.chat.completions.create(n=3, seed=11, stream=True, stream_options={"include_usage": True}, **sampling))
+    chunks = list(
+        client.chat.completions.create(n=3, seed=11, stream=True, stream_options={"include_usage": True}, **sampling)
+    )
     pieces: dict[int, str] = {0: "", 1: "", 2: ""}
     for chunk in chunks:
         for choice in chunk.choices:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from fakes import answer_text
 
-from llava_cli.prompt.conversation import Conversation, Llava15Format, Turn
+from llava_cli.base.settings import Settings
 from llava_cli.engine.local import Engine
 from llava_cli.media.images import load_image
 from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation, Llava15Format, Turn
 from llava_cli.prompt.prompting import Segment, expand_images, render_segments, tokenize
-from llava_cli.base.settings import Settings
 
 MAX_NEW = 10
 IMAGE_TOKENS = 16  # tiny checkpoint: (32 / 8) ** 2 patches
@@ -52,7 +52,9 @@ def reference_answer(reference, ids: list[int], image_paths) -> str:
     inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     if image_paths:
         pictures = [Image.open(path).convert("RGB") for path in image_paths]
-        inputs["pixel_values"] = reference.processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+        inputs["pixel_values"] = reference.processor.image_processor(images=pictures, return_tensors="pt")[
+            "pixel_values"
+        ]
     output = reference.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     return reference.processor.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
 
@@ -63,7 +65,9 @@ def counts(tok, ids: list[int]) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
-def test_control_tokens_in_a_question_stay_text_and_the_answer_matches_a_reference(injection, engine, settings, tok, reference, images):
+def test_control_tokens_in_a_question_stay_text_and_the_answer_matches_a_reference(
+    injection, engine, settings, tok, reference, images
+):
     conversation = Conversation()
     conversation.ask(f"what is {injection} here", [load_image(str(images["red"]))])
     prompt = engine.encode(conversation)
@@ -104,7 +108,9 @@ def test_fake_turn_markers_are_ordinary_text_inside_one_turn(engine, settings, t
 
 def test_control_text_in_history_answers_and_system_stays_text(engine, tok, images):
     red = load_image(str(images["red"]))
-    conversation = Conversation(system="sys </s><s>", turns=[Turn("one <image>", [red], answer="it is <image> </s> done")])
+    conversation = Conversation(
+        system="sys </s><s>", turns=[Turn("one <image>", [red], answer="it is <image> </s> done")]
+    )
     conversation.ask("two </s>")
     prompt = engine.encode(conversation)
     # One real image, one BOS, and one EOS: the template's, closing the first answer.
@@ -117,7 +123,9 @@ def test_control_text_in_history_answers_and_system_stays_text(engine, tok, imag
 
 def test_ordinary_prompts_tokenize_exactly_as_the_processor_does(engine, reference, images):
     red = load_image(str(images["red"]))
-    conversation = Conversation(system="Be brief.", turns=[Turn("a?", [red], answer="A red thing."), Turn("b?", [red, red])])
+    conversation = Conversation(
+        system="Be brief.", turns=[Turn("a?", [red], answer="A red thing."), Turn("b?", [red, red])]
+    )
     prompt = engine.encode(conversation)
     text = Llava15Format().render(conversation)
     pictures = [red.image] * 3
@@ -169,9 +177,17 @@ def llama_style_tokenizer():
 
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<image>"], initial_alphabet=list("abcdefghijklmnopqrstuvwxyz<>/:?▁\n"))
-    backend.train_from_iterator(["USER: what is this image? ASSISTANT: a cat </s>\n"] * 10, trainer)  # </s> as text: merges learn it
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<image>"],
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz<>/:?▁\n"),
+    )
+    backend.train_from_iterator(
+        ["USER: what is this image? ASSISTANT: a cat </s>\n"] * 10, trainer
+    )  # </s> as text: merges learn it
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
@@ -179,8 +195,13 @@ def llama_style_tokenizer():
 def test_llama_style_tokenizers_never_rebuild_control_tokens_from_user_text(llama_style_tokenizer):
     tok = llama_style_tokenizer
     segments = [
-        Segment("USER: <image>\n", True), Segment("what is <image> this </s> x", False),
-        Segment(" ASSISTANT: ", True), Segment("a cat", False), Segment("</s>USER: ", True), Segment("ok", False), Segment(" ASSISTANT:", True),
+        Segment("USER: <image>\n", True),
+        Segment("what is <image> this </s> x", False),
+        Segment(" ASSISTANT: ", True),
+        Segment("a cat", False),
+        Segment("</s>USER: ", True),
+        Segment("ok", False),
+        Segment(" ASSISTANT:", True),
     ]
     text = "".join(segment.text for segment in segments)
     assert tok(text)["input_ids"].count(2) == 2  # what plain tokenization would do: two EOS
@@ -232,8 +253,19 @@ def test_a_tokenizer_that_drops_characters_gets_no_bound():
     from llava_cli.prompt.prompting import shrink_factor
 
     assert shrink_factor(None, {"type": "ByteLevel"}) == 1
-    assert shrink_factor({"type": "Sequence", "normalizers": [{"type": "Prepend"}, {"type": "Replace", "content": "▁"}]}, None) == 1
-    assert shrink_factor({"type": "NFC"}, {"type": "Sequence", "pretokenizers": [{"type": "Split", "behavior": "Isolated"}, {"type": "ByteLevel"}]}) == 4
+    assert (
+        shrink_factor(
+            {"type": "Sequence", "normalizers": [{"type": "Prepend"}, {"type": "Replace", "content": "▁"}]}, None
+        )
+        == 1
+    )
+    assert (
+        shrink_factor(
+            {"type": "NFC"},
+            {"type": "Sequence", "pretokenizers": [{"type": "Split", "behavior": "Isolated"}, {"type": "ByteLevel"}]},
+        )
+        == 4
+    )
     assert shrink_factor(None, {"type": "WhitespaceSplit"}) is None  # drops every space
     assert shrink_factor({"type": "Replace", "content": ""}, None) is None
     assert shrink_factor({"type": "BertNormalizer"}, None) is None

@@ -11,16 +11,18 @@ from fake_io import FakeIO
 from fakes import FakeBackend
 from videos import frames_of, write_video
 
+from llava_cli.base.settings import Settings
 from llava_cli.chat.loop import ChatLoop
 from llava_cli.chat.slash import COMMANDS, help_text
-from llava_cli.base.settings import Settings
-from llava_cli.store.conversations import Recorder, SessionStore
 from llava_cli.engine.streaming import Stats
+from llava_cli.store.conversations import Recorder, SessionStore
 
 SCHEMA = '{"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}'
 
 
-def chat(lines: list[str], backend: FakeBackend | None = None, recorder: Recorder | None = None) -> tuple[ChatLoop, FakeIO]:
+def chat(
+    lines: list[str], backend: FakeBackend | None = None, recorder: Recorder | None = None
+) -> tuple[ChatLoop, FakeIO]:
     """Run a chat of `lines` on `backend` (a FakeBackend answering "an answer" by default) to the end."""
     io = FakeIO(lines)
     loop = ChatLoop(backend or FakeBackend(), Settings(model="m"), io, recorder)
@@ -29,12 +31,19 @@ def chat(lines: list[str], backend: FakeBackend | None = None, recorder: Recorde
 
 
 def test_image_attaches_to_the_next_message_or_asks_now(images):
-    loop, io = chat([f"/image {images['red']}", "what is it?", f"/image {images['green']} {images['blue']} and these?", "/image"])
+    loop, io = chat(
+        [f"/image {images['red']}", "what is it?", f"/image {images['green']} {images['blue']} and these?", "/image"]
+    )
     first, second = loop.conversation.turns
     assert (first.text, [image.name for image in first.images]) == ("what is it?", [str(images["red"])])
-    assert (second.text, [image.name for image in second.images]) == ("and these?", [str(images["green"]), str(images["blue"])])
-    assert io.infos == [f"attached {images['red']}; it goes with your next message",
-                        f"attached {images['green']}, {images['blue']}; answering your question about it now"]
+    assert (second.text, [image.name for image in second.images]) == (
+        "and these?",
+        [str(images["green"]), str(images["blue"])],
+    )
+    assert io.infos == [
+        f"attached {images['red']}; it goes with your next message",
+        f"attached {images['green']}, {images['blue']}; answering your question about it now",
+    ]
     assert io.answers == ["an answer", "an answer"]
     assert io.errors == ["usage: /image PATH [PATH...] [question]"]
 
@@ -69,14 +78,24 @@ def test_retry_answers_again_and_undo_drops_the_exchange():
 
 def test_system_shows_sets_and_removes_the_system_text():
     loop, io = chat(["/system", "/system Answer briefly.", "/system", "hi", "/system off", "/system"])
-    assert io.infos == ["no system text", "system text set; it applies from the next answer", "system text: Answer briefly.",
-                        "system text removed", "no system text"]
+    assert io.infos == [
+        "no system text",
+        "system text set; it applies from the next answer",
+        "system text: Answer briefly.",
+        "system text removed",
+        "no system text",
+    ]
     assert loop.conversation.system is None
 
 
 def test_schema_is_set_shown_and_removed_on_a_local_backend_or_a_server():
-    loop, io = chat(["/schema", f"/schema {SCHEMA}", "/schema", "/schema off", "/schema {not json"], FakeBackend(dtype="float32"))
-    assert io.infos[:2] == ["no schema: answers are free text", "schema set: every answer is now JSON following it (/schema off to stop)"]
+    loop, io = chat(
+        ["/schema", f"/schema {SCHEMA}", "/schema", "/schema off", "/schema {not json"], FakeBackend(dtype="float32")
+    )
+    assert io.infos[:2] == [
+        "no schema: answers are free text",
+        "schema set: every answer is now JSON following it (/schema off to stop)",
+    ]
     assert json.loads(io.infos[2].removeprefix("schema: ")) == json.loads(SCHEMA)
     assert io.infos[3] == "schema removed: answers are free text again"
     assert len(io.errors) == 1 and "/schema" in io.errors[0] and loop.settings.constraint is None
@@ -94,7 +113,14 @@ def test_set_changes_a_setting_and_refuses_bad_keys_and_values():
 
 
 def test_images_lists_each_image_with_its_turn(images):
-    _, io = chat(["/images", f"/image {images['red']} what is it?", f"/image {images['green']} {images['blue']} and these?", "/images"])
+    _, io = chat(
+        [
+            "/images",
+            f"/image {images['red']} what is it?",
+            f"/image {images['green']} {images['blue']} and these?",
+            "/images",
+        ]
+    )
     assert io.infos[0] == "no images; /image PATH attaches one"
     assert io.infos[-1] == f"turn 1: {images['red']}\nturn 2: {images['green']}\nturn 2: {images['blue']}"
 
@@ -103,7 +129,9 @@ def test_save_names_a_conversation_and_load_brings_it_back(llava_home_dir):
     store = SessionStore.default()
     _, io = chat(["/save", "hello", "/save cats"], recorder=Recorder(store))
     assert io.errors == ["nothing to save yet"]
-    assert io.infos[-1].startswith("saved to ") and io.infos[-1].endswith("; /load cats or `llava chat --resume cats` brings it back")
+    assert io.infos[-1].startswith("saved to ") and io.infos[-1].endswith(
+        "; /load cats or `llava chat --resume cats` brings it back"
+    )
 
     loop, io = chat(["/load", "/load dogs", "/load cats"], recorder=Recorder(store))
     assert io.errors[0] == "usage: /load NAME|ID (`llava sessions list` shows them)"
@@ -135,7 +163,9 @@ def test_clear_and_stats_and_quit_with_each_alias():
     backend = FakeBackend(stats=Stats(prompt_tokens=7, completion_tokens=3))
     loop, io = chat(["hello", "/clear", "/stats", "/quit", "never read"], backend)
     assert (backend.resets, io.infos[0]) == (1, "conversation cleared")
-    figures = dict(line.split() for line in io.infos[1].splitlines())  # the last answer's, the conversation cleared or not
+    figures = dict(
+        line.split() for line in io.infos[1].splitlines()
+    )  # the last answer's, the conversation cleared or not
     assert (figures["prompt_tokens"], figures["completion_tokens"]) == ("7", "3") and io.errors == []
     assert loop.conversation.turns == [] and io.answers == ["an answer"]
     assert io.lines == ["never read"]

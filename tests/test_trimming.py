@@ -11,11 +11,11 @@ import pytest
 from fakes import answer_text, with_notes
 from helpers import render_llava15
 
-from llava_cli.prompt.conversation import Conversation, Turn
-from llava_cli.engine.local import Engine, Prompt
 from llava_cli.base.errors import ContextError
-from llava_cli.media.images import load_image
 from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine, Prompt
+from llava_cli.media.images import load_image
+from llava_cli.prompt.conversation import Conversation, Turn
 from llava_cli.prompt.trimming import TrimSearch
 
 MAX_NEW = 8
@@ -104,7 +104,9 @@ def test_a_long_trimmed_history_is_answered_as_plain_transformers_answers_what_i
     kept = [(turn.text, len(turn.images), turn.answer) for turn in conversation.turns]
     dropped = 401 - len(kept)
     assert dropped > 300 and notes == [f"dropped the {dropped} oldest turn(s) to fit the 256-token context window"]
-    expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], 1, None)], system="Be brief."), [images["green"]], MAX_NEW)
+    expected = reference.answer(
+        render_llava15(kept[:-1] + [(kept[-1][0], 1, None)], system="Be brief."), [images["green"]], MAX_NEW
+    )
     assert answer == conversation.turns[-1].answer == expected
 
 

@@ -45,7 +45,9 @@ def registry(name: str) -> dict:
 def incomplete_fields(family: Family) -> list[str]:
     """The fields of `family` that are missing or of the wrong kind."""
     problems = [name for name in ("model_type", "label", "model_class", "processor_class") if not getattr(family, name)]
-    problems += [name for name in ("processor_needs_torchvision", "takes_videos") if not isinstance(getattr(family, name), bool)]
+    problems += [
+        name for name in ("processor_needs_torchvision", "takes_videos") if not isinstance(getattr(family, name), bool)
+    ]
     if not isinstance(family.prompt_style, PromptStyle):
         problems.append("prompt_style")
     if not isinstance(family.tiling, Tiling):
@@ -58,8 +60,21 @@ def incomplete_fields(family: Family) -> list[str]:
 
 
 def test_incomplete_fields_looks_at_every_field():
-    checked = {"model_type", "text_models", "label", "model_class", "processor_class", "processor_needs_torchvision", "prompt_style", "tiling", "example", "takes_videos"}
-    assert {field.name for field in dataclasses.fields(Family)} == checked, "a new field needs a check in incomplete_fields"
+    checked = {
+        "model_type",
+        "text_models",
+        "label",
+        "model_class",
+        "processor_class",
+        "processor_needs_torchvision",
+        "prompt_style",
+        "tiling",
+        "example",
+        "takes_videos",
+    }
+    assert {field.name for field in dataclasses.fields(Family)} == checked, (
+        "a new field needs a check in incomplete_fields"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.label)
@@ -69,7 +84,11 @@ def test_each_row_is_complete(family):
 
 def test_an_incomplete_row_is_caught():
     row = FAMILIES[0]
-    assert incomplete_fields(dataclasses.replace(row, model_class="", tiling="anyres", example="")) == ["model_class", "tiling", "example"]
+    assert incomplete_fields(dataclasses.replace(row, model_class="", tiling="anyres", example="")) == [
+        "model_class",
+        "tiling",
+        "example",
+    ]
 
 
 def test_labels_are_unique_and_each_has_a_tiny_checkpoint_builder():
@@ -102,7 +121,11 @@ def test_every_model_type_the_loader_accepts_has_a_row_matching_transformers(tmp
         accepted.append(model_type)
         family = family_for(config)
         assert incomplete_fields(family) == [], model_type
-        assert (family.model_type, family.model_class, family.processor_class) == (model_type, models[model_type], processors[model_type])
+        assert (family.model_type, family.model_class, family.processor_class) == (
+            model_type,
+            models[model_type],
+            processors[model_type],
+        )
         assert family.processor_needs_torchvision == needs_video_processor(processors[model_type]), model_type
         assert family.takes_videos == needs_video_processor(processors[model_type]), model_type
         assert family.tiling is tiling_of(image_processors[model_type]["pil"]), model_type
@@ -140,7 +163,12 @@ def tiling_of(image_processor_class: str) -> Tiling:
 def test_a_llava_checkpoint_is_told_apart_by_its_text_model(text_config, label, style):
     config = {"model_type": "llava"} | ({"text_config": text_config} if text_config else {})
     family = family_for(config)
-    assert (family.label, family.prompt_style, family.model_class, family.tiling) == (label, style, "LlavaForConditionalGeneration", Tiling.FIXED)
+    assert (family.label, family.prompt_style, family.model_class, family.tiling) == (
+        label,
+        style,
+        "LlavaForConditionalGeneration",
+        Tiling.FIXED,
+    )
 
 
 @pytest.mark.parametrize("model_type", [["llava"], {"llava": 1}, None])

@@ -22,12 +22,12 @@ from helpers import slow_fixture
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
 
-from llava_cli.prompt.conversation import Conversation
+from llava_cli.base.settings import Settings
 from llava_cli.engine.local import Engine
 from llava_cli.media.images import load_image
-from llava_cli.models.loader import load_model
-from llava_cli.base.settings import Settings
 from llava_cli.media.video import Sampling, load_video
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 pytest.importorskip("av")
 
@@ -72,10 +72,20 @@ class VideoReference:
         return frames
 
     def inputs(self, messages: list[dict]) -> dict:
-        videos = [self.frames(part["path"], part["frames"]) for m in messages for part in m["content"] if part["type"] == "video"]
+        videos = [
+            self.frames(part["path"], part["frames"])
+            for m in messages
+            for part in m["content"]
+            if part["type"] == "video"
+        ]
         images = [part["image"] for m in messages for part in m["content"] if part["type"] == "image"]
-        plain = [{"role": m["role"], "content": [{"type": p["type"], "text": p.get("text", "")} for p in m["content"]]} for m in messages]
-        text = self.tokenizer.apply_chat_template(plain, chat_template=self.template, add_generation_prompt=True, tokenize=False)
+        plain = [
+            {"role": m["role"], "content": [{"type": p["type"], "text": p.get("text", "")} for p in m["content"]]}
+            for m in messages
+        ]
+        text = self.tokenizer.apply_chat_template(
+            plain, chat_template=self.template, add_generation_prompt=True, tokenize=False
+        )
         if HAS_TORCHVISION:
             from transformers import AutoProcessor
 
@@ -93,15 +103,22 @@ class VideoReference:
         preprocess = VideoPreprocess.from_config(config, config["video_processor_type"])
         pixels: dict = {}
         if images:
-            image_class = {"llava_next_video": "LlavaNextImageProcessorPil", "llava_onevision": "LlavaOnevisionImageProcessorPil"}[self.model.config.model_type]
-            pixels.update(getattr(transformers, image_class).from_pretrained(self.folder)(images=[images], return_tensors="pt"))
+            image_class = {
+                "llava_next_video": "LlavaNextImageProcessorPil",
+                "llava_onevision": "LlavaOnevisionImageProcessorPil",
+            }[self.model.config.model_type]
+            pixels.update(
+                getattr(transformers, image_class).from_pretrained(self.folder)(images=[images], return_tensors="pt")
+            )
             with torch.no_grad():
                 widths = iter([len(f) for f in self.model.get_image_features(**pixels).pooler_output])
             text = re.sub("<image>", lambda _: "<image>" * next(widths), text)
         if videos:
             pixels["pixel_values_videos"] = torch.stack([preprocess.pixel_values(v) for v in videos])
             with torch.no_grad():
-                features = self.model.model.get_video_features(pixel_values_videos=pixels["pixel_values_videos"]).pooler_output
+                features = self.model.model.get_video_features(
+                    pixel_values_videos=pixels["pixel_values_videos"]
+                ).pooler_output
             widths = iter([f.reshape(-1, f.shape[-1]).shape[0] for f in features])  # OneVision's include its newline
             text = re.sub("<video>", lambda _: "<video>" * next(widths), text)
         return dict(self.tokenizer(text, return_tensors="pt")) | pixels

@@ -99,9 +99,16 @@ def build_tokenizer(*, chatml: bool = False, video: bool = False):
 
 
 TOWER_SIZES = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
 )
-DECODER_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+DECODER_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def clip_vision():
@@ -302,11 +309,15 @@ def llava_next_video(context: int):
         processor_class="LlavaNextVideoProcessor",
         tokenizer=parts.pop("tokenizer"),
         image_processor=image_processor,
-        video_processor=video_processor_config("LlavaNextVideoVideoProcessor", image_processor, crop_size=CROP_SIZE, do_center_crop=True),
+        video_processor=video_processor_config(
+            "LlavaNextVideoVideoProcessor", image_processor, crop_size=CROP_SIZE, do_center_crop=True
+        ),
         settings=parts | {"video_token": "<video>"},
         chat_template=LLAVA15_TEMPLATE,
     )
-    model = LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(**config, video_token_index=tokenizer.convert_tokens_to_ids("<video>")))
+    model = LlavaNextVideoForConditionalGeneration(
+        LlavaNextVideoConfig(**config, video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
+    )
     return model, processor
 
 
@@ -333,7 +344,11 @@ def llava_onevision(context: int):
         tokenizer=tokenizer,
         image_processor=image_processor,
         video_processor=video_processor_config("LlavaOnevisionVideoProcessor", image_processor),
-        settings=dict(num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_select_strategy="full", video_token="<video>"),
+        settings=dict(
+            num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+            vision_feature_select_strategy="full",
+            video_token="<video>",
+        ),
         chat_template=CHATML_TEMPLATE,
     )
     return LlavaOnevisionForConditionalGeneration(config), processor
@@ -365,7 +380,17 @@ class HubLayoutProcessor:
 
 def video_processor_config(video_processor_type: str, image_processor, **extra) -> dict:
     """A video processor's config as transformers saves it: the image processor's resizing and normalisation."""
-    keys = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    keys = (
+        "size",
+        "resample",
+        "do_resize",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    )
     settings = image_processor.to_dict()
     return {"video_processor_type": video_processor_type} | {key: settings[key] for key in keys} | extra
 

@@ -28,23 +28,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llava_cli.frontend.arguments import (
-    STDIN, AskOptions, folder_images, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin,
-)
 from llava_cli.ask.via_server import batch_server, server_records
-from llava_cli.engine.constraints import parsed_answer
-from llava_cli.prompt.conversation import Conversation
-from llava_cli.engine.scheduler import BatchAnswer, answers_in_order
-from llava_cli.engine.local import Engine, Prompt
 from llava_cli.base.errors import EXIT_FAILURE, EXIT_OK, ContextError, LlavaError, UsageError
-from llava_cli.engine.logprobs import as_openai
-from llava_cli.frontend.output import StdoutRecords
-from llava_cli.prompt.prompting import TooLong
-from llava_cli.frontend.records import CsvFile, RecordFile, make_record
 from llava_cli.base.safeio import NotRegularFile, read_regular
-from llava_cli.frontend.startup import load_engine
 from llava_cli.base.settings import DEFAULT_PARALLEL, Settings
 from llava_cli.base.terminal import emit, is_terminal, make_console, progress_bar
+from llava_cli.engine.constraints import parsed_answer
+from llava_cli.engine.local import Engine, Prompt
+from llava_cli.engine.logprobs import as_openai
+from llava_cli.engine.scheduler import BatchAnswer, answers_in_order
+from llava_cli.frontend.arguments import (
+    STDIN,
+    AskOptions,
+    folder_images,
+    image_argument,
+    images_and_prompt,
+    read_image_from_stdin,
+    read_prompt_from_stdin,
+)
+from llava_cli.frontend.output import StdoutRecords
+from llava_cli.frontend.records import CsvFile, RecordFile, make_record
+from llava_cli.frontend.startup import load_engine
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.prompt.prompting import TooLong
 
 MAX_LIST_BYTES = 64 * 1024 * 1024  # --from-file: about a million paths
 
@@ -57,7 +63,10 @@ def run_batch(args: list[str], settings: Settings, options: AskOptions) -> int:
     try:
         todo = [name for name in names if not sink.answered(name, prompt)]
         if len(todo) < len(names):
-            emit(f"llava: skipping {len(names) - len(todo)} of {len(names)} images, already answered in {options.output}", sys.stderr)
+            emit(
+                f"llava: skipping {len(names) - len(todo)} of {len(names)} images, already answered in {options.output}",
+                sys.stderr,
+            )
         if not todo:
             return EXIT_OK
         return answer_all(todo, prompt, settings, options, sink, stdin_image, skipped=len(names) - len(todo))
@@ -76,7 +85,11 @@ def output_sink(options: AskOptions, settings: Settings) -> StdoutRecords | Reco
 
 def stop_message(done: int, total: int, output: str | None) -> str:
     """What Ctrl-C (or SIGTERM) leaves: how far the run got and how to finish it."""
-    how = f"rerun the same command to resume (the answers so far are in {output})" if output else "rerun with -o FILE to resume"
+    how = (
+        f"rerun the same command to resume (the answers so far are in {output})"
+        if output
+        else "rerun with -o FILE to resume"
+    )
     return f"llava: stopped at {done}/{total}; {how}"
 
 
@@ -85,7 +98,9 @@ def batch_inputs(args: list[str], options: AskOptions) -> tuple[list[str], str]:
     names, prompt = images_and_prompt(args, options.prompt, "llava ask --each", each=True)
     stdin_uses = [options.from_file == STDIN, STDIN in names, prompt is None]
     if sum(stdin_uses) > 1:
-        raise UsageError("stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p")
+        raise UsageError(
+            "stdin can carry the image list (--from-file -), an image (-) or the prompt, only one; give the prompt with -p"
+        )
     if options.from_file is not None:
         names += read_image_list(options.from_file)
     names, skipped = folder_images(names, options.recursive)
@@ -117,7 +132,12 @@ def read_image_list(source: str) -> list[str]:
 
 
 def answer_all(
-    names: list[str], prompt: str, settings: Settings, options: AskOptions, sink: StdoutRecords | RecordFile | CsvFile, stdin_image: bytes,
+    names: list[str],
+    prompt: str,
+    settings: Settings,
+    options: AskOptions,
+    sink: StdoutRecords | RecordFile | CsvFile,
+    stdin_image: bytes,
     skipped: int = 0,
 ) -> int:
     """Answer `names` (`skipped` more were answered before, in -o's file); Ctrl-C says where it stopped."""
@@ -140,7 +160,9 @@ def answer_all(
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def record_source(names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes) -> Iterator[dict[str, Any]]:
+def record_source(
+    names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes
+) -> Iterator[dict[str, Any]]:
     """The records of a Ray cluster with --ray (ask/via_ray.py), of a server when one is named or running
     for the model (ask/via_server.py), else of a model loaded here; under a schema with parsed answers."""
     if options.ray is not None:
@@ -167,13 +189,17 @@ def with_parsed_answers(records: Iterator[dict[str, Any]]) -> Iterator[dict[str,
         yield record
 
 
-def local_records(names: list[str], prompt: str, settings: Settings, batch_size: int, stdin_image: bytes) -> Iterator[dict[str, Any]]:
+def local_records(
+    names: list[str], prompt: str, settings: Settings, batch_size: int, stdin_image: bytes
+) -> Iterator[dict[str, Any]]:
     """One record per name, in order, answered by a model loaded here, up to `batch_size` images decoding at once."""
     engine = load_engine(settings)  # batching needs the model itself
     return answered_records(engine, names, prompt, settings, stdin_image, batch_size)
 
 
-def answer_chunk(engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes) -> list[BatchAnswer | LlavaError]:
+def answer_chunk(
+    engine: Engine, names: list[str], prompt: str, settings: Settings, stdin_image: bytes
+) -> list[BatchAnswer | LlavaError]:
     """The scheduler's typed results for `names`, in order, all decoding at once (a Ray actor's batch)."""
     return list(scheduled(engine, names, prompt, settings, stdin_image, len(names)))
 

@@ -12,24 +12,31 @@ from __future__ import annotations
 import sys
 from contextlib import AbstractContextManager
 
-from llava_cli.frontend.arguments import STDIN, AskOptions, image_argument, images_and_prompt, read_image_from_stdin, read_prompt_from_stdin
 from llava_cli.ask.each import run_batch
+from llava_cli.base.errors import UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.base.terminal import emit, emit_error, one_line_text
 from llava_cli.engine.backend import Answer
 from llava_cli.engine.constraints import answer_value
-from llava_cli.prompt.conversation import Conversation
-from llava_cli.base.errors import UsageError
 from llava_cli.engine.logprobs import as_openai
-from llava_cli.media.attachments import Media
+from llava_cli.engine.streaming import stats_line
+from llava_cli.frontend.arguments import (
+    STDIN,
+    AskOptions,
+    image_argument,
+    images_and_prompt,
+    read_image_from_stdin,
+    read_prompt_from_stdin,
+)
 from llava_cli.frontend.output import WRITERS
+from llava_cli.frontend.records import answer_record
+from llava_cli.frontend.signals import sigterm_raises
+from llava_cli.media.attachments import Media
 from llava_cli.media.paste import PASTED_NAME, paste_image
 from llava_cli.media.pdfpages import image_or_pages, is_pdf
-from llava_cli.frontend.records import answer_record
-from llava_cli.store.resume import SessionOptions, open_conversation
-from llava_cli.base.settings import Settings
-from llava_cli.frontend.signals import sigterm_raises
+from llava_cli.prompt.conversation import Conversation
 from llava_cli.store.conversations import Recorder
-from llava_cli.engine.streaming import stats_line
-from llava_cli.base.terminal import emit, emit_error, one_line_text
+from llava_cli.store.resume import SessionOptions, open_conversation
 
 
 def sigterm_as_interrupt() -> AbstractContextManager[None]:
@@ -47,7 +54,9 @@ def load_images(names: list[str], settings: Settings, stdin_taken: bool, pages: 
     stdin_data = read_image_from_stdin() if STDIN in names else b""
     media: list[Media] = []
     for name in names:
-        opened, note = image_or_pages(name, pages, settings.max_image_pixels, lambda one, _: image_argument(one, stdin_data, settings))
+        opened, note = image_or_pages(
+            name, pages, settings.max_image_pixels, lambda one, _: image_argument(one, stdin_data, settings)
+        )
         media += opened
         if note:
             emit(f"llava: note: {one_line_text(note)}", sys.stderr)
@@ -71,13 +80,17 @@ def run_ask(
         return answer_once(args, settings, options, sessions)
 
 
-def answer_once(args: list[str], settings: Settings, options: AskOptions, sessions: SessionOptions = SessionOptions()) -> int:
+def answer_once(
+    args: list[str], settings: Settings, options: AskOptions, sessions: SessionOptions = SessionOptions()
+) -> int:
     opened = open_conversation(settings, sessions)
     settings = opened.settings
     for note in opened.notes:
         emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     command = "llava ask -c" if sessions.resume else "llava ask"
-    image_names, prompt = images_and_prompt(args, options.prompt, command, images_optional=sessions.resume or options.clipboard)
+    image_names, prompt = images_and_prompt(
+        args, options.prompt, command, images_optional=sessions.resume or options.clipboard
+    )
     prompt_from_stdin = prompt is None
     images = load_images(image_names, settings, stdin_taken=prompt_from_stdin, pages=options.pages)
     if options.clipboard:
@@ -86,7 +99,10 @@ def answer_once(args: list[str], settings: Settings, options: AskOptions, sessio
     if prompt_from_stdin:
         prompt = read_prompt_from_stdin()
     writer = WRITERS[options.format](settings.constraint)  # before the model loads: csv checks the schema's columns
-    from llava_cli.frontend.startup import show_note, start_engine  # looked up here, so a test replaces the backend in one place
+    from llava_cli.frontend.startup import (  # looked up here, so a test replaces the backend in one place
+        show_note,
+        start_engine,
+    )
 
     engine = start_engine(settings)
     conversation = opened.conversation or Conversation(system=settings.system)

@@ -50,10 +50,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llava_cli.frontend.arguments import AskOptions
-from llava_cli.engine.scheduler import BatchAnswer
 from llava_cli.base.errors import LlavaError, UsageError, one_line
 from llava_cli.base.settings import Settings
+from llava_cli.engine.scheduler import BatchAnswer
+from llava_cli.frontend.arguments import AskOptions
 
 if TYPE_CHECKING:
     from llava_cli.engine.local import Engine
@@ -87,7 +87,12 @@ class WorkerFailure(LlavaError):
 
 
 def ray_results(
-    names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes, answer_chunk: AnswerChunk
+    names: list[str],
+    prompt: str,
+    settings: Settings,
+    options: AskOptions,
+    stdin_image: bytes,
+    answer_chunk: AnswerChunk,
 ) -> Iterator[Result]:
     """One typed result per name, in order, answered on the Ray cluster at `options.ray`.
 
@@ -111,8 +116,14 @@ def ray_results(
 
 
 def answered_in_order(
-    ray: Any, names: list[str], prompt: str, settings: Settings, options: AskOptions, stdin_image: bytes,
-    answer_chunk: AnswerChunk, cleanup: ExitStack,
+    ray: Any,
+    names: list[str],
+    prompt: str,
+    settings: Settings,
+    options: AskOptions,
+    stdin_image: bytes,
+    answer_chunk: AnswerChunk,
+    cleanup: ExitStack,
 ) -> Iterator[Result]:
     with cleanup:
         try:
@@ -130,7 +141,7 @@ def import_ray() -> Any:
     """The `ray` module, or a UsageError saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401  (the extra is ray[data])
+        import ray.data
     except ImportError:
         raise UsageError(INSTALL_HINT) from None
     return ray
@@ -149,7 +160,9 @@ def connect_ray(ray: Any, address: str, verbose: bool) -> None:
 def start_or_join(ray: Any, address: str, level: int) -> None:
     if address == LOCAL:
         # address "local": a new instance even when `ray start` left one running here
-        ray.init(address=LOCAL, num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False, logging_level=level)
+        ray.init(
+            address=LOCAL, num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False, logging_level=level
+        )
     else:
         ray.init(address=address, log_to_driver=False, logging_level=level)
 
@@ -201,7 +214,13 @@ def configure_data(ray: Any, verbose: bool) -> None:
 
 
 def pipeline(
-    ray: Any, names: list[str], prompt: str, settings: Settings, batch_size: int, pool: ActorPool, stdin_image: bytes,
+    ray: Any,
+    names: list[str],
+    prompt: str,
+    settings: Settings,
+    batch_size: int,
+    pool: ActorPool,
+    stdin_image: bytes,
     answer_chunk: AnswerChunk,
 ) -> Iterable[dict[str, Any]]:
     """The Ray Data pipeline: (index, name) blocks → the actor pool → batches of (index, result JSON)."""
@@ -237,7 +256,9 @@ def encode_name(name: str) -> bytes:
 class ImageAnswerer:
     """One actor of the pool: the model loaded once, then a batch of images answered per call."""
 
-    def __init__(self, settings: Settings, prompt: str, stdin_image: bytes, workdir: str, answer_chunk: AnswerChunk) -> None:
+    def __init__(
+        self, settings: Settings, prompt: str, stdin_image: bytes, workdir: str, answer_chunk: AnswerChunk
+    ) -> None:
         if os.path.isdir(workdir):
             os.chdir(workdir)  # relative paths (images, a model folder) as the user meant them
         self.settings, self.prompt, self.stdin_image, self.answer_chunk = settings, prompt, stdin_image, answer_chunk
@@ -251,7 +272,9 @@ class ImageAnswerer:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         names = [bytes(name).decode("utf-8", "surrogateescape") for name in batch["name"]]
-        wired = [json.dumps(self.failure)] * len(names) if self.failure else [wire(result) for result in self.answer(names)]
+        wired = (
+            [json.dumps(self.failure)] * len(names) if self.failure else [wire(result) for result in self.answer(names)]
+        )
         return {"index": batch["index"], "result": wired}
 
     def answer(self, names: list[str]) -> list[Result]:
@@ -262,7 +285,9 @@ class ImageAnswerer:
         except Exception as err:
             if len(names) > 1:
                 return [result for name in names for result in self.answer([name])]
-            return [err if isinstance(err, LlavaError) else LlavaError(f"{names[0]}: {type(err).__name__}: {one_line(err)}")]
+            return [
+                err if isinstance(err, LlavaError) else LlavaError(f"{names[0]}: {type(err).__name__}: {one_line(err)}")
+            ]
 
 
 def wire(result: Result) -> str:
@@ -305,7 +330,9 @@ def checked_result(name: str, returned: str | None) -> Result:
     """The typed result for image `name` (its result JSON, None when its block was lost); `WorkerFailure`
     when the workers could not load the model."""
     if returned is None:
-        return LlavaError(f"{name}: no answer came back from the Ray cluster (its block failed {TASK_RETRIES + 1} times); run again to retry it")
+        return LlavaError(
+            f"{name}: no answer came back from the Ray cluster (its block failed {TASK_RETRIES + 1} times); run again to retry it"
+        )
     if "failure" in (sent := json.loads(returned)):
         raise WorkerFailure(str(sent["failure"]), int(sent["exit_code"]))
     return unwire(returned)
@@ -345,7 +372,7 @@ def stderr_for_us_only() -> Iterator[None]:
     (ask/each.py's progress bar, made while Ray ran, ends after it) and closes with its last user."""
     sys.stderr.flush()
     real = os.dup(2)
-    ours = open(real, "w", encoding=sys.stderr.encoding, errors=sys.stderr.errors, buffering=1)
+    ours = open(real, "w", encoding=sys.stderr.encoding, errors=sys.stderr.errors, buffering=1)  # noqa: SIM115 (it outlives this call: see above)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)

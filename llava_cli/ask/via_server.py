@@ -42,14 +42,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.frontend.arguments import AskOptions, image_argument
-from llava_cli.prompt.conversation import Conversation
 from llava_cli.base.errors import LlavaError, ModelError, UsageError
-from llava_cli.frontend.records import make_record
-from llava_cli.engine.logprobs import as_openai
-from llava_cli.client.remote import RemoteEngine, Reply, ServerUnavailable, whole_number
 from llava_cli.base.settings import DEFAULT_BATCH_SIZE, Settings
+from llava_cli.client.remote import RemoteEngine, Reply, ServerUnavailable, whole_number
+from llava_cli.engine.logprobs import as_openai
+from llava_cli.frontend.arguments import AskOptions, image_argument
+from llava_cli.frontend.records import make_record
 from llava_cli.frontend.startup import connect_server, show_note
+from llava_cli.prompt.conversation import Conversation
 
 MAX_ATTEMPTS = 6  # one request and up to 5 retries
 FIRST_BACKOFF_S = 0.5
@@ -86,7 +86,9 @@ def server_records(
     remote: RemoteEngine, names: list[str], prompt: str, settings: Settings, parallel: int, stdin_image: bytes
 ) -> Iterator[dict[str, Any]]:
     """One record per name, in input order, answered by `remote` with up to `parallel` requests at once."""
-    pool = RequestPool(lambda index: answer_image(remote, names[index], prompt, settings, stdin_image), min(parallel, len(names)))
+    pool = RequestPool(
+        lambda index: answer_image(remote, names[index], prompt, settings, stdin_image), min(parallel, len(names))
+    )
     sent = written = 0
     try:
         while written < len(names):
@@ -212,7 +214,9 @@ class RequestPool:
             else:
                 try:
                     outcome = self.work(index)
-                except Exception as err:  # a bug: handed to the main thread, which reports it, rather than lost with this thread
+                except (
+                    Exception
+                ) as err:  # a bug: handed to the main thread, which reports it, rather than lost with this thread
                     outcome = Outcome(fatal=err)
             if outcome.gave_up or outcome.fatal is not None:
                 self.stopping.set()

@@ -16,9 +16,10 @@ A leaf: it imports nothing from llava_cli, and no torch or transformers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_TEXT_MODEL = "llama"  # LlavaConfig's text model when config.json names none
 
@@ -59,29 +60,61 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        model_type="llava", text_models=frozenset({"llama", "mistral"}), label="llava-1.5",  # and bakLlava
-        model_class="LlavaForConditionalGeneration", processor_class="LlavaProcessor", processor_needs_torchvision=False,
-        prompt_style=PromptStyle.LLAVA15, tiling=Tiling.FIXED, example="llava-hf/llava-1.5-7b-hf",
+        model_type="llava",
+        text_models=frozenset({"llama", "mistral"}),
+        label="llava-1.5",  # and bakLlava
+        model_class="LlavaForConditionalGeneration",
+        processor_class="LlavaProcessor",
+        processor_needs_torchvision=False,
+        prompt_style=PromptStyle.LLAVA15,
+        tiling=Tiling.FIXED,
+        example="llava-hf/llava-1.5-7b-hf",
     ),
     Family(
-        model_type="llava", text_models=frozenset({"qwen2"}), label="llava-interleave",
-        model_class="LlavaForConditionalGeneration", processor_class="LlavaProcessor", processor_needs_torchvision=False,
-        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.FIXED, example="llava-hf/llava-interleave-qwen-0.5b-hf",
+        model_type="llava",
+        text_models=frozenset({"qwen2"}),
+        label="llava-interleave",
+        model_class="LlavaForConditionalGeneration",
+        processor_class="LlavaProcessor",
+        processor_needs_torchvision=False,
+        prompt_style=PromptStyle.CHAT_TEMPLATE,
+        tiling=Tiling.FIXED,
+        example="llava-hf/llava-interleave-qwen-0.5b-hf",
     ),
     Family(
-        model_type="llava_next", text_models=None, label="llava-next",  # llava-v1.6
-        model_class="LlavaNextForConditionalGeneration", processor_class="LlavaNextProcessor", processor_needs_torchvision=False,
-        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.ANYRES, example="llava-hf/llava-v1.6-mistral-7b-hf",
+        model_type="llava_next",
+        text_models=None,
+        label="llava-next",  # llava-v1.6
+        model_class="LlavaNextForConditionalGeneration",
+        processor_class="LlavaNextProcessor",
+        processor_needs_torchvision=False,
+        prompt_style=PromptStyle.CHAT_TEMPLATE,
+        tiling=Tiling.ANYRES,
+        example="llava-hf/llava-v1.6-mistral-7b-hf",
     ),
     Family(
-        model_type="llava_onevision", text_models=None, label="llava-onevision",
-        model_class="LlavaOnevisionForConditionalGeneration", processor_class="LlavaOnevisionProcessor", processor_needs_torchvision=True,
-        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.ANYRES_LONE_IMAGE, example="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", takes_videos=True,
+        model_type="llava_onevision",
+        text_models=None,
+        label="llava-onevision",
+        model_class="LlavaOnevisionForConditionalGeneration",
+        processor_class="LlavaOnevisionProcessor",
+        processor_needs_torchvision=True,
+        prompt_style=PromptStyle.CHAT_TEMPLATE,
+        tiling=Tiling.ANYRES_LONE_IMAGE,
+        example="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        takes_videos=True,
     ),
     Family(
-        model_type="llava_next_video", text_models=None, label="llava-next-video",
-        model_class="LlavaNextVideoForConditionalGeneration", processor_class="LlavaNextVideoProcessor", processor_needs_torchvision=True,
-        prompt_style=PromptStyle.CHAT_TEMPLATE, tiling=Tiling.ANYRES, example="llava-hf/LLaVA-NeXT-Video-7B-hf", takes_videos=True,
+        model_type="llava_next_video",
+        text_models=None,
+        label="llava-next-video",
+        model_class="LlavaNextVideoForConditionalGeneration",
+        processor_class="LlavaNextVideoProcessor",
+        processor_needs_torchvision=True,
+        prompt_style=PromptStyle.CHAT_TEMPLATE,
+        tiling=Tiling.ANYRES,
+        example="llava-hf/LLaVA-NeXT-Video-7B-hf",
+        takes_videos=True,
     ),
 )
 # config.json model types llava-cli loads, in table order (the loader's refusal lists them)

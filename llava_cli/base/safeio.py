@@ -88,7 +88,9 @@ class BadPath(OSError):
     """The path cannot name a file at all (it holds a NUL byte or an unencodable character)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(errno.EINVAL, "it is not a valid path (a NUL byte or an unencodable character)", repr(str(path)))
+        super().__init__(
+            errno.EINVAL, "it is not a valid path (a NUL byte or an unencodable character)", repr(str(path))
+        )
 
 
 class NotPrivate(OSError):
@@ -168,7 +170,9 @@ def write_private_file(path: Path, data: bytes) -> None:
     if folder is None:  # no descriptors of folders here (Windows): the checked folder's paths
         temporary, target = str(path.parent / temporary), str(path)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, PRIVATE_FILE_MODE, dir_fd=folder)
+        fd = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, PRIVATE_FILE_MODE, dir_fd=folder
+        )
         try:
             try:
                 if hasattr(os, "fchmod"):
@@ -262,7 +266,10 @@ def same_file(status: os.stat_result, path: str) -> bool:
 
 
 def open_regular(
-    path: str | os.PathLike[str], flags: int = os.O_RDONLY, follow_symlinks: bool = True, private: bool = False,
+    path: str | os.PathLike[str],
+    flags: int = os.O_RDONLY,
+    follow_symlinks: bool = True,
+    private: bool = False,
     mode: int = PRIVATE_FILE_MODE,
 ) -> int:
     """A descriptor of the regular file at `path` (opened without blocking), checked as the module docstring says."""

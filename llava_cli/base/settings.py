@@ -33,7 +33,9 @@ DEFAULT_REQUEST_TIMEOUT_S = 30.0  # llava serve: a request body must arrive with
 DEFAULT_HEADER_TIMEOUT_S = 10.0  # llava serve: a request's headers must arrive within this (slowloris)
 DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # llava serve: idle kept-alive connections closed after this (uvicorn's default)
 DEFAULT_MAX_CONNECTIONS = 512  # llava serve: open connections in all (also kept under the open-file limit)
-DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 128  # llava serve: from one address; above `ask --each --parallel`'s 64 and a chat or two
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = (
+    128  # llava serve: from one address; above `ask --each --parallel`'s 64 and a chat or two
+)
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # llava serve: on SIGTERM, answers in flight get this long to finish
 # --compile's static cache holds empty and stale slots that only an attention mask hides.
 # A temperature below this is greedy, as vLLM does it: dividing by a smaller one overflows float32
@@ -64,7 +66,9 @@ class Settings:
     max_context: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_image_tokens: int | None = None  # anyres families: only the pinpoints whose images fit (models/imagetokens.py)
-    cache_mb: int | None = None  # the whole process's KV-cache budget (engine/kvbudget.py); None: sized to the device, 0: no bound
+    cache_mb: int | None = (
+        None  # the whole process's KV-cache budget (engine/kvbudget.py); None: sized to the device, 0: no bound
+    )
     frames: int | None = None  # frames sampled per video; None: the checkpoint's default (or --fps)
     fps: float | None = None  # video frames sampled per second, capped
     allow_pickle: bool = False
@@ -76,8 +80,12 @@ class Settings:
     chosen: frozenset[str] = frozenset()
     # A JSON schema (engine/constraints.py's canonical text) every answer must follow: ask --schema/--format json, serve's response_format.
     constraint: str | None = None
-    stop: tuple[str, ...] = ()  # the answer ends before the first of these texts (engine/stops.py): ask --stop, serve's stop
-    logprobs: int | None = None  # report each token's logprob and this many top alternatives (engine/logprobs.py): ask --logprobs, serve's top_logprobs; None: none
+    stop: tuple[
+        str, ...
+    ] = ()  # the answer ends before the first of these texts (engine/stops.py): ask --stop, serve's stop
+    logprobs: int | None = (
+        None  # report each token's logprob and this many top alternatives (engine/logprobs.py): ask --logprobs, serve's top_logprobs; None: none
+    )
 
     def __post_init__(self) -> None:
         for option in OPTIONS.values():

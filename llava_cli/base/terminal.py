@@ -126,7 +126,11 @@ def progress_bar(console: Console, *counts: Any, auto_refresh: bool = True) -> A
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), *counts, TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        *counts,
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
         auto_refresh=auto_refresh,
         redirect_stdout=False,  # stdout carries the answers; it must never be captured
@@ -142,6 +146,8 @@ def safe_text(item: Any, stream: IO[str]) -> Any:
     if isinstance(item, Text) and is_terminal(stream) and ESCAPE_SEQUENCE.search(item.plain):
         return Text(safe_for_terminal(item.plain), style=item.style, end=item.end)
     return item
+
+
 def table(rows: list[tuple[str, str]], columns: int) -> list[str]:
     """Two columns as plain lines: terms on the left, texts wrapped between words on the right
     (below a term too long to share its line); `columns` too narrow, each text goes below its term."""

@@ -47,7 +47,14 @@ def copy_to_clipboard(text: str, terminal: IO[str] | None) -> str:
 def run_tool(command: list[str], text: str) -> bool:
     try:
         # No pipes for its output: xclip stays behind to own the selection and would hold them open.
-        subprocess.run(command, input=text.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TOOL_TIMEOUT_S, check=True)
+        subprocess.run(
+            command,
+            input=text.encode(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=TOOL_TIMEOUT_S,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return True

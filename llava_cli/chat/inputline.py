@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llava_cli.chat.slash import command_names, find
 from llava_cli.base.safeio import NotPrivate, NotRegularFile, make_private_dir, open_regular
+from llava_cli.chat.slash import command_names, find
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -37,7 +37,9 @@ SHELL_SPECIAL = re.compile(r"""([\s"'\\])""")
 def block_is_open(text: str) -> bool:
     """True while a message started with \"\"\" has not been closed by another \"\"\"."""
     stripped = text.strip()
-    return stripped.startswith(BLOCK_QUOTES) and (len(stripped) < 2 * len(BLOCK_QUOTES) or not stripped.endswith(BLOCK_QUOTES))
+    return stripped.startswith(BLOCK_QUOTES) and (
+        len(stripped) < 2 * len(BLOCK_QUOTES) or not stripped.endswith(BLOCK_QUOTES)
+    )
 
 
 def message_text(text: str) -> str:

@@ -20,23 +20,23 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any
 
-from llava_cli.chat.protocols import ChatIO
-from llava_cli.engine.backend import Answer, Backend
-from llava_cli.chat.slash import context_summary, ends_chat, recap, run_command
-from llava_cli.engine.constraints import answer_value
-from llava_cli.prompt.conversation import Conversation
 from llava_cli.base.errors import EXIT_OK, LlavaError
-from llava_cli.media.images import ImageRef
-from llava_cli.media.attachments import open_local
-from llava_cli.frontend.output import WRITERS
-from llava_cli.media.pdfpages import image_or_pages
-from llava_cli.frontend.records import answer_record
-from llava_cli.store.resume import SessionOptions, open_conversation
 from llava_cli.base.settings import Settings
-from llava_cli.frontend.signals import Terminated, sigterm_raises
-from llava_cli.store.conversations import Recorder, data_dir
-from llava_cli.engine.streaming import Stats, stats_line
 from llava_cli.base.terminal import emit, emit_error, is_terminal, make_console, one_line_text, safe_for_terminal, shown
+from llava_cli.chat.protocols import ChatIO
+from llava_cli.chat.slash import context_summary, ends_chat, recap, run_command
+from llava_cli.engine.backend import Answer, Backend
+from llava_cli.engine.constraints import answer_value
+from llava_cli.engine.streaming import Stats, stats_line
+from llava_cli.frontend.output import WRITERS
+from llava_cli.frontend.records import answer_record
+from llava_cli.frontend.signals import Terminated, sigterm_raises
+from llava_cli.media.attachments import open_local
+from llava_cli.media.images import ImageRef
+from llava_cli.media.pdfpages import image_or_pages
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.store.conversations import Recorder, data_dir
+from llava_cli.store.resume import SessionOptions, open_conversation
 
 
 class ChatLoop:
@@ -99,14 +99,19 @@ class ChatLoop:
         """Attach images or videos (`kind`: media.open_local's) to the next message, or with `asked_now` to the question sent right after."""
         images, notes = [], []
         for path in paths:  # all or none: nothing is attached until every one opens
-            opened, note = image_or_pages(path, None, self.settings.max_image_pixels, lambda one, _: open_local(one, self.settings, kind))
+            opened, note = image_or_pages(
+                path, None, self.settings.max_image_pixels, lambda one, _: open_local(one, self.settings, kind)
+            )
             images += opened
             notes += [note] if note else []
         for note in notes:
             self.io.info(note)
         self.attached.extend(images)
         names = ", ".join(image.name for image in images)
-        self.io.info(f"attached {names}; " + ("answering your question about it now" if asked_now else "it goes with your next message"))
+        self.io.info(
+            f"attached {names}; "
+            + ("answering your question about it now" if asked_now else "it goes with your next message")
+        )
 
     def send(self, text: str) -> None:
         self.conversation.ask(text, self.attached)
@@ -115,7 +120,9 @@ class ChatLoop:
 
     def respond(self, undo: Callable[[], None], stopped: str) -> None:
         """Answer the pending turn, then save; on failure or Ctrl-C, `undo` puts things back."""
-        from llava_cli.frontend.startup import show_note  # startup loads the backend's modules: not before a chat needs them
+        from llava_cli.frontend.startup import (
+            show_note,  # startup loads the backend's modules: not before a chat needs them
+        )
 
         try:
             with closing(Answer(self.engine.generate(self.conversation, self.settings), show_note)) as answer:
@@ -136,7 +143,11 @@ class ChatLoop:
         self.autosave()
         turn = self.conversation.turns[-1]
         images = [image.name for image in turn.images]
-        self.io.answered(answer_record(answer_value(turn.answer or "", self.settings), self.settings.model, images, self.saved_id(), figures))
+        self.io.answered(
+            answer_record(
+                answer_value(turn.answer or "", self.settings), self.settings.model, images, self.saved_id(), figures
+            )
+        )
 
     def autosave(self) -> None:
         """Save the conversation if it is recorded; a failure is reported once and the chat goes on."""
@@ -219,8 +230,10 @@ class TerminalIO:
         self.markdown = markdown and not settings.raw  # --raw: the answer exactly as generated
         self.status: Callable[[], str] = lambda: ""  # the bottom toolbar; start_chat connects it
         self.session = make_prompt_session(
-            data_dir() / "input-history", lambda: self.status(),
-            notify=lambda message: self.info(f"note: {message}"), **streams,
+            data_dir() / "input-history",
+            lambda: self.status(),
+            notify=lambda message: self.info(f"note: {message}"),
+            **streams,
         )
 
     def read(self) -> str | None:
@@ -268,7 +281,11 @@ class TerminalIO:
 
 
 def run_chat(
-    settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions = SessionOptions(), markdown: bool = True
+    settings: Settings,
+    images: list[str],
+    as_json: bool,
+    sessions: SessionOptions = SessionOptions(),
+    markdown: bool = True,
 ) -> int:
     """Chat until the end; SIGTERM ends it cleanly too (exit 0): answered turns saved, no temp file left."""
     loop: ChatLoop | None = None
@@ -282,7 +299,9 @@ def run_chat(
         return EXIT_OK
 
 
-def start_chat(settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions, markdown: bool) -> ChatLoop:
+def start_chat(
+    settings: Settings, images: list[str], as_json: bool, sessions: SessionOptions, markdown: bool
+) -> ChatLoop:
     from llava_cli.frontend.startup import start_engine
 
     for path in images:  # fail before the slow model load

@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from llava_cli.prompt.conversation import Conversation
-    from llava_cli.engine.backend import Backend
-    from llava_cli.media.images import ImageRef
     from llava_cli.base.settings import Settings
-    from llava_cli.store.conversations import Recorder
+    from llava_cli.engine.backend import Backend
     from llava_cli.engine.streaming import Stats
+    from llava_cli.media.images import ImageRef
+    from llava_cli.prompt.conversation import Conversation
+    from llava_cli.store.conversations import Recorder
 
 
 class ChatIO(Protocol):
@@ -42,6 +42,8 @@ class Chat(Protocol):
     last_figures: Stats  # the last answer's figures (/stats)
 
     def send(self, text: str) -> None: ...
-    def attach_paths(self, paths: list[str], asked_now: bool = False, kind: str = "image") -> None: ...  # kind: media.open_local's
+    def attach_paths(
+        self, paths: list[str], asked_now: bool = False, kind: str = "image"
+    ) -> None: ...  # kind: media.open_local's
     def respond(self, undo: Callable[[], None], stopped: str) -> None: ...  # answer the pending turn; `undo` on failure
     def autosave(self) -> None: ...

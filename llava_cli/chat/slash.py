@@ -14,27 +14,28 @@ from __future__ import annotations
 import dataclasses
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from llava_cli.frontend.arguments import split_image_command
-from llava_cli.chat.clipboard import copy_to_clipboard
-from llava_cli.prompt.conversation import Turn
-from llava_cli.client.discovery import model_key
 from llava_cli.base.errors import InputError, LlavaError, UsageError, suggestion
 from llava_cli.base.options import SAVED, SETTABLE
+from llava_cli.base.terminal import is_terminal, table
+from llava_cli.chat.clipboard import copy_to_clipboard
+from llava_cli.client.discovery import model_key
+from llava_cli.frontend.arguments import split_image_command
 from llava_cli.media.paste import paste_image
-from llava_cli.store.resume import restore_conversation, restored_settings
+from llava_cli.prompt.conversation import Turn
 from llava_cli.store.conversations import (
     SessionStore,
     describe_settings,
     shorten,
 )
-from llava_cli.base.terminal import is_terminal, table
+from llava_cli.store.resume import restore_conversation, restored_settings
 
 if TYPE_CHECKING:
-    from llava_cli.chat.protocols import Chat
     from llava_cli.base.settings import Settings
+    from llava_cli.chat.protocols import Chat
 
 Handler = Callable[["Chat", str], None]
 HELP_NOTES = (
@@ -97,7 +98,9 @@ def ends_chat(name: str) -> bool:
 def run_command(chat: Chat, name: str, argument: str) -> None:
     entry = find(name)
     if entry is None or entry.handler is None:
-        raise InputError(f"unknown command /{name}{suggestion(name, command_names(), prefix='/')} (/help lists the commands)")
+        raise InputError(
+            f"unknown command /{name}{suggestion(name, command_names(), prefix='/')} (/help lists the commands)"
+        )
     entry.handler(chat, argument)
 
 
@@ -108,7 +111,12 @@ def help_text(columns: int) -> str:
     return "\n".join(["Type a message and press Enter. Commands:", *table(rows, columns), *notes])
 
 
-@command("image", "PATH [PATH...] [question]", "attach images to the next message (or ask about them now)", completes_paths=True)
+@command(
+    "image",
+    "PATH [PATH...] [question]",
+    "attach images to the next message (or ask about them now)",
+    completes_paths=True,
+)
 def attach(chat: Chat, argument: str) -> None:
     paths, question = split_image_command(argument)
     if not paths:
@@ -189,10 +197,14 @@ def system(chat: Chat, argument: str) -> None:
     chat.autosave()
 
 
-@command("schema", "[FILE|JSON|FIELDS|off]", "show, set or remove the JSON schema answers follow (what ask --schema takes)")
+@command(
+    "schema", "[FILE|JSON|FIELDS|off]", "show, set or remove the JSON schema answers follow (what ask --schema takes)"
+)
 def schema(chat: Chat, argument: str) -> None:
     if not argument:
-        chat.io.report(f"schema: {chat.settings.constraint}" if chat.settings.constraint else "no schema: answers are free text")
+        chat.io.report(
+            f"schema: {chat.settings.constraint}" if chat.settings.constraint else "no schema: answers are free text"
+        )
         return
     if argument == "off":
         chat.settings = dataclasses.replace(chat.settings, constraint=None)
@@ -230,7 +242,11 @@ def settings_text(chat: Chat) -> str:
     return describe_settings({key: getattr(chat.settings, key) for key in SAVED})
 
 
-@command("show", "", "model, device, settings, context used, where the conversation is saved, what the model sees of each image")
+@command(
+    "show",
+    "",
+    "model, device, settings, context used, where the conversation is saved, what the model sees of each image",
+)
 def show(chat: Chat, _: str) -> None:
     chat.io.report("\n".join([f"{label:<9} {value}" for label, value in facts(chat)] + image_lines(chat)))
 
@@ -241,13 +257,17 @@ def image_lines(chat: Chat) -> list[str]:
     loaded = getattr(chat.engine, "loaded", None)  # engine.Engine's LoadedModel; a server backend has none
     from llava_cli.media.images import ImageRef
 
-    pictures = [item for item in (*chat.conversation.images, *chat.attached) if isinstance(item, ImageRef)]  # videos have lines of their own
+    pictures = [
+        item for item in (*chat.conversation.images, *chat.attached) if isinstance(item, ImageRef)
+    ]  # videos have lines of their own
     if loaded is None or not pictures:
         return []
     from llava_cli.models.imagetokens import describe_images
 
     window = chat.engine.info().window(chat.settings)
-    return ["images"] + [f"  {image.line()}" for image in describe_images(loaded.processor, loaded.family, pictures, window)]
+    return ["images"] + [
+        f"  {image.line()}" for image in describe_images(loaded.processor, loaded.family, pictures, window)
+    ]
 
 
 def facts(chat: Chat) -> list[tuple[str, str]]:

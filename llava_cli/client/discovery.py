@@ -29,7 +29,14 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from llava_cli.base.safeio import FileTooLarge, NotPrivate, NotRegularFile, private_folder, read_regular, write_private_file
+from llava_cli.base.safeio import (
+    FileTooLarge,
+    NotPrivate,
+    NotRegularFile,
+    private_folder,
+    read_regular,
+    write_private_file,
+)
 
 MAX_RECORD_BYTES = 64 * 1024  # a record is about 200 bytes
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})  # hosts that are this machine, by name

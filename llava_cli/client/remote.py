@@ -54,18 +54,18 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from llava_cli.base.deadline import Deadline
+from llava_cli.base.errors import ContextError, InputError, LlavaError, ModelError, UsageError
+from llava_cli.base.options import DEFAULT_MODEL, request_fields, server_url
+from llava_cli.base.settings import Settings
+from llava_cli.client.discovery import find_server, only_server
 from llava_cli.engine.backend import BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.engine.constraints import ANY_OBJECT
-from llava_cli.prompt.conversation import Conversation
-from llava_cli.base.deadline import Deadline
-from llava_cli.client.discovery import find_server, only_server
-from llava_cli.engine.streaming import Stats, TextStream, decode_rate
-from llava_cli.base.errors import ContextError, InputError, LlavaError, ModelError, UsageError
-from llava_cli.media.images import ImageRef
 from llava_cli.engine.logprobs import TokenLogprob, from_openai
-from llava_cli.base.options import DEFAULT_MODEL, request_fields, server_url
+from llava_cli.engine.streaming import Stats, TextStream, decode_rate
+from llava_cli.media.images import ImageRef
 from llava_cli.media.video import VIDEO_MIME_TYPES, VideoRef
-from llava_cli.base.settings import Settings
+from llava_cli.prompt.conversation import Conversation
 
 if TYPE_CHECKING:
     import httpx
@@ -116,7 +116,9 @@ class RemoteEngine:
     def prompt_tokens(self, conversation: Conversation) -> None:
         return None  # only the server's tokenizer could tell; the answers' usage does
 
-    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
+    def generate(
+        self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False
+    ) -> Events:
         reply = Reply(time.perf_counter())
         with closing(self.stream(conversation, settings, reply)) as chunks:  # stopped or closed early: hang up at once
             for chunk in chunks:
@@ -148,8 +150,17 @@ class RemoteEngine:
         """True if the server answers GET /v1/models at once (used before trusting a discovered one)."""
         try:
             # a deadline for the whole answer: a peer dripping bytes resets each read's timeout
-            with Deadline(PROBE_TIMEOUT_S) as deadline, self.exchange(
-                    "GET", "/models", None, read_timeout=PROBE_TIMEOUT_S, connect_timeout=PROBE_TIMEOUT_S, deadline=deadline):
+            with (
+                Deadline(PROBE_TIMEOUT_S) as deadline,
+                self.exchange(
+                    "GET",
+                    "/models",
+                    None,
+                    read_timeout=PROBE_TIMEOUT_S,
+                    connect_timeout=PROBE_TIMEOUT_S,
+                    deadline=deadline,
+                ),
+            ):
                 pass
         except LlavaError:
             return False
@@ -186,25 +197,40 @@ class RemoteEngine:
         return self.data_urls[image.digest]
 
     @contextmanager
-    def exchange(self, method: str, path: str, body: dict[str, Any] | None, read_timeout: float | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S, deadline: Deadline | None = None) -> Iterator[httpx.Response]:
+    def exchange(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        read_timeout: float | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        deadline: Deadline | None = None,
+    ) -> Iterator[httpx.Response]:
         """Send a request; give its 200 response, still streaming, or raise what went wrong. The
         connection is closed on leaving: one connection per exchange, never a redirect followed."""
         import httpx
 
-        transport = httpx.HTTPTransport(verify=system_tls(), trust_env=False)  # no proxy, .netrc or certificate from the environment
+        transport = httpx.HTTPTransport(
+            verify=system_tls(), trust_env=False
+        )  # no proxy, .netrc or certificate from the environment
         if deadline:
             clock(transport, deadline)
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)  # an answer may wait its turn behind others: no read limit
+        timeout = httpx.Timeout(
+            read_timeout, connect=connect_timeout
+        )  # an answer may wait its turn behind others: no read limit
         with httpx.Client(transport=transport, timeout=timeout, trust_env=False, follow_redirects=False) as client:
             data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
             request = client.build_request(method, self.endpoint(path), content=data, headers=self.headers())
             try:
                 response = client.send(request, stream=True)
                 if response.status_code != 200:
-                    raise refusal(response.status_code, response_json(response), self.url, response.headers.get("Retry-After"))
+                    raise refusal(
+                        response.status_code, response_json(response), self.url, response.headers.get("Retry-After")
+                    )
             except (OSError, httpx.HTTPError) as err:
-                raise failure(err)(f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?") from None
+                raise failure(err)(
+                    f"cannot reach the server at {self.url} ({describe(err)}); is `llava serve` running?"
+                ) from None
             with closing(response):
                 yield response
 
@@ -212,11 +238,17 @@ class RemoteEngine:
         """The url of an API path: the server's scheme, host and port (never credentials or a query from --server)."""
         import httpx
 
-        return httpx.URL(scheme=self.parts.scheme, host=self.parts.hostname or "", port=self.parts.port, path=self.prefix + path)
+        return httpx.URL(
+            scheme=self.parts.scheme, host=self.parts.hostname or "", port=self.parts.port, path=self.prefix + path
+        )
 
     def headers(self) -> dict[str, str]:
         # identity: the byte caps below count what the server sends, not what it inflates to
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream", "Accept-Encoding": "identity"}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "Accept-Encoding": "identity",
+        }
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
@@ -230,7 +262,7 @@ class RemoteEngine:
                 data = line.decode("utf-8").strip()
                 if not data.startswith("data:"):
                     continue  # blank separators, comments, `event:` lines
-                data = data[len("data:"):].strip()
+                data = data[len("data:") :].strip()
                 if data == "[DONE]":
                     return
                 event = json.loads(data)
@@ -266,8 +298,14 @@ def clock(transport: httpx.HTTPTransport, deadline: Deadline) -> None:
     import httpcore
 
     class OnTheClock(httpcore.SyncBackend):
-        def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                        socket_options: Any = None) -> httpcore.NetworkStream:
+        def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Any = None,
+        ) -> httpcore.NetworkStream:
             stream = super().connect_tcp(host, port, deadline.left(), local_address, socket_options)
             deadline.watch(stream.get_extra_info("socket"))
             return stream
@@ -287,7 +325,9 @@ def failure(err: BaseException) -> type[LlavaError]:
     before or during the answer: nothing was wrong with the request), else `LlavaError`."""
     import httpx
 
-    if isinstance(err, (httpx.TimeoutException, httpx.RemoteProtocolError)):  # a read timed out; closed before or during the answer
+    if isinstance(
+        err, (httpx.TimeoutException, httpx.RemoteProtocolError)
+    ):  # a read timed out; closed before or during the answer
         return ServerUnavailable
     return ServerUnavailable if isinstance(os_error(err), CONNECTION_FAILURES) else LlavaError
 
@@ -365,7 +405,10 @@ def answer_shape(settings: Settings) -> dict[str, Any]:
     if settings.constraint == ANY_OBJECT:
         fields["response_format"] = {"type": "json_object"}
     elif settings.constraint:
-        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": json.loads(settings.constraint)}}
+        fields["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": json.loads(settings.constraint)},
+        }
     if settings.stop:
         fields["stop"] = list(settings.stop)
     if settings.logprobs is not None:
@@ -380,9 +423,13 @@ def server_logprobs(content: Any, url: str) -> tuple[TokenLogprob, ...]:
     try:
         tokens = from_openai(content)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise LlavaError(f"the server at {url} sent logprobs that are not OpenAI's shape ({type(err).__name__})") from None
+        raise LlavaError(
+            f"the server at {url} sent logprobs that are not OpenAI's shape ({type(err).__name__})"
+        ) from None
     pieces = [piece for token in tokens for piece in (token, *token.top)]
-    if not all(isinstance(piece.token, str) and all(type(b) is int and 0 <= b < 256 for b in piece.bytes) for piece in pieces):
+    if not all(
+        isinstance(piece.token, str) and all(type(b) is int and 0 <= b < 256 for b in piece.bytes) for piece in pieces
+    ):
         raise LlavaError(f"the server at {url} sent logprobs that are not OpenAI's shape (a token or its bytes)")
     return tokens
 
@@ -435,7 +482,9 @@ def refusal(status: int, body: Any, url: str, retry_after: str | None = None) ->
     `ServerUnavailable` for the statuses that say "later" (BUSY_STATUSES)."""
     message = error_message(body)
     if status in BUSY_STATUSES:
-        return ServerUnavailable(f"the server at {url} is busy (HTTP {status}): {message}", seconds_to_wait(retry_after))
+        return ServerUnavailable(
+            f"the server at {url} is busy (HTTP {status}): {message}", seconds_to_wait(retry_after)
+        )
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and error.get("code") == "context_length_exceeded":
         return ContextError(message)
@@ -477,13 +526,17 @@ def the_only_server(notify: Callable[[str], None]) -> tuple[str, str] | None:
     """With no model named: the one running `llava serve`, whatever it serves; several are named, not picked."""
     found = only_server(notify)
     if isinstance(found, list):
-        notify(f"{len(found)} llava serve servers are running ({', '.join(found)}); name one with --model, "
-               f"else {DEFAULT_MODEL} is loaded here")
+        notify(
+            f"{len(found)} llava serve servers are running ({', '.join(found)}); name one with --model, "
+            f"else {DEFAULT_MODEL} is loaded here"
+        )
         return None
     return found
 
 
-def choose_server(settings: Settings, notify: Callable[[str], None], remember_images: bool = True) -> RemoteEngine | None:
+def choose_server(
+    settings: Settings, notify: Callable[[str], None], remember_images: bool = True
+) -> RemoteEngine | None:
     """The remote engine these settings ask for, or None to load the model in this process."""
     if settings.no_server:
         return None

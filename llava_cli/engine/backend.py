@@ -35,8 +35,8 @@ from llava_cli.engine.logprobs import TokenLogprob
 from llava_cli.engine.streaming import Stats
 
 if TYPE_CHECKING:
-    from llava_cli.prompt.conversation import Conversation
     from llava_cli.base.settings import Settings
+    from llava_cli.prompt.conversation import Conversation
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,13 @@ from llava_cli.base.errors import LlavaError, UsageError
 from llava_cli.base.settings import Settings
 
 ANY_OBJECT = json.dumps({"type": "object"})
-SHORT_TYPES = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
-               "bool": {"type": "boolean"}, "list": {"type": "array", "items": {"type": "string"}}}
+SHORT_TYPES = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "list": {"type": "array", "items": {"type": "string"}},
+}
 MAX_SCHEMA_BYTES = 1 << 20
 # A bad schema's parts are compiled alone to find where it is bad: at most this many, and at most
 # PROBE_BUDGET times the schema's size in all (each compile takes about 0.1 ms plus its size's share).
@@ -68,7 +73,7 @@ def schema_text(spec: str, where: str = "--schema") -> str:
     else:
         schema = short_form(text, where)
     if not isinstance(schema, dict):
-        raise UsageError(f"{where} must be a JSON object (a JSON schema such as {{\"type\": \"object\", ...}})")
+        raise UsageError(f'{where} must be a JSON object (a JSON schema such as {{"type": "object", ...}})')
     canonical = json.dumps(schema)  # property order kept: the answer writes them in this order
     check_schema(canonical, where)
     return canonical
@@ -99,8 +104,10 @@ def short_form(text: str, where: str) -> dict[str, Any]:
     for part in text.split(","):
         words = part.split()
         if not words or len(words) > 2 or (len(words) == 2 and words[1] not in SHORT_TYPES):
-            raise UsageError(f"{where}: cannot read {part.strip()!r}; write a JSON schema, a file, or "
-                             f"'name, age int' with types {', '.join(SHORT_TYPES)}")
+            raise UsageError(
+                f"{where}: cannot read {part.strip()!r}; write a JSON schema, a file, or "
+                f"'name, age int' with types {', '.join(SHORT_TYPES)}"
+            )
         properties[words[0]] = SHORT_TYPES[words[1] if len(words) == 2 else "str"]
     return {"type": "object", "properties": properties, "required": list(properties)}
 
@@ -158,7 +165,9 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         xgr = xgrammar()
         self.vocab_size = vocab_size
-        self.compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size), max_threads=1)
+        self.compiler = xgr.GrammarCompiler(
+            xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size), max_threads=1
+        )
 
     def hook(self, schema: str) -> GrammarHook:
         """A new row's hook for the schema text (compiled on first use)."""
@@ -226,6 +235,8 @@ def answer_value(text: str, settings: Settings) -> Any:
 def parsed_answer(text: str) -> Any:
     """The constrained answer as a JSON value; `InputError` when it ended before its JSON did."""
     try:
-        return json.loads(text, strict=False)  # xgrammar lets a string hold raw control characters, which strict JSON does not
+        return json.loads(
+            text, strict=False
+        )  # xgrammar lets a string hold raw control characters, which strict JSON does not
     except json.JSONDecodeError:
         raise LlavaError("the answer ran out of tokens before its JSON was complete; raise --max-new-tokens") from None

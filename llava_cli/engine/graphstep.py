@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from llava_cli.engine.pipeline import Sampler
-from llava_cli.engine.paths import MASKED_ATTENTION, EagerPath, ForwardPath, HostSteps, run_model
 from llava_cli.base.settings import Settings
+from llava_cli.engine.paths import MASKED_ATTENTION, EagerPath, ForwardPath, HostSteps, run_model
+from llava_cli.engine.pipeline import Sampler
 
 BUCKET_TOKENS = (1024, 2048, 4096)  # static cache sizes; past the last, doubling; never beyond the context window
 
@@ -59,8 +59,10 @@ def uncaptured_reason(device_type: str, cuda_graph: bool, greedy: bool) -> str |
     return None
 
 
-FLASH_NOTE = ("flash-attention 2 cannot mask a static cache's empty slots, so decoding keeps a growing "
-              "dynamic cache without a CUDA graph (--attn sdpa for the static cache)")
+FLASH_NOTE = (
+    "flash-attention 2 cannot mask a static cache's empty slots, so decoding keeps a growing "
+    "dynamic cache without a CUDA graph (--attn sdpa for the static cache)"
+)
 SLIDING_NOTE = "this model's sliding-window layers keep a growing dynamic cache, without a CUDA graph"
 # bench/decode_paths_cpu.py (bench/RESULTS.md): on a CPU there is no graph to replay, and the static
 # bucket's masked attention over empty slots costs more than it saves (0.88x plain generate on a
@@ -93,7 +95,9 @@ def has_sliding_layers(model: Any) -> bool:
 class StaticPath:
     """The default path: a bucketed static cache, eager prefill, device-chosen decode steps."""
 
-    def __init__(self, model: Any, window: int, *, cuda_graph: bool = True, buckets: tuple[int, ...] = BUCKET_TOKENS) -> None:
+    def __init__(
+        self, model: Any, window: int, *, cuda_graph: bool = True, buckets: tuple[int, ...] = BUCKET_TOKENS
+    ) -> None:
         self.model = model
         self.window = window
         self.cuda_graph = cuda_graph
@@ -129,7 +133,9 @@ class StaticPath:
     def __call__(self, cache: Any, ids: list[int], start: int, image_inputs: dict[str, Any]) -> Any:
         return run_model(self.model, self.model, cache, ids, start, image_inputs)
 
-    def steps(self, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> DeviceSteps | HostSteps:
+    def steps(
+        self, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]
+    ) -> DeviceSteps | HostSteps:
         """This turn's decode steps, after a prefill that left `start` tokens in `cache` and `logits`."""
         if self.step is None or self.step.cache is not cache:
             self.step = DecodeStep(self.model, cache)
@@ -258,7 +264,9 @@ class DeviceSteps:
     """One turn's decode over a `DecodeStep`: `launch()` feeds the chosen token and chooses the next
     on the device; `read()` is the one host sync, for the token chosen before the last launch."""
 
-    def __init__(self, path: StaticPath, step: DecodeStep, logits: Any, start: int, sampler: Sampler, capture: bool) -> None:
+    def __init__(
+        self, path: StaticPath, step: DecodeStep, logits: Any, start: int, sampler: Sampler, capture: bool
+    ) -> None:
         self.path = path
         self.step = step
         self.choose = sampler.choose

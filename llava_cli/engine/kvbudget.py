@@ -107,5 +107,7 @@ def kv_bytes_per_token(model: Any) -> int:
 
 def over_budget(nbytes: int, budget: KvBudget) -> str:
     """The one-line refusal of an answer whose cache cannot fit the budget even alone."""
-    return (f"this answer needs {nbytes / 2**20:.1f} MB of KV cache but --cache-mb allows {(budget.limit_bytes or 0) / 2**20:.1f} MB; "
-            "raise --cache-mb, lower --max-new-tokens or --max-context, or send a shorter prompt")
+    return (
+        f"this answer needs {nbytes / 2**20:.1f} MB of KV cache but --cache-mb allows {(budget.limit_bytes or 0) / 2**20:.1f} MB; "
+        "raise --cache-mb, lower --max-new-tokens or --max-context, or send a shorter prompt"
+    )

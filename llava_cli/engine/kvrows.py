@@ -45,8 +45,12 @@ def columns(cache: Any) -> int:
 
 
 def rows_of(cache: Any, row: int, start: int) -> Any:
-    return new_cache([(layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
-                      for layer in cache.layers])
+    return new_cache(
+        [
+            (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
+            for layer in cache.layers
+        ]
+    )
 
 
 def prefix_of(cache: Any, count: int) -> Any:
@@ -57,10 +61,15 @@ def merged(left: Any, right: Any) -> Any:
     import torch
 
     width = max(columns(left), columns(right))
-    return new_cache([
-        (torch.cat([padded(upper.keys, width), padded(lower.keys, width)]), torch.cat([padded(upper.values, width), padded(lower.values, width)]))
-        for upper, lower in zip(left.layers, right.layers, strict=True)
-    ])
+    return new_cache(
+        [
+            (
+                torch.cat([padded(upper.keys, width), padded(lower.keys, width)]),
+                torch.cat([padded(upper.values, width), padded(lower.values, width)]),
+            )
+            for upper, lower in zip(left.layers, right.layers, strict=True)
+        ]
+    )
 
 
 def padded(tensor: Any, width: int) -> Any:

@@ -45,23 +45,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llava_cli.engine.backend import BackendInfo, Done, Events, Note, TextChunk, window_within
-from llava_cli.prompt.conversation import Conversation
-from llava_cli.engine.pipeline import Row, Sampler, TokenHook, token_budget
 from llava_cli.base.errors import ContextError, ResourceError
-from llava_cli.engine.paths import CompiledPath, ForwardPath, Steps
+from llava_cli.base.settings import Settings
+from llava_cli.engine.backend import BackendInfo, Done, Events, Note, TextChunk, window_within
 from llava_cli.engine.graphstep import default_path
-from llava_cli.media.images import ImageRef
 from llava_cli.engine.kvbudget import CHAT, KvBudget, budget_for, kv_bytes_per_token, over_budget
 from llava_cli.engine.kvrows import nbytes
-from llava_cli.models.loader import LoadedModel
 from llava_cli.engine.logprobs import LogprobHook, logprob_hook
-from llava_cli.prompt.prompting import TooLong, expand_images, render_segments, tokenize
-from llava_cli.base.settings import Settings
+from llava_cli.engine.paths import CompiledPath, ForwardPath, Steps
+from llava_cli.engine.pipeline import Row, Sampler, TokenHook, token_budget
 from llava_cli.engine.stops import StopHook, StoppedStream
 from llava_cli.engine.streaming import Stats, TextStream
-from llava_cli.prompt.trimming import TrimSearch
+from llava_cli.media.images import ImageRef
+from llava_cli.models.loader import LoadedModel
 from llava_cli.models.vision import VisionInputs, is_video
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.prompt.prompting import TooLong, expand_images, render_segments, tokenize
+from llava_cli.prompt.trimming import TrimSearch
 
 if TYPE_CHECKING:
     from llava_cli.engine.constraints import Grammars
@@ -74,7 +74,9 @@ OUT_OF_MEMORY = (
 
 
 def too_long(tokens: str, window: int) -> ContextError:
-    return ContextError(f"this message needs {tokens} tokens with its images but the context window is {window}; shorten it or attach fewer images")
+    return ContextError(
+        f"this message needs {tokens} tokens with its images but the context window is {window}; shorten it or attach fewer images"
+    )
 
 
 class Stopped(Exception):
@@ -154,7 +156,9 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, cache_mb: int | None = None) -> None:
         self.loaded = loaded
-        self.budget: KvBudget = budget_for(cache_mb, loaded.device)  # --cache-mb, for every holder of KV memory in this process
+        self.budget: KvBudget = budget_for(
+            cache_mb, loaded.device
+        )  # --cache-mb, for every holder of KV memory in this process
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
@@ -176,7 +180,11 @@ class Engine:
     def prompt_tokens(self, conversation: Conversation) -> int | None:
         """The conversation's tokens; None when it holds more than the model's window (not counted)."""
         try:
-            return len(self.encode(conversation, limit=self.loaded.context_window).ids) if conversation.turns or conversation.system else 0
+            return (
+                len(self.encode(conversation, limit=self.loaded.context_window).ids)
+                if conversation.turns or conversation.system
+                else 0
+            )
         except TooLong:
             return None
 
@@ -245,9 +253,13 @@ class Engine:
         window = self.context_window(settings)
         if self.path is None or not self.path.suits(settings, window):
             self.forget_cache()
-            self.path = CompiledPath(self.model, window) if settings.compile else default_path(self.model, settings, window)
+            self.path = (
+                CompiledPath(self.model, window) if settings.compile else default_path(self.model, settings, window)
+            )
 
-    def generate(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> Events:
+    def generate(
+        self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False
+    ) -> Events:
         """Stream the answer; `stop()` is asked before each step (fitting, prefill, every token), and
         when it says True the generator ends at once with the conversation's turn left unanswered."""
         started = time.perf_counter()
@@ -272,7 +284,9 @@ class Engine:
         self.reserve(len(prompt.ids) + row.budget)
         with self.guarded():  # a bigger bucket may not fit in memory
             self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
-        self.budget.hold(CHAT, max(self.budget.held[CHAT], nbytes(self.cache.kv)))  # a static bucket may be larger than asked
+        self.budget.hold(
+            CHAT, max(self.budget.held[CHAT], nbytes(self.cache.kv))
+        )  # a static bucket may be larger than asked
         logits = self.run(prompt.ids[keep:], self.image_inputs(prompt, keep))
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
@@ -296,7 +310,9 @@ class Engine:
         recorded = logprob_hook(sampler.hooks)
         yield Done(stats, tuple(recorded.tokens) if recorded else (), answer=stream.text.strip())
 
-    def fit(self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False) -> tuple[Prompt, int]:
+    def fit(
+        self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False
+    ) -> tuple[Prompt, int]:
         """Encode the conversation, dropping its oldest turns until it fits the context window.
 
         The conversation is not changed. The result is the prompt without the smallest number of
@@ -334,12 +350,18 @@ class Engine:
         videos = [is_video(item) for item in media]
         image_counts = [count for count, video in zip(counts, videos) if not video]
         video_counts = [count for count, video in zip(counts, videos) if video]
-        segments = expand_images(render_segments(self.loaded.prompt_format, conversation), self.processor.image_token, image_counts)
+        segments = expand_images(
+            render_segments(self.loaded.prompt_format, conversation), self.processor.image_token, image_counts
+        )
         if video_counts:
             segments = expand_images(segments, self.processor.video_token, video_counts)
         ids = tokenize(self.tokenizer, segments, limit)
         image_spans = iter(self.image_spans(ids, image_counts, self.model.config.image_token_id))
-        video_spans = iter(self.image_spans(ids, video_counts, self.tokenizer.convert_tokens_to_ids(self.processor.video_token)) if video_counts else [])
+        video_spans = iter(
+            self.image_spans(ids, video_counts, self.tokenizer.convert_tokens_to_ids(self.processor.video_token))
+            if video_counts
+            else []
+        )
         spans = [next(video_spans) if video else next(image_spans) for video in videos]
         ordered = sorted(zip(spans, media), key=lambda pair: pair[0][0])  # the template decides where each sits
         return Prompt(ids=ids, images=[item for _, item in ordered], image_spans=[span for span, _ in ordered])

@@ -50,8 +50,12 @@ class TokenLogprob:
 def as_openai(tokens: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> list[dict[str, Any]]:
     """OpenAI's `choices[i].logprobs.content`: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}."""
     return [
-        {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes),
-         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in t.top]}
+        {
+            "token": t.token,
+            "logprob": t.logprob,
+            "bytes": list(t.bytes),
+            "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in t.top],
+        }
         for t in tokens
     ]
 
@@ -63,8 +67,12 @@ def from_openai(content: list[dict[str, Any]]) -> tuple[TokenLogprob, ...]:
         return tuple(entry.get("bytes") or entry["token"].encode())
 
     return tuple(
-        TokenLogprob(entry["token"], float(entry["logprob"]), raw(entry),
-                     tuple(Alternative(a["token"], float(a["logprob"]), raw(a)) for a in entry.get("top_logprobs") or ()))
+        TokenLogprob(
+            entry["token"],
+            float(entry["logprob"]),
+            raw(entry),
+            tuple(Alternative(a["token"], float(a["logprob"]), raw(a)) for a in entry.get("top_logprobs") or ()),
+        )
         for entry in content
     )
 
@@ -122,7 +130,9 @@ class LogprobHook:
         top: tuple[Alternative, ...] = ()
         if self.top:
             best = self.scores.topk(self.top)
-            top = tuple(self.alternative(index, value) for value, index in zip(best.values.tolist(), best.indices.tolist()))
+            top = tuple(
+                self.alternative(index, value) for value, index in zip(best.values.tolist(), best.indices.tolist())
+            )
         chosen = self.alternative(token, float(self.scores[token]))
         self.tokens.append(TokenLogprob(chosen.token, chosen.logprob, chosen.bytes, top))
         return False  # logprobs never end a row

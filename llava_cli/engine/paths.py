@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from llava_cli.engine.pipeline import Sampler
 from llava_cli.base.errors import LlavaError
 from llava_cli.base.settings import COMPILE_ATTENTION_REASON, Settings
+from llava_cli.engine.pipeline import Sampler
 
 MASKED_ATTENTION = ("sdpa", "eager")  # the attentions that take the mask hiding a static cache's unused slots
 
@@ -87,7 +87,9 @@ class HostSteps:
     """The decode steps of the eager and --compile paths: each token picked on the host (one sync
     per token) and then run; an end-of-sequence token is never run."""
 
-    def __init__(self, path: ForwardPath, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]) -> None:
+    def __init__(
+        self, path: ForwardPath, cache: Any, logits: Any, start: int, sampler: Sampler, eos_ids: set[int]
+    ) -> None:
         self.path, self.cache, self.logits, self.position = path, cache, logits, start
         self.sampler, self.eos_ids = sampler, eos_ids
         self.picked: int | None = None

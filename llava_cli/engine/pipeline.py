@@ -122,14 +122,16 @@ class Row:
     budget: int
     hooks: Sequence[TokenHook] = ()
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "" while it runs, then "stop" (end-of-sequence, or a hook ended it) or "length" (budget spent)
+    finish_reason: str = (
+        ""  # "" while it runs, then "stop" (end-of-sequence, or a hook ended it) or "length" (budget spent)
+    )
 
     def take(self, token: int, eos_ids: set[int]) -> None:
         if token in eos_ids:
             self.finish_reason = "stop"
             return
         self.tokens.append(token)
-        if any([hook.accepted(token) for hook in self.hooks]):  # every hook sees every token
+        if any([hook.accepted(token) for hook in self.hooks]):  # noqa: C419 (a list: every hook sees every token)
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.budget:
             self.finish_reason = "length"

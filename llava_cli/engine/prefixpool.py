@@ -28,9 +28,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.engine.local import Prompt, PrefixCache
 from llava_cli.engine.kvbudget import POOL, KvBudget
 from llava_cli.engine.kvrows import nbytes, new_cache, prefix_of
+from llava_cli.engine.local import PrefixCache, Prompt
 
 
 @dataclass
@@ -45,7 +45,9 @@ class PrefixPool:
     def __init__(self, budget: KvBudget | None) -> None:
         self.budget = budget
         self.entries: dict[int, Held] = {}  # by key, least recently used first
-        self.keys = itertools.count()  # a key, not the entry, names a source: an answer must not keep an evicted cache alive
+        self.keys = (
+            itertools.count()
+        )  # a key, not the entry, names a source: an answer must not keep an evicted cache alive
         self.scope = ""  # of the next `start`
         if budget is not None:
             budget.evictable(POOL, self.evict)
@@ -76,11 +78,16 @@ class PrefixPool:
         if not self.keeps:
             return
         size = nbytes(entry.kv)
-        if size > self.budget.room_for(POOL):  # more than the running answers leave it: not kept, nothing evicted for it
+        if size > self.budget.room_for(
+            POOL
+        ):  # more than the running answers leave it: not kept, nothing evicted for it
             return
         scope, replaces = source or ("", None)
-        self.entries = {key: held for key, held in self.entries.items()
-                        if key != replaces and not (held.scope == scope and extends(entry, held.entry))}
+        self.entries = {
+            key: held
+            for key, held in self.entries.items()
+            if key != replaces and not (held.scope == scope and extends(entry, held.entry))
+        }
         self.entries[next(self.keys)] = Held(entry, size, prompt_tokens, scope)
         self.within(self.budget.room_for(POOL))
 

@@ -51,14 +51,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.engine.pipeline import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
-from llava_cli.engine.local import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.base.errors import LlavaError, ResourceError
+from llava_cli.base.settings import Settings
 from llava_cli.engine.kvbudget import BATCH, Full, budget_for, kv_bytes_per_token, over_budget
 from llava_cli.engine.kvrows import columns, drop_left, keep_columns, merged, rows_of
+from llava_cli.engine.local import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.engine.logprobs import TokenLogprob, logprob_hook
+from llava_cli.engine.pipeline import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
 from llava_cli.engine.prefixpool import PrefixPool
-from llava_cli.base.settings import Settings
 from llava_cli.engine.stops import before_stop
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
@@ -70,7 +70,9 @@ class Sequence:
     """One answer in the batch: its prompt, sampler and progress, and how many of its tokens are cached."""
 
     prompt_ids: list[int]
-    images: list[tuple[str, tuple[int, int]]]  # the prompt's images as `image_keys` gives them (not the pictures: they are dropped)
+    images: list[
+        tuple[str, tuple[int, int]]
+    ]  # the prompt's images as `image_keys` gives them (not the pictures: they are dropped)
     sampler: Sampler
     row: Row
     cached_tokens: int  # the prompt's tokens that came from the pool
@@ -158,7 +160,8 @@ class DecodeBatch:
                 cache, keep, source = self.pool.start(prompt)
                 new = prompt.ids[keep:]
                 alone = PaddedBatch(
-                    torch.tensor([new], device=self.model.device), None,
+                    torch.tensor([new], device=self.model.device),
+                    None,
                     torch.arange(keep, len(prompt.ids), device=self.model.device).unsqueeze(0),
                 )
                 logits = forward(self.model, cache, alone, self.engine.image_inputs(prompt, keep))
@@ -181,10 +184,21 @@ class DecodeBatch:
             self.report()  # the reservation made for them, or given back
         return sequences
 
-    def started(self, prompt: Prompt, settings: Settings, budget: int, keep: int, source: int | None, logits: Any, greedy: int | None) -> Sequence:
+    def started(
+        self,
+        prompt: Prompt,
+        settings: Settings,
+        budget: int,
+        keep: int,
+        source: int | None,
+        logits: Any,
+        greedy: int | None,
+    ) -> Sequence:
         """A new row for `prompt`, its first token picked from the prefill's `logits` through its own pipeline."""
         sampler = self.engine.sampler(settings)
-        sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget, sampler.hooks), keep, len(prompt.ids), source)
+        sequence = Sequence(
+            prompt.ids, image_keys(prompt), sampler, Row(budget, sampler.hooks), keep, len(prompt.ids), source
+        )
         self.advance(sequence, logits, greedy)
         return sequence
 
@@ -271,7 +285,11 @@ class DecodeBatch:
         unless it failed (its cache may hold what made it fail)."""
         if self.pool.keeps and sequence.error is None:
             kv = rows_of(cache, place, columns(cache) - sequence.length)
-            self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
+            self.pool.keep(
+                PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images),
+                len(sequence.prompt_ids),
+                sequence.source,
+            )
 
     def remove(self, sequence: Sequence) -> None:
         import torch
@@ -322,7 +340,9 @@ class BatchAnswer:
     logprobs: tuple[TokenLogprob, ...] | None = None  # each token's, when asked for (`Settings.logprobs`)
 
 
-def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int) -> Iterator[BatchAnswer | LlavaError]:
+def answers_in_order(
+    engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int
+) -> Iterator[BatchAnswer | LlavaError]:
     """Answer independent prompts on one `DecodeBatch` of at most `rows` rows, admitted continuously:
     a row that ends is replaced at once by the next prompt, so no row waits for the longest answer.
 
@@ -334,15 +354,21 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
     """
     batch = DecodeBatch(engine, PrefixPool(None))
     done: dict[int, BatchAnswer | LlavaError] = {}
-    running: dict[Sequence, tuple[int, float, tuple[dict[str, Any], ...]]] = {}  # a row's index among `prompts`, when it was admitted, its videos
+    running: dict[
+        Sequence, tuple[int, float, tuple[dict[str, Any], ...]]
+    ] = {}  # a row's index among `prompts`, when it was admitted, its videos
     waiting, emitted, exhausted = enumerate(prompts), 0, False
     held: tuple[int, Callable[[], Prompt]] | None = None  # made, waiting for room in the budget
 
     def end(sequence: Sequence, index: int, started: float, videos: tuple[dict[str, Any], ...]) -> None:
         recorded = logprob_hook(sequence.sampler.hooks)
         done[index] = sequence.error or BatchAnswer(
-            before_stop(engine.decode(sequence.row.tokens), settings.stop), len(sequence.prompt_ids),
-            len(sequence.row.tokens), sequence.row.finish_reason, time.perf_counter() - started, videos,
+            before_stop(engine.decode(sequence.row.tokens), settings.stop),
+            len(sequence.prompt_ids),
+            len(sequence.row.tokens),
+            sequence.row.finish_reason,
+            time.perf_counter() - started,
+            videos,
             None if recorded is None else tuple(recorded.tokens),
         )
 

@@ -48,8 +48,15 @@ class StopText:
 
     def possible_stop(self, text: str) -> int:
         """The length of the longest end of `text` that is the beginning of a stop."""
-        return max((size for stop in self.stops for size in range(min(len(stop) - 1, len(text)), 0, -1)
-                    if text.endswith(stop[:size])), default=0)
+        return max(
+            (
+                size
+                for stop in self.stops
+                for size in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:size])
+            ),
+            default=0,
+        )
 
     def finish(self) -> str:
         """At the end of an answer that met no stop: what was held back."""
@@ -113,7 +120,9 @@ def before_stop(text: str, stops: Sequence[str]) -> str:
 def stop_list(value: Any, where: str, limit: int | None = MAX_REQUEST_STOPS) -> tuple[str, ...]:
     """A string or a list of strings as stops; `UsageError` naming `where` unless each is 1..MAX_STOP_CHARS characters."""
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list | tuple) or not all(isinstance(stop, str) and 0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
+    if not isinstance(stops, list | tuple) or not all(
+        isinstance(stop, str) and 0 < len(stop) <= MAX_STOP_CHARS for stop in stops
+    ):
         raise UsageError(f"{where} must be a string or a list of strings, each 1 to {MAX_STOP_CHARS} characters")
     if limit is not None and len(stops) > limit:
         raise UsageError(f"{where} takes at most {limit} strings (got {len(stops)})")

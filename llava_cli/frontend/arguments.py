@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.base.errors import InputError, UsageError
-from llava_cli.media.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, looks_like_image, read_stream
-from llava_cli.media.attachments import Media, media_from_bytes, open_media
 from llava_cli.base.options import LOGPROBS
-from llava_cli.frontend.output import OUTPUT_FORMATS
 from llava_cli.base.settings import DEFAULT_BATCH_SIZE, Settings
 from llava_cli.base.terminal import is_terminal
+from llava_cli.frontend.output import OUTPUT_FORMATS
+from llava_cli.media.attachments import Media, media_from_bytes, open_media
+from llava_cli.media.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, looks_like_image, read_stream
 from llava_cli.media.urls import is_url
 
 STDIN = "-"
@@ -93,7 +93,9 @@ def folder_images(names: list[str], recursive: bool = False) -> tuple[list[str],
             continue
         found, skipped = images_in_folder(Path(name), recursive)
         if not found:
-            raise UsageError(f"no images in the folder {name} ({len(skipped)} other entries{'' if recursive else '; --recursive looks in its subfolders'})")
+            raise UsageError(
+                f"no images in the folder {name} ({len(skipped)} other entries{'' if recursive else '; --recursive looks in its subfolders'})"
+            )
         images += found
         notes += skipped
     return images, notes
@@ -105,7 +107,9 @@ ANSWERABLE_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what `--each FOLDER` an
 def images_in_folder(folder: Path, recursive: bool) -> tuple[list[str], list[str]]:
     """The image and video files under `folder` and a note for each other entry, in path order."""
     try:
-        entries = sorted(folder.rglob("*") if recursive else folder.iterdir(), key=lambda path: path.relative_to(folder).parts)
+        entries = sorted(
+            folder.rglob("*") if recursive else folder.iterdir(), key=lambda path: path.relative_to(folder).parts
+        )
     except OSError as err:
         raise UsageError(f"cannot list the folder {folder}: {err.strerror or err}") from None
     found, skipped = [], []
@@ -207,7 +211,9 @@ class AskOptions:
     clipboard: bool = False  # --clipboard: the clipboard's image goes with the question (media/paste.py)
     pages: str | None = None  # --pages 1-3,7: the pages of a PDF argument (media/pdfpages.py); None: the first
     recursive: bool = False  # --each FOLDER: its subfolders' images too
-    logprobs: int | None = None  # --logprobs N: each token's logprob and N alternatives in the JSON record (ask --json, --each's lines)
+    logprobs: int | None = (
+        None  # --logprobs N: each token's logprob and N alternatives in the JSON record (ask --json, --each's lines)
+    )
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
@@ -223,7 +229,9 @@ class AskOptions:
         if self.clipboard and self.is_batch:
             raise UsageError("--clipboard pastes one image for one question; it does not go with --each or --from-file")
         if self.pages is not None and self.is_batch:
-            raise UsageError("--pages selects pages of a PDF for one question; it does not go with --each or --from-file")
+            raise UsageError(
+                "--pages selects pages of a PDF for one question; it does not go with --each or --from-file"
+            )
         if self.output is not None and self.format == "text":
             raise UsageError("-o writes JSON lines or CSV (so that a rerun can resume); drop --output-format text")
         self.check_logprobs()
@@ -234,7 +242,9 @@ class AskOptions:
             return
         LOGPROBS.check(self.logprobs)
         if self.ray is not None:
-            raise UsageError("--logprobs is not carried back from Ray workers yet: drop --ray to answer with the model loaded here")
+            raise UsageError(
+                "--logprobs is not carried back from Ray workers yet: drop --ray to answer with the model loaded here"
+            )
         if self.format not in ("json", "jsonl"):
             raise UsageError("--logprobs N adds the tokens' logprobs to the JSON record: add --json")
 

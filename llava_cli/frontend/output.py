@@ -145,7 +145,9 @@ def top_level_properties(constraint: str | None) -> list[str]:
     properties = schema.get("properties")
     names = list(properties) if isinstance(properties, dict) else []
     if IMAGE_COLUMN in names:
-        raise UsageError(f"--output-format csv: the schema's property {IMAGE_COLUMN!r} would clash with the image column; rename it")
+        raise UsageError(
+            f"--output-format csv: the schema's property {IMAGE_COLUMN!r} would clash with the image column; rename it"
+        )
     return names
 
 
@@ -196,7 +198,10 @@ def end_line() -> None:
 
 
 WRITERS: dict[str, Callable[[str | None], Writer]] = {
-    "text": lambda _: TextWriter(), "json": lambda _: JsonWriter(), "jsonl": lambda _: JsonWriter(), "csv": CsvWriter,
+    "text": lambda _: TextWriter(),
+    "json": lambda _: JsonWriter(),
+    "jsonl": lambda _: JsonWriter(),
+    "csv": CsvWriter,
 }
 OUTPUT_FORMATS = tuple(WRITERS)
 

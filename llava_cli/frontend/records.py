@@ -25,18 +25,30 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.base.errors import UsageError
-from llava_cli.frontend.output import CsvWriter, encoded, json_line, unguarded
 from llava_cli.base.safeio import open_output, write_all
+from llava_cli.frontend.output import CsvWriter, encoded, json_line, unguarded
 
 
-def answer_record(answer: Any, model: str, images: list[str], session: str | None, figures: dict[str, Any]) -> dict[str, Any]:
+def answer_record(
+    answer: Any, model: str, images: list[str], session: str | None, figures: dict[str, Any]
+) -> dict[str, Any]:
     """One answer as `--json` prints it: the answer (parsed JSON under a schema), the model, the turn's images as given, the id of
     the saved conversation (null when not saved), then the figures of `Stats.as_dict()`."""
     return {"answer": answer, "model": model, "images": images, "session": session, **figures}
 
 
 # The keys of every batch record, in this order, each always present (null when it does not apply).
-RECORD_KEYS = ("image", "prompt", "answer", "error", "model", "prompt_tokens", "completion_tokens", "seconds", "finish_reason")
+RECORD_KEYS = (
+    "image",
+    "prompt",
+    "answer",
+    "error",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "seconds",
+    "finish_reason",
+)
 RECORD_START = b'{"image":'  # how every line we write begins: recognises our own half-written line
 MAX_OUTPUT_BYTES = 256 * 2**20  # read back to resume: a few hundred bytes a record, so about a million images
 
@@ -97,7 +109,9 @@ def answered_in(data: bytes, fd: int, path: Path) -> set[tuple[str, str]]:
             done.add((record["image"], record["prompt"]))
     if partial:
         if not partial.startswith(RECORD_START):
-            raise UsageError(f"{path} is not a llava JSON-lines file (its last line is not a record); choose another -o")
+            raise UsageError(
+                f"{path} is not a llava JSON-lines file (its last line is not a record); choose another -o"
+            )
         os.ftruncate(fd, len(complete) + 1 if complete else 0)  # a run died mid-line: redo that image
     return done
 
@@ -137,8 +151,10 @@ class CsvFile:
             write_all(self.fd, header)
             return set()
         if not content.startswith(header):
-            raise UsageError(f"{self.path} is not a CSV with this run's columns ({', '.join(self.writer.columns)}); choose another -o")
-        rows = csv.reader(io.StringIO(content[len(header):whole].decode("utf-8", "replace"), newline=""))
+            raise UsageError(
+                f"{self.path} is not a CSV with this run's columns ({', '.join(self.writer.columns)}); choose another -o"
+            )
+        rows = csv.reader(io.StringIO(content[len(header) : whole].decode("utf-8", "replace"), newline=""))
         return {unguarded(row[0]) for row in rows if row}
 
     def answered(self, image: str, prompt: str) -> bool:

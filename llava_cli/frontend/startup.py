@@ -18,11 +18,11 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
-from llava_cli.engine.backend import Backend
-from llava_cli.engine.local import Engine
-from llava_cli.client.remote import RemoteEngine, choose_server, model_named
 from llava_cli.base.settings import Settings
 from llava_cli.base.terminal import is_terminal, make_console, shown
+from llava_cli.client.remote import RemoteEngine, choose_server, model_named
+from llava_cli.engine.backend import Backend
+from llava_cli.engine.local import Engine
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,7 +38,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    if "transformers" in sys.modules:  # imported already (xgrammar, for --schema, imports it): too late for the variables above
+    if (
+        "transformers" in sys.modules
+    ):  # imported already (xgrammar, for --schema, imports it): too late for the variables above
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()

@@ -27,12 +27,12 @@ from typing import Any
 
 from rich.filesize import decimal
 
-from llava_cli.manage.models import current_snapshot
-from llava_cli.models.download import cached_snapshot, read_json_file
 from llava_cli.base.errors import ModelError, UsageError
 from llava_cli.base.families import PromptStyle, text_model_type
 from llava_cli.base.safeio import open_regular
 from llava_cli.base.terminal import emit, is_terminal
+from llava_cli.manage.models import current_snapshot
+from llava_cli.models.download import cached_snapshot, read_json_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors header lists tensors: megabytes at most
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
@@ -49,16 +49,18 @@ def model_folder(name: str) -> tuple[Path, str]:
         raise ModelError(f"model folder not found: {name}")
     folder = cached_snapshot(name)
     if folder is None:
-        raise ModelError(f"{name} is not in the local Hugging Face cache; `llava models` lists what is, `llava pull {name}` downloads it")
+        raise ModelError(
+            f"{name} is not in the local Hugging Face cache; `llava models` lists what is, `llava pull {name}` downloads it"
+        )
     return folder, folder.name
 
 
 def model_facts(name: str) -> dict[str, Any]:
     """The facts `llava show` prints, as the stable --json keys."""
-    from llava_cli.models.loader import load_processor, read_config
     from llava_cli.base.families import family_for
-    from llava_cli.models.imagetokens import token_range
     from llava_cli.base.settings import Settings
+    from llava_cli.models.imagetokens import token_range
+    from llava_cli.models.loader import load_processor, read_config
 
     folder, revision = model_folder(name)
     config = read_config(name, folder)
@@ -72,7 +74,10 @@ def model_facts(name: str) -> dict[str, Any]:
         "decoder": text_model_type(config),
         "context_window": text_config.get("max_position_embeddings"),
         "parameters": parameters,
-        "dtype": config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or text_config.get("torch_dtype"),
+        "dtype": config.get("dtype")
+        or config.get("torch_dtype")
+        or text_config.get("dtype")
+        or text_config.get("torch_dtype"),
         "weight_dtypes": weight_dtypes,
         "size_bytes": folder_size(folder),
         "image_tokens": {"min": fewest, "max": most},
@@ -123,7 +128,9 @@ def template_source(folder: Path, style: PromptStyle) -> str:
         return "llava-1.5 format (built in, as the model card documents)"
     for name in TEMPLATE_FILES:
         data = read_json_file(folder / name) if name.endswith(".json") else None
-        if name.endswith(".jinja") and (folder / name).is_file() or isinstance(data, dict) and data.get("chat_template"):
+        if (name.endswith(".jinja") and (folder / name).is_file()) or (
+            isinstance(data, dict) and data.get("chat_template")
+        ):
             return name
     return "none (pass --chat-template FILE)"
 
@@ -139,7 +146,12 @@ def show_lines(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("parameters", f"{facts['parameters']:,}" if facts["parameters"] else "no weights on disk"),
         ("dtype", f"{facts['dtype'] or 'not stated'} (weights: {', '.join(facts['weight_dtypes']) or 'none'})"),
         ("size", decimal(facts["size_bytes"])),
-        ("image tokens", f"{tokens['min']:,}" if tokens["min"] == tokens["max"] else f"{tokens['min']:,} to {tokens['max']:,} (anyres: by image size)"),
+        (
+            "image tokens",
+            f"{tokens['min']:,}"
+            if tokens["min"] == tokens["max"]
+            else f"{tokens['min']:,} to {tokens['max']:,} (anyres: by image size)",
+        ),
         ("template", facts["chat_template"]),
         ("revision", facts["revision"]),
     ]
@@ -163,15 +175,23 @@ def run_rm(repo_id: str, yes: bool) -> int:
         scanned = scan_cache_dir(cache)
     except CacheNotFound:
         scanned = None
-    repo = next((repo for repo in scanned.repos if repo.repo_type == "model" and repo.repo_id == repo_id), None) if scanned else None
+    repo = (
+        next((repo for repo in scanned.repos if repo.repo_type == "model" and repo.repo_id == repo_id), None)
+        if scanned
+        else None
+    )
     if repo is None:
-        raise ModelError(f"{repo_id} is not in the Hugging Face cache ({cache}); llava rm only removes cached hub models, `llava models` lists them")
+        raise ModelError(
+            f"{repo_id} is not in the Hugging Face cache ({cache}); llava rm only removes cached hub models, `llava models` lists them"
+        )
     # delete_revisions matches commit hashes across every repo it holds: give it this repo alone, so
     # that another repo with the same revision (a copied snapshot) is never touched.
     only_this = dataclasses.replace(scanned, repos=frozenset({repo}), size_on_disk=repo.size_on_disk)
     strategy = only_this.delete_revisions(*(revision.commit_hash for revision in repo.revisions))
     check_inside(Path(repo.repo_path), strategy)
-    if not (yes or confirm(f"delete {repo_id} ({decimal(repo.size_on_disk)}, {current_snapshot(repo).name}) from {cache}?")):
+    if not (
+        yes or confirm(f"delete {repo_id} ({decimal(repo.size_on_disk)}, {current_snapshot(repo).name}) from {cache}?")
+    ):
         emit("nothing deleted", sys.stderr)
         return 1
     strategy.execute()
@@ -183,7 +203,9 @@ def check_inside(folder: Path, strategy: Any) -> None:
     """Every path the strategy would delete must be the repo's folder or lie in it (no link may lead out)."""
     root = folder.resolve()
     for path in [*strategy.blobs, *strategy.refs, *strategy.repos, *strategy.snapshots]:
-        resolved = Path(path).parent.resolve() / Path(path).name  # the path itself may be a link: it is removed, not followed
+        resolved = (
+            Path(path).parent.resolve() / Path(path).name
+        )  # the path itself may be a link: it is removed, not followed
         if resolved != root and root not in resolved.parents:
             raise ModelError(f"refusing to delete {path}: it lies outside {folder} in the Hugging Face cache")
 

@@ -18,9 +18,10 @@ from typing import Any
 
 from rich.filesize import decimal
 
-from llava_cli.models.download import read_json_file, snapshot_gaps
 from llava_cli.base.families import MODEL_TYPES, family_for
 from llava_cli.base.terminal import emit
+from llava_cli.models.download import read_json_file, snapshot_gaps
+
 
 @dataclass(frozen=True)
 class CachedModel:
@@ -37,7 +38,13 @@ class CachedModel:
 
     def as_dict(self) -> dict[str, Any]:
         """The stable --json keys."""
-        return {"model": self.model, "family": self.family, "size_bytes": self.size_bytes, "offline": self.offline, "missing": self.missing}
+        return {
+            "model": self.model,
+            "family": self.family,
+            "size_bytes": self.size_bytes,
+            "offline": self.offline,
+            "missing": self.missing,
+        }
 
 
 def run_models(as_json: bool) -> int:
@@ -73,7 +80,12 @@ def describe(repo: Any) -> CachedModel | None:
     config = read_json_file(snapshot / "config.json")
     if not isinstance(config, dict) or config.get("model_type") not in MODEL_TYPES:
         return None
-    return CachedModel(model=repo.repo_id, family=family_for(config).label, size_bytes=repo.size_on_disk, missing=snapshot_gaps(snapshot))
+    return CachedModel(
+        model=repo.repo_id,
+        family=family_for(config).label,
+        size_bytes=repo.size_on_disk,
+        missing=snapshot_gaps(snapshot),
+    )
 
 
 def current_snapshot(repo: Any) -> Path:
@@ -84,7 +96,12 @@ def current_snapshot(repo: Any) -> Path:
 
 def format_table(models: list[CachedModel]) -> str:
     rows = [("MODEL", "FAMILY", "SIZE", "OFFLINE")] + [
-        (model.model, model.family, decimal(model.size_bytes), "yes" if model.offline else "no: " + "; ".join(model.missing))
+        (
+            model.model,
+            model.family,
+            decimal(model.size_bytes),
+            "yes" if model.offline else "no: " + "; ".join(model.missing),
+        )
         for model in models
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(3)]

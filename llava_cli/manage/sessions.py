@@ -16,10 +16,17 @@ import re
 import sys
 import time
 
-from llava_cli.store import markdownsafe as md
 from llava_cli.base.errors import UsageError
-from llava_cli.store.conversations import SavedConversation, SavedImage, SessionStore, describe_settings, parse_time, shorten
 from llava_cli.base.terminal import emit, one_line_text
+from llava_cli.store import markdownsafe as md
+from llava_cli.store.conversations import (
+    SavedConversation,
+    SavedImage,
+    SessionStore,
+    describe_settings,
+    parse_time,
+    shorten,
+)
 
 EXPORT_FORMATS = ("markdown", "json")
 DURATION = re.compile(r"(\d+)([mhdw])")
@@ -55,7 +62,9 @@ def list_sessions(as_json: bool) -> int:
         return 0
     out(LIST_COLUMNS.format(id="ID", updated="UPDATED", turns="TURNS", model="MODEL", name="NAME", words="FIRST WORDS"))
     for saved in found:
-        row = dict(summary(saved), updated=local_time(saved.updated), model=shorten(saved.model, 28), name=saved.name or "-")
+        row = dict(
+            summary(saved), updated=local_time(saved.updated), model=shorten(saved.model, 28), name=saved.name or "-"
+        )
         out(LIST_COLUMNS.format(**row, words=row["first_words"]).rstrip())
     return 0
 
@@ -109,12 +118,15 @@ def prune_sessions(older_than: str | None, keep: int | None) -> int:
     unnamed = [saved for saved in store.scan() if isinstance(saved, SavedConversation) and saved.name is None]
     unnamed.sort(key=lambda saved: parse_time(saved.updated) or 0.0, reverse=True)
     doomed = [
-        saved for index, saved in enumerate(unnamed)
+        saved
+        for index, saved in enumerate(unnamed)
         if (keep is None or index >= keep) and (cutoff is None or (parse_time(saved.updated) or 0.0) < cutoff)
     ]
     for saved in doomed:
         store.remove(saved.id)
-    out(f"removed {len(doomed)} conversation(s); {len(unnamed) - len(doomed)} unnamed kept, named ones are never pruned")
+    out(
+        f"removed {len(doomed)} conversation(s); {len(unnamed) - len(doomed)} unnamed kept, named ones are never pruned"
+    )
     return 0
 
 

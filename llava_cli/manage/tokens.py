@@ -18,13 +18,12 @@ from llava_cli.base.settings import Settings
 from llava_cli.base.terminal import emit, one_line_text
 
 
-
 def run_tokens(paths: list[str], settings: Settings, as_json: bool) -> int:
     from llava_cli.base.families import family_for
     from llava_cli.media.images import load_image
+    from llava_cli.media.pdfpages import image_or_pages
     from llava_cli.models.imagetokens import describe_images, restrict_pinpoints
     from llava_cli.models.loader import load_processor, read_config
-    from llava_cli.media.pdfpages import image_or_pages
 
     images = []
     for path in paths:
@@ -49,8 +48,8 @@ def run_tokens(paths: list[str], settings: Settings, as_json: bool) -> int:
 
 def processor_folder(name: str) -> Path:
     """A folder holding `name`'s processor files: a local folder, the cached snapshot, else those files downloaded."""
-    from llava_cli.models.loader import looks_like_path
     from llava_cli.manage.info import model_folder
+    from llava_cli.models.loader import looks_like_path
 
     try:
         return model_folder(name)[0]
@@ -62,5 +61,7 @@ def processor_folder(name: str) -> Path:
     from llava_cli.models.download import pull
 
     if constants.HF_HUB_OFFLINE:
-        raise ModelError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; pass a local folder")
+        raise ModelError(
+            f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; pass a local folder"
+        )
     return pull(name, weights=False).folder

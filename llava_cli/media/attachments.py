@@ -14,8 +14,16 @@ from typing import Any
 
 from llava_cli.base.errors import InputError
 from llava_cli.media.images import ImageRef, image_from_bytes, load_image
-from llava_cli.media.urls import download, is_url, open_image, redacted, URL_TIMEOUT_S
-from llava_cli.media.video import MAX_VIDEO_BYTES, Sampling, VideoRef, container_format, is_video_name, load_video, video_from_bytes
+from llava_cli.media.urls import URL_TIMEOUT_S, download, is_url, open_image, redacted
+from llava_cli.media.video import (
+    MAX_VIDEO_BYTES,
+    Sampling,
+    VideoRef,
+    container_format,
+    is_video_name,
+    load_video,
+    video_from_bytes,
+)
 
 Media = ImageRef | VideoRef
 
@@ -28,7 +36,9 @@ def open_media(name: str, settings: Any) -> Media:
     """The image or video a user named: a file, or an http(s) URL (fetched within the caps)."""
     if is_url(name):
         if is_video_name(urllib.parse.urlsplit(name).path):
-            return video_from_bytes(download(name, URL_TIMEOUT_S, MAX_VIDEO_BYTES), redacted(name), sampling_of(settings))
+            return video_from_bytes(
+                download(name, URL_TIMEOUT_S, MAX_VIDEO_BYTES), redacted(name), sampling_of(settings)
+            )
         return open_image(name, settings.max_image_pixels)
     if is_video_name(name):
         return load_video(name, sampling_of(settings))

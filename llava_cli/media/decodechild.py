@@ -13,8 +13,8 @@ import signal
 import sys
 from typing import BinaryIO
 
-from llava_cli.media.decodepool import MESSAGE, REQUEST, SIZE
 from llava_cli.base.errors import InputError
+from llava_cli.media.decodepool import MESSAGE, REQUEST, SIZE
 from llava_cli.media.images import decode
 
 

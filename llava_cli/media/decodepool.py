@@ -53,7 +53,10 @@ class Helper:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llava_cli.media.decodechild"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
         )
 
     def alive(self) -> bool:
@@ -140,7 +143,9 @@ def decode_elsewhere(data: bytes, name: str, max_pixels: int, budget_s: float) -
         ) from None
     except (DecoderGone, OSError):
         helper.kill()
-        raise InputError(f"{name} could not be decoded: the decoder stopped (out of memory or a decoder bug); re-save it") from None
+        raise InputError(
+            f"{name} could not be decoded: the decoder stopped (out of memory or a decoder bug); re-save it"
+        ) from None
     except BaseException:  # Ctrl-C while waiting: the helper is mid-reply, of no further use
         helper.kill()
         raise

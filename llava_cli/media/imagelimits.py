@@ -32,7 +32,9 @@ import struct
 from llava_cli.base.errors import InputError
 
 MAX_JPEG_SCANS = 256
-MAX_JPEG_SEGMENTS = 10_000  # marker segments of any kind; real files have 10 to 30, a big XMP split in 64 KB parts some hundreds
+MAX_JPEG_SEGMENTS = (
+    10_000  # marker segments of any kind; real files have 10 to 30, a big XMP split in 64 KB parts some hundreds
+)
 JPEG_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: no length field
 JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
 AFTER_ENTROPY_DATA = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker, not a stuffed 0xFF00 nor a restart
@@ -130,7 +132,9 @@ def first_ifd(data: bytes, name: str) -> dict[int, tuple[int, int, int]] | None:
             count = struct.unpack_from(order + "H", data, offset)[0]
             entry_format, entry_size, first = order + "HHI4s", 12, offset + 2
         if count > MAX_IFD_ENTRIES:
-            raise InputError(f"{name} is a TIFF whose directory has {count:,} entries (real ones have about 20); re-save it with an image editor")
+            raise InputError(
+                f"{name} is a TIFF whose directory has {count:,} entries (real ones have about 20); re-save it with an image editor"
+            )
         entries = {}
         for index in range(count):
             tag, kind, values, inline = struct.unpack_from(entry_format, data, first + index * entry_size)

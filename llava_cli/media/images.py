@@ -29,6 +29,7 @@ Image bytes are hostile, so decoding is limited:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -38,11 +39,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, BinaryIO
 
-from llava_cli.media.decodepool import decode_elsewhere
 from llava_cli.base.errors import InputError, one_line
-from llava_cli.media.imagelimits import check_decoding_work
-from llava_cli.base.safeio import BadPath, FileTooLarge, NotRegularFile, read_regular
 from llava_cli.base.options import DEFAULT_MAX_IMAGE_PIXELS
+from llava_cli.base.safeio import BadPath, FileTooLarge, NotRegularFile, read_regular
+from llava_cli.media.decodepool import decode_elsewhere
+from llava_cli.media.imagelimits import check_decoding_work
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -116,7 +117,9 @@ def read_stream(
     while True:
         ready, _, _ = select.select([fd], [], [], idle_timeout)
         if not ready:
-            raise InputError(f"nothing arrived on {name} for {idle_timeout:g} s; pipe the image in (cat photo.png | llava ask - ...)")
+            raise InputError(
+                f"nothing arrived on {name} for {idle_timeout:g} s; pipe the image in (cat photo.png | llava ask - ...)"
+            )
         chunk = os.read(fd, READ_CHUNK)
         if not chunk:
             return b"".join(chunks)
@@ -188,10 +191,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Make any Pillow image an upright 8-bit RGB image."""
     from PIL import Image, ImageOps
 
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block only costs us the rotation
         ImageOps.exif_transpose(img, in_place=True)  # in place: a copy of a 7000x7000 picture costs 150 MB
-    except Exception:  # a broken EXIF block only costs us the rotation
-        pass
     if img.mode in HIGH_BIT_DEPTH_MODES:
         img = to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -214,7 +215,6 @@ def to_8bit(img: Image.Image) -> Image.Image:
         full_scale = 65535.0 if brightest > 255 else 255.0 if brightest > 1 else 1.0
     scaled = np.rint(pixels * (255.0 / full_scale))
     return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
-
 
 
 def looks_like_image(arg: str) -> bool:

@@ -19,12 +19,12 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from llava_cli.base.errors import InputError
-from llava_cli.media.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, read_stream
 from llava_cli.base.options import DEFAULT_MAX_IMAGE_PIXELS
+from llava_cli.media.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, read_stream
 
 PASTED_NAME = "<clipboard>"
 TOOL_TIMEOUT_S = 5.0
@@ -68,8 +68,14 @@ PASTE_TOOLS: tuple[PasteTool, ...] = (
     PasteTool(("xclip", "-selection", "clipboard", "-t", "image/png", "-o"), needs="DISPLAY"),
     PasteTool(("pngpaste", "-")),
     PasteTool(("osascript", "-e", "get the clipboard as «class PNGf»"), decode=from_osascript, cap=TEXT_CAP),
-    PasteTool(("powershell.exe", "-NoProfile", "-NonInteractive", "-Command", POWERSHELL_SCRIPT), decode=from_base64, cap=TEXT_CAP),
-    PasteTool(("powershell", "-NoProfile", "-NonInteractive", "-Command", POWERSHELL_SCRIPT), decode=from_base64, cap=TEXT_CAP),
+    PasteTool(
+        ("powershell.exe", "-NoProfile", "-NonInteractive", "-Command", POWERSHELL_SCRIPT),
+        decode=from_base64,
+        cap=TEXT_CAP,
+    ),
+    PasteTool(
+        ("powershell", "-NoProfile", "-NonInteractive", "-Command", POWERSHELL_SCRIPT), decode=from_base64, cap=TEXT_CAP
+    ),
 )
 NO_TOOL = (
     "no clipboard tool to paste an image with: install wl-clipboard (Wayland), xclip (X11) or pngpaste (macOS); "
@@ -91,7 +97,9 @@ def paste_image(max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageRef:
 def run_tool(tool: PasteTool) -> bytes:
     """The tool's output decoded; empty when it has no image (it fails, or writes nothing)."""
     try:
-        process = subprocess.Popen(tool.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            tool.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
     except OSError as err:
         raise InputError(f"cannot run {tool.command[0]} to paste: {err.strerror or err}") from None
     try:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from llava_cli.base.errors import InputError, UsageError, one_line
-from llava_cli.media.images import check_size, read_media_file, shrink_to_usable
 from llava_cli.base.options import DEFAULT_MAX_IMAGE_PIXELS
+from llava_cli.media.images import check_size, read_media_file, shrink_to_usable
 
 if TYPE_CHECKING:
     from llava_cli.media.images import ImageRef
@@ -64,7 +65,9 @@ def parse_pages(text: str) -> list[int]:
     return pages
 
 
-def pdf_pages(path: str, pages: str | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[ImageRef], str | None]:
+def pdf_pages(
+    path: str, pages: str | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[list[ImageRef], str | None]:
     """The chosen pages of the PDF at `path` as images, and a note when only page 1 was taken by default."""
     chosen = parse_pages(pages) if pages else [1]
     try:
@@ -76,14 +79,20 @@ def pdf_pages(path: str, pages: str | None = None, max_pixels: int = DEFAULT_MAX
     try:
         count = len(document)
         if count > MAX_DOCUMENT_PAGES:
-            raise InputError(f"{path} has {count:,} pages, more than {MAX_DOCUMENT_PAGES:,}; split it and ask about the part you need")
+            raise InputError(
+                f"{path} has {count:,} pages, more than {MAX_DOCUMENT_PAGES:,}; split it and ask about the part you need"
+            )
         if missing := [page for page in chosen if page > count]:
             raise InputError(f"{path} has {count} page(s); there is no page {missing[0]}")
         digest = hashlib.sha256(data).hexdigest()
         images = [render_page(pdfium, document, path, number, digest, max_pixels) for number in chosen]
     finally:
         document.close()
-    note = f"{path} has {count} pages; reading page 1 only (--pages 1-3,7 chooses others)" if pages is None and count > 1 else None
+    note = (
+        f"{path} has {count} pages; reading page 1 only (--pages 1-3,7 chooses others)"
+        if pages is None and count > 1
+        else None
+    )
     return images, note
 
 
@@ -99,7 +108,9 @@ def open_document(pdfium, data: bytes, name: str):  # type: ignore[no-untyped-de
         return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as err:
         if err.err_code == pdfium.raw.FPDF_ERR_PASSWORD:
-            raise InputError(f"{name} is encrypted (password-protected); save a decrypted copy (e.g. qpdf --decrypt) and use that") from None
+            raise InputError(
+                f"{name} is encrypted (password-protected); save a decrypted copy (e.g. qpdf --decrypt) and use that"
+            ) from None
         if err.err_code == pdfium.raw.FPDF_ERR_SECURITY:
             raise InputError(f"{name} uses an unsupported security handler; save a plain copy and use that") from None
         raise InputError(f"{name} is a broken or unreadable PDF ({one_line(err)}); re-export it") from None
@@ -125,7 +136,9 @@ def render_page(pdfium, document, name: str, number: int, digest: str, max_pixel
         raise
     except Exception as err:  # PDFium reports broken pages with several exception types
         raise InputError(f"{label} cannot be rendered ({one_line(err)}); re-export the PDF") from None
-    page_digest = hashlib.sha256(f"{digest}:page {number}".encode()).hexdigest()  # a sha256, as saved conversations hold
+    page_digest = hashlib.sha256(
+        f"{digest}:page {number}".encode()
+    ).hexdigest()  # a sha256, as saved conversations hold
     return ImageRef(name=label, digest=page_digest, image=shrink_to_usable(image))
 
 

@@ -22,8 +22,8 @@ from typing import Any
 from llava_cli import __version__
 from llava_cli.base.deadline import Deadline
 from llava_cli.base.errors import InputError, one_line
-from llava_cli.media.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, load_image, refuse_video
 from llava_cli.base.options import DEFAULT_MAX_IMAGE_PIXELS
+from llava_cli.media.images import MAX_IMAGE_BYTES, ImageRef, image_from_bytes, load_image, refuse_video
 
 URL_SCHEMES = ("http", "https")
 URL_TIMEOUT_S = 30.0  # for the whole download, not just each read
@@ -68,8 +68,9 @@ def fetch_image_url(
 
 def download(url: str, timeout: float, max_bytes: int) -> bytes:
     deadline = Deadline(timeout)
-    opener = urllib.request.build_opener(HttpOnlyRedirects, deadline.handler(urllib.request.HTTPHandler),
-                                         deadline.handler(urllib.request.HTTPSHandler))
+    opener = urllib.request.build_opener(
+        HttpOnlyRedirects, deadline.handler(urllib.request.HTTPHandler), deadline.handler(urllib.request.HTTPSHandler)
+    )
     request = urllib.request.Request(url, headers={"User-Agent": f"llava-cli/{__version__}"})
     try:
         with deadline, opener.open(request, timeout=timeout) as response:

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.base.errors import InputError, one_line
-from llava_cli.media.images import VIDEO_SUFFIXES, read_media_file
 from llava_cli.base.options import MAX_VIDEO_FRAMES
+from llava_cli.media.images import VIDEO_SUFFIXES, read_media_file
 
 MAX_VIDEO_BYTES = 512 * 1024 * 1024
 MAX_DURATION_S = 3 * 3600  # a feature film; longer is no clip to ask about
@@ -99,7 +99,9 @@ def video_from_bytes(data: bytes, name: str, sampling: Sampling = Sampling()) ->
         raise InputError(f"{name} is larger than {MAX_VIDEO_BYTES // 2**20} MiB; cut the part you want to ask about")
     av = import_av()
     info = with_av_errors(name, lambda: probe(av, data, name))
-    with_av_errors(name, lambda: decode_at(av, data, name, info, [0]))  # a stream of which no frame decodes is refused now
+    with_av_errors(
+        name, lambda: decode_at(av, data, name, info, [0])
+    )  # a stream of which no frame decodes is refused now
     digest = hashlib.sha256(data).hexdigest()
     return VideoRef(name=name, digest=digest, info=info, sampling=sampling, data=data)
 
@@ -159,10 +161,14 @@ def probe(av: Any, data: bytes, name: str) -> VideoInfo:
         if duration is None and container.duration:
             duration = container.duration / 1_000_000
         if duration is not None and duration > MAX_DURATION_S:
-            raise InputError(f"{name} lasts {duration / 60:.0f} min, over the limit of {MAX_DURATION_S // 60} min; cut the part you want")
+            raise InputError(
+                f"{name} lasts {duration / 60:.0f} min, over the limit of {MAX_DURATION_S // 60} min; cut the part you want"
+            )
         declared = stream.frames or 0
         if declared > MAX_TOTAL_FRAMES:
-            raise InputError(f"{name} has {declared:,} frames, over the limit of {MAX_TOTAL_FRAMES:,}; cut the part you want")
+            raise InputError(
+                f"{name} has {declared:,} frames, over the limit of {MAX_TOTAL_FRAMES:,}; cut the part you want"
+            )
         total = declared or count_packets(container, stream, name)
         if total < 1:
             raise InputError(f"{name} has no video frames")
@@ -182,9 +188,13 @@ def count_packets(container: Any, stream: Any, name: str) -> int:
 
 def check_frame_size(name: str, width: int, height: int) -> None:
     if width < 1 or height < 1:  # FFmpeg could not decode a frame within DECODER_LIMITS while probing
-        raise InputError(f"{name} has no frame of at most {MAX_FRAME_PIXELS:,} pixels (frames too large, or a broken stream); scale it down or re-export it")
+        raise InputError(
+            f"{name} has no frame of at most {MAX_FRAME_PIXELS:,} pixels (frames too large, or a broken stream); scale it down or re-export it"
+        )
     if width * height > MAX_FRAME_PIXELS:
-        raise InputError(f"{name} has {width}x{height} frames, over the limit of {MAX_FRAME_PIXELS:,} pixels; scale it down")
+        raise InputError(
+            f"{name} has {width}x{height} frames, over the limit of {MAX_FRAME_PIXELS:,} pixels; scale it down"
+        )
 
 
 def frame_count(info: VideoInfo, sampling: Sampling, default_frames: int) -> int:
@@ -208,7 +218,9 @@ def sample_frames(video: VideoRef, default_frames: int) -> tuple[Any, list[int]]
     info = video.info
     indices = frame_indices(info.total_frames, frame_count(info, video.sampling, default_frames))
     if len(indices) * info.width * info.height * 3 > MAX_DECODED_BYTES:
-        raise InputError(f"{video.name}: {len(indices)} frames of {info.width}x{info.height} are too many to decode; ask for fewer (--frames)")
+        raise InputError(
+            f"{video.name}: {len(indices)} frames of {info.width}x{info.height} are too many to decode; ask for fewer (--frames)"
+        )
     av = import_av()
     frames = with_av_errors(video.name, lambda: decode_at(av, video.data, video.name, info, indices))
     import numpy as np
@@ -233,5 +245,7 @@ def decode_at(av: Any, data: bytes, name: str, info: VideoInfo, indices: list[in
             if index >= indices[-1]:
                 break
     if len(frames) < len(indices):
-        raise InputError(f"{name} is truncated or corrupt (decoded {len(frames)} of {len(indices)} sampled frames); re-export it")
+        raise InputError(
+            f"{name} is truncated or corrupt (decoded {len(frames)} of {len(indices)} sampled frames); re-export it"
+        )
     return frames

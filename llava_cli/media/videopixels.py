@@ -32,12 +32,21 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers' class defaults (video_processing_llava_next_video.py, video_processing_llava_onevision.py)
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "LlavaNextVideoVideoProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True),
+    "LlavaNextVideoVideoProcessor": dict(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True
+    ),
     "LlavaOnevisionVideoProcessor": dict(size={"height": 384, "width": 384}, crop_size=None, do_center_crop=False),
 }
 COMMON_DEFAULTS: dict[str, Any] = dict(
-    resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-    image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, num_frames=None, fps=None,
+    resample=3,
+    do_resize=True,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+    num_frames=None,
+    fps=None,
 )
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL's numbers, as configs save them
 DEFAULT_NUM_FRAMES = 8  # the model cards' examples sample 8 frames; used when the config names none
@@ -62,14 +71,25 @@ class VideoPreprocess:
     @classmethod
     def from_config(cls, config: dict[str, Any], processor_type: str) -> VideoPreprocess:
         known = set(COMMON_DEFAULTS) | {"size", "crop_size", "do_center_crop"}
-        merged = COMMON_DEFAULTS | CLASS_DEFAULTS.get(processor_type, {}) | {k: v for k, v in config.items() if k in known}
+        merged = (
+            COMMON_DEFAULTS | CLASS_DEFAULTS.get(processor_type, {}) | {k: v for k, v in config.items() if k in known}
+        )
         if merged["resample"] not in RESAMPLE_MODES:
-            raise ModelError(f"this checkpoint's video processor resamples with mode {merged['resample']}; install torchvision for it")
+            raise ModelError(
+                f"this checkpoint's video processor resamples with mode {merged['resample']}; install torchvision for it"
+            )
         return cls(
-            size=dict(merged["size"]), crop_size=dict(merged["crop_size"]) if merged["crop_size"] else None,
-            do_center_crop=bool(merged["do_center_crop"]), resample=int(merged["resample"]), do_resize=bool(merged["do_resize"]),
-            do_rescale=bool(merged["do_rescale"]), rescale_factor=float(merged["rescale_factor"]), do_normalize=bool(merged["do_normalize"]),
-            image_mean=tuple(as_list(merged["image_mean"])), image_std=tuple(as_list(merged["image_std"])), num_frames=merged["num_frames"],
+            size=dict(merged["size"]),
+            crop_size=dict(merged["crop_size"]) if merged["crop_size"] else None,
+            do_center_crop=bool(merged["do_center_crop"]),
+            resample=int(merged["resample"]),
+            do_resize=bool(merged["do_resize"]),
+            do_rescale=bool(merged["do_rescale"]),
+            rescale_factor=float(merged["rescale_factor"]),
+            do_normalize=bool(merged["do_normalize"]),
+            image_mean=tuple(as_list(merged["image_mean"])),
+            image_std=tuple(as_list(merged["image_std"])),
+            num_frames=merged["num_frames"],
         )
 
     @property
@@ -96,7 +116,9 @@ class VideoPreprocess:
         mode = RESAMPLE_MODES[self.resample]
         native = mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
         source = video if native else video.to(torch.float32)
-        resized = torch.nn.functional.interpolate(source, size=[height, width], mode=mode, align_corners=False, antialias=True)
+        resized = torch.nn.functional.interpolate(
+            source, size=[height, width], mode=mode, align_corners=False, antialias=True
+        )
         return resized if native else resized.round_().to(torch.uint8)
 
     def rescale_and_normalize(self, video: Any) -> Any:

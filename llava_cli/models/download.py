@@ -25,9 +25,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.filesize import decimal  # sizes as `du -h --si` prints them: 512 bytes, 3.4 MB, 13.5 GB
 
@@ -148,7 +149,9 @@ def cached_snapshot(repo_id: str) -> Path | None:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as err:  # not cached, or not a valid id (the hub will say which), or incomplete:
-        path = getattr(err, "snapshot_path", None)  # huggingface_hub 2's IncompleteSnapshotError: we say what is missing
+        path = getattr(
+            err, "snapshot_path", None
+        )  # huggingface_hub 2's IncompleteSnapshotError: we say what is missing
         return Path(path) if path else None
 
 
@@ -191,8 +194,10 @@ def size_on_disk(folder: Path, files: list[HubFile]) -> int:
 
 def stopped_line(repo_id: str, finished: int, needed: int, size: int) -> str:
     """Ctrl-C during a download: what is kept, and that the same command finishes it."""
-    return (f"llava: download of {repo_id} stopped: {finished} of {needed} files finished ({decimal(size)}), "
-            "kept in the cache; run the same command again to resume")
+    return (
+        f"llava: download of {repo_id} stopped: {finished} of {needed} files finished ({decimal(size)}), "
+        "kept in the cache; run the same command again to resume"
+    )
 
 
 def list_wanted_files(repo_id: str, incomplete: list[str]) -> tuple[str, list[HubFile]]:
@@ -205,7 +210,9 @@ def list_wanted_files(repo_id: str, incomplete: list[str]) -> tuple[str, list[Hu
         raise download_error(repo_id, err, incomplete, kept=bool(incomplete)) from None
     files = [HubFile(s.rfilename, s.size) for s in info.siblings or [] if is_wanted(s.rfilename)]
     if not any(file.is_weights for file in files):
-        raise ModelError(f"{repo_id} has no safetensors weights on the hub (llava-cli never downloads pickle .bin weights)")
+        raise ModelError(
+            f"{repo_id} has no safetensors weights on the hub (llava-cli never downloads pickle .bin weights)"
+        )
     return str(info.sha), sorted(files, key=lambda file: (file.is_weights, file.size or 0, file.name))
 
 
@@ -224,7 +231,9 @@ def fetch(repo_id: str, file: HubFile, commit: str, bar_class: type, incomplete:
         # hf_hub_download retries a silent file look-up for minutes (60 s a try, whatever the settings):
         # one look-up first, with the short timeout and no retry, turns a dead hub into an error at once.
         get_hf_file_metadata(hf_hub_url(repo_id, file.name), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        downloaded = hf_hub_download(repo_id, file.name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT, tqdm_class=bar_class)
+        downloaded = hf_hub_download(
+            repo_id, file.name, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT, tqdm_class=bar_class
+        )
     except Exception as err:
         raise download_error(repo_id, err, incomplete, kept=True) from None
     if Path(downloaded).parent.name != commit:  # main moved on while we were downloading
@@ -242,7 +251,11 @@ def download_error(repo_id: str, err: Exception, incomplete: list[str], kept: bo
         return ModelError(f"model {repo_id!r} was not found on {hub} nor in the local cache; check the id")
     if "GatedRepo" in kind:
         return ModelError(f"{repo_id} is gated: accept its licence on the hub and log in (hf auth login)")
-    state = f"the download of {repo_id} is incomplete ({'; '.join(incomplete)})" if incomplete else f"{repo_id} could not be downloaded"
+    state = (
+        f"the download of {repo_id} is incomplete ({'; '.join(incomplete)})"
+        if incomplete
+        else f"{repo_id} could not be downloaded"
+    )
     cause = root_cause(err)
     if "Timeout" in type(cause).__name__:
         reason = f"{hub} did not answer within {constants.HF_HUB_DOWNLOAD_TIMEOUT} s (HF_HUB_DOWNLOAD_TIMEOUT, HF_HUB_ETAG_TIMEOUT)"
@@ -348,7 +361,9 @@ def run_pull(repo_id: str) -> int:
     if folder is not None and not gaps:
         message = f"{repo_id} is already complete in the local cache: {folder}"
     elif constants.HF_HUB_OFFLINE:
-        raise ModelError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it and run `llava pull {repo_id}` again")
+        raise ModelError(
+            f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it and run `llava pull {repo_id}` again"
+        )
     else:
         message = summary(repo_id, pull(repo_id, incomplete=gaps))
     emit(message, sys.stderr)

@@ -52,7 +52,9 @@ class ImageTokens:
         """One line for a terminal: red.png: 640x480 -> 672x672 (grid 2x2 + base), 2,144 tokens (52.3% of context)."""
         grid = f" (grid {self.grid[0]}x{self.grid[1]} + base tile)" if self.grid else ""
         share = f" ({100 * self.share:.1f}% of context)" if self.share is not None else ""
-        return f"{self.name}: {size_text(self.original)} -> {size_text(self.resized)}{grid}, {self.tokens:,} tokens{share}"
+        return (
+            f"{self.name}: {size_text(self.original)} -> {size_text(self.resized)}{grid}, {self.tokens:,} tokens{share}"
+        )
 
 
 def size_text(size: Size) -> str:
@@ -67,7 +69,11 @@ def describe_images(processor: Any, family: Family, images: list[ImageRef], wind
     described = []
     for image, processed, tokens in zip(images, prepared, counts):
         tile = tile_size(processed.pixel_values)
-        tiled = family.tiling is not Tiling.FIXED and processed.pixel_values.ndim == 4 and processed.pixel_values.shape[0] > 1
+        tiled = (
+            family.tiling is not Tiling.FIXED
+            and processed.pixel_values.ndim == 4
+            and processed.pixel_values.shape[0] > 1
+        )
         resized, grid = anyres_layout(processor, image.image.size, tile) if tiled else (tile, None)
         share = tokens / window if window else None
         described.append(ImageTokens(image.name, image.image.size, resized, grid, tokens, share))
@@ -91,7 +97,11 @@ def pinpoint_tokens(processor: Any, pinpoint: list[int], tile: Size) -> int:
     """The image tokens of an image exactly `pinpoint` (height, width) in size: the most that resolution takes."""
     import numpy as np
 
-    layout = {"image_sizes": [list(pinpoint)], "pixel_values": [np.zeros((1, 3, tile[1], tile[0]))], "batch_num_images": [1]}
+    layout = {
+        "image_sizes": [list(pinpoint)],
+        "pixel_values": [np.zeros((1, 3, tile[1], tile[0]))],
+        "batch_num_images": [1],
+    }
     return processor.replace_image_token(layout, image_idx=0).count(processor.image_token)
 
 
@@ -120,13 +130,17 @@ def restrict_pinpoints(processor: Any, family: Family, max_tokens: int, model_na
     """Keep the pinpoints whose images take at most `max_tokens`; `UsageError` when none does or the family does not tile."""
     option = "--max-image-tokens"
     if family.tiling is Tiling.FIXED:
-        raise UsageError(f"{option} applies to anyres families (llava-next, llava-onevision, llava-next-video); {model_name} is {family.label}, whose images take a fixed number of tokens")
+        raise UsageError(
+            f"{option} applies to anyres families (llava-next, llava-onevision, llava-next-video); {model_name} is {family.label}, whose images take a fixed number of tokens"
+        )
     tile = input_tile(processor)
     pinpoints = processor.image_processor.image_grid_pinpoints
     tokens = {tuple(pinpoint): pinpoint_tokens(processor, pinpoint, tile) for pinpoint in pinpoints}
     kept = [list(pinpoint) for pinpoint in pinpoints if tokens[tuple(pinpoint)] <= max_tokens]
     if not kept:
-        raise UsageError(f"{option} {max_tokens} is below {model_name}'s smallest anyres grid ({min(tokens.values()):,} tokens); raise it")
+        raise UsageError(
+            f"{option} {max_tokens} is below {model_name}'s smallest anyres grid ({min(tokens.values()):,} tokens); raise it"
+        )
     processor.image_processor.image_grid_pinpoints = kept
     return kept
 

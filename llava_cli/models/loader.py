@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli.prompt.conversation import ChatTemplateFormat, Conversation, PromptFormat, prompt_format_for
-from llava_cli.models.download import MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, TOKENIZER_FILES
 from llava_cli.base.errors import LlavaError, ModelError, UsageError, one_line
 from llava_cli.base.families import FAMILIES, MODEL_TYPES, Family, family_for
+from llava_cli.base.safeio import kind_of, read_regular
+from llava_cli.base.settings import Settings
 from llava_cli.media.images import ImageRef
+from llava_cli.media.videopixels import video_frames_for
+from llava_cli.models.download import MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, TOKENIZER_FILES
 from llava_cli.models.imagetokens import restrict_model, restrict_pinpoints
 from llava_cli.models.processors import image_parts_processor, torchvision_installed
-from llava_cli.base.safeio import kind_of, read_regular
-from llava_cli.media.videopixels import video_frames_for
-from llava_cli.base.settings import Settings
+from llava_cli.prompt.conversation import ChatTemplateFormat, Conversation, PromptFormat, prompt_format_for
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
@@ -78,7 +78,11 @@ def load_model(settings: Settings, folder: Path | None = None) -> LoadedModel:
     processor = load_processor(settings, folder, family)
     check_image_token(settings.model, config, processor)
     prompt_format = choose_prompt_format(settings, family, processor)
-    pinpoints = restrict_pinpoints(processor, family, settings.max_image_tokens, settings.model) if settings.max_image_tokens else None
+    pinpoints = (
+        restrict_pinpoints(processor, family, settings.max_image_tokens, settings.model)
+        if settings.max_image_tokens
+        else None
+    )
     model = load_weights(settings, folder, family, device, dtype, torch)
     if pinpoints is not None:
         restrict_model(model, pinpoints)
@@ -110,7 +114,7 @@ def resolve_model(name: str) -> Path:
 
 
 def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def read_config(name: str, folder: Path) -> dict[str, Any]:
@@ -160,7 +164,7 @@ def read_chat_template(path: str) -> str:
         try:
             text = json.loads(text)["chat_template"]
         except (ValueError, KeyError, TypeError):
-            raise UsageError(f"--chat-template {path} is JSON without a \"chat_template\" string") from None
+            raise UsageError(f'--chat-template {path} is JSON without a "chat_template" string') from None
     if not isinstance(text, str) or not text.strip():
         raise UsageError(f"--chat-template {path} is empty; it must hold a Jinja chat template")
     return text
@@ -173,9 +177,13 @@ def check_places_images(prompt_format: PromptFormat, image_token: str, source: s
     try:
         text = prompt_format.render(probe)
     except LlavaError as err:
-        raise ModelError(f"{source} does not render a simple message ({err}); fix it or pass --chat-template FILE") from None
+        raise ModelError(
+            f"{source} does not render a simple message ({err}); fix it or pass --chat-template FILE"
+        ) from None
     if text.count(image_token) != 1:
-        raise ModelError(f"{source} does not place images (no {image_token} for an image); pass one that does with --chat-template FILE")
+        raise ModelError(
+            f"{source} does not place images (no {image_token} for an image); pass one that does with --chat-template FILE"
+        )
 
 
 def has_files(folder: Path, patterns: tuple[str, ...]) -> bool:
@@ -195,7 +203,9 @@ def check_file_sizes(name: str, folder: Path) -> None:
         if not stat.S_ISREG(status.st_mode):
             raise ModelError(f"{name}/{path.name} is {kind_of(status.st_mode)}, not a file; re-download the model")
         if status.st_size > cap:
-            raise ModelError(f"{name}/{path.name} is larger than {cap:,} bytes, too large for a checkpoint's {path.suffix} file; re-download the model")
+            raise ModelError(
+                f"{name}/{path.name} is larger than {cap:,} bytes, too large for a checkpoint's {path.suffix} file; re-download the model"
+            )
 
 
 def check_weights(name: str, folder: Path, allow_pickle: bool = False) -> None:
@@ -227,7 +237,9 @@ def pick_device(requested: str, torch: Any) -> str:
     if requested == "cuda" and not has_cuda:
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if requested == "mps" and not has_mps:
-        raise UsageError("--device mps was asked for but Apple silicon's MPS backend is not available here; use --device cpu")
+        raise UsageError(
+            "--device mps was asked for but Apple silicon's MPS backend is not available here; use --device cpu"
+        )
     if requested == "auto":
         return "cuda" if has_cuda else "mps" if has_mps else "cpu"
     return requested
@@ -244,7 +256,9 @@ def check_mps(device: str, settings: Settings) -> None:
         return
     if settings.load_4bit or settings.load_8bit:
         flag = "--load-4bit" if settings.load_4bit else "--load-8bit"
-        raise UsageError(f"{flag} needs bitsandbytes, which has no MPS backend; on Apple silicon drop it (float16 is used), or use --device cpu")
+        raise UsageError(
+            f"{flag} needs bitsandbytes, which has no MPS backend; on Apple silicon drop it (float16 is used), or use --device cpu"
+        )
     if settings.compile:
         raise UsageError("--compile is not supported on MPS; drop it (Apple silicon decodes on the eager path)")
 
@@ -272,7 +286,9 @@ def load_processor(settings: Settings, folder: Path, family: Family) -> Any:
         else:
             processor = AutoProcessor.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
     except Exception as err:
-        raise ModelError(f"{settings.model}: its processor/tokenizer files cannot be loaded ({one_line(err)})") from None
+        raise ModelError(
+            f"{settings.model}: its processor/tokenizer files cannot be loaded ({one_line(err)})"
+        ) from None
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or not hasattr(processor, "image_processor"):
         raise ModelError(f"{settings.model} has no image processor or tokenizer; it is not a complete LLaVA checkpoint")

@@ -32,7 +32,9 @@ def image_parts_processor(folder: Path, processor_class_name: str, trust_remote_
     processor_class = without_video_processor(getattr(transformers, processor_class_name))
     parts = {
         "tokenizer": AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code),
-        "image_processor": AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=trust_remote_code),
+        "image_processor": AutoImageProcessor.from_pretrained(
+            folder, backend="pil", trust_remote_code=trust_remote_code
+        ),
     }
     settings, _ = processor_class.get_processor_dict(folder)  # processor_config.json and the chat template
     # In the order of the class's own parts; the video processor's place stays empty.

@@ -94,7 +94,9 @@ class VisionInputs:
     def video(self, item: VideoRef) -> ProcessedVideo:
         """`item`'s sampled frames as pixels, memoized by its content and sampling."""
         if self.video_frames is None:
-            raise InputError(f"{item.name} is a video, and this model takes none; use a LLaVA-NeXT-Video or LLaVA-OneVision checkpoint")
+            raise InputError(
+                f"{item.name} is a video, and this model takes none; use a LLaVA-NeXT-Video or LLaVA-OneVision checkpoint"
+            )
         key = (item.digest, item.sampling)
         if key not in self.video_memo:
             frames, indices = sample_frames(item, self.video_frames.default_frames)
@@ -112,7 +114,7 @@ class VisionInputs:
     def model_inputs(self, media: list[Media], skip: int) -> dict[str, Any]:
         """Keyword arguments for the forward that runs `media[skip:]`; empty when there are none."""
         images = [item for item in media if not is_video(item)]
-        new_images = self.prepare(images)[len([item for item in media[:skip] if not is_video(item)]):]
+        new_images = self.prepare(images)[len([item for item in media[:skip] if not is_video(item)]) :]
         new_videos = [self.video(item) for item in media[skip:] if is_video(item)]
         import torch
 

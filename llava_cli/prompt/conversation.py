@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from llava_cli.base.errors import InputError, one_line
 from llava_cli.base.families import PromptStyle
 from llava_cli.media.images import ImageRef
-from llava_cli.prompt.templates import render_chat_template
 from llava_cli.media.video import VideoRef
+from llava_cli.prompt.templates import render_chat_template
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -129,7 +129,9 @@ class ChatTemplateFormat:
         try:
             if isinstance(template, dict):  # named templates: apply_chat_template renders the "default" one
                 template = template["default"]
-            return render_chat_template(template, conversation.messages(), dict(self.processor.tokenizer.special_tokens_map))
+            return render_chat_template(
+                template, conversation.messages(), dict(self.processor.tokenizer.special_tokens_map)
+            )
         except Exception as err:  # jinja2 errors, the budget's, and the template's own raise_exception(...)
             raise InputError(f"the chat template cannot render this conversation: {one_line(err)}") from None
 

@@ -100,7 +100,12 @@ def tokenize(tokenizer: Any, segments: list[Segment], limit: int | None = None) 
     if limit is not None and (at_least := least_tokens(tokenizer, len(text))) > limit:
         raise TooLong(at_least)
     # As apply_chat_template does: a chat template that starts with the BOS gets no second one.
-    writes_bos = bool(segments) and segments[0].trusted and tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    writes_bos = (
+        bool(segments)
+        and segments[0].trusted
+        and tokenizer.bos_token is not None
+        and text.startswith(tokenizer.bos_token)
+    )
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not writes_bos)
     ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
     control = control_tokens(tokenizer)
@@ -206,7 +211,9 @@ def in_context(pre_tokenizer: Any, at_start: bool) -> Any:
 
     if at_start or not isinstance(pre_tokenizer, pre_tokenizers.Metaspace) or pre_tokenizer.prepend_scheme != "first":
         return pre_tokenizer
-    return pre_tokenizers.Metaspace(replacement=pre_tokenizer.replacement, prepend_scheme="never", split=pre_tokenizer.split)
+    return pre_tokenizers.Metaspace(
+        replacement=pre_tokenizer.replacement, prepend_scheme="never", split=pre_tokenizer.split
+    )
 
 
 # Per tokenizer, computed once: the most characters of input one token can stand for (None: no bound).
@@ -258,7 +265,10 @@ def shrink_factor(normalizer: dict | None, pre_tokenizer: dict | None) -> int | 
     if any(piece.get("type") == "Split" and piece.get("behavior") == "Removed" for piece in pre_tokenizers):
         return None
     types = {piece.get("type") for piece in normalizers}
-    if not types <= KEEPING_NORMALIZERS | COMPOSING_NORMALIZERS or not {p.get("type") for p in pre_tokenizers} <= KEEPING_PRE_TOKENIZERS:
+    if (
+        not types <= KEEPING_NORMALIZERS | COMPOSING_NORMALIZERS
+        or not {p.get("type") for p in pre_tokenizers} <= KEEPING_PRE_TOKENIZERS
+    ):
         return None
     return LONGEST_DECOMPOSITION if types & COMPOSING_NORMALIZERS else 1
 

@@ -34,7 +34,9 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], variable
     compiled, budget = bounded_template(template)
     budget.reset()
     pieces, length = [], 0
-    for piece in compiled.generate(messages=messages, tools=None, documents=None, add_generation_prompt=True, **variables):
+    for piece in compiled.generate(
+        messages=messages, tools=None, documents=None, add_generation_prompt=True, **variables
+    ):
         length += len(piece)
         budget.check_output(length)
         pieces.append(piece)
@@ -63,7 +65,9 @@ class Budget:
     def step(self) -> None:
         self.counts.steps += 1
         if self.counts.steps > MAX_TEMPLATE_STEPS:
-            raise self.error(f"the chat template runs more than {MAX_TEMPLATE_STEPS:,} loop steps and calls; it is refused")
+            raise self.error(
+                f"the chat template runs more than {MAX_TEMPLATE_STEPS:,} loop steps and calls; it is refused"
+            )
 
     def check_output(self, length: int) -> None:
         if length > MAX_TEMPLATE_CHARS:
@@ -99,7 +103,7 @@ def bounded_environment(budget: Budget) -> Any:
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**"})
 
-        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja2's signature)
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
             budget.step()
             return super().call(__context, __obj, *args, **kwargs)
 
@@ -107,7 +111,9 @@ def bounded_environment(budget: Budget) -> Any:
             if operator == "**" and too_big_power(left, right):
                 raise budget.error(f"the chat template raises a number to the power {right}; it is refused")
             if operator == "*" and too_long_product(left, right):
-                raise budget.error(f"the chat template builds a value of more than {MAX_TEMPLATE_CHARS:,} items; it is refused")
+                raise budget.error(
+                    f"the chat template builds a value of more than {MAX_TEMPLATE_CHARS:,} items; it is refused"
+                )
             return super().call_binop(context, operator, left, right)
 
     environment = BoundedSandbox(
@@ -133,6 +139,10 @@ def too_big_power(base: Any, exponent: Any) -> bool:
 def too_long_product(left: Any, right: Any) -> bool:
     """Whether `left * right` repeats a sequence into more than MAX_TEMPLATE_CHARS items."""
     for sequence, count in ((left, right), (right, left)):
-        if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) and len(sequence) * count > MAX_TEMPLATE_CHARS:
+        if (
+            isinstance(sequence, (str, list, tuple))
+            and isinstance(count, int)
+            and len(sequence) * count > MAX_TEMPLATE_CHARS
+        ):
             return True
     return False

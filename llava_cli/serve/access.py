@@ -91,6 +91,10 @@ class AccessLog:
         if self.json_lines:
             print(json.dumps(line), file=sys.stderr, flush=True)
             return
-        tokens = f" {line['prompt_tokens']}+{line['completion_tokens']} tokens" if line["prompt_tokens"] is not None else ""
-        log_detail(f"{line['client']} {line['method']} {json.dumps(line['path'])} {line['status']}{tokens} "
-                   f"{seconds:.3f}s key={line['key_id'] or '-'} id={line['request_id']}")
+        tokens = (
+            f" {line['prompt_tokens']}+{line['completion_tokens']} tokens" if line["prompt_tokens"] is not None else ""
+        )
+        log_detail(
+            f"{line['client']} {line['method']} {json.dumps(line['path'])} {line['status']}{tokens} "
+            f"{seconds:.3f}s key={line['key_id'] or '-'} id={line['request_id']}"
+        )

@@ -32,37 +32,43 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from llava_cli.serve.request import ApiError, Job, parse_job
-from llava_cli.engine.backend import Done, TextChunk
-from llava_cli.engine.scheduler import rows_that_fit
+from llava_cli.base.settings import Settings
 from llava_cli.client.discovery import served_name
+from llava_cli.engine.backend import Done, TextChunk
 from llava_cli.engine.local import Engine
 from llava_cli.engine.logprobs import TokenLogprob, as_openai
+from llava_cli.engine.scheduler import rows_that_fit
+from llava_cli.engine.streaming import Stats
 from llava_cli.serve.access import RECORD, AccessLog, note
-from llava_cli.serve.imagedecode import DecodeAhead
 from llava_cli.serve.guard import Guard, ServeOptions, key_id
+from llava_cli.serve.imagedecode import DecodeAhead
+from llava_cli.serve.keepalive import LOADING, ModelHolder
 from llava_cli.serve.log import log, log_detail
 from llava_cli.serve.metrics import Metrics
-from llava_cli.serve.keepalive import LOADING, ModelHolder
+from llava_cli.serve.request import ApiError, Job, parse_job
 from llava_cli.serve.worker import Choice, Failed, Item, Worker
-from llava_cli.base.settings import Settings
-from llava_cli.engine.streaming import Stats
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-MAX_OPEN_REQUESTS = 32  # being read, queued or answered (until a stream starts): with --max-request-mb, bounds what bodies hold
+MAX_OPEN_REQUESTS = (
+    32  # being read, queued or answered (until a stream starts): with --max-request-mb, bounds what bodies hold
+)
 # Not uvicorn's `limit_concurrency`: that counts every connection (idle kept-alive ones too) and every request
 # (/health, /metrics, whole streams), and refuses with a text/plain 503 where clients read an OpenAI error (server_busy).
-MAX_SLOW_BODIES = MAX_OPEN_REQUESTS // 4  # bodies still arriving after SLOW_BODY_AFTER_S: the rest stay free for other clients
+MAX_SLOW_BODIES = (
+    MAX_OPEN_REQUESTS // 4
+)  # bodies still arriving after SLOW_BODY_AFTER_S: the rest stay free for other clients
 SLOW_BODY_AFTER_S = 1.0
 DRAIN_RETRY_AFTER_S = 5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Ended = Callable[[list[Stats]], None]  # told the figures of a request's answers (its `n`) once all have finished
 
 
-async def job_items(queue: asyncio.Queue[Item], first: Item, ended: Ended, n: int = 1) -> AsyncIterator[tuple[int, Item]]:
+async def job_items(
+    queue: asyncio.Queue[Item], first: Item, ended: Ended, n: int = 1
+) -> AsyncIterator[tuple[int, Item]]:
     """`first`, then the job's items with their answer's index, up to and including its `n`th `Done`, or its
     `Unfinished` or `Failed`; `ended` gets the figures of the `n` answers once all have finished."""
     item, finished = first, []
@@ -109,8 +115,13 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 SHUTTING_DOWN = ApiError(503, "the server is shutting down", kind="server_error")
-DRAINING = ApiError(503, "the server is shutting down; send the request again elsewhere or later", code="server_draining",
-                    kind="server_error", retry_after_s=DRAIN_RETRY_AFTER_S)
+DRAINING = ApiError(
+    503,
+    "the server is shutting down; send the request again elsewhere or later",
+    code="server_draining",
+    kind="server_error",
+    retry_after_s=DRAIN_RETRY_AFTER_S,
+)
 
 
 # ---------------------------------------------------------------- the service
@@ -119,14 +130,18 @@ DRAINING = ApiError(503, "the server is shutting down; send the request again el
 class Service:
     """The HTTP endpoints around one loaded model."""
 
-    def __init__(self, engine: Engine, settings: Settings, options: ServeOptions, load: Callable[[], Engine] | None = None) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, options: ServeOptions, load: Callable[[], Engine] | None = None
+    ) -> None:
         self.guard = Guard(options)
         max_batch = options.max_batch or rows_that_fit(engine, engine.context_window(settings))
         self.metrics = Metrics()
         self.holder = ModelHolder(engine, load, options.keep_alive_s, self.metrics)
         self.worker = Worker(engine, self.guard, max_batch, self.holder)
         self.watch_worker()
-        self.decoder = DecodeAhead(self.guard)  # images decoded here, not on the worker: one slow image stalls no answer
+        self.decoder = DecodeAhead(
+            self.guard
+        )  # images decoded here, not on the worker: one slow image stalls no answer
         self.settings = settings
         self.model = options.served_model_name or served_name(settings.model)  # the id clients send
         # Without --served-model-name, the --model text as typed is accepted too (clients of earlier versions send it).
@@ -149,7 +164,11 @@ class Service:
         routes = [
             Route("/v1/chat/completions", self.guarded(self.chat_completions), methods=["POST"]),
             Route("/v1/models", self.guarded(self.models), methods=["GET"]),
-            Route("/metrics", self.guarded(self.render_metrics, keyless=self.metrics_public, during_drain=True), methods=["GET"]),
+            Route(
+                "/metrics",
+                self.guarded(self.render_metrics, keyless=self.metrics_public, during_drain=True),
+                methods=["GET"],
+            ),
             Route("/health", self.health, methods=["GET"]),  # Starlette adds HEAD
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
@@ -157,24 +176,46 @@ class Service:
 
     def watch_worker(self) -> None:
         worker = self.worker
-        self.metrics.watch({
-            "llava_queue_depth": ("Requests waiting for a place in the batch", lambda: worker.jobs.qsize() + len(worker.queued)),
-            "llava_running_rows": ("Answers being decoded together", lambda: len(worker.answers)),
-            "llava_max_batch": ("Answers that may be decoded together (--max-batch)", lambda: worker.max_batch),
-            "llava_prefills": ("Prompts prefilled since the server started (the n answers of a request share one)", lambda: worker.prefills),
-            "llava_prefix_cache_bytes": ("Bytes of KV cache held in the prefix cache", lambda: worker.pool.held_bytes),
-            "llava_prefix_cache_budget_bytes": ("The KV-cache budget of the process (--cache-mb; 0: none)", lambda: worker.budget.limit_bytes or 0),
-            "llava_kv_cache_bytes": ("KV-cache bytes held or reserved in all: running answers, prefix cache", lambda: worker.budget.used),
-            "llava_model_loaded": ("1 while the model is loaded", lambda: float(worker.holder.engine is not None)),
-        })
+        self.metrics.watch(
+            {
+                "llava_queue_depth": (
+                    "Requests waiting for a place in the batch",
+                    lambda: worker.jobs.qsize() + len(worker.queued),
+                ),
+                "llava_running_rows": ("Answers being decoded together", lambda: len(worker.answers)),
+                "llava_max_batch": ("Answers that may be decoded together (--max-batch)", lambda: worker.max_batch),
+                "llava_prefills": (
+                    "Prompts prefilled since the server started (the n answers of a request share one)",
+                    lambda: worker.prefills,
+                ),
+                "llava_prefix_cache_bytes": (
+                    "Bytes of KV cache held in the prefix cache",
+                    lambda: worker.pool.held_bytes,
+                ),
+                "llava_prefix_cache_budget_bytes": (
+                    "The KV-cache budget of the process (--cache-mb; 0: none)",
+                    lambda: worker.budget.limit_bytes or 0,
+                ),
+                "llava_kv_cache_bytes": (
+                    "KV-cache bytes held or reserved in all: running answers, prefix cache",
+                    lambda: worker.budget.used,
+                ),
+                "llava_model_loaded": ("1 while the model is loaded", lambda: float(worker.holder.engine is not None)),
+            }
+        )
 
     async def health(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
         state = "draining" if self.draining else self.holder.state
-        body = {"status": "ok" if state in ("loaded", "unloaded") else state, "model": self.model,
-                "loaded": self.holder.engine is not None and state != LOADING}
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503, headers={"Cache-Control": "no-store"})
+        body = {
+            "status": "ok" if state in ("loaded", "unloaded") else state,
+            "model": self.model,
+            "loaded": self.holder.engine is not None and state != LOADING,
+        }
+        return JSONResponse(
+            body, status_code=200 if body["status"] == "ok" else 503, headers={"Cache-Control": "no-store"}
+        )
 
     async def render_metrics(self, request: Request) -> Response:
         from starlette.responses import Response
@@ -185,9 +226,13 @@ class Service:
     async def http_error(self, request: Request, err: Exception) -> Response:
         """Unknown paths and methods, in the API's error shape."""
         status = getattr(err, "status_code", 404)
-        return ApiError(status, f"{request.method} {request.url.path}: {getattr(err, 'detail', 'not found')}").response()
+        return ApiError(
+            status, f"{request.method} {request.url.path}: {getattr(err, 'detail', 'not found')}"
+        ).response()
 
-    def guarded(self, handler: Callable[[Request], Any], keyless: bool = False, during_drain: bool = False) -> Callable[[Request], Any]:
+    def guarded(
+        self, handler: Callable[[Request], Any], keyless: bool = False, during_drain: bool = False
+    ) -> Callable[[Request], Any]:
         """Check Host, Origin, Content-Type and the API key (unless `keyless`), refuse work while draining (unless
         `during_drain`), and turn every `ApiError` (and any bug) into its response."""
 
@@ -226,8 +271,12 @@ class Service:
 
     async def chat_completions(self, request: Request) -> Response:
         if self.open_requests >= MAX_OPEN_REQUESTS:
-            raise ApiError(503, f"the server is busy with {MAX_OPEN_REQUESTS} requests; try again shortly",
-                           code="server_busy", kind="server_error")
+            raise ApiError(
+                503,
+                f"the server is busy with {MAX_OPEN_REQUESTS} requests; try again shortly",
+                code="server_busy",
+                kind="server_error",
+            )
         self.open_requests += 1
         try:
             return await self.answer(request)
@@ -238,9 +287,15 @@ class Service:
         from starlette.concurrency import run_in_threadpool
 
         body = parse_json(await self.read_body(request))
-        job = await run_in_threadpool(parse_job, body, self.model, self.settings, self.aliases)  # long histories: off the loop
+        job = await run_in_threadpool(
+            parse_job, body, self.model, self.settings, self.aliases
+        )  # long histories: off the loop
         if job.n > self.worker.max_batch:
-            raise ApiError(400, f"`n` must be at most {self.worker.max_batch}, the answers this server decodes at once (llava serve --max-batch)", param="n")
+            raise ApiError(
+                400,
+                f"`n` must be at most {self.worker.max_batch}, the answers this server decodes at once (llava serve --max-batch)",
+                param="n",
+            )
         job.key_id = request.scope.get(RECORD, {}).get("key_id", "")
         ended = functools.partial(self.answered, request.scope)
         release_images = await self.decoder.decode(job)  # a bad image raises here (its slot given back)
@@ -266,8 +321,13 @@ class Service:
         for index, stats in enumerate(answers):
             self.metrics.answered(stats if index == 0 else dataclasses.replace(stats, prompt_tokens=0, cached_tokens=0))
         first = answers[0]
-        note(scope, prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
-             completion_tokens=sum(stats.completion_tokens for stats in answers), ttft_s=round(first.ttft_s, 4))
+        note(
+            scope,
+            prompt_tokens=first.prompt_tokens,
+            cached_tokens=first.cached_tokens,
+            completion_tokens=sum(stats.completion_tokens for stats in answers),
+            ttft_s=round(first.ttft_s, 4),
+        )
 
     async def read_body(self, request: Request) -> bytes:
         """The body (see `read_body`); one that is still arriving after SLOW_BODY_AFTER_S needs a slow-body place."""
@@ -277,8 +337,13 @@ class Service:
             return reading.result()
         if self.slow_bodies >= MAX_SLOW_BODIES:
             reading.cancel()
-            raise ApiError(503, f"{MAX_SLOW_BODIES} request bodies are already arriving slowly; send the body at once or try again shortly",
-                           code="server_busy", kind="server_error", retry_after_s=1)
+            raise ApiError(
+                503,
+                f"{MAX_SLOW_BODIES} request bodies are already arriving slowly; send the body at once or try again shortly",
+                code="server_busy",
+                kind="server_error",
+                retry_after_s=1,
+            )
         self.slow_bodies += 1
         try:
             return await reading
@@ -300,20 +365,36 @@ class Service:
         if len(done) < job.n:
             raise SHUTTING_DOWN
         choices = [
-            {"index": index, "message": {"role": "assistant", "content": "".join(pieces[index])}, **logprobs_field(job, done[index].logprobs),
-             "finish_reason": done[index].stats.finish_reason}
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": "".join(pieces[index])},
+                **logprobs_field(job, done[index].logprobs),
+                "finish_reason": done[index].stats.finish_reason,
+            }
             for index in range(job.n)
         ]
         figures = [done[index].stats for index in range(job.n)]
-        return JSONResponse({**self.envelope(job, "chat.completion"), "choices": choices, "usage": usage(figures), "llava": figures[0].as_dict()})
+        return JSONResponse(
+            {
+                **self.envelope(job, "chat.completion"),
+                "choices": choices,
+                "usage": usage(figures),
+                "llava": figures[0].as_dict(),
+            }
+        )
 
-    def streamed(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task, ended: Ended) -> Response:
+    def streamed(
+        self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task, ended: Ended
+    ) -> Response:
         from starlette.responses import StreamingResponse
 
-        return StreamingResponse(self.events(job, queue, first, watcher, ended), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(
+            self.events(job, queue, first, watcher, ended), media_type="text/event-stream", headers=SSE_HEADERS
+        )
 
-    async def events(self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task,
-                     ended: Ended) -> AsyncIterator[str]:
+    async def events(
+        self, job: Job, queue: asyncio.Queue[Item], first: Item, watcher: asyncio.Task, ended: Ended
+    ) -> AsyncIterator[str]:
         try:
             for index in range(job.n):
                 yield sse(self.chunk(job, {"role": "assistant", "content": ""}, index=index))
@@ -326,7 +407,9 @@ class Service:
                     return
                 else:
                     figures.append(item.stats)
-                    yield sse({**self.chunk(job, {}, item.stats.finish_reason, index=index), "llava": item.stats.as_dict()})
+                    yield sse(
+                        {**self.chunk(job, {}, item.stats.finish_reason, index=index), "llava": item.stats.as_dict()}
+                    )
             if job.include_usage:
                 yield sse({**self.envelope(job, "chat.completion.chunk"), "choices": [], "usage": usage(figures)})
             yield sse("[DONE]")
@@ -337,17 +420,31 @@ class Service:
     def envelope(self, job: Job, kind: str) -> dict[str, Any]:
         return {"id": job.id, "object": kind, "created": job.created, "model": self.model}
 
-    def chunk(self, job: Job, delta: dict[str, str], finish_reason: str | None = None, index: int = 0,
-              logprobs: tuple[TokenLogprob, ...] | None = None) -> dict[str, Any]:
+    def chunk(
+        self,
+        job: Job,
+        delta: dict[str, str],
+        finish_reason: str | None = None,
+        index: int = 0,
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+    ) -> dict[str, Any]:
         """One event of a stream; a text chunk's `logprobs` are those of its tokens (when asked for)."""
-        choice = {"index": index, "delta": delta, **(logprobs_field(job, logprobs) if logprobs is not None else {}), "finish_reason": finish_reason}
+        choice = {
+            "index": index,
+            "delta": delta,
+            **(logprobs_field(job, logprobs) if logprobs is not None else {}),
+            "finish_reason": finish_reason,
+        }
         return {**self.envelope(job, "chat.completion.chunk"), "choices": [choice]}
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The body, at most `limit` bytes, all of it within `timeout_s` (a body that trickles in is cut off: 408)."""
-    too_large = ApiError(413, f"the request body is over {limit:,} bytes (llava serve --max-request-mb raises the limit)",
-                         code="request_too_large")
+    too_large = ApiError(
+        413,
+        f"the request body is over {limit:,} bytes (llava serve --max-request-mb raises the limit)",
+        code="request_too_large",
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -362,8 +459,11 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     try:
         await asyncio.wait_for(receive(), timeout_s)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (llava serve --request-timeout)",
-                       code="request_timeout") from None
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout_s:g} s (llava serve --request-timeout)",
+            code="request_timeout",
+        ) from None
     return bytes(body)
 
 
@@ -374,4 +474,3 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     except ValueError:
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
-

@@ -30,7 +30,11 @@ import resource
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.base.settings import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+from llava_cli.base.settings import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+)
 
 RESERVED_FILE_DESCRIPTORS = 64  # the model's files, logs, the listening socket: never taken by clients
 MAX_HEAD_BYTES = 64 * 1024  # past this, uvicorn refuses the request anyway (h11's limit is 16 KiB)
@@ -198,4 +202,5 @@ def guarded(protocol_class: type, limits: ConnectionLimits) -> type:
             if response:
                 self.transport.write(response)
             self.transport.close()
+
     return Guarded

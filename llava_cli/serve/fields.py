@@ -22,8 +22,21 @@ from typing import Any
 
 from llava_cli.base.options import REQUEST_FIELDS
 
-READ = frozenset({"model", "messages", "n", "stream", "stream_options", "response_format", "stop", "cache_salt", "logprobs", "top_logprobs",
-                  *REQUEST_FIELDS})
+READ = frozenset(
+    {
+        "model",
+        "messages",
+        "n",
+        "stream",
+        "stream_options",
+        "response_format",
+        "stop",
+        "cache_salt",
+        "logprobs",
+        "top_logprobs",
+        *REQUEST_FIELDS,
+    }
+)
 HARMLESS = frozenset({"user"})
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0),
@@ -46,7 +59,10 @@ def refused_field(body: dict[str, Any]) -> tuple[str, str] | None:
     options = body.get("stream_options")
     for key in options if isinstance(options, dict) else ():
         if key not in STREAM_OPTIONS:
-            return f"stream_options.{key}", f"`stream_options.{key}` is not supported by this server (only include_usage)"
+            return (
+                f"stream_options.{key}",
+                f"`stream_options.{key}` is not supported by this server (only include_usage)",
+            )
     return None
 
 

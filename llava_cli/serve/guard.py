@@ -34,13 +34,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_cli.client.discovery import LOOPBACK_NAMES
 from llava_cli.base.errors import UsageError
 from llava_cli.base.safeio import read_regular, read_within
 from llava_cli.base.settings import (
-    DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-    DEFAULT_MAX_REQUEST_MB, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_TIMEOUT_KEEP_ALIVE_S,
 )
+from llava_cli.client.discovery import LOOPBACK_NAMES
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 ANY = "*"
@@ -70,7 +75,9 @@ class ServeOptions:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     allowed_local_media_path: str | None = None
-    max_batch: int | None = None  # answers decoded at once; None: as many as the device holds (decodebatch.rows_that_fit)
+    max_batch: int | None = (
+        None  # answers decoded at once; None: as many as the device holds (decodebatch.rows_that_fit)
+    )
     keep_alive_s: float | None = None  # --keep-alive: unload the model after this idle time; None: never
     metrics_public: bool = False  # GET /metrics without the API key
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
@@ -102,10 +109,14 @@ class ServeOptions:
         if self.log_format not in LOG_FORMATS:
             raise UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)} (got {self.log_format!r})")
         if any(not key.strip() for key in self.api_keys):
-            raise UsageError("the API key is empty; give a key or leave --api-key, --api-key-file and LLAVA_API_KEY out")
+            raise UsageError(
+                "the API key is empty; give a key or leave --api-key, --api-key-file and LLAVA_API_KEY out"
+            )
         for origin in self.allowed_origins:
             if origin != ANY and ("://" not in origin or origin.endswith("/")):
-                raise UsageError(f"--allowed-origin {origin!r} is not an origin; write it as scheme://host[:port], e.g. http://localhost:3000")
+                raise UsageError(
+                    f"--allowed-origin {origin!r} is not an origin; write it as scheme://host[:port], e.g. http://localhost:3000"
+                )
         if self.allowed_local_media_path is not None:
             root = Path(self.allowed_local_media_path).expanduser()
             if not root.is_dir():
@@ -155,10 +166,18 @@ class Guard:
     def refusal(self, method: str, headers: dict[str, str]) -> Refusal | None:
         """Why this request is refused before its body is read, or None."""
         if not self.any_host and not self.host_allowed(headers.get("host", "")):
-            return Refusal(403, "this server does not answer to that Host name (llava serve --allowed-host NAME adds one)", "host_not_allowed")
+            return Refusal(
+                403,
+                "this server does not answer to that Host name (llava serve --allowed-host NAME adds one)",
+                "host_not_allowed",
+            )
         origin = headers.get("origin")
         if origin is not None and not self.any_origin and origin.lower() not in self.origins:
-            return Refusal(403, "requests from web pages are refused (llava serve --allowed-origin ORIGIN allows one)", "origin_not_allowed")
+            return Refusal(
+                403,
+                "requests from web pages are refused (llava serve --allowed-origin ORIGIN allows one)",
+                "origin_not_allowed",
+            )
         if method == "POST" and media_type(headers.get("content-type", "")) != "application/json":
             return Refusal(415, JSON_ONLY, "unsupported_media_type")
         return None

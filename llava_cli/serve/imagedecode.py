@@ -22,8 +22,8 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from llava_cli.serve.request import MAX_REQUEST_PIXELS, Job
 from llava_cli.serve.guard import Guard
+from llava_cli.serve.request import MAX_REQUEST_PIXELS, Job
 
 DECODERS = 2  # decodes at once: each is one thread waiting on one helper process
 WAITING_PIXELS = 4 * MAX_REQUEST_PIXELS  # decoded and waiting for the worker, beyond which decoding pauses

@@ -40,13 +40,20 @@ def parse_keep_alive(text: str) -> float | None:
         return None
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text)
     if not match:
-        raise UsageError(f"--keep-alive must be a duration such as 30s, 5m or 1h, 0 (unload after each answer) or -1 (never); got {text!r}")
+        raise UsageError(
+            f"--keep-alive must be a duration such as 30s, 5m or 1h, 0 (unload after each answer) or -1 (never); got {text!r}"
+        )
     return float(match[1]) * DURATION_UNITS[match[2]]
 
 
 class ModelHolder:
-    def __init__(self, engine: Engine, load: Callable[[], Engine] | None = None, keep_alive_s: float | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        load: Callable[[], Engine] | None = None,
+        keep_alive_s: float | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine: Engine | None = engine
         self.load_engine = load
         self.keep_alive_s = keep_alive_s if load is not None else None  # nothing to reload with: never unload

@@ -40,4 +40,3 @@ def one_line_records(record: logging.LogRecord) -> bool:
             record.msg = f"{record.getMessage().strip()}: {type(error).__name__}: {one_line(error)}"
         record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
     return True
-

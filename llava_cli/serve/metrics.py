@@ -17,6 +17,7 @@ only, when a server starts (`llava --help` stays instant).
 from __future__ import annotations
 
 from collections.abc import Callable
+
 from llava_cli.engine.streaming import Stats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -28,17 +29,37 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("llava_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"], registry=registry)
-        self.request_seconds = Histogram("llava_request_seconds", "Time from a request's headers to the end of its response",
-                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests = Counter(
+            "llava_requests",
+            "HTTP requests answered, by endpoint and status",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "llava_request_seconds",
+            "Time from a request's headers to the end of its response",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.prompt_tokens = Counter("llava_prompt_tokens", "Prompt tokens of the answers given", registry=registry)
-        self.cached_tokens = Counter("llava_cached_tokens", "Prompt tokens taken from the prefix cache", registry=registry)
+        self.cached_tokens = Counter(
+            "llava_cached_tokens", "Prompt tokens taken from the prefix cache", registry=registry
+        )
         self.generated_tokens = Counter("llava_generated_tokens", "Tokens generated", registry=registry)
-        self.ttft = Histogram("llava_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=registry)
-        self.tpot = Histogram("llava_time_per_output_token_seconds", "Time per output token after the first",
-                              buckets=TOKEN_TIME_BUCKETS, registry=registry)
+        self.ttft = Histogram(
+            "llava_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.tpot = Histogram(
+            "llava_time_per_output_token_seconds",
+            "Time per output token after the first",
+            buckets=TOKEN_TIME_BUCKETS,
+            registry=registry,
+        )
         self.loads = Counter("llava_model_loads", "Times the model was loaded", registry=registry)
-        self.unloads = Counter("llava_model_unloads", "Times the model was unloaded after --keep-alive idle time", registry=registry)
+        self.unloads = Counter(
+            "llava_model_unloads", "Times the model was unloaded after --keep-alive idle time", registry=registry
+        )
         self.gauge = lambda name, text: Gauge(name, text, registry=registry)
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:

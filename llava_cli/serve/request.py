@@ -37,19 +37,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llava_cli.engine.constraints import response_format_constraint
-from llava_cli.prompt.conversation import Conversation, Turn
 from llava_cli.base.errors import ContextError, InputError, LlavaError, UsageError
-from llava_cli.media.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE
-from llava_cli.media.attachments import Media, media_from_bytes
-from llava_cli.media.video import MAX_VIDEO_BYTES, is_video_name
 from llava_cli.base.options import LOGPROBS, MAX_TOP_LOGPROBS, REQUEST_FIELDS
+from llava_cli.base.settings import Settings
+from llava_cli.engine.constraints import response_format_constraint
+from llava_cli.engine.stops import stop_list
+from llava_cli.media.attachments import Media, media_from_bytes
+from llava_cli.media.images import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE
+from llava_cli.media.video import MAX_VIDEO_BYTES, VideoRef, is_video_name
+from llava_cli.prompt.conversation import Conversation, Turn
 from llava_cli.serve.fields import refused_field
 from llava_cli.serve.guard import Guard, MediaRefused
 from llava_cli.serve.log import log_detail
-from llava_cli.base.settings import Settings
-from llava_cli.media.video import VideoRef
-from llava_cli.engine.stops import stop_list
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -68,8 +67,15 @@ LOCAL_IMAGE_REFUSED = (
 class ApiError(Exception):
     """A refused request: its HTTP status and the OpenAI-style error it is answered with."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error", retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        retry_after_s: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.param, self.kind = status, code, param, kind
         self.retry_after_s = retry_after_s
@@ -122,7 +128,10 @@ class Job:
         """One `Settings` per answer of `n`: row i samples with `seed + i` (all unseeded without a seed), so
         a seeded request's answers are those of n single requests seeded seed, seed+1, ..."""
         seed = self.settings.seed
-        return [dataclasses.replace(self.settings, seed=None if seed is None else seed + index) for index in range(self.n)]
+        return [
+            dataclasses.replace(self.settings, seed=None if seed is None else seed + index) for index in range(self.n)
+        ]
+
     decoded: bool = False  # the images are in their turns (llava serve decodes them before queueing the job)
     on_release: Callable[[], None] = lambda: None  # told when the decoded images are dropped
     pixels: int = 0  # the decoded images' pixels in all (a video has caps of its own, media/video.py)
@@ -141,8 +150,12 @@ class Job:
             width, height = loaded.image.size
             pixels += width * height
             if pixels > MAX_REQUEST_PIXELS:
-                raise ApiError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels in all; send fewer or smaller ones",
-                               code="invalid_image", param=pending.where)
+                raise ApiError(
+                    400,
+                    f"the request's images hold more than {MAX_REQUEST_PIXELS:,} pixels in all; send fewer or smaller ones",
+                    code="invalid_image",
+                    param=pending.where,
+                )
         self.decoded, self.pixels = True, pixels
         return True
 
@@ -163,8 +176,12 @@ def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[s
     if not isinstance(model, str) or not model:
         raise ApiError(400, "`model` is required", param="model")
     if model != served_model and model not in aliases:
-        raise ApiError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
-                       code="model_not_found", param="model")
+        raise ApiError(
+            404,
+            f"model {model!r} is not served here; this server serves {served_model!r}",
+            code="model_not_found",
+            param="model",
+        )
     if refused := refused_field(body):
         raise ApiError(400, refused[1], code="unsupported_parameter", param=refused[0])
     stream_options = optional(body, "stream_options", dict, "an object") or {}
@@ -172,8 +189,12 @@ def parse_job(body: Any, served_model: str, base: Settings, aliases: frozenset[s
     return Job(
         conversation=conversation,
         images=images,
-        settings=dataclasses.replace(request_settings(body, base), constraint=response_constraint(body), stop=request_stops(body),
-                                     logprobs=request_logprobs(body)),
+        settings=dataclasses.replace(
+            request_settings(body, base),
+            constraint=response_constraint(body),
+            stop=request_stops(body),
+            logprobs=request_logprobs(body),
+        ),
         n=choices_asked(body),
         stream=optional(body, "stream", bool, "true or false") is True,
         include_usage=optional(stream_options, "include_usage", bool, "true or false", "stream_options.") is True,
@@ -253,8 +274,12 @@ def conversation_from_messages(messages: Any, base: Settings) -> tuple[Conversat
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "`messages` must be a non-empty list", param="messages")
     if len(messages) > MAX_MESSAGES:
-        raise ApiError(400, f"a request may hold at most {MAX_MESSAGES:,} messages (this one has {len(messages):,})",
-                       code="too_many_messages", param="messages")
+        raise ApiError(
+            400,
+            f"a request may hold at most {MAX_MESSAGES:,} messages (this one has {len(messages):,})",
+            code="too_many_messages",
+            param="messages",
+        )
     system: list[str] = []
     turns: list[Turn] = []
     images: list[PendingImage] = []
@@ -270,7 +295,12 @@ def conversation_from_messages(messages: Any, base: Settings) -> tuple[Conversat
             turn = add_user_message(turns, text)
             images += [PendingImage(turn, source, where) for source in sources]
             if len(images) > MAX_IMAGES_PER_REQUEST:
-                raise ApiError(400, f"a request may hold at most {MAX_IMAGES_PER_REQUEST} images", code="too_many_images", param=where)
+                raise ApiError(
+                    400,
+                    f"a request may hold at most {MAX_IMAGES_PER_REQUEST} images",
+                    code="too_many_images",
+                    param=where,
+                )
         elif role == "assistant":
             if not turns or turns[-1].answer is not None:
                 raise ApiError(400, f"{where}: an assistant message must follow a user message", param=where)
@@ -294,7 +324,9 @@ def add_user_message(turns: list[Turn], text: str) -> Turn:
 def text_only(content: Any, where: str) -> str:
     text, images = message_content(content, where)
     if images:
-        raise ApiError(400, f"{where}: only user messages can carry images; put the image in a user message", param=where)
+        raise ApiError(
+            400, f"{where}: only user messages can carry images; put the image in a user message", param=where
+        )
     return text
 
 
@@ -313,7 +345,9 @@ def message_content(content: Any, where: str) -> tuple[str, list[str]]:
         elif kind in ("image_url", "video_url"):  # video_url: vLLM's part; the bytes decide which it is
             urls.append(image_url(part.get(kind), where))
         else:
-            raise ApiError(400, f"{where}: unsupported content part {kind!r}; use text, image_url and video_url parts", param=where)
+            raise ApiError(
+                400, f"{where}: unsupported content part {kind!r}; use text, image_url and video_url parts", param=where
+            )
     return "\n".join(texts), urls
 
 
@@ -322,8 +356,12 @@ def image_url(spec: Any, where: str) -> str:
     if not isinstance(url, str) or not url:
         raise ApiError(400, f"{where}: an image_url part needs a url", code="invalid_image", param=where)
     if url.startswith(("http://", "https://")):
-        raise ApiError(400, f"{where}: images must be data: URLs (or files the server allows), not http(s) URLs",
-                       code="invalid_image", param=where)
+        raise ApiError(
+            400,
+            f"{where}: images must be data: URLs (or files the server allows), not http(s) URLs",
+            code="invalid_image",
+            param=where,
+        )
     return url
 
 
@@ -366,4 +404,3 @@ def decode_data_url(url: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except binascii.Error:
         raise InputError("the data: URL is not valid base64") from None
-

@@ -58,13 +58,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llava_cli.client.discovery import remove_server_file, write_server_file
 from llava_cli.base.errors import EXIT_INTERRUPTED, EXIT_OK, LlavaError, UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.client.discovery import remove_server_file, write_server_file
 from llava_cli.serve.app import Service
 from llava_cli.serve.guard import ServeOptions
 from llava_cli.serve.log import log, one_line_records, set_verbose
 from llava_cli.serve.worker import SHUTDOWN_GRACE_S
-from llava_cli.base.settings import Settings
 
 DRAIN_POLL_S = 0.05
 
@@ -107,8 +107,10 @@ def run_serve(settings: Settings, options: ServeOptions) -> int:
     url = local_url(sock)
     announced = announce(url, settings.model, service.model)
     try:
-        log(f"serving {settings.model} as {service.model!r} at {url}/v1{' (API key required)' if options.api_keys else ''}, "
-            f"up to {service.worker.max_batch} answers at once; Ctrl-C stops")
+        log(
+            f"serving {settings.model} as {service.model!r} at {url}/v1{' (API key required)' if options.api_keys else ''}, "
+            f"up to {service.worker.max_batch} answers at once; Ctrl-C stops"
+        )
         code = serve_until_signal(service, sock, settings.verbose, options)
     finally:
         if announced is not None:
@@ -124,7 +126,9 @@ def announce(url: str, model: str, served_as: str) -> Path | None:
     try:
         return write_server_file(url, model, served_as)
     except OSError as err:
-        log(f"not announced to llava ask/chat on this machine: cannot write in {err.filename or 'the runtime folder'}: {err.strerror or err}")
+        log(
+            f"not announced to llava ask/chat on this machine: cannot write in {err.filename or 'the runtime folder'}: {err.strerror or err}"
+        )
         return None
 
 
@@ -165,9 +169,15 @@ def serve_until_signal(service: Service, sock: socket.socket, verbose: bool, opt
 
         async def drain(self) -> None:
             """Let the answers in flight finish, for --drain-timeout at most, then stop."""
-            log(f"SIGTERM: finishing the answers in flight (up to {options.drain_timeout_s:g} s), refusing new requests")
+            log(
+                f"SIGTERM: finishing the answers in flight (up to {options.drain_timeout_s:g} s), refusing new requests"
+            )
             deadline = time.monotonic() + options.drain_timeout_s
-            while (service.worker.waiting or service.open_requests) and time.monotonic() < deadline and not self.should_exit:
+            while (
+                (service.worker.waiting or service.open_requests)
+                and time.monotonic() < deadline
+                and not self.should_exit
+            ):
                 await asyncio.sleep(DRAIN_POLL_S)
             service.worker.abandon()
             self.should_exit = True

@@ -47,19 +47,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llava_cli.serve.request import ApiError, Job, api_error_from
-from llava_cli.engine.backend import Done, TextChunk
-from llava_cli.engine.scheduler import DecodeBatch, Sequence
-from llava_cli.engine.local import Engine, Stopped
 from llava_cli.base.errors import LlavaError
+from llava_cli.engine.backend import Done, TextChunk
 from llava_cli.engine.kvbudget import Full, KvBudget
+from llava_cli.engine.local import Engine, Stopped
 from llava_cli.engine.logprobs import TokenLogprob, logprob_hook
 from llava_cli.engine.prefixpool import PrefixPool
-from llava_cli.serve.guard import Guard
-from llava_cli.serve.log import log
-from llava_cli.serve.keepalive import ModelHolder, give_memory_back
+from llava_cli.engine.scheduler import DecodeBatch, Sequence
 from llava_cli.engine.stops import StoppedStream, before_stop
 from llava_cli.engine.streaming import Stats, TextStream
+from llava_cli.serve.guard import Guard
+from llava_cli.serve.keepalive import ModelHolder, give_memory_back
+from llava_cli.serve.log import log
+from llava_cli.serve.request import ApiError, Job, api_error_from
 
 SHUTDOWN_GRACE_S = 3  # answers are stopped at once; this only bounds a client that will not hang up
 
@@ -139,7 +139,9 @@ class Worker:
             self.drop_stopped()
             if self.queued and self.batch is None and not self.load():
                 continue
-            while self.queued and len(self.batch) + self.queued[0][0].n <= self.max_batch:  # a job's `n` rows join at once
+            while (
+                self.queued and len(self.batch) + self.queued[0][0].n <= self.max_batch
+            ):  # a job's `n` rows join at once
                 job, emit = self.queued.popleft()
                 try:
                     self.admit(job, emit)
@@ -183,7 +185,9 @@ class Worker:
         """Decode the job's images, fit it to the window, prefill it once and add its `n` rows to the batch;
         `Full` (nothing done; its decoded images kept for its next try) when the budget has no room for
         it until a row ends."""
-        answer = ServedAnswer(job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds))
+        answer = ServedAnswer(
+            job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds)
+        )
         stop = functools.partial(self.must_stop, job)
         waits = False  # only the job at the head of the queue waits, so at most one job's images are kept
         try:
@@ -193,7 +197,9 @@ class Worker:
             if stop():
                 return self.stopped(answer)
             self.pool.use_scope(job.cache_scope)
-            sequences = self.batch.admit_rows(prompt, job.row_settings(), self.engine.token_budget(prompt, job.settings))
+            sequences = self.batch.admit_rows(
+                prompt, job.row_settings(), self.engine.token_budget(prompt, job.settings)
+            )
         except Full:
             waits = True
             raise
@@ -212,8 +218,13 @@ class Worker:
         answer.stats.ttft_s = time.perf_counter() - answer.started
         self.rows_left[job.id] = len(sequences)
         for index, sequence in enumerate(sequences):
-            row = answer if index == 0 else dataclasses.replace(answer, stream=self.engine.detokenizer(job.settings.stop),
-                                                               stats=dataclasses.replace(answer.stats))
+            row = (
+                answer
+                if index == 0
+                else dataclasses.replace(
+                    answer, stream=self.engine.detokenizer(job.settings.stop), stats=dataclasses.replace(answer.stats)
+                )
+            )
             row.sequence = sequence
             if job.n > 1:
                 row.emit = functools.partial(choice_emit, emit, index)
@@ -269,7 +280,12 @@ class Worker:
 
     def figures(self, answer: ServedAnswer) -> Stats:
         sequence = answer.sequence
-        answer.stats.end(len(sequence.tokens), sequence.finish_reason, time.perf_counter() - answer.started, self.engine.peak_memory_mb())
+        answer.stats.end(
+            len(sequence.tokens),
+            sequence.finish_reason,
+            time.perf_counter() - answer.started,
+            self.engine.peak_memory_mb(),
+        )
         return answer.stats
 
     def end(self, answer: ServedAnswer, item: Done | Unfinished | Failed) -> None:
@@ -346,4 +362,3 @@ def failure(err: Exception) -> Failed:
         return Failed(api_error_from(err))
     log(f"generation failed: {type(err).__name__}: {err}")  # a bug or a broken model: report it, keep serving
     return Failed(ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error"))
-

@@ -44,13 +44,13 @@ from typing import Any
 
 import platformdirs
 
-from llava_cli.prompt.conversation import Conversation, Turn
-from llava_cli.client.discovery import model_key, process_alive
 from llava_cli.base.errors import InputError, SessionError, one_line
-from llava_cli.media.images import ImageRef
 from llava_cli.base.options import OPTIONS, SAVED
 from llava_cli.base.safeio import FileTooLarge, NotRegularFile, private_folder, read_regular, write_private_file
 from llava_cli.base.settings import Settings
+from llava_cli.client.discovery import model_key, process_alive
+from llava_cli.media.images import ImageRef
+from llava_cli.prompt.conversation import Conversation, Turn
 
 APP_NAME = "llava-cli"
 FORMAT = "llava-cli-conversation"
@@ -174,7 +174,9 @@ class ObjectCount:
 
 
 def too_many_turns(where: str) -> SessionError:
-    return SessionError(f"{where} holds more than {MAX_SESSION_TURNS:,} turns, more than a chat keeps; it was left as it is")
+    return SessionError(
+        f"{where} holds more than {MAX_SESSION_TURNS:,} turns, more than a chat keeps; it was left as it is"
+    )
 
 
 def parse_document(document: Any, where: str) -> SavedConversation:
@@ -220,7 +222,9 @@ def parse_turn(turn: Any) -> SavedTurn:
     return SavedTurn(
         user=expect(turn, "user", str),
         images=[
-            SavedImage(expect(image, "name", str), expect(image, "path", (str, type(None))), expect(image, "sha256", str))
+            SavedImage(
+                expect(image, "name", str), expect(image, "path", (str, type(None))), expect(image, "sha256", str)
+            )
             for image in expect(turn, "images", list)
         ],
         assistant=expect(turn, "assistant", str),
@@ -328,14 +332,18 @@ class SessionStore:
             return named.path
         matches = [path for path in self.files() if path.stem.startswith(ref)]
         if len(matches) > 1:
-            raise SessionError(f"{ref} matches {len(matches)} conversations ({', '.join(p.stem for p in matches[:4])}); give more of the id")
+            raise SessionError(
+                f"{ref} matches {len(matches)} conversations ({', '.join(p.stem for p in matches[:4])}); give more of the id"
+            )
         if not matches:
             raise SessionError(f"no saved conversation {ref}; `llava sessions list` shows them")
         return matches[0]
 
     def named(self, name: str) -> SavedConversation | None:
         """The newest readable conversation given this name with /save."""
-        return next((saved for saved in self.scan() if isinstance(saved, SavedConversation) and saved.name == name), None)
+        return next(
+            (saved for saved in self.scan() if isinstance(saved, SavedConversation) and saved.name == name), None
+        )
 
     def owner_of_name(self, name: str) -> str | None:
         """The id of the conversation that has this name (or this id), if any."""
@@ -382,10 +390,14 @@ class Recorder:
 
     def rename(self, name: str) -> None:
         if not NAME_PATTERN.fullmatch(name):
-            raise InputError(f"a name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (got {name!r})")
+            raise InputError(
+                f"a name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (got {name!r})"
+            )
         owner = self.store.owner_of_name(name)
         if owner is not None and owner != self.session_id:
-            raise InputError(f"the name {name} is taken by conversation {owner}; pick another, or `llava sessions rm {name}` first")
+            raise InputError(
+                f"the name {name} is taken by conversation {owner}; pick another, or `llava sessions rm {name}` first"
+            )
         self.name = name
 
     def switch(self, saved: SavedConversation | None) -> None:

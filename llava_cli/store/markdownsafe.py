@@ -38,7 +38,9 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 SAFE_TARGETS = ("http://", "https://", "mailto:")
 CHECKED_TARGETS = (*SAFE_TARGETS, "#")
 LINK_TARGET = re.compile(r"\]\(|\]:")  # an inline link's target follows `](`, a definition's `]:`
-CONTAINER = r"^((?:[ \t]*(?:>|[-+*]|\d{1,9}[.)])(?=[ \t]|$))*[ \t]*)"  # block quote and list markers before a line's text
+CONTAINER = (
+    r"^((?:[ \t]*(?:>|[-+*]|\d{1,9}[.)])(?=[ \t]|$))*[ \t]*)"  # block quote and list markers before a line's text
+)
 ATX_HEADING = re.compile(CONTAINER + r"(#{1,6})")
 SETEXT_UNDERLINE = re.compile(CONTAINER + r"([=-])")
 CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).+?(?<!`)\1(?!`)")  # a run of backticks, then the same run closing it
@@ -70,7 +72,11 @@ def message(value: str) -> str:
     tokens = parser().parse("\n".join(lines))
     verbatim = code_lines(tokens)
     headings = {token.map[0]: token.markup for token in tokens if token.type == "heading_open" and token.map}
-    underlines = {token.map[1] - 1 for token in tokens if token.type == "heading_open" and token.map and token.markup in ("=", "-")}
+    underlines = {
+        token.map[1] - 1
+        for token in tokens
+        if token.type == "heading_open" and token.map and token.markup in ("=", "-")
+    }
     for keep_code_spans in (True, False):
         safe = [
             line if number in verbatim else safe_line(line, headings.get(number), number in underlines, keep_code_spans)
@@ -92,7 +98,9 @@ def parser() -> Any:
 
 def code_lines(tokens: list[Any]) -> set[int]:
     """The lines inside fenced and indented code blocks: kept as they are."""
-    return {line for token in tokens if token.type in ("fence", "code_block") and token.map for line in range(*token.map)}
+    return {
+        line for token in tokens if token.type in ("fence", "code_block") and token.map for line in range(*token.map)
+    }
 
 
 def safe_line(line: str, heading: str | None, underline: bool, keep_code_spans: bool) -> str:
@@ -148,7 +156,13 @@ def is_safe(markdown: str) -> bool:
     for token in walk(tokens):
         if token.type in ("html_block", "html_inline"):
             return False
-        target = token.attrGet("href") if token.type == "link_open" else token.attrGet("src") if token.type == "image" else None
+        target = (
+            token.attrGet("href")
+            if token.type == "link_open"
+            else token.attrGet("src")
+            if token.type == "image"
+            else None
+        )
         if target is not None and not str(target).lower().startswith(CHECKED_TARGETS):
             return False
     return True

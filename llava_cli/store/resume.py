@@ -16,13 +16,13 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from llava_cli.prompt.conversation import Conversation, Turn
-from llava_cli.client.discovery import model_key
 from llava_cli.base.errors import InputError, SessionError, UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.client.discovery import model_key
 from llava_cli.media.images import ImageRef, load_image
 from llava_cli.media.paste import PASTED_NAME
 from llava_cli.media.video import VideoRef, is_video_name, load_video
-from llava_cli.base.settings import Settings
+from llava_cli.prompt.conversation import Conversation, Turn
 from llava_cli.store.conversations import Recorder, SavedConversation, SavedImage, SessionStore, parse_time
 
 
@@ -73,7 +73,9 @@ def restored_settings(settings: Settings, saved: SavedConversation, given: froze
         raise SessionError(f"{saved.label} holds a setting this llava-cli refuses: {err}") from None
 
 
-def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing: bool) -> tuple[Conversation, list[str]]:
+def restore_conversation(
+    saved: SavedConversation, max_pixels: int, drop_missing: bool
+) -> tuple[Conversation, list[str]]:
     """The saved history with every image read again and checked against its hash.
 
     A vanished or changed image is refused with one message naming each; with `drop_missing` it
@@ -95,7 +97,9 @@ def restore_conversation(saved: SavedConversation, max_pixels: int, drop_missing
             f"cannot continue {saved.label}: {'; '.join(problems)}. "
             "Put the image back, or continue without it with --drop-missing-images"
         )
-    return Conversation(system=saved.system, turns=turns), [f"continuing without an image ({problem})" for problem in problems]
+    return Conversation(system=saved.system, turns=turns), [
+        f"continuing without an image ({problem})" for problem in problems
+    ]
 
 
 # Where an image saved without a path came from; any other: a URL or a PDF page (media/pdfpages.py).
