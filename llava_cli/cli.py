@@ -730,7 +730,7 @@ def help_command(
 
     llava help ask
     """
-    raise typer.Exit(preflight(typer.main.get_command(app), [*(command or []), "--help"]))
+    raise typer.Exit(preflight(typer.main.get_command(app), [*(command or []), "--help"]) or 0)
 
 
 def show_version(value: bool) -> None:

@@ -134,7 +134,7 @@ def check_values(command: Any, options: dict[str, Any]) -> None:
 def check_settings(command: Any, options: dict[str, Any]) -> None:
     """The model and generation options given, validated by `Settings` as the command will
     (choices, ranges, exclusions); values from the environment are left to the command."""
-    given = {}
+    given: dict[str, Any] = {}
     for param in command.params:
         option = OPTIONS.get(param.name)
         if option is not None and options.get(param.name) is not None:

@@ -169,7 +169,9 @@ def record_source(
         from llava_cli.ask.via_ray import ray_results
 
         results = ray_results(names, prompt, settings, options, stdin_image, answer_chunk)
-        records = (record_of(name, prompt, settings, result) for name, result in zip(names, results))
+        records: Iterator[dict[str, Any]] = (
+            record_of(name, prompt, settings, result) for name, result in zip(names, results)
+        )
     elif (remote := batch_server(settings, options)) is not None:
         records = server_records(remote, names, prompt, settings, options.parallel or DEFAULT_PARALLEL, stdin_image)
     else:

@@ -96,7 +96,7 @@ def answer_once(
     if options.clipboard:
         images.append(paste_image(settings.max_image_pixels))
         image_names = [*image_names, PASTED_NAME]
-    if prompt_from_stdin:
+    if prompt is None:  # none on the command line: stdin holds it
         prompt = read_prompt_from_stdin()
     writer = WRITERS[options.format](settings.constraint)  # before the model loads: csv checks the schema's columns
     from llava_cli.frontend.startup import (  # looked up here, so a test replaces the backend in one place
@@ -113,7 +113,7 @@ def answer_once(
     session = save_answer(opened.recorder, conversation, settings)
     record = answer_record(answer_value(text, settings), settings.model, image_names, session, answer.stats.as_dict())
     if settings.logprobs is not None:
-        record["logprobs"] = as_openai(answer.done.logprobs)  # answer.done: its figures were read just above
+        record["logprobs"] = as_openai(answer.finished.logprobs)
     writer.finish(record, settings.raw)
     if settings.verbose:
         emit(stats_line(answer.stats.as_dict()), sys.stderr)

@@ -355,12 +355,12 @@ def cluster_messages_off(ray: Any) -> Iterator[None]:
     log files)."""
     worker = getattr(getattr(ray, "_private", None), "worker", None)
     before = getattr(worker, "_worker_logs_enabled", None)
-    if before is not None:
+    if worker is not None and before is not None:
         worker._worker_logs_enabled = False
     try:
         yield
     finally:
-        if before is not None:
+        if worker is not None and before is not None:
             worker._worker_logs_enabled = before
 
 

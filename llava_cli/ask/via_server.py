@@ -100,6 +100,7 @@ def server_records(
                 break  # the server was given up on: this image and the ones after it were not sent
             if outcome.fatal is not None:
                 raise outcome.fatal
+            assert outcome.record is not None  # neither skipped nor fatal: answered, or its error recorded
             yield outcome.record
             written += 1
     finally:

@@ -116,9 +116,9 @@ def make_completer() -> Any:
                 return
             name, space, rest = text[1:].partition(" ")
             if not space:
-                for command in command_completions(name):
-                    space = " " if find(command).needs_argument else ""  # type: ignore[union-attr]
-                    yield Completion(command + space, start_position=-len(name), display=f"/{command}")
+                for completed in command_completions(name):
+                    space = " " if (found := find(completed)) is not None and found.needs_argument else ""
+                    yield Completion(completed + space, start_position=-len(name), display=f"/{completed}")
             elif (command := find(name)) is not None and command.completes_paths:
                 yield from path_completions(rest)
 

@@ -31,8 +31,7 @@ from llava_cli.engine.streaming import Stats, stats_line
 from llava_cli.frontend.output import WRITERS
 from llava_cli.frontend.records import answer_record
 from llava_cli.frontend.signals import Terminated, sigterm_raises
-from llava_cli.media.attachments import open_local
-from llava_cli.media.images import ImageRef
+from llava_cli.media.attachments import Media, open_local
 from llava_cli.media.pdfpages import image_or_pages
 from llava_cli.prompt.conversation import Conversation
 from llava_cli.store.conversations import Recorder, data_dir
@@ -61,7 +60,7 @@ class ChatLoop:
         self.conversation = conversation or Conversation(system=settings.system)
         self.context_tokens: int | None = None if conversation else 0  # after the last answer
         self.last_figures = Stats(load_s=engine.info().load_seconds)  # from the last answer's `Done`, for /stats
-        self.attached: list[ImageRef] = []
+        self.attached: list[Media] = []
         self.failures = 0
         self.save_problem: str | None = None  # the last save failure reported, so it is said once
 
@@ -256,7 +255,7 @@ class TerminalIO:
         try:
             for chunk in chunks:
                 if self.settings.raw:
-                    self.console.print_raw(chunk)
+                    self.console.print_raw(chunk)  # type: ignore[attr-defined]  # terminal.make_console's SafeConsole
                 else:
                     self.console.print(chunk, end="", markup=False)
         finally:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from llava_cli.base.settings import Settings
     from llava_cli.engine.backend import Backend
     from llava_cli.engine.streaming import Stats
-    from llava_cli.media.images import ImageRef
+    from llava_cli.media.attachments import Media
     from llava_cli.prompt.conversation import Conversation
     from llava_cli.store.conversations import Recorder
 
@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 class ChatIO(Protocol):
     interactive: bool  # a person is there: Ctrl-C stops an answer instead of the program
     markdown: bool  # render answers as Markdown (only a terminal does)
-    columns: int  # the width to lay out /help and /stats for
+
+    @property
+    def columns(self) -> int:
+        """The width to lay out /help and /stats for."""
 
     def read(self) -> str | None: ...
     def stream(self, chunks: Iterator[str]) -> None: ...
@@ -37,7 +40,7 @@ class Chat(Protocol):
     io: ChatIO
     recorder: Recorder | None  # None: not saved (--no-save)
     conversation: Conversation
-    attached: list[ImageRef]  # images waiting for the next message
+    attached: list[Media]  # images and videos waiting for the next message
     context_tokens: int | None  # tokens after the last answer; None: to be counted again
     last_figures: Stats  # the last answer's figures (/stats)
 

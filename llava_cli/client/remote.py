@@ -61,7 +61,7 @@ from llava_cli.base.settings import Settings
 from llava_cli.client.discovery import find_server, only_server
 from llava_cli.engine.backend import BackendInfo, Done, Events, Note, TextChunk
 from llava_cli.engine.constraints import ANY_OBJECT
-from llava_cli.engine.logprobs import TokenLogprob, from_openai
+from llava_cli.engine.logprobs import Alternative, TokenLogprob, from_openai
 from llava_cli.engine.streaming import Stats, TextStream, decode_rate
 from llava_cli.media.images import ImageRef
 from llava_cli.media.video import VIDEO_MIME_TYPES, VideoRef
@@ -311,7 +311,7 @@ def clock(transport: httpx.HTTPTransport, deadline: Deadline) -> None:
             return stream
 
     # httpx names no network backend of its own; httpcore's pool (pinned in constraints.txt) takes one
-    transport._pool._network_backend = OnTheClock()  # type: ignore[attr-defined]
+    transport._pool._network_backend = OnTheClock()
 
 
 @functools.cache
@@ -426,7 +426,10 @@ def server_logprobs(content: Any, url: str) -> tuple[TokenLogprob, ...]:
         raise LlavaError(
             f"the server at {url} sent logprobs that are not OpenAI's shape ({type(err).__name__})"
         ) from None
-    pieces = [piece for token in tokens for piece in (token, *token.top)]
+    pieces: list[TokenLogprob | Alternative] = [
+        *tokens,
+        *(alternative for token in tokens for alternative in token.top),
+    ]
     if not all(
         isinstance(piece.token, str) and all(type(b) is int and 0 <= b < 256 for b in piece.bytes) for piece in pieces
     ):

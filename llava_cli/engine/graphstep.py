@@ -89,7 +89,9 @@ def has_sliding_layers(model: Any) -> bool:
     """Whether a static cache of `model` would have sliding-window layers (whose write position is a Python int)."""
     from transformers import StaticCache
 
-    return any(layer.is_sliding for layer in StaticCache(config=model.config, max_cache_len=1).layers)
+    return any(
+        getattr(layer, "is_sliding", False) for layer in StaticCache(config=model.config, max_cache_len=1).layers
+    )
 
 
 class StaticPath:

@@ -61,13 +61,13 @@ class KvBudget:
 
     def make_room(self, holder: str, nbytes: int) -> bool:
         """Whether `holder` may hold `nbytes`, evicting what the evictable holders can give back (module docstring)."""
-        for free in [None, *self.evictors.values()]:
-            if free is not None:
-                free(nbytes - self.room_for(holder))
-            room = self.room_for(holder)
+        room = self.room_for(holder)
+        for free in self.evictors.values():
             if room is None or nbytes <= room:
                 return True
-        return False
+            free(nbytes - room)
+            room = self.room_for(holder)
+        return room is None or nbytes <= room
 
     def could_hold(self, holder: str, nbytes: int) -> bool:
         """Whether `holder` could hold `nbytes` once every evictable holder had given back all it holds."""

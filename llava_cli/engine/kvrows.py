@@ -22,10 +22,11 @@ like the forwards that filled the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
-def new_cache(layers: list[tuple[Any, Any]] = ()) -> Any:
+def new_cache(layers: Sequence[tuple[Any, Any]] = ()) -> Any:
     """An empty cache (its layers made as the forward fills them), or one holding `layers`' (keys, values)
     as they are: transformers' own constructor would copy each tensor once more."""
     from transformers import DynamicCache

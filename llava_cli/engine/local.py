@@ -56,9 +56,10 @@ from llava_cli.engine.paths import CompiledPath, ForwardPath, Steps
 from llava_cli.engine.pipeline import Row, Sampler, TokenHook, token_budget
 from llava_cli.engine.stops import StopHook, StoppedStream
 from llava_cli.engine.streaming import Stats, TextStream
-from llava_cli.media.images import ImageRef
+from llava_cli.media.attachments import Media
+from llava_cli.media.video import VideoRef
 from llava_cli.models.loader import LoadedModel
-from llava_cli.models.vision import VisionInputs, is_video
+from llava_cli.models.vision import VisionInputs
 from llava_cli.prompt.conversation import Conversation
 from llava_cli.prompt.prompting import TooLong, expand_images, render_segments, tokenize
 from llava_cli.prompt.trimming import TrimSearch
@@ -93,7 +94,7 @@ class Prompt:
     """A rendered, tokenized prompt and where each of its images sits in it."""
 
     ids: list[int]
-    images: list[ImageRef]
+    images: list[Media]
     image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens
 
 
@@ -257,6 +258,13 @@ class Engine:
                 CompiledPath(self.model, window) if settings.compile else default_path(self.model, settings, window)
             )
 
+    @property
+    def chosen_path(self) -> ForwardPath:
+        """The forward path of the answer under way (`use_path_for` chose it at its start)."""
+        if self.path is None:
+            raise RuntimeError("no forward path chosen: generate() chooses one first")
+        return self.path
+
     def generate(
         self, conversation: Conversation, settings: Settings, stop: Callable[[], bool] = lambda: False
     ) -> Events:
@@ -283,7 +291,7 @@ class Engine:
         stream = self.detokenizer(settings.stop)
         self.reserve(len(prompt.ids) + row.budget)
         with self.guarded():  # a bigger bucket may not fit in memory
-            self.cache.kv = self.path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
+            self.cache.kv = self.chosen_path.cache_for(self.cache.kv, keep, len(prompt.ids) + row.budget)
         self.budget.hold(
             CHAT, max(self.budget.held[CHAT], nbytes(self.cache.kv))
         )  # a static bucket may be larger than asked
@@ -291,7 +299,7 @@ class Engine:
         self.cache.images = image_keys(prompt)
         stats.ttft_s = time.perf_counter() - started
         with self.guarded():
-            steps = self.path.steps(self.cache.kv, logits, len(self.cache.ids), sampler, self.eos_ids)
+            steps = self.chosen_path.steps(self.cache.kv, logits, len(self.cache.ids), sampler, self.eos_ids)
         while not row.finish_reason:
             if stop():
                 return
@@ -301,9 +309,9 @@ class Engine:
             if chunk := stream.push(token):
                 yield TextChunk(chunk)
         if settings.verbose:
-            yield from (Note(note) for note in self.path.take_notes())
+            yield from (Note(note) for note in self.chosen_path.take_notes())
         else:
-            self.path.take_notes()  # each said once, and only with --verbose
+            self.chosen_path.take_notes()  # each said once, and only with --verbose
         if tail := stream.finish():
             yield TextChunk(tail)
         stats.end(len(row.tokens), row.finish_reason, time.perf_counter() - started, self.peak_memory_mb())
@@ -347,7 +355,7 @@ class Engine:
         `TooLong` (prompt/prompting.py), before tokenizing, when the prompt cannot fit in `limit` tokens."""
         media = conversation.images
         counts = self.vision.token_counts(media)  # first: it refuses a video this model cannot take
-        videos = [is_video(item) for item in media]
+        videos = [isinstance(item, VideoRef) for item in media]
         image_counts = [count for count, video in zip(counts, videos) if not video]
         video_counts = [count for count, video in zip(counts, videos) if video]
         segments = expand_images(
@@ -386,7 +394,7 @@ class Engine:
     def run(self, ids: list[int], image_inputs: dict[str, Any]) -> Any:
         """Run `ids` (and the images in `image_inputs`) after what is cached; the logits for the next token."""
         with self.guarded():
-            logits = self.path(self.cache.kv, ids, len(self.cache.ids), image_inputs)
+            logits = self.chosen_path(self.cache.kv, ids, len(self.cache.ids), image_inputs)
         self.cache.ids.extend(ids)
         return logits
 

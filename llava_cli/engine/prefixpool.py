@@ -78,9 +78,7 @@ class PrefixPool:
         if not self.keeps:
             return
         size = nbytes(entry.kv)
-        if size > self.budget.room_for(
-            POOL
-        ):  # more than the running answers leave it: not kept, nothing evicted for it
+        if size > self.room():  # more than the running answers leave it: not kept, nothing evicted for it
             return
         scope, replaces = source or ("", None)
         self.entries = {
@@ -89,7 +87,12 @@ class PrefixPool:
             if key != replaces and not (held.scope == scope and extends(entry, held.entry))
         }
         self.entries[next(self.keys)] = Held(entry, size, prompt_tokens, scope)
-        self.within(self.budget.room_for(POOL))
+        self.within(self.room())
+
+    def room(self) -> int:
+        """What the budget leaves the pool; asked only while the pool keeps entries (a capped budget)."""
+        room = self.budget.room_for(POOL) if self.budget is not None else None
+        return 0 if room is None else room
 
     def evict(self, wanted: int) -> None:
         """Give back at least `wanted` bytes (the budget asks, for a running answer), least recently used first."""

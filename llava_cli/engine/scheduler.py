@@ -77,7 +77,9 @@ class Sequence:
     row: Row
     cached_tokens: int  # the prompt's tokens that came from the pool
     length: int  # tokens of this answer in the KV cache: its next position
-    source: int | None  # the key of the pool entry whose conversation it continues, which its own cache replaces there
+    source: tuple[
+        str, int | None
+    ]  # (scope, key) of the pool entry whose conversation it continues, which its own cache replaces there
     error: LlavaError | None = None  # why this row failed alone (its scores went bad, it ran out of memory), else None
 
     @property
@@ -190,7 +192,7 @@ class DecodeBatch:
         settings: Settings,
         budget: int,
         keep: int,
-        source: int | None,
+        source: tuple[str, int | None],
         logits: Any,
         greedy: int | None,
     ) -> Sequence:
@@ -418,4 +420,6 @@ def rows_that_fit(engine: Engine, window: int) -> int:
     if engine.loaded.device != "cuda":
         return CPU_MAX_BATCH
     limit = engine.budget.limit_bytes or budget_for(None, "cuda").limit_bytes  # --cache-mb 0: the device's memory
+    if limit is None:
+        return MAX_BATCH_LIMIT
     return max(1, min(MAX_BATCH_LIMIT, limit // (kv_bytes_per_token(engine.model) * window)))

@@ -130,7 +130,8 @@ def split_image_command(argument: str) -> tuple[list[str], str]:
     """`/image a.png "my b.png" what is this?` -> (["a.png", "my b.png"], "what is this?").
 
     Only local files: the chat reads no URLs, so an image needs a name that `looks_like_image`."""
-    paths, position = [], 0
+    paths: list[str] = []
+    position = 0
     while match := PATH_TOKEN.match(argument, position):
         token = next(group for group in match.groups() if group is not None)
         if paths and not looks_like_image(unescape(token)):

@@ -67,7 +67,7 @@ def model_facts(name: str) -> dict[str, Any]:
     family = family_for(config)
     parameters, weight_dtypes = weights_summary(folder)
     fewest, most = token_range(load_processor(Settings(model=name), folder, family), family)
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    text_config: dict[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else {}
     return {
         "model": name,
         "family": family.label,
@@ -186,6 +186,7 @@ def run_rm(repo_id: str, yes: bool) -> int:
         )
     # delete_revisions matches commit hashes across every repo it holds: give it this repo alone, so
     # that another repo with the same revision (a copied snapshot) is never touched.
+    assert scanned is not None  # a repo was found in it
     only_this = dataclasses.replace(scanned, repos=frozenset({repo}), size_on_disk=repo.size_on_disk)
     strategy = only_this.delete_revisions(*(revision.commit_hash for revision in repo.revisions))
     check_inside(Path(repo.repo_path), strategy)

@@ -20,15 +20,15 @@ from llava_cli.base.terminal import emit, one_line_text
 
 def run_tokens(paths: list[str], settings: Settings, as_json: bool) -> int:
     from llava_cli.base.families import family_for
-    from llava_cli.media.images import load_image
+    from llava_cli.media.images import ImageRef, load_image
     from llava_cli.media.pdfpages import image_or_pages
     from llava_cli.models.imagetokens import describe_images, restrict_pinpoints
     from llava_cli.models.loader import load_processor, read_config
 
-    images = []
+    images: list[ImageRef] = []
     for path in paths:
         opened, note = image_or_pages(path, None, settings.max_image_pixels, load_image)
-        images += opened
+        images += [image for image in opened if isinstance(image, ImageRef)]  # all are: load_image and PDF pages
         if note:
             emit(f"llava: note: {one_line_text(note)}", sys.stderr)
     folder = processor_folder(settings.model)

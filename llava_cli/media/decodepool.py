@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from llava_cli.base.errors import InputError
 
@@ -62,10 +62,20 @@ class Helper:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    @property
+    def stdin(self) -> IO[bytes]:
+        assert self.process.stdin is not None  # started with stdin=PIPE
+        return self.process.stdin
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.process.stdout is not None  # started with stdout=PIPE
+        return self.process.stdout
+
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
+        for pipe in (self.stdin, self.stdout):
             with contextlib.suppress(OSError):  # closing flushes what the dead helper will never read
                 pipe.close()
 
@@ -74,9 +84,9 @@ class Helper:
 
         encoded_name = name.encode("utf-8", "replace")
         try:
-            self.process.stdin.write(REQUEST.pack(max_pixels, len(data), len(encoded_name)) + encoded_name)
-            self.process.stdin.write(data)
-            self.process.stdin.flush()
+            self.stdin.write(REQUEST.pack(max_pixels, len(data), len(encoded_name)) + encoded_name)
+            self.stdin.write(data)
+            self.stdin.flush()
         except (BrokenPipeError, ValueError):
             raise DecoderGone from None
         status = self.read(1, deadline)
@@ -88,7 +98,7 @@ class Helper:
 
     def read(self, size: int, deadline: float) -> bytes:
         """Exactly `size` bytes of the reply; TimeoutError at the deadline, DecoderGone if the helper ended."""
-        fd = self.process.stdout.fileno()
+        fd = self.stdout.fileno()
         data = bytearray()
         while len(data) < size:
             left = deadline - time.monotonic()

@@ -37,7 +37,7 @@ import select
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from llava_cli.base.errors import InputError, one_line
 from llava_cli.base.options import DEFAULT_MAX_IMAGE_PIXELS
@@ -113,7 +113,8 @@ def read_stream(
 ) -> bytes:
     """Read a pipe (stdin) to its end: at most `max_bytes`, giving up when it sends nothing for `idle_timeout` s."""
     fd = stream.fileno()
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         ready, _, _ = select.select([fd], [], [], idle_timeout)
         if not ready:
@@ -161,7 +162,13 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise InputError(f"{name} is truncated or corrupt ({one_line(err)}); re-export or re-download it") from None
 
 
-def check_size(img: Image.Image, name: str, max_pixels: int) -> None:
+class Sized2D(Protocol):
+    """What `check_size` reads of an image: a Pillow image, or a PDF page's size before it is rendered."""
+
+    size: tuple[int, int]
+
+
+def check_size(img: Sized2D, name: str, max_pixels: int) -> None:
     width, height = img.size
     if width < 1 or height < 1:
         raise InputError(f"{name} has no pixels ({width}x{height})")

@@ -24,13 +24,14 @@ import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llava_cli.base.errors import InputError, UsageError, one_line
 from llava_cli.base.options import DEFAULT_MAX_IMAGE_PIXELS
 from llava_cli.media.images import check_size, read_media_file, shrink_to_usable
 
 if TYPE_CHECKING:
+    from llava_cli.media.attachments import Media
     from llava_cli.media.images import ImageRef
 
 MAX_PDF_BYTES = 100 * 1024 * 1024
@@ -103,7 +104,7 @@ def read_pdf(file: Path, name: str) -> bytes:
     return data
 
 
-def open_document(pdfium, data: bytes, name: str):  # type: ignore[no-untyped-def]
+def open_document(pdfium: Any, data: bytes, name: str) -> Any:
     try:
         return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as err:
@@ -116,7 +117,7 @@ def open_document(pdfium, data: bytes, name: str):  # type: ignore[no-untyped-de
         raise InputError(f"{name} is a broken or unreadable PDF ({one_line(err)}); re-export it") from None
 
 
-def render_page(pdfium, document, name: str, number: int, digest: str, max_pixels: int) -> ImageRef:  # type: ignore[no-untyped-def]
+def render_page(pdfium: Any, document: Any, name: str, number: int, digest: str, max_pixels: int) -> ImageRef:
     from llava_cli.media.images import ImageRef
 
     label = f"{name} page {number}"
@@ -150,9 +151,10 @@ class SizeOnly:
 
 
 def image_or_pages(
-    name: str, pages: str | None, max_pixels: int, open_image: Callable[[str, int], ImageRef]
-) -> tuple[list[ImageRef], str | None]:
+    name: str, pages: str | None, max_pixels: int, open_image: Callable[[str, int], Media]
+) -> tuple[list[Media], str | None]:
     """The inputs one argument names: a PDF's pages (and `pdf_pages`' note), else `open_image(name)` alone."""
     if is_pdf(name):
-        return pdf_pages(name, pages, max_pixels)
+        rendered, note = pdf_pages(name, pages, max_pixels)
+        return [*rendered], note
     return [open_image(name, max_pixels)], None

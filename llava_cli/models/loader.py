@@ -173,7 +173,7 @@ def read_chat_template(path: str) -> str:
 def check_places_images(prompt_format: PromptFormat, image_token: str, source: str) -> None:
     """Render a one-image message, so a broken template fails at start-up, not mid-chat."""
     probe = Conversation()
-    probe.ask("?", [ImageRef(name="probe", digest="probe", image=None)])
+    probe.ask("?", [ImageRef(name="probe", digest="probe", image=None)])  # type: ignore[arg-type]  # only its placeholder is rendered
     try:
         text = prompt_format.render(probe)
     except LlavaError as err:

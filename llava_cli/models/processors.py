@@ -42,10 +42,10 @@ def image_parts_processor(folder: Path, processor_class_name: str, trust_remote_
     return processor_class.from_args_and_dict(ordered, settings)
 
 
-def without_video_processor(processor_class: type) -> type:
+def without_video_processor(processor_class: Any) -> Any:
     """`processor_class`, accepting no video processor (transformers insists on one of the right class)."""
 
-    class ImageOnlyProcessor(processor_class):  # type: ignore[misc, valid-type]
+    class ImageOnlyProcessor(processor_class):
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
             if argument_name == "video_processor" and argument is None:
                 return None

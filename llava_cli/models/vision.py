@@ -26,15 +26,15 @@ its processor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llava_cli.base.errors import InputError
 from llava_cli.base.families import Tiling
+from llava_cli.media.attachments import Media
 from llava_cli.media.images import ImageRef
 from llava_cli.media.video import Sampling, VideoRef, sample_frames
-
-Media = ImageRef | VideoRef
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,6 @@ class ProcessedVideo:
 
     pixel_values: Any  # (frames, 3, H, W)
     indices: list[int]  # the frames sampled, as transformers' sample_frames picks them
-
-
-def is_video(item: Media) -> bool:
-    return isinstance(item, VideoRef)
 
 
 @dataclass(frozen=True)
@@ -73,12 +69,12 @@ class VisionInputs:
         self.memo.clear()
         self.video_memo.clear()
 
-    def token_counts(self, media: list[Media]) -> list[int]:
+    def token_counts(self, media: Sequence[Media]) -> list[int]:
         """Tokens for each image and video of `media`, in a prompt that holds exactly these."""
-        images = [item for item in media if not is_video(item)]
+        images = [item for item in media if isinstance(item, ImageRef)]
         image_counts = iter(self.image_token_counts(images))
-        video_counts = iter([self.video_token_count(self.video(item)) for item in media if is_video(item)])
-        return [next(video_counts) if is_video(item) else next(image_counts) for item in media]
+        video_counts = iter([self.video_token_count(self.video(item)) for item in media if isinstance(item, VideoRef)])
+        return [next(video_counts) if isinstance(item, VideoRef) else next(image_counts) for item in media]
 
     def image_token_counts(self, images: list[ImageRef]) -> list[int]:
         if not images:
@@ -103,19 +99,19 @@ class VisionInputs:
             self.video_memo[key] = ProcessedVideo(self.video_frames.pixel_values(frames), indices)
         return self.video_memo[key]
 
-    def video_report(self, media: list[Media], spans: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    def video_report(self, media: Sequence[Media], spans: list[tuple[int, int]]) -> list[dict[str, Any]]:
         """Each video of a prompt: its name, the frames sampled and the tokens it fills (for --json, /show)."""
         return [
             {"name": item.name, "frames": self.video(item).indices, "video_tokens": end - start}
             for item, (start, end) in zip(media, spans)
-            if is_video(item)
+            if isinstance(item, VideoRef)
         ]
 
-    def model_inputs(self, media: list[Media], skip: int) -> dict[str, Any]:
+    def model_inputs(self, media: Sequence[Media], skip: int) -> dict[str, Any]:
         """Keyword arguments for the forward that runs `media[skip:]`; empty when there are none."""
-        images = [item for item in media if not is_video(item)]
-        new_images = self.prepare(images)[len([item for item in media[:skip] if not is_video(item)]) :]
-        new_videos = [self.video(item) for item in media[skip:] if is_video(item)]
+        images = [item for item in media if isinstance(item, ImageRef)]
+        new_images = self.prepare(images)[len([item for item in media[:skip] if isinstance(item, ImageRef)]) :]
+        new_videos = [self.video(item) for item in media[skip:] if isinstance(item, VideoRef)]
         import torch
 
         inputs: dict[str, Any] = {}

@@ -13,12 +13,13 @@ chat template (`ChatTemplateFormat`). `prompt_format_for` builds the format a fa
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llava_cli.base.errors import InputError, one_line
 from llava_cli.base.families import PromptStyle
-from llava_cli.media.images import ImageRef
+from llava_cli.media.attachments import Media
 from llava_cli.media.video import VideoRef
 from llava_cli.prompt.templates import render_chat_template
 
@@ -30,7 +31,7 @@ class Turn:
     """One exchange: what the user said, the images (and videos) it attached, and the answer once known."""
 
     text: str
-    images: list[ImageRef | VideoRef] = field(default_factory=list)
+    images: list[Media] = field(default_factory=list)
     answer: str | None = None
     answered_at: float | None = field(default=None, compare=False)  # epoch seconds, for saved conversations
 
@@ -42,7 +43,7 @@ class Conversation:
     system: str | None = None
     turns: list[Turn] = field(default_factory=list)
 
-    def ask(self, text: str, images: list[ImageRef] | None = None) -> Turn:
+    def ask(self, text: str, images: Sequence[Media] | None = None) -> Turn:
         if self.pending:
             raise ValueError("the last message has no answer yet")
         turn = Turn(text=text, images=list(images or []))
@@ -74,7 +75,7 @@ class Conversation:
         return bool(self.turns) and self.turns[-1].answer is None
 
     @property
-    def images(self) -> list[ImageRef]:
+    def images(self) -> list[Media]:
         """Every image and video in prompt order."""
         return [image for turn in self.turns for image in turn.images]
 
@@ -91,7 +92,7 @@ class Conversation:
         return messages
 
 
-def media_type(item: ImageRef | VideoRef) -> str:
+def media_type(item: Media) -> str:
     """The chat template's content type of an attachment: "image" or "video"."""
     return "video" if isinstance(item, VideoRef) else "image"
 

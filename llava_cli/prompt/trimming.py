@@ -10,7 +10,7 @@ or `TooLong` (prompt/prompting.py) for one that cannot fit, refused before token
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from llava_cli.prompt.prompting import TooLong
 
@@ -21,7 +21,10 @@ class Encoded(Protocol):
     ids: list[int]
 
 
-class TrimSearch:
+EncodedT = TypeVar("EncodedT", bound=Encoded)
+
+
+class TrimSearch(Generic[EncodedT]):
     """The fewest oldest turns to drop so that a conversation's prompt fits in `limit` tokens.
 
     Dropping a turn never lengthens the text part of a prompt, but the image part can grow: a
@@ -33,12 +36,12 @@ class TrimSearch:
     length of the history. The answer is the one trying 0, 1, 2... drops in turn would give.
     """
 
-    def __init__(self, encode: Callable[[int], Encoded], limit: int) -> None:
+    def __init__(self, encode: Callable[[int], EncodedT], limit: int) -> None:
         self.encode = encode
         self.limit = limit
-        self.prompts: dict[int, Encoded] = {}
+        self.prompts: dict[int, EncodedT] = {}
 
-    def prompt(self, dropped: int) -> Encoded:
+    def prompt(self, dropped: int) -> EncodedT:
         if dropped not in self.prompts:
             self.prompts[dropped] = self.encode(dropped)
         return self.prompts[dropped]

@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import MutableMapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,7 +32,7 @@ RECORD = "llava.access"  # the ASGI scope key of a request's log record
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def note(scope: dict[str, Any], **fields: Any) -> None:
+def note(scope: MutableMapping[str, Any], **fields: Any) -> None:
     """Add `fields` to the request's access-log record."""
     scope.setdefault(RECORD, {}).update(fields)
 

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.base.settings import Settings
@@ -316,7 +316,7 @@ class Service:
                 job.cancelled.set()  # a no-op once the job has finished
                 watcher.cancel()
 
-    def answered(self, scope: dict[str, Any], answers: list[Stats]) -> None:
+    def answered(self, scope: MutableMapping[str, Any], answers: list[Stats]) -> None:
         """Count a request's answers (the `n` of them share one prompt: its tokens count once) and log them."""
         for index, stats in enumerate(answers):
             self.metrics.answered(stats if index == 0 else dataclasses.replace(stats, prompt_tokens=0, cached_tokens=0))

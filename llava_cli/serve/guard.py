@@ -31,6 +31,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,7 @@ class Guard:
         self.origins = frozenset(origin.lower() for origin in options.allowed_origins)
         self.media_root = options.media_root
 
-    def refusal(self, method: str, headers: dict[str, str]) -> Refusal | None:
+    def refusal(self, method: str, headers: Mapping[str, str]) -> Refusal | None:
         """Why this request is refused before its body is read, or None."""
         if not self.any_host and not self.host_allowed(headers.get("host", "")):
             return Refusal(

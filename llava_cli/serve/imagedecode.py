@@ -61,7 +61,7 @@ class DecodeAhead:
 
 def once(action: Callable[[], None], loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """`action` run on `loop` the first time the returned function is called, from any thread."""
-    lock, done = threading.Lock(), []
+    lock, done = threading.Lock(), list[bool]()
 
     def run() -> None:
         with lock:

@@ -190,7 +190,7 @@ def serve_until_signal(service: Service, sock: socket.socket, verbose: bool, opt
         access_log=False,  # serve/access.py writes it
         lifespan="off",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-        timeout_keep_alive=options.timeout_keep_alive_s,
+        timeout_keep_alive=options.timeout_keep_alive_s,  # type: ignore[arg-type]  # uvicorn waits a float of seconds
     )
     server = Server(config)
     for name in ("uvicorn.error", "asyncio"):

@@ -99,6 +99,13 @@ class ServedAnswer:
     sent: int = 0  # text chunks emitted
     reported: int = 0  # tokens whose logprobs were sent with a chunk
 
+    @property
+    def admitted(self) -> Sequence:
+        """Its row in the batch; asked for only once it was admitted."""
+        if self.sequence is None:
+            raise RuntimeError("an answer not admitted yet has no row")
+        return self.sequence
+
 
 class Worker:
     """Runs jobs on one daemon thread, up to `max_batch` at once, admitted in the order they were submitted."""
@@ -121,6 +128,20 @@ class Worker:
         self.thread = threading.Thread(target=self.loop, name="llava-engine", daemon=True)
         self.thread.start()
 
+    @property
+    def loaded(self) -> Engine:
+        """The engine; asked for only while a model is loaded (jobs are admitted after `load`)."""
+        if self.engine is None:
+            raise RuntimeError("no model is loaded")
+        return self.engine
+
+    @property
+    def running(self) -> DecodeBatch:
+        """The running batch; it exists while a model is loaded."""
+        if self.batch is None:
+            raise RuntimeError("no model is loaded")
+        return self.batch
+
     def submit(self, job: Job) -> asyncio.Queue[Item]:
         """Queue `job`; its chunks, then a `Done`, `Unfinished` or `Failed`, arrive on the returned queue."""
         loop = asyncio.get_running_loop()
@@ -140,7 +161,7 @@ class Worker:
             if self.queued and self.batch is None and not self.load():
                 continue
             while (
-                self.queued and len(self.batch) + self.queued[0][0].n <= self.max_batch
+                self.queued and len(self.running) + self.queued[0][0].n <= self.max_batch
             ):  # a job's `n` rows join at once
                 job, emit = self.queued.popleft()
                 try:
@@ -177,7 +198,7 @@ class Worker:
                 staying.append((job, emit))
         self.queued = staying
         for answer in [answer for answer in self.answers if self.must_stop(answer.job)]:
-            self.batch.remove(answer.sequence)
+            self.running.remove(answer.admitted)
             self.answers.remove(answer)
             self.stopped(answer)
 
@@ -186,19 +207,19 @@ class Worker:
         `Full` (nothing done; its decoded images kept for its next try) when the budget has no room for
         it until a row ends."""
         answer = ServedAnswer(
-            job, emit, self.engine.detokenizer(job.settings.stop), Stats(load_s=self.engine.info().load_seconds)
+            job, emit, self.loaded.detokenizer(job.settings.stop), Stats(load_s=self.loaded.info().load_seconds)
         )
         stop = functools.partial(self.must_stop, job)
         waits = False  # only the job at the head of the queue waits, so at most one job's images are kept
         try:
             if not job.load_images(self.guard, job.settings.max_image_pixels, stop):
                 return self.stopped(answer)
-            prompt, answer.stats.dropped_turns = self.engine.fit(job.conversation, job.settings, stop)
+            prompt, answer.stats.dropped_turns = self.loaded.fit(job.conversation, job.settings, stop)
             if stop():
                 return self.stopped(answer)
             self.pool.use_scope(job.cache_scope)
-            sequences = self.batch.admit_rows(
-                prompt, job.row_settings(), self.engine.token_budget(prompt, job.settings)
+            sequences = self.running.admit_rows(
+                prompt, job.row_settings(), self.loaded.token_budget(prompt, job.settings)
             )
         except Full:
             waits = True
@@ -210,7 +231,7 @@ class Worker:
         finally:
             # The preprocessed-image memo pays off within one chat, but a server sees endless images:
             # keep it from growing without bound (the pool keeps the KV caches of recent answers).
-            self.engine.forget_images()
+            self.loaded.forget_images()
             if job.images and not waits:
                 job.release()
                 give_memory_back()
@@ -222,7 +243,7 @@ class Worker:
                 answer
                 if index == 0
                 else dataclasses.replace(
-                    answer, stream=self.engine.detokenizer(job.settings.stop), stats=dataclasses.replace(answer.stats)
+                    answer, stream=self.loaded.detokenizer(job.settings.stop), stats=dataclasses.replace(answer.stats)
                 )
             )
             row.sequence = sequence
@@ -234,7 +255,7 @@ class Worker:
     def step(self) -> None:
         """One token for every answer in the batch, sent to its client; the answers that ended are finished."""
         try:
-            self.batch.step()
+            self.running.step()
         except Exception as err:  # the batch has emptied itself: every answer in it failed
             failed, self.answers = self.answers, []
             for answer in failed:
@@ -248,7 +269,7 @@ class Worker:
         for; a plain answer's once it has ended: every item wakes the event loop); once it has ended, its figures.
         A plain answer is detokenized once, whole, at its end: per-token detokenizing (two decodes
         a token) cost as much as a decode step of the tiny model for 8 rows."""
-        sequence = answer.sequence
+        sequence = answer.admitted
         if answer.job.stream:
             for token in sequence.tokens[len(answer.stream.ids) :]:
                 if chunk := answer.stream.push(token):
@@ -262,7 +283,7 @@ class Worker:
         if answer.job.stream:
             tail, rest = answer.stream.finish(), self.unreported(answer)
         else:  # the whole answer, at once, as a batch answer's text is made (its logprobs travel in `Done`)
-            tail, rest = before_stop(self.engine.decode(sequence.tokens), answer.job.settings.stop), ()
+            tail, rest = before_stop(self.loaded.decode(sequence.tokens), answer.job.settings.stop), ()
         if rest or tail:  # a stream's last tokens may show no text (a stop held them back)
             answer.emit(TextChunk(tail, rest))
         self.answers.remove(answer)
@@ -271,7 +292,7 @@ class Worker:
 
     def unreported(self, answer: ServedAnswer) -> tuple[TokenLogprob, ...]:
         """The logprobs of the tokens pushed so far and not yet sent (none unless asked for)."""
-        recorded = logprob_hook(answer.sequence.sampler.hooks)
+        recorded = logprob_hook(answer.admitted.sampler.hooks)
         if recorded is None:
             return ()
         new = recorded.tokens[answer.reported : len(answer.stream.ids)]
@@ -279,12 +300,12 @@ class Worker:
         return tuple(new)
 
     def figures(self, answer: ServedAnswer) -> Stats:
-        sequence = answer.sequence
+        sequence = answer.admitted
         answer.stats.end(
             len(sequence.tokens),
             sequence.finish_reason,
             time.perf_counter() - answer.started,
-            self.engine.peak_memory_mb(),
+            self.loaded.peak_memory_mb(),
         )
         return answer.stats
 

@@ -49,7 +49,7 @@ from llava_cli.base.options import OPTIONS, SAVED
 from llava_cli.base.safeio import FileTooLarge, NotRegularFile, private_folder, read_regular, write_private_file
 from llava_cli.base.settings import Settings
 from llava_cli.client.discovery import model_key, process_alive
-from llava_cli.media.images import ImageRef
+from llava_cli.media.attachments import Media
 from llava_cli.prompt.conversation import Conversation, Turn
 
 APP_NAME = "llava-cli"
@@ -232,7 +232,7 @@ def parse_turn(turn: Any) -> SavedTurn:
     )
 
 
-def image_entry(image: ImageRef) -> dict[str, Any]:
+def image_entry(image: Media) -> dict[str, Any]:
     return {"name": image.name, "path": image.path, "sha256": image.digest}
 
 
@@ -366,6 +366,10 @@ class Recorder:
 
     def __init__(self, store: SessionStore, saved: SavedConversation | None = None) -> None:
         self.store = store
+        self.session_id: str | None = None
+        self.name: str | None = None
+        self.created: str | None = None
+        self.path: Path | None = None
         self.switch(saved)
 
     def save(self, conversation: Conversation, settings: Settings) -> Path:
@@ -405,7 +409,7 @@ class Recorder:
         self.session_id = saved.id if saved else None
         self.name = saved.name if saved else None
         self.created = saved.created if saved else None
-        self.path: Path | None = saved.path if saved else None
+        self.path = saved.path if saved else None
 
 
 def parse_time(text: str | None) -> float | None:
