@@ -25,7 +25,8 @@ def test_readme_has_a_venv_line_a_user_install_and_a_test_command():
     assert "[test]" not in user
     assert (
         tests
-        == "pip install torch==2.13.0 && pip install -c constraints.txt -e '.[test]' && python -m pytest -q -n 2 --dist loadfile"
+        == "pip install torch==2.13.0 && pip install -c constraints.txt -e '.[test]' && ruff check && ruff format --check"
+        " && mypy && lint-imports && python -m pytest -q -n 2 --dist loadfile"
     )
 
 
