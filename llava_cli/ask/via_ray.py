@@ -43,7 +43,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -54,6 +53,7 @@ from llava_cli.base.errors import LlavaError, UsageError, one_line
 from llava_cli.base.settings import Settings
 from llava_cli.engine.scheduler import BatchAnswer
 from llava_cli.frontend.arguments import AskOptions
+from llava_cli.frontend.signals import handlers_kept
 
 if TYPE_CHECKING:
     from llava_cli.engine.local import Engine
@@ -151,7 +151,8 @@ def connect_ray(ray: Any, address: str, verbose: bool) -> None:
     """Start a local Ray instance (`local`) or join the cluster at `address`, quietly."""
     level = logging.INFO if verbose else logging.ERROR
     try:
-        with sigterm_handler_kept():
+        # `ray.init` makes SIGTERM exit at once, mid-line; ours stops the run as Ctrl-C does: put it back
+        with handlers_kept(signal.SIGTERM):
             start_or_join(ray, address, level)
     except Exception as err:
         raise LlavaError(f"--ray {address}: cannot start or reach Ray ({one_line(err)})") from None
@@ -165,18 +166,6 @@ def start_or_join(ray: Any, address: str, level: int) -> None:
         )
     else:
         ray.init(address=address, log_to_driver=False, logging_level=level)
-
-
-@contextmanager
-def sigterm_handler_kept() -> Iterator[None]:
-    """`ray.init` makes SIGTERM exit at once (status 15), mid-line; ours (ask/one.py) stops the run
-    as Ctrl-C does, finished lines written (exit 130): put it back."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        yield
-    finally:
-        if threading.current_thread() is threading.main_thread() and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def local_cpus() -> int:

@@ -320,13 +320,9 @@ class DecodeBatch:
         self.report()
 
     def free_memory(self) -> None:
-        """After running out: the pool's caches and the allocator's idle blocks go back to the device."""
+        """After running out: the pool's caches, then all the engine holds (`Engine.free_memory`), go back to the device."""
         self.pool.clear()
-        self.engine.forget_images()
-        if self.engine.loaded.device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        self.engine.free_memory()
 
 
 @dataclass(frozen=True)

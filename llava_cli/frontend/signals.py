@@ -5,6 +5,9 @@
 BaseException` clean-ups run (a save in progress removes its temp file), the caller decides the
 exit. `Terminated` is what `llava chat` raises: not a `KeyboardInterrupt`, which a terminal chat
 takes as "stop this answer and go on".
+
+`handlers_kept(*signals)` is the one place handlers are put back: whatever a `with` block installs
+for `signals` (ours, uvicorn's, `ray.init`'s) is replaced by what was there before, on leaving it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ class Terminated(BaseException):
 
 
 @contextmanager
+def handlers_kept(*signals: signal.Signals) -> Iterator[None]:
+    """The handlers of `signals` as they are now, put back when the block ends (main thread only)."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in previous.items():
+                if handler is not None:  # None: installed outside Python, nothing to put back
+                    signal.signal(sig, handler)
+
+
+@contextmanager
 def sigterm_raises(exception: type[BaseException]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -29,8 +45,6 @@ def sigterm_raises(exception: type[BaseException]) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise exception
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
+    with handlers_kept(signal.SIGTERM):
+        signal.signal(signal.SIGTERM, handler)
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

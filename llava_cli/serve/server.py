@@ -61,6 +61,7 @@ from typing import Any
 from llava_cli.base.errors import EXIT_INTERRUPTED, EXIT_OK, LlavaError, UsageError
 from llava_cli.base.settings import Settings
 from llava_cli.client.discovery import remove_server_file, write_server_file
+from llava_cli.frontend.signals import handlers_kept
 from llava_cli.serve.app import Service
 from llava_cli.serve.guard import ServeOptions
 from llava_cli.serve.log import log, one_line_records, set_verbose
@@ -147,12 +148,10 @@ def serve_until_signal(service: Service, sock: socket.socket, verbose: bool, opt
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
+            with handlers_kept(signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, self.handle_exit)
                 yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
 
         async def serve(self, sockets: list[socket.socket] | None = None) -> None:
             self.loop = asyncio.get_running_loop()
