@@ -44,13 +44,15 @@ from typing import Any
 from llava_cli.decoding import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
 from llava_cli.engine import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.errors import LlavaError, ResourceError
-from llava_cli.kvrows import columns, drop_left, merged, rows_of
+from llava_cli.graphstep import bucket_size
+from llava_cli.kvrows import Slots, columns
 from llava_cli.prefixpool import PrefixPool
 from llava_cli.settings import Settings
 from llava_cli.stops import before_stop
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
+SLOT_COLUMNS = (256, 512, 1024, 2048, 4096)  # the batch cache's column buckets (then doubling): a captured step attends to its whole bucket
 GPU_MEMORY_SHARE = 0.8  # of the free memory after loading; the rest for activations (prefill, logits) and the allocator
 
 
@@ -81,15 +83,15 @@ class DecodeBatch:
         self.engine = engine
         self.model = engine.model
         self.pool = pool
-        self.sequences: list[Sequence] = []  # in batch order
-        self.cache: Any = None  # rows in batch order, `width` columns
+        self.sequences: list[Sequence] = []  # in slot order: sequence i holds row i of `slots`
+        self.slots: Slots | None = None  # the static cache, kept (and its captured steps) while the batch lives
+        self.width = 0  # the write column: every row's tokens end just before it
+        self.captured: dict[tuple[int, int], CapturedStep] = {}  # by (rows bucket, columns bucket), over `slots`
+        self.capture_failure: str | None = None  # once capture failed, it is not tried again
+        self.notes: list[str] = []  # one-line explanations for --verbose, each said once
 
     def __len__(self) -> int:
         return len(self.sequences)
-
-    @property
-    def width(self) -> int:
-        return columns(self.cache) if self.sequences else 0
 
     def admit(self, prompt: Prompt, settings: Settings, budget: int) -> Sequence:
         """Prefill `prompt` (with at least one token of `budget`) alone, pick its first token, join the batch
@@ -109,14 +111,37 @@ class DecodeBatch:
                 sequence = Sequence(prompt.ids, image_keys(prompt), sampler, Row(budget, sampler.hooks), keep, len(prompt.ids), source)
                 self.advance(sequence, logits[0], checked_argmax(logits)[0])
                 if sequence.ended:
-                    self.give_to_pool(sequence, cache, 0)
+                    self.give_to_pool(sequence, lambda: cache)
                 else:
-                    self.cache = merged(self.cache, cache) if self.sequences else cache
-                    self.sequences.append(sequence)
+                    self.join(sequence, cache)
         except torch.OutOfMemoryError:
             self.free_memory()
             raise ResourceError(OUT_OF_MEMORY) from None
         return sequence
+
+    def join(self, sequence: Sequence, cache: Any) -> None:
+        """Copy the prefilled one-row `cache` into the next free slot, flush right at the write column
+        (moved right first, every row with it, if this row is longer than the others)."""
+        live, length = len(self.sequences), columns(cache)
+        width = max(self.width, length) if live else length
+        self.reserve(live + 1, width + 1, cache)
+        if width > self.width and live:
+            self.slots.shift(live, self.width, width - self.width)
+        self.width = width
+        self.slots.put(live, cache, width)
+        self.sequences.append(sequence)
+
+    def reserve(self, rows: int, columns: int, like: Any) -> None:
+        """Slots for `rows` rows of `columns` columns: the next buckets, the live rows copied over
+        (the old slots and their captured steps are then freed)."""
+        if self.slots is not None and rows <= self.slots.capacity_rows and columns <= self.slots.capacity_columns:
+            return
+        if self.slots is not None:
+            rows, columns = max(rows, self.slots.capacity_rows), max(columns, self.slots.capacity_columns)
+            self.slots = self.slots.grown(rows_bucket(rows), columns_bucket(columns), len(self.sequences), self.width)
+        else:
+            self.slots = Slots.like(like, rows_bucket(rows), columns_bucket(columns))
+        self.captured = {}
 
     def step(self) -> list[Sequence]:
         """One token for every row; the rows that ended (finished, or failed alone), which have left the batch."""
@@ -124,7 +149,9 @@ class DecodeBatch:
 
         try:
             with torch.inference_mode():
-                logits = forward(self.model, self.cache, self.next_inputs(), {})
+                self.reserve(len(self.sequences), self.width + 1, None)
+                logits = self.run_step()
+                self.width += 1
                 for sequence in self.sequences:
                     sequence.length += 1
                 checked = checked_argmax(logits)
@@ -132,16 +159,49 @@ class DecodeBatch:
                     self.advance(sequence, logits[place], checked[place])
                 ended = [sequence for sequence in self.sequences if sequence.ended]
                 for sequence in ended:
-                    self.give_to_pool(sequence, self.cache, self.sequences.index(sequence))
+                    place = self.sequences.index(sequence)
+                    self.give_to_pool(sequence, lambda: self.slots.row(place, self.width - sequence.length, self.width))
                 self.leave(ended)
         except torch.OutOfMemoryError:
             self.clear()
             self.free_memory()
             raise ResourceError(OUT_OF_MEMORY) from None
         except BaseException:
-            self.clear()  # a forward that failed halfway may have grown only some layers
+            self.clear()  # a forward that failed halfway may have written only some layers
             raise
         return ended
+
+    def run_step(self) -> Any:
+        """The next-token logits of every row: replayed as a CUDA graph where it may be (`capturing`),
+        else one forward over exactly the live rows and columns."""
+        tokens = [sequence.row.tokens[-1] for sequence in self.sequences]
+        lengths = [sequence.length for sequence in self.sequences]
+        if self.capturing():
+            key = (rows_bucket(len(tokens)), min(columns_bucket(self.width + 1), self.slots.capacity_columns))
+            step = self.captured.get(key) or self.capture(key)
+            if step is not None:
+                return step.run(tokens, lengths, self.width)[: len(tokens)]
+        view = self.slots.view
+        view.rows, view.visible, view.width, view.column = len(tokens), self.width + 1, self.width, None
+        return forward(self.model, self.slots.cache, step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device), {})
+
+    def capturing(self) -> bool:
+        """On CUDA, unless a row asked for --no-cuda-graph or a capture failed."""
+        return (self.model.device.type == "cuda" and self.capture_failure is None
+                and not any(sequence.sampler.settings.no_cuda_graph for sequence in self.sequences))
+
+    def capture(self, key: tuple[int, int]) -> CapturedStep | None:
+        """Capture the step of `key` (rows, columns); a failure becomes a note and the step runs uncaptured from then on."""
+        step = CapturedStep(self.model, self.slots, *key)
+        try:
+            step.capture(self.width)
+        except Exception as err:  # whatever stops a capture, the uncaptured step gives the same answers
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            self.capture_failure = f"{type(err).__name__}: {first_line}"
+            self.notes.append(f"CUDA graph capture of the batch step failed ({self.capture_failure}); decoding without it")
+            return None
+        self.captured[key] = step
+        return step
 
     def advance(self, sequence: Sequence, logits: Any, greedy: int | None) -> None:
         """The row's next token through its pipeline (`greedy`: the row's `checked_argmax`, None when
@@ -155,23 +215,11 @@ class DecodeBatch:
             return
         sequence.row.take(token, self.engine.eos_ids)
 
-    def next_inputs(self) -> PaddedBatch:
-        """Each row's newest token at its own position, the mask hiding each row's padding columns."""
-        import torch
-
-        device = self.model.device
-        lengths = torch.tensor([sequence.length for sequence in self.sequences], device=device).unsqueeze(1)
-        width = self.width + 1  # the columns after this step
-        mask = (torch.arange(width, device=device).unsqueeze(0) >= width - 1 - lengths).long()
-        tokens = torch.tensor([sequence.row.tokens[-1] for sequence in self.sequences], device=device).unsqueeze(1)
-        return PaddedBatch(tokens, mask, lengths)
-
-    def give_to_pool(self, sequence: Sequence, cache: Any, place: int) -> None:
-        """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool,
+    def give_to_pool(self, sequence: Sequence, kv: Callable[[], Any]) -> None:
+        """Keep the ended `sequence`'s cache (`kv()`: a one-row cache of exactly its tokens) in the pool,
         unless it failed (its cache may hold what made it fail)."""
         if self.pool.budget_bytes and sequence.error is None:
-            kv = rows_of(cache, place, columns(cache) - sequence.length)
-            self.pool.keep(PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
+            self.pool.keep(PrefixCache(kv=kv(), ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
 
     def remove(self, sequence: Sequence) -> None:
         import torch
@@ -180,31 +228,115 @@ class DecodeBatch:
             self.leave([sequence])
 
     def leave(self, leaving: list[Sequence]) -> None:
-        """Select the other rows, then drop the padding columns no row needs any more."""
-        if not leaving:
-            return
-        import torch
-
-        staying = [place for place, sequence in enumerate(self.sequences) if sequence not in leaving]
-        self.sequences = [self.sequences[place] for place in staying]
+        """Free the leaving rows' slots at once (the last live row moves into each hole), then move the
+        rows left over the columns no row needs any more, so a step attends to no more than it must."""
+        for place in sorted((self.sequences.index(sequence) for sequence in leaving), reverse=True):
+            last = len(self.sequences) - 1
+            if place != last:
+                self.slots.move(last, place)
+                self.sequences[place] = self.sequences[last]
+            self.sequences.pop()
         if not self.sequences:
-            self.cache = None
-            return
-        self.cache.batch_select_indices(torch.tensor(staying, device=self.model.device))
-        if unneeded := self.width - max(sequence.length for sequence in self.sequences):
-            drop_left(self.cache, unneeded)
+            self.width = 0
+        elif unneeded := self.width - max(sequence.length for sequence in self.sequences):
+            self.slots.shift(len(self.sequences), self.width, -unneeded)
+            self.width -= unneeded
 
     def clear(self) -> None:
-        self.sequences, self.cache = [], None
+        self.sequences, self.width = [], 0
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
     def free_memory(self) -> None:
-        """After running out: the pool's caches and the allocator's idle blocks go back to the device."""
+        """After running out: the slots, their captured steps, the pool's caches and the allocator's idle
+        blocks go back to the device (the rows are gone by then)."""
+        if not self.sequences:
+            self.slots, self.captured = None, {}
         self.pool.clear()
         self.engine.forget_images()
         if self.engine.loaded.device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
+
+
+def rows_bucket(rows: int) -> int:
+    """Slots are made, and steps captured, for a power of two of rows (as vLLM captures per batch size)."""
+    return 1 << (rows - 1).bit_length()
+
+
+def columns_bucket(needed: int) -> int:
+    return bucket_size(needed, max(needed, SLOT_COLUMNS[-1]), SLOT_COLUMNS)
+
+
+def step_inputs(tokens: list[int], lengths: list[int], width: int, visible: int, device: Any) -> PaddedBatch:
+    """Each row's newest token (written at column `width`) at its own position, the mask over `visible`
+    columns showing each row its own tokens and the new one only (rows past `tokens` are empty slots:
+    they see their new column alone, so their scores stay finite)."""
+    import torch
+
+    rows = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
+    column = torch.arange(visible).unsqueeze(0)
+    mask = ((column >= width - rows) & (column <= width)).long()
+    inputs = PaddedBatch(torch.tensor(tokens).unsqueeze(1), mask, rows)
+    return PaddedBatch(*(tensor.to(device) for tensor in (inputs.ids, inputs.mask, inputs.positions)))
+
+
+class CapturedStep:
+    """The batch step over `rows` slots and `columns` columns with static input buffers, replayed as a
+    CUDA graph: the host sets the buffers (rows past the live ones are empty slots), the graph runs the
+    forward, writes each row's new keys and values at the device's write column and leaves the logits."""
+
+    def __init__(self, model: Any, slots: Slots, rows: int, columns: int) -> None:
+        import torch
+
+        self.model, self.slots, self.rows, self.columns = model, slots, rows, columns
+        device = model.device
+        self.inputs = PaddedBatch(*(torch.zeros(shape, dtype=torch.long, device=device) for shape in ((rows, 1), (rows, columns), (rows, 1))))
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: Any = None
+        self.logits: Any = None
+
+    def set(self, tokens: list[int], lengths: list[int], width: int) -> None:
+        empty = self.rows - len(tokens)
+        filled = step_inputs(tokens + [0] * empty, lengths + [0] * empty, width, self.columns, "cpu")
+        for buffer, values in zip((self.inputs.ids, self.inputs.mask, self.inputs.positions), (filled.ids, filled.mask, filled.positions)):
+            buffer.copy_(values, non_blocking=True)
+        self.column.fill_(width)
+
+    def forward(self) -> Any:
+        view = self.slots.view
+        view.rows, view.visible, view.width, view.column = self.rows, self.columns, 0, self.column
+        try:
+            return forward(self.model, self.slots.cache, self.inputs, {})
+        finally:
+            view.column = None
+
+    def capture(self, width: int) -> None:
+        """Warm up on a side stream (as CUDA graphs require), then record. Both write keys and values
+        at column `width` of every slot: the next real step overwrites them there."""
+        import torch
+
+        self.set([0] * self.rows, [0] * self.rows, width)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        # thread_local: CUDA work of another thread (a server's) does not spoil this capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.logits = self.forward()
+        self.graph = graph
+
+    def run(self, tokens: list[int], lengths: list[int], width: int) -> Any:
+        self.set(tokens, lengths, width)
+        if self.graph is None:  # not captured (a CPU test of the bucketed shapes)
+            return self.forward()
+        self.graph.replay()
+        return self.logits
 
 
 @dataclass(frozen=True)
