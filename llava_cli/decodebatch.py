@@ -79,9 +79,12 @@ class Sequence:
 
 
 class DecodeBatch:
-    def __init__(self, engine: Engine, pool: PrefixPool) -> None:
+    def __init__(self, engine: Engine, pool: PrefixPool, *, captured_shapes: bool | None = None) -> None:
+        """`captured_shapes`: step over whole buckets, replayed as CUDA graphs (default: on CUDA; on a
+        CPU the same shapes run eagerly, for tests and bench/gpu.py's smoke run)."""
         self.engine = engine
         self.model = engine.model
+        self.captured_shapes = engine.model.device.type == "cuda" if captured_shapes is None else captured_shapes
         self.pool = pool
         self.sequences: list[Sequence] = []  # in slot order: sequence i holds row i of `slots`
         self.slots: Slots | None = None  # the static cache, kept (and its captured steps) while the batch lives
@@ -186,8 +189,8 @@ class DecodeBatch:
         return forward(self.model, self.slots.cache, step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device), {})
 
     def capturing(self) -> bool:
-        """On CUDA, unless a row asked for --no-cuda-graph or a capture failed."""
-        return (self.model.device.type == "cuda" and self.capture_failure is None
+        """With captured shapes (on CUDA), unless a row asked for --no-cuda-graph or a capture failed."""
+        return (self.captured_shapes and self.capture_failure is None
                 and not any(sequence.sampler.settings.no_cuda_graph for sequence in self.sequences))
 
     def capture(self, key: tuple[int, int]) -> CapturedStep | None:
@@ -319,6 +322,8 @@ class CapturedStep:
         at column `width` of every slot: the next real step overwrites them there."""
         import torch
 
+        if self.model.device.type != "cuda":
+            return  # the same shapes, run eagerly
         self.set([0] * self.rows, [0] * self.rows, width)
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
@@ -333,7 +338,7 @@ class CapturedStep:
 
     def run(self, tokens: list[int], lengths: list[int], width: int) -> Any:
         self.set(tokens, lengths, width)
-        if self.graph is None:  # not captured (a CPU test of the bucketed shapes)
+        if self.graph is None:  # on a CPU
             return self.forward()
         self.graph.replay()
         return self.logits
@@ -351,7 +356,8 @@ class BatchAnswer:
     videos: tuple[dict[str, Any], ...] = ()  # the prompt's videos as `Stats.videos` reports them
 
 
-def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int) -> Iterator[BatchAnswer | LlavaError]:
+def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int,
+                     captured_shapes: bool | None = None) -> Iterator[BatchAnswer | LlavaError]:
     """Answer independent prompts on one `DecodeBatch` of at most `rows` rows, admitted continuously:
     a row that ends is replaced at once by the next prompt, so no row waits for the longest answer.
 
@@ -359,8 +365,9 @@ def answers_in_order(engine: Engine, prompts: Iterable[Callable[[], Prompt]], se
     `LlavaError`. One result per prompt, in order: its `BatchAnswer`, or the `LlavaError` that failed
     it alone (its prompt, its row's scores, out of memory in its prefill; out of memory in a step
     fails the rows of that step). No cache is reused (an empty pool): a batch sees each image once.
+    `captured_shapes`: as `DecodeBatch`'s.
     """
-    batch = DecodeBatch(engine, PrefixPool(0))
+    batch = DecodeBatch(engine, PrefixPool(0), captured_shapes=captured_shapes)
     done: dict[int, BatchAnswer | LlavaError] = {}
     running: dict[Sequence, tuple[int, float, tuple[dict[str, Any], ...]]] = {}  # a row's index among `prompts`, when it was admitted, its videos
     waiting, emitted, exhausted = enumerate(prompts), 0, False

@@ -377,10 +377,7 @@ def test_the_static_batch_gives_each_row_its_logits_alone_as_rows_join_and_leave
     from llava_cli import decodebatch
 
     engine = Engine(tiny_loaded)
-    batch = DecodeBatch(engine, PrefixPool(0))
-    if bucketed:
-        monkeypatch.setattr(DecodeBatch, "capturing", lambda self: True)
-        monkeypatch.setattr(decodebatch.CapturedStep, "capture", lambda self, width: None)
+    batch = DecodeBatch(engine, PrefixPool(0), captured_shapes=bucketed)
     seen: list[tuple[Sequence, Any, list[int]]] = []
 
     def recording(model, cache, padded, image_inputs):
