@@ -5,21 +5,31 @@ do it (transformers' own continuous batching takes no images yet):
 
 - `admit(prompt, settings, budget) -> Sequence` prefills one prompt ALONE (its images, its own
   length), starting from a copy of the longest reusable prefix the `PrefixPool` holds, and picks
-  its first token. Unless that token ends it, the sequence then joins the batch: the shorter of
-  the two caches is padded on the left to the other's length and the rows are stacked
-  (kvrows.py), so every row's tokens stay flush right and all rows take their next token in the
-  same step.
+  its first token. Unless that token ends it, the sequence then joins the batch: its cache is
+  copied into a free slot of the batch's static cache (kvrows.py's `Slots`, preallocated for a
+  bucket of rows and of columns, grown to the next buckets as needed), flush right at the batch's
+  write column, so all rows take their next token in the same step (every row moves right first
+  when the new one is longer).
 - `step() -> list[Sequence]` runs one forward for every row: each row's newest token, at the
   row's own position (its count of cached tokens), under a mask that hides the row's padding
-  columns; then each row picks its token through its own pipeline (decoding.py: its `Sampler` with
+  columns, its keys and values written in place at the write column (no copy of the cache); then each row picks its token through its own pipeline (decoding.py: its `Sampler` with
   its settings and seeded generator, its hooks). Rows that end (end-of-sequence, budget spent) leave,
   and are returned. A row whose scores are not finite, or whose draw fails, ends with its `error`
   (`RowFault`) and leaves: the other rows go on with the answers they get alone.
 - `remove(sequence)` takes a row out at once (its client left); `clear()` empties the batch.
 
-A row that leaves is selected out (`batch_select_indices`); then the padding columns that no row
-needs any more are dropped, so memory follows the live rows. A row that ends (not one removed)
-gives its cache, padding cut off, to the pool, for a client that sends the history again.
+The step, per device (issue 21): uncaptured, it runs over exactly the live rows and columns (views
+of the slots: on a CPU this is the fastest, bench/RESULTS.md); on CUDA (`captured_shapes`) it runs
+over whole buckets (a power of two of rows, SLOT_COLUMNS columns; empty slots masked), the write
+column a device tensor, captured as a CUDA graph per (rows, columns) bucket as vLLM captures one
+per batch size, and replayed; a row with --no-cuda-graph or a failed capture (a note) runs it
+uncaptured. Tokens are chosen on the host side of the step, as below, on every path.
+
+A row that leaves frees its slot at once (the last row moves into it); then the padding columns
+that no row needs any more are dropped (every row moves left), so a step attends to no more than
+it must. The slots themselves (and their graphs) stay while the batch lives (`free_memory` drops
+them once it is empty). A row that ends (not one removed) gives a copy of its cache, padding cut
+off, to the pool, for a client that sends the history again.
 
 Greedy answers are the ones the prompt gets alone (`Engine.generate`, plain `generate`): padding
 is masked and positions are per row; seeded sampled answers too, each row drawing from its own

@@ -1,17 +1,18 @@
-"""Row and column operations on a `DynamicCache` that transformers does not offer: the batch's cache surgery.
+"""KV caches the way the scheduler and the prefix pool need them, beyond what transformers offers.
 
-A cache here is a transformers `DynamicCache` whose every layer holds keys and values of shape
-`[rows, heads, columns, head_dim]`, every layer keeping every column (made with `new_cache()`: no
-sliding-window layers, which would drop columns and break the column bookkeeping below).
-Selecting rows is transformers' own `batch_select_indices`; what it lacks is here:
+A one-row cache (a prefill's, a pool entry's) is a transformers `DynamicCache` whose every layer holds
+keys and values of shape `[rows, heads, columns, head_dim]`, every layer keeping every column (made
+with `new_cache()`: no sliding-window layers, which would drop columns and break the column
+bookkeeping below):
 
-- `rows_of(cache, row, start)`: a new one-row cache holding row `row`'s columns from `start` on (copied);
 - `prefix_of(cache, columns)`: a new cache holding the first `columns` columns (copied);
-- `merged(left, right)`: a new cache with `right`'s rows under `left`'s, the shorter one padded on
-  the left with zero columns (the attention mask hides them), so each row keeps its columns flush right;
-- `drop_left(cache, columns)`: the first `columns` columns dropped, in place (copied, so the
-  memory they held is freed);
 - `nbytes(cache)`: the bytes its tensors hold.
+
+The decode batch's cache is `Slots` (issue 21): keys and values preallocated for a bucket of rows
+and of columns, which a step writes in place (`SlotLayer`: no per-step `torch.cat` of the whole
+cache, which made a dynamic-cache batch step grow with rows x columns); a row joins by one copy of
+its prefill into a free slot (`put`), leaves by one row copy (`move`), and `shift` moves every row's
+columns when a longer row joins or padding no row needs is dropped. See `Slots` for the layout.
 
 Functions that build a new cache leave their inputs as they were, even when they fail halfway (out
 of memory): nothing is assigned until every layer is built. Call them under `torch.inference_mode()`,
@@ -43,36 +44,8 @@ def columns(cache: Any) -> int:
     return cache.get_seq_length()
 
 
-def rows_of(cache: Any, row: int, start: int) -> Any:
-    return new_cache([(layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
-                      for layer in cache.layers])
-
-
 def prefix_of(cache: Any, count: int) -> Any:
     return new_cache([(layer.keys[:, :, :count].clone(), layer.values[:, :, :count].clone()) for layer in cache.layers])
-
-
-def merged(left: Any, right: Any) -> Any:
-    import torch
-
-    width = max(columns(left), columns(right))
-    return new_cache([
-        (torch.cat([padded(upper.keys, width), padded(lower.keys, width)]), torch.cat([padded(upper.values, width), padded(lower.values, width)]))
-        for upper, lower in zip(left.layers, right.layers, strict=True)
-    ])
-
-
-def padded(tensor: Any, width: int) -> Any:
-    """`tensor` with zero columns before its own, `width` columns in all."""
-    import torch.nn.functional as F
-
-    return F.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
-
-
-def drop_left(cache: Any, count: int) -> None:
-    kept = [(layer.keys[:, :, count:].clone(), layer.values[:, :, count:].clone()) for layer in cache.layers]
-    for layer, (keys, values) in zip(cache.layers, kept):
-        layer.keys, layer.values = keys, values
 
 
 def nbytes(cache: Any) -> int:
