@@ -512,7 +512,7 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
         batch = DecodeBatch(engine, PrefixPool(0), captured_shapes=True)
         settings = dataclasses.replace(bench.paths["eager"], no_cuda_graph=not graph)
 
-        def answer(rows: int) -> None:
+        def answer(rows: int, batch: DecodeBatch = batch, settings: Any = settings) -> None:
             for _ in range(rows):
                 batch.admit(prompt, settings, bench.tokens)
             while len(batch):

@@ -46,12 +46,21 @@ between 1 and MAX_BATCH_LIMIT.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.decoding import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
+from llava_cli.decoding import (
+    NOT_FINITE,
+    PaddedBatch,
+    Row,
+    RowFault,
+    Sampler,
+    checked_argmax,
+    forward,
+)
 from llava_cli.engine import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.errors import LlavaError, ResourceError
 from llava_cli.graphstep import bucket_size
@@ -172,8 +181,7 @@ class DecodeBatch:
                     self.advance(sequence, logits[place], checked[place])
                 ended = [sequence for sequence in self.sequences if sequence.ended]
                 for sequence in ended:
-                    place = self.sequences.index(sequence)
-                    self.give_to_pool(sequence, lambda: self.slots.row(place, self.width - sequence.length, self.width))
+                    self.give_to_pool(sequence, functools.partial(self.slots.row, self.sequences.index(sequence), self.width - sequence.length, self.width))
                 self.leave(ended)
         except torch.OutOfMemoryError:
             self.clear()
