@@ -110,7 +110,7 @@ class DecodeBatch:
         self.width = 0  # the write column: every row's tokens end just before it
         self.captured: dict[tuple[int, int], CapturedStep] = {}  # by (rows bucket, columns bucket), over `slots`
         self.capture_failure: str | None = None  # once capture failed, it is not tried again
-        self.notes: list[str] = []  # one-line explanations for --verbose, each said once
+        self.notes: list[str] = []  # one-line explanations (a failed capture), for `take_notes`
 
     def __len__(self) -> int:
         return len(self.sequences)
