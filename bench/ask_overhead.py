@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model import Shape, build_bench_checkpoint, median, write_test_images  # noqa: E402
+from bench_model import Shape, build_bench_checkpoint, median, write_test_images
 
 TARGET_RATIO = 1.10
 PROMPT = "What is in this picture? Describe it."
@@ -49,7 +49,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs of each side; the medians are compared")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: the child's CPU time, torch on 1 thread")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: the child's CPU time, torch on 1 thread"
+    )
     return parser.parse_args()
 
 
@@ -80,7 +82,19 @@ def main() -> int:
         script.write_text(PLAIN_SCRIPT)
         n = str(args.max_new_tokens)
         sides = {
-            "llava ask": [sys.executable, "-m", "llava_cli", "ask", "--no-save", "--model", str(folder), "-n", n, str(image), PROMPT],
+            "llava ask": [
+                sys.executable,
+                "-m",
+                "llava_cli",
+                "ask",
+                "--no-save",
+                "--model",
+                str(folder),
+                "-n",
+                n,
+                str(image),
+                PROMPT,
+            ],
             "plain transformers": [sys.executable, str(script), str(folder), str(image), PROMPT, n],
         }
         times: dict[str, list[float]] = {name: [] for name in sides}

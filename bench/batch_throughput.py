@@ -4,7 +4,7 @@
     python bench/batch_throughput.py --gpu-7b     # a random llava-1.5-7b-shaped model, float16 on CUDA
     python bench/batch_throughput.py --smoke-7b   # the --gpu-7b steps on a small model on the CPU
 
-Answers the same prompt for `--images` distinct pictures through `batch.answer_chunk`, the code
+Answers the same prompt for `--images` distinct pictures through `batch.answered_records` a batch at a time, the code
 path of `llava ask --each` (image loading, prompt encoding, batched greedy generation), once per
 batch size, after one warm-up batch. Prints images/second for each batch size as a ratio to batch
 size 1 measured in the same run, and checks that every batch size gave the same answers as batch
@@ -25,14 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_phases import SMOKE, Shape, build_loaded  # noqa: E402
-from llava_cli.batch import answer_chunk  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import LoadedModel, load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from gpu_phases import SMOKE, Shape, build_loaded
+
+from llava_cli.ask.each import answered_records
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.models.loader import LoadedModel, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_checkpoint import build_checkpoint  # noqa: E402
+from tiny_checkpoint import build_checkpoint
 
 BATCH_SIZES = (1, 4, 16)
 PROMPT = "what is in this image? describe the picture in detail"
@@ -58,7 +59,7 @@ def answer_all(engine: Engine, names: list[str], settings: Settings, batch_size:
     started = time.perf_counter()
     answers = []
     for start in range(0, len(names), batch_size):
-        for record in answer_chunk(engine, names[start : start + batch_size], PROMPT, settings, b""):
+        for record in answered_records(engine, names[start : start + batch_size], PROMPT, settings, b"", batch_size):
             answers.append(record["answer"])
     if engine.loaded.device == "cuda":
         import torch
@@ -74,7 +75,11 @@ def load(args: argparse.Namespace, folder: Path) -> LoadedModel:
     if args.gpu_7b or args.smoke_7b:
         if args.gpu_7b and not torch.cuda.is_available():
             raise SystemExit("--gpu-7b needs a CUDA GPU; --smoke-7b runs the same steps on the CPU")
-        return build_loaded(Shape() if args.gpu_7b else SMOKE, "cuda" if args.gpu_7b else "cpu", torch.float16 if args.gpu_7b else torch.float32)
+        return build_loaded(
+            Shape() if args.gpu_7b else SMOKE,
+            "cuda" if args.gpu_7b else "cpu",
+            torch.float16 if args.gpu_7b else torch.float32,
+        )
     return load_model(Settings(model=str(build_checkpoint(folder / "model")), device="cpu", dtype="float32"))
 
 
@@ -93,8 +98,10 @@ def main() -> None:
         names = write_pictures(folder / "images", args.images)
         engine = Engine(loaded)
         answer_all(engine, names[: max(BATCH_SIZES)], settings, max(BATCH_SIZES))  # warm-up: allocations, kernels
-        print(f"model: {loaded.name}, {loaded.dtype} on {loaded.device}; "
-              f"{len(names)} images, up to {args.max_new_tokens} new tokens each")
+        print(
+            f"model: {loaded.name}, {loaded.dtype} on {loaded.device}; "
+            f"{len(names)} images, up to {args.max_new_tokens} new tokens each"
+        )
         print(f"{'batch size':>10}  {'seconds':>8}  {'images/s':>9}  {'vs batch 1':>10}  same answers")
         baseline_rate, baseline_answers = 0.0, None
         for batch_size in BATCH_SIZES:

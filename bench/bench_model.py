@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_checkpoint lives with the tests
 
-from tiny_checkpoint import LLAVA15_TEMPLATE, build_tokenizer, save_checkpoint  # noqa: E402
+from tiny_checkpoint import LLAVA15_TEMPLATE, build_tokenizer, save_checkpoint
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_model import Shape, build_bench_checkpoint, median, write_test_images  # noqa: E402
-from llava_cli.backend import Answer  # noqa: E402
-from llava_cli.conversation import Conversation, Turn  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.images import ImageRef, load_image  # noqa: E402
-from llava_cli.loader import LoadedModel, load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
-from llava_cli.streaming import Stats  # noqa: E402
+from bench_model import Shape, build_bench_checkpoint, median, write_test_images
+
+from llava_cli.base.settings import Settings
+from llava_cli.engine.backend import Answer
+from llava_cli.engine.local import Engine
+from llava_cli.engine.streaming import Stats
+from llava_cli.media.images import ImageRef, load_image
+from llava_cli.models.loader import LoadedModel, load_model
+from llava_cli.prompt.conversation import Conversation, Turn
 
 QUESTIONS = [
     "What is in this picture?",
@@ -58,7 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-turns", default="1,5", help="turns (1-based) that attach a new image")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length per turn")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is shown")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time, torch on 1 thread")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time, torch on 1 thread"
+    )
     parser.add_argument("--text-hidden", type=int, default=Shape.text_hidden)
     parser.add_argument("--text-layers", type=int, default=Shape.text_layers)
     parser.add_argument("--compile", action="store_true", help="run the cached column with --compile")
@@ -103,6 +106,7 @@ def answer(engine: Engine, conversation: Conversation, settings: Settings) -> St
     answer = Answer(engine.generate(conversation, settings))
     for _ in answer:
         pass
+    answer.record_in(conversation)
     return answer.stats
 
 
@@ -113,7 +117,9 @@ def pending(conversation: Conversation, turn: int) -> Conversation:
     return Conversation(system=conversation.system, turns=turns)
 
 
-def cached_chat(loaded: LoadedModel, script: Script, settings: Settings, timer: Timer) -> tuple[list[tuple], Conversation]:
+def cached_chat(
+    loaded: LoadedModel, script: Script, settings: Settings, timer: Timer
+) -> tuple[list[tuple], Conversation]:
     """The whole chat through one engine; per turn (first-token seconds, prompt tokens, cached tokens), and the chat.
 
     Each turn first times a one-token answer, then answers in full; the full answer reuses all of
@@ -124,7 +130,9 @@ def cached_chat(loaded: LoadedModel, script: Script, settings: Settings, timer: 
     for text, images in script:
         conversation.ask(text, images)
         stats: list[Stats] = []
-        seconds = timer(lambda: stats.append(answer(engine, pending(conversation, len(conversation.turns)), first_token)))
+        seconds = timer(
+            lambda: stats.append(answer(engine, pending(conversation, len(conversation.turns)), first_token))
+        )
         figures.append((seconds, stats[0].prompt_tokens, stats[0].cached_tokens))
         answer(engine, conversation, settings)
     return figures, conversation
@@ -158,7 +166,9 @@ def table_rows(loaded: LoadedModel, plain: PlainTransformers, runs: list, repeat
     first_token = Settings(model=loaded.name, max_new_tokens=1)
     rows = []
     for turn, (_, prompt_tokens, cached_tokens) in enumerate(figures, start=1):
-        fresh = median([timer(lambda: answer(Engine(loaded), pending(conversation, turn), first_token)) for _ in range(repeats)])
+        fresh = median(
+            [timer(lambda: answer(Engine(loaded), pending(conversation, turn), first_token)) for _ in range(repeats)]
+        )
         prompt = pending(conversation, turn)
         text, pictures = loaded.prompt_format.render(prompt), [ref.image for ref in prompt.images]
         plain_s = median([timer(lambda: plain.first_token(text, pictures)) for _ in range(repeats)])
@@ -169,13 +179,19 @@ def table_rows(loaded: LoadedModel, plain: PlainTransformers, runs: list, repeat
 
 def report(rows: list[tuple], shape: Shape, args: argparse.Namespace) -> None:
     clock = "CPU seconds, 1 thread" if args.clock == "cpu" else "wall clock"
-    print(f"model: llava-1.5-shaped, {shape.image_tokens} tokens per image, text {shape.text_layers} layers x "
-          f"{shape.text_hidden} hidden; images in turns {args.image_turns}; {args.max_new_tokens}-token answers; "
-          f"{clock}; median of {args.repeats}{'; cached column with --compile' if args.compile else ''}")
-    print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'cached ttft':>12} {'fresh ttft':>11} {'plain ttft':>11} {'plain/cached':>13}")
+    print(
+        f"model: llava-1.5-shaped, {shape.image_tokens} tokens per image, text {shape.text_layers} layers x "
+        f"{shape.text_hidden} hidden; images in turns {args.image_turns}; {args.max_new_tokens}-token answers; "
+        f"{clock}; median of {args.repeats}{'; cached column with --compile' if args.compile else ''}"
+    )
+    print(
+        f"{'turn':>4} {'prompt':>7} {'cached':>7} {'cached ttft':>12} {'fresh ttft':>11} {'plain ttft':>11} {'plain/cached':>13}"
+    )
     for turn, prompt, cached_tokens, cached, fresh, plain in rows:
-        print(f"{turn:>4} {prompt:>7} {cached_tokens:>7} {cached * 1000:>10.1f}ms {fresh * 1000:>9.1f}ms "
-              f"{plain * 1000:>9.1f}ms {plain / cached:>12.1f}x")
+        print(
+            f"{turn:>4} {prompt:>7} {cached_tokens:>7} {cached * 1000:>10.1f}ms {fresh * 1000:>9.1f}ms "
+            f"{plain * 1000:>9.1f}ms {plain / cached:>12.1f}x"
+        )
     first, last = rows[0], rows[-1]
     names = ("cached (llava-cli)", "fresh engine (no reuse)", "plain transformers")
     for name, column in zip(names, (3, 4, 5)):

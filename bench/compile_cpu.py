@@ -25,15 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model import median  # noqa: E402
-from gpu_phases import fixed_length  # noqa: E402
-from llava_cli.backend import Answer  # noqa: E402
-from llava_cli.conversation import Conversation  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
-from tiny_checkpoint import build_checkpoint  # noqa: E402
+from bench_model import median
+from gpu_phases import fixed_length
+from tiny_checkpoint import build_checkpoint
 
+from llava_cli.base.settings import Settings
+from llava_cli.engine.backend import Answer
+from llava_cli.engine.local import Engine
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 QUESTION = "tell me something about the quick brown fox"
 
@@ -58,7 +58,11 @@ def bench_args(doc: str, weights_bound: bool = False) -> argparse.Namespace:
     parser.add_argument("--answers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=200)
     if weights_bound:
-        parser.add_argument("--weights-bound", choices=("float32", "bfloat16"), help="a ~300M-parameter decoder in this dtype instead of the tiny model")
+        parser.add_argument(
+            "--weights-bound",
+            choices=("float32", "bfloat16"),
+            help="a ~300M-parameter decoder in this dtype instead of the tiny model",
+        )
     return parser.parse_args()
 
 

@@ -31,15 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model import Shape, build_bench_checkpoint, median  # noqa: E402
-from compile_cpu import QUESTION, answers, bench_args, tiny_model_on_one_thread  # noqa: E402
-from gpu_phases import TokenStamps, fixed_length  # noqa: E402
-from llava_cli.conversation import Conversation  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.forward import EagerPath  # noqa: E402
-from llava_cli.graphstep import StaticPath  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from bench_model import Shape, build_bench_checkpoint, median
+from compile_cpu import QUESTION, answers, bench_args, tiny_model_on_one_thread
+from gpu_phases import TokenStamps, fixed_length
+
+from llava_cli.base.settings import Settings
+from llava_cli.engine.graphstep import StaticPath
+from llava_cli.engine.local import Engine
+from llava_cli.engine.paths import EagerPath
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 
 def plain_rates(engine: Engine, tokens: int, count: int) -> list[float]:
@@ -54,8 +55,13 @@ def plain_rates(engine: Engine, tokens: int, count: int) -> list[float]:
     for _ in range(count):
         stamps: list[float] = []
         with torch.inference_mode():
-            engine.model.generate(input_ids=ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
-                                  logits_processor=LogitsProcessorList([TokenStamps("cpu", stamps)]))
+            engine.model.generate(
+                input_ids=ids,
+                do_sample=False,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                logits_processor=LogitsProcessorList([TokenStamps("cpu", stamps)]),
+            )
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return rates
 
@@ -74,21 +80,33 @@ def weights_bound_model(new_tokens: int, dtype: str) -> Iterator[tuple[Settings,
 
 def main() -> int:
     args = bench_args(__doc__, weights_bound=True)
-    model = weights_bound_model(args.new_tokens, args.weights_bound) if args.weights_bound else tiny_model_on_one_thread(args.new_tokens)
+    model = (
+        weights_bound_model(args.new_tokens, args.weights_bound)
+        if args.weights_bound
+        else tiny_model_on_one_thread(args.new_tokens)
+    )
     with model as (settings, loaded):
         decoder = sum(p.numel() for name, p in loaded.model.named_parameters() if "language_model" in name)
         print(f"model: {decoder / 1e6:.0f}M decoder parameters, {loaded.dtype}")
         static, eager = fixed_length(Engine(loaded)), fixed_length(Engine(loaded))
-        static.path = StaticPath(loaded.model, static.context_window(settings))  # the GPU's default, measured here on the CPU
+        static.path = StaticPath(
+            loaded.model, static.context_window(settings)
+        )  # the GPU's default, measured here on the CPU
         eager.path = EagerPath(loaded.model)  # the CPU's default
-        results = {name: answers(engine, settings, args.answers) for name, engine in (("static", static), ("eager", eager))}
-        rates = {name: rates for name, (rates, _) in results.items()} | {"plain": plain_rates(static, args.new_tokens, args.answers)}
+        results = {
+            name: answers(engine, settings, args.answers) for name, engine in (("static", static), ("eager", eager))
+        }
+        rates = {name: rates for name, (rates, _) in results.items()} | {
+            "plain": plain_rates(static, args.new_tokens, args.answers)
+        }
     for name, values in rates.items():
         print(f"{name:>8}: {', '.join(f'{rate:.0f}' for rate in values)} tokens/s (median {median(values):.0f})")
     print(f"same answers (static, eager): {'yes' if len(results['static'][1] | results['eager'][1]) == 1 else 'NO'}")
-    print(f"static / eager: {median(rates['static']) / median(rates['eager']):.2f}; "
-          f"static / plain generate: {median(rates['static']) / median(rates['plain']):.2f}; "
-          f"eager (the CPU default) / plain generate: {median(rates['eager']) / median(rates['plain']):.2f}")
+    print(
+        f"static / eager: {median(rates['static']) / median(rates['eager']):.2f}; "
+        f"static / plain generate: {median(rates['static']) / median(rates['plain']):.2f}; "
+        f"eager (the CPU default) / plain generate: {median(rates['eager']) / median(rates['plain']):.2f}"
+    )
     return 0
 
 

@@ -7,10 +7,10 @@
 
 Both runs answer the same prompt about the same `--images` pictures on the bench model
 (bench_model.py's, shaped as `WEIGHTS_BOUND`: a decoder step bound by its weights; `END_TOKENS`
-end answers too, so they end at many lengths) through batch.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
-at once on the scheduler (decodebatch.py):
+end answers too, so they end at many lengths) through ask/each.py, the code of `llava ask --each`, with up to `--batch-size` rows decoding
+at once on the scheduler (engine/scheduler.py):
 
-- fixed: the images in chunks of `--batch-size` (`answer_chunk`, as Ray actors do and as a local
+- fixed: the images in chunks of `--batch-size` (`answered_records` per chunk, as Ray actors do and as a local
   run did before issue 21): a chunk's rows decode together and the next chunk starts only when the
   chunk's longest answer has ended;
 - continuous: every image through `answered_records` (a local `ask --each`): a row that ends is
@@ -35,15 +35,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batch_throughput import write_pictures  # noqa: E402
-from bench_model import Shape, build_bench_checkpoint  # noqa: E402
-from llava_cli.batch import answer_chunk, answered_records  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from batch_throughput import write_pictures
+from bench_model import Shape, build_bench_checkpoint
+
+from llava_cli.ask.each import answered_records
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.models.loader import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_checkpoint import build_checkpoint  # noqa: E402
+from tiny_checkpoint import build_checkpoint
 
 PROMPT = "what is in this image? describe the picture in detail"
 # The bench model's random answers rarely say end-of-sequence: a few of its tokens are declared as
@@ -59,8 +60,11 @@ WEIGHTS_BOUND = Shape(image_size=112, text_hidden=1024, text_layers=8)
 
 
 def fixed(engine: Engine, names: list[str], settings: Settings, batch_size: int) -> list[dict]:
-    return [record for start in range(0, len(names), batch_size)
-            for record in answer_chunk(engine, names[start : start + batch_size], PROMPT, settings, b"")]
+    return [
+        record
+        for start in range(0, len(names), batch_size)
+        for record in answered_records(engine, names[start : start + batch_size], PROMPT, settings, b"", batch_size)
+    ]
 
 
 def continuous(engine: Engine, names: list[str], settings: Settings, batch_size: int) -> list[dict]:
@@ -73,8 +77,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="the test suite's tiny model on one thread: a step costs its fixed overhead whatever its rows, as on a GPU")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: float16 on a GPU, where a step costs what its weights cost")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the test suite's tiny model on one thread: a step costs its fixed overhead whatever its rows, as on a GPU",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: float16 on a GPU, where a step costs what its weights cost",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -83,11 +96,16 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(1)  # as bench/serve_concurrency.py: the tiny model gains nothing from a second thread
-        model = build_checkpoint(folder / "model") if args.tiny else build_bench_checkpoint(folder / "model", WEIGHTS_BOUND)
+        model = (
+            build_checkpoint(folder / "model") if args.tiny else build_bench_checkpoint(folder / "model", WEIGHTS_BOUND)
+        )
         dtype = "float16" if args.device == "cuda" else "float32"
         settings = Settings(model=str(model), device=args.device, dtype=dtype, max_new_tokens=args.max_new_tokens)
         loaded = load_model(settings)
-        loaded.model.generation_config.eos_token_id = [loaded.processor.tokenizer.eos_token_id, *(TINY_END_TOKENS if args.tiny else END_TOKENS)]
+        loaded.model.generation_config.eos_token_id = [
+            loaded.processor.tokenizer.eos_token_id,
+            *(TINY_END_TOKENS if args.tiny else END_TOKENS),
+        ]
         engine = Engine(loaded)
         names = write_pictures(folder / "images", args.images)
         continuous(engine, names[: args.batch_size], settings, args.batch_size)  # warm-up
@@ -95,7 +113,9 @@ def main() -> None:
         cpu_timings: dict[str, float] = {}  # this process's CPU seconds: steadier than the clock on a shared machine
         answers = {}
         runs = [("fixed", fixed), ("continuous", continuous)]
-        for repeat in range(args.repeats):  # alternated, each first in turn, the best of each: a shared machine's load comes and goes
+        for repeat in range(
+            args.repeats
+        ):  # alternated, each first in turn, the best of each: a shared machine's load comes and goes
             for name, run in runs if repeat % 2 == 0 else runs[::-1]:
                 started, cpu_started = time.perf_counter(), time.process_time()
                 answers[name] = run(engine, names, settings, args.batch_size)
@@ -104,8 +124,10 @@ def main() -> None:
                 timings[name] = min(timings.get(name, float("inf")), seconds)
                 cpu_timings[name] = min(cpu_timings.get(name, float("inf")), cpu_seconds)
         lengths = [record["completion_tokens"] for record in answers["fixed"]]
-        print(f"{args.images} images, --batch-size {args.batch_size}, up to {args.max_new_tokens} new tokens; "
-              f"answer lengths {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f}): {lengths}")
+        print(
+            f"{args.images} images, --batch-size {args.batch_size}, up to {args.max_new_tokens} new tokens; "
+            f"answer lengths {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f}): {lengths}"
+        )
         for name, seconds in timings.items():
             print(f"{name:>10}: {seconds:7.2f} s  {args.images / seconds:6.2f} images/s  {cpu_timings[name]:7.2f} CPU s")
         same = [record["answer"] for record in answers["fixed"]] == [record["answer"] for record in answers["continuous"]]

@@ -29,15 +29,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_loop import prepare_run, start_server  # noqa: E402
+from server_loop import prepare_run, start_server
 
 PROMPT = "what is in this image? describe the picture in detail"
 
 
-def each_run(model: str, pictures: list[str], max_new_tokens: int, env: dict[str, str], *options: str) -> tuple[float, list[str]]:
+def each_run(
+    model: str, pictures: list[str], max_new_tokens: int, env: dict[str, str], *options: str
+) -> tuple[float, list[str]]:
     """One `llava ask --each` over the pictures; (wall seconds, answers in input order)."""
-    command = [sys.executable, "-m", "llava_cli", "ask", "--model", model, "-n", str(max_new_tokens), "--each", *pictures,
-               "-p", PROMPT, *options]
+    command = [
+        sys.executable,
+        "-m",
+        "llava_cli",
+        "ask",
+        "--model",
+        model,
+        "-n",
+        str(max_new_tokens),
+        "--each",
+        *pictures,
+        "-p",
+        PROMPT,
+        *options,
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
@@ -62,7 +77,10 @@ def main() -> None:
         server, start_s = start_server(model, args.max_new_tokens, env, runtime)
         url = json.loads(next(runtime.glob("server-*.json")).read_text())["url"]
         try:
-            runs = {n: each_run(model, pictures, args.max_new_tokens, env, "--server", url, "--parallel", str(n)) for n in args.parallel}
+            runs = {
+                n: each_run(model, pictures, args.max_new_tokens, env, "--server", url, "--parallel", str(n))
+                for n in args.parallel
+            }
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
@@ -71,13 +89,28 @@ def main() -> None:
     baseline_s = runs[args.parallel[0]][0]
     print(f"model: {name}; `llava ask --each` over {args.images} pictures, {args.max_new_tokens} new tokens each")
     print(f"{'':>28}  {'seconds':>8}  {'images/s':>8}  {'ratio':>6}")
-    print(f"{'local (--no-server, load)':>28}  {local_s:>8.2f}  {args.images / local_s:>8.2f}  {baseline_s / local_s:>6.2f}")
+    print(
+        f"{'local (--no-server, load)':>28}  {local_s:>8.2f}  {args.images / local_s:>8.2f}  {baseline_s / local_s:>6.2f}"
+    )
     for n, (seconds, _) in runs.items():
-        print(f"{f'llava serve, --parallel {n}':>28}  {seconds:>8.2f}  {args.images / seconds:>8.2f}  {baseline_s / seconds:>6.2f}")
+        print(
+            f"{f'llava serve, --parallel {n}':>28}  {seconds:>8.2f}  {args.images / seconds:>8.2f}  {baseline_s / seconds:>6.2f}"
+        )
     same = all(answers == local_answers for _, answers in runs.values())
-    print(f"server start-up, once: {start_s:.2f}s (not counted); ratios against --parallel {args.parallel[0]}; same answers: {same}")
-    print(json.dumps({"images": args.images, "local_s": round(local_s, 2), "server_start_s": round(start_s, 2),
-                      "parallel_s": {str(n): round(seconds, 2) for n, (seconds, _) in runs.items()}, "same_answers": same}))
+    print(
+        f"server start-up, once: {start_s:.2f}s (not counted); ratios against --parallel {args.parallel[0]}; same answers: {same}"
+    )
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "local_s": round(local_s, 2),
+                "server_start_s": round(start_s, 2),
+                "parallel_s": {str(n): round(seconds, 2) for n, (seconds, _) in runs.items()},
+                "same_answers": same,
+            }
+        )
+    )
     if not same:
         raise SystemExit("the answers through the server differ from the local ones")
 

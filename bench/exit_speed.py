@@ -29,16 +29,22 @@ import pexpect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_checkpoint import build_checkpoint  # noqa: E402
+from tiny_checkpoint import build_checkpoint
 
 TARGET_S = 0.5
 TORCH_THEN_READ = "import torch, sys; torch.zeros(1); sys.stdin.readline()"
 
 
 def environment(home: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "LLAVA_HOME": str(home / "home"), "LLAVA_RUNTIME_DIR": str(home / "run"), "HF_HUB_OFFLINE": "1",
-            "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "LLAVA_HOME": str(home / "home"),
+        "LLAVA_RUNTIME_DIR": str(home / "run"),
+        "HF_HUB_OFFLINE": "1",
+        "TERM": "xterm",
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
 
 
 def until_eof(child: pexpect.spawn, started: float) -> float:
@@ -49,7 +55,9 @@ def until_eof(child: pexpect.spawn, started: float) -> float:
 
 
 def baseline(env: dict[str, str]) -> float:
-    child = pexpect.spawn(sys.executable, ["-c", f"print('ready', flush=True); {TORCH_THEN_READ}"], env=env, timeout=120)
+    child = pexpect.spawn(
+        sys.executable, ["-c", f"print('ready', flush=True); {TORCH_THEN_READ}"], env=env, timeout=120
+    )
     child.expect_exact("ready")
     time.sleep(3)  # torch imported by now on any machine
     started = time.perf_counter()
@@ -94,7 +102,11 @@ def main() -> None:
         scratch = Path(folder)
         model = build_checkpoint(scratch / "tiny")
         env = environment(scratch)
-        times: dict[str, list[float]] = {"torch process reads a line and exits": [], "llava chat: /quit": [], "llava serve: Ctrl-C": []}
+        times: dict[str, list[float]] = {
+            "torch process reads a line and exits": [],
+            "llava chat: /quit": [],
+            "llava serve: Ctrl-C": [],
+        }
         for _ in range(runs):
             times["torch process reads a line and exits"].append(baseline(env))
             times["llava chat: /quit"].append(quit_chat(model, env))

@@ -49,7 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_phases import FAIL_ON_PURPOSE, PATHS, PHASES, SMOKE, Bench, Shape, build_loaded, card_name, image_ref, picture  # noqa: E402
+from gpu_phases import FAIL_ON_PURPOSE, PATHS, PHASES, SMOKE, Bench, Shape, build_loaded, card_name, image_ref, picture
 
 DEFAULT_OVER_PLAIN_MARK = 1.5
 BOUND_FRACTION_MARK = 0.75
@@ -63,7 +63,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=256, help="answer length for the decode figures")
     parser.add_argument("--turns", type=int, default=6, help="turns of the cache-cropping chat")
     parser.add_argument("--smoke", action="store_true", help="small model, any device: check that the script runs")
-    parser.add_argument("--fail-phase", choices=sorted(PHASES), help="self-test: make this phase raise, to check the others still run")
+    parser.add_argument(
+        "--fail-phase", choices=sorted(PHASES), help="self-test: make this phase raise, to check the others still run"
+    )
     return parser.parse_args()
 
 
@@ -79,7 +81,9 @@ class Report:
     def phase(self, name: str, entry: dict[str, Any]) -> None:
         self.data["phases"][name] = entry
         if entry["status"] == "ok":
-            print(f"{name}: " + ", ".join(f"{key} {show(value)}" for key, value in entry["figures"].items()), flush=True)
+            print(
+                f"{name}: " + ", ".join(f"{key} {show(value)}" for key, value in entry["figures"].items()), flush=True
+            )
         else:
             print(f"{name}: FAILED after {entry['seconds']:.1f}s: {entry['error']}", flush=True)
         self.save()
@@ -106,7 +110,11 @@ def run_phase(name: str, bench: Bench, fail_phase: str | None) -> dict[str, Any]
         figures = PHASES[name](bench)
     except Exception as err:  # a phase's failure must not cost the phases after it their run
         first_line = (str(err).strip().splitlines() or [""])[0]
-        return {"status": "failed", "error": f"{type(err).__name__}: {first_line}", "seconds": time.perf_counter() - started}
+        return {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {first_line}",
+            "seconds": time.perf_counter() - started,
+        }
     bench.found[name] = figures
     return {"status": "ok", "figures": figures, "seconds": time.perf_counter() - started}
 
@@ -119,8 +127,12 @@ def marks(found: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
     best = max((found.get(name, {}).get("tokens_per_s") or 0.0 for name in PATHS), default=0.0) or None
     peak = found.get("memory", {}).get("peak_fp16_gb")
     return {
-        f"default >= {DEFAULT_OVER_PLAIN_MARK}x plain": default / plain >= DEFAULT_OVER_PLAIN_MARK if plain and default else None,
-        f"best path >= {BOUND_FRACTION_MARK:.0%} of the bound": best / bound >= BOUND_FRACTION_MARK if best and bound else None,
+        f"default >= {DEFAULT_OVER_PLAIN_MARK}x plain": default / plain >= DEFAULT_OVER_PLAIN_MARK
+        if plain and default
+        else None,
+        f"best path >= {BOUND_FRACTION_MARK:.0%} of the bound": best / bound >= BOUND_FRACTION_MARK
+        if best and bound
+        else None,
         f"peak <= {PEAK_GB_MARK:g} GB": peak <= PEAK_GB_MARK if peak is not None else None,
     }
 
@@ -134,16 +146,26 @@ def print_marks(found: dict[str, dict[str, Any]], smoke: bool) -> None:
 def prepare(args: argparse.Namespace) -> Bench:
     import torch
 
-    from llava_cli.loader import pick_attention
-    from llava_cli.settings import Settings
+    from llava_cli.base.settings import Settings
+    from llava_cli.models.loader import pick_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     loaded = build_loaded(SMOKE if args.smoke else Shape(), device, dtype, attention=pick_attention("auto"))
-    tokens, turns, batch, repeats = (SMOKE_TOKENS, SMOKE_TURNS, SMOKE_BATCH, 1) if args.smoke else (args.new_tokens, args.turns, BATCH, TTFT_REPEATS)
-    default = Settings(model=loaded.name, max_new_tokens=tokens, device=device, attn=loaded.model.config._attn_implementation)
-    paths = {"default": default, "no_cuda_graph": dataclasses.replace(default, no_cuda_graph=True), "eager": default,
-             "compile": dataclasses.replace(default, compile=True)}  # the eager phase sets its path itself
+    tokens, turns, batch, repeats = (
+        (SMOKE_TOKENS, SMOKE_TURNS, SMOKE_BATCH, 1)
+        if args.smoke
+        else (args.new_tokens, args.turns, BATCH, TTFT_REPEATS)
+    )
+    default = Settings(
+        model=loaded.name, max_new_tokens=tokens, device=device, attn=loaded.model.config._attn_implementation
+    )
+    paths = {
+        "default": default,
+        "no_cuda_graph": dataclasses.replace(default, no_cuda_graph=True),
+        "eager": default,
+        "compile": dataclasses.replace(default, compile=True),
+    }  # the eager phase sets its path itself
     image = picture()
     return Bench(loaded, image, image_ref(image), paths, tokens, turns, repeats, batch)
 
@@ -153,18 +175,32 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available() and not args.smoke:
-        print("bench/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine, or --smoke to check the script)")
+        print(
+            "bench/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine, or --smoke to check the script)"
+        )
         return 0
     bench = prepare(args)
     card = card_name(bench.device)
     loaded = bench.loaded
-    report = Report({"card": card, "smoke": args.smoke, "model": loaded.name, "dtype": loaded.dtype,
-                     "attention": loaded.model.config._attn_implementation, "new_tokens": bench.tokens, "built_s": loaded.load_seconds})
-    print(f"card: {card}; model: {loaded.name}{' (SMOKE: small shape, figures judge nothing)' if args.smoke else ''}, "
-          f"{loaded.dtype}, attention {report.data['attention']}; built in {loaded.load_seconds:.1f}s", flush=True)
+    report = Report(
+        {
+            "card": card,
+            "smoke": args.smoke,
+            "model": loaded.name,
+            "dtype": loaded.dtype,
+            "attention": loaded.model.config._attn_implementation,
+            "new_tokens": bench.tokens,
+            "built_s": loaded.load_seconds,
+        }
+    )
+    print(
+        f"card: {card}; model: {loaded.name}{' (SMOKE: small shape, figures judge nothing)' if args.smoke else ''}, "
+        f"{loaded.dtype}, attention {report.data['attention']}; built in {loaded.load_seconds:.1f}s",
+        flush=True,
+    )
     for name in PHASES:
         report.phase(name, run_phase(name, bench, args.fail_phase))
-    report.data["marks"] = {mark: met for mark, met in marks(bench.found).items()}
+    report.data["marks"] = dict(marks(bench.found))
     report.save()
     print_marks(bench.found, args.smoke)
     failed = [name for name, entry in report.data["phases"].items() if entry["status"] != "ok"]

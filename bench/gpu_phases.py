@@ -28,7 +28,28 @@ DATASHEET_BANDWIDTH = {
 }
 VOCAB = 32064
 IMAGE_TOKEN, PAD_TOKEN = 32000, 32001
-WORDS = "USER: ASSISTANT: What is in this picture? Describe it in detail. Tell me more about the colours and shapes .".split()
+WORDS = [
+    "USER:",
+    "ASSISTANT:",
+    "What",
+    "is",
+    "in",
+    "this",
+    "picture?",
+    "Describe",
+    "it",
+    "in",
+    "detail.",
+    "Tell",
+    "me",
+    "more",
+    "about",
+    "the",
+    "colours",
+    "and",
+    "shapes",
+    ".",
+]
 QUESTIONS = [f"Question {n}: what else can you tell me about it?" for n in range(1, 100)]
 
 
@@ -61,7 +82,11 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
 
@@ -80,24 +105,42 @@ def build_loaded(shape: Shape, device: str, dtype, attention: str = "sdpa"):
         LlavaProcessor,
     )
 
-    from llava_cli.conversation import Llava15Format
-    from llava_cli.families import family_for
-    from llava_cli.loader import LoadedModel
+    from llava_cli.base.families import family_for
+    from llava_cli.models.loader import LoadedModel
+    from llava_cli.prompt.conversation import Llava15Format
 
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     vision = CLIPVisionConfig(
-        hidden_size=shape.vision_hidden, intermediate_size=shape.vision_mlp, num_hidden_layers=shape.vision_layers,
-        num_attention_heads=shape.vision_heads, image_size=336, patch_size=14, projection_dim=768,
+        hidden_size=shape.vision_hidden,
+        intermediate_size=shape.vision_mlp,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
     )
     text = LlamaConfig(
-        hidden_size=shape.hidden, intermediate_size=shape.mlp, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.heads, vocab_size=VOCAB,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_TOKEN,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.mlp,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=PAD_TOKEN,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=576,
-        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=576,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     torch.manual_seed(0)
     with torch.device(device):  # weights are created on the GPU: no CPU copy, no float32 detour
@@ -105,11 +148,20 @@ def build_loaded(shape: Shape, device: str, dtype, attention: str = "sdpa"):
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=PAD_TOKEN)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     return LoadedModel(
-        name="random llava-1.5-7b-shaped", model=model, processor=processor, prompt_format=Llava15Format(),
-        family=family_for({"model_type": "llava"}), device=device, dtype=str(dtype).removeprefix("torch."), load_seconds=time.perf_counter() - started,
+        name="random llava-1.5-7b-shaped",
+        model=model,
+        processor=processor,
+        prompt_format=Llava15Format(),
+        family=family_for({"model_type": "llava"}),
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        load_seconds=time.perf_counter() - started,
     )
 
 
@@ -124,7 +176,7 @@ def picture():
 
 def image_ref(image):
     """An `ImageRef` for an in-memory picture, through llava-cli's own loader (PNG bytes)."""
-    from llava_cli.images import image_from_bytes
+    from llava_cli.media.images import image_from_bytes
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -161,7 +213,11 @@ def copy_bandwidth(device: str, floats: int) -> float:
 def decode_bytes_per_token(model) -> int:
     """Bytes of weights each decoded token reads: the decoder and lm_head, not the vision tower nor
     the embedding table (one row of it per token)."""
-    decoder = sum(p.numel() * p.element_size() for name, p in model.model.language_model.named_parameters() if "embed_tokens" not in name)
+    decoder = sum(
+        p.numel() * p.element_size()
+        for name, p in model.model.language_model.named_parameters()
+        if "embed_tokens" not in name
+    )
     return decoder + sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
 
 
@@ -171,7 +227,11 @@ def peak_gb(device: str) -> float:
 
     import torch
 
-    return torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return (
+        torch.cuda.max_memory_allocated() / 1e9
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    )
 
 
 def reset_peak(device: str) -> None:
@@ -220,9 +280,9 @@ class Bench:
     def engine(self, path: str):
         """The one fixed-length engine of each path (one --compile engine: one compile, one static cache;
         one default engine: its buckets and graphs kept from phase to phase)."""
-        from llava_cli.engine import Engine
-        from llava_cli.forward import EagerPath
-        from llava_cli.graphstep import StaticPath
+        from llava_cli.engine.graphstep import StaticPath
+        from llava_cli.engine.local import Engine
+        from llava_cli.engine.paths import EagerPath
 
         if path not in self.engines:
             engine = self.engines[path] = fixed_length(Engine(self.loaded))
@@ -231,7 +291,9 @@ class Bench:
             elif path in ("default", "no_cuda_graph") and self.device == "cpu":
                 # A smoke run on the CPU still runs the GPU's default path (a CPU's own default is the eager one).
                 settings = self.paths[path]
-                engine.path = StaticPath(self.loaded.model, engine.context_window(settings), cuda_graph=not settings.no_cuda_graph)
+                engine.path = StaticPath(
+                    self.loaded.model, engine.context_window(settings), cuda_graph=not settings.no_cuda_graph
+                )
         return self.engines[path]
 
     @property
@@ -274,15 +336,24 @@ def plain_phase(bench: Bench) -> dict[str, Any]:
 
     def run(n: int, stamps: list[float]) -> None:
         with torch.inference_mode():
-            loaded.model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                  logits_processor=LogitsProcessorList([TokenStamps(bench.device, stamps)]))
+            loaded.model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                logits_processor=LogitsProcessorList([TokenStamps(bench.device, stamps)]),
+            )
 
     run(2, [])  # warm-up
     reset_peak(bench.device)
     first = min(bench.clock(lambda: run(1, [])) for _ in range(bench.repeats))
     stamps: list[float] = []
     run(bench.tokens, stamps)
-    return {"tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "ttft_s": first, "peak_gb": peak_gb(bench.device)}
+    return {
+        "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "ttft_s": first,
+        "peak_gb": peak_gb(bench.device),
+    }
 
 
 class TokenStamps:
@@ -315,8 +386,14 @@ def engine_phase(bench: Bench, path: str) -> dict[str, Any]:
     notes = engine.path.take_notes()
     for note in notes:
         print(f"{path}: note: {note}", flush=True)
-    return {"tokens_per_s": stats.tokens_per_s, "ttft_s": ttft, "prompt_tokens": stats.prompt_tokens,
-            "warmup_s": warmup, "peak_gb": stats.peak_memory_mb * 2**20 / 1e9, "graph_replayed": graph_replayed(engine)}
+    return {
+        "tokens_per_s": stats.tokens_per_s,
+        "ttft_s": ttft,
+        "prompt_tokens": stats.prompt_tokens,
+        "warmup_s": warmup,
+        "peak_gb": stats.peak_memory_mb * 2**20 / 1e9,
+        "graph_replayed": graph_replayed(engine),
+    }
 
 
 def graph_replayed(engine) -> bool:
@@ -327,8 +404,8 @@ def graph_replayed(engine) -> bool:
 
 def answer_image(engine, bench: Bench, settings):
     """One answer to a fresh one-image conversation; its figures (the backend's `Done`)."""
-    from llava_cli.backend import Answer
-    from llava_cli.conversation import Conversation
+    from llava_cli.engine.backend import Answer
+    from llava_cli.prompt.conversation import Conversation
 
     engine.reset()  # a fresh conversation every run: the image and prompt run again
     conversation = Conversation()
@@ -374,7 +451,7 @@ class DynamoEvidence:
     """Counts what torch.compile did inside the block: graphs compiled, graph breaks, recompiles,
     and compiled graphs that skipped CUDA-graph capture."""
 
-    def __enter__(self) -> "DynamoEvidence":
+    def __enter__(self) -> DynamoEvidence:
         import torch
 
         torch._dynamo.utils.counters.clear()
@@ -426,15 +503,19 @@ def crop_chat_phase(bench: Bench) -> dict[str, Any]:
                 crops, equal = crop_chat(engine, bench, chat)
         finally:
             fixed_length(engine)
-        figures |= {f"{path}_crops": crops, f"{path}_turns_equal": equal, f"{path}_answers_equal": equal == bench.turns,
-                    f"{path}_recompiles": evidence.figures["recompiles"]}
+        figures |= {
+            f"{path}_crops": crops,
+            f"{path}_turns_equal": equal,
+            f"{path}_answers_equal": equal == bench.turns,
+            f"{path}_recompiles": evidence.figures["recompiles"],
+        }
     return figures
 
 
 def crop_chat(engine, bench: Bench, settings) -> tuple[int, int]:
     """Turns whose cache was cropped, and turns whose answer equals plain greedy `generate`'s."""
-    from llava_cli.backend import Answer
-    from llava_cli.conversation import Conversation
+    from llava_cli.engine.backend import Answer
+    from llava_cli.prompt.conversation import Conversation
 
     engine.reset()
     conversation, crops, equal = Conversation(), 0, 0
@@ -447,6 +528,7 @@ def crop_chat(engine, bench: Bench, settings) -> tuple[int, int]:
         reference = plain_greedy(engine, conversation, settings.max_new_tokens)
         answer = Answer(engine.generate(conversation, settings))
         text = "".join(answer)
+        answer.record_in(conversation)
         crops += answer.stats.cached_tokens < cached
         equal += text.strip() == reference
     return crops, equal
@@ -459,8 +541,10 @@ def plain_greedy(engine, conversation, tokens: int) -> str:
     prompt = engine.encode(conversation)
     ids = torch.tensor([prompt.ids], device=engine.model.device)
     with torch.inference_mode():
-        output = engine.model.generate(input_ids=ids, **engine.image_inputs(prompt, 0), do_sample=False, max_new_tokens=tokens)
-    return engine.tokenizer.decode(output[0, len(prompt.ids):], skip_special_tokens=True).strip()
+        output = engine.model.generate(
+            input_ids=ids, **engine.image_inputs(prompt, 0), do_sample=False, max_new_tokens=tokens
+        )
+    return engine.tokenizer.decode(output[0, len(prompt.ids) :], skip_special_tokens=True).strip()
 
 
 def memory_phase(bench: Bench) -> dict[str, Any]:
@@ -468,7 +552,7 @@ def memory_phase(bench: Bench) -> dict[str, Any]:
     estimate, since bitsandbytes is not on the GPU machine: every linear layer but lm_head (what
     `--load-4bit` quantizes) at 4.5 bits/param, the rest as loaded, plus the static cache bucket the
     default phase ran in and the activations it needed beyond its weights and cache."""
-    from llava_cli.graphstep import bucket_size
+    from llava_cli.engine.graphstep import bucket_size
 
     model = bench.loaded.model
     default = bench.found.get("default")
@@ -482,14 +566,21 @@ def memory_phase(bench: Bench) -> dict[str, Any]:
     window = bench.loaded.context_window or model.config.text_config.max_position_embeddings
     bucket = bucket_size(default["prompt_tokens"] + bench.tokens, window)  # the static cache the default phase ran in
     activations = max(0.0, default["peak_gb"] * 1e9 - weights - kv_per_token * bucket)
-    return {"peak_fp16_gb": default["peak_gb"], "peak_all_paths_gb": max(bench.found[name]["peak_gb"] for name in ("plain", *PATHS) if name in bench.found),
-            "weights_fp16_gb": weights / 1e9, "weights_4bit_gb": four_bit_weights / 1e9, "bucket_tokens": bucket,
-            "kv_bucket_gb": kv_per_token * bucket / 1e9, "kv_window_gb": kv_per_token * window / 1e9, "activations_gb": activations / 1e9,
-            "estimate_4bit_gb": (four_bit_weights + kv_per_token * bucket + activations) / 1e9}
+    return {
+        "peak_fp16_gb": default["peak_gb"],
+        "peak_all_paths_gb": max(bench.found[name]["peak_gb"] for name in ("plain", *PATHS) if name in bench.found),
+        "weights_fp16_gb": weights / 1e9,
+        "weights_4bit_gb": four_bit_weights / 1e9,
+        "bucket_tokens": bucket,
+        "kv_bucket_gb": kv_per_token * bucket / 1e9,
+        "kv_window_gb": kv_per_token * window / 1e9,
+        "activations_gb": activations / 1e9,
+        "estimate_4bit_gb": (four_bit_weights + kv_per_token * bucket + activations) / 1e9,
+    }
 
 
 def batch_phase(bench: Bench) -> dict[str, Any]:
-    """Decode tokens/s of the scheduler that `llava serve` and `ask --each` run (decodebatch.py) at
+    """Decode tokens/s of the scheduler that `llava serve` and `ask --each` run (engine/scheduler.py) at
     batch 1, 8 and `bench.batch` rows (32 on a GPU; 1 and 4 in a smoke run), with its step replayed as
     a CUDA graph per (rows, columns) bucket (`graph`) and uncaptured (`no_graph`, --no-cuda-graph):
     that many copies of the one-image prompt admitted at once into one long-lived batch (as serve
@@ -498,9 +589,9 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
     CUDA graph (the `default` and `no_cuda_graph` phases), when those ran. `graph_replayed`: whether
     the scheduler replayed a graph (on a CPU the captured shapes run eagerly: a smoke run goes
     through the same code)."""
-    from llava_cli.conversation import Conversation
-    from llava_cli.decodebatch import DecodeBatch
-    from llava_cli.prefixpool import PrefixPool
+    from llava_cli.engine.prefixpool import PrefixPool
+    from llava_cli.engine.scheduler import DecodeBatch
+    from llava_cli.prompt.conversation import Conversation
 
     engine = bench.engine("eager")
     conversation = Conversation()
@@ -509,7 +600,7 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     replayed = False
     for graph, name in ((True, "graph"), (False, "no_graph")):
-        batch = DecodeBatch(engine, PrefixPool(0), captured_shapes=True)
+        batch = DecodeBatch(engine, PrefixPool(None), captured_shapes=True)
         settings = dataclasses.replace(bench.paths["eager"], no_cuda_graph=not graph)
 
         def answer(rows: int, batch: DecodeBatch = batch, settings: Any = settings) -> None:
@@ -540,7 +631,7 @@ def buckets_phase(bench: Bench) -> dict[str, Any]:
     """Peak memory of the default path in each bucket of its static cache: the bucket is grown first
     (as a conversation that long would), then one short image answer runs in it. Also the bucket's
     own size (2 x layers x KV heads x head size x bytes, per token)."""
-    from llava_cli.graphstep import bucket_size
+    from llava_cli.engine.graphstep import bucket_size
 
     settings = dataclasses.replace(bench.paths["default"], max_new_tokens=min(bench.tokens, 16))
     for path, other in bench.engines.items():
@@ -557,7 +648,10 @@ def buckets_phase(bench: Bench) -> dict[str, Any]:
             stats = answer_image(engine, bench, settings)
             if engine.path.size != size:
                 raise RuntimeError(f"the answer ran in a {engine.path.size}-token bucket, not the {size}-token one")
-            figures |= {f"peak_gb_{size}": stats.peak_memory_mb * 2**20 / 1e9, f"kv_gb_{size}": kv_bytes_per_token(bench.loaded.model) * size / 1e9}
+            figures |= {
+                f"peak_gb_{size}": stats.peak_memory_mb * 2**20 / 1e9,
+                f"kv_gb_{size}": kv_bytes_per_token(bench.loaded.model) * size / 1e9,
+            }
     return figures
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     runs = parser.parse_args().runs
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     times: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
-    for name, args, expected in CASES:  # warm the file cache once
+    for _name, args, expected in CASES:  # warm the file cache once
         timed(args, expected, env)
     for _ in range(runs):
         for name, args, expected in CASES:

@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, resource, sys, time
-from llava_cli.images import image_from_bytes
-from llava_cli.errors import InputError
+from llava_cli.media.images import image_from_bytes
+from llava_cli.base.errors import InputError
 import PIL.Image, numpy
 def hwm_kb(pid):  # the peak resident memory of one process's own memory (ru_maxrss keeps the parent's from before exec)
     for line in open(f"/proc/{pid}/status"):
@@ -40,7 +40,7 @@ def hwm_kb(pid):  # the peak resident memory of one process's own memory (ru_max
     return 0
 def helper_pids():  # the fixed code's helper processes, alive
     try:
-        from llava_cli.decodepool import POOL
+        from llava_cli.media.decodepool import POOL
     except ImportError:
         return []
     return [helper.process.pid for helper in POOL.idle]
@@ -60,9 +60,9 @@ print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": peak_mb()
 
 def build_cases(folder: Path, quick: bool) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
+    import numpy as np
     from hostile_images import many_scan_jpeg, many_strip_tiff
     from PIL import Image
-    import numpy as np
 
     divide = 10 if quick else 1
     small = io.BytesIO()
@@ -75,7 +75,9 @@ def build_cases(folder: Path, quick: bool) -> dict[str, Path]:
         "photo 4000x3000 progressive JPEG": photo.getvalue(),
         f"jpeg-scans 7000x7000, {20_000 // divide:,} scans": many_scan_jpeg(7000, 20_000 // divide),
         f"tiff-strips 8x8, {10_000_000 // divide:,} strips": many_strip_tiff(10_000_000 // divide),
-        f"jpeg-segments, {2_000_000 // divide:,} empty APP1": small[:2] + b"\xff\xe1\x00\x02" * (2_000_000 // divide) + small[2:],
+        f"jpeg-segments, {2_000_000 // divide:,} empty APP1": small[:2]
+        + b"\xff\xe1\x00\x02" * (2_000_000 // divide)
+        + small[2:],
     }
     paths = {}
     for index, (name, data) in enumerate(contents.items()):
@@ -87,12 +89,17 @@ def build_cases(folder: Path, quick: bool) -> dict[str, Path]:
 def measure(code: Path, path: Path, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     try:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, env=env, timeout=timeout,
-                              cwd=code)  # `python -c` puts the working folder first on sys.path
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, env=env, timeout=timeout, cwd=code
+        )  # `python -c` puts the working folder first on sys.path
     except subprocess.TimeoutExpired:
         return {"seconds": timeout, "peak_mb": float("nan"), "outcome": f"still decoding after {timeout:g} s (killed)"}
     if done.returncode != 0:
-        return {"seconds": float("nan"), "peak_mb": float("nan"), "outcome": f"crashed: {done.stderr.strip().splitlines()[-1:]}"}
+        return {
+            "seconds": float("nan"),
+            "peak_mb": float("nan"),
+            "outcome": f"crashed: {done.stderr.strip().splitlines()[-1:]}",
+        }
     return json.loads(done.stdout)
 
 
@@ -113,8 +120,11 @@ def main() -> None:
             before = measure(args.before, path, args.timeout)
             after = measure(ROOT, path, args.timeout)
             ratio = before["seconds"] / after["seconds"] if after["seconds"] else float("nan")
-            print(f"| {name} | {path.stat().st_size:,} | {before['seconds']:.2f} | {before['peak_mb']:.0f} | "
-                  f"{after['seconds']:.2f} | {after['peak_mb']:.0f} | {ratio:.1f}x | {after['outcome']} |", flush=True)
+            print(
+                f"| {name} | {path.stat().st_size:,} | {before['seconds']:.2f} | {before['peak_mb']:.0f} | "
+                f"{after['seconds']:.2f} | {after['peak_mb']:.0f} | {ratio:.1f}x | {after['outcome']} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_memory import build_checkpoint, memory_mb, start_server  # noqa: E402
+from server_memory import build_checkpoint, memory_mb, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600
@@ -60,10 +60,16 @@ def serve_case(code: Path, model: Path, folder: Path, megabytes: float) -> str:
 
 def session(model: Path, turns: list[dict]) -> dict:
     return {
-        "format": "llava-cli-conversation", "version": 1, "id": "bench", "name": None,
-        "created": "2026-12-05T00:00:00Z", "updated": "2026-12-05T00:00:00Z", "model": str(model),
+        "format": "llava-cli-conversation",
+        "version": 1,
+        "id": "bench",
+        "name": None,
+        "created": "2026-12-05T00:00:00Z",
+        "updated": "2026-12-05T00:00:00Z",
+        "model": str(model),
         "settings": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 4, "seed": None, "max_context": None},
-        "system": None, "turns": turns,
+        "system": None,
+        "turns": turns,
     }
 
 
@@ -74,9 +80,25 @@ def turn(text: str) -> dict:
 def resume_case(code: Path, model: Path, folder: Path, turns: list[dict]) -> str:
     home = folder / f"home-{code.name}"
     (home / "sessions").mkdir(parents=True, exist_ok=True)
-    (home / "sessions" / "bench.json").write_text(json.dumps(session(model, turns), separators=(",", ":")))  # compact: 560,000 turns fit the 32 MiB cap
+    (home / "sessions" / "bench.json").write_text(
+        json.dumps(session(model, turns), separators=(",", ":"))
+    )  # compact: 560,000 turns fit the 32 MiB cap
     env = {**os.environ, "PYTHONPATH": str(code), "LLAVA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    command = ["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "llava_cli", "chat", "--resume", "bench", "--no-save", "--no-server", "-n", "4"]
+    command = [
+        "/usr/bin/time",
+        "-f",
+        "%e %M",
+        sys.executable,
+        "-m",
+        "llava_cli",
+        "chat",
+        "--resume",
+        "bench",
+        "--no-save",
+        "--no-server",
+        "-n",
+        "4",
+    ]
     done = subprocess.run(command, input=b"hi\n", capture_output=True, env=env, cwd=code, timeout=TIMEOUT_S)
     seconds, kilobytes = done.stderr.decode(errors="replace").strip().splitlines()[-1].split()[-2:]
     return f"exit {done.returncode:>3}  {float(seconds):6.2f} s  peak {int(kilobytes) / 1024:7.0f} MiB"
@@ -88,10 +110,16 @@ def measured(checkouts: dict[str, Path], megabytes: float, before_up_to: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="a checkout of the code before (its llava_cli is measured)")
+    parser.add_argument(
+        "--baseline", type=Path, required=True, help="a checkout of the code before (its llava_cli is measured)"
+    )
     parser.add_argument("--mb", type=float, nargs="*", default=[1, 5, 10, 60], help="sizes of the served user message")
-    parser.add_argument("--session-mb", type=float, nargs="*", default=[26], help="sizes of the saved conversation's one long turn")
-    parser.add_argument("--before-up-to-mb", type=float, default=float("inf"), help="measure the baseline only up to this text size")
+    parser.add_argument(
+        "--session-mb", type=float, nargs="*", default=[26], help="sizes of the saved conversation's one long turn"
+    )
+    parser.add_argument(
+        "--before-up-to-mb", type=float, default=float("inf"), help="measure the baseline only up to this text size"
+    )
     parser.add_argument("--turns", type=int, default=560_000, help="turns of the many-turn saved conversation")
     args = parser.parse_args()
     checkouts = {"before": args.baseline.resolve(), "after": ROOT}
@@ -100,8 +128,13 @@ def main() -> None:
         model = build_checkpoint(folder / "model")
         for megabytes in args.mb:
             for label, code in measured(checkouts, megabytes, args.before_up_to_mb):
-                print(f"serve, {megabytes:g} MB message, {label:6}: {serve_case(code, model, folder, megabytes)}", flush=True)
-        cases = {f"one {mb:g} MB turn": (mb, [turn("word " * int(mb * 1e6 / 5)), turn("short")]) for mb in args.session_mb}
+                print(
+                    f"serve, {megabytes:g} MB message, {label:6}: {serve_case(code, model, folder, megabytes)}",
+                    flush=True,
+                )
+        cases = {
+            f"one {mb:g} MB turn": (mb, [turn("word " * int(mb * 1e6 / 5)), turn("short")]) for mb in args.session_mb
+        }
         cases[f"{args.turns} turns"] = (0, [turn("") for _ in range(args.turns)])
         for case, (megabytes, turns) in cases.items():
             for label, code in measured(checkouts, megabytes, args.before_up_to_mb):

@@ -32,9 +32,15 @@ PROCESSOR_CONFIG = {  # llava-hf/llava-1.5-7b-hf's preprocessor_config.json
     "image_processor_type": "CLIPImageProcessor",
     "crop_size": {"height": 336, "width": 336},
     "size": {"shortest_edge": 336},
-    "do_center_crop": True, "do_normalize": True, "do_resize": True, "do_rescale": True,
-    "do_convert_rgb": True, "resample": 3, "rescale_factor": 1 / 255,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "do_rescale": True,
+    "do_convert_rgb": True,
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
 }
 
 
@@ -64,8 +70,8 @@ def child(case: str, mode: str, folder: str) -> dict:
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from llava_cli.errors import InputError
-    from llava_cli.images import image_from_bytes
+    from llava_cli.base.errors import InputError
+    from llava_cli.media.images import image_from_bytes
 
     processor = AutoImageProcessor.from_pretrained(folder)
     data = (Path(folder) / f"{CASES.index(case)}.img").read_bytes()
@@ -87,10 +93,19 @@ def child(case: str, mode: str, folder: str) -> dict:
 def run_child(case: str, mode: str, folder: str, limit_gb: float) -> dict:
     limit = int(limit_gb * 2**30)
     command = [sys.executable, __file__, "--child", case, mode, folder]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
     if result.returncode != 0:
-        return {"bytes": 0, "extra_mb": float("nan"), "outcome": f"child failed ({result.stderr.strip().splitlines()[-1][:60]})"}
+        return {
+            "bytes": 0,
+            "extra_mb": float("nan"),
+            "outcome": f"child failed ({result.stderr.strip().splitlines()[-1][:60]})",
+        }
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -108,7 +123,9 @@ def main() -> None:
             (Path(folder) / f"{number}.img").write_bytes(image_bytes(case))
         rows = {(case, mode): run_child(case, mode, folder, args.limit_gb) for case in CASES for mode in MODES}
     baseline = rows[(CASES[0], "llava-cli")]["extra_mb"]
-    print(f"peak memory of decoding + llava-1.5 preprocessing, each case in a child (address space <= {args.limit_gb:g} GB)")
+    print(
+        f"peak memory of decoding + llava-1.5 preprocessing, each case in a child (address space <= {args.limit_gb:g} GB)"
+    )
     print(f"{'case':<22} {'bytes':>10} {'decoded by':<10} {'extra MB':>9} {'vs photo':>9}  outcome")
     for (case, mode), row in rows.items():
         ratio = row["extra_mb"] / baseline if baseline > 0 else float("nan")

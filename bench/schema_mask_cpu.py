@@ -44,12 +44,34 @@ from bench_model import median
 # JSON Schema and would otherwise let the answer go on with more keys, a different language to match.
 CLOSED = {"additionalProperties": False}
 SCHEMAS = {
-    "enum": {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"], **CLOSED},
-    "nested object": {"type": "object", "required": ["item"], **CLOSED, "properties": {"item": {
-        "type": "object", "required": ["name", "count"], **CLOSED,
-        "properties": {"name": {"type": "string", "maxLength": 6}, "count": {"type": "integer", "minimum": 0, "maximum": 99}}}}},
-    "array of numbers": {"type": "object", "required": ["values"], **CLOSED, "properties": {"values": {
-        "type": "array", "items": {"type": "number"}, "maxItems": 3}}},
+    "enum": {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+        "required": ["colour"],
+        **CLOSED,
+    },
+    "nested object": {
+        "type": "object",
+        "required": ["item"],
+        **CLOSED,
+        "properties": {
+            "item": {
+                "type": "object",
+                "required": ["name", "count"],
+                **CLOSED,
+                "properties": {
+                    "name": {"type": "string", "maxLength": 6},
+                    "count": {"type": "integer", "minimum": 0, "maximum": 99},
+                },
+            }
+        },
+    },
+    "array of numbers": {
+        "type": "object",
+        "required": ["values"],
+        **CLOSED,
+        "properties": {"values": {"type": "array", "items": {"type": "number"}, "maxItems": 3}},
+    },
     "free string": {"type": "object", "required": ["caption"], **CLOSED, "properties": {"caption": {"type": "string"}}},
 }
 VOCAB = 32000
@@ -67,11 +89,11 @@ def engine_part(answers: int, new_tokens: int) -> float:
     from decode_paths_cpu import weights_bound_model
     from gpu_phases import fixed_length
 
-    from llava_cli import constraints
-    from llava_cli.backend import Answer
-    from llava_cli.constraints import schema_text
-    from llava_cli.conversation import Conversation
-    from llava_cli.engine import Engine
+    from llava_cli.engine import constraints
+    from llava_cli.engine.backend import Answer
+    from llava_cli.engine.constraints import schema_text
+    from llava_cli.engine.local import Engine
+    from llava_cli.prompt.conversation import Conversation
 
     spent = [0.0]
     for name in ("constrain", "accepted"):
@@ -79,8 +101,10 @@ def engine_part(answers: int, new_tokens: int) -> float:
     with weights_bound_model(new_tokens, "float32") as (settings, loaded):
         rates, _ = timed_answers(fixed_length(Engine(loaded)), settings, answers)
         step = 1 / max(rates)  # the quickest step seen: on a shared machine the conservative denominator
-        print(f"part 1: weights-bound model, vocab {loaded.model.config.get_text_config().vocab_size}; "
-              f"unconstrained decode {', '.join(f'{rate:.1f}' for rate in rates)} tokens/s: quickest step {step * 1000:.1f} ms")
+        print(
+            f"part 1: weights-bound model, vocab {loaded.model.config.get_text_config().vocab_size}; "
+            f"unconstrained decode {', '.join(f'{rate:.1f}' for rate in rates)} tokens/s: quickest step {step * 1000:.1f} ms"
+        )
         engine = Engine(loaded)
         for name, schema in SCHEMAS.items():
             constrained = dataclasses.replace(settings, constraint=schema_text(json.dumps(schema)))
@@ -95,8 +119,10 @@ def engine_part(answers: int, new_tokens: int) -> float:
                 tokens = answer.stats.completion_tokens
                 shares.append(spent[0] / tokens / step)
                 speeds.append(answer.stats.tokens_per_s)
-            print(f"  {name:>16}: hook {median(shares) * step * 1000:.3f} ms/token = {median(shares):.4f} of a step "
-                  f"({tokens} tokens; decode {median(speeds):.1f} tokens/s)")
+            print(
+                f"  {name:>16}: hook {median(shares) * step * 1000:.3f} ms/token = {median(shares):.4f} of a step "
+                f"({tokens} tokens; decode {median(speeds):.1f} tokens/s)"
+            )
     return step
 
 
@@ -107,6 +133,7 @@ def clocked(method: Callable[..., Any], spent: list[float]) -> Callable[..., Any
             return method(*args)
         finally:
             spent[0] += time.perf_counter() - start
+
     return timed
 
 
@@ -121,8 +148,12 @@ def llama_sized_tokenizer() -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     sources = sorted(Path(os.__file__).parent.glob("*.py"))
     tok.train_from_iterator((path.read_text(errors="replace") for path in sources), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -135,7 +166,9 @@ class Xgrammar:
         import xgrammar as xgr
 
         self.xgr = xgr
-        self.compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB), max_threads=1)
+        self.compiler = xgr.GrammarCompiler(
+            xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB), max_threads=1
+        )
 
     def compile(self, schema: str) -> Any:
         self.compiler.clear_cache()
@@ -173,7 +206,9 @@ class Llguidance:
             self.lltorch.fill_next_token_bitmask(matcher, bitmask, 0)
             self.lltorch.apply_token_bitmask_inplace(logits, bitmask)
 
-        return Stepper(fill, lambda token: matcher.consume_token(token), lambda: matcher.is_stopped() or matcher.is_error())
+        return Stepper(
+            fill, lambda token: matcher.consume_token(token), lambda: matcher.is_stopped() or matcher.is_error()
+        )
 
 
 class Stepper:
@@ -212,7 +247,9 @@ def mask_times(engine: Xgrammar | Llguidance, schema: str) -> tuple[float, float
 def engines_part(step: float | None) -> None:
     start = time.perf_counter()
     tokenizer = llama_sized_tokenizer()
-    print(f"part 2: grammar engines, a {len(tokenizer)}-token tokenizer (trained in {time.perf_counter() - start:.0f} s)")
+    print(
+        f"part 2: grammar engines, a {len(tokenizer)}-token tokenizer (trained in {time.perf_counter() - start:.0f} s)"
+    )
     engines: list[Xgrammar | Llguidance] = []
     for kind in (Xgrammar, Llguidance):
         start = time.perf_counter()
@@ -221,14 +258,20 @@ def engines_part(step: float | None) -> None:
         except ImportError:
             print(f"  {kind.name}: not installed, skipped")
             continue
-        warm_up(engines[-1])  # llguidance builds its token tables at the first mask: a cost per tokenizer, not per schema
-        print(f"  {kind.name}: tokenizer set up once (first mask included) in {(time.perf_counter() - start) * 1000:.0f} ms")
+        warm_up(
+            engines[-1]
+        )  # llguidance builds its token tables at the first mask: a cost per tokenizer, not per schema
+        print(
+            f"  {kind.name}: tokenizer set up once (first mask included) in {(time.perf_counter() - start) * 1000:.0f} ms"
+        )
     for name, schema in SCHEMAS.items():
         for engine in engines:
             compile_s, first_s, token_s, tokens = mask_times(engine, json.dumps(schema))
             share = f" = {token_s / step:.4f} of the part-1 step" if step else ""
-            print(f"  {name:>16} {engine.name:>10}: compile {compile_s * 1000:7.2f} ms, first mask {first_s * 1000:6.3f} ms, "
-                  f"then {token_s * 1000:.3f} ms/token over {tokens} tokens{share}")
+            print(
+                f"  {name:>16} {engine.name:>10}: compile {compile_s * 1000:7.2f} ms, first mask {first_s * 1000:6.3f} ms, "
+                f"then {token_s * 1000:.3f} ms/token over {tokens} tokens{share}"
+            )
 
 
 def main() -> int:

@@ -36,9 +36,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batch_throughput import write_pictures  # noqa: E402
-from server_loop import PROMPT, start_server  # noqa: E402
-from tiny_checkpoint import build_checkpoint  # noqa: E402  (bench_model, imported by server_loop, put tests/ on the path)
+from batch_throughput import write_pictures
+from server_loop import PROMPT, start_server
+from tiny_checkpoint import build_checkpoint
 
 CLIENTS = (1, 4, 8)
 BATCHING_MAX_BATCH = 8
@@ -84,13 +84,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = args.model or str(build_checkpoint(folder / "model"))
-        bodies = [body(model, picture, args.max_new_tokens) for picture in write_pictures(folder / "pictures", args.requests)]
+        bodies = [
+            body(model, picture, args.max_new_tokens) for picture in write_pictures(folder / "pictures", args.requests)
+        ]
         rows, answers = [], []
-        for label, max_batch, counts in (("one at a time (--max-batch 1)", 1, (1,)), (f"batching (--max-batch {BATCHING_MAX_BATCH})", BATCHING_MAX_BATCH, CLIENTS)):
+        for label, max_batch, counts in (
+            ("one at a time (--max-batch 1)", 1, (1,)),
+            (f"batching (--max-batch {BATCHING_MAX_BATCH})", BATCHING_MAX_BATCH, CLIENTS),
+        ):
             runtime = folder / f"run-{max_batch}"
-            env = {**os.environ, "LLAVA_RUNTIME_DIR": str(runtime), "LLAVA_HOME": tmp, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                   **({} if args.model else {"OMP_NUM_THREADS": "1"})}
-            server, _ = start_server(model, args.max_new_tokens, env, runtime, ("--max-batch", str(max_batch), "--cache-mb", "0"))
+            env = {
+                **os.environ,
+                "LLAVA_RUNTIME_DIR": str(runtime),
+                "LLAVA_HOME": tmp,
+                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                **({} if args.model else {"OMP_NUM_THREADS": "1"}),
+            }
+            server, _ = start_server(
+                model, args.max_new_tokens, env, runtime, ("--max-batch", str(max_batch), "--cache-mb", "0")
+            )
             try:
                 url = server_url(runtime)
                 answer_all(url, bodies[: max(counts)], max(counts))  # warm-up
@@ -104,16 +116,28 @@ def main() -> None:
 
     baseline = args.requests / rows[0][2]
     same = all(got == answers[0] for got in answers)
-    print(f"model: {args.model or 'the test suite tiny model (hidden 64, 2 layers), float32'}; "
-          f"{args.requests} requests (one image each), {args.max_new_tokens} new tokens each")
+    print(
+        f"model: {args.model or 'the test suite tiny model (hidden 64, 2 layers), float32'}; "
+        f"{args.requests} requests (one image each), {args.max_new_tokens} new tokens each"
+    )
     print(f"{'server':>32}  {'clients':>7}  {'seconds':>8}  {'answers/s':>9}  {'vs one at a time':>16}")
     for label, clients, seconds in rows:
         rate = args.requests / seconds
         print(f"{label:>32}  {clients:>7}  {seconds:>8.2f}  {rate:>9.2f}  {rate / baseline:>15.2f}x")
     print(f"same answers in every run: {same}")
-    print(json.dumps({"requests": args.requests, "max_new_tokens": args.max_new_tokens, "same_answers": same,
-                      "rates": {f"{max_batch}/{clients}": round(args.requests / seconds, 3)
-                                for (label, clients, seconds), max_batch in zip(rows, (1, *[BATCHING_MAX_BATCH] * len(CLIENTS)))}}))
+    print(
+        json.dumps(
+            {
+                "requests": args.requests,
+                "max_new_tokens": args.max_new_tokens,
+                "same_answers": same,
+                "rates": {
+                    f"{max_batch}/{clients}": round(args.requests / seconds, 3)
+                    for (label, clients, seconds), max_batch in zip(rows, (1, *[BATCHING_MAX_BATCH] * len(CLIENTS)))
+                },
+            }
+        )
+    )
     if not same:
         raise SystemExit("the answers differ between runs")
 

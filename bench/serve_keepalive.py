@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from bench_model import Shape, build_bench_checkpoint
 from server_memory import ask, memory_mb, start_server
 
@@ -62,9 +61,13 @@ def main() -> None:
             server.wait(timeout=60)
     print(f"weights on disk {weights_mb:6.0f} MiB; answers {statuses}; --keep-alive {KEEP_ALIVE}")
     print(f"loaded, idle     {loaded:8.0f} MiB RSS")
-    print(f"after the unload {unloaded:8.0f} MiB RSS  ({unloaded / loaded:.2f}x loaded, {loaded - unloaded:.0f} MiB given back; "
-          f"unloaded {unload_s:.1f} s after the answer)")
-    print(f"reloaded         {reloaded:8.0f} MiB RSS  ({reloaded / loaded:.2f}x loaded; that request took {reload_s:.1f} s with the load)")
+    print(
+        f"after the unload {unloaded:8.0f} MiB RSS  ({unloaded / loaded:.2f}x loaded, {loaded - unloaded:.0f} MiB given back; "
+        f"unloaded {unload_s:.1f} s after the answer)"
+    )
+    print(
+        f"reloaded         {reloaded:8.0f} MiB RSS  ({reloaded / loaded:.2f}x loaded; that request took {reload_s:.1f} s with the load)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batch_throughput import write_pictures  # noqa: E402
-from bench_model import build_bench_checkpoint  # noqa: E402
-from tiny_checkpoint import build_checkpoint  # noqa: E402  (bench_model put tests/ on the path)
+from batch_throughput import write_pictures
+from bench_model import build_bench_checkpoint
+from tiny_checkpoint import build_checkpoint
 
 PROMPT = "what is in this image? describe the picture in detail"
 READY_TIMEOUT_S = 300
@@ -39,7 +39,18 @@ def ask_loop(model: str, pictures: list[str], max_new_tokens: int, env: dict[str
     answers = []
     started = time.perf_counter()
     for picture in pictures:
-        command = [sys.executable, "-m", "llava_cli", "ask", "--model", model, "-n", str(max_new_tokens), str(picture), PROMPT]
+        command = [
+            sys.executable,
+            "-m",
+            "llava_cli",
+            "ask",
+            "--model",
+            model,
+            "-n",
+            str(max_new_tokens),
+            str(picture),
+            PROMPT,
+        ]
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise SystemExit(f"llava ask failed ({result.returncode}): {result.stderr.strip()}")
@@ -47,10 +58,24 @@ def ask_loop(model: str, pictures: list[str], max_new_tokens: int, env: dict[str
     return time.perf_counter() - started, answers
 
 
-def start_server(model: str, max_new_tokens: int, env: dict[str, str], runtime: Path, options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, float]:
+def start_server(
+    model: str, max_new_tokens: int, env: dict[str, str], runtime: Path, options: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, float]:
     """Start `llava serve` on a free port; return it once its discovery file says it is ready."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "llava_cli", "serve", "--model", model, "--port", "0", "-n", str(max_new_tokens), *options]
+    command = [
+        sys.executable,
+        "-m",
+        "llava_cli",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        "0",
+        "-n",
+        str(max_new_tokens),
+        *options,
+    ]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not list(runtime.glob("server-*.json")):
         if server.poll() is not None or time.perf_counter() - started > READY_TIMEOUT_S:
@@ -64,7 +89,12 @@ def prepare_run(args: argparse.Namespace, folder: Path, count: int) -> tuple[str
     server's runtime folder, and an environment that keeps llava-cli's files inside `folder`."""
     model = args.model or str((build_checkpoint if args.tiny else build_bench_checkpoint)(folder / "model"))
     runtime = folder / "run"
-    env = {**os.environ, "LLAVA_RUNTIME_DIR": str(runtime), "LLAVA_HOME": str(folder), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {
+        **os.environ,
+        "LLAVA_RUNTIME_DIR": str(runtime),
+        "LLAVA_HOME": str(folder),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
     return model, write_pictures(folder / "pictures", count), runtime, env
 
 
@@ -88,16 +118,24 @@ def main() -> None:
             server.wait(timeout=60)
 
     name = args.model or ("tiny test model" if args.tiny else "CPU benchmark model (bench_model.py)")
-    print(f"model: {name}; {args.calls} sequential `llava ask` calls, "
-          f"{args.max_new_tokens} new tokens each")
+    print(f"model: {name}; {args.calls} sequential `llava ask` calls, {args.max_new_tokens} new tokens each")
     print(f"{'':>26}  {'seconds':>8}  {'per call':>8}")
     print(f"{'no server (load per call)':>26}  {cold_s:>8.2f}  {cold_s / args.calls:>8.3f}")
     print(f"{'warm llava serve':>26}  {warm_s:>8.2f}  {warm_s / args.calls:>8.3f}")
     print(f"server start-up, once: {start_s:.2f}s (not in the warm loop)")
     print(f"speed-up with a warm server: {cold_s / warm_s:.2f}x; same answers: {cold_answers == warm_answers}")
-    print(json.dumps({"calls": args.calls, "cold_s": round(cold_s, 2), "warm_s": round(warm_s, 2),
-                      "server_start_s": round(start_s, 2), "ratio": round(cold_s / warm_s, 2),
-                      "same_answers": cold_answers == warm_answers}))
+    print(
+        json.dumps(
+            {
+                "calls": args.calls,
+                "cold_s": round(cold_s, 2),
+                "warm_s": round(warm_s, 2),
+                "server_start_s": round(start_s, 2),
+                "ratio": round(cold_s / warm_s, 2),
+                "same_answers": cold_answers == warm_answers,
+            }
+        )
+    )
     if cold_answers != warm_answers:
         raise SystemExit("the answers through the server differ from the local ones")
 

@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from tiny_checkpoint import build_checkpoint  # noqa: E402
+from tiny_checkpoint import build_checkpoint
 
 READY_TIMEOUT_S = 300
 
@@ -86,9 +86,13 @@ def main() -> None:
             ask(url, str(model), None, statuses)
             idle = memory_mb(server.pid, "VmRSS")
             picture = one_colour_png(args.side)
-            print(f"{args.clients} concurrent requests, each one {args.side}x{args.side} one-colour PNG "
-                  f"({len(picture) * 3 // 4 // 1024} KB)")
-            clients = [threading.Thread(target=ask, args=(url, str(model), picture, statuses)) for _ in range(args.clients)]
+            print(
+                f"{args.clients} concurrent requests, each one {args.side}x{args.side} one-colour PNG "
+                f"({len(picture) * 3 // 4 // 1024} KB)"
+            )
+            clients = [
+                threading.Thread(target=ask, args=(url, str(model), picture, statuses)) for _ in range(args.clients)
+            ]
             started = time.perf_counter()
             for client in clients:
                 client.start()

@@ -22,19 +22,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from tiny_checkpoint import build_checkpoint  # noqa: E402
+from tiny_checkpoint import build_checkpoint
 
-from llava_cli.conversation import Conversation, Turn  # noqa: E402
-from llava_cli.engine import Engine  # noqa: E402
-from llava_cli.loader import load_model  # noqa: E402
-from llava_cli.settings import Settings  # noqa: E402
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation, Turn
 
 MAX_NEW = 64
 
 
 def conversation(turns: int) -> Conversation:
-    history = [Turn(text=f"question {i}: what is on the left of the picture, and why?", answer=f"answer {i}: a cat on a mat.")
-               for i in range(turns)]
+    history = [
+        Turn(text=f"question {i}: what is on the left of the picture, and why?", answer=f"answer {i}: a cat on a mat.")
+        for i in range(turns)
+    ]
     return Conversation(system="Be brief.", turns=history + [Turn(text="and now?")])
 
 
@@ -73,8 +75,10 @@ def main() -> None:
             talk = conversation(turns)
             counted = count_encodes(engine)
             fit_s, (prompt, dropped) = timed(lambda: engine.fit(conversation(turns), settings), args.repeats)
-            line = (f"{turns:5d} turns: fit {fit_s * 1000:8.1f} ms = {fit_s / one_turn:7.0f}x one turn's encode, "
-                    f"{len(counted) // args.repeats} encodes, {dropped} turns dropped")
+            line = (
+                f"{turns:5d} turns: fit {fit_s * 1000:8.1f} ms = {fit_s / one_turn:7.0f}x one turn's encode, "
+                f"{len(counted) // args.repeats} encodes, {dropped} turns dropped"
+            )
             engine.encode = type(engine).encode.__get__(engine)
             if turns <= args.old_up_to:
                 old_s, old = timed(lambda: old_fit(engine, talk, settings), 1)

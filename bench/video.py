@@ -36,24 +36,58 @@ CONTEXT = 8192
 
 def build_checkpoint(folder: Path) -> Path:
     import torch
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig
-
-    from tiny_checkpoint import CHATML_TEMPLATE, HubLayoutProcessor, build_tokenizer, save_checkpoint, video_processor_config
+    from tiny_checkpoint import (
+        CHATML_TEMPLATE,
+        HubLayoutProcessor,
+        build_tokenizer,
+        save_checkpoint,
+        video_processor_config,
+    )
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(chatml=True, video=True)
-    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-                                image_size=384, patch_size=14, vision_use_head=False)
-    text = Qwen2Config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                       vocab_size=len(tokenizer), max_position_embeddings=CONTEXT, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="full",
-                                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                                  video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-                                  image_grid_pinpoints=[[384, 384]])
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=[[384, 384]])
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        image_size=384,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=CONTEXT,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_select_strategy="full",
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=[[384, 384]],
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 384, "width": 384}, image_grid_pinpoints=[[384, 384]]
+    )
     processor = HubLayoutProcessor(
-        processor_class="LlavaOnevisionProcessor", tokenizer=tokenizer, image_processor=image_processor,
+        processor_class="LlavaOnevisionProcessor",
+        tokenizer=tokenizer,
+        image_processor=image_processor,
         video_processor=video_processor_config("LlavaOnevisionVideoProcessor", image_processor),
         settings=dict(num_image_tokens=(384 // 14) ** 2, vision_feature_select_strategy="full", video_token="<video>"),
         chat_template=CHATML_TEMPLATE,
@@ -74,17 +108,18 @@ def one(model: Path, clip: Path, frames: int, repeats: int) -> dict:
 
     from bench_model import median
     from fakes import answer_of
-    from llava_cli.conversation import Conversation
-    from llava_cli.engine import Engine
-    from llava_cli.loader import load_model
-    from llava_cli.settings import Settings
-    from llava_cli.video import Sampling, load_video
+
+    from llava_cli.base.settings import Settings
+    from llava_cli.engine.local import Engine
+    from llava_cli.media.video import Sampling, load_video
+    from llava_cli.models.loader import load_model
+    from llava_cli.prompt.conversation import Conversation
 
     settings = Settings(model=str(model), max_new_tokens=1)
     engine = Engine(load_model(settings))
     warm_up = Conversation()
     warm_up.ask("Hello?")
-    answer_of(engine.generate(warm_up, settings))  # the first forward pays one-off set-up costs
+    answer_of(engine.generate(warm_up, settings), warm_up)  # the first forward pays one-off set-up costs
     times, tokens = [], 0
     for _ in range(repeats):
         engine.reset()  # every run pays sampling, preprocessing and prefill
@@ -92,18 +127,22 @@ def one(model: Path, clip: Path, frames: int, repeats: int) -> dict:
         media = [load_video(str(clip), Sampling(frames=frames))] if frames else []
         conversation.ask("What happens in this clip?", media)
         started = time.perf_counter()
-        _, stats = answer_of(engine.generate(conversation, settings))
+        _, stats = answer_of(engine.generate(conversation, settings), conversation)
         times.append(time.perf_counter() - started)
         tokens = stats.prompt_tokens
-    return {"frames": frames, "ttft_s": median(times), "prompt_tokens": tokens,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "frames": frames,
+        "ttft_s": median(times),
+        "prompt_tokens": tokens,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def decode_comparison(clip: Path, repeats: int) -> tuple[float, float]:
     import av
-
     from bench_model import median
-    from llava_cli.video import load_video, sample_frames
+
+    from llava_cli.media.video import load_video, sample_frames
 
     def sampled() -> None:
         sample_frames(load_video(str(clip)), 8)
@@ -139,17 +178,32 @@ def main() -> None:
         clip = write_clip(folder / "clip.mp4")
         rows = []
         for frames in FRAME_COUNTS:
-            command = [sys.executable, __file__, "--one", str(frames), "--model", str(model), "--clip", str(clip), "--repeats", str(args.repeats)]
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                str(frames),
+                "--model",
+                str(model),
+                "--clip",
+                str(clip),
+                "--repeats",
+                str(args.repeats),
+            ]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(output.strip().splitlines()[-1]))
         sampled_s, whole_s = decode_comparison(clip, args.repeats)
     base = rows[0]
     print("frames  prompt tokens  ttft s  x text-only  peak RSS MB  x text-only")
     for row in rows:
-        print(f"{row['frames']:>6}  {row['prompt_tokens']:>13}  {row['ttft_s']:>6.3f}  {row['ttft_s'] / base['ttft_s']:>11.2f}"
-              f"  {row['peak_rss_mb']:>11.0f}  {row['peak_rss_mb'] / base['peak_rss_mb']:>11.2f}")
-    print(f"decode 300-frame 640x360 mp4: 8 sampled frames {sampled_s:.3f} s, whole clip to RGB {whole_s:.3f} s "
-          f"({whole_s / sampled_s:.2f}x)")
+        print(
+            f"{row['frames']:>6}  {row['prompt_tokens']:>13}  {row['ttft_s']:>6.3f}  {row['ttft_s'] / base['ttft_s']:>11.2f}"
+            f"  {row['peak_rss_mb']:>11.0f}  {row['peak_rss_mb'] / base['peak_rss_mb']:>11.2f}"
+        )
+    print(
+        f"decode 300-frame 640x360 mp4: 8 sampled frames {sampled_s:.3f} s, whole clip to RGB {whole_s:.3f} s "
+        f"({whole_s / sampled_s:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

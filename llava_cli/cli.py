@@ -10,22 +10,35 @@ the interpreter's slow teardown once torch is loaded.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import dataclasses
 import functools
 import inspect
 import os
 import sys
-from typing import Annotated, Any, Callable, NoReturn, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
 from llava_cli import __version__
-from llava_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
-from llava_cli.options import OPTIONS, Option
-from llava_cli.settings import (
-    DEFAULT_BATCH_SIZE, DEFAULT_CACHE_MB, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_TIMEOUT_KEEP_ALIVE_S, DEFAULT_MAX_REQUEST_MB, DEFAULT_PARALLEL, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, Settings,
+from llava_cli.base.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, LlavaError, one_line
+from llava_cli.base.options import LOGPROBS, OPTIONS, Option
+from llava_cli.base.settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_PARALLEL,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_SERVER_HOST,
+    DEFAULT_SERVER_PORT,
+    DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    Settings,
 )
-from llava_cli.terminal import emit_error
+from llava_cli.base.terminal import emit_error
 from llava_cli.usage import preflight
 
 app = typer.Typer(
@@ -40,28 +53,50 @@ app = typer.Typer(
 
 BATCH_HELP = "Many images (one answer each)"
 SESSION_HELP = "Saved conversations"
-NO_SAVE = typer.Option("--no-save", help="Do not save this conversation (nor update a resumed one).", rich_help_panel=SESSION_HELP)
+NO_SAVE = typer.Option(
+    "--no-save", help="Do not save this conversation (nor update a resumed one).", rich_help_panel=SESSION_HELP
+)
 # One-shot questions pile up as conversations; this environment variable turns their saving off for good.
-ASK_NO_SAVE = typer.Option("--no-save", envvar="LLAVA_ASK_NO_SAVE", help="Do not save this conversation (nor update a resumed one); LLAVA_ASK_NO_SAVE=1 makes it the default.", rich_help_panel=SESSION_HELP)
-DROP_MISSING = typer.Option("--drop-missing-images", help="Continue a conversation without its images that have vanished or changed.", rich_help_panel=SESSION_HELP)
+ASK_NO_SAVE = typer.Option(
+    "--no-save",
+    envvar="LLAVA_ASK_NO_SAVE",
+    help="Do not save this conversation (nor update a resumed one); LLAVA_ASK_NO_SAVE=1 makes it the default.",
+    rich_help_panel=SESSION_HELP,
+)
+DROP_MISSING = typer.Option(
+    "--drop-missing-images",
+    help="Continue a conversation without its images that have vanished or changed.",
+    rich_help_panel=SESSION_HELP,
+)
 
 
 def typer_option(option: Option) -> tuple[Any, Any, Any]:
     """(type, default, typer.Option) for a row of the option table."""
     kind = Optional[option.kind] if option.optional else option.kind
     info = typer.Option(
-        *option.flags, help=option.help, show_default=True, metavar=option.metavar, envvar=option.envvar, rich_help_panel=option.panel
+        *option.flags,
+        help=option.help,
+        show_default=True,
+        metavar=option.metavar,
+        envvar=option.envvar,
+        rich_help_panel=option.panel,
     )
     return kind, option.default, info
 
 
-# name -> (type, default, typer.Option): the options every command takes, in --help order (options.py declares them).
-SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {name: typer_option(option) for name, option in OPTIONS.items() if not option.client}
+# name -> (type, default, typer.Option): the options every command takes, in --help order (base/options.py declares them).
+SHARED_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
+    name: typer_option(option) for name, option in OPTIONS.items() if not option.client
+}
 # The commands that can answer through a server (ask, chat) also take these (--server, --no-server); `llava serve` does not.
-CLIENT_OPTIONS: dict[str, tuple[Any, Any, Any]] = {name: typer_option(option) for name, option in OPTIONS.items() if option.client}
+CLIENT_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
+    name: typer_option(option) for name, option in OPTIONS.items() if option.client
+}
 
 
-def with_settings(command: Callable[..., int], options: dict[str, tuple[Any, Any, Any]] = SHARED_OPTIONS) -> Callable[..., None]:
+def with_settings(
+    command: Callable[..., int], options: dict[str, tuple[Any, Any, Any]] = SHARED_OPTIONS
+) -> Callable[..., None]:
     """Give `command` the shared options; it receives them as one validated `settings` argument."""
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
     shared = [
@@ -86,7 +121,9 @@ def with_settings(command: Callable[..., int], options: dict[str, tuple[Any, Any
 
 def given_options(ctx: typer.Context) -> frozenset[str]:
     """The shared options typed on the command line: a resumed conversation keeps its own values for the rest."""
-    return frozenset(name for name in SHARED_OPTIONS if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE")
+    return frozenset(
+        name for name in SHARED_OPTIONS if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    )
 
 
 def with_client_settings(command: Callable[..., int]) -> Callable[..., None]:
@@ -98,27 +135,162 @@ def with_client_settings(command: Callable[..., int]) -> Callable[..., None]:
 @with_client_settings
 def ask(
     ctx: typer.Context,
-    args: Annotated[list[str], typer.Argument(metavar="IMAGE... [PROMPT]", help="Images (files, http(s) URLs, '-' for stdin), then the question. No question, or '-', reads it from stdin.", show_default=False)] = [],  # noqa: B006
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, token counts, timings.")] = False,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="The question; then every argument is an image.")] = None,
-    pages: Annotated[Optional[str], typer.Option("--pages", metavar="PAGES", help="Pages of a PDF argument, e.g. 1-3,7 (default: the first). Needs pip install 'llava-cli[pdf]'.", show_default=False)] = None,
-    clipboard: Annotated[bool, typer.Option("--clipboard", help="Also ask about the image on the system clipboard (wl-paste, xclip, pngpaste, osascript or PowerShell).")] = False,
-    output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="FORMAT", help="text|json|jsonl|csv; default text, or jsonl with --each. csv: one row per image, a column per top-level schema field.", show_default=False)] = None,
-    each: Annotated[bool, typer.Option("--each", help="Ask the question of each image separately: one answer (JSON line) per image.", rich_help_panel=BATCH_HELP)] = False,
-    from_file: Annotated[Optional[str], typer.Option("--from-file", metavar="FILE", help="Image paths or URLs, one per line ('-': stdin); implies --each.", rich_help_panel=BATCH_HELP)] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Append JSON lines to FILE; a rerun skips images already answered there.", rich_help_panel=BATCH_HELP)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images answered together in one pass (same greedy answers, more throughput).", rich_help_panel=BATCH_HELP)] = DEFAULT_BATCH_SIZE,
-    parallel: Annotated[Optional[int], typer.Option("--parallel", metavar="N", help=f"Through a server (--server, a running llava serve): up to N requests at once (default {DEFAULT_PARALLEL}).", rich_help_panel=BATCH_HELP, show_default=False)] = None,
-    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Answer on a Ray cluster: local (start one here), auto (the running one), ray://HOST:PORT. Workers must read the images (shared storage or URLs). Needs pip install 'llava-cli[ray]'.", show_default=False, rich_help_panel=BATCH_HELP)] = None,
-    actors: Annotated[Optional[int], typer.Option("--actors", metavar="N", help="With --ray: model copies answering at once (default: one per GPU, or per node).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
-    gpus_per_actor: Annotated[Optional[float], typer.Option("--gpus-per-actor", metavar="G", help="With --ray: GPUs each model copy gets (default 1 on a GPU cluster, 0 on CPUs).", show_default=False, rich_help_panel=BATCH_HELP)] = None,
-    recursive: Annotated[bool, typer.Option("--recursive", help="With --each FOLDER: the images in its subfolders too.", rich_help_panel=BATCH_HELP)] = False,
-    continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation (chat or ask): images become optional.", rich_help_panel=SESSION_HELP)] = False,
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="IMAGE... [PROMPT]",
+            help="Images (files, http(s) URLs, '-' for stdin), then the question. No question, or '-', reads it from stdin.",
+            show_default=False,
+        ),
+    ] = [],  # noqa: B006
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: answer, model, token counts, timings.")
+    ] = False,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option("--prompt", "-p", metavar="TEXT", help="The question; then every argument is an image."),
+    ] = None,
+    pages: Annotated[
+        Optional[str],
+        typer.Option(
+            "--pages",
+            metavar="PAGES",
+            help="Pages of a PDF argument, e.g. 1-3,7 (default: the first). Needs pip install 'llava-cli[pdf]'.",
+            show_default=False,
+        ),
+    ] = None,
+    clipboard: Annotated[
+        bool,
+        typer.Option(
+            "--clipboard",
+            help="Also ask about the image on the system clipboard (wl-paste, xclip, pngpaste, osascript or PowerShell).",
+        ),
+    ] = False,
+    output_format: Annotated[
+        Optional[str],
+        typer.Option(
+            "--output-format",
+            metavar="FORMAT",
+            help="text|json|jsonl|csv; default text, or jsonl with --each. csv: one row per image, a column per top-level schema field.",
+            show_default=False,
+        ),
+    ] = None,
+    each: Annotated[
+        bool,
+        typer.Option(
+            "--each",
+            help="Ask the question of each image separately: one answer (JSON line) per image.",
+            rich_help_panel=BATCH_HELP,
+        ),
+    ] = False,
+    from_file: Annotated[
+        Optional[str],
+        typer.Option(
+            "--from-file",
+            metavar="FILE",
+            help="Image paths or URLs, one per line ('-': stdin); implies --each.",
+            rich_help_panel=BATCH_HELP,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[str],
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Append JSON lines to FILE; a rerun skips images already answered there.",
+            rich_help_panel=BATCH_HELP,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Images answered together in one pass (same greedy answers, more throughput).",
+            rich_help_panel=BATCH_HELP,
+        ),
+    ] = DEFAULT_BATCH_SIZE,
+    parallel: Annotated[
+        Optional[int],
+        typer.Option(
+            "--parallel",
+            metavar="N",
+            help=f"Through a server (--server, a running llava serve): up to N requests at once (default {DEFAULT_PARALLEL}).",
+            rich_help_panel=BATCH_HELP,
+            show_default=False,
+        ),
+    ] = None,
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Answer on a Ray cluster: local (start one here), auto (the running one), ray://HOST:PORT. Workers must read the images (shared storage or URLs). Needs pip install 'llava-cli[ray]'.",
+            show_default=False,
+            rich_help_panel=BATCH_HELP,
+        ),
+    ] = None,
+    actors: Annotated[
+        Optional[int],
+        typer.Option(
+            "--actors",
+            metavar="N",
+            help="With --ray: model copies answering at once (default: one per GPU, or per node).",
+            show_default=False,
+            rich_help_panel=BATCH_HELP,
+        ),
+    ] = None,
+    gpus_per_actor: Annotated[
+        Optional[float],
+        typer.Option(
+            "--gpus-per-actor",
+            metavar="G",
+            help="With --ray: GPUs each model copy gets (default 1 on a GPU cluster, 0 on CPUs).",
+            show_default=False,
+            rich_help_panel=BATCH_HELP,
+        ),
+    ] = None,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive", help="With --each FOLDER: the images in its subfolders too.", rich_help_panel=BATCH_HELP
+        ),
+    ] = False,
+    continue_last: Annotated[
+        bool,
+        typer.Option(
+            "--continue",
+            "-c",
+            help="Continue the last saved conversation (chat or ask): images become optional.",
+            rich_help_panel=SESSION_HELP,
+        ),
+    ] = False,
     no_save: Annotated[bool, ASK_NO_SAVE] = False,
     drop_missing_images: Annotated[bool, DROP_MISSING] = False,
-    schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="The answer is JSON following this JSON schema: a file, inline JSON, or 'name, age int, colours list' (str, int, float, bool, list). --json holds it parsed. Needs pip install 'llava-cli[schema]'.", show_default=False)] = None,
-    answer_format: Annotated[Optional[str], typer.Option("--format", metavar="json", help="json: the answer is a JSON object.", show_default=False)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End the answer before this text (repeatable); nothing past it is printed.", show_default=False)] = None,
+    schema: Annotated[
+        Optional[str],
+        typer.Option(
+            "--schema",
+            metavar="SCHEMA",
+            help="The answer is JSON following this JSON schema: a file, inline JSON, or 'name, age int, colours list' (str, int, float, bool, list). --json holds it parsed. Needs pip install 'llava-cli[schema]'.",
+            show_default=False,
+        ),
+    ] = None,
+    answer_format: Annotated[
+        Optional[str],
+        typer.Option("--format", metavar="json", help="json: the answer is a JSON object.", show_default=False),
+    ] = None,
+    stop: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--stop",
+            metavar="TEXT",
+            help="End the answer before this text (repeatable); nothing past it is printed.",
+            show_default=False,
+        ),
+    ] = None,
+    logprobs: Annotated[Optional[int], typer_option(LOGPROBS)[2]] = None,
     settings: Settings = Settings(),
 ) -> int:
     """Answer one question about one or more images, on stdout; --each: about every image separately.
@@ -131,22 +303,39 @@ def ask(
 
     llava ask -c "and what colour is it?"
     """
-    from llava_cli.ask import run_ask
-    from llava_cli.arguments import AskOptions
-    from llava_cli.constraints import ask_constraint
-    from llava_cli.resume import SessionOptions
-    from llava_cli.stops import stop_list
+    from llava_cli.ask.one import run_ask
+    from llava_cli.engine.constraints import ask_constraint
+    from llava_cli.engine.stops import stop_list
+    from llava_cli.frontend.arguments import AskOptions
+    from llava_cli.store.resume import SessionOptions
 
     settings = ask_constraint(settings, schema, answer_format)
     if stop:
-        settings = settings.answered_here("--stop is", stop=stop_list(stop, "--stop", limit=None))
+        settings = dataclasses.replace(settings, stop=stop_list(stop, "--stop", limit=None))
     options = AskOptions.from_command_line(
         dict(
-            json_output=json_output, output_format=output_format, prompt=prompt, each=each, from_file=from_file, output=output,
-            batch_size=batch_size, parallel=parallel, ray=ray, actors=actors, gpus_per_actor=gpus_per_actor, clipboard=clipboard, pages=pages, recursive=recursive,
+            json_output=json_output,
+            output_format=output_format,
+            prompt=prompt,
+            each=each,
+            from_file=from_file,
+            output=output,
+            batch_size=batch_size,
+            parallel=parallel,
+            ray=ray,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            clipboard=clipboard,
+            pages=pages,
+            recursive=recursive,
+            logprobs=logprobs,
         )
     )
-    sessions = SessionOptions(save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen)
+    if logprobs is not None:
+        settings = dataclasses.replace(settings, logprobs=logprobs)
+    sessions = SessionOptions(
+        save=not no_save, resume=continue_last, drop_missing_images=drop_missing_images, given=settings.chosen
+    )
     return run_ask(args, settings, json_output, options, sessions)
 
 
@@ -154,13 +343,31 @@ def ask(
 @with_client_settings
 def chat(
     ctx: typer.Context,
-    session: Annotated[Optional[str], typer.Argument(metavar="ID", help="With --resume: the conversation's id or name (default: the last one).", show_default=False)] = None,
-    images: Annotated[list[str], typer.Option("--image", "-i", metavar="IMAGE", help="Image for the first message (repeatable).")] = [],  # noqa: B006
-    json_output: Annotated[bool, typer.Option("--json", help="Without a terminal: one JSON object per answer per line.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", "-r", help="Continue a saved conversation: the last one, or ID.", rich_help_panel=SESSION_HELP)] = False,
+    session: Annotated[
+        Optional[str],
+        typer.Argument(
+            metavar="ID",
+            help="With --resume: the conversation's id or name (default: the last one).",
+            show_default=False,
+        ),
+    ] = None,
+    images: Annotated[
+        list[str], typer.Option("--image", "-i", metavar="IMAGE", help="Image for the first message (repeatable).")
+    ] = [],  # noqa: B006
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Without a terminal: one JSON object per answer per line.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", "-r", help="Continue a saved conversation: the last one, or ID.", rich_help_panel=SESSION_HELP
+        ),
+    ] = False,
     no_save: Annotated[bool, NO_SAVE] = False,
     drop_missing_images: Annotated[bool, DROP_MISSING] = False,
-    no_markdown: Annotated[bool, typer.Option("--no-markdown", help="Show answers as plain text, not rendered Markdown.")] = False,
+    no_markdown: Annotated[
+        bool, typer.Option("--no-markdown", help="Show answers as plain text, not rendered Markdown.")
+    ] = False,
     settings: Settings = Settings(),
 ) -> int:
     """Chat with the model; /image PATH adds pictures, /help lists commands.
@@ -168,38 +375,148 @@ def chat(
     Without a terminal, reads one message per line from stdin and prints each answer on a line.
     Every conversation is saved; `llava chat --resume` continues the last one.
     """
-    from llava_cli.arguments import check_chat_arguments
-    from llava_cli.chat import run_chat
-    from llava_cli.resume import SessionOptions
+    from llava_cli.chat.loop import run_chat
+    from llava_cli.frontend.arguments import check_chat_arguments
+    from llava_cli.store.resume import SessionOptions
 
     check_chat_arguments({"session": session, "resume": resume})
-    sessions = SessionOptions(save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=settings.chosen)
+    sessions = SessionOptions(
+        save=not no_save, resume=resume, session=session, drop_missing_images=drop_missing_images, given=settings.chosen
+    )
     return run_chat(settings, images, json_output, sessions, markdown=not no_markdown)
 
 
 @app.command()
 @with_settings
 def serve(
-    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; 0.0.0.0 opens the server to your network.")] = DEFAULT_SERVER_HOST,
-    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free port).")] = DEFAULT_SERVER_PORT,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVA_API_KEY", metavar="KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every request. On the command line the key shows in `ps` to every local user: prefer LLAVA_API_KEY or --api-key-file.")] = None,
-    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", metavar="FILE", show_default=False, help="Read the API keys from FILE, one a line (keep it 0600); logs name them key-1, key-2...")] = None,
-    max_request_mb: Annotated[int, typer.Option("--max-request-mb", help="Refuse larger request bodies (images included).")] = DEFAULT_MAX_REQUEST_MB,
-    request_timeout: Annotated[float, typer.Option("--request-timeout", metavar="SECONDS", help="A request body must arrive within this time (408 otherwise).")] = DEFAULT_REQUEST_TIMEOUT_S,
-    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", metavar="NAME", show_default=False, help="Also answer requests whose Host header is NAME (repeatable; '*': any). localhost, IP addresses and --host always work.")] = None,
-    allowed_origin: Annotated[Optional[list[str]], typer.Option("--allowed-origin", metavar="ORIGIN", show_default=False, help="Answer requests from web pages of ORIGIN, e.g. http://localhost:3000 (repeatable; '*': any). Others are refused.")] = None,
-    allowed_local_media_path: Annotated[Optional[str], typer.Option("--allowed-local-media-path", metavar="DIR", show_default=False, help="Let requests name image files under DIR (symlinks resolved). Without it only data: URLs are accepted.")] = None,
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", metavar="N", show_default=False, help="Answer up to N requests at once, decoded together (default: as many as the GPU's free memory holds at full context, 8 on a CPU).")] = None,
-    cache_mb: Annotated[int, typer.Option("--cache-mb", metavar="MB", help="Keep up to MB of recent answers' KV caches, so chat clients resending their history skip its prefill (0: none).")] = DEFAULT_CACHE_MB,
-    keep_alive: Annotated[str, typer.Option("--keep-alive", metavar="DURATION", help="Unload the model after this idle time (30s, 5m, 1h; 0: after each answer; -1: never); the next request loads it again.")] = "-1",
-    metrics_public: Annotated[bool, typer.Option("--metrics-public", help="Serve GET /metrics without the API key.")] = False,
-    header_timeout: Annotated[float, typer.Option("--header-timeout", metavar="SECONDS", help="Close connections whose request headers take longer.")] = DEFAULT_HEADER_TIMEOUT_S,
-    timeout_keep_alive: Annotated[float, typer.Option("--timeout-keep-alive", metavar="SECONDS", help="Close idle kept-alive connections after this.")] = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
-    max_connections: Annotated[int, typer.Option("--max-connections", metavar="N", help="Open connections in all (kept under the open-file limit); more are refused with 503.")] = DEFAULT_MAX_CONNECTIONS,
-    max_connections_per_client: Annotated[int, typer.Option("--max-connections-per-client", metavar="N", help="Open connections from one address.")] = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", metavar="SECONDS", help="On SIGTERM, refuse new requests (503) and let answers in flight finish for up to this long.")] = DEFAULT_DRAIN_TIMEOUT_S,
-    log_format: Annotated[str, typer.Option("--log-format", metavar="FORMAT", help="Access log: text (with --verbose) or json (one line per request on stderr).")] = "text",
-    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", metavar="NAME", show_default=False, help="The model id clients send and /v1/models lists (default: the hub id, or the folder's name).")] = None,
+    host: Annotated[
+        str,
+        typer.Option("--host", metavar="HOST", help="Address to listen on; 0.0.0.0 opens the server to your network."),
+    ] = DEFAULT_SERVER_HOST,
+    port: Annotated[
+        int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free port).")
+    ] = DEFAULT_SERVER_PORT,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            envvar="LLAVA_API_KEY",
+            metavar="KEY",
+            show_default=False,
+            help="Require 'Authorization: Bearer KEY' on every request. On the command line the key shows in `ps` to every local user: prefer LLAVA_API_KEY or --api-key-file.",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key-file",
+            metavar="FILE",
+            show_default=False,
+            help="Read the API keys from FILE, one a line (keep it 0600); logs name them key-1, key-2...",
+        ),
+    ] = None,
+    max_request_mb: Annotated[
+        int, typer.Option("--max-request-mb", help="Refuse larger request bodies (images included).")
+    ] = DEFAULT_MAX_REQUEST_MB,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout", metavar="SECONDS", help="A request body must arrive within this time (408 otherwise)."
+        ),
+    ] = DEFAULT_REQUEST_TIMEOUT_S,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            show_default=False,
+            help="Also answer requests whose Host header is NAME (repeatable; '*': any). localhost, IP addresses and --host always work.",
+        ),
+    ] = None,
+    allowed_origin: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--allowed-origin",
+            metavar="ORIGIN",
+            show_default=False,
+            help="Answer requests from web pages of ORIGIN, e.g. http://localhost:3000 (repeatable; '*': any). Others are refused.",
+        ),
+    ] = None,
+    allowed_local_media_path: Annotated[
+        Optional[str],
+        typer.Option(
+            "--allowed-local-media-path",
+            metavar="DIR",
+            show_default=False,
+            help="Let requests name image files under DIR (symlinks resolved). Without it only data: URLs are accepted.",
+        ),
+    ] = None,
+    max_batch: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-batch",
+            metavar="N",
+            show_default=False,
+            help="Answer up to N requests at once, decoded together (default: as many as the GPU's free memory holds at full context, 8 on a CPU).",
+        ),
+    ] = None,
+    keep_alive: Annotated[
+        str,
+        typer.Option(
+            "--keep-alive",
+            metavar="DURATION",
+            help="Unload the model after this idle time (30s, 5m, 1h; 0: after each answer; -1: never); the next request loads it again.",
+        ),
+    ] = "-1",
+    metrics_public: Annotated[
+        bool, typer.Option("--metrics-public", help="Serve GET /metrics without the API key.")
+    ] = False,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout", metavar="SECONDS", help="Close connections whose request headers take longer."
+        ),
+    ] = DEFAULT_HEADER_TIMEOUT_S,
+    timeout_keep_alive: Annotated[
+        float,
+        typer.Option("--timeout-keep-alive", metavar="SECONDS", help="Close idle kept-alive connections after this."),
+    ] = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            metavar="N",
+            help="Open connections in all (kept under the open-file limit); more are refused with 503.",
+        ),
+    ] = DEFAULT_MAX_CONNECTIONS,
+    max_connections_per_client: Annotated[
+        int, typer.Option("--max-connections-per-client", metavar="N", help="Open connections from one address.")
+    ] = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout",
+            metavar="SECONDS",
+            help="On SIGTERM, refuse new requests (503) and let answers in flight finish for up to this long.",
+        ),
+    ] = DEFAULT_DRAIN_TIMEOUT_S,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            metavar="FORMAT",
+            help="Access log: text (with --verbose) or json (one line per request on stderr).",
+        ),
+    ] = "text",
+    served_model_name: Annotated[
+        Optional[str],
+        typer.Option(
+            "--served-model-name",
+            metavar="NAME",
+            show_default=False,
+            help="The model id clients send and /v1/models lists (default: the hub id, or the folder's name).",
+        ),
+    ] = None,
     settings: Settings = Settings(),
 ) -> int:
     """Keep the model loaded and serve the OpenAI chat-completions API on http://HOST:PORT/v1.
@@ -210,18 +527,31 @@ def serve(
 
     Generation options are the defaults for requests. Ctrl-C stops it (exit 130), SIGTERM too (exit 0).
     """
-    from llava_cli.server import run_serve
-    from llava_cli.serveguard import ServeOptions, api_keys_from_file
-    from llava_cli.servemodel import parse_keep_alive
+    from llava_cli.serve.guard import ServeOptions, api_keys_from_file
+    from llava_cli.serve.keepalive import parse_keep_alive
+    from llava_cli.serve.server import run_serve
 
-    api_keys = api_keys_from_file(api_key_file) if api_key_file is not None else (api_key,) if api_key is not None else ()
+    api_keys = (
+        api_keys_from_file(api_key_file) if api_key_file is not None else (api_key,) if api_key is not None else ()
+    )
     options = ServeOptions(
-        host=host, port=port, api_keys=api_keys, max_request_mb=max_request_mb, request_timeout_s=request_timeout,
-        allowed_hosts=tuple(allowed_host or ()), allowed_origins=tuple(allowed_origin or ()),
-        allowed_local_media_path=allowed_local_media_path, max_batch=max_batch, cache_mb=cache_mb,
-        keep_alive_s=parse_keep_alive(keep_alive), metrics_public=metrics_public, header_timeout_s=header_timeout,
-        timeout_keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
-        drain_timeout_s=drain_timeout, log_format=log_format,
+        host=host,
+        port=port,
+        api_keys=api_keys,
+        max_request_mb=max_request_mb,
+        request_timeout_s=request_timeout,
+        allowed_hosts=tuple(allowed_host or ()),
+        allowed_origins=tuple(allowed_origin or ()),
+        allowed_local_media_path=allowed_local_media_path,
+        max_batch=max_batch,
+        keep_alive_s=parse_keep_alive(keep_alive),
+        metrics_public=metrics_public,
+        header_timeout_s=header_timeout,
+        timeout_keep_alive_s=timeout_keep_alive,
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
+        drain_timeout_s=drain_timeout,
+        log_format=log_format,
         served_model_name=served_model_name,
     )
     return run_serve(settings, options)
@@ -229,33 +559,40 @@ def serve(
 
 @app.command()
 def models(
-    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list: model, family, size_bytes, offline, missing.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list: model, family, size_bytes, offline, missing.")
+    ] = False,
 ) -> None:
     """List the LLaVA-family checkpoints in the local Hugging Face cache, and whether each loads offline.
 
     The cache is HF_HUB_CACHE, else HF_HOME/hub (~/.cache/huggingface/hub). Nothing is downloaded.
     """
-    from llava_cli.cached_models import run_models
+    from llava_cli.manage.models import run_models
 
     raise typer.Exit(run_models(json_output))
 
 
 @app.command()
 def pull(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id (org/name), e.g. llava-hf/llava-1.5-7b-hf.", show_default=False)],
+    model: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", help="Hub id (org/name), e.g. llava-hf/llava-1.5-7b-hf.", show_default=False),
+    ],
 ) -> None:
     """Download a model ahead of time: only the files llava-cli loads, with progress; an interrupted pull resumes.
 
     llava pull llava-hf/llava-1.5-7b-hf
     """
-    from llava_cli.download import run_pull
+    from llava_cli.models.download import run_pull
 
     raise typer.Exit(run_pull(model))
 
 
 @app.command()
 def show(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id in the local cache, or a local folder.", show_default=False)],
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Hub id in the local cache, or a local folder.", show_default=False)
+    ],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """What a model on disk is: family, decoder, context, parameters, dtype, size, image tokens, chat template, revision.
@@ -264,28 +601,33 @@ def show(
 
     Reads config, processor files and the weights' headers only; nothing is downloaded or loaded.
     """
-    from llava_cli.modelinfo import run_show
+    from llava_cli.manage.info import run_show
 
     raise typer.Exit(run_show(model, json_output))
 
 
 @app.command()
 def rm(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub id (org/name) in the local cache.", show_default=False)],
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Hub id (org/name) in the local cache.", show_default=False)
+    ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
 ) -> None:
     """Delete a model's snapshots and blobs from the Hugging Face cache (asks first; nothing outside the cache).
 
     llava rm llava-hf/llava-1.5-7b-hf
     """
-    from llava_cli.modelinfo import run_rm
+    from llava_cli.manage.info import run_rm
 
     raise typer.Exit(run_rm(model, yes))
 
 
 @app.command()
 def tokens(
-    images: Annotated[list[str], typer.Argument(metavar="IMAGE...", help="Image files, as one prompt would hold them.", show_default=False)],
+    images: Annotated[
+        list[str],
+        typer.Argument(metavar="IMAGE...", help="Image files, as one prompt would hold them.", show_default=False),
+    ],
     model: Annotated[str, typer_option(OPTIONS["model"])[2]] = OPTIONS["model"].default,
     max_image_tokens: Annotated[Optional[int], typer_option(OPTIONS["max_image_tokens"])[2]] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per image.")] = False,
@@ -296,7 +638,7 @@ def tokens(
 
     Needs the model's processor files only, no weights.
     """
-    from llava_cli.tokencount import run_tokens
+    from llava_cli.manage.tokens import run_tokens
 
     raise typer.Exit(run_tokens(images, Settings(model=model, max_image_tokens=max_image_tokens), json_output))
 
@@ -309,7 +651,7 @@ SESSION_REF = typer.Argument(metavar="ID", help="A conversation's id, unique id 
 @sessions_app.command("list")
 def sessions_list(json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
     """Saved conversations, newest first: id, date, turns, model, name, first words."""
-    from llava_cli.sessions import list_sessions
+    from llava_cli.manage.sessions import list_sessions
 
     raise typer.Exit(list_sessions(json_output))
 
@@ -320,7 +662,7 @@ def sessions_show(
     json_output: Annotated[bool, typer.Option("--json", help="Print the saved file's JSON.")] = False,
 ) -> None:
     """The transcript of a saved conversation."""
-    from llava_cli.sessions import show_session
+    from llava_cli.manage.sessions import show_session
 
     raise typer.Exit(show_session(ref, json_output))
 
@@ -328,22 +670,38 @@ def sessions_show(
 @sessions_app.command("rm")
 def sessions_rm(ref: Annotated[str, SESSION_REF]) -> None:
     """Delete a saved conversation."""
-    from llava_cli.sessions import remove_session
+    from llava_cli.manage.sessions import remove_session
 
     raise typer.Exit(remove_session(ref))
 
 
 @sessions_app.command("prune")
 def sessions_prune(
-    older_than: Annotated[Optional[str], typer.Option("--older-than", metavar="AGE", show_default=False, help="Remove those last updated more than AGE ago: 30m, 12h, 7d, 2w.")] = None,
-    keep: Annotated[Optional[int], typer.Option("--keep", metavar="N", show_default=False, help="Keep the N newest, remove the rest (with --older-than: only the old ones among the rest).")] = None,
+    older_than: Annotated[
+        Optional[str],
+        typer.Option(
+            "--older-than",
+            metavar="AGE",
+            show_default=False,
+            help="Remove those last updated more than AGE ago: 30m, 12h, 7d, 2w.",
+        ),
+    ] = None,
+    keep: Annotated[
+        Optional[int],
+        typer.Option(
+            "--keep",
+            metavar="N",
+            show_default=False,
+            help="Keep the N newest, remove the rest (with --older-than: only the old ones among the rest).",
+        ),
+    ] = None,
 ) -> None:
     """Remove old unnamed conversations (those given a name with /save NAME stay).
 
     llava sessions prune --older-than 7d
     llava sessions prune --keep 20
     """
-    from llava_cli.sessions import prune_sessions
+    from llava_cli.manage.sessions import prune_sessions
 
     raise typer.Exit(prune_sessions(older_than, keep))
 
@@ -354,14 +712,19 @@ def sessions_export(
     fmt: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="markdown|json")] = "markdown",
 ) -> None:
     """A saved conversation as a Markdown document or as JSON, on stdout."""
-    from llava_cli.sessions import export_session
+    from llava_cli.manage.sessions import export_session
 
     raise typer.Exit(export_session(ref, fmt))
 
 
 @app.command("help")
 def help_command(
-    command: Annotated[Optional[list[str]], typer.Argument(metavar="[COMMAND]...", help="The command to explain, e.g. ask or sessions rm.", show_default=False)] = None,
+    command: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            metavar="[COMMAND]...", help="The command to explain, e.g. ask or sessions rm.", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Show the help of llava or of a command, as `llava COMMAND --help` does.
 
@@ -378,7 +741,9 @@ def show_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """Talk to LLaVA vision-language models on your own machine."""
 
@@ -404,7 +769,9 @@ def main() -> None:
     except BrokenPipeError:
         code = close_broken_pipe()
     except Exception as err:  # a bug: still one line, and the way to a traceback for the report
-        message = f"unexpected {type(err).__name__}: {one_line(err)} (LLAVA_DEBUG=1 shows the traceback; please report it)"
+        message = (
+            f"unexpected {type(err).__name__}: {one_line(err)} (LLAVA_DEBUG=1 shows the traceback; please report it)"
+        )
         code = report(err, message, EXIT_FAILURE)
     sys.exit(code or 0)
 
@@ -427,10 +794,8 @@ def exit_now(code: int | str | None) -> NoReturn:
         sys.exit(code)
     atexit._run_exitfuncs()  # what a normal exit runs first: logging's flush, libraries' own handlers
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a stream already closed
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away, a stream already closed
-            pass
     os._exit(code or 0)
 
 

@@ -54,7 +54,13 @@ def quiet_progress_bars() -> None:
     logging.disable_progress_bar()
 
 
-def invoke(monkeypatch, *args: str, stdin: bytes = b"", stdout: io.StringIO | BytesStdout | None = None, stderr: io.StringIO | None = None) -> Outcome:
+def invoke(
+    monkeypatch,
+    *args: str,
+    stdin: bytes = b"",
+    stdout: io.StringIO | BytesStdout | None = None,
+    stderr: io.StringIO | None = None,
+) -> Outcome:
     from llava_cli.cli import main
 
     out, err = stdout or io.StringIO(), stderr or io.StringIO()

@@ -1,38 +1,115 @@
-"""Shared fixtures: a tiny random LLaVA checkpoint (as a folder and as a hub cache), test images,
-a plain-transformers reference, and a runner for the real `llava` command."""
+"""Shared fixtures: a tiny random LLaVA checkpoint (as a folder and as a hub cache), test images and
+a plain-transformers reference; and what keeps `-m "not slow"` fast: tests using a `slow_fixture`
+are marked slow, and a test not marked slow fails if it starts a process, listens on a socket or
+builds a checkpoint. Helpers the test modules share are in helpers.py."""
 
 from __future__ import annotations
 
+import _posixsubprocess
 import os
-import signal
+import socket
 import subprocess
-import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
+import tiny_checkpoint
+from helpers import COLOURS, HUB_ID, SHORT_ANSWER, HelperHere, Reference, slow_fixture
 from tiny_checkpoint import build_checkpoint, lay_out_hub_cache
 
-HUB_ID = "llava-tests/tiny-llava"
-COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
-SHORT_ANSWER = 12  # tokens: enough to tell answers apart, quick on a CPU
-
-
-CHECKPOINT_FIXTURE = "tiny_model"  # every checkpoint the tests build or load starts from this one
+from llava_cli.media import decodepool
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that builds or loads a checkpoint is `slow`, marked here once rather than in every file;
-    tests that start processes without one carry the mark themselves."""
+    """A test using a `slow_fixture` is `slow`, marked here once rather than in every file; tests
+    that start processes without one carry the mark themselves (`fast_stays_fast` finds any that do not)."""
     for item in items:
-        if CHECKPOINT_FIXTURE in getattr(item, "fixturenames", ()):
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info else ()
+        if any(getattr(definition.func, "makes_tests_slow", False) for chain in definitions for definition in chain):
             item.add_marker(pytest.mark.slow)
+
+
+class SlowWork(BaseException):
+    """A test not marked `slow` started a process, listened on a socket or built a checkpoint. A BaseException, so that
+    the code under test's own `except Exception` cannot hide it (`fast_stays_fast` also re-raises it)."""
+
+
+# What `-m "not slow"` must never do, as (owner, attribute, what it does): every way the standard
+# library starts a process (subprocess, multiprocessing, pty/pexpect, os.system, Ray's launcher)
+# ends in one of these, every server (uvicorn, http.server, Ray) listens through socket.listen, and
+# a checkpoint to load is first built by tiny_checkpoint.
+GUARDED: tuple[tuple[object, str, str], ...] = (
+    (subprocess.Popen, "_execute_child", "started a process"),
+    (_posixsubprocess, "fork_exec", "started a process"),
+    (os, "fork", "forked"),
+    (os, "forkpty", "forked"),
+    (os, "posix_spawn", "started a process"),
+    (os, "posix_spawnp", "started a process"),
+    (os, "system", "started a shell"),
+    (socket.socket, "listen", "listened on a socket"),
+    (tiny_checkpoint, "save_checkpoint", "built a checkpoint"),  # every tiny_checkpoint builder saves through it
+)
+
+
+def refusing(what: str, caught: list[str]) -> Callable[..., None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        message = f"a test not marked slow {what}: mark it @pytest.mark.slow, or use a fake"
+        caught.append(message)
+        raise SlowWork(message)
+
+    return refuse
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    return (yield from fast_stays_fast(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    return (yield from fast_stays_fast(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    return (yield from fast_stays_fast(item))
+
+
+def fast_stays_fast(item: pytest.Item) -> Iterator[None]:
+    """Run one phase of a test not marked `slow` (its fixtures included, session-scoped ones too)
+    with GUARDED refusing: the phase fails if it tried, even if the code under test swallowed the error."""
+    if item.get_closest_marker("slow"):
+        return (yield)
+    caught: list[str] = []
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in GUARDED]
+    for owner, name, what in GUARDED:
+        setattr(owner, name, refusing(what, caught))
+    try:
+        result = yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    if caught:
+        raise SlowWork(caught[0])
+    return result
+
+
+@pytest.fixture(autouse=True)
+def images_decode_here(request, monkeypatch) -> None:
+    """In a test not marked `slow`, decodepool's helper runs in this process (`HelperHere`): the same
+    framing, `decodechild.reply` and `images.decode`, without starting `python -m llava_cli.media.decodechild`.
+    Tests of the helper process itself (killed at its budget, crashed) are slow and get the real one."""
+    if request.node.get_closest_marker("slow"):
+        return
+    monkeypatch.setattr(decodepool, "Helper", HelperHere)
+    monkeypatch.setattr(decodepool, "POOL", decodepool.DecoderPool())  # no real helper left idle by a slow test
 
 
 @pytest.fixture(autouse=True)
 def restored_environment():
     """Each test starts from the same environment: in-process commands set variables for themselves
-    (startup.py quiets huggingface_hub's own progress bars with HF_HUB_DISABLE_PROGRESS_BARS, for one),
+    (frontend/startup.py quiets huggingface_hub's own progress bars with HF_HUB_DISABLE_PROGRESS_BARS, for one),
     and a subprocess a later test starts from `os.environ` (cli_env) must not inherit them."""
     before = dict(os.environ)
     yield
@@ -40,7 +117,7 @@ def restored_environment():
     os.environ.update(before)
 
 
-@pytest.fixture
+@slow_fixture  # the clipboard tool is a process
 def fake_clipboard(tmp_path, monkeypatch) -> Path:
     """A Wayland session whose only clipboard tool, `wl-copy`, writes what it is given to the returned file."""
     bin_dir, clipboard = tmp_path / "bin", tmp_path / "clipboard.txt"
@@ -64,7 +141,7 @@ def llava_home(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_settings(tiny_model):
     """Settings for the tiny checkpoint with short answers (SHORT_ANSWER tokens)."""
-    from llava_cli.settings import Settings
+    from llava_cli.base.settings import Settings
 
     return Settings(model=str(tiny_model), max_new_tokens=SHORT_ANSWER)
 
@@ -76,7 +153,7 @@ def llava_home_dir(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("tiny-llava"))
 
@@ -84,8 +161,8 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model):
     """The tiny checkpoint loaded once (float32 on CPU): build an `Engine` on it for in-process tests."""
-    from llava_cli.loader import load_model
-    from llava_cli.settings import Settings
+    from llava_cli.base.settings import Settings
+    from llava_cli.models.loader import load_model
 
     return load_model(Settings(model=str(tiny_model)))
 
@@ -114,76 +191,6 @@ def images(image_dir) -> dict[str, Path]:
     return {name: image_dir / f"{name}.png" for name in COLOURS}
 
 
-def render_llava15(turns: list[tuple[str, int, str | None]], system: str | None = None) -> str:
-    """The documented llava-1.5 format, written out independently of llava_cli:
-    USER: <image>\\n<prompt1> ASSISTANT: <answer1></s>USER: <prompt2> ASSISTANT:"""
-    prompt = f"{system} " if system else ""
-    for text, image_count, answer in turns:
-        prompt += "USER: " + "<image>\n" * image_count + text + " ASSISTANT:"
-        if answer is not None:
-            prompt += " " + answer + "</s>"
-    return prompt
-
-
-class Reference:
-    """Plain transformers greedy generation on the full prompt: the answers llava-cli must match."""
-
-    def __init__(self, folder: Path) -> None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        self.processor = AutoProcessor.from_pretrained(folder)
-        self.model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
-
-    def answer(self, prompt: str, image_paths: list[Path], max_new_tokens: int, schema: str | None = None) -> str:
-        """`schema`: a JSON schema's text, enforced by xgrammar's own transformers logits processor."""
-        from PIL import Image
-
-        pictures = [Image.open(path).convert("RGB") for path in image_paths] or None
-        inputs = self.processor(text=prompt, images=pictures, return_tensors="pt")
-        processors = [self.grammar_processor(schema)] if schema is not None else None
-        output = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=processors)
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        return self.processor.decode(new_tokens, skip_special_tokens=True).strip()
-
-    def grammar_processor(self, schema: str):
-        """xgrammar's logits processor for transformers, compiled independently of llava_cli (compact JSON)."""
-        import xgrammar as xgr
-        from xgrammar.contrib.hf import LogitsProcessor
-
-        vocab_size = self.model.config.get_text_config().vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(self.processor.tokenizer, vocab_size=vocab_size)
-        return LogitsProcessor(xgr.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False))
-
-
 @pytest.fixture(scope="session")
 def reference(tiny_model) -> Reference:
     return Reference(tiny_model)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "LLAVA_MODEL", "LLAVA_DEBUG")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def default_sigint() -> None:
-    """`preexec_fn` of every process a test starts: SIGINT back to its default action. An ignored
-    signal is inherited (`nohup ... &`, some CI runners), and a Python started with SIGINT ignored
-    never turns Ctrl-C into KeyboardInterrupt, so the Ctrl-C tests would fail under such a launcher."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def run_llava(*args: str, stdin: bytes | str | None = b"", env: dict[str, str] | None = None, timeout: float = 120):
-    """Run the real command line in a subprocess; returns CompletedProcess with text output."""
-    data = stdin.encode() if isinstance(stdin, str) else stdin
-    result = subprocess.run(
-        [sys.executable, "-m", "llava_cli", *map(str, args)],
-        input=data,
-        capture_output=True,
-        env=env or cli_env(),
-        timeout=timeout,
-        preexec_fn=default_sigint,
-    )
-    result.stdout_text = result.stdout.decode("utf-8", errors="replace")
-    result.stderr_text = result.stderr.decode("utf-8", errors="replace")
-    return result

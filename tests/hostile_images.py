@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import struct
 
-
 EOB_RUN_SCAN_TABLE = bytes([0xFF, 0xC4, 0x00, 0x14, 0x11, 1] + [0] * 15 + [0xE0])  # AC table 1: one code, "0" = EOB14
 
 
@@ -48,8 +47,15 @@ def many_strip_tiff(strips: int, side: int = 8, bits_per_sample_values: int = 1)
     `bits_per_sample_values` > 1 makes BitsPerSample an array of that many 8s."""
     pixels = (bytes(range(64)) * (side * side // 64 + 1))[: side * side]
     entries = [  # (tag, type, count): type 3 SHORT, 4 LONG
-        (256, 3, 1), (257, 3, 1), (258, 3, bits_per_sample_values), (259, 3, 1), (262, 3, 1),
-        (273, 4, strips), (277, 3, 1), (278, 4, 1), (279, 4, strips),
+        (256, 3, 1),
+        (257, 3, 1),
+        (258, 3, bits_per_sample_values),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, strips),
+        (277, 3, 1),
+        (278, 4, 1),
+        (279, 4, strips),
     ]
     pixel_offset = 8 + 2 + 12 * len(entries) + 4
     arrays = {  # tag -> its values when there is more than one (stored after the pixels)

@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-
 from videos import audio_only, encode_video, frames_of
 
 

@@ -66,7 +66,9 @@ class StandInHub:
 
     def file_requests(self, method: str = "GET") -> list[str]:
         """The file names requested with `method`, in order."""
-        return [RESOLVE.match(path)["file"] for verb, path, _ in self.requests if verb == method and RESOLVE.match(path)]
+        return [
+            RESOLVE.match(path)["file"] for verb, path, _ in self.requests if verb == method and RESOLVE.match(path)
+        ]
 
     def release(self, chunks: int) -> None:
         """Let `chunks` more chunks of the held files go out."""
@@ -125,8 +127,13 @@ def make_handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
             if files is None:
                 self.reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
                 return
-            siblings = [{"rfilename": name, "blobId": etag(data)[:40]} | ({} if hub.no_sizes else {"size": len(data)}) for name, data in sorted(files.items())]
-            body = json.dumps({"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings}).encode()
+            siblings = [
+                {"rfilename": name, "blobId": etag(data)[:40]} | ({} if hub.no_sizes else {"size": len(data)})
+                for name, data in sorted(files.items())
+            ]
+            body = json.dumps(
+                {"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings}
+            ).encode()
             self.reply(200, body, {"Content-Type": "application/json"})
 
         def resolve(self, repo: str, name: str, send_body: bool) -> None:
@@ -137,7 +144,12 @@ def make_handler(hub: StandInHub) -> type[BaseHTTPRequestHandler]:
                 return
             data = files[name]
             start = range_start(self.headers.get("Range"))
-            headers = {"ETag": f'"{etag(data)}"', "X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes", "Content-Length": str(len(data) - start)}
+            headers = {
+                "ETag": f'"{etag(data)}"',
+                "X-Repo-Commit": COMMIT,
+                "Accept-Ranges": "bytes",
+                "Content-Length": str(len(data) - start),
+            }
             if start:
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             self.send_response(206 if start else 200)

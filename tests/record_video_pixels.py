@@ -3,7 +3,7 @@
 Run once, in a separate venv that has torchvision (CPU llava-cli installs have none):
     python3 -m venv /work/tvenv && /work/tvenv/bin/pip install torch==2.13.0 torchvision==0.28.0 transformers==5.25.0 numpy
     /work/tvenv/bin/python tests/record_video_pixels.py
-tests/test_video_pixels.py compares llava_cli.videopixels against these values (within 1e-6), and
+tests/test_video_pixels.py compares llava_cli.media.videopixels against these values (within 1e-6), and
 the frame indices against the video processor's own `sample_frames`.
 """
 
@@ -17,9 +17,17 @@ SAMPLE_STRIDE = 97  # full-size outputs are stored as every 97th value, plus the
 CASES = [
     ("next_video_default", "LlavaNextVideoVideoProcessor", {}),
     ("onevision_default", "LlavaOnevisionVideoProcessor", {}),
-    ("next_video_small", "LlavaNextVideoVideoProcessor", dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
+    (
+        "next_video_small",
+        "LlavaNextVideoVideoProcessor",
+        dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    ),
     ("onevision_small", "LlavaOnevisionVideoProcessor", dict(size={"height": 32, "width": 32})),
-    ("next_video_bilinear", "LlavaNextVideoVideoProcessor", dict(size={"shortest_edge": 24}, crop_size={"height": 20, "width": 28}, resample=2)),
+    (
+        "next_video_bilinear",
+        "LlavaNextVideoVideoProcessor",
+        dict(size={"shortest_edge": 24}, crop_size={"height": 20, "width": 28}, resample=2),
+    ),
 ]
 SHAPES = {"landscape": (4, 40, 56), "portrait": (3, 57, 41)}
 INDEX_CASES = [(total, n) for total in (1, 7, 8, 30, 31, 100, 301) for n in (1, 2, 3, 8, 16, 32) if n <= total]

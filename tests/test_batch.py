@@ -22,21 +22,30 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from helpers import (
+    QuietServer,
+    cli_env,
+    copies,
+    default_sigint,
+    lines_of,
+    render_llava15,
+    run_llava,
+    slow_fixture,
+)
 
-from conftest import cli_env, default_sigint, render_llava15, run_llava
-from llava_cli.arguments import ANSWERABLE_SUFFIXES, AskOptions
-from llava_cli.ask import sigterm_as_interrupt
-from llava_cli.batch import BatchProgress, run_batch
-from llava_cli.conversation import Conversation
-from llava_cli.decodebatch import DecodeBatch, answers_in_order
-from llava_cli.decoding import forward
-from llava_cli.engine import Engine, Prompt
-from llava_cli.errors import InputError, UsageError
-from llava_cli.images import load_image
-from llava_cli.output import json_line
-from llava_cli.records import RECORD_KEYS, RecordFile, make_record
-from llava_cli.settings import Settings
-from llava_cli.urls import fetch_image_url
+from llava_cli.ask.each import BatchProgress, run_batch
+from llava_cli.ask.one import sigterm_as_interrupt
+from llava_cli.base.errors import InputError, UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine, Prompt
+from llava_cli.engine.pipeline import forward
+from llava_cli.engine.scheduler import DecodeBatch, answers_in_order
+from llava_cli.frontend.arguments import ANSWERABLE_SUFFIXES, AskOptions
+from llava_cli.frontend.output import json_line
+from llava_cli.frontend.records import RECORD_KEYS, RecordFile, make_record
+from llava_cli.media.images import load_image
+from llava_cli.media.urls import fetch_image_url
+from llava_cli.prompt.conversation import Conversation
 
 MAX_NEW = 10
 PROMPT = "describe the picture"
@@ -82,12 +91,7 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class QuietServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request, client_address) -> None:
-        pass  # the timeout test hangs up on /slow: expected, not worth a traceback
-
-
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def server(images):
     green = images["green"].read_bytes()
     ImageServer.routes = {"/green.png": green, "/no-length-big": b"x" * 5000, "/big": b"x" * 5000, "/slow": green}
@@ -97,14 +101,12 @@ def server(images):
     httpd.shutdown()
 
 
-def lines_of(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
 # Batched generation -----------------------------------------------------------------------------
 
 
-def test_a_batch_of_prompts_of_different_lengths_answers_each_as_plain_transformers_alone(engine, settings, reference, images):
+def test_a_batch_of_prompts_of_different_lengths_answers_each_as_plain_transformers_alone(
+    engine, settings, reference, images
+):
     questions = [
         ("describe", "red"),
         ("what is in this image? describe the picture in detail", "green"),
@@ -142,14 +144,23 @@ def test_each_row_stops_at_its_own_budget(engine, settings, reference, images):
 
 def together(engine: Engine, prompts: list[Prompt], settings: Settings, rows: int | None = None) -> list:
     """Each prompt's answer from the scheduler, `rows` (default: all) decoding at once."""
-    return list(answers_in_order(engine, [lambda prompt=prompt: prompt for prompt in prompts], settings, rows or len(prompts)))
+    return list(
+        answers_in_order(engine, [lambda prompt=prompt: prompt for prompt in prompts], settings, rows or len(prompts))
+    )
 
 
-def test_a_row_that_ends_is_replaced_at_once_and_every_answer_stays_the_one_alone(engine, settings, reference, images, monkeypatch):
+def test_a_row_that_ends_is_replaced_at_once_and_every_answer_stays_the_one_alone(
+    engine, settings, reference, images, monkeypatch
+):
     """Continuous admission: with prompts waiting, every decode step runs `rows` rows (fixed batches
     would run a short answer's batch on with a row missing until its longest answer ends)."""
-    questions = [("hi", "red"), ("what is in this image? describe the picture in detail", "green"), ("describe", "blue"),
-                 ("how many objects are there?", "red"), ("what colour?", "green")]
+    questions = [
+        ("hi", "red"),
+        ("what is in this image? describe the picture in detail", "green"),
+        ("describe", "blue"),
+        ("how many objects are there?", "red"),
+        ("what colour?", "green"),
+    ]
     prompts = []
     for text, colour in questions:
         conversation = Conversation()
@@ -162,7 +173,9 @@ def test_a_row_that_ends_is_replaced_at_once_and_every_answer_stays_the_one_alon
     admitted, step_rows = [], []
     admit, step = DecodeBatch.admit, DecodeBatch.step
     monkeypatch.setattr(DecodeBatch, "admit", lambda batch, *args: (admitted.append(1), admit(batch, *args))[1])
-    monkeypatch.setattr(DecodeBatch, "step", lambda batch: (step_rows.append((len(batch), len(admitted))), step(batch))[1])
+    monkeypatch.setattr(
+        DecodeBatch, "step", lambda batch: (step_rows.append((len(batch), len(admitted))), step(batch))[1]
+    )
 
     answers = together(engine, prompts, tight, rows=2)
 
@@ -172,12 +185,14 @@ def test_a_row_that_ends_is_replaced_at_once_and_every_answer_stays_the_one_alon
         assert answer.completion_tokens == budget
 
 
-def test_out_of_memory_fails_only_the_images_it_hit_and_the_run_goes_on(engine, settings, reference, images, monkeypatch):
-    """Out of memory in one image's prefill fails that image; in a decode step, the rows of that step;
-    the images admitted after it are answered as alone."""
+def test_out_of_memory_fails_only_the_images_it_hit_and_the_run_goes_on(
+    engine, settings, reference, images, monkeypatch
+):
+    """Out of memory in one image's prefill fails that image; in a decode step, the step runs again row
+    by row and only a row that runs out alone too fails; every other image is answered as alone."""
     import torch
 
-    from llava_cli import decodebatch
+    from llava_cli.engine import scheduler as decodebatch
 
     questions = [("hi", "red"), ("describe", "green"), ("how many objects are there?", "blue"), ("what colour?", "red")]
     prompts = []
@@ -192,17 +207,27 @@ def test_out_of_memory_fails_only_the_images_it_hit_and_the_run_goes_on(engine, 
             raise torch.OutOfMemoryError("out of memory (simulated)")
         if padded.ids.shape[1] == 1:
             steps.append(padded.ids.shape[0])
-            if len(steps) == 2:  # the second decode step: rows 1 and 2 are in it
+            if len(steps) in (2, 3):  # the second decode step (rows 1 and 2), then row 1 alone
                 raise torch.OutOfMemoryError("out of memory (simulated)")
         return forward(model, cache, padded, image_inputs)
 
     monkeypatch.setattr(decodebatch, "forward", forward_or_run_out)
     results = together(engine, prompts, settings, rows=2)
 
-    assert [type(result).__name__ for result in results] == ["ResourceError", "ResourceError", "ResourceError", "BatchAnswer"]
-    assert str(results[0]).startswith("out of memory") and steps[:2] == [2, 2]
-    text, colour = questions[3]
-    assert results[3].text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], MAX_NEW)
+    assert [type(result).__name__ for result in results] == [
+        "ResourceError",
+        "ResourceError",
+        "BatchAnswer",
+        "BatchAnswer",
+    ]
+    assert (
+        str(results[0]).startswith("out of memory")
+        and str(results[1]).startswith("out of memory")
+        and steps[:4] == [2, 2, 1, 1]
+    )
+    for place in (2, 3):
+        text, colour = questions[place]
+        assert results[place].text == reference.answer(render_llava15([(text, 1, None)]), [images[colour]], MAX_NEW)
 
 
 # The command line: one subprocess per behaviour that only a real process shows --------------------
@@ -214,8 +239,19 @@ def test_mixed_batch_stdin_url_broken_and_missing_images(images, image_dir, serv
     args = ["-", f"{server}/green.png", str(broken), f"{server}/missing.png", str(images["blue"])]
 
     result = run_llava(
-        "ask", "--model", "llava-tests/tiny-llava", "-n", MAX_NEW, "--each", *args, "-p", PROMPT, "--batch-size", 2,
-        stdin=images["red"].read_bytes(), env=cli_env(HF_HOME=str(hf_home)),
+        "ask",
+        "--model",
+        "llava-tests/tiny-llava",
+        "-n",
+        MAX_NEW,
+        "--each",
+        *args,
+        "-p",
+        PROMPT,
+        "--batch-size",
+        2,
+        stdin=images["red"].read_bytes(),
+        env=cli_env(HF_HOME=str(hf_home)),
     )
 
     assert result.returncode == 1, result.stderr_text
@@ -227,19 +263,10 @@ def test_mixed_batch_stdin_url_broken_and_missing_images(images, image_dir, serv
     assert records[3]["error"] == f"cannot fetch {server}/missing.png: HTTP 404 Not Found"
     assert [r["error"] is None for r in records] == [True, True, False, False, True]
     assert all(r["prompt"] == PROMPT and r["completion_tokens"] == MAX_NEW for r in records if r["answer"])
-    assert result.stderr_text.splitlines() == [f"llava: error: {records[2]['error']}", f"llava: error: {records[3]['error']}"]
-
-
-def copies(images: dict[str, Path], folder: Path, count: int) -> list[Path]:
-    """`count` distinct files cycling through the test images (red, green, blue, red...)."""
-    folder.mkdir(exist_ok=True)
-    colours = list(images)
-    paths = []
-    for index in range(count):
-        path = folder / f"{index:02d}-{colours[index % 3]}.png"
-        shutil.copy(images[colours[index % 3]], path)
-        paths.append(path)
-    return paths
+    assert result.stderr_text.splitlines() == [
+        f"llava: error: {records[2]['error']}",
+        f"llava: error: {records[3]['error']}",
+    ]
 
 
 def llava_command(*args) -> list[str]:
@@ -250,7 +277,9 @@ def test_a_list_piped_in_and_head_closing_the_pipe_end_quietly(images, tmp_path,
     paths = copies(images, tmp_path / "many", 30)
     command = " ".join(map(str, llava_command("-n", MAX_NEW, "--from-file", "-", "-p", f"'{PROMPT}'")))
     listing = " ".join(map(str, paths))
-    script = f"printf '%s\\n' {listing} | {command} 2>{tmp_path / 'stderr'} | head -1; echo \"status=${{PIPESTATUS[1]}}\""
+    script = (
+        f"printf '%s\\n' {listing} | {command} 2>{tmp_path / 'stderr'} | head -1; echo \"status=${{PIPESTATUS[1]}}\""
+    )
 
     result = subprocess.run(["bash", "-c", script], capture_output=True, env=cli_env(HF_HOME=str(hf_home)), timeout=120)
 
@@ -287,7 +316,10 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == b""
-    assert result.stderr.decode() == f"llava: skipping {len(finished)} of {len(paths)} images, already answered in {output}\n"
+    assert (
+        result.stderr.decode()
+        == f"llava: skipping {len(finished)} of {len(paths)} images, already answered in {output}\n"
+    )
     records = lines_of(output.read_text())
     assert [r["image"] for r in records] == list(map(str, paths))
     assert [r["answer"] for r in records] == [expected[path.stem.split("-")[1]] for path in paths]
@@ -301,9 +333,15 @@ def test_sigint_keeps_finished_lines_and_a_rerun_finishes_the_rest(images, tmp_p
     [
         (dict(output="a.jsonl"), "-o a.jsonl: only with --each or --from-file, which answer images one by one"),
         (dict(batch_size=4), "--batch-size 4: only with --each or --from-file, which answer images one by one"),
-        (dict(output="a.jsonl", batch_size=4), "-o a.jsonl and --batch-size 4: only with --each or --from-file, which answer images one by one"),
+        (
+            dict(output="a.jsonl", batch_size=4),
+            "-o a.jsonl and --batch-size 4: only with --each or --from-file, which answer images one by one",
+        ),
         (dict(each=True, batch_size=0), "--batch-size must be between 1 and 256 (got 0)"),
-        (dict(each=True, output="a.jsonl", output_format="text"), "-o writes JSON lines or CSV (so that a rerun can resume); drop --output-format text"),
+        (
+            dict(each=True, output="a.jsonl", output_format="text"),
+            "-o writes JSON lines or CSV (so that a rerun can resume); drop --output-format text",
+        ),
         (dict(json=True, output_format="text"), "--json and --output-format text exclude each other: pick one"),
         (dict(output_format="yaml"), "--output-format must be one of text, json, jsonl, csv (got 'yaml')"),
     ],
@@ -343,7 +381,8 @@ def test_resume_reads_answers_and_cuts_a_half_written_last_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", ["my notes\nabout things\n", '{"image": "a.png"}\n', "# a list\nno newline", '{"image": "a.png"}\n{"image": "b'],
+    "content",
+    ["my notes\nabout things\n", '{"image": "a.png"}\n', "# a list\nno newline", '{"image": "a.png"}\n{"image": "b'],
 )
 def test_resume_refuses_a_file_that_is_not_a_llava_answer_file(tmp_path, content):
     path = tmp_path / "notes.txt"
@@ -425,7 +464,9 @@ def test_text_output_from_a_file_list(settings, images, expected, tmp_path, caps
     assert out == f"{images['blue']}\t{one_line['blue']}\n{images['red']}\t{one_line['red']}\n"
 
 
-def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_each(settings, images, expected, tmp_path, capsys):
+def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_each(
+    settings, images, expected, tmp_path, capsys
+):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
     for name, colour in [("b.png", "green"), ("a.PNG", "red"), ("sub/c.png", "blue"), (".hidden.png", "red")]:
@@ -436,15 +477,21 @@ def test_each_folder_answers_its_images_sorted_and_skips_the_rest_with_a_line_ea
     assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", batch_size=2)) == 0
     out, err = capsys.readouterr()
     assert out == f"{folder / 'a.PNG'}\t{one_line['red']}\n{folder / 'b.png'}\t{one_line['green']}\n"
-    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image or a video ({', '.join(sorted(ANSWERABLE_SUFFIXES))})",
-                                f"llava: skipping {folder / 'sub'}: a folder (--recursive includes its images)"]
+    assert llava_lines(err) == [
+        f"llava: skipping {folder / 'notes.txt'}: not an image or a video ({', '.join(sorted(ANSWERABLE_SUFFIXES))})",
+        f"llava: skipping {folder / 'sub'}: a folder (--recursive includes its images)",
+    ]
 
     assert run_batch([str(folder), PROMPT], settings, AskOptions(each=True, output_format="text", recursive=True)) == 0
     out, err = capsys.readouterr()
     lines = out.split("\n")
-    assert [line.split("\t")[0] for line in lines] == [str(folder / name) for name in ("a.PNG", "b.png", "sub/c.png")] + [""]
+    assert [line.split("\t")[0] for line in lines] == [
+        str(folder / name) for name in ("a.PNG", "b.png", "sub/c.png")
+    ] + [""]
     assert lines[2] == f"{folder / 'sub/c.png'}\t{one_line['blue']}"
-    assert llava_lines(err) == [f"llava: skipping {folder / 'notes.txt'}: not an image or a video ({', '.join(sorted(ANSWERABLE_SUFFIXES))})"]
+    assert llava_lines(err) == [
+        f"llava: skipping {folder / 'notes.txt'}: not an image or a video ({', '.join(sorted(ANSWERABLE_SUFFIXES))})"
+    ]
 
 
 def as_one_line(answer: str) -> str:
@@ -463,7 +510,10 @@ def test_each_folder_without_images_is_refused_before_the_model_loads(tmp_path):
     no_model = Settings(model=str(tmp_path / "no-such-model"))
     with pytest.raises(UsageError) as caught:
         run_batch([str(tmp_path / "empty"), PROMPT], no_model, AskOptions(each=True))
-    assert str(caught.value) == f"no images in the folder {tmp_path / 'empty'} (1 other entries; --recursive looks in its subfolders)"
+    assert (
+        str(caught.value)
+        == f"no images in the folder {tmp_path / 'empty'} (1 other entries; --recursive looks in its subfolders)"
+    )
     with pytest.raises(UsageError, match="--recursive: only with --each"):
         AskOptions(recursive=True)
 
@@ -474,7 +524,7 @@ def test_ctrl_c_without_o_says_where_it_stopped_and_how_to_resume(settings, imag
             yield make_record(name, PROMPT, settings.model, answer="a")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llava_cli.batch.record_source", two_then_ctrl_c)
+    monkeypatch.setattr("llava_cli.ask.each.record_source", two_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run_batch([*map(str, images.values()), PROMPT], settings, AskOptions(each=True))
     assert capsys.readouterr().err == "llava: stopped at 2/3; rerun with -o FILE to resume\n"

@@ -14,7 +14,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("bandwidth", "plain", "default", "no_cuda_graph", "eager", "compile", "crop_chat", "buckets", "memory", "batch")
+PHASES = (
+    "bandwidth",
+    "plain",
+    "default",
+    "no_cuda_graph",
+    "eager",
+    "compile",
+    "crop_chat",
+    "buckets",
+    "memory",
+    "batch",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +34,10 @@ def smoke(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     env = os.environ | {"OUT": str(out), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", *extra],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return done, json.loads((out / "gpu.json").read_text())
 

@@ -14,13 +14,12 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
+from helpers import HUB_ID, cli_env, render_llava15, run_llava
 
 MAX_NEW = 12
 QUESTION = "What is in this picture?"
 # Any connection attempt in the child process is recorded on stderr and refused.
-NO_NETWORK_SITECUSTOMIZE = '''
+NO_NETWORK_SITECUSTOMIZE = """
 import socket, sys
 
 def refuse(self, address, *args):
@@ -32,7 +31,7 @@ def refuse(self, address, *args):
 real_connect = socket.socket.connect
 socket.socket.connect = refuse
 socket.socket.connect_ex = refuse
-'''
+"""
 
 
 def single(reference, prompt: str, image_paths: list[Path]) -> str:
@@ -75,7 +74,9 @@ def hub_env(hf_home: Path, no_network: Path, offline: bool) -> dict[str, str]:
 
 def test_json_from_a_cached_hub_id_offline_with_dash_for_the_prompt(hf_home, no_network, images, reference):
     env = hub_env(hf_home, no_network, offline=True)
-    result = run_llava("ask", images["green"], "-", "--json", "--model", HUB_ID, "-n", MAX_NEW, stdin="Describe it.", env=env)
+    result = run_llava(
+        "ask", images["green"], "-", "--json", "--model", HUB_ID, "-n", MAX_NEW, stdin="Describe it.", env=env
+    )
     assert result.returncode == 0, result.stderr_text
     assert result.stderr_text == ""
     assert result.stdout.endswith(b"}\n") and result.stdout.count(b"\n") == 1
@@ -90,17 +91,23 @@ def test_json_from_a_cached_hub_id_offline_with_dash_for_the_prompt(hf_home, no_
 def test_image_from_stdin_with_a_cached_hub_id_needs_no_network_even_online(hf_home, no_network, images, reference):
     # HF_HUB_OFFLINE is not set: the cache must still be tried first, so no connection is ever made.
     env = hub_env(hf_home, no_network, offline=False)
-    result = run_llava("ask", "-", QUESTION, "--model", HUB_ID, "-n", MAX_NEW, stdin=images["blue"].read_bytes(), env=env)
+    result = run_llava(
+        "ask", "-", QUESTION, "--model", HUB_ID, "-n", MAX_NEW, stdin=images["blue"].read_bytes(), env=env
+    )
     assert "NETWORK ATTEMPT" not in result.stderr_text
     assert_only_answer(result, single(reference, QUESTION, [images["blue"]]))
 
 
 def test_an_unknown_hub_id_is_one_line_naming_it(hf_home, no_network, images):
-    result = run_llava("ask", images["red"], QUESTION, "--model", "llava-tests/no-such-model", env=hub_env(hf_home, no_network, True))
+    result = run_llava(
+        "ask", images["red"], QUESTION, "--model", "llava-tests/no-such-model", env=hub_env(hf_home, no_network, True)
+    )
     assert result.returncode == 2
     assert result.stdout == b""
     assert result.stderr_text.count("\n") == 1
-    assert result.stderr_text.startswith("llava: error: llava-tests/no-such-model is not in the local Hugging Face cache")
+    assert result.stderr_text.startswith(
+        "llava: error: llava-tests/no-such-model is not in the local Hugging Face cache"
+    )
 
 
 def test_an_unknown_hub_id_with_the_hub_unreachable_fails_fast_in_one_line(hf_home, no_network, images):
@@ -108,7 +115,9 @@ def test_an_unknown_hub_id_with_the_hub_unreachable_fails_fast_in_one_line(hf_ho
     result = run_llava("ask", images["red"], QUESTION, "--model", "llava-tests/no-such-model", env=env, timeout=60)
     assert result.returncode == 2
     [line] = result.stderr_text.splitlines()
-    assert line.startswith("llava: error: llava-tests/no-such-model could not be downloaded: the Hugging Face hub could not be reached (")
+    assert line.startswith(
+        "llava: error: llava-tests/no-such-model could not be downloaded: the Hugging Face hub could not be reached ("
+    )
     assert line.endswith("); check the connection and run again")
     assert "Traceback" not in result.stderr_text
 
@@ -121,14 +130,18 @@ def test_load_4bit_answers_like_transformers_with_the_same_quantization(tiny_mod
 
     result = run_llava("ask", images["red"], QUESTION, "--load-4bit", "--model", tiny_model, "-n", MAX_NEW)
 
-    # What loader.py asks for on a CPU: NF4 weights, computing in the model dtype (float32).
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    # What models/loader.py asks for on a CPU: NF4 weights, computing in the model dtype (float32).
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     model = LlavaForConditionalGeneration.from_pretrained(
         tiny_model, dtype=torch.float32, device_map="cpu", quantization_config=quantization
     ).eval()
     assert type(model.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     inputs = reference.processor(
-        text=render_llava15([(QUESTION, 1, None)]), images=[Image.open(images["red"]).convert("RGB")], return_tensors="pt"
+        text=render_llava15([(QUESTION, 1, None)]),
+        images=[Image.open(images["red"]).convert("RGB")],
+        return_tensors="pt",
     )
     output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     expected = reference.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -149,6 +162,7 @@ sys.modules["kernels"] = kernels
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_bitsandbytes_is_imported_on_its_bundled_kernels_silently(tmp_path):
     """No hub kernel loader call, no network attempt, no warning; `kernels` is importable again after."""
     import subprocess
@@ -156,7 +170,7 @@ def test_bitsandbytes_is_imported_on_its_bundled_kernels_silently(tmp_path):
 
     (tmp_path / "sitecustomize.py").write_text(NO_NETWORK_SITECUSTOMIZE)
     script = RECORDING_KERNELS + (
-        "from llava_cli.loader import import_bitsandbytes\n"
+        "from llava_cli.models.loader import import_bitsandbytes\n"
         "import_bitsandbytes()\n"
         "import bitsandbytes.functional as functional\n"
         "print(bool(functional.has_avx512bf16()), sys.modules['kernels'] is kernels)\n"
@@ -199,14 +213,23 @@ def bad(tmp_path_factory, tiny_model) -> Path:
 # tests/test_bad_input.py runs the whole catalogue in-process; these few go through a real process
 # (real stdio, interpreter exit) with one case of each kind, and add a bomb at the default limit.
 BAD_INPUT = {
-    "decompression bomb": (["ask", "{bad}/bomb.png", "q"], "{bad}/bomb.png is too large to be a safe image (raise --max-image-pixels if you trust it)"),
+    "decompression bomb": (
+        ["ask", "{bad}/bomb.png", "q"],
+        "{bad}/bomb.png is too large to be a safe image (raise --max-image-pixels if you trust it)",
+    ),
     "missing file": (["ask", "{bad}/missing.png", "q"], "image not found: {bad}/missing.png"),
     "config but no weights": (
         ["ask", "{red}", "q", "--model", "{bad}/no-weights"],
         "{bad}/no-weights has no weights (*.safetensors); the download is incomplete or the folder is wrong",
     ),
-    "dtype float64": (["ask", "{red}", "q", "--dtype", "float64"], "--dtype must be one of auto, float16, bfloat16, float32 (got 'float64')"),
-    "empty stdin prompt": (["ask", "{red}", "--model", "{tiny}"], 'the prompt read from stdin is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
+    "dtype float64": (
+        ["ask", "{red}", "q", "--dtype", "float64"],
+        "--dtype must be one of auto, float16, bfloat16, float32 (got 'float64')",
+    ),
+    "empty stdin prompt": (
+        ["ask", "{red}", "--model", "{tiny}"],
+        'the prompt read from stdin is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"',
+    ),
 }
 
 

@@ -5,19 +5,12 @@ Every answer is compared with plain transformers greedy `generate` on the whole 
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import sys
-import time
 
-import pexpect
-
-from conftest import cli_env, default_sigint, render_llava15, run_llava
+from helpers import Repl, render_llava15, run_llava, visible
 
 MAX_NEW = 12
-# What a terminal shows is not what was written: colours, cursor moves and control characters go.
-TERMINAL_NOISE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b.?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def answers_for(reference, script: list[tuple[str, list]]) -> list[str]:
@@ -35,7 +28,9 @@ def test_piped_three_turns_two_images_print_one_reference_answer_per_line(tiny_m
     red, green = images["red"], images["green"]
     stdin = f"/image {red}\nWhat is in this picture?\nDescribe the colours.\n/image {green} Compare the two.\n"
     result = run_llava("chat", "--model", tiny_model, "-n", MAX_NEW, stdin=stdin)
-    expected = answers_for(reference, [("What is in this picture?", [red]), ("Describe the colours.", []), ("Compare the two.", [green])])
+    expected = answers_for(
+        reference, [("What is in this picture?", [red]), ("Describe the colours.", []), ("Compare the two.", [green])]
+    )
     assert result.returncode == 0, result.stderr_text
     assert result.stderr_text == ""
     assert result.stdout == "".join(answer + "\n" for answer in expected).encode()
@@ -52,8 +47,15 @@ def test_piped_json_lines_with_a_bad_image_and_clear(tiny_model, images, referen
         "/clear",
         "Start again.",
     ]
-    result = run_llava("chat", "--image", red, "--json", "--model", tiny_model, "-n", MAX_NEW, stdin="\n".join(lines) + "\n")
-    script = [("What is in this picture?", [red]), ("Describe the colours.", []), ("Compare the two.", [green]), ("Which one is brighter?", [])]
+    result = run_llava(
+        "chat", "--image", red, "--json", "--model", tiny_model, "-n", MAX_NEW, stdin="\n".join(lines) + "\n"
+    )
+    script = [
+        ("What is in this picture?", [red]),
+        ("Describe the colours.", []),
+        ("Compare the two.", [green]),
+        ("Which one is brighter?", []),
+    ]
     expected = answers_for(reference, script) + answers_for(reference, [("Start again.", [])])
 
     assert result.returncode == 1  # a message failed along the way
@@ -64,47 +66,6 @@ def test_piped_json_lines_with_a_bad_image_and_clear(tiny_model, images, referen
 
 
 # --- the interactive REPL, through a pseudo-terminal ---------------------------------------------
-
-
-def visible(text: str) -> str:
-    return TERMINAL_NOISE.sub("", text)
-
-
-class Repl:
-    """`llava chat` at a pseudo-terminal, with everything it wrote kept for inspection."""
-
-    def __init__(self, model, max_new: int, home, **env_extra: str) -> None:
-        env = cli_env(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", LLAVA_HOME=str(home), **env_extra)
-        # --no-markdown: the answer is shown exactly as streamed, so it can be compared with the reference.
-        args = ["-m", "llava_cli", "chat", "--model", str(model), "-n", str(max_new), "--no-markdown"]
-        self.log = io.BytesIO()
-        self.child = pexpect.spawn(sys.executable, args, env=env, timeout=120, dimensions=(40, 400), preexec_fn=default_sigint)
-        self.child.logfile_read = self.log
-        self.prompt()
-
-    def prompt(self) -> None:
-        self.child.expect_exact(">>>")
-
-    def screen(self) -> str:
-        return visible(self.log.getvalue().decode("utf-8", errors="replace"))
-
-    def command(self, line: str, reply: str) -> None:
-        self.child.sendline(line)
-        self.child.expect_exact(reply)
-        self.prompt()
-
-    def ask(self, question: str) -> str:
-        """Send `question`, wait for the next prompt after its answer, and return the answer as shown."""
-        self.child.sendline(question)
-        answered = re.compile(re.escape(question) + r"\n(.*?)\n>>>", re.DOTALL)
-        while not (found := answered.findall(self.screen())):
-            self.prompt()
-        return found[-1]
-
-    def exit_status(self) -> int | None:
-        self.child.expect(pexpect.EOF)
-        self.child.close()
-        return self.child.exitstatus
 
 
 def test_repl_image_question_ctrl_c_clear_quit(tiny_model, images, reference, tmp_path):
@@ -132,15 +93,21 @@ def colour_codes(raw: str) -> set[str]:
     return found
 
 
-SLOW_DECODE_HOOK = """
+DECODING = "<decoding>"  # what the hook writes to stderr once the answer is under way
+SLOW_DECODE_HOOK = f"""
+import itertools
+import os
 import time
-import llava_cli.forward as forward
+import llava_cli.engine.paths as forward
 
 _run_model = forward.run_model
+_forwards = itertools.count()
 
 
 def slow_run_model(*args, **kwargs):
     time.sleep(0.05)  # every forward, one a token on every path: 900 tokens take 45 s, so Ctrl-C surely lands mid-answer
+    if next(_forwards) == 3:  # the prompt's and two tokens': into the answer
+        os.write(2, b"{DECODING}")
     return _run_model(*args, **kwargs)
 
 
@@ -156,7 +123,7 @@ def test_repl_bad_image_ctrl_c_mid_answer_ctrl_d_and_no_colour(tiny_model, tmp_p
     repl.command(f"/image {tmp_path / 'missing.png'}", f"error: image not found: {tmp_path / 'missing.png'}")
     repl.child.sendline("tell me a long story")
     repl.child.expect_exact("story")
-    time.sleep(2)  # into the answer, which the hook makes last far longer than this
+    repl.child.expect_exact(DECODING)  # into the answer, which the hook makes last 45 s
     repl.child.sendintr()
     repl.child.expect_exact("answer stopped")
     repl.prompt()

@@ -5,20 +5,20 @@ by bench/compile_cpu.py and bench/chat_ttft.py, not here."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 
 import pytest
+from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
 from PIL import Image
 
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.forward import CompiledPath, EagerPath
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.streaming import stats_line
-from test_engine import chat
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.engine.paths import CompiledPath, EagerPath
+from llava_cli.engine.streaming import stats_line
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 MAX_NEW = 10
 FIGURES = ("prompt_tokens", "cached_tokens", "ttft_s", "completion_tokens", "tokens_per_s", "seconds")
@@ -45,7 +45,7 @@ def test_static_cache_path_equals_plain_transformers_across_turns_and_crops(load
         ("Which one is brightest?", []),
     ]
     stats = chat(engine, settings, Conversation(), reference, script)
-    assert [s.cached_tokens >= previous.prompt_tokens for previous, s in zip(stats, stats[1:])] == [True] * 3
+    assert [s.cached_tokens >= previous.prompt_tokens for previous, s in itertools.pairwise(stats)] == [True] * 3
     # A shorter, different conversation: the write position moves back over stale keys, which must not leak.
     stats = chat(engine, settings, Conversation(), reference, [("what is this?", [images["green"]])])
     assert stats[0].cached_tokens <= 5
@@ -76,7 +76,17 @@ def test_switching_compile_off_empties_the_cache_and_keeps_answers_right(loaded,
 
 def test_piped_chat_json_shows_reused_tokens_and_verbose_stats(hf_home, images, reference):
     script = f"/image {images['red']} what is it?\nand the colour?\nanything else?\n"
-    result = run_llava("chat", "--model", HUB_ID, "--json", "--verbose", "-n", MAX_NEW, stdin=script, env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"))
+    result = run_llava(
+        "chat",
+        "--model",
+        HUB_ID,
+        "--json",
+        "--verbose",
+        "-n",
+        MAX_NEW,
+        stdin=script,
+        env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"),
+    )
     assert result.returncode == 0, result.stderr_text
     records = [json.loads(line) for line in result.stdout_text.splitlines()]
     assert [set(FIGURES) <= record.keys() for record in records] == [True] * 3
@@ -91,7 +101,18 @@ def test_piped_chat_json_shows_reused_tokens_and_verbose_stats(hf_home, images, 
 
 
 def test_ask_with_compile_and_verbose_answers_right_with_one_stats_line_on_stderr(hf_home, images, reference):
-    result = run_llava("ask", "--model", HUB_ID, "--compile", "--verbose", "-n", MAX_NEW, images["green"], "what is it?", env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"))
+    result = run_llava(
+        "ask",
+        "--model",
+        HUB_ID,
+        "--compile",
+        "--verbose",
+        "-n",
+        MAX_NEW,
+        images["green"],
+        "what is it?",
+        env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"),
+    )
     assert result.returncode == 0, result.stderr_text
     expected = reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW)
     assert result.stdout_text == expected + "\n"
@@ -100,5 +121,7 @@ def test_ask_with_compile_and_verbose_answers_right_with_one_stats_line_on_stder
     assert len(stats_lines) == 1
     counts = re.fullmatch(figures, stats_lines[0])
     assert counts is not None, stats_lines[0]
-    prompt = reference.processor(text=render_llava15([("what is it?", 1, None)]), images=[Image.open(images["green"])], return_tensors="pt")
+    prompt = reference.processor(
+        text=render_llava15([("what is it?", 1, None)]), images=[Image.open(images["green"])], return_tensors="pt"
+    )
     assert int(counts[1]) == prompt["input_ids"].shape[1] and 1 <= int(counts[2]) <= MAX_NEW

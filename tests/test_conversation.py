@@ -1,7 +1,8 @@
-from llava_cli.conversation import Conversation, Llava15Format
-from llava_cli.images import ImageRef
+import pytest
+from helpers import render_llava15
 
-from conftest import render_llava15
+from llava_cli.media.images import ImageRef
+from llava_cli.prompt.conversation import Conversation, Llava15Format
 
 
 def image(name: str) -> ImageRef:
@@ -22,7 +23,19 @@ def test_llava15_format_matches_the_documented_multi_turn_prompt():
         "USER: Which is larger? ASSISTANT:"
     )
     assert Llava15Format().render(conversation) == expected
-    assert expected == render_llava15([("What is shown?", 1, "A red stop sign."), ("And now?", 2, "Two cats."), ("Which is larger?", 0, None)])
+
+
+@pytest.mark.parametrize("system", [None, "Answer briefly."])
+def test_llava15_format_is_the_prompt_the_exactness_tests_give_plain_transformers(system):
+    """helpers.render_llava15 writes the prompt every answer is compared against; llava_cli's own
+    format must render a conversation to exactly that text."""
+    turns = [("What is shown?", 1, "A red stop sign."), ("And now?", 2, "Two cats."), ("Which is larger?", 0, None)]
+    conversation = Conversation(system=system)
+    for number, (text, image_count, answer) in enumerate(turns):
+        conversation.ask(text, [image(f"{number}.{index}") for index in range(image_count)])
+        if answer is not None:
+            conversation.answer(f"  {answer}\n")  # as generated: the format strips it
+    assert Llava15Format().render(conversation) == render_llava15(turns, system)
 
 
 def test_system_text_goes_before_the_first_user_turn():

@@ -1,4 +1,4 @@
-"""Issue 17, findings 3 and 4: the default decode path (graphstep.py's `StaticPath`: a bucketed static
+"""Issue 17, findings 3 and 4: the default decode path (engine/graphstep.py's `StaticPath`: a bucketed static
 cache, the next token chosen on the device, one step of look-ahead, a CUDA graph on a GPU) answers
 token for token like plain `generate` and like the eager dynamic-cache path, across turns with
 cache reuse and crops, context dropping, a bucket outgrown mid-conversation and seeded sampling;
@@ -14,27 +14,49 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from conftest import HUB_ID, cli_env, render_llava15, run_llava
 from fakes import answer_of, answer_text, with_notes
-from test_engine import MAX_NEW, chat, loaded, settings  # noqa: F401 (loaded, settings: the engine tests' fixtures)
+from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
+from helpers import SHORT_ANSWER as MAX_NEW
 from tiny_checkpoint import build_family_checkpoint
-from llava_cli import graphstep
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.forward import EagerPath
-from llava_cli.graphstep import BUCKET_TOKENS, CPU_NOTE, FLASH_NOTE, DecodeStep, StaticPath, TokenReader, bucket_size, default_path, uncaptured_reason
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
+
+from llava_cli.base.settings import Settings
+from llava_cli.engine import graphstep
+from llava_cli.engine.graphstep import (
+    BUCKET_TOKENS,
+    CPU_NOTE,
+    FLASH_NOTE,
+    DecodeStep,
+    StaticPath,
+    TokenReader,
+    bucket_size,
+    default_path,
+    uncaptured_reason,
+)
+from llava_cli.engine.local import Engine
+from llava_cli.engine.paths import EagerPath
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 SMALL_BUCKETS = (48, 96)  # then 192, 384, ...: the script below outgrows two of them
+
+
+@pytest.fixture
+def settings(tiny_settings) -> Settings:
+    return tiny_settings
+
+
+@pytest.fixture
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 def engine_on(loaded, path_kind: str, window: int | None = None, notes: list[str] | None = None) -> Engine:
     engine = Engine(loaded) if notes is None else with_notes(Engine(loaded), notes)
     window = window or loaded.context_window
-    engine.path = StaticPath(loaded.model, window, buckets=SMALL_BUCKETS) if path_kind == "static" else EagerPath(loaded.model)
+    engine.path = (
+        StaticPath(loaded.model, window, buckets=SMALL_BUCKETS) if path_kind == "static" else EagerPath(loaded.model)
+    )
     return engine
 
 
@@ -75,13 +97,19 @@ def test_a_gpu_gets_the_static_path_with_or_without_its_graph_and_a_cpu_the_eage
     captured = default_path(on_gpu, settings, 4096)
     assert isinstance(captured, StaticPath) and captured.cuda_graph is True
     uncaptured = default_path(on_gpu, dataclasses.replace(settings, no_cuda_graph=True), 4096)
-    assert isinstance(uncaptured, StaticPath) and uncaptured.cuda_graph is False and not captured.suits(dataclasses.replace(settings, no_cuda_graph=True), 4096)
+    assert (
+        isinstance(uncaptured, StaticPath)
+        and uncaptured.cuda_graph is False
+        and not captured.suits(dataclasses.replace(settings, no_cuda_graph=True), 4096)
+    )
     engine = Engine(loaded)
     engine.use_path_for(settings)
     assert isinstance(engine.path, EagerPath) and engine.path.take_notes() == [CPU_NOTE]
 
 
-def test_turns_with_reuse_crops_and_outgrown_buckets_equal_plain_generate_and_the_eager_path(loaded, settings, reference, images):
+def test_turns_with_reuse_crops_and_outgrown_buckets_equal_plain_generate_and_the_eager_path(
+    loaded, settings, reference, images
+):
     static, eager = engine_on(loaded, "static"), engine_on(loaded, "eager")
     script = [
         ("What is in this picture?", [images["red"]]),
@@ -115,10 +143,12 @@ def test_dropping_old_turns_in_a_small_window_answers_like_plain_generate(loaded
     conversation = Conversation()
     for text in ["first question here", "second question", "third question please", "fourth"]:
         conversation.ask(text, [load_image(str(images["red"]))] if text == "fourth" else [])
-        _, figures = answer_of(engine.generate(conversation, settings))
+        _, figures = answer_of(engine.generate(conversation, settings), conversation)
     assert figures.dropped_turns >= 1 and engine.path.size == 80  # the bucket stopped at the window
     kept = [(t.text, len(t.images), t.answer) for t in conversation.turns]
-    expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW)
+    expected = reference.answer(
+        render_llava15(kept[:-1] + [(kept[-1][0], kept[-1][1], None)]), [images["red"]], MAX_NEW
+    )
     assert conversation.turns[-1].answer == expected
 
 
@@ -129,11 +159,12 @@ def test_seeded_sampling_gives_the_eager_paths_answers(loaded):
         engine, conversation, said = engine_on(loaded, name), Conversation(), []
         for text in ("tell me something", "and more"):
             conversation.ask(text)
-            said.append(answer_text(engine.generate(conversation, settings)))
+            said.append(answer_text(engine.generate(conversation, settings), conversation))
         answers[name] = said
     assert answers["static"] == answers["eager"]
 
 
+@pytest.mark.slow  # builds and loads checkpoints
 @pytest.mark.parametrize("family", ["llava-interleave", "llava-next"])
 def test_another_family_answers_like_the_eager_path(family, tmp_path_factory, images):
     folder = build_family_checkpoint(family, tmp_path_factory.mktemp(family))
@@ -144,7 +175,7 @@ def test_another_family_answers_like_the_eager_path(family, tmp_path_factory, im
         engine, conversation = engine_on(loaded, name), Conversation()
         for text, paths in [("What is this?", [images["red"]]), ("And this one?", [images["blue"]]), ("Colours?", [])]:
             conversation.ask(text, [load_image(str(p)) for p in paths])
-            answer_of(engine.generate(conversation, settings))
+            answer_of(engine.generate(conversation, settings), conversation)
         answers[name] = [turn.answer for turn in conversation.turns]
     assert answers["static"] == answers["eager"]
 
@@ -190,7 +221,7 @@ def test_the_step_chooses_on_the_device_and_the_host_reads_one_step_behind(loade
     conversation = Conversation()
     conversation.ask("tell me something")
     prompt = engine.encode(conversation).ids
-    answer_of(engine.generate(conversation, settings))
+    answer_of(engine.generate(conversation, settings), conversation)
     # Step N+1 is launched before token N is read; the last token is read without a launch after it;
     # nothing inside a step waits for the host.
     assert log.events == ["launch", "read"] * (MAX_NEW - 1) + ["read"]
@@ -217,14 +248,18 @@ def fake_cuda_that_fails_at_capture(monkeypatch) -> None:
     monkeypatch.setattr(graphstep, "uncaptured_reason", lambda *args: None)  # as on a GPU
 
 
-def test_a_failed_capture_falls_back_to_the_uncaptured_step_with_one_verbose_line(loaded, reference, images, monkeypatch):
+def test_a_failed_capture_falls_back_to_the_uncaptured_step_with_one_verbose_line(
+    loaded, reference, images, monkeypatch
+):
     fake_cuda_that_fails_at_capture(monkeypatch)
     notes: list[str] = []
     engine = engine_on(loaded, "static", notes=notes)
     verbose = Settings(model=loaded.name, max_new_tokens=MAX_NEW, verbose=True)
     script = [("What is in this picture?", [images["red"]]), ("Describe the colours.", [])]
     chat(engine, verbose, Conversation(), reference, script)  # the warm-up and the failed capture changed nothing
-    assert notes == ["CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); decoding without it"]
+    assert notes == [
+        "CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); decoding without it"
+    ]
 
 
 def test_without_verbose_a_failed_capture_says_nothing(loaded, settings, monkeypatch):
@@ -233,11 +268,13 @@ def test_without_verbose_a_failed_capture_says_nothing(loaded, settings, monkeyp
     engine = engine_on(loaded, "static", notes=notes)
     conversation = Conversation()
     conversation.ask("tell me something")
-    assert answer_text(engine.generate(conversation, settings)) == conversation.turns[-1].answer
+    assert answer_text(engine.generate(conversation, settings), conversation) == conversation.turns[-1].answer
     assert notes == [] and engine.path.capture_failure
 
 
-def test_stopping_or_closing_mid_answer_leaves_the_bookkeeping_exact_for_the_next_turn(loaded, settings, reference, images):
+def test_stopping_or_closing_mid_answer_leaves_the_bookkeeping_exact_for_the_next_turn(
+    loaded, settings, reference, images
+):
     engine = engine_on(loaded, "static")
     conversation = Conversation()
     conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
@@ -253,7 +290,19 @@ def test_stopping_or_closing_mid_answer_leaves_the_bookkeeping_exact_for_the_nex
 
 
 def test_ask_with_no_cuda_graph_answers_like_plain_generate(hf_home, images, reference):
-    result = run_llava("ask", "--model", HUB_ID, "--no-cuda-graph", "-n", MAX_NEW, images["green"], "what is it?",
-                       env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"))
+    result = run_llava(
+        "ask",
+        "--model",
+        HUB_ID,
+        "--no-cuda-graph",
+        "-n",
+        MAX_NEW,
+        images["green"],
+        "what is it?",
+        env=cli_env(HF_HOME=str(hf_home), LLAVA_NO_SERVER="1"),
+    )
     assert result.returncode == 0, result.stderr_text
-    assert result.stdout_text == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW) + "\n"
+    assert (
+        result.stdout_text
+        == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW) + "\n"
+    )

@@ -13,17 +13,21 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import SHORT_ANSWER, cli_env, render_llava15, run_llava
+from helpers import SHORT_ANSWER, cli_env, render_llava15, run_llava
 from hub_standin import COMMIT, StandInHub
-from llava_cli.download import human_size
+from rich.filesize import decimal
 from tiny_checkpoint import copy_without_weights, lay_out_hub_cache
 
 REPO = "llava-tests/sharded-llava"
 SHARDS = [f"model-0000{n}-of-00003.safetensors" for n in (1, 2, 3)]
 INDEX = "model.safetensors.index.json"
 # In the repo on the hub but never fetched: pickle weights, another format, the model card.
-NOT_LOADED = {"pytorch_model.bin": b"pickle" * 100, "onnx/model.onnx": b"onnx" * 100, "README.md": b"# tiny\n", ".gitattributes": b"*.bin lfs\n"}
+NOT_LOADED = {
+    "pytorch_model.bin": b"pickle" * 100,
+    "onnx/model.onnx": b"onnx" * 100,
+    "README.md": b"# tiny\n",
+    ".gitattributes": b"*.bin lfs\n",
+}
 QUESTION = "what is in this image?"
 CHUNKS_PER_REDRAW = 8  # hub_standin CHUNKs let through each time the progress bar is seen drawn
 REDRAW_WAIT_S = 10  # no bar seen for this long (a loaded machine): let chunks through anyway
@@ -40,7 +44,11 @@ def sharded_model(tiny_model, tmp_path_factory) -> Path:
     names = sorted(tensors)
     weight_map = {name: SHARDS[index * len(SHARDS) // len(names)] for index, name in enumerate(names)}
     for shard in SHARDS:
-        save_file({name: tensors[name] for name in names if weight_map[name] == shard}, folder / shard, metadata={"format": "pt"})
+        save_file(
+            {name: tensors[name] for name in names if weight_map[name] == shard},
+            folder / shard,
+            metadata={"format": "pt"},
+        )
     total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
     (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return folder
@@ -56,7 +64,12 @@ def hub(sharded_model):
 @pytest.fixture
 def env(hub, tmp_path) -> dict[str, str]:
     """A `llava` subprocess environment: the stand-in hub, an empty HF_HOME, online, short timeouts."""
-    environment = cli_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_ETAG_TIMEOUT=HUB_TIMEOUT_S, HF_HUB_DOWNLOAD_TIMEOUT=HUB_TIMEOUT_S)
+    environment = cli_env(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_ETAG_TIMEOUT=HUB_TIMEOUT_S,
+        HF_HUB_DOWNLOAD_TIMEOUT=HUB_TIMEOUT_S,
+    )
     del environment["HF_HUB_OFFLINE"]
     for name in ("HF_HUB_CACHE", "HF_TOKEN", "HUGGINGFACE_HUB_CACHE", "HF_HUB_DISABLE_XET"):
         environment.pop(name, None)
@@ -76,10 +89,14 @@ def expected_answer(reference, images) -> str:
 
 
 def ask(images, env, *extra: str):
-    return run_llava("ask", images["red"], QUESTION, "--model", REPO, "-n", str(SHORT_ANSWER), "--no-save", *extra, env=env)
+    return run_llava(
+        "ask", images["red"], QUESTION, "--model", REPO, "-n", str(SHORT_ANSWER), "--no-save", *extra, env=env
+    )
 
 
-def test_first_run_downloads_only_the_loaded_files_and_answers_like_transformers(hub, env, sharded_model, images, reference):
+def test_first_run_downloads_only_the_loaded_files_and_answers_like_transformers(
+    hub, env, sharded_model, images, reference
+):
     result = ask(images, env)
     assert result.returncode == 0, result.stderr_text
     assert result.stdout_text == expected_answer(reference, images)
@@ -94,11 +111,28 @@ def test_first_run_downloads_only_the_loaded_files_and_answers_like_transformers
 
 
 def test_a_download_interrupted_mid_file_is_finished_by_the_next_run(hub, env, sharded_model, images, reference):
-    last = max(SHARDS, key=lambda shard: ((sharded_model / shard).stat().st_size, shard))  # weights come last, largest last
+    last = max(
+        SHARDS, key=lambda shard: ((sharded_model / shard).stat().st_size, shard)
+    )  # weights come last, largest last
     hub.slow_files.add(last)
     process = subprocess.Popen(
-        [sys.executable, "-m", "llava_cli", "ask", str(images["red"]), QUESTION, "--model", REPO, "-n", str(SHORT_ANSWER), "--no-save"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "llava_cli",
+            "ask",
+            str(images["red"]),
+            QUESTION,
+            "--model",
+            REPO,
+            "-n",
+            str(SHORT_ANSWER),
+            "--no-save",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even under a launcher that ignores SIGINT
     )
     try:
@@ -109,7 +143,7 @@ def test_a_download_interrupted_mid_file_is_finished_by_the_next_run(hub, env, s
         process.kill()
     assert (process.returncode, stdout) == (130, b"")  # no half-written answer
     kept = [name for name in wanted(sharded_model) if name != last]
-    size = human_size(sum((sharded_model / name).stat().st_size for name in kept))
+    size = decimal(sum((sharded_model / name).stat().st_size for name in kept))
     assert stderr.decode().strip() == (  # one line, no traceback
         f"llava: download of {REPO} stopped: {len(kept)} of {len(kept) + 1} files finished ({size}), kept in the cache; "
         "run the same command again to resume"
@@ -137,7 +171,10 @@ def test_a_connection_cut_mid_file_is_retried_and_the_answer_is_right(hub, env, 
 def test_a_repo_that_does_not_exist_is_one_line_naming_it(hub, env, images):
     result = ask(images, env, "--model", "nobody/no-such-model")
     assert result.returncode == 2
-    assert result.stderr_text == f"llava: error: model 'nobody/no-such-model' was not found on the hub at {hub.url} nor in the local cache; check the id\n"
+    assert (
+        result.stderr_text
+        == f"llava: error: model 'nobody/no-such-model' was not found on the hub at {hub.url} nor in the local cache; check the id\n"
+    )
 
 
 @pytest.mark.parametrize("stall", ["file list", "file look-up", "file body"])
@@ -182,7 +219,11 @@ def test_llava_models_names_the_missing_shard(cut_off_cache):
     listed = run_llava("models", "--json", env=env)
     assert listed.returncode == 0
     [row] = json.loads(listed.stdout_text)
-    assert (row["model"], row["offline"], row["missing"]) == (REPO, False, [f"1 of 3 weight shards missing: {SHARDS[1]}"])
+    assert (row["model"], row["offline"], row["missing"]) == (
+        REPO,
+        False,
+        [f"1 of 3 weight shards missing: {SHARDS[1]}"],
+    )
 
     table = run_llava("models", env=env)
     assert table.returncode == 0
@@ -193,17 +234,21 @@ def test_pull_downloads_the_loaded_files_then_says_it_is_complete_without_the_ne
 
     result = run_llava("pull", REPO, env=env)
     assert result.returncode == 0, result.stderr_text
-    size = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
+    size = decimal(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     files = len(wanted(sharded_model))
     assert re.fullmatch(
-        rf"downloaded {REPO}: {files} of {files} files, {re.escape(size)} in \d+\.\d s, into {re.escape(str(snapshot(env)))}\n", result.stderr_text
+        rf"downloaded {REPO}: {files} of {files} files, {re.escape(size)} in \d+\.\d s, into {re.escape(str(snapshot(env)))}\n",
+        result.stderr_text,
     )
     assert result.stdout_text == ""
     assert sorted(hub.file_requests("GET")) == wanted(sharded_model)
 
     hub.requests.clear()
     again = run_llava("pull", REPO, env=env)
-    assert (again.returncode, again.stderr_text) == (0, f"{REPO} is already complete in the local cache: {snapshot(env)}\n")
+    assert (again.returncode, again.stderr_text) == (
+        0,
+        f"{REPO} is already complete in the local cache: {snapshot(env)}\n",
+    )
     assert hub.requests == []
 
 
@@ -218,7 +263,17 @@ def test_pull_finishes_an_interrupted_download(hub, env, sharded_model, cut_off_
 def on_a_terminal(env: dict[str, str]) -> dict[str, str]:
     """`env` as a person's terminal has it: whatever the test run inherited (CI, a dumb TERM, a fixed
     width, Rich's TTY_* switches) must not change how the bar is drawn in the pty."""
-    quirks = ("CI", "COLUMNS", "LINES", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR", "NO_COLOR", "JUPYTER_COLUMNS", "JUPYTER_LINES")
+    quirks = (
+        "CI",
+        "COLUMNS",
+        "LINES",
+        "TTY_COMPATIBLE",
+        "TTY_INTERACTIVE",
+        "FORCE_COLOR",
+        "NO_COLOR",
+        "JUPYTER_COLUMNS",
+        "JUPYTER_LINES",
+    )
     return {name: value for name, value in env.items() if name not in quirks} | {"TERM": "xterm-256color"}
 
 
@@ -240,25 +295,38 @@ def watch_bars(child, bar: re.Pattern[str], hub) -> tuple[str, list[tuple[str, .
 def test_the_progress_bar_on_a_terminal_shows_the_whole_model_once(hub, env, sharded_model):
     import pexpect
 
-
     hub.held_files.update(SHARDS)  # each shard's bytes go out only as the test sees the bar redrawn
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
     bar = re.compile(r"Downloading " + re.escape(REPO) + r".*?(\d+\.\d)/(\d+\.\d) ([kMG]?B)")
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=on_a_terminal(env), timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "llava_cli", "pull", REPO],
+        env=on_a_terminal(env),
+        timeout=120,
+        dimensions=(24, 200),
+        encoding="utf-8",
+        codec_errors="replace",
+    )
     output, bars = watch_bars(child, bar, hub)
     assert child.exitstatus == 0, output
-    total = human_size(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
+    total = decimal(sum((sharded_model / name).stat().st_size for name in wanted(sharded_model)))
     number, unit = total.split()
     assert len(bars) >= 2, output  # drawn, then redrawn as the bytes come in
-    assert {(shown_total, shown_unit) for _, shown_total, shown_unit in bars} == {(number, unit)}  # one bar: the model's total, never one file's
+    assert {(shown_total, shown_unit) for _, shown_total, shown_unit in bars} == {
+        (number, unit)
+    }  # one bar: the model's total, never one file's
     assert float(bars[-1][0]) > float(bars[0][0])
     assert "downloaded " + REPO in output
 
 
+@pytest.mark.slow  # starts a process
 def test_pull_offline_says_it_cannot_download(tmp_path):
     result = run_llava("pull", REPO, env=cli_env(HF_HOME=str(tmp_path / "empty-home")))
     assert (result.returncode, result.stdout_text) == (2, "")
-    assert result.stderr_text == f"llava: error: cannot download {REPO}: HF_HUB_OFFLINE is set; unset it and run `llava pull {REPO}` again\n"
+    assert (
+        result.stderr_text
+        == f"llava: error: cannot download {REPO}: HF_HUB_OFFLINE is set; unset it and run `llava pull {REPO}` again\n"
+    )
 
 
 def test_llava_tokens_downloads_the_processor_files_and_no_weights(hub, env, sharded_model, images):
@@ -272,16 +340,23 @@ def test_llava_tokens_downloads_the_processor_files_and_no_weights(hub, env, sha
 def test_a_hub_without_sizes_still_gets_a_bar_of_files_and_bytes_and_the_real_total(hub, env, sharded_model):
     import pexpect
 
-
     hub.no_sizes = True
     hub.held_files.update(SHARDS)
     env["HF_HUB_DOWNLOAD_TIMEOUT"] = "60"  # a held shard is silent until the test next reads the terminal
     files = wanted(sharded_model)
     bar = re.compile(r"Downloading " + re.escape(REPO) + r": file (\d+) of (\d+).*?(\d+\.\d)/\? ([kMG]?B)")
-    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "pull", REPO], env=on_a_terminal(env), timeout=120, dimensions=(24, 200), encoding="utf-8", codec_errors="replace")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "llava_cli", "pull", REPO],
+        env=on_a_terminal(env),
+        timeout=120,
+        dimensions=(24, 200),
+        encoding="utf-8",
+        codec_errors="replace",
+    )
     output, bars = watch_bars(child, bar, hub)
     assert child.exitstatus == 0, output
     assert {total for _, total, _, _ in bars} == {str(len(files))}, output
     assert int(bars[-1][0]) == len(files) and float(bars[-1][2]) > float(bars[0][2])  # files, then bytes as they arrive
-    total = human_size(sum((sharded_model / name).stat().st_size for name in files))
+    total = decimal(sum((sharded_model / name).stat().st_size for name in files))
     assert f"downloaded {REPO}: {len(files)} of {len(files)} files, {total} in " in output  # the real bytes, not 0 B

@@ -9,6 +9,7 @@ processes are ended by their ids at the end); the real `llava` command joins it 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -22,21 +23,31 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli_env, copies, default_sigint, run_llava, slow_fixture
 
-from conftest import cli_env, default_sigint, run_llava
-from test_batch import copies
-from llava_cli.arguments import AskOptions
-from llava_cli.batchray import INSTALL_HINT, TASK_RETRIES, block_count, checked_record, in_input_order
-from llava_cli.errors import UsageError
-from llava_cli.records import RECORD_KEYS
-from llava_cli.settings import Settings
+from llava_cli.ask.each import record_of
+from llava_cli.ask.via_ray import (
+    INSTALL_HINT,
+    TASK_RETRIES,
+    block_count,
+    checked_result,
+    in_input_order,
+    wire,
+)
+from llava_cli.base.errors import ContextError, LlavaError, UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.scheduler import BatchAnswer
+from llava_cli.frontend.arguments import AskOptions
+from llava_cli.frontend.records import RECORD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
 PROMPT = "describe the picture"
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is an optional extra: pip install -e '.[test]'")
-ACTOR_TITLE = b"ImageAnswerer"  # Ray names an actor's process after its class: ray::MapWorker(MapBatches(ImageAnswerer))
+ACTOR_TITLE = (
+    b"ImageAnswerer"  # Ray names an actor's process after its class: ray::MapWorker(MapBatches(ImageAnswerer))
+)
 
 
 def free_port() -> int:
@@ -65,17 +76,27 @@ def command_line(pid: int) -> bytes:
         return b""
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # a Ray head
 def cluster():
     """A Ray head on this machine, for the module: (address, session id of its processes)."""
     temp = tempfile.mkdtemp(prefix="llava-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
     # The workers import this checkout. Token authentication off: Ray turns it on when a token is in
     # ~/.ray, and a client must then be given the token.
-    env = cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), RAY_AUTH_MODE="disabled")
+    env = cli_env(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), RAY_AUTH_MODE="disabled"
+    )
     start = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-        "--object-store-memory=100000000", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--object-store-memory=100000000",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
     ]
     head = subprocess.Popen(start, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     session = head.pid  # start_new_session: this pid is the session of all the head starts
@@ -83,10 +104,8 @@ def cluster():
     assert head.returncode == 0, errors.decode(errors="replace")
     yield f"127.0.0.1:{port}", session
     for pid in processes_of_session(session):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -144,11 +163,14 @@ def local_good(tiny_model, good_images):
 
 
 @needs_ray
-def test_ray_each_with_two_actors_writes_the_lines_of_local_each(cluster, tiny_model, mixed_images, images, local_mixed):
+def test_ray_each_with_two_actors_writes_the_lines_of_local_each(
+    cluster, tiny_model, mixed_images, images, local_mixed
+):
     address, _ = cluster
     result = run_llava(
         *ask_each(tiny_model, mixed_images, "--ray", address, "--actors", 2, "--batch-size", 2),
-        stdin=images["red"].read_bytes(), timeout=300,
+        stdin=images["red"].read_bytes(),
+        timeout=300,
     )
 
     assert result.returncode == 1, result.stderr_text
@@ -166,7 +188,10 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny_mode
     output = tmp_path / "answers.jsonl"
     run = subprocess.Popen(
         llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 2, "-o", output)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 240
     while not (output.exists() and output.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
@@ -188,7 +213,9 @@ def test_a_killed_driver_is_resumed_by_running_it_again(cluster, tiny_model, goo
     address, _ = cluster
     output = tmp_path / "answers.jsonl"
     command = llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 1, "-o", output))
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint)
+    run = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), preexec_fn=default_sigint
+    )
     deadline = time.monotonic() + 240
     while not (output.exists() and output.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -201,7 +228,10 @@ def test_a_killed_driver_is_resumed_by_running_it_again(cluster, tiny_model, goo
 
     assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
     assert rerun.stdout == b""
-    assert rerun.stderr.decode() == f"llava: skipping {len(finished)} of {len(good_images)} images, already answered in {output}\n"
+    assert (
+        rerun.stderr.decode()
+        == f"llava: skipping {len(finished)} of {len(good_images)} images, already answered in {output}\n"
+    )
     assert without_seconds(records_of(output.read_text())) == without_seconds(local_good)
 
 
@@ -210,7 +240,7 @@ def test_actors_that_cannot_start_stop_the_run_with_one_line(cluster, tiny_model
     """One GPU per actor on a cluster without GPUs: a one-line error once the wait is over."""
     address, _ = cluster
     argv = ["llava", *ask_each(tiny_model, good_images[:2], "--ray", address, "--gpus-per-actor", 1)]
-    script = f"import sys, llava_cli.batchray as b; b.ACTOR_START_TIMEOUT_S = 3; sys.argv = {argv!r}; from llava_cli.cli import main; main()"
+    script = f"import sys, llava_cli.ask.via_ray as b; b.ACTOR_START_TIMEOUT_S = 3; sys.argv = {argv!r}; from llava_cli.cli import main; main()"
 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, env=cli_env(), timeout=120)
 
@@ -250,6 +280,7 @@ def test_ray_local_starts_an_instance_here(tiny_model, good_images, local_good, 
 # Without a cluster ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a process
 def test_without_ray_installed_the_error_says_how_to_install_it(images):
     argv = ["llava", "ask", "--each", str(images["red"]), "-p", PROMPT, "--ray", "local"]
     script = f"import sys; sys.modules['ray'] = None; sys.argv = {argv!r}; from llava_cli.cli import main; main()"
@@ -270,7 +301,7 @@ def test_records_are_written_once_each_in_input_order_and_a_lost_block_is_an_err
 
 def test_a_lost_image_gets_an_error_record_that_a_rerun_retries():
     settings = Settings(model="m")
-    record = checked_record(1, None, ["a.png", "b.png"], PROMPT, settings)
+    record = record_of("b.png", PROMPT, settings, checked_result("b.png", None))
 
     assert list(record) == list(RECORD_KEYS)
     assert (record["image"], record["prompt"], record["model"], record["answer"]) == ("b.png", PROMPT, "m", None)
@@ -279,14 +310,21 @@ def test_a_lost_image_gets_an_error_record_that_a_rerun_retries():
     )
 
 
-def test_image_prompt_and_model_of_a_record_are_the_drivers_own():
-    returned = json.dumps({"image": "other.png", "prompt": "other", "model": "other", "answer": "hi", "error": None, "seconds": 1.0})
-    record = checked_record(0, returned, ["a.png"], PROMPT, Settings(model="m"))
+def test_an_actor_sends_the_schedulers_typed_results_and_the_driver_makes_the_records():
+    answer = BatchAnswer("hi", 7, 2, "stop", 1.5, ({"name": "clip.mp4", "frames": 8, "tokens": 64},))
+    failed = ContextError("a.png: the prompt with its image needs 900 tokens but the context window is 512")
 
-    assert (record["image"], record["prompt"], record["model"], record["answer"], record["seconds"]) == ("a.png", PROMPT, "m", "hi", 1.0)
+    assert checked_result("a.png", wire(answer)) == answer
+    returned = checked_result("a.png", wire(failed))
+    assert type(returned) is LlavaError and str(returned) == str(failed)
+    assert record_of("a.png", PROMPT, Settings(model="m"), checked_result("a.png", wire(answer))) == record_of(
+        "a.png", PROMPT, Settings(model="m"), answer
+    )
 
 
-@pytest.mark.parametrize("images, batch_size, actors, blocks", [(1, 1, 2, 1), (8, 1, 2, 4), (100, 1, 2, 25), (100, 8, 4, 8), (3, 4, 1, 2)])
+@pytest.mark.parametrize(
+    "images, batch_size, actors, blocks", [(1, 1, 2, 1), (8, 1, 2, 4), (100, 1, 2, 25), (100, 8, 4, 8), (3, 4, 1, 2)]
+)
 def test_blocks_hold_a_few_batches_and_keep_every_actor_busy(images, batch_size, actors, blocks):
     assert block_count(images, batch_size, actors) == blocks
 

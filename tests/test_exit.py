@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli_env, default_sigint
 
-from conftest import cli_env, default_sigint
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 CHILD = """
 import atexit, os, sys
@@ -28,10 +29,21 @@ program()
 """
 
 
-@pytest.mark.parametrize("torch_loaded, output", [(True, "exit handler ran\n"), (False, "exit handler ran\ntorn down\n")])
+@pytest.mark.parametrize(
+    "torch_loaded, output", [(True, "exit handler ran\n"), (False, "exit handler ran\ntorn down\n")]
+)
 def test_the_program_skips_the_teardown_once_torch_is_loaded(torch_loaded, output):
     script = CHILD.format(import_torch="import torch" if torch_loaded else "")
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=120,
-                           preexec_fn=default_sigint)
+    child = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+        preexec_fn=default_sigint,
+    )
     assert (child.returncode, child.stdout) == (2, output), child.stderr
-    assert child.stderr == "llava: error: --batch-size 4: only with --each or --from-file, which answer images one by one\n"
+    assert (
+        child.stderr
+        == "llava: error: --batch-size 4: only with --each or --from-file, which answer images one by one\n"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import re
 import shlex
@@ -20,17 +21,24 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from cli_runner import BytesStdout, invoke
 from fakes import answer_of, answer_text, with_notes
-from tiny_checkpoint import CHATML_TEMPLATE, FAMILIES, MISTRAL_TEMPLATE, build_family_checkpoint, lay_out_hub_cache
-from llava_cli.conversation import ChatTemplateFormat, Conversation, Llava15Format
-from llava_cli.decodebatch import answers_in_order
-from llava_cli.engine import Engine
-from llava_cli.families import FAMILIES as ROWS, family_for
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
+from tiny_checkpoint import (
+    CHATML_TEMPLATE,
+    FAMILIES,
+    MISTRAL_TEMPLATE,
+    build_family_checkpoint,
+    lay_out_hub_cache,
+)
+
+from llava_cli.base.families import FAMILIES as ROWS
+from llava_cli.base.families import family_for
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.engine.scheduler import answers_in_order
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import ChatTemplateFormat, Conversation, Llava15Format
 
 MAX_NEW = 10
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -40,7 +48,10 @@ README_IDS = {family.label: family.example for family in ROWS}
 # The families whose processor transformers builds only with torchvision ...
 IMAGE_PARTS_FAMILIES = [family.label for family in ROWS if family.processor_needs_torchvision]
 # ... and the PIL image processor of each, for their reference.
-PIL_IMAGE_PROCESSORS = {"llava-onevision": "LlavaOnevisionImageProcessorPil", "llava-next-video": "LlavaNextImageProcessorPil"}
+PIL_IMAGE_PROCESSORS = {
+    "llava-onevision": "LlavaOnevisionImageProcessorPil",
+    "llava-next-video": "LlavaNextImageProcessorPil",
+}
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 SCRIPT = [
     ("What is in this picture?", ["red"]),
@@ -62,7 +73,12 @@ class FamilyReference:
 
     def inputs(self, messages: list[dict], template: str | None = None) -> dict:
         return self.processor.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            messages,
+            chat_template=template,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
         )
 
     def ids(self, messages: list[dict], template: str | None = None) -> list[int]:
@@ -103,7 +119,9 @@ class ImagePartsReference(FamilyReference):
             return [len(features) for features in self.model.get_image_features(**pixels).pooler_output]
 
     def inputs(self, messages: list[dict], template: str | None = None) -> dict:
-        text = self.tokenizer.apply_chat_template(messages, chat_template=template or self.template, add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template or self.template, add_generation_prompt=True, tokenize=False
+        )
         pixels = self.pixels(messages)
         widths = iter(self.token_counts(pixels))
         text = re.sub("<image>", lambda _: "<image>" * next(widths), text)
@@ -166,7 +184,9 @@ def references(checkpoints):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, checkpoints, references):
     settings = Settings(model=str(checkpoints(request.param)), max_new_tokens=MAX_NEW)
-    return SimpleNamespace(name=request.param, settings=settings, loaded=load_model(settings), reference=references(request.param))
+    return SimpleNamespace(
+        name=request.param, settings=settings, loaded=load_model(settings), reference=references(request.param)
+    )
 
 
 def test_each_family_loads_through_its_own_class_and_prompt_format(family):
@@ -184,14 +204,14 @@ def test_multi_turn_multi_image_chat_equals_plain_transformers_on_the_full_promp
         prompts.append(engine.encode(conversation))
         # The same tokens, image tokens included (LLaVA-NeXT's count depends on each image's size).
         assert prompts[-1].ids == family.reference.ids(messages), f"turn {turn}"
-        streamed, figures = answer_of(engine.generate(conversation, family.settings))
+        streamed, figures = answer_of(engine.generate(conversation, family.settings), conversation)
         answer = conversation.turns[-1].answer
         assert answer == family.reference.answer(messages), f"turn {turn}"
         assert streamed == answer
         messages.append(assistant(answer))
         stats.append(figures)
     assert stats[0].cached_tokens == 0
-    for turn, (previous, current) in enumerate(zip(stats, stats[1:]), start=2):
+    for turn, (previous, current) in enumerate(itertools.pairwise(stats), start=2):
         if family.name == "llava-onevision" and turn == 2:
             # With three images in the prompt the first is encoded untiled: only the text before it is reused.
             assert current.cached_tokens == prompts[1].image_spans[0][0]
@@ -209,7 +229,7 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
     conversation = Conversation()
     for text, name in questions:
         conversation.ask(text, [load_image(str(images[name]))])
-        _, figures = answer_of(engine.generate(conversation, settings))
+        _, figures = answer_of(engine.generate(conversation, settings), conversation)
         assert figures.prompt_tokens + MAX_NEW <= settings.max_context
     assert notes and "dropped" in notes[0]
     assert [turn.text for turn in conversation.turns][-1] == "third question" and len(conversation.turns) < 3
@@ -223,7 +243,11 @@ def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, im
     a GPU replays as a CUDA graph (whole row and column buckets), run eagerly here."""
     engine = Engine(family.loaded)
     prompts, expected = [], []
-    for text, names in [("What is in this picture?", ["red"]), ("Compare these two.", ["green", "blue"]), ("And this?", ["blue"])]:
+    for text, names in [
+        ("What is in this picture?", ["red"]),
+        ("Compare these two.", ["green", "blue"]),
+        ("And this?", ["blue"]),
+    ]:
         paths = [images[name] for name in names]
         conversation = Conversation()
         conversation.ask(text, [load_image(str(path)) for path in paths])
@@ -244,7 +268,9 @@ def untemplated(checkpoints, tmp_path_factory) -> Path:
     return folder
 
 
-def test_a_checkpoint_without_template_of_unknown_family_is_refused_naming_chat_template(untemplated, images, monkeypatch):
+def test_a_checkpoint_without_template_of_unknown_family_is_refused_naming_chat_template(
+    untemplated, images, monkeypatch
+):
     outcome = invoke(monkeypatch, "ask", "--model", untemplated, images["red"], "What is it?")
     assert outcome.code == 2
     assert outcome.first_error_line.startswith("llava: error: ")
@@ -257,7 +283,7 @@ def test_chat_template_file_prompts_an_untemplated_checkpoint(untemplated, image
     settings = Settings(model=str(untemplated), max_new_tokens=MAX_NEW, chat_template=str(template))
     conversation = Conversation()
     conversation.ask("What is in this picture?", [load_image(str(images["red"]))])
-    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings))
+    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings), conversation)
     # The same weights with that template shipped: the llava-interleave checkpoint.
     assert answer == references("llava-interleave").answer([user("What is in this picture?", [images["red"]])])
 
@@ -293,7 +319,7 @@ def test_a_chat_template_that_writes_the_bos_gets_no_second_one(checkpoints, ref
     ],
 )
 def test_unusable_chat_templates_are_refused_at_start_up(tiny_model, images, tmp_path, monkeypatch, content, message):
-    path = tmp_path / ("template.json" if content and content.startswith("{\"") else "template.jinja")
+    path = tmp_path / ("template.json" if content and content.startswith('{"') else "template.jinja")
     if content is not None:
         path.write_text(content)
     outcome = invoke(monkeypatch, "ask", "--model", tiny_model, "--chat-template", path, images["red"], "What is it?")
@@ -335,8 +361,25 @@ def snapshot_size(hub: Path, repo_id: str) -> int:
 
 def test_llava_models_lists_the_llava_checkpoints_in_the_cache(hub_cache, monkeypatch):
     expected = sorted(
-        [{"model": repo_id, "family": family, "size_bytes": snapshot_size(hub_cache, repo_id), "missing": [], "offline": True} for family, repo_id in README_IDS.items()]
-        + [{"model": "llava-tests/cut-off", "family": "llava-next", "size_bytes": snapshot_size(hub_cache, "llava-tests/cut-off"), "missing": ["no weights (*.safetensors)"], "offline": False}],
+        [
+            {
+                "model": repo_id,
+                "family": family,
+                "size_bytes": snapshot_size(hub_cache, repo_id),
+                "missing": [],
+                "offline": True,
+            }
+            for family, repo_id in README_IDS.items()
+        ]
+        + [
+            {
+                "model": "llava-tests/cut-off",
+                "family": "llava-next",
+                "size_bytes": snapshot_size(hub_cache, "llava-tests/cut-off"),
+                "missing": ["no weights (*.safetensors)"],
+                "offline": False,
+            }
+        ],
         key=lambda row: row["model"].lower(),
     )
     as_json = invoke(monkeypatch, "models", "--json")
@@ -348,7 +391,8 @@ def test_llava_models_lists_the_llava_checkpoints_in_the_cache(hub_cache, monkey
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["MODEL", "FAMILY", "SIZE", "OFFLINE"]
     assert [line.split() for line in lines[1:]] == [
-        [row["model"], row["family"], f"{row['size_bytes'] / 1000:.1f}", "kB"] + (["yes"] if row["offline"] else ["no:", "no", "weights", "(*.safetensors)"])
+        [row["model"], row["family"], f"{row['size_bytes'] / 1000:.1f}", "kB"]
+        + (["yes"] if row["offline"] else ["no:", "no", "weights", "(*.safetensors)"])
         for row in expected
     ]  # the tiny checkpoints are all under 1 MB
 
@@ -390,7 +434,10 @@ def test_video_family_checkpoints_are_laid_out_as_the_hub_repos(checkpoints, fam
     processor_class = ROW[family_name].processor_class  # e.g. LlavaOnevisionProcessor
     video_processor_type = processor_class.removesuffix("Processor") + "VideoProcessor"  # LlavaOnevisionVideoProcessor
     folder = checkpoints(family_name)
-    config = {name: json.loads((folder / name).read_text()) for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")}
+    config = {
+        name: json.loads((folder / name).read_text())
+        for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+    }
     assert config["processor_config.json"]["processor_class"] == processor_class
     assert config["preprocessor_config.json"]["processor_class"] == processor_class
     assert config["video_preprocessor_config.json"]["video_processor_type"] == video_processor_type
@@ -400,11 +447,11 @@ def test_video_family_checkpoints_are_laid_out_as_the_hub_repos(checkpoints, fam
 @pytest.fixture
 def without_torchvision(monkeypatch):
     """llava_cli as it runs where torchvision is not installed, whether or not it is here."""
-    import llava_cli.loader
-    import llava_cli.processors
+    import llava_cli.models.loader
+    import llava_cli.models.processors
 
-    monkeypatch.setattr(llava_cli.loader, "torchvision_installed", lambda: False)
-    monkeypatch.setattr(llava_cli.processors, "torchvision_installed", lambda: False)
+    monkeypatch.setattr(llava_cli.models.loader, "torchvision_installed", lambda: False)
+    monkeypatch.setattr(llava_cli.models.processors, "torchvision_installed", lambda: False)
 
 
 @pytest.mark.parametrize("family_name", IMAGE_PARTS_FAMILIES)
@@ -413,8 +460,8 @@ def test_image_parts_give_the_pixels_of_transformers_pil_image_processor_and_the
 ):
     from PIL import Image
 
-    from llava_cli.loader import load_processor
-    from llava_cli.vision import VisionInputs
+    from llava_cli.models.loader import load_processor
+    from llava_cli.models.vision import VisionInputs
 
     folder = checkpoints(family_name)
     row = family_for(json.loads((folder / "config.json").read_text()))
@@ -442,10 +489,24 @@ def torch_equal(left, right) -> bool:
 
 
 @pytest.mark.parametrize("family_name", IMAGE_PARTS_FAMILIES)
-def test_ask_each_with_batches_of_two_answers_each_image_as_plain_transformers(family_name, checkpoints, references, images, monkeypatch):
+def test_ask_each_with_batches_of_two_answers_each_image_as_plain_transformers(
+    family_name, checkpoints, references, images, monkeypatch
+):
     question = "What is in this picture?"
     paths = [images["red"], images["green"], images["blue"]]
-    args = ["ask", "--model", checkpoints(family_name), "--each", *paths, "-p", question, "--batch-size", "2", "-n", str(MAX_NEW)]
+    args = [
+        "ask",
+        "--model",
+        checkpoints(family_name),
+        "--each",
+        *paths,
+        "-p",
+        question,
+        "--batch-size",
+        "2",
+        "-n",
+        str(MAX_NEW),
+    ]
     outcome = invoke(monkeypatch, *args, stdout=BytesStdout())
     assert (outcome.code, outcome.stderr) == (0, "")
     answers = [json.loads(line)["answer"] for line in outcome.stdout.splitlines()]

@@ -14,14 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import chat
 
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import LlavaError, UsageError
-from llava_cli.forward import CompiledPath
-from llava_cli.loader import load_model, pick_attention
-from llava_cli.settings import Settings
-from test_engine import chat
+from llava_cli.base.errors import LlavaError, UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.engine.paths import CompiledPath
+from llava_cli.models.loader import load_model, pick_attention
+from llava_cli.prompt.conversation import Conversation
 
 MAX_NEW = 8
 
@@ -50,14 +50,29 @@ def test_a_static_cache_made_as_cuda_makes_it_is_cropped_in_the_next_turn(tiny_m
 
 @pytest.fixture
 def flash_installed(monkeypatch):
+    """flash-attn 2 installed and usable, as Python (`find_spec`) and transformers (its availability
+    check) see it."""
+    import transformers.utils
+    import transformers.utils.import_utils
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a)
+    )
+    for module in (transformers.utils, transformers.utils.import_utils):
+        monkeypatch.setattr(module, "is_flash_attn_2_available", lambda *args, **kwargs: True)
 
 
-def test_auto_attention_is_sdpa_even_with_flash_installed(flash_installed):
-    # The default path and --compile both need an attention that masks a static cache.
-    assert pick_attention("auto") == "sdpa"
+def test_auto_attention_loads_sdpa_even_with_flash_installed(flash_installed, tiny_model):
+    # The default path and --compile both need an attention that masks a static cache: the model
+    # loaded with `--attn auto` runs SDPA, whatever is installed.
+    loaded = load_model(Settings(model=str(tiny_model), attn="auto"))
+    assert loaded.model.config._attn_implementation == "sdpa"
+
+
+def test_an_attention_asked_for_is_the_one_loaded():
     assert pick_attention("flash_attention_2") == "flash_attention_2"
+    assert pick_attention("eager") == "eager"
 
 
 def test_compile_with_flash_attention_asked_for_is_refused_before_loading():

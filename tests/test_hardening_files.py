@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
 from cli_runner import FakeTerminal, invoke
-from conftest import SHORT_ANSWER as MAX_NEW, cli_env, render_llava15
-from llava_cli.images import image_from_bytes
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import cli_env, render_llava15
 
-# The documented limits (images.py), written out so these tests also run, and fail, on older code.
+from llava_cli.media.images import image_from_bytes
+
+# The documented limits (media/images.py), written out so these tests also run, and fail, on older code.
 MAX_ASPECT_RATIO = 50
 MAX_IMAGE_SIDE = 4096
 
@@ -48,11 +49,17 @@ def limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
-def run_bounded(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"", timeout: float = 180) -> subprocess.CompletedProcess:
+def run_bounded(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes = b"", timeout: float = 180
+) -> subprocess.CompletedProcess:
     """`llava ARGS` in a child with a memory limit; raises TimeoutExpired when it hangs."""
     return subprocess.run(
         [sys.executable, "-m", "llava_cli", *map(str, args)],
-        input=stdin, capture_output=True, env=env or cli_env(), timeout=timeout, preexec_fn=limit_memory,
+        input=stdin,
+        capture_output=True,
+        env=env or cli_env(),
+        timeout=timeout,
+        preexec_fn=limit_memory,
     )
 
 
@@ -78,18 +85,30 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def session_document(session_id: str, model: str, turns: list[dict], name: str | None = None, system: str | None = None) -> dict:
+def session_document(
+    session_id: str, model: str, turns: list[dict], name: str | None = None, system: str | None = None
+) -> dict:
     return {
-        "format": "llava-cli-conversation", "version": 1, "id": session_id, "name": name,
-        "created": "2026-11-25T12:44:03Z", "updated": "2026-11-25T12:46:10Z", "model": model,
+        "format": "llava-cli-conversation",
+        "version": 1,
+        "id": session_id,
+        "name": name,
+        "created": "2026-11-25T12:44:03Z",
+        "updated": "2026-11-25T12:46:10Z",
+        "model": model,
         "settings": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": MAX_NEW, "seed": None, "max_context": None},
-        "system": system, "turns": turns,
+        "system": system,
+        "turns": turns,
     }
 
 
 def image_turn(name: str, path: Path | str, digest: str, user: str = "what is it?", answer: str = "a picture") -> dict:
-    return {"user": user, "images": [{"name": name, "path": str(path), "sha256": digest}],
-            "assistant": answer, "answered_at": "2026-11-25T12:44:09Z"}
+    return {
+        "user": user,
+        "images": [{"name": name, "path": str(path), "sha256": digest}],
+        "assistant": answer,
+        "answered_at": "2026-11-25T12:44:09Z",
+    }
 
 
 def write_session(home: Path, file_stem: str, document: dict) -> Path:
@@ -116,16 +135,28 @@ def test_piped_chat_image_command_and_image_list_refuse_a_fifo(fifo, tiny_model,
     assert (chat.returncode, error_lines(chat)) == (1, [f"llava: error: {fifo} is a FIFO (named pipe), not an image"])
     listed = run_bounded("ask", "--model", tiny_model, "--from-file", fifo, "-p", "q", timeout=FIFO_TIMEOUT_S)
     assert (listed.returncode, error_lines(listed)) == (
-        2, [f"llava: error: --from-file {fifo}: it is a FIFO (named pipe), not a regular file; pipe a list in with --from-file -"])
+        2,
+        [
+            f"llava: error: --from-file {fifo}: it is a FIFO (named pipe), not a regular file; pipe a list in with --from-file -"
+        ],
+    )
 
 
 def test_resuming_a_conversation_whose_image_became_a_fifo_is_refused(fifo, images, tiny_model, tmp_path):
     home = tmp_path / "home"
-    write_session(home, "20261125-124403-3f2a", session_document("20261125-124403-3f2a", str(tiny_model), [image_turn("cat.png", fifo, sha256(images["red"]))]))
+    write_session(
+        home,
+        "20261125-124403-3f2a",
+        session_document("20261125-124403-3f2a", str(tiny_model), [image_turn("cat.png", fifo, sha256(images["red"]))]),
+    )
     result = run_bounded("ask", "-c", "and now?", env=cli_env(LLAVA_HOME=str(home)), timeout=FIFO_TIMEOUT_S)
-    assert (result.returncode, error_lines(result)) == (2, [
-        f"llava: error: cannot continue 20261125-124403-3f2a: turn 1: {fifo} is a FIFO (named pipe), not an image. "
-        "Put the image back, or continue without it with --drop-missing-images"])
+    assert (result.returncode, error_lines(result)) == (
+        2,
+        [
+            f"llava: error: cannot continue 20261125-124403-3f2a: turn 1: {fifo} is a FIFO (named pipe), not an image. "
+            "Put the image back, or continue without it with --drop-missing-images"
+        ],
+    )
 
 
 def test_sessions_list_reports_fifos_and_links_in_the_sessions_folder_and_lists_the_rest(tiny_model, tmp_path):
@@ -138,14 +169,20 @@ def test_sessions_list_reports_fifos_and_links_in_the_sessions_folder_and_lists_
     result = run_bounded("sessions", "list", "--json", env=cli_env(LLAVA_HOME=str(home)), timeout=FIFO_TIMEOUT_S)
     assert result.returncode == 0
     assert [row["id"] for row in json.loads(result.stdout)] == ["good"]
-    assert sorted(error_lines(result)) == sorted([
-        f"llava: warning: {folder / 'pipe.json'} is not a conversation file: it is a FIFO (named pipe), not a regular file; it was left as it is",
-        f"llava: warning: {folder / 'zero.json'} is not a conversation file: it is a symbolic link, not a regular file; it was left as it is",
-        f"llava: warning: {folder / 'elsewhere.json'} is not a conversation file: it is a symbolic link, not a regular file; it was left as it is",
-    ])
+    assert sorted(error_lines(result)) == sorted(
+        [
+            f"llava: warning: {folder / 'pipe.json'} is not a conversation file: it is a FIFO (named pipe), not a regular file; it was left as it is",
+            f"llava: warning: {folder / 'zero.json'} is not a conversation file: it is a symbolic link, not a regular file; it was left as it is",
+            f"llava: warning: {folder / 'elsewhere.json'} is not a conversation file: it is a symbolic link, not a regular file; it was left as it is",
+        ]
+    )
     shown = run_bounded("sessions", "show", "pipe", env=cli_env(LLAVA_HOME=str(home)), timeout=FIFO_TIMEOUT_S)
     assert (shown.returncode, error_lines(shown)) == (
-        2, [f"llava: error: {folder / 'pipe.json'} is not a conversation file: it is a FIFO (named pipe), not a regular file; it was left as it is"])
+        2,
+        [
+            f"llava: error: {folder / 'pipe.json'} is not a conversation file: it is a FIFO (named pipe), not a regular file; it was left as it is"
+        ],
+    )
 
 
 # --- Finding 2: Ghostscript -------------------------------------------------------------------
@@ -173,12 +210,14 @@ def test_an_eps_named_png_never_reaches_ghostscript(source, fake_ghostscript, ti
     result = run_bounded("ask", "--model", tiny_model, name, "q", env=env, stdin=stdin)
     shown = evil if source == "file" else "<stdin>"
     assert (result.returncode, error_lines(result)) == (
-        2, [f"llava: error: {shown} is not an image Pillow can read (try PNG, JPEG, GIF, WebP, BMP or TIFF)"])
+        2,
+        [f"llava: error: {shown} is not an image Pillow can read (try PNG, JPEG, GIF, WebP, BMP or TIFF)"],
+    )
     assert not marker.exists()
 
 
 def test_image_bytes_as_a_server_data_url_never_reach_ghostscript(fake_ghostscript, monkeypatch):
-    from llava_cli.errors import InputError
+    from llava_cli.base.errors import InputError
 
     env, marker = fake_ghostscript
     monkeypatch.setenv("PATH", env["PATH"])
@@ -196,15 +235,21 @@ def test_a_few_hundred_byte_1x100000_png_is_refused_before_the_model_loads(tmp_p
     thin = tmp_path / "thin.png"
     Image.new("1", (1, 100_000)).save(thin, optimize=True)
     result = run_bounded("ask", "--model", tiny_model, thin, "q")
-    assert (result.returncode, error_lines(result)) == (2, [
-        f"llava: error: {thin} is 1x100000: its sides differ by more than {MAX_ASPECT_RATIO}:1, "
-        "which the model cannot use; crop it or cut it into pieces"])
+    assert (result.returncode, error_lines(result)) == (
+        2,
+        [
+            f"llava: error: {thin} is 1x100000: its sides differ by more than {MAX_ASPECT_RATIO}:1, "
+            "which the model cannot use; crop it or cut it into pieces"
+        ],
+    )
     panorama = io.BytesIO()  # the limit leaves long panoramas alone
     Image.new("RGB", (MAX_ASPECT_RATIO * 10, 10), (10, 20, 30)).save(panorama, "PNG")
     assert image_from_bytes(panorama.getvalue(), "panorama").image.size == (MAX_ASPECT_RATIO * 10, 10)
 
 
-def test_a_7000_pixel_image_is_shrunk_before_the_processor_and_answered_as_transformers_does(tmp_path, tiny_model, reference, images):
+def test_a_7000_pixel_image_is_shrunk_before_the_processor_and_answered_as_transformers_does(
+    tmp_path, tiny_model, reference, images
+):
     from PIL import Image
 
     ordinary = image_from_bytes(images["blue"].read_bytes(), "blue").image  # smaller images: pixel for pixel
@@ -225,14 +270,16 @@ def test_every_folder_llava_creates_is_0700_whatever_the_umask(tmp_path, images,
     home = tmp_path / "data" / "llava-home"
     result = subprocess.run(
         [sys.executable, "-m", "llava_cli", "ask", "--model", str(tiny_model), "-n", "2", str(images["red"]), "q"],
-        capture_output=True, env=cli_env(LLAVA_HOME=str(home), LLAVA_NO_SERVER="1"), timeout=180,
+        capture_output=True,
+        env=cli_env(LLAVA_HOME=str(home), LLAVA_NO_SERVER="1"),
+        timeout=180,
         preexec_fn=lambda: os.umask(0),
     )
     assert result.returncode == 0, result.stderr
     for folder in (tmp_path / "data", home, home / "sessions"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
-    from llava_cli.discovery import runtime_dir, write_server_file
+    from llava_cli.client.discovery import runtime_dir, write_server_file
 
     monkeypatch.delenv("LLAVA_RUNTIME_DIR", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
@@ -270,14 +317,23 @@ def plant(folder: Path, url: str = "http://127.0.0.1:8700", mode: int = 0o600, o
     [
         (lambda folder: plant(folder, mode=0o666), "others may write to it (mode 0666)"),
         (lambda folder: plant(folder, owner=OTHER_UID), f"it belongs to another user (uid {OTHER_UID})"),
-        (lambda folder: plant(folder, url="http://192.0.2.7:8700"), "its url 'http://192.0.2.7:8700' is not on this machine"),
-        (lambda folder: plant(folder, url="https://evil.example:8700"), "its url 'https://evil.example:8700' is not on this machine"),
-        (lambda folder: (folder / f"server-{os.getpid()}.json").symlink_to(plant(folder.parent)), "it is a symbolic link, not a regular file"),
+        (
+            lambda folder: plant(folder, url="http://192.0.2.7:8700"),
+            "its url 'http://192.0.2.7:8700' is not on this machine",
+        ),
+        (
+            lambda folder: plant(folder, url="https://evil.example:8700"),
+            "its url 'https://evil.example:8700' is not on this machine",
+        ),
+        (
+            lambda folder: (folder / f"server-{os.getpid()}.json").symlink_to(plant(folder.parent)),
+            "it is a symbolic link, not a regular file",
+        ),
     ],
     ids=["world-writable", "other owner", "lan address", "remote host", "symlink"],
 )
 def test_a_discovery_file_others_could_plant_is_ignored_with_a_note(runtime, setup, reason):
-    from llava_cli.discovery import find_server
+    from llava_cli.client.discovery import find_server
 
     setup(runtime)
     notes: list[str] = []
@@ -287,7 +343,7 @@ def test_a_discovery_file_others_could_plant_is_ignored_with_a_note(runtime, set
 
 @pytest.mark.parametrize("change", ["chmod 0777", "chown"])
 def test_a_discovery_folder_others_can_write_is_ignored(runtime, change):
-    from llava_cli.discovery import find_server
+    from llava_cli.client.discovery import find_server
 
     plant(runtime)
     if change == "chmod 0777":
@@ -304,7 +360,7 @@ def test_a_discovery_folder_others_can_write_is_ignored(runtime, change):
 class RecordingHandler(http.server.BaseHTTPRequestHandler):
     seen: list[str | None] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         RecordingHandler.seen.append(self.headers.get("Authorization"))
         body = b'{"object": "list", "data": []}'
         self.send_response(200)
@@ -317,9 +373,10 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow  # an HTTP server
 def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
-    from llava_cli.remote import connect
-    from llava_cli.settings import Settings
+    from llava_cli.base.settings import Settings
+    from llava_cli.client.remote import choose_server
 
     server = http.server.HTTPServer(("127.0.0.1", 0), RecordingHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -327,10 +384,12 @@ def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
         plant(runtime, url=f"http://127.0.0.1:{server.server_port}")
         monkeypatch.setenv("LLAVA_API_KEY", "sk-secret")
         RecordingHandler.seen = []
-        engine = connect(Settings(model="m"), notify=lambda message: None)
-        assert engine is not None and engine.url == f"http://127.0.0.1:{server.server_port}"  # a private loopback file is used
+        engine = choose_server(Settings(model="m"), notify=lambda message: None)
+        assert (
+            engine is not None and engine.url == f"http://127.0.0.1:{server.server_port}"
+        )  # a private loopback file is used
         assert engine.api_key is None and RecordingHandler.seen == [None]
-        named = connect(Settings(model="m", server=engine.url), notify=lambda message: None)
+        named = choose_server(Settings(model="m", server=engine.url), notify=lambda message: None)
         assert named.api_key == "sk-secret"  # a server the user named does get it
     finally:
         server.shutdown()
@@ -340,7 +399,7 @@ def test_the_api_key_is_never_sent_to_a_discovered_server(runtime, monkeypatch):
 def test_an_input_history_others_could_read_or_plant_is_not_used(problem, tmp_path):
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
-    from llava_cli.inputline import history_at
+    from llava_cli.chat.inputline import history_at
 
     folder = tmp_path / "home"
     folder.mkdir(mode=0o700)
@@ -383,7 +442,10 @@ def test_a_session_whose_id_is_a_path_is_refused_and_nothing_is_written_outside(
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     for args in (["chat", "--resume", "crafted"], ["ask", "-c", "hello"]):
         result = run_bounded(*args, "-n", 2, env=cli_env(LLAVA_HOME=str(home)), stdin=b"hello\n")
-        assert (result.returncode, error_lines(result)) == (2, [f"llava: error: {path} has an invalid id {bad_id!r}; it was left as it is"])
+        assert (result.returncode, error_lines(result)) == (
+            2,
+            [f"llava: error: {path} has an invalid id {bad_id!r}; it was left as it is"],
+        )
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
@@ -402,7 +464,10 @@ def test_a_session_with_a_bad_name_is_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_HOME", str(home))
     path = write_session(home, "named", session_document("named", "m", [], name="../evil"))
     outcome = invoke(monkeypatch, "sessions", "show", "named")
-    assert (outcome.code, outcome.stderr) == (2, f"llava: error: {path} has an invalid name '../evil'; it was left as it is\n")
+    assert (outcome.code, outcome.stderr) == (
+        2,
+        f"llava: error: {path} has an invalid name '../evil'; it was left as it is\n",
+    )
 
 
 # --- Finding 8: escape sequences from session files ---------------------------------------------
@@ -412,8 +477,12 @@ def test_a_session_with_a_bad_name_is_refused_by_name(tmp_path, monkeypatch):
 def hostile_session(tmp_path, images, tiny_model) -> tuple[Path, str]:
     """A saved conversation whose model, system text, image name and texts carry OSC 52, OSC 8 and CSI 2J."""
     home = tmp_path / "home"
-    turn = image_turn(f"cat{HOSTILE}.png", images["red"], sha256(images["red"]), user=f"hi{HOSTILE}", answer=f"hello{HOSTILE}")
-    write_session(home, "hostile", session_document("hostile", f"evil{HOSTILE}/model", [turn], system=f"be{HOSTILE} nice"))
+    turn = image_turn(
+        f"cat{HOSTILE}.png", images["red"], sha256(images["red"]), user=f"hi{HOSTILE}", answer=f"hello{HOSTILE}"
+    )
+    write_session(
+        home, "hostile", session_document("hostile", f"evil{HOSTILE}/model", [turn], system=f"be{HOSTILE} nice")
+    )
     return home, str(tiny_model)
 
 
@@ -424,8 +493,13 @@ def test_session_file_text_reaches_the_repl_and_sessions_without_escape_sequence
     log = io.BytesIO()
     child = pexpect.spawn(sys.executable, args, env=env, timeout=120, dimensions=(40, 400))
     child.logfile_read = log
-    for command, reply in [("", "resumed hostile"), ("/system", "system text: be"), ("/show", "markdown"),
-                           ("/images", "turn 1: cat"), ("/load hostile", "loaded hostile")]:
+    for command, reply in [
+        ("", "resumed hostile"),
+        ("/system", "system text: be"),
+        ("/show", "markdown"),
+        ("/images", "turn 1: cat"),
+        ("/load hostile", "loaded hostile"),
+    ]:
         if command:
             child.sendline(command)
         child.expect_exact(reply)
@@ -481,8 +555,8 @@ def test_sigterm_ends_a_terminal_chat_cleanly_with_the_conversation_saved(tiny_m
 
 
 def test_sigterm_in_the_middle_of_a_save_leaves_no_temp_file(tmp_path, monkeypatch):
-    from llava_cli.signals import Terminated, sigterm_raises
-    from llava_cli.safeio import write_private_file
+    from llava_cli.base.safeio import write_private_file
+    from llava_cli.frontend.signals import Terminated, sigterm_raises
 
     path = tmp_path / "sessions" / "x.json"
     write_private_file(path, b"old")
@@ -492,6 +566,7 @@ def test_sigterm_in_the_middle_of_a_save_leaves_no_temp_file(tmp_path, monkeypat
     assert [p.name for p in path.parent.iterdir()] == ["x.json"] and path.read_text() == "old"
 
 
+@pytest.mark.slow  # starts processes
 def test_temp_files_of_killed_saves_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("LLAVA_HOME", str(home))

@@ -22,11 +22,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from cli_runner import invoke
+from helpers import cli_env
 from PIL import Image
 
-from cli_runner import invoke
-from conftest import cli_env
-from llava_cli.settings import Settings
+from llava_cli.base.settings import Settings
 
 NOBODY = 65534
 FIFO_TIMEOUT_S = 60  # the refusal is immediate; a regression blocks for ever
@@ -68,8 +68,8 @@ def plant_links(folder: Path, target: Path, pids: range) -> None:
 
 
 def test_another_users_runtime_folder_with_planted_links_is_refused_and_nothing_is_touched(shared_runtime, tmp_path):
-    from llava_cli.discovery import write_server_file
-    from llava_cli.safeio import NotPrivate
+    from llava_cli.base.safeio import NotPrivate
+    from llava_cli.client.discovery import write_server_file
 
     target = victim(tmp_path)
     planted = shared_runtime / "llava-cli"
@@ -86,8 +86,8 @@ def test_another_users_runtime_folder_with_planted_links_is_refused_and_nothing_
 
 
 def test_a_runtime_folder_that_is_a_symlink_is_refused_and_its_target_left_alone(shared_runtime, tmp_path):
-    from llava_cli.discovery import write_server_file
-    from llava_cli.safeio import NotPrivate
+    from llava_cli.base.safeio import NotPrivate
+    from llava_cli.client.discovery import write_server_file
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o755)
@@ -105,7 +105,7 @@ def test_a_runtime_folder_that_is_a_symlink_is_refused_and_its_target_left_alone
 def test_a_planted_temporary_name_in_our_own_folder_is_never_written_through(tmp_path, monkeypatch):
     """The temporary file has a random name and is created O_EXCL|O_NOFOLLOW: a name planted by
     whoever (before the folder became ours) cannot redirect the write."""
-    from llava_cli.discovery import find_server, write_server_file
+    from llava_cli.client.discovery import find_server, write_server_file
 
     folder = tmp_path / "run"
     folder.mkdir(mode=0o700)
@@ -121,8 +121,10 @@ def test_a_planted_temporary_name_in_our_own_folder_is_never_written_through(tmp
     assert find_server("m") == ("http://127.0.0.1:8700", "m")
 
 
-def test_the_server_serves_unannounced_with_one_line_when_the_runtime_folder_is_not_ours(shared_runtime, tmp_path, capsys):
-    from llava_cli.server import announce
+def test_the_server_serves_unannounced_with_one_line_when_the_runtime_folder_is_not_ours(
+    shared_runtime, tmp_path, capsys
+):
+    from llava_cli.serve.server import announce
 
     planted = shared_runtime / "llava-cli"
     planted.mkdir()
@@ -130,13 +132,14 @@ def test_the_server_serves_unannounced_with_one_line_when_the_runtime_folder_is_
     assert announce("http://127.0.0.1:8700", "m", "m") is None
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].endswith(
-        f"not announced to llava ask/chat on this machine: cannot write in {planted}: it belongs to another user (uid {NOBODY})")
+        f"not announced to llava ask/chat on this machine: cannot write in {planted}: it belongs to another user (uid {NOBODY})"
+    )
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770])
 def test_a_folder_of_ours_that_others_may_write_is_refused_not_tightened(tmp_path, mode):
     """Others may already have planted files in it: refusing is the only safe answer."""
-    from llava_cli.safeio import NotPrivate, make_private_dir
+    from llava_cli.base.safeio import NotPrivate, make_private_dir
 
     folder = tmp_path / "ours"
     folder.mkdir()
@@ -147,7 +150,7 @@ def test_a_folder_of_ours_that_others_may_write_is_refused_not_tightened(tmp_pat
 
 
 def test_every_created_folder_is_0700_and_checked_with_lstat_under_umask_0(tmp_path):
-    from llava_cli.safeio import make_private_dir
+    from llava_cli.base.safeio import make_private_dir
 
     old = os.umask(0)
     try:
@@ -173,12 +176,13 @@ def test_a_sessions_folder_that_is_a_symlink_gets_no_conversation(tmp_path, monk
     result = invoke(monkeypatch, "ask", "--model", str(tiny_model), "-n", "2", str(images["red"]), "what?")
     assert result.code == 0
     assert result.stderr.splitlines() == [
-        f"llava: warning: the conversation could not be saved: it is a symbolic link, not a folder ({home / 'sessions'})"]
+        f"llava: warning: the conversation could not be saved: it is a symbolic link, not a folder ({home / 'sessions'})"
+    ]
     assert list(elsewhere.iterdir()) == []
 
 
 def test_stale_temp_files_are_not_removed_through_a_symlinked_sessions_folder(tmp_path):
-    from llava_cli.store import SessionStore
+    from llava_cli.store.conversations import SessionStore
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)
@@ -211,7 +215,10 @@ def test_output_file_is_never_written_through_a_planted_name(kind, tmp_path, mon
         os.link(target, output)
         reason = "it has 1 other hard link(s); write to a file of its own"
     result = invoke(monkeypatch, *each_to(output, images["red"]))
-    assert (result.code, result.stderr.splitlines()) == (2, [f"llava: error: cannot write {output}: {reason}; choose another -o"])
+    assert (result.code, result.stderr.splitlines()) == (
+        2,
+        [f"llava: error: cannot write {output}: {reason}; choose another -o"],
+    )
     assert unchanged(target)
 
 
@@ -222,7 +229,11 @@ def limit_memory() -> None:
 
 def run_bounded(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "llava_cli", *args], capture_output=True, env=cli_env(), timeout=FIFO_TIMEOUT_S, preexec_fn=limit_memory,
+        [sys.executable, "-m", "llava_cli", *args],
+        capture_output=True,
+        env=cli_env(),
+        timeout=FIFO_TIMEOUT_S,
+        preexec_fn=limit_memory,
     )
 
 
@@ -235,7 +246,9 @@ def test_output_to_a_fifo_or_dev_zero_is_refused_at_once(kind, tmp_path, images)
     what = "a FIFO (named pipe)" if kind == "fifo" else "a character device"
     result = run_bounded(*each_to(output, images["red"]))
     assert (result.returncode, result.stderr.decode().splitlines()) == (
-        2, [f"llava: error: cannot write {output}: it is {what}, not a regular file; choose another -o"])
+        2,
+        [f"llava: error: cannot write {output}: it is {what}, not a regular file; choose another -o"],
+    )
 
 
 # --- Item 8: the allowed local media folder -------------------------------------------------------
@@ -267,9 +280,9 @@ def swapping(tmp_path):
 
 
 def test_a_file_swapped_for_a_symlink_while_requests_run_never_serves_outside_bytes(swapping):
-    from llava_cli.apirequest import ApiError, PendingImage
-    from llava_cli.conversation import Turn
-    from llava_cli.serveguard import Guard, ServeOptions
+    from llava_cli.prompt.conversation import Turn
+    from llava_cli.serve.guard import Guard, ServeOptions
+    from llava_cli.serve.request import ApiError, PendingImage
 
     media, path, secret_digest = swapping
     guard = Guard(ServeOptions(host="127.0.0.1", port=0, allowed_local_media_path=str(media)))
@@ -277,7 +290,11 @@ def test_a_file_swapped_for_a_symlink_while_requests_run_never_serves_outside_by
     for attempt in range(3000):
         url = f"file://{path}" if attempt % 2 else str(path)
         try:
-            served.append(PendingImage(Turn(text="q"), url, "messages[0]").load(guard, Settings(model="m", max_image_pixels=10**6)).digest)
+            served.append(
+                PendingImage(Turn(text="q"), url, "messages[0]")
+                .load(guard, Settings(model="m", max_image_pixels=10**6))
+                .digest
+            )
         except ApiError:
             refused += 1
     assert secret_digest not in served
@@ -287,9 +304,9 @@ def test_a_file_swapped_for_a_symlink_while_requests_run_never_serves_outside_by
 def test_a_swap_right_after_the_path_is_resolved_is_refused(tmp_path, monkeypatch):
     """The unlucky moment of the loop above, made certain: the file becomes a link to an outside
     file just after the path was resolved and checked, before it is opened."""
-    from llava_cli.apirequest import ApiError, PendingImage
-    from llava_cli.conversation import Turn
-    from llava_cli.serveguard import Guard, ServeOptions
+    from llava_cli.prompt.conversation import Turn
+    from llava_cli.serve.guard import Guard, ServeOptions
+    from llava_cli.serve.request import ApiError, PendingImage
 
     media = tmp_path / "media"
     media.mkdir()
@@ -314,15 +331,17 @@ def test_a_swap_right_after_the_path_is_resolved_is_refused(tmp_path, monkeypatc
 
 
 def test_a_symlink_inside_the_folder_to_a_file_inside_it_is_still_read(tmp_path):
-    from llava_cli.apirequest import PendingImage
-    from llava_cli.conversation import Turn
-    from llava_cli.serveguard import Guard, ServeOptions
+    from llava_cli.prompt.conversation import Turn
+    from llava_cli.serve.guard import Guard, ServeOptions
+    from llava_cli.serve.request import PendingImage
 
     media = tmp_path / "media"
     (media / "sub").mkdir(parents=True)
     Image.new("RGB", (8, 8), (9, 9, 9)).save(media / "sub" / "real.png")
     (media / "alias.png").symlink_to(media / "sub" / "real.png")
     guard = Guard(ServeOptions(host="127.0.0.1", port=0, allowed_local_media_path=str(media)))
-    image = PendingImage(Turn(text="q"), str(media / "alias.png"), "messages[0]").load(guard, Settings(model="m", max_image_pixels=10**6))
+    image = PendingImage(Turn(text="q"), str(media / "alias.png"), "messages[0]").load(
+        guard, Settings(model="m", max_image_pixels=10**6)
+    )
     assert image.path == str(media / "sub" / "real.png")
     assert image.digest == hashlib.sha256((media / "sub" / "real.png").read_bytes()).hexdigest()

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import cli_env
+from helpers import cli_env
 
 # Runs in a fresh interpreter: each --help through the real entry point, then what got imported.
 PROBE = """
@@ -37,7 +36,11 @@ def test_help_does_not_import_torch_or_transformers():
     assert probe.returncode == 0, probe.stderr
     report = json.loads(probe.stdout.splitlines()[-1])
     assert report["heavy"] == []
-    expected_usage = {"--help": "Usage: llava [OPTIONS] COMMAND", "ask": "Usage: llava ask [OPTIONS]", "chat": "Usage: llava chat [OPTIONS]"}
+    expected_usage = {
+        "--help": "Usage: llava [OPTIONS] COMMAND",
+        "ask": "Usage: llava ask [OPTIONS]",
+        "chat": "Usage: llava chat [OPTIONS]",
+    }
     for result in report["results"]:
         assert result["code"] in (0, None), result["argv"]
         assert expected_usage[result["argv"][1]] in result["help"], result["help"][:300]

@@ -1,4 +1,4 @@
-"""One `IMAGE... [PROMPT]` grammar (arguments.py) for `llava ask` and `ask --each`: an http(s) URL is
+"""One `IMAGE... [PROMPT]` grammar (frontend/arguments.py) for `llava ask` and `ask --each`: an http(s) URL is
 an image even without an image extension, so the prompt then comes from stdin. Through the real
 entry point, in-process, against a local HTTP server and plain transformers' answers."""
 
@@ -9,9 +9,8 @@ import json
 import threading
 
 import pytest
-
 from cli_runner import BytesStdout, invoke
-from conftest import render_llava15
+from helpers import render_llava15
 
 MAX_NEW = 8
 QUESTION = "what is in the picture?"
@@ -42,17 +41,41 @@ def picture_url(images):
     httpd.shutdown()
 
 
-def test_ask_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(monkeypatch, tiny_model, images, reference, picture_url):
-    outcome = invoke(monkeypatch, "ask", images["red"], picture_url, "--model", tiny_model, "-n", MAX_NEW, "--no-save", stdin=QUESTION.encode())
+def test_ask_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(
+    monkeypatch, tiny_model, images, reference, picture_url
+):
+    outcome = invoke(
+        monkeypatch,
+        "ask",
+        images["red"],
+        picture_url,
+        "--model",
+        tiny_model,
+        "-n",
+        MAX_NEW,
+        "--no-save",
+        stdin=QUESTION.encode(),
+    )
 
     expected = reference.answer(render_llava15([(QUESTION, 2, None)]), [images["red"], images["green"]], MAX_NEW)
     assert (outcome.code, outcome.stdout, outcome.stderr) == (0, expected + "\n", "")
 
 
-def test_ask_each_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(monkeypatch, tiny_model, images, reference, picture_url):
+def test_ask_each_takes_a_url_without_an_extension_as_an_image_and_the_prompt_from_stdin(
+    monkeypatch, tiny_model, images, reference, picture_url
+):
     outcome = invoke(
-        monkeypatch, "ask", "--each", images["red"], picture_url, "--model", tiny_model, "-n", MAX_NEW,
-        stdin=QUESTION.encode(), stdout=BytesStdout(),
+        monkeypatch,
+        "ask",
+        "--each",
+        images["red"],
+        picture_url,
+        "--model",
+        tiny_model,
+        "-n",
+        MAX_NEW,
+        stdin=QUESTION.encode(),
+        stdout=BytesStdout(),
     )
 
     prompt = render_llava15([(QUESTION, 1, None)])

@@ -10,14 +10,19 @@ import os
 import threading
 
 import pytest
+from hostile_images import many_scan_jpeg, many_strip_tiff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from mutations import mutated
-from llava_cli.errors import InputError
-from llava_cli.imagelimits import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_TIFF_VALUES, jpeg_counts
-from llava_cli.images import image_from_bytes, read_stream
-from hostile_images import many_scan_jpeg, many_strip_tiff
+
+from llava_cli.base.errors import InputError
+from llava_cli.media.imagelimits import (
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_TIFF_VALUES,
+    jpeg_counts,
+)
+from llava_cli.media.images import image_from_bytes, read_stream
 
 MAX_PIXELS = 1_000_000  # small, so a mutated header claiming a huge size is refused, not decoded slowly
 
@@ -28,7 +33,9 @@ def encoded(fmt: str, mode: str = "RGB", frames: int = 1, **options) -> bytes:
     pictures = []
     for index in range(frames):
         picture = Image.new(mode, (23, 17), "white" if mode != "P" else 1)
-        ImageDraw.Draw(picture).rectangle((2 + index, 3, 12, 11), fill=(200, 30 * index, 40) if mode in ("RGB", "RGBA") else 7)
+        ImageDraw.Draw(picture).rectangle(
+            (2 + index, 3, 12, 11), fill=(200, 30 * index, 40) if mode in ("RGB", "RGBA") else 7
+        )
         pictures.append(picture)
     buffer = io.BytesIO()
     pictures[0].save(buffer, fmt, save_all=frames > 1, append_images=pictures[1:], **options)
@@ -49,8 +56,6 @@ SEEDS = [
     encoded("TIFF", "RGB", tile=(16, 16)),
     encoded("TIFF", "L", compression="tiff_lzw"),
 ]
-
-
 
 
 def assert_clean(data: bytes) -> None:
@@ -97,15 +102,23 @@ def test_a_jpeg_of_a_thousand_scans_is_refused_before_decoding():
 
 
 def test_a_jpeg_at_the_scan_limit_is_decoded():
-    extra = MAX_JPEG_SCANS - jpeg_counts(many_scan_jpeg(64, 0), MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS)[0]  # the encoder's own scans
-    assert image_from_bytes(many_scan_jpeg(64, extra), "scans.jpg", MAX_PIXELS).image.getpixel((5, 5)) == (128, 128, 128)
+    extra = (
+        MAX_JPEG_SCANS - jpeg_counts(many_scan_jpeg(64, 0), MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS)[0]
+    )  # the encoder's own scans
+    assert image_from_bytes(many_scan_jpeg(64, extra), "scans.jpg", MAX_PIXELS).image.getpixel((5, 5)) == (
+        128,
+        128,
+        128,
+    )
     with pytest.raises(InputError, match="scans"):
         image_from_bytes(many_scan_jpeg(64, extra + 1), "scans.jpg", MAX_PIXELS)
 
 
 @pytest.mark.parametrize("strips", [9, 100_000])
 def test_a_tiff_of_more_strips_than_rows_is_refused_before_pillow_lists_them(strips):
-    with pytest.raises(InputError, match=rf"^strips\.tif is a TIFF of 8x8 pixels that declares {strips:,} strips, more than the 8"):
+    with pytest.raises(
+        InputError, match=rf"^strips\.tif is a TIFF of 8x8 pixels that declares {strips:,} strips, more than the 8"
+    ):
         image_from_bytes(many_strip_tiff(strips), "strips.tif", MAX_PIXELS)
 
 
@@ -117,7 +130,9 @@ def test_a_jpeg_of_twenty_thousand_empty_segments_is_refused_before_pillow_reads
     picture = encoded("JPEG")
     with pytest.raises(InputError, match=rf"^app\.jpg is a JPEG of more than {MAX_JPEG_SEGMENTS:,} marker segments"):
         image_from_bytes(picture[:2] + b"\xff\xe1\x00\x02" * 20_000 + picture[2:], "app.jpg", MAX_PIXELS)
-    assert image_from_bytes(picture[:2] + b"\xff\xe1\x00\x02" * 1_000 + picture[2:], "app.jpg", MAX_PIXELS).image.size == (23, 17)
+    assert image_from_bytes(
+        picture[:2] + b"\xff\xe1\x00\x02" * 1_000 + picture[2:], "app.jpg", MAX_PIXELS
+    ).image.size == (23, 17)
 
 
 def test_a_tiff_tag_of_more_numbers_than_any_picture_needs_is_refused():
@@ -174,7 +189,10 @@ def test_a_stalled_pipe_times_out():
     release = threading.Event()
     writer(write_fd, SEEDS[0][:10], keep_open=release)
     try:
-        with os.fdopen(read_fd, "rb") as pipe, pytest.raises(InputError, match=r"^nothing arrived on <stdin> for 0.3 s"):
+        with (
+            os.fdopen(read_fd, "rb") as pipe,
+            pytest.raises(InputError, match=r"^nothing arrived on <stdin> for 0.3 s"),
+        ):
             read_stream(pipe, "<stdin>", idle_timeout=0.3)
     finally:
         release.set()
@@ -183,11 +201,12 @@ def test_a_stalled_pipe_times_out():
 # ---------------------------------------------------------------- the decode time budget (issue 28 item 4)
 
 
+@pytest.mark.slow  # decodepool's helper process
 def test_a_decode_past_the_budget_is_abandoned_and_its_helper_killed(monkeypatch):
     """A picture within every byte-level limit that still decodes slowly: 250 scans of 4000x4000
     (about half a second). With a 50 ms budget it is refused in one line, the helper process that
     was decoding it is gone (killed, not left burning a core), and the next image decodes."""
-    from llava_cli import decodepool, images
+    from llava_cli.media import decodepool, images
 
     small = encoded("PNG")
     image_from_bytes(small, "warm.png", MAX_PIXELS)  # a helper is started and idle
@@ -202,8 +221,9 @@ def test_a_decode_past_the_budget_is_abandoned_and_its_helper_killed(monkeypatch
     assert image_from_bytes(small, "after.png", MAX_PIXELS).image.getpixel((5, 5)) == (200, 0, 40)
 
 
+@pytest.mark.slow  # decodepool's helper process
 def test_a_decoder_that_dies_gives_one_line_and_the_next_image_decodes(monkeypatch):
-    from llava_cli import decodepool
+    from llava_cli.media import decodepool
 
     image_from_bytes(encoded("PNG"), "warm.png", MAX_PIXELS)
     for helper in decodepool.POOL.idle:  # died (as under the OOM killer) after its last check

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_cli.images import load_image
+from llava_cli.media.images import load_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -101,7 +101,7 @@ def test_exif_rotation_is_applied(tmp_path, orientation, top, bottom):
 
 
 def test_the_same_bytes_from_a_file_and_from_memory_give_the_same_digest(tmp_path):
-    from llava_cli.images import image_from_bytes
+    from llava_cli.media.images import image_from_bytes
 
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4), GREEN).save(buffer, "PNG")
@@ -111,7 +111,7 @@ def test_the_same_bytes_from_a_file_and_from_memory_give_the_same_digest(tmp_pat
 
 
 def test_a_prompt_too_long_to_be_a_file_name_is_a_prompt_not_an_error(tmp_path):
-    from llava_cli.arguments import split_images_and_prompt
+    from llava_cli.frontend.arguments import split_images_and_prompt
 
     prompt = "describe this picture in detail " * 200  # longer than any file name may be
     assert split_images_and_prompt([str(tmp_path / "a.png"), prompt]) == ([str(tmp_path / "a.png")], prompt)

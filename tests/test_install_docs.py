@@ -4,8 +4,9 @@ command as written, and constraints.txt pins every dependency pyproject.toml nam
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,10 @@ def test_readme_has_a_venv_line_a_user_install_and_a_test_command():
     assert venv.startswith("python -m venv ")
     assert "pip install torch==2.13.0 && pip install -e . && llava chat" in user
     assert "[test]" not in user
-    assert tests == "pip install torch==2.13.0 && pip install -c constraints.txt -e '.[test]' && python -m pytest -q -n 2 --dist loadfile"
+    assert (
+        tests
+        == "pip install torch==2.13.0 && pip install -c constraints.txt -e '.[test]' && python -m pytest -q -n 2 --dist loadfile"
+    )
 
 
 def test_ci_runs_exactly_readmes_test_command():
@@ -38,9 +42,16 @@ def requirement_name(requirement: str) -> str:
 def test_constraints_pin_every_dependency_and_the_cpu_torch():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     named = {requirement_name(r) for r in pyproject["dependencies"]}
-    named |= {requirement_name(r) for extra in pyproject["optional-dependencies"].values() for r in extra if not r.startswith("llava-cli")}
+    named |= {
+        requirement_name(r)
+        for extra in pyproject["optional-dependencies"].values()
+        for r in extra
+        if not r.startswith("llava-cli")
+    }
     lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
     pins = dict(line.split("==", 1) for line in lines)
-    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", version) for version in pins.values()), "only plain versions: no URLs, no local builds"
+    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", version) for version in pins.values()), (
+        "only plain versions: no URLs, no local builds"
+    )
     assert named <= {name.lower().replace("_", "-") for name in pins}
     assert (pins["torch"], pins["bitsandbytes"], pins["kernels"]) == ("2.13.0", "0.50.2", "0.19.1")

@@ -1,6 +1,6 @@
 """The suite under any launcher (issue 14, section 6): a launcher that ignores SIGINT (`nohup ... &`,
 some CI runners) passes the ignored signal on to every process; the processes the tests start get
-SIGINT back (conftest.default_sigint), so the Ctrl-C tests still pass."""
+SIGINT back (helpers.default_sigint), so the Ctrl-C tests still pass."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import default_sigint
+import pytest
+from helpers import default_sigint
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 READ_SIGIGN = "print(next(line for line in open('/proc/self/status') if line.startswith('SigIgn:')).split()[1])"
 
@@ -26,7 +29,9 @@ def sigint_ignored() -> Iterator[None]:
 
 
 def sigint_ignored_in_child(**popen: object) -> bool:
-    mask = subprocess.run([sys.executable, "-c", READ_SIGIGN], capture_output=True, text=True, check=True, **popen).stdout
+    mask = subprocess.run(
+        [sys.executable, "-c", READ_SIGIGN], capture_output=True, text=True, check=True, **popen
+    ).stdout
     return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
 
 
@@ -41,7 +46,10 @@ def test_a_ctrl_c_test_passes_when_started_with_sigint_ignored():
     test = "tests/test_security.py::test_ctrl_c_while_loading_exits_130_without_a_traceback[importing torch]"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-        cwd=root, capture_output=True, text=True, timeout=300,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `nohup ... &` starts it
     )
     assert run.returncode == 0, run.stdout[-2000:]

@@ -7,21 +7,22 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
 from fakes import answer_text
+from helpers import slow_fixture
 from tiny_checkpoint import build_family_checkpoint, lay_out_hub_cache
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
+
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 NEXT_ID, L15_ID = "tests/tiny-next", "tests/tiny-l15"
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def next_model(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-next", tmp_path_factory.mktemp("next"))
 
@@ -64,16 +65,24 @@ def test_show_reports_the_checkpoint_from_its_files(hub, tiny_model, monkeypatch
     facts = json.loads(outcome.stdout)
     snapshot = next((repo_folder(hub, L15_ID) / "snapshots").iterdir())
     assert facts == {
-        "model": L15_ID, "family": "llava-1.5", "decoder": "llama",
-        "context_window": config["text_config"]["max_position_embeddings"], "parameters": parameters,
-        "dtype": config.get("dtype") or config.get("torch_dtype"), "weight_dtypes": ["F32"],
+        "model": L15_ID,
+        "family": "llava-1.5",
+        "decoder": "llama",
+        "context_window": config["text_config"]["max_position_embeddings"],
+        "parameters": parameters,
+        "dtype": config.get("dtype") or config.get("torch_dtype"),
+        "weight_dtypes": ["F32"],
         "size_bytes": sum(p.stat().st_size for p in snapshot.iterdir()),
         "image_tokens": {"min": 16, "max": 16},  # (32 / 8) ** 2 patches, the CLS dropped
-        "chat_template": "llava-1.5 format (built in, as the model card documents)", "revision": snapshot.name,
+        "chat_template": "llava-1.5 format (built in, as the model card documents)",
+        "revision": snapshot.name,
     }
     table = invoke(monkeypatch, "show", NEXT_ID)
     assert table.code == 0
-    rows = dict(line.split(None, 1) if not line.startswith("image tokens") else ("image tokens", line[13:]) for line in table.stdout.splitlines())
+    rows = dict(
+        line.split(None, 1) if not line.startswith("image tokens") else ("image tokens", line[13:])
+        for line in table.stdout.splitlines()
+    )
     assert rows["family"] == "llava-next" and rows["template"] == "chat_template.jinja"
     assert rows["image tokens"].endswith("(anyres: by image size)")
 
@@ -88,7 +97,10 @@ def numel(shape: list[int]) -> int:
 def test_show_of_a_model_not_in_the_cache_is_one_line(hub, monkeypatch):
     outcome = invoke(monkeypatch, "show", "nobody/nothing")
     assert outcome.code == 2 and outcome.stdout == ""
-    assert outcome.stderr == "llava: error: nobody/nothing is not in the local Hugging Face cache; `llava models` lists what is, `llava pull nobody/nothing` downloads it\n"
+    assert (
+        outcome.stderr
+        == "llava: error: nobody/nothing is not in the local Hugging Face cache; `llava models` lists what is, `llava pull nobody/nothing` downloads it\n"
+    )
 
 
 def test_rm_deletes_through_the_cache_api_and_never_follows_links_out(hub, tmp_path, monkeypatch):
@@ -138,23 +150,33 @@ def test_tokens_needs_no_weights_and_matches_the_processor(hub, next_model, squa
         assert row["context_share"] == row["image_tokens"] / 1024
     assert rows[0]["resized_size"] == [64, 64] and rows[0]["grid"] == [2, 2]  # a square image: the 2x2 grid
 
-    capped = json.loads(invoke(monkeypatch, "tokens", str(square), "--model", NEXT_ID, "--max-image-tokens", "60", "--json").stdout)
+    capped = json.loads(
+        invoke(monkeypatch, "tokens", str(square), "--model", NEXT_ID, "--max-image-tokens", "60", "--json").stdout
+    )
     assert capped[0]["grid"] in ([1, 2], [2, 1]) and capped[0]["image_tokens"] < rows[0]["image_tokens"]
 
     text = invoke(monkeypatch, "tokens", str(square), "--model", NEXT_ID)
-    assert text.stdout == f"{square}: 90x90 -> 64x64 (grid 2x2 + base tile), {rows[0]['image_tokens']} tokens ({100 * rows[0]['context_share']:.1f}% of context)\n"
+    assert (
+        text.stdout
+        == f"{square}: 90x90 -> 64x64 (grid 2x2 + base tile), {rows[0]['image_tokens']} tokens ({100 * rows[0]['context_share']:.1f}% of context)\n"
+    )
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--model", NEXT_ID, "--max-image-tokens", "5"), "--max-image-tokens 5 is below tests/tiny-next's smallest anyres grid"),
+        (
+            ("--model", NEXT_ID, "--max-image-tokens", "5"),
+            "--max-image-tokens 5 is below tests/tiny-next's smallest anyres grid",
+        ),
         (("--model", L15_ID, "--max-image-tokens", "500"), "--max-image-tokens applies to anyres families"),
     ],
 )
 def test_max_image_tokens_refusals_are_one_line(hub, square, args, message, monkeypatch):
     outcome = invoke(monkeypatch, "tokens", str(square), *args)
-    assert outcome.code == 2 and outcome.stderr.startswith(f"llava: error: {message}") and outcome.stderr.count("\n") == 1
+    assert (
+        outcome.code == 2 and outcome.stderr.startswith(f"llava: error: {message}") and outcome.stderr.count("\n") == 1
+    )
 
 
 def test_max_image_tokens_answers_equal_transformers_with_the_same_pinpoints(next_model, square):
@@ -167,7 +189,9 @@ def test_max_image_tokens_answers_equal_transformers_with_the_same_pinpoints(nex
     conversation.ask("What is in this picture?", [load_image(str(square))])
     engine = Engine(loaded)
     prompt = engine.encode(conversation).ids
-    answer = answer_text(engine.generate(conversation, Settings(model=str(next_model), max_new_tokens=MAX_NEW)))
+    answer = answer_text(
+        engine.generate(conversation, Settings(model=str(next_model), max_new_tokens=MAX_NEW)), conversation
+    )
 
     processor = AutoProcessor.from_pretrained(next_model)
     processor.image_processor.image_grid_pinpoints = kept
@@ -175,10 +199,23 @@ def test_max_image_tokens_answers_equal_transformers_with_the_same_pinpoints(nex
     model.config.image_grid_pinpoints = kept
     from PIL import Image
 
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(square).convert("RGB")}, {"type": "text", "text": "What is in this picture?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.open(square).convert("RGB")},
+                {"type": "text", "text": "What is in this picture?"},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-    assert answer == processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert (
+        answer
+        == processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    )
     assert prompt == inputs["input_ids"][0].tolist()
 
 
@@ -187,13 +224,19 @@ def test_rm_asks_at_a_terminal_and_only_yes_deletes(tiny_model, tmp_path):
     import sys
 
     import pexpect
-
-    from conftest import cli_env, default_sigint
+    from helpers import cli_env, default_sigint
 
     lay_out_hub_cache(tiny_model, tmp_path, L15_ID)
     env = cli_env(HF_HUB_CACHE=str(tmp_path / "hub"), TERM="dumb")
     for reply, code, exists in (("n", 1, True), ("", 1, True), ("y", 0, False)):
-        child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "rm", L15_ID], env=env, timeout=60, encoding="utf-8", preexec_fn=default_sigint)
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "llava_cli", "rm", L15_ID],
+            env=env,
+            timeout=60,
+            encoding="utf-8",
+            preexec_fn=default_sigint,
+        )
         child.expect_exact(f"delete {L15_ID} (")
         child.expect_exact("[y/N] ")
         child.sendline(reply)

@@ -6,13 +6,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 from cli_runner import invoke
-from llava_cli import loader
-from llava_cli.errors import UsageError
-from llava_cli.forward import EagerPath
-from llava_cli.graphstep import CPU_NOTE, MPS_NOTE, default_path
-from llava_cli.settings import Settings
+
+from llava_cli.base.errors import UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.graphstep import CPU_NOTE, MPS_NOTE, default_path
+from llava_cli.engine.paths import EagerPath
+from llava_cli.models import loader
 
 torch = pytest.importorskip("torch")
 
@@ -41,9 +41,14 @@ def test_mps_runs_in_float16_unless_asked_otherwise():
 
 def test_device_mps_without_mps_is_one_line(fake_mps, images, tiny_model, monkeypatch):
     fake_mps(False, False)
-    outcome = invoke(monkeypatch, "ask", images["red"], "what?", "--model", tiny_model, "--device", "mps", "--no-server")
+    outcome = invoke(
+        monkeypatch, "ask", images["red"], "what?", "--model", tiny_model, "--device", "mps", "--no-server"
+    )
     assert (outcome.code, outcome.stdout) == (2, "")
-    assert outcome.stderr == "llava: error: --device mps was asked for but Apple silicon's MPS backend is not available here; use --device cpu\n"
+    assert (
+        outcome.stderr
+        == "llava: error: --device mps was asked for but Apple silicon's MPS backend is not available here; use --device cpu\n"
+    )
 
 
 @pytest.mark.parametrize("flag", ["--load-4bit", "--load-8bit"])
@@ -52,7 +57,10 @@ def test_quantization_on_mps_is_refused_before_anything_loads(fake_mps, flag, im
     monkeypatch.setattr(loader, "load_weights", lambda *args: pytest.fail("the weights must not be loaded"))
     outcome = invoke(monkeypatch, "ask", images["red"], "what?", "--model", tiny_model, flag, "--no-server")
     assert outcome.code == 2
-    assert outcome.stderr == f"llava: error: {flag} needs bitsandbytes, which has no MPS backend; on Apple silicon drop it (float16 is used), or use --device cpu\n"
+    assert (
+        outcome.stderr
+        == f"llava: error: {flag} needs bitsandbytes, which has no MPS backend; on Apple silicon drop it (float16 is used), or use --device cpu\n"
+    )
 
 
 def test_compile_on_mps_is_refused():

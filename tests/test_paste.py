@@ -7,14 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
-
 from cli_runner import invoke
-from conftest import SHORT_ANSWER as MAX_NEW, render_llava15
 from fake_io import FakeIO
-from llava_cli.chat import ChatLoop
-from llava_cli.engine import Engine
-from llava_cli.paste import from_osascript
-from llava_cli.store import Recorder, SessionStore
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import render_llava15, slow_fixture
+
+from llava_cli.chat.loop import ChatLoop
+from llava_cli.engine.local import Engine
+from llava_cli.media.paste import from_osascript
+from llava_cli.store.conversations import Recorder, SessionStore
 
 QUESTION = "What is in this picture?"
 FAKE_XCLIP = """#!/bin/sh
@@ -27,7 +28,7 @@ base64 -w0 "$FAKE_CLIPBOARD"
 """
 
 
-@pytest.fixture
+@slow_fixture  # the fake clipboard tools are processes
 def clipboard(tmp_path, monkeypatch):
     """put(path or None): what the fake X11 clipboard holds; only the fake tools are on PATH."""
     tools = tmp_path / "bin"
@@ -47,7 +48,9 @@ def clipboard(tmp_path, monkeypatch):
     return put
 
 
-def test_ask_clipboard_answers_about_the_pasted_image_and_it_cannot_be_resumed(clipboard, tiny_model, images, reference, llava_home_dir, monkeypatch):
+def test_ask_clipboard_answers_about_the_pasted_image_and_it_cannot_be_resumed(
+    clipboard, tiny_model, images, reference, llava_home_dir, monkeypatch
+):
     clipboard(images["red"])
     outcome = invoke(monkeypatch, "ask", "--clipboard", QUESTION, "--model", tiny_model, "-n", MAX_NEW, "--json")
     assert outcome.code == 0, outcome.stderr
@@ -62,7 +65,9 @@ def test_ask_clipboard_answers_about_the_pasted_image_and_it_cannot_be_resumed(c
     assert "<clipboard> was pasted from the clipboard and cannot be read again" in resumed.stderr
 
 
-def test_paste_in_chat_attaches_the_image_to_the_next_message(clipboard, tiny_loaded, tiny_settings, images, reference, llava_home_dir):
+def test_paste_in_chat_attaches_the_image_to_the_next_message(
+    clipboard, tiny_loaded, tiny_settings, images, reference, llava_home_dir
+):
     clipboard(images["green"])
     io = FakeIO()
     io.lines = ["/paste", QUESTION]
@@ -76,8 +81,14 @@ def test_paste_in_chat_attaches_the_image_to_the_next_message(clipboard, tiny_lo
     ("content", "message"),
     [
         (None, "no image on the clipboard (xclip found none): copy an image first"),
-        (b"just some copied text", "<clipboard> is not an image Pillow can read (try PNG, JPEG, GIF, WebP, BMP or TIFF)"),
-        ("sliver", "<clipboard> is 1x200: its sides differ by more than 50:1, which the model cannot use; crop it or cut it into pieces"),
+        (
+            b"just some copied text",
+            "<clipboard> is not an image Pillow can read (try PNG, JPEG, GIF, WebP, BMP or TIFF)",
+        ),
+        (
+            "sliver",
+            "<clipboard> is 1x200: its sides differ by more than 50:1, which the model cannot use; crop it or cut it into pieces",
+        ),
     ],
 )
 def test_what_is_no_usable_image_on_the_clipboard_is_one_line(clipboard, tmp_path, content, message, monkeypatch):
@@ -98,11 +109,13 @@ def test_what_is_no_usable_image_on_the_clipboard_is_one_line(clipboard, tmp_pat
 def test_without_a_clipboard_tool_it_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     outcome = invoke(monkeypatch, "ask", "--clipboard", QUESTION)
-    assert outcome.code == 2 and outcome.stderr.startswith("llava: error: no clipboard tool to paste an image with: install wl-clipboard")
+    assert outcome.code == 2 and outcome.stderr.startswith(
+        "llava: error: no clipboard tool to paste an image with: install wl-clipboard"
+    )
 
 
 def test_powershell_on_wsl_hands_the_image_over_in_base64(clipboard, images, monkeypatch):
-    from llava_cli.paste import paste_image
+    from llava_cli.media.paste import paste_image
 
     tools = clipboard(images["blue"])
     (tools / "powershell.exe").write_text(FAKE_POWERSHELL)

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
-from conftest import SHORT_ANSWER as MAX_NEW, cli_env, default_sigint, render_llava15
 from fake_io import FakeIO
-from llava_cli.arguments import split_image_command
-from llava_cli.chat import ChatLoop, TerminalIO
-from llava_cli.clipboard import copy_to_clipboard
-from llava_cli.commands import COMMANDS, help_text
-from llava_cli.engine import Engine
-from llava_cli.errors import LlavaError
-from llava_cli.store import Recorder, SessionStore
-from llava_cli.terminal import safe_for_terminal
+from helpers import SHORT_ANSWER as MAX_NEW
+from helpers import cli_env, default_sigint, render_llava15
 
+from llava_cli.base.errors import LlavaError
+from llava_cli.base.terminal import safe_for_terminal
+from llava_cli.chat.clipboard import copy_to_clipboard
+from llava_cli.chat.loop import ChatLoop, TerminalIO
+from llava_cli.chat.slash import COMMANDS, help_text
+from llava_cli.engine.local import Engine
+from llava_cli.frontend.arguments import split_image_command
+from llava_cli.store.conversations import Recorder, SessionStore
 
 
 @pytest.fixture
@@ -53,7 +53,9 @@ def saved_turns(loop) -> list[tuple[str, str]]:
 def test_retry_answers_again_greedily_the_same_and_undo_drops_the_exchange(repl, reference):
     loop, io = repl(["first question", "second question", "/retry"])
     assert io.answers[2] == io.answers[1]
-    expected = reference.answer(render_llava15([("first question", 0, io.answers[0]), ("second question", 0, None)]), [], MAX_NEW)
+    expected = reference.answer(
+        render_llava15([("first question", 0, io.answers[0]), ("second question", 0, None)]), [], MAX_NEW
+    )
     assert io.answers[1] == expected
     assert [turn.text for turn in loop.conversation.turns] == ["first question", "second question"]
 
@@ -66,7 +68,9 @@ def test_retry_answers_again_greedily_the_same_and_undo_drops_the_exchange(repl,
 
 
 def test_set_changes_settings_and_bad_values_are_refused_with_settings_unchanged(repl, tiny_settings, reference):
-    loop, io = repl(["/set temperature abc", "/set temperature 500", "/set max-new-tokens 0", "/set tempreature 1", "/set top-p"])
+    loop, io = repl(
+        ["/set temperature abc", "/set temperature 500", "/set max-new-tokens 0", "/set tempreature 1", "/set top-p"]
+    )
     assert io.errors == [
         "temperature must be a number (got 'abc')",
         "temperature must be between 0 and 100 (got 500.0)",
@@ -85,7 +89,12 @@ def test_set_changes_settings_and_bad_values_are_refused_with_settings_unchanged
 
 def test_system_text_applies_to_the_next_answer_and_can_be_shown_and_removed(repl, reference):
     loop, io = repl(["/system", "/system Be brief.", "hello", "/system", "/system off"])
-    assert io.infos == ["no system text", "system text set; it applies from the next answer", "system text: Be brief.", "system text removed"]
+    assert io.infos == [
+        "no system text",
+        "system text set; it applies from the next answer",
+        "system text: Be brief.",
+        "system text removed",
+    ]
     assert io.answers == [reference.answer(render_llava15([("hello", 0, None)], system="Be brief."), [], MAX_NEW)]
     assert loop.conversation.system is None
     assert json.loads(loop.recorder.path.read_text())["system"] is None
@@ -110,12 +119,18 @@ def test_show_images_and_status_line_describe_the_session(repl, images, tiny_mod
         f"  {green}: 64x40 -> 32x32, 16 tokens (1.6% of context)",
     ]
     assert listing.splitlines() == [f"turn 1: {red}", f"next message: {green}"]
-    assert loop.status_line() == f" {tiny_model} · context {used} of 1024 tokens ({100 * used // 1024}%) · temperature 0.0 · {loop.recorder.session_id}"
+    assert (
+        loop.status_line()
+        == f" {tiny_model} · context {used} of 1024 tokens ({100 * used // 1024}%) · temperature 0.0 · {loop.recorder.session_id}"
+    )
 
 
 def test_save_names_a_conversation_and_load_switches_to_it(repl, llava_home_dir, tiny_loaded, tiny_settings, reference):
     loop, io = repl(["/save", "tell me about cats", "/save bad/name", "/save cats"])
-    assert io.errors[:2] == ["nothing to save yet", "a name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (got 'bad/name')"]
+    assert io.errors[:2] == [
+        "nothing to save yet",
+        "a name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (got 'bad/name')",
+    ]
     assert io.infos[-1] == f"saved to {loop.recorder.path}; /load cats or `llava chat --resume cats` brings it back"
     cats_answer = io.answers[0]
     repl(["/clear", "something else"])  # a new conversation in a new file; cats stays saved
@@ -129,7 +144,9 @@ def test_save_names_a_conversation_and_load_switches_to_it(repl, llava_home_dir,
     assert other.answers == [reference.answer(render_llava15(history), [], MAX_NEW)]
     taken = FakeIO(["hi", "/save cats"])
     ChatLoop(Engine(tiny_loaded), tiny_settings, taken, Recorder(SessionStore.default())).run([])
-    assert taken.errors == [f"the name cats is taken by conversation {loop_id(llava_home_dir, 'cats')}; pick another, or `llava sessions rm cats` first"]
+    assert taken.errors == [
+        f"the name cats is taken by conversation {loop_id(llava_home_dir, 'cats')}; pick another, or `llava sessions rm cats` first"
+    ]
 
 
 def loop_id(llava_home_dir: Path, name: str) -> str:
@@ -141,7 +158,10 @@ def loop_id(llava_home_dir: Path, name: str) -> str:
 
 def test_unknown_commands_get_a_suggestion_and_help_lists_every_command(repl):
     loop, io = repl(["/retyr", "/frobnicate", "/help", "//etc/hosts is a path"])
-    assert io.errors == ["unknown command /retyr; did you mean /retry? (/help lists the commands)", "unknown command /frobnicate (/help lists the commands)"]
+    assert io.errors == [
+        "unknown command /retyr; did you mean /retry? (/help lists the commands)",
+        "unknown command /frobnicate (/help lists the commands)",
+    ]
     assert io.infos[0] == help_text(io.columns)
     assert all(f"  {entry.usage}" in io.infos[0] for entry in COMMANDS)  # /help lists every registered command
     assert [entry.name for entry in COMMANDS if entry.handler is None] == ["quit"]  # the loop's own: it ends the chat
@@ -177,14 +197,16 @@ def test_copy_uses_a_clipboard_tool_when_there_is_one(repl, fake_clipboard):
     loop, io = repl(["/copy", "hello", "/copy"])
     assert io.errors == ["nothing to copy yet"]
     assert io.infos[-1] == "copied the last answer with wl-copy"
-    assert clipboard.read_text() == safe_for_terminal(io.answers[0])  # as shown: the model's controls left out (issue 28)
+    assert clipboard.read_text() == safe_for_terminal(
+        io.answers[0]
+    )  # as shown: the model's controls left out (issue 28)
 
 
 def test_copy_without_a_clipboard_says_so_or_uses_osc52_at_a_terminal(monkeypatch):
     monkeypatch.setenv("PATH", "")
     for variable in ("WAYLAND_DISPLAY", "DISPLAY"):
         monkeypatch.delenv(variable, raising=False)
-    with pytest.raises(LlavaError, match="^no clipboard available: install wl-copy"):
+    with pytest.raises(LlavaError, match=r"^no clipboard available: install wl-copy"):
         copy_to_clipboard("answer", None)
     terminal = io.StringIO()
     message = copy_to_clipboard("answer ✓", terminal)
@@ -245,9 +267,13 @@ def test_tab_completes_commands_and_image_paths(terminal, tmp_path, monkeypatch)
     (tmp_path / "my photos" / "cat one.png").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert terminal("/ret\t", "\r", waits={1: "/retry"}) == "/retry"
-    assert terminal("/ima\t", "cat.png\r", waits={1: "/image "}) == "/image cat.png"  # it needs a path: the space is there
+    assert (
+        terminal("/ima\t", "cat.png\r", waits={1: "/image "}) == "/image cat.png"
+    )  # it needs a path: the space is there
     assert terminal("/sa\t", "\r", waits={1: "/save"}) == "/save"  # its name is optional: no space
-    typed = terminal("/image my\t", "c\t", " what?\r", waits={1: "/image my\\ photos/", 2: "/image my\\ photos/cat\\ one.png"})
+    typed = terminal(
+        "/image my\t", "c\t", " what?\r", waits={1: "/image my\\ photos/", 2: "/image my\\ photos/cat\\ one.png"}
+    )
     assert typed == "/image my\\ photos/cat\\ one.png what?"
     assert split_image_command(typed.removeprefix("/image ")) == (["my photos/cat one.png"], "what?")
     quoted = terminal('/image "my photos/ca\t', "\r", waits={1: '/image "my photos/cat one.png"'})
@@ -285,7 +311,9 @@ def drawn(text: str) -> str:
 def test_a_session_at_a_pseudo_terminal(tiny_model, tmp_path, reference):
     env = cli_env(LLAVA_HOME=str(tmp_path / "home"), TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
     args = ["-m", "llava_cli", "chat", "--model", str(tiny_model), "-n", str(MAX_NEW), "--no-server", "--no-markdown"]
-    child = pexpect.spawn(sys.executable, args, env=env, timeout=60, dimensions=(30, 100), encoding="utf-8", preexec_fn=default_sigint)
+    child = pexpect.spawn(
+        sys.executable, args, env=env, timeout=60, dimensions=(30, 100), encoding="utf-8", preexec_fn=default_sigint
+    )
     child.expect_exact(">>>")
     child.send('"""\r')
     child.send("two\r")
@@ -317,16 +345,28 @@ def test_retry_at_temperature_0_says_the_answer_will_be_the_same(repl):
 
 def test_image_with_a_question_says_it_is_answered_now(repl, images):
     _, io = repl([f"/image {images['red']} what is it?", f"/image {images['green']}"])
-    assert io.infos[:2] == [f"attached {images['red']}; answering your question about it now", f"attached {images['green']}; it goes with your next message"]
+    assert io.infos[:2] == [
+        f"attached {images['red']}; answering your question about it now",
+        f"attached {images['green']}; it goes with your next message",
+    ]
     assert len(io.answers) == 1
 
 
-def test_piped_chat_shows_what_commands_were_asked_for_on_stderr_and_only_answers_on_stdout(monkeypatch, llava_home_dir, tiny_model):
+def test_piped_chat_shows_what_commands_were_asked_for_on_stderr_and_only_answers_on_stdout(
+    monkeypatch, llava_home_dir, tiny_model
+):
     from cli_runner import invoke
 
     script = b"/help\n/system\nhi\n/stats\n/show\n/set\n/images\n"
     result = invoke(monkeypatch, "chat", "--no-server", "--model", tiny_model, "-n", MAX_NEW, stdin=script)
     assert result.code == 0, result.stderr
     assert result.stdout.count("\n") == 1  # the one answer
-    for shown_text in ("Type a message and press Enter. Commands:", "no system text", "completion_tokens", f"model     {tiny_model}", "temperature", "no images"):
+    for shown_text in (
+        "Type a message and press Enter. Commands:",
+        "no system text",
+        "completion_tokens",
+        f"model     {tiny_model}",
+        "temperature",
+        "no images",
+    ):
         assert shown_text in result.stderr

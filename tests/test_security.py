@@ -12,24 +12,30 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_runner import FakeTerminal, invoke
-from conftest import cli_env, default_sigint, render_llava15, run_llava
 from fake_io import FakeIO
 from fakes import FakeBackend, answer_text, use_backend
-from llava_cli.chat import ChatLoop
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import InputError, ModelError
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.terminal import safe_for_terminal
+from helpers import cli_env, default_sigint, render_llava15, run_llava
 from tiny_checkpoint import copy_without_weights
+
+from llava_cli.base.errors import InputError, ModelError
+from llava_cli.base.settings import Settings
+from llava_cli.base.terminal import safe_for_terminal
+from llava_cli.chat.loop import ChatLoop
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 MAX_NEW = 8
 SECRET = "hf_SeCrEtToKeN1234567890abcdef"
-HOSTILE = ["\x1b]52;c;ZXZpbA==\x07", "red \x1b[31mball\x1b[0m", "\x1b]8;;http://evil.example\x1b\\", "link\x1b]8;;\x1b\\ \x9b2J", "\rhidden\u202e"]
+HOSTILE = [
+    "\x1b]52;c;ZXZpbA==\x07",
+    "red \x1b[31mball\x1b[0m",
+    "\x1b]8;;http://evil.example\x1b\\",
+    "link\x1b]8;;\x1b\\ \x9b2J",
+    "\rhidden\u202e",
+]
 HOSTILE_SHOWN = "red balllink 2Jhidden"  # what a terminal may show of it
 
 
@@ -46,7 +52,7 @@ HOSTILE_SHOWN = "red balllink 2Jhidden"  # what a terminal may show of it
         ("invoice\u200fgpj.exe", "invoicegpj.exe"),  # right-to-left mark (issue 28)
         ("one line\u2028forged line\u2029", "one lineforged line"),  # line and paragraph separators
         ("zero\u200bwidth\ufeff\U000e0068\U000e0069", "zerowidth"),  # invisible format and tag characters
-        ("emoji \U0001F468\u200d\U0001F469 keep ZWJ", "emoji \U0001F468\u200d\U0001F469 keep ZWJ"),
+        ("emoji \U0001f468\u200d\U0001f469 keep ZWJ", "emoji \U0001f468\u200d\U0001f469 keep ZWJ"),
         ("tabs\tand\nnewlines stay, é and 猫 too", "tabs\tand\nnewlines stay, é and 猫 too"),
     ],
 )
@@ -93,7 +99,9 @@ def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
-def test_out_of_memory_in_chat_frees_the_cache_keeps_the_conversation_and_recovers(tiny_model, tiny_loaded, monkeypatch, images, reference):
+def test_out_of_memory_in_chat_frees_the_cache_keeps_the_conversation_and_recovers(
+    tiny_model, tiny_loaded, monkeypatch, images, reference
+):
     settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW)
     engine = Engine(tiny_loaded)
     io = FakeIO()
@@ -110,7 +118,9 @@ def test_out_of_memory_in_chat_frees_the_cache_keeps_the_conversation_and_recove
     assert [image.name for image in loop.attached] == [str(images["red"])]  # the image waits for a retry
     assert engine.cache.ids == []  # freed
     loop.handle("second")
-    expected = reference.answer(render_llava15([("first question", 0, first), ("second", 1, None)]), [images["red"]], MAX_NEW)
+    expected = reference.answer(
+        render_llava15([("first question", 0, first), ("second", 1, None)]), [images["red"]], MAX_NEW
+    )
     assert loop.conversation.turns[1].answer == expected
     assert io.answers[-1] == expected
 
@@ -125,9 +135,9 @@ def test_out_of_memory_in_ask_exits_1_with_the_options_that_help(monkeypatch, ti
     assert outcome.stdout == ""
 
 
-SLOW_LOAD_HOOK = '''
+SLOW_LOAD_HOOK = """
 import sys, time
-import llava_cli.loader as loader
+import llava_cli.models.loader as loader
 
 real = loader.load_weights
 
@@ -137,7 +147,7 @@ def slow_load_weights(*args, **kwargs):
     return real(*args, **kwargs)
 
 loader.load_weights = slow_load_weights
-'''
+"""
 
 
 def wait_for(condition, timeout: float = 60.0) -> None:
@@ -157,7 +167,11 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback(tmp_path, tiny_model
     env = cli_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
     process = subprocess.Popen(
         [sys.executable, "-m", "llava_cli", "ask", str(images["red"]), "hi", "--model", str(tiny_model)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=default_sigint,
     )
     try:
         if moment == "importing torch":
@@ -176,7 +190,9 @@ def test_a_hostile_model_folder_name_is_shown_plainly_in_verbose_notes(monkeypat
     import shutil
 
     folder = shutil.copytree(tiny_model, tmp_path / "tiny[/bold]\x1b]0;owned\x07[red]x")
-    outcome = invoke(monkeypatch, "ask", images["red"], "hi", "--model", folder, "-n", "2", "--verbose", stderr=FakeTerminal())
+    outcome = invoke(
+        monkeypatch, "ask", images["red"], "hi", "--model", folder, "-n", "2", "--verbose", stderr=FakeTerminal()
+    )
     assert outcome.code == 0
     assert f"loaded {tmp_path}/tiny[/bold][red]x on cpu (float32)" in outcome.stderr
     assert "\x1b]0;owned" not in outcome.stderr  # (the spinner's own cursor codes are Rich's, not the name's)
@@ -193,7 +209,10 @@ def pickle_model(tiny_model, tmp_path_factory) -> Path:
 
 
 def test_pickle_weights_are_refused_without_allow_pickle(pickle_model):
-    with pytest.raises(ModelError, match=r"only has pickle \(\.bin\) weights, which can run arbitrary code when loaded; .*--allow-pickle"):
+    with pytest.raises(
+        ModelError,
+        match=r"only has pickle \(\.bin\) weights, which can run arbitrary code when loaded; .*--allow-pickle",
+    ):
         load_model(Settings(model=str(pickle_model)))
 
 
@@ -201,13 +220,13 @@ def test_pickle_weights_load_with_allow_pickle_and_answer_like_the_safetensors_m
     settings = Settings(model=str(pickle_model), max_new_tokens=MAX_NEW, allow_pickle=True)
     conversation = Conversation()
     conversation.ask("what is it?", [load_image(str(images["green"]))])
-    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings))
+    answer = answer_text(Engine(load_model(settings)).generate(conversation, settings), conversation)
     assert answer == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW)
 
 
 def test_llava_debug_shows_the_traceback_instead_of_one_line(monkeypatch):
     monkeypatch.setenv("LLAVA_DEBUG", "1")
-    with pytest.raises(InputError, match="image not found: missing.png"):
+    with pytest.raises(InputError, match=r"image not found: missing\.png"):
         invoke(monkeypatch, "ask", "missing.png", "hi")
 
 
@@ -215,7 +234,7 @@ def test_an_unexpected_exception_is_one_line_pointing_at_llava_debug(monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("something internal\nwith a second line")
 
-    monkeypatch.setattr("llava_cli.startup.start_engine", broken)
+    monkeypatch.setattr("llava_cli.frontend.startup.start_engine", broken)
     outcome = invoke(monkeypatch, "ask", images["red"], "hi")
     assert outcome.code == 1
     assert outcome.stderr == (
@@ -235,12 +254,23 @@ def test_verbose_goes_to_stderr_and_hf_token_is_never_printed(monkeypatch, tiny_
         monkeypatch.setenv(name, SECRET)
     answered = invoke(monkeypatch, "ask", images["red"], "hi", "--model", tiny_model, "-n", "4", "--verbose")
     missing = invoke(monkeypatch, "ask", images["red"], "hi", "--model", "nobody/not-cached", "--verbose")
-    debug = run_llava("ask", images["red"], "hi", "--model", "nobody/not-cached", env=cli_env(HF_TOKEN=SECRET, LLAVA_DEBUG="1"))
+    debug = run_llava(
+        "ask", images["red"], "hi", "--model", "nobody/not-cached", env=cli_env(HF_TOKEN=SECRET, LLAVA_DEBUG="1")
+    )
     assert answered.code == 0 and f"loaded {tiny_model} on cpu" in answered.stderr
     assert "loaded" not in answered.stdout  # diagnostics never mix into the answer
-    assert missing.code == 2 and missing.first_error_line.startswith("llava: error: nobody/not-cached is not in the local")
+    assert missing.code == 2 and missing.first_error_line.startswith(
+        "llava: error: nobody/not-cached is not in the local"
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr_text and "ModelError" in debug.stderr_text
-    for output in (answered.stdout, answered.stderr, missing.stdout, missing.stderr, debug.stdout_text, debug.stderr_text):
+    for output in (
+        answered.stdout,
+        answered.stderr,
+        missing.stdout,
+        missing.stderr,
+        debug.stdout_text,
+        debug.stderr_text,
+    ):
         assert SECRET not in output
 
 
@@ -261,19 +291,31 @@ def test_a_hostile_chat_template_fails_fast_in_one_line(template, tmp_path, tiny
     model = shutil.copytree(tiny_model, tmp_path / "model")
     (model / "chat_template.jinja").write_text(template + "{{ '<image>' }}")
     started = time.monotonic()
-    result = invoke(monkeypatch, "ask", str(images["red"]), "what is it?", "--model", str(model), "--chat-template", str(model / "chat_template.jinja"))
+    result = invoke(
+        monkeypatch,
+        "ask",
+        str(images["red"]),
+        "what is it?",
+        "--model",
+        str(model),
+        "--chat-template",
+        str(model / "chat_template.jinja"),
+    )
     assert time.monotonic() - started < 30
     assert (result.code, result.stdout) == (2, "")
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"llava: error: the chat template in {model / 'chat_template.jinja'} does not render a simple message"), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        f"llava: error: the chat template in {model / 'chat_template.jinja'} does not render a simple message"
+    ), lines
 
 
+@pytest.mark.slow  # builds checkpoints
 def test_the_bounded_sandbox_renders_as_transformers_does_and_keeps_its_guards(tmp_path):
     from tiny_checkpoint import build_family_checkpoint
     from transformers import AutoProcessor
 
-    from llava_cli.conversation import ChatTemplateFormat
-    from llava_cli.images import ImageRef
+    from llava_cli.media.images import ImageRef
+    from llava_cli.prompt.conversation import ChatTemplateFormat
 
     for family in ("llava-interleave", "llava-next"):
         processor = AutoProcessor.from_pretrained(build_family_checkpoint(family, tmp_path / family))

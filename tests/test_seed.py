@@ -12,7 +12,6 @@ import io
 import json
 
 import pytest
-
 from cli_runner import invoke
 
 PROMPT = "describe the picture"
@@ -52,5 +51,7 @@ def test_each_image_gets_the_same_sampled_answer_however_it_is_asked(monkeypatch
     alone = [ask_one(monkeypatch, tiny_model, path, seed=7) for path in paths]
     assert all(alone)
     for batch_size in (1, 2, 3):
-        assert ask_each(monkeypatch, tiny_model, paths, seed=7, batch_size=batch_size) == alone, f"--batch-size {batch_size}"
+        assert ask_each(monkeypatch, tiny_model, paths, seed=7, batch_size=batch_size) == alone, (
+            f"--batch-size {batch_size}"
+        )
     assert ask_each(monkeypatch, tiny_model, paths, seed=8, batch_size=3) != alone

@@ -9,7 +9,6 @@ bad request, the API key, a client hanging up mid-stream, and shutdown on SIGINT
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import signal
 import subprocess
@@ -21,64 +20,23 @@ from typing import Literal
 
 import httpx
 import pytest
+from helpers import EXIT_TIMEOUT_S, Server, data_url, render_llava15, run_llava, user
 
-from conftest import cli_env, default_sigint, render_llava15, run_llava
-from llava_cli.discovery import find_server, remove_server_file, write_server_file
-from llava_cli.engine import Stats
+from llava_cli.client.discovery import find_server, remove_server_file, write_server_file
+from llava_cli.engine.local import Stats
 
 MAX_NEW = 12
 LONG = 900  # max_tokens for answers that must still be running when they are cut off
-READY_TIMEOUT_S = 90
-EXIT_TIMEOUT_S = 20
 API_KEY = "sk-test-0123456789"
-
-
-class Server:
-    """A `llava serve` subprocess, started at once; `url` (from the discovery file) waits until it is ready."""
-
-    def __init__(self, model: Path, folder: Path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> None:
-        self.model = str(model)
-        self.runtime = folder / "run"
-        self.log_path = folder / "serve.log"
-        self.env = cli_env(LLAVA_RUNTIME_DIR=str(self.runtime), **(env or {}))
-        command = [sys.executable, "-m", "llava_cli", "serve", "--model", self.model, "--port", "0",
-                   "-n", str(MAX_NEW), "--max-request-mb", "1", *options]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=self.env, preexec_fn=default_sigint)
-
-    @functools.cached_property
-    def url(self) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            files = list(self.runtime.glob("server-*.json")) if self.runtime.is_dir() else []
-            if files:
-                return json.loads(files[0].read_text())["url"]
-            if self.process.poll() is not None:
-                raise AssertionError(f"llava serve exited with {self.process.returncode}: {self.log()}")
-            time.sleep(0.1)
-        raise AssertionError(f"llava serve did not start: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def post(self, body: dict | bytes, **headers: str) -> httpx.Response:
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", **headers}
-        return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, timeout=120)
-
-    def client_env(self, **extra: str) -> dict[str, str]:
-        return {**self.env, **extra}
-
-    def stop(self, sig: int) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=EXIT_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model, image_dir, tmp_path_factory):
     """Every server this module needs, started together so that their start-ups overlap."""
     started = {
-        "main": Server(tiny_model, tmp_path_factory.mktemp("serve"), options=("--allowed-local-media-path", str(image_dir))),
+        "main": Server(
+            tiny_model, tmp_path_factory.mktemp("serve"), options=("--allowed-local-media-path", str(image_dir))
+        ),
         "keyed": Server(tiny_model, tmp_path_factory.mktemp("serve-keyed"), env={"LLAVA_API_KEY": API_KEY}),
         "doomed": Server(tiny_model, tmp_path_factory.mktemp("serve-doomed"), options=("--drain-timeout", "0")),
     }
@@ -94,34 +52,29 @@ def server(servers) -> Server:
     return servers["main"]
 
 
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def user(text: str, *image_urls: str) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
-    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-
-
 def request(server: Server, messages: list[dict], **options) -> dict:
     return {"model": server.model, "messages": messages, **options}
 
 
 def streamed(server: Server, body: dict) -> tuple[str, list[dict]]:
     """POST with stream: true; returns the joined content and every event."""
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    events = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     text = "".join(choice["delta"].get("content", "") for event in events for choice in event["choices"])
     return text, events
 
 
 def test_openai_requests_streamed_or_not_get_the_plain_transformers_answer(server, images, reference):
     models = httpx.get(f"{server.url}/v1/models").json()
-    assert [entry["id"] for entry in models["data"]] == [Path(server.model).name]  # a folder's name, not its absolute path
+    assert [entry["id"] for entry in models["data"]] == [
+        Path(server.model).name
+    ]  # a folder's name, not its absolute path
 
     first = user("What is in this picture?", data_url(images["red"]))
     expected = reference.answer(render_llava15([("What is in this picture?", 1, None)]), [images["red"]], MAX_NEW)
@@ -130,8 +83,11 @@ def test_openai_requests_streamed_or_not_get_the_plain_transformers_answer(serve
     body = reply.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
-    prompt_ids = reference.processor(text=render_llava15([("What is in this picture?", 1, None)]),
-                                     images=[reference_image(images["red"])], return_tensors="pt")["input_ids"]
+    prompt_ids = reference.processor(
+        text=render_llava15([("What is in this picture?", 1, None)]),
+        images=[reference_image(images["red"])],
+        return_tensors="pt",
+    )["input_ids"]
     usage = body["usage"]
     assert usage["prompt_tokens"] == prompt_ids.shape[1]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -140,11 +96,16 @@ def test_openai_requests_streamed_or_not_get_the_plain_transformers_answer(serve
     # Second turn, streamed, with the image given as a file path this time: the prefix cache serves the history.
     second = user("Compare it with this one.", str(images["green"]))
     history = [first, {"role": "assistant", "content": expected}, second]
-    text, events = streamed(server, request(server, history, max_tokens=MAX_NEW, stream_options={"include_usage": True}))
+    text, events = streamed(
+        server, request(server, history, max_tokens=MAX_NEW, stream_options={"include_usage": True})
+    )
     turns = [("What is in this picture?", 1, expected), ("Compare it with this one.", 1, None)]
     assert text == reference.answer(render_llava15(turns), [images["red"], images["green"]], MAX_NEW)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"]
+    assert (
+        events[-1]["choices"] == []
+        and events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"]
+    )
 
 
 def reference_image(path: Path):
@@ -161,8 +122,9 @@ def test_the_openai_client_library_gets_the_same_answers(server, images, referen
     expected = reference.answer(render_llava15([("What is in this picture?", 1, None)]), [images["green"]], MAX_NEW)
     reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_NEW)
     assert reply.choices[0].message.content == expected
-    chunks = client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_NEW, stream=True,
-                                            stream_options={"include_usage": True})
+    chunks = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=MAX_NEW, stream=True, stream_options={"include_usage": True}
+    )
     pieces, usage = [], None
     for chunk in chunks:
         pieces += [choice.delta.content or "" for choice in chunk.choices]
@@ -178,7 +140,7 @@ UNSUPPORTED = {  # field -> a value an OpenAI client may send, which this server
     "functions": [{"name": "f", "parameters": {"type": "object"}}],
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
-    "logprobs": True,
+    "logit_bias": {"1": 5},
     "presence_penalty": 0.5,
     "colour": "blue",  # unknown to OpenAI too
 }
@@ -191,14 +153,19 @@ def test_the_openai_client_gets_400_naming_each_field_the_server_does_not_honour
     messages = [{"role": "user", "content": "hi"}]
     for field, value in UNSUPPORTED.items():
         with pytest.raises(BadRequestError) as refused:
-            client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, extra_body={field: value})
+            client.chat.completions.create(
+                model=server.model, messages=messages, max_tokens=2, extra_body={field: value}
+            )
         assert refused.value.body["param"] == field and f"`{field}`" in refused.value.body["message"], field
     with pytest.raises(BadRequestError) as refused:
-        client.chat.completions.create(model=server.model, messages=messages, stream=True, stream_options={"include_obfuscation": True})
+        client.chat.completions.create(
+            model=server.model, messages=messages, stream=True, stream_options={"include_obfuscation": True}
+        )
     assert refused.value.body["param"] == "stream_options.include_obfuscation"
     expected = reference.answer(render_llava15([("hi", 0, None)]), [], 3)
-    reply = client.chat.completions.create(model=server.model, messages=messages, max_completion_tokens=3,
-                                           logprobs=False, user="me", tools=None)
+    reply = client.chat.completions.create(
+        model=server.model, messages=messages, max_completion_tokens=3, logprobs=False, user="me", tools=None
+    )
     assert reply.choices[0].message.content == expected and reply.usage.completion_tokens <= 3
 
 
@@ -214,16 +181,35 @@ def test_response_format_gives_the_answer_transformers_gives_under_xgrammars_pro
     question = "What is in this picture?"
     messages = [user(question, data_url(images["green"]))]
     prompt = render_llava15([(question, 1, None)])
-    schema = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["count"]}
-    reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40,
-                                           response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
-    assert reply.choices[0].message.content == reference.answer(prompt, [images["green"]], 40, schema=json.dumps(schema))
+    schema = {
+        "type": "object",
+        "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["count"],
+    }
+    reply = client.chat.completions.create(
+        model=server.model,
+        messages=messages,
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    )
+    assert reply.choices[0].message.content == reference.answer(
+        prompt, [images["green"]], 40, schema=json.dumps(schema)
+    )
     parsed = client.chat.completions.parse(model=server.model, messages=messages, max_tokens=40, response_format=Colour)
-    pydantic_schema = {"type": "json_schema", "json_schema": {"name": "Colour", "strict": True, "schema": openai_schema(Colour)}}
-    expected = reference.answer(prompt, [images["green"]], 40, schema=json.dumps(pydantic_schema["json_schema"]["schema"]))
+    pydantic_schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "Colour", "strict": True, "schema": openai_schema(Colour)},
+    }
+    expected = reference.answer(
+        prompt, [images["green"]], 40, schema=json.dumps(pydantic_schema["json_schema"]["schema"])
+    )
     assert parsed.choices[0].message.parsed == Colour.model_validate_json(expected)
-    anything = client.chat.completions.create(model=server.model, messages=messages, max_tokens=40, response_format={"type": "json_object"})
-    assert anything.choices[0].message.content == reference.answer(prompt, [images["green"]], 40, schema='{"type": "object"}')
+    anything = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=40, response_format={"type": "json_object"}
+    )
+    assert anything.choices[0].message.content == reference.answer(
+        prompt, [images["green"]], 40, schema='{"type": "object"}'
+    )
     for bad in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nope"}}}):
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(model=server.model, messages=messages, response_format=bad)
@@ -246,8 +232,11 @@ def test_stop_ends_a_streamed_answer_before_the_stop_and_streams_nothing_past_it
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     expected = full[: full.index(stop)].rstrip()
     messages = [user(question, data_url(images["blue"]))]
-    chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=24, stream=True,
-                                                 stop=["never-said", stop]))
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model, messages=messages, max_tokens=24, stream=True, stop=["never-said", stop]
+        )
+    )
     pieces = [choice.delta.content or "" for chunk in chunks for choice in chunk.choices]
     assert "".join(pieces) == expected and len([piece for piece in pieces if piece]) > 1
     assert [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason] == ["stop"]
@@ -274,7 +263,16 @@ def test_ask_through_the_server_prints_what_a_local_ask_prints(server, images, r
 
 def test_ask_uses_a_running_server_by_itself_unless_told_not_to(server, images, reference):
     expected = reference.answer(render_llava15([("Describe the colours.", 1, None)]), [images["green"]], MAX_NEW)
-    common = ["ask", "--verbose", "--model", server.model, "-n", str(MAX_NEW), str(images["green"]), "Describe the colours."]
+    common = [
+        "ask",
+        "--verbose",
+        "--model",
+        server.model,
+        "-n",
+        str(MAX_NEW),
+        str(images["green"]),
+        "Describe the colours.",
+    ]
 
     found = run_llava(*common, env=server.client_env())
     assert (found.returncode, found.stdout_text) == (0, expected + "\n")
@@ -287,11 +285,24 @@ def test_ask_uses_a_running_server_by_itself_unless_told_not_to(server, images, 
 
 def test_piped_chat_through_the_server_answers_every_turn_like_plain_transformers(server, images, reference):
     script = f"/image {images['red']}\nWhat is it?\nAnd its colour?\n/image {images['green']} {images['blue']} Compare these.\n"
-    result = run_llava("chat", "--json", "--server", server.url, "--model", server.model, "-n", str(MAX_NEW),
-                       stdin=script, env=server.client_env())
+    result = run_llava(
+        "chat",
+        "--json",
+        "--server",
+        server.url,
+        "--model",
+        server.model,
+        "-n",
+        str(MAX_NEW),
+        stdin=script,
+        env=server.client_env(),
+    )
     assert result.returncode == 0, result.stderr_text
     records = [json.loads(line) for line in result.stdout_text.splitlines()]
-    turns, paths = [("What is it?", 1), ("And its colour?", 0), ("Compare these.", 2)], [images["red"], images["green"], images["blue"]]
+    turns, paths = (
+        [("What is it?", 1), ("And its colour?", 0), ("Compare these.", 2)],
+        [images["red"], images["green"], images["blue"]],
+    )
     history: list[tuple[str, int, str | None]] = []
     for (text, count), record in zip(turns, records, strict=True):
         used = paths[: sum(c for _, c in turns[: len(history) + 1])]
@@ -336,9 +347,17 @@ def bad_requests(model: str, red: Path) -> dict[str, tuple[bytes | dict, int, st
         "bad base64": (image("data:image/png;base64,@@@"), 400, "invalid_image"),
         "remote image URL": (image("https://example.com/a.png"), 400, "invalid_image"),
         "oversized body": ({**good, "padding": "x" * (2 * 2**20)}, 413, "request_too_large"),
-        "prompt over the context": ({**good, "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context_length_exceeded"),
+        "prompt over the context": (
+            {**good, "messages": [{"role": "user", "content": "word " * 3000}]},
+            400,
+            "context_length_exceeded",
+        ),
         "no messages": ({**good, "messages": []}, 400, None),
-        "last message not the user's": ({**good, "messages": [*good["messages"], {"role": "assistant", "content": "x"}]}, 400, None),
+        "last message not the user's": (
+            {**good, "messages": [*good["messages"], {"role": "assistant", "content": "x"}]},
+            400,
+            None,
+        ),
         "temperature out of range": ({**good, "temperature": -1}, 400, None),
     }
 
@@ -364,7 +383,9 @@ def test_client_mode_keeps_the_exit_codes(server, images, tmp_path):
     assert too_long.returncode == 2
     assert "context window is 1024" in too_long.stderr_text.splitlines()[0]
 
-    unknown = run_llava("ask", "--model", "no/such-model", "--server", server.url, str(images["red"]), "hi", env=server.client_env())
+    unknown = run_llava(
+        "ask", "--model", "no/such-model", "--server", server.url, str(images["red"]), "hi", env=server.client_env()
+    )
     assert unknown.returncode == 2 and "not served here" in unknown.stderr_text
 
 
@@ -379,7 +400,10 @@ def test_a_client_hanging_up_mid_stream_stops_its_answer(server, images, referen
         time.sleep(0.1)
     assert "stopped an answer after" in server.log() and "client disconnected" in server.log()
     expected = reference.answer(render_llava15([("hello", 0, None)]), [], MAX_NEW)
-    assert server.post(request(server, [{"role": "user", "content": "hello"}])).json()["choices"][0]["message"]["content"] == expected
+    assert (
+        server.post(request(server, [{"role": "user", "content": "hello"}])).json()["choices"][0]["message"]["content"]
+        == expected
+    )
 
 
 def test_an_api_key_is_required_when_set_and_ctrl_c_stops_the_server(servers, images, reference):

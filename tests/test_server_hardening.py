@@ -14,7 +14,6 @@ import queue
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,35 +21,31 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from cli_runner import invoke
-from conftest import cli_env, render_llava15
 from fakes import answer_text
+from helpers import Serve, cli_env, client_for, render_llava15, slow_fixture
 from hostile_images import many_scan_jpeg
-from llava_cli.conversation import Conversation, Turn
-from llava_cli.engine import Engine
-from llava_cli.errors import UsageError
-from llava_cli.apirequest import LOCAL_IMAGE_REFUSED, MAX_IMAGES_PER_REQUEST, MAX_MESSAGES, Job
-from llava_cli.serveapp import Service
-from llava_cli.serveworker import Unfinished, Worker
-from llava_cli.serveguard import Guard, ServeOptions, api_keys_from_file
-from llava_cli.settings import Settings
+
+from llava_cli.base.errors import UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.prompt.conversation import Conversation, Turn
+from llava_cli.serve.guard import Guard, ServeOptions, api_keys_from_file
+from llava_cli.serve.request import (
+    LOCAL_IMAGE_REFUSED,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_MESSAGES,
+    Job,
+)
+from llava_cli.serve.worker import Unfinished, Worker
 
 MAX_NEW = 6
 SECRET = "sk-file-0123456789abcdef"
-READY_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
 def settings(tiny_model) -> Settings:
     return Settings(model=str(tiny_model), max_new_tokens=MAX_NEW)
-
-
-def client_for(tiny_loaded, settings, **options):
-    from starlette.testclient import TestClient
-
-    service = Service(Engine(tiny_loaded), settings, ServeOptions(host="127.0.0.1", port=0, **options))
-    return TestClient(service.app(), base_url="http://127.0.0.1:8700"), service
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +73,21 @@ def data_url(path: Path) -> str:
 
 
 def user(text: str, *urls: str) -> dict:
-    return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": url}} for url in urls), {"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [
+            *({"type": "image_url", "image_url": {"url": url}} for url in urls),
+            {"type": "text", "text": text},
+        ],
+    }
 
 
 # ---------------------------------------------------------------- web pages: Host, Origin, Content-Type
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8700", "127.0.0.1.evil.example", "localhost.evil.example:80"])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:8700", "127.0.0.1.evil.example", "localhost.evil.example:80"]
+)
 def test_a_host_name_the_server_is_not_reached_by_is_refused(app, settings, host):
     assert error_of(post(app, body(settings.model), Host=host)) == (403, "host_not_allowed")
     assert app.get("/v1/models", headers={"Host": host}).status_code == 403
@@ -97,8 +100,16 @@ def test_loopback_names_and_ip_addresses_are_answered(app, settings, host):
 
 def test_allowed_host_adds_names_and_the_listening_host_counts():
     guard = Guard(ServeOptions(host="box.lan", port=0, allowed_hosts=("llava.internal",)))
-    assert [guard.host_allowed(name) for name in ("box.lan:8700", "llava.internal", "evil.example", "localhost")] == [True, True, False, True]
-    assert Guard(ServeOptions(host="0.0.0.0", port=0, allowed_hosts=("*",))).refusal("GET", {"host": "evil.example"}) is None
+    assert [guard.host_allowed(name) for name in ("box.lan:8700", "llava.internal", "evil.example", "localhost")] == [
+        True,
+        True,
+        False,
+        True,
+    ]
+    assert (
+        Guard(ServeOptions(host="0.0.0.0", port=0, allowed_hosts=("*",))).refusal("GET", {"host": "evil.example"})
+        is None
+    )
 
 
 def test_a_browser_origin_is_refused_unless_allowed(tiny_loaded, app, settings):
@@ -113,7 +124,10 @@ def test_a_browser_origin_is_refused_unless_allowed(tiny_loaded, app, settings):
         service.worker.stop()
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/jsonx"])
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/jsonx"],
+)
 def test_a_post_that_is_not_declared_json_gets_415(app, settings, content_type):
     headers = {} if content_type is None else {"Content-Type": content_type}
     reply = app.post("/v1/chat/completions", content=json.dumps(body(settings.model)).encode(), headers=headers)
@@ -122,7 +136,10 @@ def test_a_post_that_is_not_declared_json_gets_415(app, settings, content_type):
 
 
 def test_json_with_a_charset_is_json(app, settings):
-    assert post(app, body(settings.model, max_tokens=1), **{"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+    assert (
+        post(app, body(settings.model, max_tokens=1), **{"Content-Type": "application/json; charset=utf-8"}).status_code
+        == 200
+    )
 
 
 # ---------------------------------------------------------------- request bodies and field types
@@ -135,7 +152,9 @@ def test_json_nested_100k_deep_gets_400_not_500(app):
 
 
 WRONG_TYPES = {
-    "n": [1.0, True, "1", 2],
+    "n": [1.0, True, "1", 0, 9],
+    "logprobs": [1, "true"],
+    "top_logprobs": [True, 1.5, -1, 21],
     "stream": ["yes", 1, 0],
     "stream_options": ["include_usage", [True]],
     "max_tokens": [True, 1.0, "3"],
@@ -148,7 +167,9 @@ WRONG_TYPES = {
 }
 
 
-@pytest.mark.parametrize(("field", "value"), [(field, value) for field, values in WRONG_TYPES.items() for value in values])
+@pytest.mark.parametrize(
+    ("field", "value"), [(field, value) for field, values in WRONG_TYPES.items() for value in values]
+)
 def test_a_field_of_the_wrong_type_gets_400_naming_it(app, settings, field, value):
     reply = post(app, {**body(settings.model), field: value})
     assert reply.status_code == 400, reply.text
@@ -161,7 +182,16 @@ def test_stream_options_fields_are_typed_too(app, settings, options):
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream_options.include_usage"
 
 
-@pytest.mark.parametrize("content", [5, [{"type": "text", "text": 5}], [{"type": "image_url", "image_url": {"url": 5}}], [{"type": "image_url"}], ["hi"]])
+@pytest.mark.parametrize(
+    "content",
+    [
+        5,
+        [{"type": "text", "text": 5}],
+        [{"type": "image_url", "image_url": {"url": 5}}],
+        [{"type": "image_url"}],
+        ["hi"],
+    ],
+)
 def test_message_parts_of_the_wrong_type_get_400(app, settings, content):
     assert post(app, body(settings.model, [{"role": "user", "content": content}])).status_code == 400
 
@@ -174,7 +204,7 @@ def test_too_many_messages_or_images_are_refused_before_any_work(app, settings, 
 
 
 def test_a_server_holding_its_maximum_of_requests_says_busy_and_recovers(tiny_loaded, settings):
-    from llava_cli.serveapp import MAX_OPEN_REQUESTS
+    from llava_cli.serve.app import MAX_OPEN_REQUESTS
 
     client, service = client_for(tiny_loaded, settings)
     try:
@@ -188,8 +218,11 @@ def test_a_server_holding_its_maximum_of_requests_says_busy_and_recovers(tiny_lo
 
 
 def test_a_long_history_within_the_cap_is_trimmed_and_answered(app, settings):
-    history = [message for i in range(MAX_MESSAGES // 2 - 1) for message in
-               ({"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"})]
+    history = [
+        message
+        for i in range(MAX_MESSAGES // 2 - 1)
+        for message in ({"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"})
+    ]
     started = time.monotonic()
     reply = post(app, body(settings.model, [*history, {"role": "user", "content": "and now?"}], max_tokens=1))
     assert reply.status_code == 200 and reply.json()["llava"]["dropped_turns"] > 1900
@@ -200,7 +233,10 @@ def test_an_image_in_a_system_message_is_refused_for_what_it_is(app, settings, i
     system = {"role": "system", "content": [{"type": "image_url", "image_url": {"url": data_url(images["red"])}}]}
     reply = post(app, body(settings.model, [system, {"role": "user", "content": "hi"}]))
     assert reply.status_code == 400
-    assert reply.json()["error"]["message"] == "messages[0]: only user messages can carry images; put the image in a user message"
+    assert (
+        reply.json()["error"]["message"]
+        == "messages[0]: only user messages can carry images; put the image in a user message"
+    )
 
 
 # ---------------------------------------------------------------- files on the server's disk
@@ -230,7 +266,9 @@ def media_app(tiny_loaded, settings, media):
     service.worker.stop()
 
 
-def test_an_image_under_the_allowed_folder_is_answered_like_plain_transformers(media_app, settings, media, reference, images):
+def test_an_image_under_the_allowed_folder_is_answered_like_plain_transformers(
+    media_app, settings, media, reference, images
+):
     for url in (str(media / "red.png"), f"file://{media}/red.png", str(media / ".." / media.name / "red.png")):
         reply = post(media_app, body(settings.model, [user("What is in this picture?", url)], max_tokens=MAX_NEW))
         expected = reference.answer(render_llava15([("What is in this picture?", 1, None)]), [images["red"]], MAX_NEW)
@@ -238,8 +276,16 @@ def test_an_image_under_the_allowed_folder_is_answered_like_plain_transformers(m
 
 
 def test_every_refused_local_file_gets_one_message(media_app, settings, media, images):
-    cases = [media / "missing.png", media / "notes.png", media / "escape.png", images["green"], media, media / "fifo.png",
-             Path("/etc/passwd"), Path(f"{media}/../{images['green'].parent.name}/green.png")]
+    cases = [
+        media / "missing.png",
+        media / "notes.png",
+        media / "escape.png",
+        images["green"],
+        media,
+        media / "fifo.png",
+        Path("/etc/passwd"),
+        Path(f"{media}/../{images['green'].parent.name}/green.png"),
+    ]
     messages = set()
     for path in cases:
         reply = post(media_app, body(settings.model, [user("what?", str(path))]))
@@ -254,7 +300,9 @@ def test_a_fifo_or_dev_zero_in_the_allowed_folder_gets_400_at_once(tiny_loaded, 
     client, service = client_for(tiny_loaded, settings, allowed_local_media_path=str(root))
     path = media / "fifo.png" if name == "fifo" else Path("/dev/zero")
     replies = []
-    request = threading.Thread(target=lambda: replies.append(post(client, body(settings.model, [user("what?", str(path))]))), daemon=True)
+    request = threading.Thread(
+        target=lambda: replies.append(post(client, body(settings.model, [user("what?", str(path))]))), daemon=True
+    )
     started = time.monotonic()
     request.start()
     request.join(timeout=10)
@@ -270,9 +318,13 @@ def test_a_fifo_or_dev_zero_in_the_allowed_folder_gets_400_at_once(tiny_loaded, 
 
 def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(tiny_loaded, settings):
     engine = Engine(tiny_loaded)
-    worker = Worker(engine, Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2, cache_bytes=0)
-    conversation = Conversation(turns=[Turn(text=f"question {i}", answer=f"answer {i}") for i in range(300)] + [Turn(text="now?")])
-    job = Job(conversation=conversation, settings=Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=128))
+    worker = Worker(engine, Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2)
+    conversation = Conversation(
+        turns=[Turn(text=f"question {i}", answer=f"answer {i}") for i in range(300)] + [Turn(text="now?")]
+    )
+    job = Job(
+        conversation=conversation, settings=Settings(model=settings.model, max_new_tokens=MAX_NEW, max_context=128)
+    )
     encode, forwards = engine.encode, []
 
     def encode_then_hang_up(talk, limit=None):
@@ -280,7 +332,7 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
         return encode(talk, limit)
 
     engine.encode = encode_then_hang_up
-    worker.batch.admit = lambda *args: forwards.append(args)  # where a job reaches the model
+    worker.batch.admit_rows = lambda *args: forwards.append(args)  # where a job reaches the model
     items = queue.SimpleQueue()
     try:
         worker.jobs.put((job, items.put))
@@ -291,7 +343,7 @@ def test_a_job_whose_client_left_while_it_was_trimmed_never_reaches_the_model(ti
 
 
 def test_a_job_queued_behind_another_is_dropped_when_its_client_leaves(tiny_loaded, settings):
-    worker = Worker(Engine(tiny_loaded), Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2, cache_bytes=0)
+    worker = Worker(Engine(tiny_loaded), Guard(ServeOptions(host="127.0.0.1", port=0)), max_batch=2)
     job = Job(conversation=Conversation(turns=[Turn(text="hi")]), settings=settings)
     job.cancelled.set()
     items = queue.SimpleQueue()
@@ -304,7 +356,7 @@ def test_a_job_queued_behind_another_is_dropped_when_its_client_leaves(tiny_load
 
 
 def test_a_request_with_images_does_not_keep_them(app, settings, images):
-    from llava_cli import serveworker
+    from llava_cli.serve import worker as serveworker
 
     kept = []
     release = Job.release
@@ -315,7 +367,9 @@ def test_a_request_with_images_does_not_keep_them(app, settings, images):
 
     Job.release = watched
     try:
-        assert post(app, body(settings.model, [user("what?", data_url(images["blue"]))], max_tokens=1)).status_code == 200
+        assert (
+            post(app, body(settings.model, [user("what?", data_url(images["blue"]))], max_tokens=1)).status_code == 200
+        )
     finally:
         Job.release = release
     assert kept == [[]] and serveworker.give_memory_back() is None
@@ -325,9 +379,14 @@ def test_an_image_that_decodes_slowly_does_not_stall_other_answers(tiny_loaded, 
     """Issue 28 item 4: images are decoded before their job is queued, not on the engine's worker.
     The image's decode is held until the text-only request has its answer; decoded on the worker
     (before), the "hi" waited behind it (the gate opens by itself after 20 s, and the test fails)."""
-    from llava_cli import images as image_module
+    from llava_cli.media import images as image_module
 
-    decode, entered, gate, decoded = image_module.decode_elsewhere, threading.Event(), threading.Event(), threading.Event()
+    decode, entered, gate, decoded = (
+        image_module.decode_elsewhere,
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+    )
 
     def held(*args):
         entered.set()
@@ -341,8 +400,11 @@ def test_an_image_that_decodes_slowly_does_not_stall_other_answers(tiny_loaded, 
     client, service = client_for(tiny_loaded, settings)
     replies = {}
     with client:
-        asking = threading.Thread(target=lambda: replies.update(
-            image=post(client, body(settings.model, [user("what?", data_url(images["blue"]))], max_tokens=2))))
+        asking = threading.Thread(
+            target=lambda: replies.update(
+                image=post(client, body(settings.model, [user("what?", data_url(images["blue"]))], max_tokens=2))
+            )
+        )
         try:
             asking.start()
             assert entered.wait(30)
@@ -362,15 +424,17 @@ def test_decoding_pauses_while_the_decoded_images_waiting_for_the_worker_fill_th
     until the worker has prefilled (released) one."""
     import asyncio
 
-    from llava_cli import servedecode
-    from llava_cli.apirequest import parse_job
+    from llava_cli.serve import imagedecode as servedecode
+    from llava_cli.serve.request import parse_job
 
     monkeypatch.setattr(servedecode, "WAITING_PIXELS", 1)
 
     async def scenario() -> None:
         ahead = servedecode.DecodeAhead(Guard(ServeOptions(host="127.0.0.1", port=0)))
-        first, second = (parse_job(body(settings.model, [user("what?", data_url(images["red"]))]), settings.model, settings)
-                         for _ in range(2))
+        first, second = (
+            parse_job(body(settings.model, [user("what?", data_url(images["red"]))]), settings.model, settings)
+            for _ in range(2)
+        )
         release_first = await ahead.decode(first)
         assert first.decoded and first.conversation.turns[0].images
         pending = asyncio.create_task(ahead.decode(second))
@@ -401,7 +465,10 @@ def test_the_api_key_can_come_from_a_file(tmp_path):
     key_file.write_text(f"  {SECRET}\n")
     assert api_keys_from_file(str(key_file)) == (SECRET,)
     os.mkfifo(tmp_path / "fifo")
-    for path, reason in [(tmp_path / "fifo", "it is a FIFO (named pipe), not a regular file"), (tmp_path / "none", "No such file or directory")]:
+    for path, reason in [
+        (tmp_path / "fifo", "it is a FIFO (named pipe), not a regular file"),
+        (tmp_path / "none", "No such file or directory"),
+    ]:
         with pytest.raises(UsageError, match=re.escape(reason)):
             api_keys_from_file(str(path))
     (tmp_path / "blank").write_text("\n \n")
@@ -436,20 +503,30 @@ def test_bad_server_options_are_refused_with_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a real server: slow bodies, signals, ps
 
 
-def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[subprocess.Popen, str, Path]:
+def start_server(tiny_model: Path, folder: Path, *options: str) -> tuple[Serve, str, Path]:
     """A `llava serve` subprocess with a key file; (process, url, log path) once it is ready."""
     key_file = folder / "key"
     key_file.write_text(SECRET)
     runtime, log_path = folder / "run", folder / "serve.log"
-    command = [sys.executable, "-m", "llava_cli", "serve", "--model", str(tiny_model), "--port", "0", "-n", "4",
-               "--api-key-file", str(key_file), "--drain-timeout", "0", *options]  # SIGTERM stops at once (draining: test_serve_service.py)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not (runtime.is_dir() and list(runtime.glob("server-*.json"))):
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
-    return process, json.loads(next(runtime.glob("server-*.json")).read_text())["url"], log_path
+    command = [
+        sys.executable,
+        "-m",
+        "llava_cli",
+        "serve",
+        "--model",
+        str(tiny_model),
+        "--port",
+        "0",
+        "-n",
+        "4",
+        "--api-key-file",
+        str(key_file),
+        "--drain-timeout",
+        "0",
+        *options,
+    ]  # SIGTERM stops at once (draining: test_serve_service.py)
+    process = Serve(command, log_path, cli_env(LLAVA_RUNTIME_DIR=str(runtime)))
+    return process, process.url(), log_path
 
 
 @pytest.fixture
@@ -465,8 +542,10 @@ def served(tiny_model, tmp_path):
 def send_half_a_body(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     connection = socket.create_connection((host, int(port)), timeout=10)
-    connection.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                       f"Authorization: Bearer {SECRET}\r\nContent-Length: 1000\r\n\r\n{{".encode())
+    connection.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {SECRET}\r\nContent-Length: 1000\r\n\r\n{{".encode()
+    )
     return connection
 
 
@@ -475,7 +554,12 @@ def test_the_key_file_works_and_the_key_is_not_in_ps(served, tiny_model):
     assert SECRET not in Path(f"/proc/{process.pid}/cmdline").read_bytes().decode(errors="replace")
     payload = body(str(tiny_model), max_tokens=1)
     assert httpx.post(f"{url}/v1/chat/completions", json=payload).status_code == 401
-    assert httpx.post(f"{url}/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {SECRET}"}).status_code == 200
+    assert (
+        httpx.post(
+            f"{url}/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {SECRET}"}
+        ).status_code
+        == 200
+    )
 
 
 def test_a_body_that_trickles_in_is_cut_off(served):
@@ -496,7 +580,9 @@ def test_shutdown_with_a_request_still_open_says_so_in_one_line(tiny_model, tmp_
     process, url, log_path = start_server(tiny_model, tmp_path)
     try:
         with send_half_a_body(url):
-            time.sleep(0.5)
+            # Answered after the half body was read: the server's loop took the connections in order,
+            # so that request is open in it now.
+            assert httpx.get(f"{url}/health").status_code == 200
             process.send_signal(signal.SIGTERM)
             started = time.monotonic()
             assert process.wait(timeout=20) == 0
@@ -510,13 +596,21 @@ def test_shutdown_with_a_request_still_open_says_so_in_one_line(tiny_model, tmp_
 
 def test_sigterm_ends_the_server_within_seconds_while_a_huge_request_is_worked_on(served, tiny_model):
     process, url, log_path = served
-    history = [message for i in range(MAX_MESSAGES // 2 - 1) for message in
-               ({"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": f"answer {i} " * 20})]
+    history = [
+        message
+        for i in range(MAX_MESSAGES // 2 - 1)
+        for message in (
+            {"role": "user", "content": f"question {i} " * 20},
+            {"role": "assistant", "content": f"answer {i} " * 20},
+        )
+    ]
     payload = body(str(tiny_model), [*history, {"role": "user", "content": "now?"}], max_tokens=900)
 
     def send() -> None:
         with contextlib.suppress(httpx.HTTPError):
-            httpx.post(f"{url}/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {SECRET}"}, timeout=60)
+            httpx.post(
+                f"{url}/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {SECRET}"}, timeout=60
+            )
 
     threading.Thread(target=send, daemon=True).start()
     time.sleep(1.5)
@@ -540,10 +634,12 @@ class CannedServer:
         canned = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 self.send_response(canned.status)
                 self.send_header("Content-Type", "text/event-stream" if canned.status == 200 else "application/json")
+                for name, value in canned.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 with contextlib.suppress(OSError):
                     canned.body(self.wfile) if callable(canned.body) else self.wfile.write(canned.body)
@@ -551,13 +647,13 @@ class CannedServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.status, self.body = 200, b""
+        self.status, self.body, self.headers = 200, b"", {}
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def canned():
     server = CannedServer()
     yield server
@@ -566,27 +662,48 @@ def canned():
 
 def answer_through(canned: CannedServer, status: int, body) -> tuple[str | None, str | None, Conversation]:
     """(answer, error message) of one remote turn against the canned server."""
-    from llava_cli.errors import LlavaError
-    from llava_cli.remote import RemoteEngine
+    from llava_cli.base.errors import LlavaError
+    from llava_cli.client.remote import RemoteEngine
 
     canned.status, canned.body = status, body
     conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])
     try:
-        return answer_text(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m"))), None, conversation
+        return (
+            answer_text(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m")), conversation),
+            None,
+            conversation,
+        )
     except LlavaError as err:
         return None, str(err), conversation
 
 
 def events(*payloads) -> bytes:
-    return b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p).encode()) + b"\n\n" for p in payloads) + b"data: [DONE]\n\n"
+    return (
+        b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p).encode()) + b"\n\n" for p in payloads)
+        + b"data: [DONE]\n\n"
+    )
 
 
 def test_the_client_survives_events_of_the_wrong_shape(canned):
-    answer, error, conversation = answer_through(canned, 200, events(
-        {"choices": [5, {"delta": {"content": 7}}, {"delta": "x"}, {"delta": {"content": "Hello"}, "finish_reason": 3}]},
-        {"choices": "nope", "usage": [1], "llava": {"dropped_turns": 10**9}},
-        {"choices": [{"delta": {"content": " there"}}], "usage": {"prompt_tokens": "many", "completion_tokens": True}},
-    ))
+    answer, error, conversation = answer_through(
+        canned,
+        200,
+        events(
+            {
+                "choices": [
+                    5,
+                    {"delta": {"content": 7}},
+                    {"delta": "x"},
+                    {"delta": {"content": "Hello"}, "finish_reason": 3},
+                ]
+            },
+            {"choices": "nope", "usage": [1], "llava": {"dropped_turns": 10**9}},
+            {
+                "choices": [{"delta": {"content": " there"}}],
+                "usage": {"prompt_tokens": "many", "completion_tokens": True},
+            },
+        ),
+    )
     assert (answer, error) == ("Hello there", None)
     assert [turn.text for turn in conversation.turns] == ["old", "hi"]  # the lie about dropped turns is ignored
 
@@ -603,17 +720,39 @@ def test_the_client_refuses_an_endless_line_or_deep_json_with_one_line(canned):
     assert refused == f"{canned.url} refused the request: no details"
 
 
+def test_the_client_follows_no_redirect_and_no_proxy_from_the_environment(canned, monkeypatch):
+    canned.headers = {
+        "Location": "http://127.0.0.1:9/v1/chat/completions"
+    }  # a dead port: followed, it would say "cannot reach"
+    try:
+        _, redirected, _ = answer_through(canned, 307, b"{}")
+    finally:
+        canned.headers = {}
+    assert redirected == f"the server at {canned.url} failed (HTTP 307): no details"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    answer, error, _ = answer_through(canned, 200, events({"choices": [{"delta": {"content": "direct"}}]}))
+    assert (answer, error) == ("direct", None)
+
+
 def test_a_host_refusal_is_not_reported_as_a_missing_api_key(canned):
-    body = json.dumps({"error": {"message": "this server does not answer to that Host name", "code": "host_not_allowed"}}).encode()
+    body = json.dumps(
+        {"error": {"message": "this server does not answer to that Host name", "code": "host_not_allowed"}}
+    ).encode()
     _, error, _ = answer_through(canned, 403, body)
     assert error == f"{canned.url} refused the request: this server does not answer to that Host name"
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("max_tokens", 0, "`max_tokens` must be at least 1 (got 0)"),
-    ("max_completion_tokens", 0, "`max_completion_tokens` must be at least 1 (got 0)"),
-    ("temperature", 500, "`temperature` must be between 0 and 100 (got 500.0)"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_tokens", 0, "`max_tokens` must be at least 1 (got 0)"),
+        ("max_completion_tokens", 0, "`max_completion_tokens` must be at least 1 (got 0)"),
+        ("temperature", 500, "`temperature` must be between 0 and 100 (got 500.0)"),
+    ],
+)
 def test_a_sampling_value_out_of_range_names_the_api_field_not_the_cli_flag(app, settings, field, value, message):
     reply = post(app, body(settings.model, **{field: value}))
     assert reply.status_code == 400
@@ -630,7 +769,9 @@ def test_the_served_model_id_is_the_folder_name_by_default_or_served_model_name(
         assert [entry["id"] for entry in client.get("/v1/models").json()["data"]] == ["tiny"]
         assert post(client, body("tiny", max_tokens=1)).json()["model"] == "tiny"
         refused = post(client, body(settings.model, max_tokens=1))
-        assert error_of(refused) == (404, "model_not_found") and refused.json()["error"]["message"].endswith("this server serves 'tiny'")
+        assert error_of(refused) == (404, "model_not_found") and refused.json()["error"]["message"].endswith(
+            "this server serves 'tiny'"
+        )
     finally:
         service.worker.stop()
     with pytest.raises(UsageError, match="--served-model-name is empty"):
@@ -640,15 +781,20 @@ def test_the_served_model_id_is_the_folder_name_by_default_or_served_model_name(
 def test_a_message_far_beyond_the_window_is_refused_before_tokenizing(app, settings, monkeypatch):
     """Issue 28, item 1: 60 MB of "word " took the server to 12 GB inside the tokenizer (it aborted);
     here 4 MB must be refused with a 400 without the tokenizer ever seeing the text."""
-    import llava_cli.prompting as prompting
+    import llava_cli.prompt.prompting as prompting
 
     seen: list[int] = []
     real = prompting.control_tokens
-    monkeypatch.setattr(prompting, "control_tokens", lambda tok: seen.append(1) or real(tok))  # runs right after the tokenizer
+    monkeypatch.setattr(
+        prompting, "control_tokens", lambda tok: seen.append(1) or real(tok)
+    )  # runs right after the tokenizer
     reply = post(app, body(settings.model, [{"role": "user", "content": "word " * 800_000}]))
     assert error_of(reply) == (400, "context_length_exceeded")
     message = reply.json()["error"]["message"]
-    assert re.fullmatch(r"this message needs at least 5\d{5} tokens with its images but the context window is 1024; shorten it or attach fewer images", message)
+    assert re.fullmatch(
+        r"this message needs at least 5\d{5} tokens with its images but the context window is 1024; shorten it or attach fewer images",
+        message,
+    )
     assert seen == []
     assert post(app, body(settings.model, max_tokens=1)).status_code == 200  # and the server answers the next one
 
@@ -657,7 +803,12 @@ def test_a_nul_byte_or_a_path_that_changes_while_resolved_gets_400_not_500(media
     """Issue 28, item 11: these were 500s (ValueError from the NUL byte, OSError from readlink)."""
     for path in (f"{media}/red.png\x00.txt", f"{media}/red\ud800.png", f"file://{media}/red.png%00"):
         reply = post(media_app, body(settings.model, [user("what?", path)]))
-        assert reply.json()["error"] == {"message": f"messages[0]: {LOCAL_IMAGE_REFUSED}", "type": "invalid_request_error", "param": "messages[0]", "code": "invalid_image"}, path
+        assert reply.json()["error"] == {
+            "message": f"messages[0]: {LOCAL_IMAGE_REFUSED}",
+            "type": "invalid_request_error",
+            "param": "messages[0]",
+            "code": "invalid_image",
+        }, path
         assert reply.status_code == 400
 
     def swapped(path, *args, **kwargs):  # a link turned into a file between realpath's lstat and readlink
@@ -666,3 +817,24 @@ def test_a_nul_byte_or_a_path_that_changes_while_resolved_gets_400_not_500(media
     monkeypatch.setattr(os, "readlink", swapped)
     reply = post(media_app, body(settings.model, [user("what?", str(media / "escape.png"))]))
     assert error_of(reply) == (400, "invalid_image")
+
+
+def test_the_client_leaves_the_callers_conversation_alone_and_says_what_to_record(canned):
+    """The backend contract: the answer and the dropped turns travel in `Done`; the caller records them."""
+    import copy
+
+    from llava_cli.client.remote import RemoteEngine
+    from llava_cli.engine.backend import Answer
+
+    canned.status, canned.body = (
+        200,
+        events({"choices": [{"delta": {"content": " Hi there "}}], "llava": {"dropped_turns": 1}}),
+    )
+    conversation = Conversation(turns=[Turn(text="old", answer="old answer"), Turn(text="hi")])
+    before = copy.deepcopy(conversation)
+    answer = Answer(RemoteEngine(canned.url, "m").generate(conversation, Settings(model="m")))
+    assert "".join(answer) == "Hi there"
+    assert conversation == before
+    assert (answer.finished.answer, answer.stats.dropped_turns) == ("Hi there", 1)
+    answer.record_in(conversation)
+    assert [(turn.text, turn.answer) for turn in conversation.turns] == [("hi", "Hi there")]

@@ -14,9 +14,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import slow_fixture
 
-from llava_cli.errors import InputError
-from llava_cli.urls import fetch_image_url
+from llava_cli.base.errors import InputError
+from llava_cli.media.urls import fetch_image_url
 
 LIMIT_S = 1.0
 DRIP_S = 0.1  # one byte every 0.1 s: each read sees data long before a 1 s socket timeout
@@ -42,7 +43,7 @@ def drip(connection: socket.socket, head: bytes, dripped: bytes) -> None:
         connection.close()
 
 
-@pytest.fixture
+@slow_fixture  # an HTTP server
 def dripping_server() -> Iterator[callable]:
     """A server whose every connection gets `drip(head, dripped)`; yields a function (head, dripped) -> url."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -85,8 +86,9 @@ def test_a_url_that_drips_its_answer_fails_at_the_time_limit(dripping_server, he
 
 
 def test_a_url_that_answers_in_time_is_fetched(dripping_server):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (4, 3), (0, 200, 0)).save(buffer, "PNG")
@@ -102,7 +104,7 @@ def test_a_url_that_answers_in_time_is_fetched(dripping_server):
 def test_the_probe_of_a_discovered_server_that_drips_its_answer_gives_up_at_its_limit(dripping_server):
     """`ask` probes a server found by discovery before using it; a port taken over by a process
     that drips bytes must not hold `ask` (before: each header byte reset the 2 s read timeout)."""
-    from llava_cli.remote import PROBE_TIMEOUT_S, RemoteEngine
+    from llava_cli.client.remote import PROBE_TIMEOUT_S, RemoteEngine
 
     url = dripping_server(b"", SLOW_HEADERS).removesuffix("/picture.png")
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""Stop sequences (stops.py): the answer ends before the first stop text, whatever the chunk boundaries,
+"""Stop sequences (engine/stops.py): the answer ends before the first stop text, whatever the chunk boundaries,
 nothing past it is ever shown, and the row ends there ("stop"): `Engine.generate` (ask/chat), a
 `DecodeBatch` row (serve, `ask --each`), `llava ask --stop` and serve's `stop` with the openai client."""
 
@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from conftest import render_llava15
 from fakes import answer_of
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.errors import UsageError
-from llava_cli.images import load_image
-from llava_cli.settings import Settings
-from llava_cli.stops import StopText, before_stop, stop_list
+from helpers import render_llava15
+
+from llava_cli.base.errors import UsageError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.engine.stops import StopText, before_stop, stop_list
+from llava_cli.media.images import load_image
+from llava_cli.prompt.conversation import Conversation
 
 MAX_NEW = 24
 QUESTION = "What is in this picture?"
@@ -28,7 +28,9 @@ def shown(chunks: list[str], stops: list[str]) -> tuple[str, list[str]]:
     return "".join(pieces) + stop_text.finish(), pieces
 
 
-@pytest.mark.parametrize("stops, expected", [(["## END"], "The cat sat."), (["sat", "cat"], "The"), (["zzz"], TEXT), (["more"], TEXT[:-5])])
+@pytest.mark.parametrize(
+    "stops, expected", [(["## END"], "The cat sat."), (["sat", "cat"], "The"), (["zzz"], TEXT), (["more"], TEXT[:-5])]
+)
 def test_every_way_of_cutting_the_text_into_chunks_shows_the_same_text(stops, expected):
     for cut in range(1, len(TEXT)):
         assert shown([TEXT[:cut], TEXT[cut:]], stops)[0] == expected, cut
@@ -68,14 +70,14 @@ def engine(tiny_loaded) -> Engine:
 
 
 def test_the_engine_and_a_batch_row_end_before_the_stop(engine, tiny_model, reference, images):
-    from llava_cli.decodebatch import answers_in_order
+    from llava_cli.engine.scheduler import answers_in_order
 
     full, stop = reference_and_stop(reference, images["red"])
     expected = before_stop(full, [stop])
     settings = Settings(model=str(tiny_model), max_new_tokens=MAX_NEW, stop=(stop,))
     conversation = Conversation()
     conversation.ask(QUESTION, [load_image(str(images["red"]))])
-    streamed, figures = answer_of(engine.generate(conversation, settings))
+    streamed, figures = answer_of(engine.generate(conversation, settings), conversation)
     assert streamed == conversation.turns[-1].answer == expected
     assert figures.finish_reason == "stop" and figures.completion_tokens < MAX_NEW
 
@@ -85,7 +87,11 @@ def test_the_engine_and_a_batch_row_end_before_the_stop(engine, tiny_model, refe
         return engine.fit(asked, settings)[0]
 
     [answer] = list(answers_in_order(engine, [prompt], settings, 2))
-    assert answer.text == expected and answer.finish_reason == "stop" and answer.completion_tokens == figures.completion_tokens
+    assert (
+        answer.text == expected
+        and answer.finish_reason == "stop"
+        and answer.completion_tokens == figures.completion_tokens
+    )
 
 
 def test_ask_stop_prints_the_answer_up_to_the_stop(monkeypatch, tiny_model, reference, images, tmp_path):
@@ -93,8 +99,22 @@ def test_ask_stop_prints_the_answer_up_to_the_stop(monkeypatch, tiny_model, refe
 
     monkeypatch.setenv("LLAVA_HOME", str(tmp_path / "home"))
     full, stop = reference_and_stop(reference, images["red"])
-    outcome = invoke(monkeypatch, "ask", str(images["red"]), QUESTION, "--model", str(tiny_model), "-n", str(MAX_NEW),
-                     "--stop", "never-said", "--stop", stop, "--json", "--no-save")
+    outcome = invoke(
+        monkeypatch,
+        "ask",
+        str(images["red"]),
+        QUESTION,
+        "--model",
+        str(tiny_model),
+        "-n",
+        str(MAX_NEW),
+        "--stop",
+        "never-said",
+        "--stop",
+        stop,
+        "--json",
+        "--no-save",
+    )
     assert outcome.code == 0, outcome.stderr
     record = json.loads(outcome.stdout)
     assert record["answer"] == before_stop(full, [stop]) and record["finish_reason"] == "stop"

@@ -9,12 +9,12 @@ import re
 from collections import Counter
 
 import pytest
-from rich.console import Console
-
 from cli_runner import invoke
 from fake_io import FakeIO
 from fakes import FakeBackend, use_backend
-from llava_cli.streaming import Stats
+from rich.console import Console
+
+from llava_cli.engine.streaming import Stats
 
 
 def terminal_io(columns: int):
@@ -22,8 +22,8 @@ def terminal_io(columns: int):
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
 
-    from llava_cli.chat import TerminalIO
-    from llava_cli.settings import Settings
+    from llava_cli.base.settings import Settings
+    from llava_cli.chat.loop import TerminalIO
 
     with create_pipe_input() as pipe:
         terminal = TerminalIO(Settings(), input=pipe, output=DummyOutput())
@@ -31,16 +31,24 @@ def terminal_io(columns: int):
     return terminal
 
 
-FIGURES = Stats(prompt_tokens=612, cached_tokens=600, completion_tokens=48, ttft_s=0.1234,
-                tokens_per_s=31.5, seconds=1.6789, load_s=7.25, peak_memory_mb=14210.5)
+FIGURES = Stats(
+    prompt_tokens=612,
+    cached_tokens=600,
+    completion_tokens=48,
+    ttft_s=0.1234,
+    tokens_per_s=31.5,
+    seconds=1.6789,
+    load_s=7.25,
+    peak_memory_mb=14210.5,
+)
 
 
 @pytest.mark.parametrize(
     "command, row", [("help", r"^  /retry +answer the last message again$"), ("stats", r"^  peak_memory_mb +14210\.5$")]
 )
 def test_help_and_stats_never_split_a_word_from_40_columns_up(command, row):
-    from llava_cli.chat import ChatLoop
-    from llava_cli.settings import Settings
+    from llava_cli.base.settings import Settings
+    from llava_cli.chat.loop import ChatLoop
 
     def shown(columns: int) -> str:
         terminal = terminal_io(columns)
@@ -62,11 +70,13 @@ def context_figure(loop) -> str:
     return re.search(r"context ([^·]+) ·", loop.status_line()).group(1).strip()
 
 
-def test_the_status_line_knows_the_context_after_undo_and_after_a_resume(tiny_loaded, tiny_settings, llava_home_dir, images):
-    from llava_cli.chat import ChatLoop
-    from llava_cli.engine import Engine
-    from llava_cli.images import load_image
-    from llava_cli.store import Recorder, SessionStore
+def test_the_status_line_knows_the_context_after_undo_and_after_a_resume(
+    tiny_loaded, tiny_settings, llava_home_dir, images
+):
+    from llava_cli.chat.loop import ChatLoop
+    from llava_cli.engine.local import Engine
+    from llava_cli.media.images import load_image
+    from llava_cli.store.conversations import Recorder, SessionStore
 
     store = SessionStore.default()
     loop = ChatLoop(Engine(tiny_loaded), tiny_settings, FakeIO(), Recorder(store))
@@ -91,10 +101,12 @@ def test_ctrl_c_during_ask_ends_the_partial_answer_with_a_newline(monkeypatch, i
 
 
 def test_rendered_markdown_blocks_are_separated_by_a_blank_line():
-    from llava_cli.render import stream_markdown
+    from llava_cli.chat.render import stream_markdown
 
     console = Console(file=io.StringIO(), width=60, color_system=None, soft_wrap=True)
     answer = "First paragraph.\n\nSecond paragraph.\n\n- one\n- two\n\nLast words."
-    stream_markdown(console, iter(answer.split(" ")[:1] + [" " + word for word in answer.split(" ")[1:]]), lambda chunk: chunk)
+    stream_markdown(
+        console, iter(answer.split(" ")[:1] + [" " + word for word in answer.split(" ")[1:]]), lambda chunk: chunk
+    )
     lines = [line.rstrip() for line in console.file.getvalue().splitlines()]
     assert lines == ["First paragraph.", "", "Second paragraph.", "", " • one", " • two", "", "Last words."]

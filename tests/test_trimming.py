@@ -8,15 +8,15 @@ import math
 import random
 
 import pytest
-
-from conftest import render_llava15
 from fakes import answer_text, with_notes
-from llava_cli.conversation import Conversation, Turn
-from llava_cli.engine import Engine, Prompt
-from llava_cli.trimming import TrimSearch
-from llava_cli.errors import ContextError
-from llava_cli.images import load_image
-from llava_cli.settings import Settings
+from helpers import render_llava15
+
+from llava_cli.base.errors import ContextError
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine, Prompt
+from llava_cli.media.images import load_image
+from llava_cli.prompt.conversation import Conversation, Turn
+from llava_cli.prompt.trimming import TrimSearch
 
 MAX_NEW = 8
 
@@ -76,7 +76,7 @@ def test_fit_gives_the_prompt_and_dropped_count_of_dropping_one_turn_at_a_time(
     trimmed.turns = list(conversation.turns)
     prompt, dropped = engine.fit(trimmed, settings)
     assert (prompt.ids, dropped) == (expected_ids, expected_dropped)
-    assert trimmed.turns == conversation.turns[dropped:]
+    assert trimmed.turns == conversation.turns  # fit leaves the conversation alone: the caller drops the turns
     # A few encodes, not one per dropped turn.
     assert len(encodes) <= 3 + 4 * math.log2(turns + 1), (dropped, len(encodes))
 
@@ -100,11 +100,13 @@ def test_a_long_trimmed_history_is_answered_as_plain_transformers_answers_what_i
         conversation.turns.append(Turn(text=f"question {index} about the picture", answer=f"answer {index}"))
     conversation.ask("What is in this picture?", [load_image(str(images["green"]))])
     notes: list[str] = []
-    answer = answer_text(with_notes(Engine(tiny_loaded), notes).generate(conversation, settings))
+    answer = answer_text(with_notes(Engine(tiny_loaded), notes).generate(conversation, settings), conversation)
     kept = [(turn.text, len(turn.images), turn.answer) for turn in conversation.turns]
     dropped = 401 - len(kept)
     assert dropped > 300 and notes == [f"dropped the {dropped} oldest turn(s) to fit the 256-token context window"]
-    expected = reference.answer(render_llava15(kept[:-1] + [(kept[-1][0], 1, None)], system="Be brief."), [images["green"]], MAX_NEW)
+    expected = reference.answer(
+        render_llava15(kept[:-1] + [(kept[-1][0], 1, None)], system="Be brief."), [images["green"]], MAX_NEW
+    )
     assert answer == conversation.turns[-1].answer == expected
 
 

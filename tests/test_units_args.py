@@ -1,12 +1,12 @@
-"""The `IMAGE... [PROMPT]` grammar of `llava ask` and of `ask --each` (arguments.py), on argument
+"""The `IMAGE... [PROMPT]` grammar of `llava ask` and of `ask --each` (frontend/arguments.py), on argument
 lists alone (no model)."""
 
 from __future__ import annotations
 
 import pytest
 
-from llava_cli.arguments import split_images_and_prompt
-from llava_cli.errors import UsageError
+from llava_cli.base.errors import UsageError
+from llava_cli.frontend.arguments import split_images_and_prompt
 
 LONG_PROMPT = "describe " * 100  # longer than any file name may be
 
@@ -21,7 +21,10 @@ LONG_PROMPT = "describe " * 100  # longer than any file name may be
         (["what is it?"], (["what is it?"], None)),  # one argument is always an image (a missing one fails later)
         (["a.png", "two\nlines.png"], (["a.png"], "two\nlines.png")),  # a name never holds a newline
         (["a.png", LONG_PROMPT], (["a.png"], LONG_PROMPT)),
-        (["a.png", "https://example.com/picture"], (["a.png", "https://example.com/picture"], None)),  # a URL is an image
+        (
+            ["a.png", "https://example.com/picture"],
+            (["a.png", "https://example.com/picture"], None),
+        ),  # a URL is an image
         (["a.png", "HTTP://example.com/cat?size=2"], (["a.png", "HTTP://example.com/cat?size=2"], None)),
     ],
 )

@@ -1,4 +1,4 @@
-"""The families table (llava_cli/families.py) against transformers' own registries: every row
+"""The families table (llava_cli/base/families.py) against transformers' own registries: every row
 complete, every model type the loader accepts has a row, and each row says what transformers says
 about that model type (its class, processor, whether the processor needs a video processor, how
 its image processor tiles). No checkpoint, no model."""
@@ -10,16 +10,28 @@ import json
 from pathlib import Path
 
 import pytest
-
-from llava_cli.errors import ModelError
-from llava_cli.families import FAMILIES, MODEL_TYPES, Family, PromptStyle, Tiling, family_for
-from llava_cli.loader import read_config
 from tiny_checkpoint import FAMILY_BUILDERS
+
+from llava_cli.base.errors import ModelError
+from llava_cli.base.families import (
+    FAMILIES,
+    MODEL_TYPES,
+    Family,
+    PromptStyle,
+    Tiling,
+    family_for,
+)
+from llava_cli.models.loader import read_config
 
 
 def registry(name: str) -> dict:
     """One of transformers' model-type -> class-name tables, e.g. the image-text-to-text models."""
-    from transformers.models.auto import configuration_auto, image_processing_auto, modeling_auto, processing_auto
+    from transformers.models.auto import (
+        configuration_auto,
+        image_processing_auto,
+        modeling_auto,
+        processing_auto,
+    )
 
     tables = {
         "configs": configuration_auto.CONFIG_MAPPING_NAMES,
@@ -33,7 +45,9 @@ def registry(name: str) -> dict:
 def incomplete_fields(family: Family) -> list[str]:
     """The fields of `family` that are missing or of the wrong kind."""
     problems = [name for name in ("model_type", "label", "model_class", "processor_class") if not getattr(family, name)]
-    problems += [name for name in ("processor_needs_torchvision", "takes_videos") if not isinstance(getattr(family, name), bool)]
+    problems += [
+        name for name in ("processor_needs_torchvision", "takes_videos") if not isinstance(getattr(family, name), bool)
+    ]
     if not isinstance(family.prompt_style, PromptStyle):
         problems.append("prompt_style")
     if not isinstance(family.tiling, Tiling):
@@ -46,8 +60,21 @@ def incomplete_fields(family: Family) -> list[str]:
 
 
 def test_incomplete_fields_looks_at_every_field():
-    checked = {"model_type", "text_models", "label", "model_class", "processor_class", "processor_needs_torchvision", "prompt_style", "tiling", "example", "takes_videos"}
-    assert {field.name for field in dataclasses.fields(Family)} == checked, "a new field needs a check in incomplete_fields"
+    checked = {
+        "model_type",
+        "text_models",
+        "label",
+        "model_class",
+        "processor_class",
+        "processor_needs_torchvision",
+        "prompt_style",
+        "tiling",
+        "example",
+        "takes_videos",
+    }
+    assert {field.name for field in dataclasses.fields(Family)} == checked, (
+        "a new field needs a check in incomplete_fields"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.label)
@@ -57,7 +84,11 @@ def test_each_row_is_complete(family):
 
 def test_an_incomplete_row_is_caught():
     row = FAMILIES[0]
-    assert incomplete_fields(dataclasses.replace(row, model_class="", tiling="anyres", example="")) == ["model_class", "tiling", "example"]
+    assert incomplete_fields(dataclasses.replace(row, model_class="", tiling="anyres", example="")) == [
+        "model_class",
+        "tiling",
+        "example",
+    ]
 
 
 def test_labels_are_unique_and_each_has_a_tiny_checkpoint_builder():
@@ -90,7 +121,11 @@ def test_every_model_type_the_loader_accepts_has_a_row_matching_transformers(tmp
         accepted.append(model_type)
         family = family_for(config)
         assert incomplete_fields(family) == [], model_type
-        assert (family.model_type, family.model_class, family.processor_class) == (model_type, models[model_type], processors[model_type])
+        assert (family.model_type, family.model_class, family.processor_class) == (
+            model_type,
+            models[model_type],
+            processors[model_type],
+        )
         assert family.processor_needs_torchvision == needs_video_processor(processors[model_type]), model_type
         assert family.takes_videos == needs_video_processor(processors[model_type]), model_type
         assert family.tiling is tiling_of(image_processors[model_type]["pil"]), model_type
@@ -128,7 +163,12 @@ def tiling_of(image_processor_class: str) -> Tiling:
 def test_a_llava_checkpoint_is_told_apart_by_its_text_model(text_config, label, style):
     config = {"model_type": "llava"} | ({"text_config": text_config} if text_config else {})
     family = family_for(config)
-    assert (family.label, family.prompt_style, family.model_class, family.tiling) == (label, style, "LlavaForConditionalGeneration", Tiling.FIXED)
+    assert (family.label, family.prompt_style, family.model_class, family.tiling) == (
+        label,
+        style,
+        "LlavaForConditionalGeneration",
+        Tiling.FIXED,
+    )
 
 
 @pytest.mark.parametrize("model_type", [["llava"], {"llava": 1}, None])

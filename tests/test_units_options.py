@@ -1,4 +1,4 @@
-"""The option table (options.py) walked row by row: every option is reachable by each of its
+"""The option table (base/options.py) walked row by row: every option is reachable by each of its
 spellings (each flag parses, the `/set` key is accepted, each request field is read and the one
 sent is what the server reads, the saved key is restored), refused the same way everywhere, and
 agrees with the `Settings` field it fills. A new row fails here until it has a sample value below
@@ -15,15 +15,23 @@ from typing import Any, Optional
 import pytest
 import typer
 
-from llava_cli import apirequest
+from llava_cli.base.errors import InputError, UsageError
+from llava_cli.base.options import (
+    LOGPROBS,
+    OPTIONS,
+    REQUEST_FIELDS,
+    SAVED,
+    SETTABLE,
+    Option,
+    request_fields,
+)
+from llava_cli.base.settings import Settings
+from llava_cli.chat.slash import changed_settings, find
 from llava_cli.cli import app
-from llava_cli.commands import changed_settings, find
-from llava_cli.conversation import Conversation
-from llava_cli.errors import InputError, UsageError
-from llava_cli.options import OPTIONS, REQUEST_FIELDS, SAVED, SETTABLE, Option, request_fields
-from llava_cli.resume import restored_settings
-from llava_cli.settings import Settings
-from llava_cli.store import Recorder, SessionStore
+from llava_cli.prompt.conversation import Conversation
+from llava_cli.serve import request as apirequest
+from llava_cli.store.conversations import Recorder, SessionStore
+from llava_cli.store.resume import restored_settings
 from llava_cli.usage import preflight
 
 # A valid value other than the default, for every row that takes a value (flags take none: True).
@@ -36,6 +44,7 @@ SAMPLES: dict[str, Any] = {
     "attn": "eager",
     "max_image_pixels": 1234,
     "max_image_tokens": 600,
+    "cache_mb": 256,
     "temperature": 0.5,
     "top_p": 0.25,
     "max_new_tokens": 7,
@@ -47,6 +56,7 @@ SAMPLES: dict[str, Any] = {
 }
 # A value of the right type that the row's rule refuses, for every row that has a rule.
 REFUSED: dict[str, Any] = {
+    "cache_mb": -1,
     "frames": 0,
     "fps": 100.0,
     "model": "  ",
@@ -84,14 +94,27 @@ def commands_taking(option: Option) -> list[str]:
 @pytest.mark.parametrize("option", ROWS, ids=lambda option: option.name)
 def test_every_row_is_a_settings_field_of_its_type_and_default(option):
     field = {field.name: field for field in dataclasses.fields(Settings)}[option.name]
-    kind = Optional[option.kind] if option.optional else option.kind
+    kind = Optional[option.kind] if option.optional else option.kind  # noqa: UP045 (compared with get_type_hints' form)
     assert typing.get_type_hints(Settings)[option.name] == kind
     assert field.default == option.default
     Settings(**{option.name: sample(option)})  # the sample is a value Settings accepts
 
 
 def test_every_settings_field_is_a_row():
-    assert {field.name for field in dataclasses.fields(Settings)} - {"chosen", "constraint", "stop"} == set(OPTIONS)
+    assert {field.name for field in dataclasses.fields(Settings)} - {
+        "chosen",
+        "constraint",
+        "stop",
+        LOGPROBS.name,
+    } == set(OPTIONS)
+
+
+def test_ask_only_logprobs_option_agrees_with_its_settings_field():
+    """--logprobs is declared once (options.LOGPROBS, not a row: only `ask --json` takes it)."""
+    assert typing.get_type_hints(Settings)["logprobs"] == Optional[int]  # noqa: UP045 (get_type_hints' form)
+    assert Settings(logprobs=20).logprobs == 20
+    with pytest.raises(UsageError, match="--logprobs must be between 0 and 20"):
+        Settings(logprobs=21)
 
 
 @pytest.mark.parametrize("option", ROWS, ids=lambda option: option.name)
@@ -139,7 +162,9 @@ def test_set_accepts_every_settable_option_by_its_key(option):
     assert option.key in set_help.removeprefix("show or change ").split(", ")
 
 
-@pytest.mark.parametrize("option", [row for row in ROWS if row.settable and row.optional], ids=lambda option: option.name)
+@pytest.mark.parametrize(
+    "option", [row for row in ROWS if row.settable and row.optional], ids=lambda option: option.name
+)
 def test_set_none_clears_an_optional_value(option):
     settings = Settings(**{option.name: sample(option)})
     assert getattr(changed_settings(settings, option.key, "none"), option.name) is None

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llava_cli.engine import PrefixCache, Prompt, image_keys
+from llava_cli.engine.local import PrefixCache, Prompt, image_keys
 
 IMAGE = 99  # the image token id
 

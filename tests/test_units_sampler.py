@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llava_cli.decoding import Row, RowFault, Sampler, checked_argmax, token_budget
-from llava_cli.settings import Settings
+from llava_cli.base.settings import Settings
+from llava_cli.engine.pipeline import Row, RowFault, Sampler, checked_argmax, token_budget
 
 GREEDY = Settings()
 SAMPLED = Settings(temperature=0.9, top_p=0.9, seed=7)

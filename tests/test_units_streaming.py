@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
-from llava_cli.streaming import Stats, TextStream, stats_line
 from mock_tokenizer import EOS, MockTokenizer
 
+from llava_cli.engine.streaming import Stats, TextStream, stats_line
+
 EURO = "€".encode()  # three bytes: e2 82 ac
-PIECES = [b" ", b"\n", b"Hi", b" there", EURO[:1], EURO[1:2], EURO[2:], EURO, "é".encode()[:1], "é".encode()[1:], b"!", b"  "]
+PIECES = [
+    b" ",
+    b"\n",
+    b"Hi",
+    b" there",
+    EURO[:1],
+    EURO[1:2],
+    EURO[2:],
+    EURO,
+    "é".encode()[:1],
+    "é".encode()[1:],
+    b"!",
+    b"  ",
+]
 TOKENIZER = MockTokenizer(PIECES)
 
 
@@ -63,7 +76,9 @@ def test_release_alone_trims_text_that_arrives_decoded():
 
 
 def test_stats_round_their_floats_and_the_verbose_line_shows_them():
-    figures = Stats(prompt_tokens=20, cached_tokens=5, completion_tokens=7, ttft_s=0.123456, tokens_per_s=12.345).as_dict()
+    figures = Stats(
+        prompt_tokens=20, cached_tokens=5, completion_tokens=7, ttft_s=0.123456, tokens_per_s=12.345
+    ).as_dict()
     assert (figures["ttft_s"], figures["tokens_per_s"], figures["finish_reason"]) == (0.1235, 12.345, "stop")
     assert stats_line(figures) == (
         "stats: 20 prompt tokens (5 cached), first token 0.123s, 7 tokens at 12.3 tokens/s, 0.00s in all, peak memory 0 MB"

@@ -14,9 +14,8 @@ import sys
 from collections import Counter
 
 import pytest
-
 from cli_runner import invoke
-from conftest import cli_env
+from helpers import cli_env
 
 
 def error(message: str) -> str:
@@ -26,8 +25,14 @@ def error(message: str) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("ask", "--temprature", "0.5", "x.png", "hi"), "no such option --temprature for 'llava ask'; did you mean --temperature? (llava ask --help lists them)"),
-        (("chat", "--resme"), "no such option --resme for 'llava chat'; did you mean --resume? (llava chat --help lists them)"),
+        (
+            ("ask", "--temprature", "0.5", "x.png", "hi"),
+            "no such option --temprature for 'llava ask'; did you mean --temperature? (llava ask --help lists them)",
+        ),
+        (
+            ("chat", "--resme"),
+            "no such option --resme for 'llava chat'; did you mean --resume? (llava chat --help lists them)",
+        ),
         (("ask", "--xyzzy", "x.png"), "no such option --xyzzy for 'llava ask' (llava ask --help lists them)"),
         (("aks", "x.png", "hi"), "no such command 'aks' in 'llava'; did you mean ask?"),
         (("sessions", "lst"), "no such command 'lst' in 'llava sessions'; did you mean list?"),
@@ -40,8 +45,14 @@ def error(message: str) -> str:
         (("models", "all"), "unexpected argument 'all': llava models takes no arguments"),
         (("chat", "--json=yes"), "--json is a flag and takes no value"),
         (("--model", "m", "chat"), "--model goes after the command: llava COMMAND --model ..."),
-        (("ask", "x.png", "hi", "--batch-size", "4"), "--batch-size 4: only with --each or --from-file, which answer images one by one"),
-        (("ask", "x.png", "hi", "-o", "out.jsonl"), "-o out.jsonl: only with --each or --from-file, which answer images one by one"),
+        (
+            ("ask", "x.png", "hi", "--batch-size", "4"),
+            "--batch-size 4: only with --each or --from-file, which answer images one by one",
+        ),
+        (
+            ("ask", "x.png", "hi", "-o", "out.jsonl"),
+            "-o out.jsonl: only with --each or --from-file, which answer images one by one",
+        ),
     ],
 )
 def test_every_usage_error_is_one_line_with_exit_2(monkeypatch, args, message):
@@ -53,14 +64,35 @@ def test_every_usage_error_is_one_line_with_exit_2(monkeypatch, args, message):
     "args, message",
     [
         (("ask", "{red}", ""), 'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
-        (("ask", "{red}", "   "), 'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
-        (("ask", "{red}", "-p", ""), 'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
-        (("ask", "--each", "{red}", "{blue}", "-p", " "), 'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
-        (("ask", "--each", "{red}", ""), 'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
-        (("ask", "{red}", "what", "is", "this"), 'the prompt must be one argument; quote it: llava ask {red} "what is this"'),
-        (("ask", "{red}", "{blue}", "what's", "in", "them?"), "the prompt must be one argument; quote it: llava ask {red} {blue} \"what's in them?\""),
+        (
+            ("ask", "{red}", "   "),
+            'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"',
+        ),
+        (
+            ("ask", "{red}", "-p", ""),
+            'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"',
+        ),
+        (
+            ("ask", "--each", "{red}", "{blue}", "-p", " "),
+            'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"',
+        ),
+        (
+            ("ask", "--each", "{red}", ""),
+            'the prompt is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"',
+        ),
+        (
+            ("ask", "{red}", "what", "is", "this"),
+            'the prompt must be one argument; quote it: llava ask {red} "what is this"',
+        ),
+        (
+            ("ask", "{red}", "{blue}", "what's", "in", "them?"),
+            'the prompt must be one argument; quote it: llava ask {red} {blue} "what\'s in them?"',
+        ),
         (("ask", "{red}", "say", "$HOME"), "the prompt must be one argument; quote it: llava ask {red} 'say $HOME'"),
-        (("ask", "--each", "{red}", "describe", "it"), 'the prompt must be one argument; quote it: llava ask --each {red} "describe it"'),
+        (
+            ("ask", "--each", "{red}", "describe", "it"),
+            'the prompt must be one argument; quote it: llava ask --each {red} "describe it"',
+        ),
     ],
 )
 def test_empty_and_unquoted_prompts_are_refused_before_the_model_loads(monkeypatch, images, args, message):
@@ -72,22 +104,28 @@ def test_empty_and_unquoted_prompts_are_refused_before_the_model_loads(monkeypat
 
 def test_the_prompt_is_refused_on_stdin_too(monkeypatch, images):
     outcome = invoke(monkeypatch, "ask", images["red"], stdin=b"  \n")
-    assert (outcome.code, outcome.stderr) == (2, error('the prompt read from stdin is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'))
+    assert (outcome.code, outcome.stderr) == (
+        2,
+        error('the prompt read from stdin is empty: ask something, e.g. llava ask IMAGE "what is in this picture?"'),
+    )
 
 
 def test_device_cuda_without_a_gpu_is_refused_before_the_model_is_looked_for(monkeypatch, images, tiny_model):
     import torch
 
-    import llava_cli.loader
+    import llava_cli.models.loader
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     def must_not_run(name):
         raise AssertionError("the model was looked for before --device was checked")
 
-    monkeypatch.setattr(llava_cli.loader, "resolve_model", must_not_run)
+    monkeypatch.setattr(llava_cli.models.loader, "resolve_model", must_not_run)
     outcome = invoke(monkeypatch, "ask", "--no-server", "--device", "cuda", "--model", tiny_model, images["red"], "hi")
-    assert (outcome.code, outcome.stderr) == (2, error("--device cuda was asked for but no CUDA GPU is visible; use --device cpu"))
+    assert (outcome.code, outcome.stderr) == (
+        2,
+        error("--device cuda was asked for but no CUDA GPU is visible; use --device cpu"),
+    )
 
 
 HELP_PAGES = [(), ("ask",), ("chat",), ("serve",), ("models",), ("sessions",), ("sessions", "export")]
@@ -108,8 +146,17 @@ def test_help_names_values_with_metavars(monkeypatch):
     monkeypatch.setenv("COLUMNS", "120")
     ask, chat = invoke(monkeypatch, "ask", "-h").stdout, invoke(monkeypatch, "chat", "-h").stdout
     assert ask.splitlines()[0] == "Usage: llava ask [OPTIONS] IMAGE... [PROMPT]"
-    for term in ("-p, --prompt TEXT", "--from-file FILE", "-o, --output FILE", "-b, --batch-size N", "--server URL",
-                 "-n, --max-new-tokens N", "-m, --model MODEL", "--each  ", "--json  "):
+    for term in (
+        "-p, --prompt TEXT",
+        "--from-file FILE",
+        "-o, --output FILE",
+        "-b, --batch-size N",
+        "--server URL",
+        "-n, --max-new-tokens N",
+        "-m, --model MODEL",
+        "--each  ",
+        "--json  ",
+    ):
         assert f"  {term}" in ask, term
     assert "  -i, --image IMAGE  " in chat and "Usage: llava chat [OPTIONS] [ID]" in chat
 
@@ -151,6 +198,7 @@ print(json.dumps({"codes": codes, "heavy": heavy}))
 """
 
 
+@pytest.mark.slow  # starts a process
 def test_help_and_usage_errors_import_neither_typer_conversion_nor_rich():
     probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=cli_env(), timeout=60)
     assert probe.returncode == 0, probe.stderr

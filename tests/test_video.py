@@ -17,16 +17,17 @@ import re
 from pathlib import Path
 
 import pytest
-
 from fakes import answer_of
+from helpers import slow_fixture
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.video import Sampling, load_video
+
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.media.video import Sampling, load_video
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 pytest.importorskip("av")
 
@@ -45,7 +46,7 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+@slow_fixture(scope="module", params=VIDEO_FAMILIES)
 def family(request, tmp_path_factory):
     folder = build_family_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
     settings = Settings(model=str(folder), max_new_tokens=MAX_NEW)
@@ -71,10 +72,20 @@ class VideoReference:
         return frames
 
     def inputs(self, messages: list[dict]) -> dict:
-        videos = [self.frames(part["path"], part["frames"]) for m in messages for part in m["content"] if part["type"] == "video"]
+        videos = [
+            self.frames(part["path"], part["frames"])
+            for m in messages
+            for part in m["content"]
+            if part["type"] == "video"
+        ]
         images = [part["image"] for m in messages for part in m["content"] if part["type"] == "image"]
-        plain = [{"role": m["role"], "content": [{"type": p["type"], "text": p.get("text", "")} for p in m["content"]]} for m in messages]
-        text = self.tokenizer.apply_chat_template(plain, chat_template=self.template, add_generation_prompt=True, tokenize=False)
+        plain = [
+            {"role": m["role"], "content": [{"type": p["type"], "text": p.get("text", "")} for p in m["content"]]}
+            for m in messages
+        ]
+        text = self.tokenizer.apply_chat_template(
+            plain, chat_template=self.template, add_generation_prompt=True, tokenize=False
+        )
         if HAS_TORCHVISION:
             from transformers import AutoProcessor
 
@@ -85,21 +96,29 @@ class VideoReference:
     def by_parts(self, text: str, images: list, videos: list) -> dict:
         import torch
         import transformers
-        from llava_cli.videopixels import VideoPreprocess, video_config
+
+        from llava_cli.media.videopixels import VideoPreprocess, video_config
 
         config = video_config(self.folder)
         preprocess = VideoPreprocess.from_config(config, config["video_processor_type"])
         pixels: dict = {}
         if images:
-            image_class = {"llava_next_video": "LlavaNextImageProcessorPil", "llava_onevision": "LlavaOnevisionImageProcessorPil"}[self.model.config.model_type]
-            pixels.update(getattr(transformers, image_class).from_pretrained(self.folder)(images=[images], return_tensors="pt"))
+            image_class = {
+                "llava_next_video": "LlavaNextImageProcessorPil",
+                "llava_onevision": "LlavaOnevisionImageProcessorPil",
+            }[self.model.config.model_type]
+            pixels.update(
+                getattr(transformers, image_class).from_pretrained(self.folder)(images=[images], return_tensors="pt")
+            )
             with torch.no_grad():
                 widths = iter([len(f) for f in self.model.get_image_features(**pixels).pooler_output])
             text = re.sub("<image>", lambda _: "<image>" * next(widths), text)
         if videos:
             pixels["pixel_values_videos"] = torch.stack([preprocess.pixel_values(v) for v in videos])
             with torch.no_grad():
-                features = self.model.model.get_video_features(pixel_values_videos=pixels["pixel_values_videos"]).pooler_output
+                features = self.model.model.get_video_features(
+                    pixel_values_videos=pixels["pixel_values_videos"]
+                ).pooler_output
             widths = iter([f.reshape(-1, f.shape[-1]).shape[0] for f in features])  # OneVision's include its newline
             text = re.sub("<video>", lambda _: "<video>" * next(widths), text)
         return dict(self.tokenizer(text, return_tensors="pt")) | pixels
@@ -136,7 +155,7 @@ def test_a_chat_mixing_a_video_and_an_image_equals_plain_transformers_and_encode
         conversation.ask(text, [load_video(str(path)) for path, _ in videos] + [load_image(str(p)) for p in pictures])
         messages.append(user(text, videos, pictures))
         assert engine.encode(conversation).ids == reference.inputs(messages)["input_ids"][0].tolist(), text
-        _, figures = answer_of(engine.generate(conversation, settings))
+        _, figures = answer_of(engine.generate(conversation, settings), conversation)
         assert conversation.turns[-1].answer == reference.answer(messages), text
         messages.append(assistant(conversation.turns[-1].answer))
         stats.append(figures)
@@ -151,5 +170,5 @@ def test_frames_n_equals_transformers_num_frames(family, clips, frames):
     reference = VideoReference(folder)
     conversation = Conversation()
     conversation.ask("Describe it.", [load_video(str(clips["pan"]), Sampling(frames=frames))])
-    answer_of(Engine(loaded).generate(conversation, settings))
+    answer_of(Engine(loaded).generate(conversation, settings), conversation)
     assert conversation.turns[-1].answer == reference.answer([user("Describe it.", [(clips["pan"], frames)])])

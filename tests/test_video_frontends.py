@@ -12,18 +12,19 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import BytesStdout, invoke
 from fakes import answer_of
+from helpers import slow_fixture
 from hostile_videos import HOSTILE, write_hostile
 from tiny_checkpoint import build_family_checkpoint
 from videos import frames_of, write_video
-from llava_cli.conversation import Conversation
-from llava_cli.engine import Engine
-from llava_cli.images import load_image
-from llava_cli.loader import load_model
-from llava_cli.settings import Settings
-from llava_cli.video import load_video
+
+from llava_cli.base.settings import Settings
+from llava_cli.engine.local import Engine
+from llava_cli.media.images import load_image
+from llava_cli.media.video import load_video
+from llava_cli.models.loader import load_model
+from llava_cli.prompt.conversation import Conversation
 
 pytest.importorskip("av")
 
@@ -31,7 +32,7 @@ MAX_NEW = "6"
 QUESTION = "What happens?"
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def onevision(tmp_path_factory) -> Path:
     return build_family_checkpoint("llava-onevision", tmp_path_factory.mktemp("onevision"))
 
@@ -61,23 +62,43 @@ def engine_answer(onevision):
         conversation = Conversation()
         attached = [load_video(str(p)) if p.suffix in (".mp4", ".mkv") else load_image(str(p)) for p in media]
         conversation.ask(question, attached)
-        text, stats = answer_of(engine.generate(conversation, settings))
+        text, stats = answer_of(engine.generate(conversation, settings), conversation)
         return text, stats
 
     return answer
 
 
 def ask(monkeypatch, model: Path, *args: str, stdin: bytes = b""):
-    return invoke(monkeypatch, "ask", "--no-server", "--no-save", "--model", str(model), "-n", MAX_NEW, *args, stdin=stdin, stdout=BytesStdout())
+    return invoke(
+        monkeypatch,
+        "ask",
+        "--no-server",
+        "--no-save",
+        "--model",
+        str(model),
+        "-n",
+        MAX_NEW,
+        *args,
+        stdin=stdin,
+        stdout=BytesStdout(),
+    )
 
 
-def test_ask_about_a_video_and_an_image_prints_the_engines_answer_and_json_reports_frames(monkeypatch, onevision, clips, images, engine_answer):
+def test_ask_about_a_video_and_an_image_prints_the_engines_answer_and_json_reports_frames(
+    monkeypatch, onevision, clips, images, engine_answer
+):
     expected, stats = engine_answer([clips["walk"], images["red"]])
     outcome = ask(monkeypatch, onevision, str(clips["walk"]), str(images["red"]), QUESTION)
     assert (outcome.code, outcome.stderr, outcome.stdout) == (0, "", expected + "\n")
     record = json.loads(ask(monkeypatch, onevision, "--json", str(clips["walk"]), str(images["red"]), QUESTION).stdout)
     assert record["answer"] == expected
-    assert record["videos"] == [{"name": str(clips["walk"]), "frames": [0, 2, 5, 7, 10, 12, 15, 17], "video_tokens": stats.videos[0]["video_tokens"]}]
+    assert record["videos"] == [
+        {
+            "name": str(clips["walk"]),
+            "frames": [0, 2, 5, 7, 10, 12, 15, 17],
+            "video_tokens": stats.videos[0]["video_tokens"],
+        }
+    ]
     assert record["videos"][0]["video_tokens"] == 8 * 2 * 2 + 1  # OneVision: 2x2 pooled tokens a frame, one newline
 
 
@@ -105,7 +126,10 @@ def test_ask_each_answers_each_clip(monkeypatch, onevision, clips, engine_answer
 def test_a_family_without_videos_refuses_one_in_a_line(monkeypatch, tiny_model, clips):
     outcome = ask(monkeypatch, tiny_model, str(clips["walk"]), QUESTION)
     assert outcome.code == 2
-    assert outcome.stderr == f"llava: error: {clips['walk']} is a video, and this model takes none; use a LLaVA-NeXT-Video or LLaVA-OneVision checkpoint\n"
+    assert (
+        outcome.stderr
+        == f"llava: error: {clips['walk']} is a video, and this model takes none; use a LLaVA-NeXT-Video or LLaVA-OneVision checkpoint\n"
+    )
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -113,12 +137,15 @@ def test_hostile_videos_get_one_line_in_ask(monkeypatch, onevision, hostile, nam
     outcome = ask(monkeypatch, onevision, str(hostile[name]), QUESTION)
     assert outcome.code == 2, outcome.stderr
     assert outcome.stdout == ""
-    assert outcome.stderr.startswith(f"llava: error: {hostile[name]} ") and outcome.stderr.count("\n") == 1, outcome.stderr
+    assert outcome.stderr.startswith(f"llava: error: {hostile[name]} ") and outcome.stderr.count("\n") == 1, (
+        outcome.stderr
+    )
 
 
 def test_chat_video_command_answers_shows_frames_and_image_refuses_a_video(onevision, clips, hostile, engine_answer):
     from fake_io import FakeIO
-    from llava_cli.chat import ChatLoop
+
+    from llava_cli.chat.loop import ChatLoop
 
     settings = Settings(model=str(onevision), max_new_tokens=int(MAX_NEW))
     hostile_lines = [f"/video {path}" for path in hostile.values()]
@@ -129,14 +156,23 @@ def test_chat_video_command_answers_shows_frames_and_image_refuses_a_video(onevi
     assert [error.split(" ")[0] for error in io.errors[1:]] == [str(path) for path in hostile.values()]
     assert all("\n" not in error for error in io.errors)
     assert io.answers == [engine_answer([clips["walk"]])[0]]
-    assert f"video     {clips['walk']}: 8 frames (at 0, 2, 5, 7, 10, 12, 15, 17), 33 tokens" in io.infos[-1].splitlines()
+    assert (
+        f"video     {clips['walk']}: 8 frames (at 0, 2, 5, 7, 10, 12, 15, 17), 33 tokens" in io.infos[-1].splitlines()
+    )
 
 
-def test_piped_chat_reports_a_hostile_video_in_one_line_and_answers_on(monkeypatch, onevision, clips, hostile, engine_answer):
+def test_piped_chat_reports_a_hostile_video_in_one_line_and_answers_on(
+    monkeypatch, onevision, clips, hostile, engine_answer
+):
     script = f"/video {hostile['corrupt.avi']} {QUESTION}\n/video {clips['walk']} {QUESTION}\n".encode()
-    outcome = invoke(monkeypatch, "chat", "--no-server", "--no-save", "--model", str(onevision), "-n", MAX_NEW, stdin=script)
+    outcome = invoke(
+        monkeypatch, "chat", "--no-server", "--no-save", "--model", str(onevision), "-n", MAX_NEW, stdin=script
+    )
     assert outcome.code == 1  # a piped message failed
-    assert outcome.stderr.startswith(f"llava: error: {hostile['corrupt.avi']} is truncated or corrupt") and outcome.stderr.count("\n") == 1
+    assert (
+        outcome.stderr.startswith(f"llava: error: {hostile['corrupt.avi']} is truncated or corrupt")
+        and outcome.stderr.count("\n") == 1
+    )
     assert outcome.stdout == engine_answer([clips["walk"]])[0] + "\n"
 
 
@@ -148,7 +184,7 @@ def test_without_pyav_a_video_gets_the_install_hint_in_one_line(monkeypatch, one
     assert (outcome.code, outcome.stderr) == (2, "llava: error: videos need PyAV: pip install 'llava-cli[video]'\n")
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")  # an HTTP server
 def clip_server(clips, hostile):
     """An http server of the clips' and the hostile videos' folders: http://127.0.0.1:PORT/clips/NAME, /hostile/NAME."""
     import functools
@@ -167,10 +203,16 @@ def clip_server(clips, hostile):
     httpd.shutdown()
 
 
-def test_ask_fetches_a_video_url_and_refuses_a_hostile_one_in_a_line(monkeypatch, onevision, clips, hostile, clip_server, engine_answer):
+def test_ask_fetches_a_video_url_and_refuses_a_hostile_one_in_a_line(
+    monkeypatch, onevision, clips, hostile, clip_server, engine_answer
+):
     url = f"{clip_server}/{clips['walk'].parent.name}/walk.mp4"
     outcome = ask(monkeypatch, onevision, url, QUESTION)
     assert (outcome.code, outcome.stderr, outcome.stdout) == (0, "", engine_answer([clips["walk"]])[0] + "\n")
     bad = f"{clip_server}/{hostile['huge.avi'].parent.name}/huge.avi"
     outcome = ask(monkeypatch, onevision, bad, QUESTION)
-    assert outcome.code == 2 and outcome.stderr.startswith(f"llava: error: {bad} has no frame of at most") and outcome.stderr.count("\n") == 1
+    assert (
+        outcome.code == 2
+        and outcome.stderr.startswith(f"llava: error: {bad} has no frame of at most")
+        and outcome.stderr.count("\n") == 1
+    )

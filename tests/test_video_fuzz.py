@@ -6,17 +6,15 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from videos import CONTAINERS, encode_video, frames_of
 from mutations import mutated
-from llava_cli.errors import InputError
-from llava_cli.video import sample_frames, video_from_bytes
+from videos import CONTAINERS, encode_video, frames_of
+
+from llava_cli.base.errors import InputError
+from llava_cli.media.video import sample_frames, video_from_bytes
 
 pytest.importorskip("av")
 
 SEEDS = [encode_video(frames_of(6, 24, 16, seed=index), kind) for index, kind in enumerate(CONTAINERS)]
-
-
 
 
 def assert_clean(data: bytes) -> None:
@@ -42,6 +40,9 @@ def test_random_bytes_decode_or_fail_cleanly(data):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.sampled_from([b"\x1a\x45\xdf\xa3", b"\x00\x00\x00\x18ftypmp42", b"RIFF\x00\x00\x00\x00AVI LIST"]), st.binary(max_size=512))
+@given(
+    st.sampled_from([b"\x1a\x45\xdf\xa3", b"\x00\x00\x00\x18ftypmp42", b"RIFF\x00\x00\x00\x00AVI LIST"]),
+    st.binary(max_size=512),
+)
 def test_a_right_magic_with_garbage_after_fails_cleanly(magic, rest):
     assert_clean(magic + rest)

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from llava_cli.video import frame_indices
-from llava_cli.videopixels import VideoPreprocess
-
 from record_video_pixels import CASES, SAMPLE_STRIDE, SHAPES
+
+from llava_cli.media.video import frame_indices
+from llava_cli.media.videopixels import VideoPreprocess
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "video_pixels.npz")
 

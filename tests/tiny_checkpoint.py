@@ -3,7 +3,7 @@
 `build_checkpoint` writes a llava-1.5 shaped one: a CLIP vision tower, a two-layer MLP projector, a
 Llama decoder, a byte-level BPE tokenizer trained here with `<image>` as a special token, and a
 `LlavaProcessor` with a chat template. `build_family_checkpoint(family, folder)` writes one of each
-LLaVA family (`FAMILIES`: the labels of llava_cli/families.py's rows; `FAMILY_BUILDERS` has one
+LLaVA family (`FAMILIES`: the labels of llava_cli/base/families.py's rows; `FAMILY_BUILDERS` has one
 builder per label) the way the llava-hf checkpoints are laid out: llava-interleave (SigLIP + Qwen2,
 ChatML tokens), LLaVA-NeXT and llava-next-video (CLIP + Llama with anyres tiling), LLaVA-OneVision
 (SigLIP + Qwen2 with anyres tiling). OneVision and NeXT-Video processors are written file by file
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli import families
+from llava_cli.base import families
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -69,7 +69,14 @@ FAMILIES = tuple(family.label for family in families.FAMILIES)
 
 def build_tokenizer(*, chatml: bool = False, video: bool = False):
     """Llama-like (`<s>` first, `</s>` ends answers) or, with `chatml`, Qwen2-like (no BOS, `<|im_end|>`)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = (CHATML_SPECIAL_TOKENS if chatml else SPECIAL_TOKENS) + (["<video>"] if video else [])
@@ -92,9 +99,16 @@ def build_tokenizer(*, chatml: bool = False, video: bool = False):
 
 
 TOWER_SIZES = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
 )
-DECODER_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+DECODER_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def clip_vision():
@@ -214,7 +228,12 @@ def llava15(context: int):
 
 def llava_interleave(context: int):
     """llava-interleave-qwen: a plain `llava` model type whose decoder is Qwen2, prompted in ChatML."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessor
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+    )
 
     tokenizer = build_tokenizer(chatml=True)
     config = LlavaConfig(
@@ -263,7 +282,11 @@ def next_parts(tokenizer, context: int) -> tuple[dict, dict]:
 
 def llava_next(context: int):
     """llava-v1.6-mistral shaped: anyres tiles, a variable number of image tokens per image."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
 
     config, processor = next_parts(build_tokenizer(), context)
     return (
@@ -274,7 +297,10 @@ def llava_next(context: int):
 
 def llava_next_video(context: int):
     """LLaVA-NeXT-Video-7B shaped: LLaVA-NeXT with a video path, vicuna-style prompts."""
-    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers import (
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
     tokenizer = build_tokenizer(video=True)
     config, parts = next_parts(tokenizer, context)
@@ -283,17 +309,25 @@ def llava_next_video(context: int):
         processor_class="LlavaNextVideoProcessor",
         tokenizer=parts.pop("tokenizer"),
         image_processor=image_processor,
-        video_processor=video_processor_config("LlavaNextVideoVideoProcessor", image_processor, crop_size=CROP_SIZE, do_center_crop=True),
+        video_processor=video_processor_config(
+            "LlavaNextVideoVideoProcessor", image_processor, crop_size=CROP_SIZE, do_center_crop=True
+        ),
         settings=parts | {"video_token": "<video>"},
         chat_template=LLAVA15_TEMPLATE,
     )
-    model = LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(**config, video_token_index=tokenizer.convert_tokens_to_ids("<video>")))
+    model = LlavaNextVideoForConditionalGeneration(
+        LlavaNextVideoConfig(**config, video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
+    )
     return model, processor
 
 
 def llava_onevision(context: int):
     """llava-onevision-qwen2 shaped: SigLIP + Qwen2, anyres for one image, base tiles for several."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
 
     tokenizer = build_tokenizer(chatml=True, video=True)
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -310,7 +344,11 @@ def llava_onevision(context: int):
         tokenizer=tokenizer,
         image_processor=image_processor,
         video_processor=video_processor_config("LlavaOnevisionVideoProcessor", image_processor),
-        settings=dict(num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_select_strategy="full", video_token="<video>"),
+        settings=dict(
+            num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+            vision_feature_select_strategy="full",
+            video_token="<video>",
+        ),
         chat_template=CHATML_TEMPLATE,
     )
     return LlavaOnevisionForConditionalGeneration(config), processor
@@ -342,7 +380,17 @@ class HubLayoutProcessor:
 
 def video_processor_config(video_processor_type: str, image_processor, **extra) -> dict:
     """A video processor's config as transformers saves it: the image processor's resizing and normalisation."""
-    keys = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    keys = (
+        "size",
+        "resample",
+        "do_resize",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    )
     settings = image_processor.to_dict()
     return {"video_processor_type": video_processor_type} | {key: settings[key] for key in keys} | extra
 

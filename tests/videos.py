@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-CONTAINERS = {"mp4": ("mp4", "mpeg4"), "webm": ("webm", "libvpx"), "mkv": ("matroska", "mpeg4"), "avi": ("avi", "mjpeg"), "mov": ("mov", "mpeg4")}
+CONTAINERS = {
+    "mp4": ("mp4", "mpeg4"),
+    "webm": ("webm", "libvpx"),
+    "mkv": ("matroska", "mpeg4"),
+    "avi": ("avi", "mjpeg"),
+    "mov": ("mov", "mpeg4"),
+}
 
 
 def frames_of(count: int, width: int, height: int, seed: int = 0) -> np.ndarray:
