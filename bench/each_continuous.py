@@ -129,10 +129,16 @@ def main() -> None:
             f"answer lengths {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f}): {lengths}"
         )
         for name, seconds in timings.items():
-            print(f"{name:>10}: {seconds:7.2f} s  {args.images / seconds:6.2f} images/s  {cpu_timings[name]:7.2f} CPU s")
-        same = [record["answer"] for record in answers["fixed"]] == [record["answer"] for record in answers["continuous"]]
-        print(f"continuous vs fixed: {timings['fixed'] / timings['continuous']:.2f}x "
-              f"(CPU seconds: {cpu_timings['fixed'] / cpu_timings['continuous']:.2f}x)  same answers: {'yes' if same else 'NO'}")
+            print(
+                f"{name:>10}: {seconds:7.2f} s  {args.images / seconds:6.2f} images/s  {cpu_timings[name]:7.2f} CPU s"
+            )
+        same = [record["answer"] for record in answers["fixed"]] == [
+            record["answer"] for record in answers["continuous"]
+        ]
+        print(
+            f"continuous vs fixed: {timings['fixed'] / timings['continuous']:.2f}x "
+            f"(CPU seconds: {cpu_timings['fixed'] / cpu_timings['continuous']:.2f}x)  same answers: {'yes' if same else 'NO'}"
+        )
 
 
 if __name__ == "__main__":

@@ -486,7 +486,9 @@ def logits_alone(engine: Engine, prompt: Prompt, tokens: list[int]):
 
 
 @pytest.mark.parametrize("bucketed", [False, True], ids=["exact-shapes", "captured-shapes"])
-def test_the_static_batch_gives_each_row_its_logits_alone_as_rows_join_and_leave(tiny_loaded, settings, images, monkeypatch, bucketed):
+def test_the_static_batch_gives_each_row_its_logits_alone_as_rows_join_and_leave(
+    tiny_loaded, settings, images, monkeypatch, bucketed
+):
     """Issue 21 item 2: the batch's preallocated cache, rows of different lengths (one with an image)
     joining and leaving mid-way: every step's logits for every row are the ones it gets alone. With
     `bucketed`, the step a CUDA graph replays (whole row and column buckets, the write column on the
@@ -502,12 +504,19 @@ def test_the_static_batch_gives_each_row_its_logits_alone_as_rows_join_and_leave
     def recording(model, cache, padded, image_inputs):
         logits = forward(model, cache, padded, image_inputs)
         if batch.slots is not None and cache is batch.slots.cache:
-            seen.extend((sequence, logits[place].clone(), list(sequence.row.tokens)) for place, sequence in enumerate(batch.sequences))
+            seen.extend(
+                (sequence, logits[place].clone(), list(sequence.row.tokens))
+                for place, sequence in enumerate(batch.sequences)
+            )
         return logits
 
     monkeypatch.setattr(decodebatch, "forward", recording)
-    texts = [("hi", None), ("What is in this picture? Tell me more.", images["red"]), ("the quick brown fox", None),
-             ("Describe the colours of this picture, all of them, and then the shapes you see in it.", images["green"])]
+    texts = [
+        ("hi", None),
+        ("What is in this picture? Tell me more.", images["red"]),
+        ("the quick brown fox", None),
+        ("Describe the colours of this picture, all of them, and then the shapes you see in it.", images["green"]),
+    ]
     prompts = [encoded(engine, text, image) for text, image in texts]
     sequences = [batch.admit(prompt, settings, 30) for prompt in prompts[:3]]
     batch.step()

@@ -131,7 +131,9 @@ class Slots:
         import torch
 
         def empty(tensor: Any) -> Any:
-            return torch.zeros((rows, tensor.shape[1], columns, tensor.shape[3]), dtype=tensor.dtype, device=tensor.device)
+            return torch.zeros(
+                (rows, tensor.shape[1], columns, tensor.shape[3]), dtype=tensor.dtype, device=tensor.device
+            )
 
         return cls([(empty(layer.keys), empty(layer.values)) for layer in cache.layers])
 
@@ -180,5 +182,9 @@ class Slots:
 
     def row(self, slot: int, start: int, stop: int) -> Any:
         """A new one-row `DynamicCache` holding row `slot`'s columns start..stop-1 (copied)."""
-        return new_cache([(keys[slot : slot + 1, :, start:stop].clone(), values[slot : slot + 1, :, start:stop].clone())
-                          for keys, values in self.layers])
+        return new_cache(
+            [
+                (keys[slot : slot + 1, :, start:stop].clone(), values[slot : slot + 1, :, start:stop].clone())
+                for keys, values in self.layers
+            ]
+        )

@@ -75,7 +75,13 @@ from llava_cli.engine.stops import before_stop
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
-SLOT_COLUMNS = (256, 512, 1024, 2048, 4096)  # the batch cache's column buckets (then doubling): a captured step attends to its whole bucket
+SLOT_COLUMNS = (
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+)  # the batch cache's column buckets (then doubling): a captured step attends to its whole bucket
 
 
 @dataclass(eq=False)
@@ -261,7 +267,12 @@ class DecodeBatch:
                         self.advance(sequence, *outcome)
                 ended = [sequence for sequence in self.sequences if sequence.ended]
                 for sequence in ended:
-                    self.give_to_pool(sequence, functools.partial(self.slots.row, self.sequences.index(sequence), self.width - sequence.length, self.width))
+                    self.give_to_pool(
+                        sequence,
+                        functools.partial(
+                            self.slots.row, self.sequences.index(sequence), self.width - sequence.length, self.width
+                        ),
+                    )
                 self.leave(ended)
         except torch.OutOfMemoryError:
             self.clear()
@@ -289,11 +300,22 @@ class DecodeBatch:
     def forward_rows(self, first: int, sequences: list[Sequence]) -> Any:
         """The next-token logits of `sequences`, the rows of the slots from `first` on, uncaptured."""
         view = self.slots.view
-        view.first, view.rows, view.visible, view.width, view.column = first, len(sequences), self.width + 1, self.width, None
+        view.first, view.rows, view.visible, view.width, view.column = (
+            first,
+            len(sequences),
+            self.width + 1,
+            self.width,
+            None,
+        )
         tokens = [sequence.row.tokens[-1] for sequence in sequences]
         lengths = [sequence.length for sequence in sequences]
         try:
-            return forward(self.model, self.slots.cache, step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device), {})
+            return forward(
+                self.model,
+                self.slots.cache,
+                step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device),
+                {},
+            )
         finally:
             view.first = 0
 
@@ -315,8 +337,12 @@ class DecodeBatch:
 
     def capturing(self) -> bool:
         """With captured shapes (on CUDA), unless a row asked for --no-cuda-graph or a capture failed."""
-        return (self.captured_shapes and self.capture_failure is None
-                and not any(sequence.sampler.settings.no_cuda_graph for sequence in self.sequences))
+        return (
+            self.captured_shapes
+            and self.capture_failure is None
+            and not any(sequence.sampler.settings.no_cuda_graph for sequence in self.sequences)
+        )
+
     def capture(self, key: tuple[int, int]) -> CapturedStep | None:
         """Capture the step of `key` (rows, columns); a failure becomes a note and the step runs uncaptured from then on."""
         step = CapturedStep(self.model, self.slots, *key)
@@ -325,7 +351,9 @@ class DecodeBatch:
         except Exception as err:  # whatever stops a capture, the uncaptured step gives the same answers
             first_line = (str(err).strip().splitlines() or [""])[0]
             self.capture_failure = f"{type(err).__name__}: {first_line}"
-            self.notes.append(f"CUDA graph capture of the batch step failed ({self.capture_failure}); decoding without it")
+            self.notes.append(
+                f"CUDA graph capture of the batch step failed ({self.capture_failure}); decoding without it"
+            )
             return None
         self.captured[key] = step
         return step
@@ -346,7 +374,11 @@ class DecodeBatch:
         """Keep the ended `sequence`'s cache (`kv()`: a one-row cache of exactly its tokens) in the pool,
         unless it failed (its cache may hold what made it fail)."""
         if self.pool.keeps and sequence.error is None:
-            self.pool.keep(PrefixCache(kv=kv(), ids=sequence.cached_ids, images=sequence.images), len(sequence.prompt_ids), sequence.source)
+            self.pool.keep(
+                PrefixCache(kv=kv(), ids=sequence.cached_ids, images=sequence.images),
+                len(sequence.prompt_ids),
+                sequence.source,
+            )
 
     def remove(self, sequence: Sequence) -> None:
         import torch
@@ -423,7 +455,9 @@ class CapturedStep:
 
         self.model, self.slots, self.rows, self.columns = model, slots, rows, columns
         device = model.device
-        self.inputs = PaddedBatch(*(torch.zeros(shape, dtype=torch.long, device=device) for shape in ((rows, 1), (rows, columns), (rows, 1))))
+        self.inputs = PaddedBatch(
+            *(torch.zeros(shape, dtype=torch.long, device=device) for shape in ((rows, 1), (rows, columns), (rows, 1)))
+        )
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: Any = None
         self.logits: Any = None
@@ -431,7 +465,9 @@ class CapturedStep:
     def set(self, tokens: list[int], lengths: list[int], width: int) -> None:
         empty = self.rows - len(tokens)
         filled = step_inputs(tokens + [0] * empty, lengths + [0] * empty, width, self.columns, "cpu")
-        for buffer, values in zip((self.inputs.ids, self.inputs.mask, self.inputs.positions), (filled.ids, filled.mask, filled.positions)):
+        for buffer, values in zip(
+            (self.inputs.ids, self.inputs.mask, self.inputs.positions), (filled.ids, filled.mask, filled.positions)
+        ):
             buffer.copy_(values, non_blocking=True)
         self.column.fill_(width)
 
