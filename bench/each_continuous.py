@@ -16,7 +16,10 @@ at once on the scheduler (engine/scheduler.py):
 - continuous: every image through `answered_records` (a local `ask --each`): a row that ends is
   replaced at once by the next image.
 
-Each is run `--repeats` times, alternated, and the best time of each is kept.
+Each is run `--repeats` times, alternated, and the best time of each is kept, on the clock and in
+this process's CPU seconds (steadier on a shared machine, where other jobs stretch the clock).
+Run it with another checkout's `llava_cli` first on PYTHONPATH (a copy of bench/ and
+tests/tiny_checkpoint.py outside both) to compare two versions of the step.
 Prints the answers' lengths, the seconds of each and the ratio (target: continuous at least 1.3x
 fixed), and checks that both gave the same answers.
 """
@@ -107,29 +110,34 @@ def main() -> None:
         names = write_pictures(folder / "images", args.images)
         continuous(engine, names[: args.batch_size], settings, args.batch_size)  # warm-up
         timings: dict[str, float] = {}
+        cpu_timings: dict[str, float] = {}  # this process's CPU seconds: steadier than the clock on a shared machine
         answers = {}
         runs = [("fixed", fixed), ("continuous", continuous)]
         for repeat in range(
             args.repeats
         ):  # alternated, each first in turn, the best of each: a shared machine's load comes and goes
             for name, run in runs if repeat % 2 == 0 else runs[::-1]:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 answers[name] = run(engine, names, settings, args.batch_size)
-                seconds = time.perf_counter() - started
-                print(f"  run {repeat + 1}: {name} {seconds:.2f} s", flush=True)
+                seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+                print(f"  run {repeat + 1}: {name} {seconds:.2f} s ({cpu_seconds:.2f} CPU s)", flush=True)
                 timings[name] = min(timings.get(name, float("inf")), seconds)
+                cpu_timings[name] = min(cpu_timings.get(name, float("inf")), cpu_seconds)
         lengths = [record["completion_tokens"] for record in answers["fixed"]]
         print(
             f"{args.images} images, --batch-size {args.batch_size}, up to {args.max_new_tokens} new tokens; "
             f"answer lengths {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f}): {lengths}"
         )
         for name, seconds in timings.items():
-            print(f"{name:>10}: {seconds:7.2f} s  {args.images / seconds:6.2f} images/s")
+            print(
+                f"{name:>10}: {seconds:7.2f} s  {args.images / seconds:6.2f} images/s  {cpu_timings[name]:7.2f} CPU s"
+            )
         same = [record["answer"] for record in answers["fixed"]] == [
             record["answer"] for record in answers["continuous"]
         ]
         print(
-            f"continuous vs fixed: {timings['fixed'] / timings['continuous']:.2f}x  same answers: {'yes' if same else 'NO'}"
+            f"continuous vs fixed: {timings['fixed'] / timings['continuous']:.2f}x "
+            f"(CPU seconds: {cpu_timings['fixed'] / cpu_timings['continuous']:.2f}x)  same answers: {'yes' if same else 'NO'}"
         )
 
 

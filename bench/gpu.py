@@ -27,8 +27,9 @@ The phases (bench/gpu_phases.py), each printed and saved as soon as it ends:
   - memory: peak fp16 memory of the default path (and of all paths) and an analytic 4-bit estimate
     (bitsandbytes is not on the GPU machine);
   - batch: decode tokens/s of the scheduler of `llava serve` and `ask --each` at batch 1, 8 and 32
-    (smoke: 1 and 4), and each as a ratio to the batch-of-one default path with and without its
-    CUDA graph (the scheduler's own step runs uncaptured).
+    (smoke: 1 and 4), its step replayed as a CUDA graph per (rows, columns) bucket and uncaptured
+    (--no-cuda-graph), and each as a ratio to the batch-of-one default path with and without its
+    CUDA graph.
 A failing phase is reported in one line and the next one runs; the exit code is 1 if any failed.
 Pass marks (not judged with --smoke): default >= 1.5x plain; best path >= 75% of the bound (the
 data-sheet bound where the card is known); the default path's peak <= 15 GB.

@@ -581,31 +581,49 @@ def memory_phase(bench: Bench) -> dict[str, Any]:
 
 def batch_phase(bench: Bench) -> dict[str, Any]:
     """Decode tokens/s of the scheduler that `llava serve` and `ask --each` run (engine/scheduler.py) at
-    batch 1, 8 and `bench.batch` rows (32 on a GPU; 1 and 4 in a smoke run): that many copies of the
-    one-image prompt, fixed-length answers, all admitted at once; the clock spans their prefills too.
-    Each is also given as a ratio to the batch-of-one default path with and without its CUDA graph
-    (the `default` and `no_cuda_graph` phases), when those ran. The scheduler's step is uncaptured."""
-    from llava_cli.engine.scheduler import answers_in_order
+    batch 1, 8 and `bench.batch` rows (32 on a GPU; 1 and 4 in a smoke run), with its step replayed as
+    a CUDA graph per (rows, columns) bucket (`graph`) and uncaptured (`no_graph`, --no-cuda-graph):
+    that many copies of the one-image prompt admitted at once into one long-lived batch (as serve
+    keeps one: its graphs are captured in the warm-up), fixed-length answers; the clock spans their
+    prefills too. Each is also given as a ratio to the batch-of-one default path with and without its
+    CUDA graph (the `default` and `no_cuda_graph` phases), when those ran. `graph_replayed`: whether
+    the scheduler replayed a graph (on a CPU the captured shapes run eagerly: a smoke run goes
+    through the same code)."""
+    from llava_cli.engine.prefixpool import PrefixPool
+    from llava_cli.engine.scheduler import DecodeBatch
     from llava_cli.prompt.conversation import Conversation
 
     engine = bench.engine("eager")
-    settings = dataclasses.replace(bench.paths["eager"], max_new_tokens=bench.tokens)
     conversation = Conversation()
     conversation.ask(PROMPT, [bench.ref])
     prompt = engine.encode(conversation)
-
-    def answer(rows: int) -> None:
-        for _ in answers_in_order(engine, [lambda: prompt] * rows, settings, rows):
-            pass
-
-    answer(2)  # warm-up
     figures: dict[str, Any] = {}
-    for rows in sorted({1, min(8, bench.batch), bench.batch}):
-        rate = rows * bench.tokens / bench.clock(lambda rows=rows: answer(rows))
-        figures[f"b{rows}_tokens_per_s"] = rate
-        for path in ("default", "no_cuda_graph"):
-            if "tokens_per_s" in bench.found.get(path, {}):
-                figures[f"b{rows}_vs_{path}_b1"] = rate / bench.found[path]["tokens_per_s"]
+    replayed = False
+    for graph, name in ((True, "graph"), (False, "no_graph")):
+        batch = DecodeBatch(engine, PrefixPool(None), captured_shapes=True)
+        settings = dataclasses.replace(bench.paths["eager"], no_cuda_graph=not graph)
+
+        def answer(rows: int, batch: DecodeBatch = batch, settings: Any = settings) -> None:
+            for _ in range(rows):
+                batch.admit(prompt, settings, bench.tokens)
+            while len(batch):
+                batch.step()
+
+        sizes = sorted({1, min(8, bench.batch), bench.batch})
+        for rows in sizes:
+            answer(rows)  # warm-up: on a GPU, the captures of each bucket this size goes through
+        for rows in sizes:
+            rate = rows * bench.tokens / bench.clock(lambda rows=rows: answer(rows))
+            figures[f"b{rows}_{name}_tokens_per_s"] = rate
+            for path in ("default", "no_cuda_graph"):
+                if "tokens_per_s" in bench.found.get(path, {}):
+                    figures[f"b{rows}_{name}_vs_{path}_b1"] = rate / bench.found[path]["tokens_per_s"]
+        replayed = replayed or any(step.graph is not None for step in batch.captured.values())
+        if graph:
+            figures["capture_failed"] = batch.capture_failure is not None
+            for note in batch.take_notes():
+                print(f"  batch: {note}", flush=True)
+    figures["graph_replayed"] = replayed
     return figures
 
 

@@ -63,6 +63,9 @@ def test_smoke_run_saves_every_phase_with_numeric_figures_and_crop_chat_answers_
     assert [key for key in buckets if key.startswith("kv_gb_")] == ["kv_gb_1024", "kv_gb_2048", "kv_gb_4096"]
     assert buckets["kv_gb_4096"] == 4 * buckets["kv_gb_1024"]
     assert report["phases"]["default"]["figures"]["graph_replayed"] is False  # a CPU: the step runs uncaptured
+    batch = report["phases"]["batch"]["figures"]
+    assert {f"b{rows}_{graph}_tokens_per_s" for rows in (1, 4) for graph in ("graph", "no_graph")} <= set(batch)
+    assert batch["graph_replayed"] is False and batch["capture_failed"] is False  # the captured shapes ran eagerly
     compiled = report["phases"]["compile"]["figures"]
     assert compiled["graphs"] >= 1 and compiled["recompiles"] == 0 and compiled["graph_breaks"] == 0
     assert compiled["cudagraph_skips"] == 0

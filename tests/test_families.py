@@ -237,7 +237,10 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(family, images):
     assert conversation.turns[-1].answer == family.reference.answer(asked)
 
 
-def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, images):
+@pytest.mark.parametrize("captured_shapes", [False, True], ids=["exact-shapes", "captured-shapes"])
+def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, images, captured_shapes):
+    """Every family, images of different sizes (anyres tiles) in one batch; `captured_shapes`: the step
+    a GPU replays as a CUDA graph (whole row and column buckets), run eagerly here."""
     engine = Engine(family.loaded)
     prompts, expected = [], []
     for text, names in [
@@ -251,7 +254,8 @@ def test_a_batch_answers_each_prompt_as_plain_transformers_does_alone(family, im
         prompts.append(engine.encode(conversation))
         expected.append(family.reference.answer([user(text, paths)]))
     makers = [lambda prompt=prompt: prompt for prompt in prompts]
-    assert [answer.text for answer in answers_in_order(engine, makers, family.settings, rows=len(prompts))] == expected
+    answers = answers_in_order(engine, makers, family.settings, rows=len(prompts), captured_shapes=captured_shapes)
+    assert [answer.text for answer in answers] == expected
 
 
 @pytest.fixture(scope="module")

@@ -56,10 +56,10 @@ def test_a_row_that_leaves_gives_its_reservation_and_its_cache_back_at_once(tiny
     batch.step()
     batch.remove(second)  # cancelled: its reservation and its columns go at once
     assert engine.budget.held[BATCH] == per_token * 1 * (len(short.ids) + BUDGET)
-    assert nbytes(batch.cache) == per_token * first.length  # no padding left: only the short row's tokens
+    assert batch.width == first.length  # no padding left: the step attends to the short row's tokens only
     while len(batch):
         batch.step()  # finished: the last row leaves
-    assert engine.budget.held[BATCH] == 0 and batch.cache is None
+    assert engine.budget.held[BATCH] == 0 and batch.width == 0
     assert engine.budget.used == engine.budget.held[POOL] == nbytes(next(iter(batch.pool.entries.values())).entry.kv)
 
 
@@ -141,13 +141,16 @@ def test_generate_reserves_its_cache_and_refuses_an_answer_that_cannot_fit(tiny_
         answer_of(engine.generate(Conversation(turns=[Turn(text="hi")]), longer))
 
 
-def test_out_of_memory_in_a_step_fails_only_the_row_it_hit(tiny_loaded, settings, monkeypatch):
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact-shapes", "captured-shapes"])
+def test_out_of_memory_in_a_step_fails_only_the_row_it_hit(tiny_loaded, settings, monkeypatch, bucketed):
+    """The step runs out (with `bucketed`, the step a CUDA graph replays, run eagerly): each row then runs
+    it alone over its own slot, and only the row that runs out alone too fails."""
     import torch
 
     engine = Engine(tiny_loaded)
     texts = ["hi", "the quick brown fox jumps over the lazy dog", "numbers 0 1 2 3"]
     prompts = [encoded(engine, text) for text in texts]
-    batch = DecodeBatch(engine, PrefixPool(engine.budget))
+    batch = DecodeBatch(engine, PrefixPool(engine.budget), captured_shapes=bucketed)
     sequences = [batch.admit(prompt, settings, BUDGET) for prompt in prompts]
     hit = sequences[1]
     runs_out_at = hit.length + 3  # its fourth step, in the batch and then alone

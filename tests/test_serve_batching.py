@@ -9,13 +9,13 @@ greedy answer, tests/test_engine.py), seeded sampling included, and so are its u
 from __future__ import annotations
 
 import base64
-import copy
 import dataclasses
 import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,7 +28,7 @@ from llava_cli.engine.kvrows import new_cache
 from llava_cli.engine.local import Engine, Prompt
 from llava_cli.engine.pipeline import PaddedBatch, forward
 from llava_cli.engine.prefixpool import PrefixPool
-from llava_cli.engine.scheduler import DecodeBatch
+from llava_cli.engine.scheduler import DecodeBatch, Sequence
 from llava_cli.media.images import load_image
 from llava_cli.prompt.conversation import Conversation, Turn
 from llava_cli.serve.app import Service
@@ -485,33 +485,55 @@ def logits_alone(engine: Engine, prompt: Prompt, tokens: list[int]):
         return forward(engine.model, new_cache(), alone, engine.image_inputs(prompt, 0))[0]
 
 
-def test_a_merged_batch_gives_each_row_its_logits_alone_and_drops_padding_as_rows_leave(tiny_loaded, settings, images):
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact-shapes", "captured-shapes"])
+def test_the_static_batch_gives_each_row_its_logits_alone_as_rows_join_and_leave(
+    tiny_loaded, settings, images, monkeypatch, bucketed
+):
+    """Issue 21 item 2: the batch's preallocated cache, rows of different lengths (one with an image)
+    joining and leaving mid-way: every step's logits for every row are the ones it gets alone. With
+    `bucketed`, the step a CUDA graph replays (whole row and column buckets, the write column on the
+    device, empty slots masked) runs eagerly on the CPU."""
     import torch
 
+    from llava_cli.engine import scheduler as decodebatch
+
     engine = Engine(tiny_loaded)
-    batch = DecodeBatch(engine, PrefixPool(None))
-    prompts = [
-        encoded(engine, "hi"),
-        encoded(engine, "What is in this picture? Tell me more.", images["red"]),
-        encoded(engine, "the quick brown fox"),
+    batch = DecodeBatch(engine, PrefixPool(None), captured_shapes=bucketed)
+    seen: list[tuple[Sequence, Any, list[int]]] = []
+
+    def recording(model, cache, padded, image_inputs):
+        logits = forward(model, cache, padded, image_inputs)
+        if batch.slots is not None and cache is batch.slots.cache:
+            seen.extend(
+                (sequence, logits[place].clone(), list(sequence.row.tokens))
+                for place, sequence in enumerate(batch.sequences)
+            )
+        return logits
+
+    monkeypatch.setattr(decodebatch, "forward", recording)
+    texts = [
+        ("hi", None),
+        ("What is in this picture? Tell me more.", images["red"]),
+        ("the quick brown fox", None),
+        ("Describe the colours of this picture, all of them, and then the shapes you see in it.", images["green"]),
     ]
-    sequences = [batch.admit(prompt, settings, 30) for prompt in prompts]
-    batch.step()  # the rows of different lengths have decoded one token together
-    lengths = [len(prompt.ids) + 1 for prompt in prompts]
-    assert [sequence.length for sequence in sequences] == lengths and batch.width == max(lengths)
-
-    def check_rows() -> None:
-        with torch.inference_mode():  # on a copy: the forward adds a column to the cache it is given
-            together = forward(engine.model, copy.deepcopy(batch.cache), batch.next_inputs(), {})
-        for place, sequence in enumerate(batch.sequences):
-            alone = logits_alone(engine, prompts[sequences.index(sequence)], sequence.row.tokens)
-            torch.testing.assert_close(together[place], alone, rtol=1e-4, atol=1e-4)
-            assert int(together[place].argmax()) == int(alone.argmax())
-
-    check_rows()
-    batch.remove(sequences[1])  # the longest row leaves: its padding columns go with it
-    assert batch.width == max(lengths[0], lengths[2]) and batch.cache.layers[0].keys.shape[0] == 2
-    check_rows()
+    prompts = [encoded(engine, text, image) for text, image in texts]
+    sequences = [batch.admit(prompt, settings, 30) for prompt in prompts[:3]]
+    batch.step()
+    batch.step()
+    assert batch.width == max(sequence.length for sequence in sequences) and batch.slots.capacity_rows == 4
+    batch.remove(sequences[1])  # the longest row leaves: its slot is free, its padding columns go
+    assert batch.width == max(sequences[0].length, sequences[2].length) and len(batch) == 2
+    batch.step()
+    sequences.append(batch.admit(prompts[3], settings, 30))  # joins mid-way, longer than the others: they move right
+    assert batch.width == len(prompts[3].ids) and batch.slots.capacity_rows == 4
+    for _ in range(3):
+        batch.step()
+    assert len(seen) == 3 * 2 + 2 + 3 * 3
+    for sequence, together, tokens in seen:
+        alone = logits_alone(engine, prompts[sequences.index(sequence)], tokens)
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+        assert int(together.argmax()) == int(alone.argmax())
 
 
 def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recently_used():

@@ -5,37 +5,48 @@ do it (transformers' own continuous batching takes no images yet):
 
 - `admit(prompt, settings, budget) -> Sequence` prefills one prompt ALONE (its images, its own
   length), starting from a copy of the longest reusable prefix the `PrefixPool` holds, and picks
-  its first token. Unless that token ends it, the sequence then joins the batch: the shorter of
-  the two caches is padded on the left to the other's length and the rows are stacked
-  (engine/kvrows.py), so every row's tokens stay flush right and all rows take their next token in the
-  same step.
+  its first token. Unless that token ends it, the sequence then joins the batch: its cache is
+  copied into a free slot of the batch's static cache (engine/kvrows.py's `Slots`, preallocated for a
+  bucket of rows and of columns, grown to the next buckets as needed), flush right at the batch's
+  write column, so all rows take their next token in the same step (every row moves right first
+  when the new one is longer).
 - `step() -> list[Sequence]` runs one forward for every row: each row's newest token, at the
   row's own position (its count of cached tokens), under a mask that hides the row's padding
-  columns; then each row picks its token through its own pipeline (engine/pipeline.py: its `Sampler` with
+  columns, its keys and values written in place at the write column (no copy of the cache); then each row picks its token through its own pipeline (engine/pipeline.py: its `Sampler` with
   its settings and seeded generator, its hooks). Rows that end (end-of-sequence, budget spent) leave,
   and are returned. A row whose scores are not finite, or whose draw fails, ends with its `error`
   (`RowFault`) and leaves: the other rows go on with the answers they get alone.
 - `admit_rows(prompt, settings, budget)`: as `admit`, for a request's `n` rows (one `Settings` each:
-  its seed): ONE prefill, whose cache is copied into every row that goes on (`batch_repeat_interleave`).
+  its seed): ONE prefill, whose cache is copied into a slot for every row that goes on.
 - `remove(sequence)` takes a row out at once (its client left); `clear()` empties the batch.
 
-A row that leaves is selected out (`batch_select_indices`); then the padding columns that no row
-needs any more are dropped, so memory follows the live rows. A row that ends (not one removed)
-gives its cache, padding cut off, to the pool, for a client that sends the history again.
+The step, per device (issue 21): uncaptured, it runs over exactly the live rows and columns (views
+of the slots: on a CPU this is the fastest, bench/RESULTS.md); on CUDA (`captured_shapes`) it runs
+over whole buckets (a power of two of rows, SLOT_COLUMNS columns; empty slots masked), the write
+column a device tensor, captured as a CUDA graph per (rows, columns) bucket as vLLM captures one
+per batch size, and replayed; a row with --no-cuda-graph or a failed capture (a note) runs it
+uncaptured. Tokens are chosen on the host side of the step, as below, on every path.
+
+A row that leaves frees its slot at once (the last row moves into it); then the padding columns
+that no row needs any more are dropped (every row moves left), so a step attends to no more than
+it must. The slots themselves (and their graphs) stay while the batch lives (`free_memory` drops
+them once it is empty). A row that ends (not one removed) gives a copy of its cache, padding cut
+off, to the pool, for a client that sends the history again.
 
 Greedy answers are the ones the prompt gets alone (`Engine.generate`, plain `generate`): padding
 is masked and positions are per row; seeded sampled answers too, each row drawing from its own
 generator.
 
 Memory (engine/kvbudget.py): the batch reserves, as `BATCH` in the engine's `--cache-mb` budget, its rows'
-worst case (every row at the longest final length of any row); `admit` first makes room (the pool's
-oldest entries go) and raises `Full` when the rows running leave too little (the caller waits for
-one to end), `ResourceError` when the row cannot fit even alone. A row that leaves (ended, failed,
-removed) gives its reservation back at once. Out of memory in `admit` raises `ResourceError` and
-leaves the batch as it was. Out of memory in a step's forward fails only the rows it hit: the pool
-and the allocator give back what they hold, then each row runs that step alone (`step_alone`) and
-a row that still runs out ends with a `ResourceError`; the others go on. Any other failure in
-`step` empties the batch (every row has failed).
+worst case (every row at the longest final length of any row: what its slots may come to hold);
+`admit` first makes room (the pool's oldest entries go) and raises `Full` when the rows running leave
+too little (the caller waits for one to end), `ResourceError` when the row cannot fit even alone. A
+row that leaves (ended, failed, removed) gives its reservation back at once. Out of memory in `admit`
+raises `ResourceError` and leaves the batch as it was. Out of memory in a step's forward fails only
+the rows it hit: the pool and the allocator give back what they hold, then each row runs that step
+alone over its own slot (`step_alone`: a one-row view of the slots, no copy) and a row that still
+runs out ends with a `ResourceError`; the others go on. Any other failure in `step` empties the
+batch (every row has failed).
 The caller owns the threading: one thread uses a `DecodeBatch`.
 
 `rows_that_fit(engine, window)` is `llava serve`'s default `--max-batch`: on a CPU CPU_MAX_BATCH;
@@ -53,8 +64,9 @@ from typing import Any
 
 from llava_cli.base.errors import LlavaError, ResourceError
 from llava_cli.base.settings import Settings
+from llava_cli.engine.graphstep import bucket_size
 from llava_cli.engine.kvbudget import BATCH, Full, budget_for, kv_bytes_per_token, over_budget
-from llava_cli.engine.kvrows import columns, drop_left, keep_columns, merged, rows_of
+from llava_cli.engine.kvrows import Slots, columns, prefix_of
 from llava_cli.engine.local import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.engine.logprobs import TokenLogprob, logprob_hook
 from llava_cli.engine.pipeline import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
@@ -63,6 +75,13 @@ from llava_cli.engine.stops import before_stop
 
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
+SLOT_COLUMNS = (
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+)  # the batch cache's column buckets (then doubling): a captured step attends to its whole bucket
 
 
 @dataclass(eq=False)
@@ -106,22 +125,32 @@ class Sequence:
 
 
 class DecodeBatch:
-    def __init__(self, engine: Engine, pool: PrefixPool) -> None:
+    def __init__(self, engine: Engine, pool: PrefixPool, *, captured_shapes: bool | None = None) -> None:
+        """`captured_shapes`: step over whole buckets, replayed as CUDA graphs (default: on CUDA; on a
+        CPU the same shapes run eagerly, for tests and bench/gpu.py's smoke run)."""
         self.engine = engine
         self.model = engine.model
+        self.captured_shapes = engine.model.device.type == "cuda" if captured_shapes is None else captured_shapes
         self.pool = pool
         self.budget = engine.budget
         self.token_bytes = kv_bytes_per_token(engine.model)
-        self.sequences: list[Sequence] = []  # in batch order
-        self.cache: Any = None  # rows in batch order, `width` columns
+        self.sequences: list[Sequence] = []  # in slot order: sequence i holds row i of `slots`
+        self.slots: Slots | None = None  # the static cache, kept (and its captured steps) while the batch lives
+        self.width = 0  # the write column: every row's tokens end just before it
+        self.captured: dict[tuple[int, int], CapturedStep] = {}  # by (rows bucket, columns bucket), over `slots`
+        self.capture_failure: str | None = None  # once capture failed, it is not tried again
+        self.notes: list[str] = []  # one-line explanations (a failed capture), for `take_notes`
         self.prefills = 0  # prompts prefilled (the rows of one request's `n` share one)
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     @property
-    def width(self) -> int:
-        return columns(self.cache) if self.sequences else 0
+    def live_slots(self) -> Slots:
+        """The static cache; it exists while a row is in the batch (`join` made it)."""
+        if self.slots is None:
+            raise RuntimeError("the batch has no slots: no row has joined it")
+        return self.slots
 
     def reservation(self, rows: int, longest: int) -> int:
         """The bytes `rows` rows may come to hold when the longest may reach `longest` tokens (the padded batch)."""
@@ -152,11 +181,12 @@ class DecodeBatch:
 
     def admit_rows(self, prompt: Prompt, settings: list[Settings], budget: int) -> list[Sequence]:
         """`admit` for several rows answering the same prompt (a request's `n`), one per `settings`:
-        the prompt is prefilled once and its cache copied into each row that goes on; room for all
-        of them is reserved first."""
+        the prompt is prefilled once and its cache copied into a slot for each row that goes on; room
+        for all of them is reserved first."""
         import torch
 
         self.make_room(len(prompt.ids) + budget, len(settings))
+        before = len(self.sequences)
         try:
             with torch.inference_mode():
                 cache, keep, source = self.pool.start(prompt)
@@ -170,16 +200,13 @@ class DecodeBatch:
                 self.prefills += 1
                 greedy = checked_argmax(logits)[0]
                 sequences = [self.started(prompt, each, budget, keep, source, logits[0], greedy) for each in settings]
-                going = [sequence for sequence in sequences if not sequence.ended]
                 for sequence in sequences:
                     if sequence.ended:
-                        self.give_to_pool(sequence, cache, 0)
-                if len(going) > 1:
-                    cache.batch_repeat_interleave(len(going))
-                if going:
-                    self.cache = merged(self.cache, cache) if self.sequences else cache
-                    self.sequences += going
+                        self.give_to_pool(sequence, functools.partial(prefix_of, cache, sequence.length))
+                    else:
+                        self.join(sequence, cache)
         except torch.OutOfMemoryError:
+            self.leave(self.sequences[before:])  # the rows this prompt had joined: the batch is as it was
             self.free_memory()
             raise ResourceError(OUT_OF_MEMORY) from None
         finally:
@@ -204,60 +231,144 @@ class DecodeBatch:
         self.advance(sequence, logits, greedy)
         return sequence
 
+    def join(self, sequence: Sequence, cache: Any) -> None:
+        """Copy the prefilled one-row `cache` into the next free slot, flush right at the write column
+        (moved right first, every row with it, if this row is longer than the others)."""
+        live, length = len(self.sequences), columns(cache)
+        width = max(self.width, length) if live else length
+        self.reserve(live + 1, width + 1, cache)
+        if width > self.width and live:
+            self.live_slots.shift(live, self.width, width - self.width)
+        self.width = width
+        self.live_slots.put(live, cache, width)
+        self.sequences.append(sequence)
+
+    def reserve(self, rows: int, columns: int, like: Any) -> None:
+        """Slots for `rows` rows of `columns` columns: the next buckets, the live rows copied over
+        (the old slots and their captured steps are then freed)."""
+        if self.slots is not None and rows <= self.slots.capacity_rows and columns <= self.slots.capacity_columns:
+            return
+        if self.slots is not None:
+            rows, columns = max(rows, self.slots.capacity_rows), max(columns, self.slots.capacity_columns)
+            self.slots = self.slots.grown(rows_bucket(rows), columns_bucket(columns), len(self.sequences), self.width)
+        else:
+            self.slots = Slots.like(like, rows_bucket(rows), columns_bucket(columns))
+        self.captured = {}
+
     def step(self) -> list[Sequence]:
         """One token for every row; the rows that ended (finished, or failed alone), which have left the batch."""
         import torch
 
         try:
             with torch.inference_mode():
-                failed: list[Sequence] = []
+                self.reserve(len(self.sequences), self.width + 1, None)
                 try:
-                    logits = forward(self.model, self.cache, self.next_inputs(), {})
+                    logits = self.run_step()
+                    outcomes: list[tuple[Any, int | None] | None] = list(zip(logits, checked_argmax(logits)))
                 except torch.OutOfMemoryError:
-                    logits, failed = self.step_alone()
-                for sequence in self.sequences:
+                    outcomes = self.step_alone()
+                self.width += 1
+                for sequence, outcome in zip(self.sequences, outcomes):
                     sequence.length += 1
-                checked = checked_argmax(logits) if self.sequences else []
-                for place, sequence in enumerate(self.sequences):
-                    self.advance(sequence, logits[place], checked[place])
+                    if outcome is None:
+                        sequence.error = ResourceError(OUT_OF_MEMORY)
+                    else:
+                        self.advance(sequence, *outcome)
                 ended = [sequence for sequence in self.sequences if sequence.ended]
                 for sequence in ended:
-                    self.give_to_pool(sequence, self.cache, self.sequences.index(sequence))
+                    self.give_to_pool(
+                        sequence,
+                        functools.partial(
+                            self.live_slots.row,
+                            self.sequences.index(sequence),
+                            self.width - sequence.length,
+                            self.width,
+                        ),
+                    )
                 self.leave(ended)
         except torch.OutOfMemoryError:
             self.clear()
             self.free_memory()
             raise ResourceError(OUT_OF_MEMORY) from None
         except BaseException:
-            self.clear()  # a forward that failed halfway may have grown only some layers
+            self.clear()  # a forward that failed halfway may have written only some layers
             raise
         finally:
             self.report()
-        return failed + ended
+        return ended
 
-    def step_alone(self) -> tuple[Any, list[Sequence]]:
+    def run_step(self) -> Any:
+        """The next-token logits of every row: replayed as a CUDA graph where it may be (`capturing`),
+        else one forward over exactly the live rows and columns."""
+        if self.capturing():
+            tokens = [sequence.row.tokens[-1] for sequence in self.sequences]
+            lengths = [sequence.length for sequence in self.sequences]
+            key = (rows_bucket(len(tokens)), min(columns_bucket(self.width + 1), self.live_slots.capacity_columns))
+            step = self.captured.get(key) or self.capture(key)
+            if step is not None:
+                return step.run(tokens, lengths, self.width)[: len(tokens)]
+        return self.forward_rows(0, self.sequences)
+
+    def forward_rows(self, first: int, sequences: list[Sequence]) -> Any:
+        """The next-token logits of `sequences`, the rows of the slots from `first` on, uncaptured."""
+        view = self.live_slots.view
+        view.first, view.rows, view.visible, view.width, view.column = (
+            first,
+            len(sequences),
+            self.width + 1,
+            self.width,
+            None,
+        )
+        tokens = [sequence.row.tokens[-1] for sequence in sequences]
+        lengths = [sequence.length for sequence in sequences]
+        try:
+            return forward(
+                self.model,
+                self.live_slots.cache,
+                step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device),
+                {},
+            )
+        finally:
+            view.first = 0
+
+    def step_alone(self) -> list[tuple[Any, int | None] | None]:
         """After the step's forward ran out of memory: the pool and the allocator give back what they hold,
-        each row runs the step alone (a copy of its own columns), and a row that still runs out fails
-        (`ResourceError`) and leaves; the others are the batch again. Their logits, and the rows that failed."""
+        then each row runs the step alone over its own slot (its keys and values written in place, as
+        the batch's step would). Per row: its logits and `checked_argmax`, or None when it ran out alone too."""
         import torch
 
-        width = self.width
-        keep_columns(self.cache, width)  # the failed forward may have grown some layers
-        inputs = self.next_inputs()
-        alone = [rows_of(self.cache, place, width - sequence.length) for place, sequence in enumerate(self.sequences)]
-        self.cache = None
         self.free_memory()
-        ran, failed = [], []
-        for place, (sequence, cache) in enumerate(zip(self.sequences, alone)):
-            one = PaddedBatch(inputs.ids[place : place + 1], None, inputs.positions[place : place + 1])
+        outcomes: list[tuple[Any, int | None] | None] = []
+        for place, sequence in enumerate(self.sequences):
             try:
-                ran.append((sequence, cache, forward(self.model, cache, one, {})))
+                logits = self.forward_rows(place, [sequence])
+                outcomes.append((logits[0], checked_argmax(logits)[0]))
             except torch.OutOfMemoryError:
-                sequence.error = ResourceError(OUT_OF_MEMORY)
-                failed.append(sequence)
-        self.sequences = [sequence for sequence, _, _ in ran]
-        self.cache = functools.reduce(merged, [cache for _, cache, _ in ran]) if ran else None
-        return (torch.cat([logits for _, _, logits in ran]) if ran else None), failed
+                outcomes.append(None)
+        return outcomes
+
+    def capturing(self) -> bool:
+        """With captured shapes (on CUDA), unless a row asked for --no-cuda-graph or a capture failed."""
+        return (
+            self.captured_shapes
+            and self.capture_failure is None
+            and not any(sequence.sampler.settings.no_cuda_graph for sequence in self.sequences)
+        )
+
+    def capture(self, key: tuple[int, int]) -> CapturedStep | None:
+        """Capture the step of `key` (rows, columns); a failure becomes a note and the step runs uncaptured from then on."""
+        step = CapturedStep(self.model, self.live_slots, *key)
+        try:
+            step.capture(self.width)
+        except Exception as err:  # whatever stops a capture, the uncaptured step gives the same answers
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            self.capture_failure = f"{type(err).__name__}: {first_line}"
+            self.notes.append(
+                f"CUDA graph capture of the batch step failed ({self.capture_failure}); decoding without it"
+            )
+            return None
+        self.captured[key] = step
+        return step
 
     def advance(self, sequence: Sequence, logits: Any, greedy: int | None) -> None:
         """The row's next token through its pipeline (`greedy`: the row's `checked_argmax`, None when
@@ -271,24 +382,12 @@ class DecodeBatch:
             return
         sequence.row.take(token, self.engine.eos_ids)
 
-    def next_inputs(self) -> PaddedBatch:
-        """Each row's newest token at its own position, the mask hiding each row's padding columns."""
-        import torch
-
-        device = self.model.device
-        lengths = torch.tensor([sequence.length for sequence in self.sequences], device=device).unsqueeze(1)
-        width = self.width + 1  # the columns after this step
-        mask = (torch.arange(width, device=device).unsqueeze(0) >= width - 1 - lengths).long()
-        tokens = torch.tensor([sequence.row.tokens[-1] for sequence in self.sequences], device=device).unsqueeze(1)
-        return PaddedBatch(tokens, mask, lengths)
-
-    def give_to_pool(self, sequence: Sequence, cache: Any, place: int) -> None:
-        """Keep a copy of the ended `sequence`'s row (row `place` of `cache`, padding cut off) in the pool,
+    def give_to_pool(self, sequence: Sequence, kv: Callable[[], Any]) -> None:
+        """Keep the ended `sequence`'s cache (`kv()`: a one-row cache of exactly its tokens) in the pool,
         unless it failed (its cache may hold what made it fail)."""
         if self.pool.keeps and sequence.error is None:
-            kv = rows_of(cache, place, columns(cache) - sequence.length)
             self.pool.keep(
-                PrefixCache(kv=kv, ids=sequence.cached_ids, images=sequence.images),
+                PrefixCache(kv=kv(), ids=sequence.cached_ids, images=sequence.images),
                 len(sequence.prompt_ids),
                 sequence.source,
             )
@@ -301,28 +400,118 @@ class DecodeBatch:
         self.report()
 
     def leave(self, leaving: list[Sequence]) -> None:
-        """Select the other rows, then drop the padding columns no row needs any more."""
-        if not leaving:
-            return
-        import torch
-
-        staying = [place for place, sequence in enumerate(self.sequences) if sequence not in leaving]
-        self.sequences = [self.sequences[place] for place in staying]
+        """Free the leaving rows' slots at once (the last live row moves into each hole), then move the
+        rows left over the columns no row needs any more, so a step attends to no more than it must."""
+        for place in sorted((self.sequences.index(sequence) for sequence in leaving), reverse=True):
+            last = len(self.sequences) - 1
+            if place != last:
+                self.live_slots.move(last, place)
+                self.sequences[place] = self.sequences[last]
+            self.sequences.pop()
         if not self.sequences:
-            self.cache = None
-            return
-        self.cache.batch_select_indices(torch.tensor(staying, device=self.model.device))
-        if unneeded := self.width - max(sequence.length for sequence in self.sequences):
-            drop_left(self.cache, unneeded)
+            self.width = 0
+        elif unneeded := self.width - max(sequence.length for sequence in self.sequences):
+            self.live_slots.shift(len(self.sequences), self.width, -unneeded)
+            self.width -= unneeded
 
     def clear(self) -> None:
-        self.sequences, self.cache = [], None
+        self.sequences, self.width = [], 0
         self.report()
 
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
+
     def free_memory(self) -> None:
-        """After running out: the pool's caches, then all the engine holds (`Engine.free_memory`), go back to the device."""
+        """After running out: the slots with their captured steps (once no row is left), the pool's caches,
+        then all the engine holds (`Engine.free_memory`) go back to the device."""
+        if not self.sequences:
+            self.slots, self.captured = None, {}
         self.pool.clear()
         self.engine.free_memory()
+
+
+def rows_bucket(rows: int) -> int:
+    """Slots are made, and steps captured, for a power of two of rows (as vLLM captures per batch size)."""
+    return 1 << (rows - 1).bit_length()
+
+
+def columns_bucket(needed: int) -> int:
+    return bucket_size(needed, max(needed, SLOT_COLUMNS[-1]), SLOT_COLUMNS)
+
+
+def step_inputs(tokens: list[int], lengths: list[int], width: int, visible: int, device: Any) -> PaddedBatch:
+    """Each row's newest token (written at column `width`) at its own position, the mask over `visible`
+    columns showing each row its own tokens and the new one only (rows past `tokens` are empty slots:
+    they see their new column alone, so their scores stay finite)."""
+    import torch
+
+    rows = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
+    column = torch.arange(visible).unsqueeze(0)
+    mask = ((column >= width - rows) & (column <= width)).long()
+    inputs = PaddedBatch(torch.tensor(tokens).unsqueeze(1), mask, rows)
+    return PaddedBatch(*(tensor.to(device) for tensor in (inputs.ids, inputs.mask, inputs.positions)))
+
+
+class CapturedStep:
+    """The batch step over `rows` slots and `columns` columns with static input buffers, replayed as a
+    CUDA graph: the host sets the buffers (rows past the live ones are empty slots), the graph runs the
+    forward, writes each row's new keys and values at the device's write column and leaves the logits."""
+
+    def __init__(self, model: Any, slots: Slots, rows: int, columns: int) -> None:
+        import torch
+
+        self.model, self.slots, self.rows, self.columns = model, slots, rows, columns
+        device = model.device
+        self.inputs = PaddedBatch(
+            *(torch.zeros(shape, dtype=torch.long, device=device) for shape in ((rows, 1), (rows, columns), (rows, 1)))
+        )
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: Any = None
+        self.logits: Any = None
+
+    def set(self, tokens: list[int], lengths: list[int], width: int) -> None:
+        empty = self.rows - len(tokens)
+        filled = step_inputs(tokens + [0] * empty, lengths + [0] * empty, width, self.columns, "cpu")
+        for buffer, values in zip(
+            (self.inputs.ids, self.inputs.mask, self.inputs.positions), (filled.ids, filled.mask, filled.positions)
+        ):
+            buffer.copy_(values, non_blocking=True)
+        self.column.fill_(width)
+
+    def forward(self) -> Any:
+        view = self.slots.view
+        view.rows, view.visible, view.width, view.column = self.rows, self.columns, 0, self.column
+        try:
+            return forward(self.model, self.slots.cache, self.inputs, {})
+        finally:
+            view.column = None
+
+    def capture(self, width: int) -> None:
+        """Warm up on a side stream (as CUDA graphs require), then record. Both write keys and values
+        at column `width` of every slot: the next real step overwrites them there."""
+        import torch
+
+        if self.model.device.type != "cuda":
+            return  # the same shapes, run eagerly
+        self.set([0] * self.rows, [0] * self.rows, width)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        # thread_local: CUDA work of another thread (a server's) does not spoil this capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.logits = self.forward()
+        self.graph = graph
+
+    def run(self, tokens: list[int], lengths: list[int], width: int) -> Any:
+        self.set(tokens, lengths, width)
+        if self.graph is None:  # on a CPU
+            return self.forward()
+        self.graph.replay()
+        return self.logits
 
 
 @dataclass(frozen=True)
@@ -339,7 +528,11 @@ class BatchAnswer:
 
 
 def answers_in_order(
-    engine: Engine, prompts: Iterable[Callable[[], Prompt]], settings: Settings, rows: int
+    engine: Engine,
+    prompts: Iterable[Callable[[], Prompt]],
+    settings: Settings,
+    rows: int,
+    captured_shapes: bool | None = None,
 ) -> Iterator[BatchAnswer | LlavaError]:
     """Answer independent prompts on one `DecodeBatch` of at most `rows` rows, admitted continuously:
     a row that ends is replaced at once by the next prompt, so no row waits for the longest answer.
@@ -349,8 +542,9 @@ def answers_in_order(
     it alone (its prompt, its row's scores, out of memory in its prefill or its step alone, a row
     over the whole `--cache-mb` budget). A prompt the budget has no room for while rows run waits,
     made, until one ends. No cache is reused (an empty pool): a batch sees each image once.
+    `captured_shapes`: as `DecodeBatch`'s.
     """
-    batch = DecodeBatch(engine, PrefixPool(None))
+    batch = DecodeBatch(engine, PrefixPool(None), captured_shapes=captured_shapes)
     done: dict[int, BatchAnswer | LlavaError] = {}
     running: dict[
         Sequence, tuple[int, float, tuple[dict[str, Any], ...]]

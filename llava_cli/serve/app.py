@@ -1,7 +1,7 @@
 """`llava serve`'s HTTP endpoints: `POST /v1/chat/completions` and `GET /v1/models` (Starlette).
 
 Contract: `Service(engine, settings, options).app()` is the ASGI app; its `Worker` batches up to
-`options.max_batch` answers (default `decodebatch.rows_that_fit`) within the engine's `--cache-mb` budget (engine/kvbudget.py). Every request passes the
+`options.max_batch` answers (default `rows_that_fit`, engine/scheduler.py) within the engine's `--cache-mb` budget (engine/kvbudget.py). Every request passes the
 `Guard` (Host, Origin, Content-Type) and the API key first; the body must arrive within
 `--request-timeout` (408) and under `--max-request-mb` (413); at most MAX_OPEN_REQUESTS are open
 at once (503 beyond). The body becomes a `Job` (serve/request.py), its images decoded here

@@ -77,7 +77,7 @@ class ServeOptions:
     allowed_origins: tuple[str, ...] = ()
     allowed_local_media_path: str | None = None
     max_batch: int | None = (
-        None  # answers decoded at once; None: as many as the device holds (decodebatch.rows_that_fit)
+        None  # answers decoded at once; None: as many as the device holds (engine/scheduler.py's rows_that_fit)
     )
     keep_alive_s: float | None = None  # --keep-alive: unload the model after this idle time; None: never
     metrics_public: bool = False  # GET /metrics without the API key
