@@ -50,6 +50,8 @@ def server(tiny_model, tmp_path_factory):
             "1",
             "--cache-mb",
             "1024",
+            "--drain-timeout",
+            "300",  # the 900-token answer in flight must end by itself even on a loaded machine
         ),
     )
     yield running
