@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llava_cli.base.errors import one_line
 from llava_cli.base.settings import Settings
 from llava_cli.engine.paths import MASKED_ATTENTION, EagerPath, ForwardPath, HostSteps, run_model
 from llava_cli.engine.pipeline import Sampler
@@ -156,8 +157,7 @@ class StaticPath:
         try:
             step.capture()
         except Exception as err:  # whatever stops a capture, the uncaptured step gives the same answers
-            first_line = (str(err).strip().splitlines() or [""])[0]
-            self.capture_failure = f"{type(err).__name__}: {first_line}"
+            self.capture_failure = f"{type(err).__name__}: {one_line(err)}"
             self.notes.append(f"CUDA graph capture failed ({self.capture_failure}); decoding without it")
             return
         self.notes.append(f"decode steps replay a CUDA graph over a {self.size}-token static cache")

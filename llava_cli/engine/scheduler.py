@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.base.errors import LlavaError, ResourceError
+from llava_cli.base.errors import LlavaError, ResourceError, one_line
 from llava_cli.base.settings import Settings
 from llava_cli.engine.graphstep import bucket_size
 from llava_cli.engine.kvbudget import BATCH, Full, budget_for, kv_bytes_per_token, over_budget
@@ -361,8 +361,7 @@ class DecodeBatch:
         try:
             step.capture(self.width)
         except Exception as err:  # whatever stops a capture, the uncaptured step gives the same answers
-            first_line = (str(err).strip().splitlines() or [""])[0]
-            self.capture_failure = f"{type(err).__name__}: {first_line}"
+            self.capture_failure = f"{type(err).__name__}: {one_line(err)}"
             self.notes.append(
                 f"CUDA graph capture of the batch step failed ({self.capture_failure}); decoding without it"
             )
