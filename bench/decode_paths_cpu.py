@@ -78,13 +78,16 @@ def weights_bound_model(new_tokens: int, dtype: str) -> Iterator[tuple[Settings,
         yield settings, load_model(settings)
 
 
+def model_for(args: Any) -> Any:
+    """`--weights-bound DTYPE`'s model on all threads, else the tests' tiny model on one thread."""
+    if args.weights_bound:
+        return weights_bound_model(args.new_tokens, args.weights_bound)
+    return tiny_model_on_one_thread(args.new_tokens)
+
+
 def main() -> int:
     args = bench_args(__doc__, weights_bound=True)
-    model = (
-        weights_bound_model(args.new_tokens, args.weights_bound)
-        if args.weights_bound
-        else tiny_model_on_one_thread(args.new_tokens)
-    )
+    model = model_for(args)
     with model as (settings, loaded):
         decoder = sum(p.numel() for name, p in loaded.model.named_parameters() if "language_model" in name)
         print(f"model: {decoder / 1e6:.0f}M decoder parameters, {loaded.dtype}")

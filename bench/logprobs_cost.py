@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compile_cpu import answers, bench_args, tiny_model_on_one_thread
-from decode_paths_cpu import weights_bound_model
+from compile_cpu import answers, bench_args
+from decode_paths_cpu import model_for
 from gpu_phases import fixed_length
 
 from llava_cli.engine.local import Engine
@@ -30,11 +30,7 @@ CASES = {"none": None, "logprobs 0": 0, "logprobs 20": 20}
 
 def main() -> int:
     args = bench_args(__doc__, weights_bound=True)
-    model = (
-        weights_bound_model(args.new_tokens, args.weights_bound)
-        if args.weights_bound
-        else tiny_model_on_one_thread(args.new_tokens)
-    )
+    model = model_for(args)
     rates: dict[str, list[float]] = {name: [] for name in CASES}
     texts: set[str] = set()
     with model as (settings, loaded):
