@@ -1,6 +1,7 @@
-"""Decode tokens/s of llava-cli's static path (the GPU's default: static bucketed cache, the next token
-chosen on the device, one step of look-ahead; uncaptured on a CPU) vs the eager dynamic-cache path
-(the CPU's default) vs plain `model.generate`, on the CPU with the tests' tiny model.
+"""Decode tokens/s of llava-cli's one step, as `ask` and `chat` run it (a batch of one on the
+scheduler): with exact shapes (the CPU's default: the live columns of the batch cache) and over whole
+buckets (the shapes CUDA captures as graphs, run eagerly here), vs plain `model.generate`, on the
+CPU with the tests' tiny model.
 
     python bench/decode_paths_cpu.py                  # about a minute
     python bench/decode_paths_cpu.py --answers 6 --new-tokens 200
@@ -14,8 +15,8 @@ that dtype, on all the CPU's threads: a step there is bound by reading the weigh
 Each path answers the same question `--answers` times (the cache emptied in between), every answer
 exactly `--new-tokens` long (end-of-sequence ignored); plain `generate` gets the same prompt ids
 and is clocked between its first and last token, as the engine's figures are. Medians and their
-ratios come from this one run; the two engine paths must give identical answers. torch runs on one
-thread. On a GPU, bench/gpu.py measures this with the CUDA graph.
+ratios come from this one run; the two step shapes must give identical answers. torch runs on one
+thread (all of them with `--weights-bound`). On a GPU, bench/gpu.py measures this with the CUDA graph.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from compile_cpu import QUESTION, answers, bench_args, tiny_model_on_one_thread
 from gpu_phases import TokenStamps, fixed_length
 
 from llava_cli.base.settings import Settings
-from llava_cli.engine.graphstep import StaticPath
+from llava_cli.engine.kvbudget import CHAT
 from llava_cli.engine.local import Engine
-from llava_cli.engine.paths import EagerPath
+from llava_cli.engine.scheduler import DecodeBatch
 from llava_cli.models.loader import load_model
 from llava_cli.prompt.conversation import Conversation
 
@@ -91,24 +92,20 @@ def main() -> int:
     with model as (settings, loaded):
         decoder = sum(p.numel() for name, p in loaded.model.named_parameters() if "language_model" in name)
         print(f"model: {decoder / 1e6:.0f}M decoder parameters, {loaded.dtype}")
-        static, eager = fixed_length(Engine(loaded)), fixed_length(Engine(loaded))
-        static.path = StaticPath(
-            loaded.model, static.context_window(settings)
-        )  # the GPU's default, measured here on the CPU
-        eager.path = EagerPath(loaded.model)  # the CPU's default
-        results = {
-            name: answers(engine, settings, args.answers) for name, engine in (("static", static), ("eager", eager))
-        }
+        engines = {name: fixed_length(Engine(loaded)) for name in ("exact", "bucketed")}
+        for name, engine in engines.items():  # "exact": the CPU's default; "bucketed": the GPU's shapes, uncaptured
+            engine.batch = DecodeBatch(engine, engine.history, holder=CHAT, captured_shapes=name == "bucketed")
+        results = {name: answers(engine, settings, args.answers) for name, engine in engines.items()}
         rates = {name: rates for name, (rates, _) in results.items()} | {
-            "plain": plain_rates(static, args.new_tokens, args.answers)
+            "plain": plain_rates(engines["exact"], args.new_tokens, args.answers)
         }
     for name, values in rates.items():
         print(f"{name:>8}: {', '.join(f'{rate:.0f}' for rate in values)} tokens/s (median {median(values):.0f})")
-    print(f"same answers (static, eager): {'yes' if len(results['static'][1] | results['eager'][1]) == 1 else 'NO'}")
+    same = len(results["exact"][1] | results["bucketed"][1]) == 1
+    print(f"same answers (exact, bucketed): {'yes' if same else 'NO'}")
     print(
-        f"static / eager: {median(rates['static']) / median(rates['eager']):.2f}; "
-        f"static / plain generate: {median(rates['static']) / median(rates['plain']):.2f}; "
-        f"eager (the CPU default) / plain generate: {median(rates['eager']) / median(rates['plain']):.2f}"
+        f"exact (the CPU default) / plain generate: {median(rates['exact']) / median(rates['plain']):.2f}; "
+        f"bucketed / plain generate: {median(rates['bucketed']) / median(rates['plain']):.2f}"
     )
     return 0
 

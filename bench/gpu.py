@@ -10,20 +10,21 @@ Without a CUDA device (and without --smoke) it says so and exits 0.
 The model is `LlavaForConditionalGeneration(config)` with llava-1.5-7b-hf's numbers: CLIP ViT-L/14 at
 336 pixels (576 image tokens), a Llama decoder with 4096 hidden, 32 layers, 32 heads, 11008 MLP,
 a 32064-token vocabulary, a 4096-token context, loaded with the attention `--attn auto` picks
-(SDPA, which masks the static cache of the default path and --compile); every path runs it so.
+(SDPA, which masks the empty columns of the bucketed step and --compile's); every path runs it so.
 The phases (bench/gpu_phases.py), each printed and saved as soon as it ends:
   - bandwidth: bytes of weights read per decoded token; the bound in tokens/s from a measured
     device-to-device copy and, where the card is known, from its data sheet;
-  - plain, default, no_cuda_graph, eager, compile: decode tokens/s of plain `model.generate` and of
-    llava-cli's paths: the default (bucketed static cache, the step replayed as a CUDA graph), the
-    same step uncaptured (--no-cuda-graph), the eager dynamic cache (what flash-attention gets) and
-    --compile (fixed-length answers, EOS ignored), from the answer's `Done` figures; time to first
+  - plain, default, no_cuda_graph, compile: decode tokens/s of plain `model.generate` and of
+    llava-cli's step as ask and chat run it (a batch of one on the scheduler): the default (whole
+    row and column buckets, replayed as a CUDA graph), --no-cuda-graph (exact shapes, uncaptured)
+    and --compile (fixed-length answers, EOS ignored), from the answer's `Done` figures; time to first
     token for a 576-token image prompt (GPU synced before the clock is read); peak memory; whether a
     CUDA graph was replayed (and the path's --verbose notes, printed); compile adds dynamo's counts
     of graphs, graph breaks and recompiles (and logs each one);
-  - crop_chat: a chat on the default, eager and --compile paths whose cache is cropped every turn,
+  - crop_chat: a chat on each path whose history diverges inside the cached tokens every turn,
     each answer checked against plain greedy `generate`;
-  - buckets: peak memory of the default path in each static cache bucket (1024, 2048, 4096 tokens);
+  - buckets: peak memory of the default path in each column bucket of its batch cache that the
+    answer fits (up to 2048 and 4096 columns);
   - memory: peak fp16 memory of the default path (and of all paths) and an analytic 4-bit estimate
     (bitsandbytes is not on the GPU machine);
   - batch: decode tokens/s of the scheduler of `llava serve` and `ask --each` at batch 1, 8 and 32
@@ -163,9 +164,8 @@ def prepare(args: argparse.Namespace) -> Bench:
     paths = {
         "default": default,
         "no_cuda_graph": dataclasses.replace(default, no_cuda_graph=True),
-        "eager": default,
         "compile": dataclasses.replace(default, compile=True),
-    }  # the eager phase sets its path itself
+    }
     image = picture()
     return Bench(loaded, image, image_ref(image), paths, tokens, turns, repeats, batch)
 

@@ -252,14 +252,14 @@ PROMPT = "What is in this picture? Describe it in detail."
 FOUR_BIT_BITS_PER_PARAM = 4.5  # bitsandbytes nf4: 4 bits plus a 16-bit scale per 64-weight block, rounded up
 # Where torch's recompiles and graph_breaks log records end up: set_logs stops them there (propagate off).
 DYNAMO_LOGGER = "torch._dynamo"
-BUCKET_STEPS = (1025, 2049)  # tokens that need the second and third bucket
+BUCKET_STEPS = (1025, 2049)  # tokens that need the 2048- and 4096-column buckets
 FAIL_ON_PURPOSE = "failing on purpose (--fail-phase, the benchmark's self-test)"
 
 
-# llava-cli's decode paths, by the name of their figures: the default (a bucketed static cache, the
-# step replayed as a CUDA graph), the same step uncaptured, the eager dynamic-cache path (what
-# flash-attention gets, and the default before the static one), and --compile.
-PATHS = ("default", "no_cuda_graph", "eager", "compile")
+# llava-cli's decode step as `ask` and `chat` run it (a batch of one on the scheduler), by the name of
+# its figures: the default (whole row and column buckets, replayed as a CUDA graph), --no-cuda-graph
+# (exact shapes, uncaptured: what a CPU runs) and --compile (the bucketed step through torch.compile).
+PATHS = ("default", "no_cuda_graph", "compile")
 
 
 @dataclasses.dataclass
@@ -278,22 +278,17 @@ class Bench:
     engines: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def engine(self, path: str):
-        """The one fixed-length engine of each path (one --compile engine: one compile, one static cache;
-        one default engine: its buckets and graphs kept from phase to phase)."""
-        from llava_cli.engine.graphstep import StaticPath
+        """The one fixed-length engine of each path (one --compile engine: one compile; one default
+        engine: its slots and graphs kept from phase to phase)."""
+        from llava_cli.engine.kvbudget import CHAT
         from llava_cli.engine.local import Engine
-        from llava_cli.engine.paths import EagerPath
+        from llava_cli.engine.scheduler import DecodeBatch
 
         if path not in self.engines:
             engine = self.engines[path] = fixed_length(Engine(self.loaded))
-            if path == "eager":
-                engine.path = EagerPath(self.loaded.model)  # kept: it suits any settings without --compile
-            elif path in ("default", "no_cuda_graph") and self.device == "cpu":
-                # A smoke run on the CPU still runs the GPU's default path (a CPU's own default is the eager one).
-                settings = self.paths[path]
-                engine.path = StaticPath(
-                    self.loaded.model, engine.context_window(settings), cuda_graph=not settings.no_cuda_graph
-                )
+            if path == "default" and self.device == "cpu":
+                # A smoke run on the CPU still steps the GPU's bucketed shapes (a CPU's own default: exact ones).
+                engine.batch = DecodeBatch(engine, engine.history, holder=CHAT, captured_shapes=True)
         return self.engines[path]
 
     @property
@@ -383,7 +378,7 @@ def engine_phase(bench: Bench, path: str) -> dict[str, Any]:
         stats = answer_image(engine, bench, settings)
         one_token = dataclasses.replace(settings, max_new_tokens=1)
         ttft = min(bench.clock(lambda: answer_image(engine, bench, one_token)) for _ in range(bench.repeats))
-    notes = engine.path.take_notes()
+    notes = engine.batch.take_notes()
     for note in notes:
         print(f"{path}: note: {note}", flush=True)
     return {
@@ -397,9 +392,8 @@ def engine_phase(bench: Bench, path: str) -> dict[str, Any]:
 
 
 def graph_replayed(engine) -> bool:
-    """Whether the engine's decode step is a captured CUDA graph (only the default path on a GPU)."""
-    step = getattr(engine.path, "step", None)
-    return getattr(step, "graph", None) is not None
+    """Whether the engine's batch replayed a captured CUDA graph (only the default path on a GPU)."""
+    return any(step.graph is not None for step in engine.batch.captured.values())
 
 
 def answer_image(engine, bench: Bench, settings):
@@ -421,10 +415,6 @@ def default_phase(bench: Bench) -> dict[str, Any]:
 
 def no_cuda_graph_phase(bench: Bench) -> dict[str, Any]:
     return engine_phase(bench, "no_cuda_graph")
-
-
-def eager_phase(bench: Bench) -> dict[str, Any]:
-    return engine_phase(bench, "eager")
 
 
 @contextlib.contextmanager
@@ -491,9 +481,10 @@ class _CountingHandler(logging.Handler):
 def crop_chat_phase(bench: Bench) -> dict[str, Any]:
     """A chat on each path where every turn crops the cache: before each new question the previous
     answer is shortened (as an edited history would be), so the prompt diverges inside cached tokens
-    and `PrefixCache.truncate` crops. Each answer must equal plain greedy `generate` on its prompt."""
+    and only the common prefix of the chat's history is reused. Each answer must equal plain greedy
+    `generate` on its prompt."""
     figures: dict[str, Any] = {}
-    for path in ("default", "eager", "compile"):
+    for path in PATHS:
         settings = bench.paths[path]
         engine = bench.engine(path)
         engine.eos_ids = engine.end_of_sequence_ids()  # answers end where plain `generate`'s do
@@ -523,7 +514,7 @@ def crop_chat(engine, bench: Bench, settings) -> tuple[int, int]:
         if turn:
             previous = conversation.turns[-1]
             previous.answer = " ".join((previous.answer or "").split()[: max(1, settings.max_new_tokens // 2)])
-        cached = len(engine.cache.ids)
+        cached = sum(len(held.entry.ids) for held in engine.history.entries.values())
         conversation.ask(QUESTIONS[turn], [bench.ref] if turn == 0 else [])
         reference = plain_greedy(engine, conversation, settings.max_new_tokens)
         answer = Answer(engine.generate(conversation, settings))
@@ -550,9 +541,9 @@ def plain_greedy(engine, conversation, tokens: int) -> str:
 def memory_phase(bench: Bench) -> dict[str, Any]:
     """Peak memory fp16 of the default path (the mark's figure) and of all paths, and an analytic 4-bit
     estimate, since bitsandbytes is not on the GPU machine: every linear layer but lm_head (what
-    `--load-4bit` quantizes) at 4.5 bits/param, the rest as loaded, plus the static cache bucket the
-    default phase ran in and the activations it needed beyond its weights and cache."""
-    from llava_cli.engine.graphstep import bucket_size
+    `--load-4bit` quantizes) at 4.5 bits/param, the rest as loaded, plus the column bucket of the batch
+    cache the default phase ran in and the activations it needed beyond its weights and cache."""
+    from llava_cli.engine.scheduler import columns_bucket
 
     model = bench.loaded.model
     default = bench.found.get("default")
@@ -564,7 +555,7 @@ def memory_phase(bench: Bench) -> dict[str, Any]:
     four_bit_weights = weights - linear_bytes + sum(w.numel() for w in linears) * FOUR_BIT_BITS_PER_PARAM / 8
     kv_per_token = kv_bytes_per_token(model)
     window = bench.loaded.context_window or model.config.text_config.max_position_embeddings
-    bucket = bucket_size(default["prompt_tokens"] + bench.tokens, window)  # the static cache the default phase ran in
+    bucket = columns_bucket(default["prompt_tokens"] + bench.tokens)  # the batch cache's columns in the default phase
     activations = max(0.0, default["peak_gb"] * 1e9 - weights - kv_per_token * bucket)
     return {
         "peak_fp16_gb": default["peak_gb"],
@@ -593,7 +584,7 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
     from llava_cli.engine.scheduler import DecodeBatch
     from llava_cli.prompt.conversation import Conversation
 
-    engine = bench.engine("eager")
+    engine = bench.engine("default")
     conversation = Conversation()
     conversation.ask(PROMPT, [bench.ref])
     prompt = engine.encode(conversation)
@@ -601,7 +592,7 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
     replayed = False
     for graph, name in ((True, "graph"), (False, "no_graph")):
         batch = DecodeBatch(engine, PrefixPool(None), captured_shapes=True)
-        settings = dataclasses.replace(bench.paths["eager"], no_cuda_graph=not graph)
+        settings = dataclasses.replace(bench.paths["default"], no_cuda_graph=not graph)
 
         def answer(rows: int, batch: DecodeBatch = batch, settings: Any = settings) -> None:
             for _ in range(rows):
@@ -628,26 +619,30 @@ def batch_phase(bench: Bench) -> dict[str, Any]:
 
 
 def buckets_phase(bench: Bench) -> dict[str, Any]:
-    """Peak memory of the default path in each bucket of its static cache: the bucket is grown first
-    (as a conversation that long would), then one short image answer runs in it. Also the bucket's
-    own size (2 x layers x KV heads x head size x bytes, per token)."""
-    from llava_cli.engine.graphstep import bucket_size
+    """Peak memory of the default path in each column bucket of its batch cache (the slots of a batch
+    of one): the slots are made that wide first (as a conversation that long would), then one short
+    image answer runs in them. Also the bucket's own size (2 x layers x KV heads x head size x bytes,
+    per token)."""
+    from llava_cli.engine.scheduler import columns_bucket
 
     settings = dataclasses.replace(bench.paths["default"], max_new_tokens=min(bench.tokens, 16))
     for path, other in bench.engines.items():
         if path != "default":
-            other.free_memory()  # the other paths' caches (--compile's is a whole window) out of the peaks
+            other.free_memory()  # the other paths' slots out of the peaks
     engine = bench.engine("default")
     figures: dict[str, Any] = {}
     with attention_for(bench.loaded.model, settings):
-        answer_image(engine, bench, settings)  # the path exists, with its smallest bucket
-        window = engine.path.window
-        for size in sorted({bucket_size(n, window) for n in (1, *BUCKET_STEPS) if n <= window}):
-            engine.reset()
-            engine.path.cache_for(None, 0, size)
+        first = answer_image(engine, bench, settings)  # the slots exist, in the smallest bucket the answer needs
+        window = engine.context_window(settings)
+        needed = first.prompt_tokens + settings.max_new_tokens + 1
+        for size in sorted({columns_bucket(n) for n in (needed, *BUCKET_STEPS) if n <= window}):
+            slots = engine.batch.live_slots
+            engine.batch.slots, engine.batch.captured = slots.grown(1, size, 0, 0), {}
+            del slots
             stats = answer_image(engine, bench, settings)
-            if engine.path.size != size:
-                raise RuntimeError(f"the answer ran in a {engine.path.size}-token bucket, not the {size}-token one")
+            if engine.batch.live_slots.capacity_columns != size:
+                ran = engine.batch.live_slots.capacity_columns
+                raise RuntimeError(f"the answer ran in a {ran}-column bucket, not the {size}-column one")
             figures |= {
                 f"peak_gb_{size}": stats.peak_memory_mb * 2**20 / 1e9,
                 f"kv_gb_{size}": kv_bytes_per_token(bench.loaded.model) * size / 1e9,
@@ -666,7 +661,6 @@ PHASES = {
     "plain": plain_phase,
     "default": default_phase,
     "no_cuda_graph": no_cuda_graph_phase,
-    "eager": eager_phase,
     "compile": compile_phase,
     "crop_chat": crop_chat_phase,
     "buckets": buckets_phase,

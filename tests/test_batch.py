@@ -37,8 +37,9 @@ from llava_cli.ask.each import BatchProgress, run_batch
 from llava_cli.ask.one import sigterm_as_interrupt
 from llava_cli.base.errors import InputError, UsageError
 from llava_cli.base.settings import Settings
-from llava_cli.engine.local import Engine, Prompt
+from llava_cli.engine.local import Engine
 from llava_cli.engine.pipeline import forward
+from llava_cli.engine.runner import Prompt
 from llava_cli.engine.scheduler import DecodeBatch, answers_in_order
 from llava_cli.frontend.arguments import ANSWERABLE_SUFFIXES, AskOptions
 from llava_cli.frontend.output import json_line

@@ -19,7 +19,6 @@ PHASES = (
     "plain",
     "default",
     "no_cuda_graph",
-    "eager",
     "compile",
     "crop_chat",
     "buckets",
@@ -55,13 +54,14 @@ def test_smoke_run_saves_every_phase_with_numeric_figures_and_crop_chat_answers_
     chat = report["phases"]["crop_chat"]["figures"]
     turns = chat["default_turns_equal"]
     assert turns >= 2
-    for path in ("default", "eager", "compile"):
+    for path in ("default", "no_cuda_graph", "compile"):
         assert chat[f"{path}_answers_equal"] is True
         assert chat[f"{path}_turns_equal"] == turns
-        assert chat[f"{path}_crops"] == turns - 1  # every turn after the first cropped the cache
+        assert chat[f"{path}_crops"] == turns - 1  # every turn after the first reused only part of the history
     buckets = report["phases"]["buckets"]["figures"]
-    assert [key for key in buckets if key.startswith("kv_gb_")] == ["kv_gb_1024", "kv_gb_2048", "kv_gb_4096"]
-    assert buckets["kv_gb_4096"] == 4 * buckets["kv_gb_1024"]
+    sizes = [int(key.removeprefix("kv_gb_")) for key in buckets if key.startswith("kv_gb_")]
+    assert sizes[-2:] == [2048, 4096] and sizes == sorted(sizes) and len(sizes) >= 3
+    assert buckets["kv_gb_4096"] == 2 * buckets["kv_gb_2048"]
     assert report["phases"]["default"]["figures"]["graph_replayed"] is False  # a CPU: the step runs uncaptured
     batch = report["phases"]["batch"]["figures"]
     assert {f"b{rows}_{graph}_tokens_per_s" for rows in (1, 4) for graph in ("graph", "no_graph")} <= set(batch)

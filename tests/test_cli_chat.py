@@ -98,20 +98,20 @@ SLOW_DECODE_HOOK = f"""
 import itertools
 import os
 import time
-import llava_cli.engine.paths as forward
+import llava_cli.engine.scheduler as scheduler
 
-_run_model = forward.run_model
+_forward = scheduler.forward
 _forwards = itertools.count()
 
 
-def slow_run_model(*args, **kwargs):
+def slow_forward(*args, **kwargs):
     time.sleep(0.05)  # every forward, one a token on every path: 900 tokens take 45 s, so Ctrl-C surely lands mid-answer
     if next(_forwards) == 3:  # the prompt's and two tokens': into the answer
         os.write(2, b"{DECODING}")
-    return _run_model(*args, **kwargs)
+    return _forward(*args, **kwargs)
 
 
-forward.run_model = slow_run_model
+scheduler.forward = slow_forward
 """
 
 

@@ -1,6 +1,6 @@
-"""`--compile` (static cache, compiled decode steps) answers like the default path and plain
-transformers, and an answer's figures reach `--json` and `--verbose` exactly. Speed is measured
-by bench/compile_cpu.py and bench/chat_ttft.py, not here."""
+"""`--compile` (the batch step over whole buckets through `torch.compile`) answers like the default
+step and plain transformers, and an answer's figures reach `--json` and `--verbose` exactly. Speed is
+measured by bench/compile_cpu.py and bench/chat_ttft.py, not here."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from helpers import HUB_ID, chat, cli_env, render_llava15, run_llava
 from PIL import Image
 
 from llava_cli.base.settings import Settings
+from llava_cli.engine import scheduler
 from llava_cli.engine.local import Engine
-from llava_cli.engine.paths import CompiledPath, EagerPath
 from llava_cli.engine.streaming import stats_line
 from llava_cli.models.loader import load_model
 from llava_cli.prompt.conversation import Conversation
@@ -34,10 +34,12 @@ def loaded(settings):
     return load_model(settings)
 
 
-def test_static_cache_path_equals_plain_transformers_across_turns_and_crops(loaded, settings, reference, images):
-    """The --compile path with compiling switched off: the static cache, its crops and masks."""
+def test_the_compile_step_uncompiled_equals_plain_transformers_across_turns_and_crops(
+    loaded, settings, reference, images, monkeypatch
+):
+    """The --compile step with compiling switched off: whole buckets, their masks, the history's crops."""
+    monkeypatch.setattr(scheduler, "compiled", lambda model: model)
     engine = Engine(loaded)
-    path = engine.path = CompiledPath(loaded.model, loaded.context_window, compile_step=False)
     script = [
         ("What is in this picture?", [images["red"]]),
         ("Describe the colours.", []),
@@ -45,33 +47,38 @@ def test_static_cache_path_equals_plain_transformers_across_turns_and_crops(load
         ("Which one is brightest?", []),
     ]
     stats = chat(engine, settings, Conversation(), reference, script)
+    batch = engine.batch
+    assert batch is not None and batch.compile_step and batch.captured_shapes and batch.captured
     assert [s.cached_tokens >= previous.prompt_tokens for previous, s in itertools.pairwise(stats)] == [True] * 3
-    # A shorter, different conversation: the write position moves back over stale keys, which must not leak.
+    # A shorter, different conversation: only the shared beginning is reused.
     stats = chat(engine, settings, Conversation(), reference, [("what is this?", [images["green"]])])
     assert stats[0].cached_tokens <= 5
-    engine.reset()  # /clear: the same cache, emptied
+    engine.reset()  # /clear: nothing reused, the same slots and steps
     stats = chat(engine, settings, Conversation(), reference, [("and this?", [images["blue"]]), ("colours?", [])])
     assert stats[0].cached_tokens == 0 and stats[1].cached_tokens >= stats[0].prompt_tokens
-    assert engine.path is path  # the preallocated cache was reused, not rebuilt
+    assert engine.batch is batch
 
 
-def test_compiled_decode_gives_the_default_paths_answers(loaded, settings, reference, images):
-    """Really compiled (torch.compile on the CPU): same greedy answers as the default path and the reference."""
+def test_compiled_decode_gives_the_default_steps_answers(loaded, settings, reference, images):
+    """Really compiled (torch.compile on the CPU): same greedy answers as the default step and the reference."""
     compiled, default = Engine(loaded), Engine(loaded)
     script = [("What is in this picture?", [images["blue"]]), ("And the colours?", [])]
     chat(compiled, settings, Conversation(), reference, script)
-    assert isinstance(compiled.path, CompiledPath) and compiled.path.step is not loaded.model
+    assert compiled.batch is not None and compiled.batch.call is not loaded.model
     chat(default, dataclasses.replace(settings, compile=False), Conversation(), reference, script)
-    assert isinstance(default.path, EagerPath)  # the default on a CPU
+    assert default.batch is not None and not default.batch.captured_shapes  # the default on a CPU: exact shapes
 
 
-def test_switching_compile_off_empties_the_cache_and_keeps_answers_right(loaded, settings, reference, images):
+def test_switching_compile_off_keeps_the_history_and_the_answers_right(
+    loaded, settings, reference, images, monkeypatch
+):
+    monkeypatch.setattr(scheduler, "compiled", lambda model: model)
     engine = Engine(loaded)
-    engine.path = CompiledPath(loaded.model, loaded.context_window, compile_step=False)
     conversation = Conversation()
     chat(engine, settings, conversation, reference, [("What is in this picture?", [images["red"]])])
+    compiled = engine.batch
     stats = chat(engine, dataclasses.replace(settings, compile=False), conversation, reference, [("more?", [])])
-    assert isinstance(engine.path, EagerPath) and stats[0].cached_tokens == 0  # the default on a CPU
+    assert engine.batch is not compiled and stats[0].cached_tokens > 0  # the history is the step's to reuse
 
 
 def test_piped_chat_json_shows_reused_tokens_and_verbose_stats(hf_home, images, reference):

@@ -16,11 +16,12 @@ from fakes import answer_of
 from llava_cli.base.errors import ResourceError
 from llava_cli.base.settings import Settings
 from llava_cli.engine import scheduler as decodebatch
-from llava_cli.engine.kvbudget import BATCH, CHAT, POOL, Full, KvBudget, kv_bytes_per_token
+from llava_cli.engine.kvbudget import BATCH, CHAT, HISTORY, POOL, Full, KvBudget, kv_bytes_per_token
 from llava_cli.engine.kvrows import nbytes, new_cache
-from llava_cli.engine.local import Engine, PrefixCache, Prompt
+from llava_cli.engine.local import Engine
 from llava_cli.engine.pipeline import forward
 from llava_cli.engine.prefixpool import PrefixPool
+from llava_cli.engine.runner import PrefixCache, Prompt
 from llava_cli.engine.scheduler import DecodeBatch, answers_in_order
 from llava_cli.prompt.conversation import Conversation, Turn
 
@@ -132,10 +133,16 @@ def test_generate_reserves_its_cache_and_refuses_an_answer_that_cannot_fit(tiny_
     conversation = Conversation(turns=[Turn(text="hi")])
     prompt_tokens = len(engine.encode(conversation).ids)
     engine.budget = KvBudget(kv_bytes_per_token(engine.model) * (prompt_tokens + BUDGET))
+    engine.history = PrefixPool(engine.budget, holder=HISTORY, most=1)  # the engine's own, on the new budget
     text, _ = answer_of(engine.generate(conversation, settings), conversation)
-    assert text == alone(tiny_loaded, settings, "hi") and engine.budget.held[CHAT] == engine.budget.limit_bytes
+    assert text == alone(tiny_loaded, settings, "hi")
+    (entry,) = (held.entry for held in engine.history.entries.values())
+    # The answer's row gave its reservation back; its history is kept, within the budget.
+    assert (
+        engine.budget.held[CHAT] == 0 and engine.budget.held[HISTORY] == nbytes(entry.kv) <= engine.budget.limit_bytes
+    )
     engine.reset()
-    assert engine.budget.held[CHAT] == 0
+    assert engine.budget.held[HISTORY] == 0
     longer = dataclasses.replace(settings, max_new_tokens=BUDGET + 1)
     with pytest.raises(ResourceError, match=r"^this answer needs .* MB of KV cache but --cache-mb allows"):
         answer_of(engine.generate(Conversation(turns=[Turn(text="hi")]), longer))

@@ -1,4 +1,4 @@
-"""Apple silicon: --device auto/mps, float16 and the eager path on MPS, 4/8-bit refused; MPS is faked here
+"""Apple silicon: --device auto/mps, float16 and the exact-shapes step on MPS, 4/8-bit refused; MPS is faked here
 (these tests run on Linux CPUs: nothing in them ran on a Mac)."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from cli_runner import invoke
 
 from llava_cli.base.errors import UsageError
 from llava_cli.base.settings import Settings
-from llava_cli.engine.graphstep import CPU_NOTE, MPS_NOTE, default_path
-from llava_cli.engine.paths import EagerPath
+from llava_cli.engine import scheduler
+from llava_cli.engine.local import Engine
+from llava_cli.engine.prefixpool import PrefixPool
+from llava_cli.engine.scheduler import DecodeBatch
 from llava_cli.models import loader
 
 torch = pytest.importorskip("torch")
@@ -83,10 +85,10 @@ def test_the_model_is_loaded_to_mps_in_float16(fake_mps, tiny_model, monkeypatch
     assert asked == {"device": "mps", "dtype": torch.float16}
 
 
-def test_decoding_on_mps_takes_the_eager_path(tiny_loaded):
-    settings = Settings(model="m")
-    on_mps = SimpleNamespace(device=SimpleNamespace(type="mps"), config=tiny_loaded.model.config)
-    path = default_path(on_mps, settings, 1024)
-    assert isinstance(path, EagerPath) and path.take_notes() == [MPS_NOTE]
-    on_cpu = default_path(tiny_loaded.model, settings, 1024)
-    assert isinstance(on_cpu, EagerPath) and on_cpu.take_notes() == [CPU_NOTE]  # the CPU's own reason, not MPS's
+def test_decoding_on_mps_steps_exact_shapes_without_graphs(tiny_loaded):
+    engine = Engine(tiny_loaded)
+    engine.model = SimpleNamespace(
+        device=torch.device("mps"), config=tiny_loaded.model.config, dtype=tiny_loaded.model.dtype
+    )
+    batch = DecodeBatch(engine, PrefixPool(None))
+    assert batch.captured_shapes is False and scheduler.replays_graphs(engine.model) is False

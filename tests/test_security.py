@@ -116,7 +116,7 @@ def test_out_of_memory_in_chat_frees_the_cache_keeps_the_conversation_and_recove
     ]
     assert [turn.text for turn in loop.conversation.turns] == ["first question"]
     assert [image.name for image in loop.attached] == [str(images["red"])]  # the image waits for a retry
-    assert engine.cache.ids == []  # freed
+    assert engine.history.entries == {}  # freed
     loop.handle("second")
     expected = reference.answer(
         render_llava15([("first question", 0, first), ("second", 1, None)]), [images["red"]], MAX_NEW

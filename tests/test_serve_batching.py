@@ -25,9 +25,10 @@ from fakes import answer_of
 from llava_cli.base.settings import Settings
 from llava_cli.engine.kvbudget import BATCH, KvBudget, kv_bytes_per_token
 from llava_cli.engine.kvrows import new_cache
-from llava_cli.engine.local import Engine, Prompt
+from llava_cli.engine.local import Engine
 from llava_cli.engine.pipeline import PaddedBatch, forward
 from llava_cli.engine.prefixpool import PrefixPool
+from llava_cli.engine.runner import Prompt
 from llava_cli.engine.scheduler import DecodeBatch, Sequence
 from llava_cli.media.images import load_image
 from llava_cli.prompt.conversation import Conversation, Turn
@@ -281,9 +282,9 @@ def test_the_cache_budget_keeps_the_most_recent_chats(serve, tiny_loaded, settin
     )  # the tiny model's KV: 512 bytes per token, so ~4,000 tokens in all, running answers included
     filler = "the quick brown fox jumps over the lazy dog " * 50
     chats = [
-        Ask(f"{word}: {filler}") for word in ("alpha", "bravo", "charlie", "delta")
-    ]  # ~890 tokens (~450 KB) each: 3 kept beside a running one
-    first = [ask(server, chat, images) for chat in chats[:3]]
+        Ask(f"{word}: {filler}") for word in ("alpha", "bravo", "charlie", "delta", "echo")
+    ]  # ~890 tokens (~450 KB) each: 4 kept (an ended answer gives its reservation back before its cache is kept)
+    first = [ask(server, chat, images) for chat in chats[:4]]
     held = list(server.batch.pool.entries.values())
     assert [entry.size for entry in held] == [
         kv_bytes_per_token(tiny_loaded.model) * len(entry.entry.ids) for entry in held
@@ -296,8 +297,8 @@ def test_the_cache_budget_keeps_the_most_recent_chats(serve, tiny_loaded, settin
         )
         return ask(server, Ask("and then?", max_tokens=2), images, history)[1]["prompt_tokens_details"]["cached_tokens"]
 
-    ask(server, chats[3], images)  # a fourth chat: the least recently used one (alpha) goes
-    assert len(server.batch.pool.entries) == 3 and server.batch.pool.held_bytes <= 2 * 2**20
+    ask(server, chats[4], images)  # a fifth chat: the least recently used one (alpha) goes
+    assert len(server.batch.pool.entries) == 4 and server.batch.pool.held_bytes <= 2 * 2**20
     assert again(2) >= first[2][1]["prompt_tokens"]  # charlie is still held
     assert again(0) < 10  # alpha was evicted: only the prompt format's first tokens are shared
 
@@ -539,7 +540,7 @@ def test_the_static_batch_gives_each_row_its_logits_alone_as_rows_join_and_leave
 def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recently_used():
     import torch
 
-    from llava_cli.engine.local import PrefixCache
+    from llava_cli.engine.runner import PrefixCache
 
     def keep(ids: list[int], prompt_tokens: int, replaces: tuple[str, int | None] | None = None) -> None:
         kv = new_cache([(torch.full((1, 1, len(ids), 4), float(ids[0])), torch.zeros(1, 1, len(ids), 4))])
@@ -575,7 +576,7 @@ def test_the_pool_hands_out_copies_holds_a_chat_once_and_evicts_the_least_recent
 def test_the_pool_reuses_an_entry_only_in_the_scope_that_made_it():
     import torch
 
-    from llava_cli.engine.local import PrefixCache
+    from llava_cli.engine.runner import PrefixCache
 
     def start(scope: str, ids: list[int]):
         pool.use_scope(scope)

@@ -23,7 +23,7 @@ import pytest
 from helpers import EXIT_TIMEOUT_S, Server, data_url, render_llava15, run_llava, user
 
 from llava_cli.client.discovery import find_server, remove_server_file, write_server_file
-from llava_cli.engine.local import Stats
+from llava_cli.engine.streaming import Stats
 
 MAX_NEW = 12
 LONG = 900  # max_tokens for answers that must still be running when they are cut off

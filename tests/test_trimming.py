@@ -13,7 +13,8 @@ from helpers import render_llava15
 
 from llava_cli.base.errors import ContextError
 from llava_cli.base.settings import Settings
-from llava_cli.engine.local import Engine, Prompt
+from llava_cli.engine.local import Engine
+from llava_cli.engine.runner import Prompt
 from llava_cli.media.images import load_image
 from llava_cli.prompt.conversation import Conversation, Turn
 from llava_cli.prompt.trimming import TrimSearch

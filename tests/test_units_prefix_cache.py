@@ -4,23 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
-
-from llava_cli.engine.local import PrefixCache, Prompt, image_keys
+from llava_cli.engine.runner import PrefixCache, Prompt, image_keys
 
 IMAGE = 99  # the image token id
-
-
-class MockKV:
-    """Records the crops the cache asks for, with the length they leave."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self.crops: list[int] = []
-
-    def crop(self, amount: int) -> None:
-        self.crops.append(amount)
-        self.length += amount  # crop(-n) drops the last n tokens
 
 
 def image(digest: str) -> SimpleNamespace:
@@ -41,7 +27,7 @@ def prompt(ids: list[int], *digests: str) -> Prompt:
 
 
 def cache_of(cached: Prompt) -> PrefixCache:
-    return PrefixCache(kv=MockKV(len(cached.ids)), ids=list(cached.ids), images=image_keys(cached))
+    return PrefixCache(kv=None, ids=list(cached.ids), images=image_keys(cached))
 
 
 FIRST = prompt([1, 2, IMAGE, IMAGE, IMAGE, 3, 4, 5], "red")
@@ -68,7 +54,7 @@ def test_a_changed_image_in_the_same_place_is_run_again():
 
 def test_the_prefix_never_ends_inside_an_image():
     new = prompt([1, 2, IMAGE, IMAGE, IMAGE, 7], "red")
-    cache = PrefixCache(kv=MockKV(4), ids=new.ids[:4], images=image_keys(new))  # a cache that stops mid-image
+    cache = PrefixCache(kv=None, ids=new.ids[:4], images=image_keys(new))  # a cache that stops mid-image
     assert cache.reusable_prefix(new) == 2
 
 
@@ -81,18 +67,3 @@ def test_the_same_image_taking_other_tokens_is_run_again():
 
 def test_an_empty_cache_reuses_nothing():
     assert PrefixCache().reusable_prefix(FIRST) == 0
-
-
-@pytest.mark.parametrize("keep", [0, 2, 5, 7, 8])
-def test_truncate_crops_the_kv_by_what_is_dropped_and_keeps_whole_images_only(keep):
-    cache = cache_of(FIRST)
-    cache.truncate(keep, FIRST)
-    assert cache.kv.length == keep and cache.ids == FIRST.ids[:keep]
-    assert cache.kv.crops == ([keep - len(FIRST.ids)] if keep < len(FIRST.ids) else [])
-    assert cache.images == ([("red", (2, 5))] if keep >= 5 else [])
-
-
-def test_reset_forgets_everything():
-    cache = cache_of(FIRST)
-    cache.reset()
-    assert (cache.kv, cache.ids, cache.images) == (None, [], [])

@@ -34,8 +34,9 @@ from llava_cli.base.safeio import NotRegularFile, read_regular
 from llava_cli.base.settings import DEFAULT_PARALLEL, Settings
 from llava_cli.base.terminal import emit, is_terminal, make_console, progress_bar
 from llava_cli.engine.constraints import parsed_answer
-from llava_cli.engine.local import Engine, Prompt
+from llava_cli.engine.local import Engine
 from llava_cli.engine.logprobs import as_openai
+from llava_cli.engine.runner import Prompt
 from llava_cli.engine.scheduler import BatchAnswer, answers_in_order
 from llava_cli.frontend.arguments import (
     STDIN,

@@ -172,7 +172,7 @@ ROWS = (
         bool,
         False,
         ("--compile",),
-        "Static KV cache + torch.compile for faster decoding in long chats; the first answer pays for compiling.",
+        "Decode steps through torch.compile (fixed bucket shapes); the first answer pays for compiling.",
         MODEL_PANEL,
     ),
     Option(
@@ -180,7 +180,7 @@ ROWS = (
         bool,
         False,
         ("--no-cuda-graph",),
-        "Launch each decode step from Python instead of replaying it as a CUDA graph (done by default on a GPU, for greedy answers).",
+        "Launch each decode step from Python instead of replaying it as a CUDA graph (done by default on a GPU).",
         MODEL_PANEL,
     ),
     Option("load_4bit", bool, False, ("--load-4bit",), "Quantize to 4-bit NF4 with bitsandbytes.", MODEL_PANEL),

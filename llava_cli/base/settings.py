@@ -37,11 +37,10 @@ DEFAULT_MAX_CONNECTIONS_PER_CLIENT = (
     128  # llava serve: from one address; above `ask --each --parallel`'s 64 and a chat or two
 )
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # llava serve: on SIGTERM, answers in flight get this long to finish
-# --compile's static cache holds empty and stale slots that only an attention mask hides.
 # A temperature below this is greedy, as vLLM does it: dividing by a smaller one overflows float32
 # (3.981e-38 made every score inf), and it could not change which token is likeliest anyway.
 GREEDY_BELOW = 1e-5
-COMPILE_ATTENTION_REASON = "flash-attention 2 would attend over the static cache's empty and stale slots"
+COMPILE_ATTENTION_REASON = "flash-attention 2 would attend over the bucketed step's empty columns"  # they are masked
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Settings:
     load_8bit: bool = False
     trust_remote_code: bool = False
     compile: bool = False
-    no_cuda_graph: bool = False  # the default path's decode step runs uncaptured on a GPU
+    no_cuda_graph: bool = False  # the decode step runs uncaptured (exact shapes) on a GPU
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS

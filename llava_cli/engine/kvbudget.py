@@ -3,11 +3,12 @@
 Every holder of KV memory reports to one `KvBudget` (an engine owns it: `Engine.budget`):
 
 - `hold(holder, nbytes)`: what `holder` holds (or has reserved) now; 0 frees it. Holders are named
-  once here: `CHAT` (the engine's own prefix cache and static buckets: ask, chat), `BATCH` (the
-  running batch's rows: serve, ask --each), `POOL` (serve's prefix pool of recent answers).
+  once here: `CHAT` (the row of ask's and chat's batch of one), `HISTORY` (the conversation cache
+  chat keeps for its next turn), `BATCH` (the running batch's rows: serve, ask --each), `POOL`
+  (serve's prefix pool of recent answers).
 - `make_room(holder, nbytes) -> bool`: whether `holder` may hold `nbytes` (in place of what it
   holds now). When the others leave too little, the evictable holders (`evictable(holder, free)`:
-  the pool, least recently used entries first) are asked to give back what is missing; a running
+  the pools, least recently used entries first) are asked to give back what is missing; a running
   answer's own memory is never taken. False: it does not fit even then, and nothing is reserved.
   `could_hold(holder, nbytes)`: whether it would fit once every evictable holder had given back all.
 - `limit_bytes`: the cap; None when `--cache-mb 0` (device memory is the only bound, and no
@@ -28,7 +29,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-CHAT, BATCH, POOL = "chat", "batch", "pool"
+CHAT, BATCH, POOL, HISTORY = "chat", "batch", "pool", "history"
 GPU_MEMORY_SHARE = 0.8  # of the free memory after loading; the rest for activations (prefill, logits) and the allocator
 CPU_MEMORY_SHARE = 0.25  # of the RAM: the weights, the images and the other processes need the rest
 FALLBACK_BYTES = 1024 * 2**20  # where the RAM cannot be read

@@ -17,6 +17,8 @@ needs the room. `PrefixPool(None)`, or a budget without a cap (`--cache-mb 0`), 
   prompt tokens then its answer's, no padding) in place of the entry with key `replaces` and of
   the entries whose tokens and images it extends, so a chat holds one entry, not one per turn.
   Chats that only share a beginning (the prompt format, a system prompt) keep their own entries.
+- `PrefixPool(budget, holder=HISTORY, most=1)` is a chat's own history (engine/local.py): one entry,
+  kept whatever the budget's cap (`--cache-mb 0` included), given back when a running answer needs the room.
 - Scopes (`use_scope(scope)` before `start`): an entry is reused only by prompts of the scope that
   made it (`llava serve`: the API key and the request's `cache_salt`), so cached tokens and timing
   never tell one client what another sent. `source` is opaque: it carries the scope to `keep`.
@@ -25,12 +27,13 @@ needs the room. `PrefixPool(None)`, or a budget without a cap (`--cache-mb 0`), 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from llava_cli.engine.kvbudget import POOL, KvBudget
 from llava_cli.engine.kvrows import nbytes, new_cache, prefix_of
-from llava_cli.engine.local import PrefixCache, Prompt
+from llava_cli.engine.runner import PrefixCache, Prompt
 
 
 @dataclass
@@ -42,20 +45,24 @@ class Held:
 
 
 class PrefixPool:
-    def __init__(self, budget: KvBudget | None) -> None:
+    def __init__(self, budget: KvBudget | None, holder: str = POOL, most: int | None = None) -> None:
+        """`holder`: the name its bytes have in `budget`; `most`: keep at most this many entries, then
+        also under a budget without a cap (the module docstring)."""
         self.budget = budget
+        self.holder = holder
+        self.most = most
         self.entries: dict[int, Held] = {}  # by key, least recently used first
         self.keys = (
             itertools.count()
         )  # a key, not the entry, names a source: an answer must not keep an evicted cache alive
         self.scope = ""  # of the next `start`
         if budget is not None:
-            budget.evictable(POOL, self.evict)
+            budget.evictable(holder, self.evict)
 
     @property
     def keeps(self) -> bool:
-        """Whether this pool keeps anything (a capped budget)."""
-        return self.budget is not None and self.budget.limit_bytes is not None
+        """Whether this pool keeps anything: a capped budget, or a count of entries (`most`)."""
+        return self.budget is not None and (self.budget.limit_bytes is not None or self.most is not None)
 
     def use_scope(self, scope: str) -> None:
         self.scope = scope
@@ -87,18 +94,20 @@ class PrefixPool:
             if key != replaces and not (held.scope == scope and extends(entry, held.entry))
         }
         self.entries[next(self.keys)] = Held(entry, size, prompt_tokens, scope)
+        while self.most is not None and len(self.entries) > self.most:
+            del self.entries[next(iter(self.entries))]
         self.within(self.room())
 
-    def room(self) -> int:
-        """What the budget leaves the pool; asked only while the pool keeps entries (a capped budget)."""
-        room = self.budget.room_for(POOL) if self.budget is not None else None
-        return 0 if room is None else room
+    def room(self) -> float:
+        """What the budget leaves the pool (no cap: no bound); asked only while the pool keeps entries."""
+        room = self.budget.room_for(self.holder) if self.budget is not None else 0
+        return math.inf if room is None else room
 
     def evict(self, wanted: int) -> None:
         """Give back at least `wanted` bytes (the budget asks, for a running answer), least recently used first."""
         self.within(self.held_bytes - wanted)
 
-    def within(self, room: int) -> None:
+    def within(self, room: float) -> None:
         """Drop the least recently used entries until the pool holds at most `room` bytes; report what it holds."""
         while self.entries and self.held_bytes > room:
             del self.entries[next(iter(self.entries))]
@@ -106,7 +115,7 @@ class PrefixPool:
 
     def report(self) -> None:
         if self.budget is not None:
-            self.budget.hold(POOL, self.held_bytes)
+            self.budget.hold(self.holder, self.held_bytes)
 
     def clear(self) -> None:
         self.entries.clear()

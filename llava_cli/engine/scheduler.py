@@ -1,4 +1,4 @@
-"""The running decode batch of `llava serve`: answers prefilled alone, then decoded together.
+"""The one scheduler: answers prefilled alone, then decoded together (`ask` and `chat` are a batch of one).
 
 Continuous batching as text-generation-inference's `CausalLMBatch` and mlx-lm's `BatchGenerator`
 do it (transformers' own continuous batching takes no images yet):
@@ -21,27 +21,33 @@ do it (transformers' own continuous batching takes no images yet):
 - `remove(sequence)` takes a row out at once (its client left); `clear()` empties the batch.
 
 The step, per device (issue 21): uncaptured, it runs over exactly the live rows and columns (views
-of the slots: on a CPU this is the fastest, bench/RESULTS.md); on CUDA (`captured_shapes`) it runs
-over whole buckets (a power of two of rows, SLOT_COLUMNS columns; empty slots masked), the write
-column a device tensor, captured as a CUDA graph per (rows, columns) bucket as vLLM captures one
-per batch size, and replayed; a row with --no-cuda-graph or a failed capture (a note) runs it
-uncaptured. Tokens are chosen on the host side of the step, as below, on every path.
+of the slots, no mask when no row has padding: on a CPU this is the fastest, bench/RESULTS.md); on
+CUDA (`captured_shapes`, with a masked attention) it runs over whole buckets (a power of two of rows,
+SLOT_COLUMNS columns; empty slots masked), the write column a device tensor, captured as a CUDA graph
+per (rows, columns) bucket as vLLM captures one per batch size, and replayed; a row with
+--no-cuda-graph or a failed capture (a note) runs it uncaptured. `--compile` (`compile_step`) runs
+the bucketed step through `torch.compile` on every device (captured as well on CUDA). Tokens are
+chosen on the host side of the step, as below, on every path.
+
+Users: `ask` and `chat` (engine/local.py: a batch of one, its pool the chat's history), `ask --each`
+(`answers_in_order`), `llava serve` and Ray's actors.
 
 A row that leaves frees its slot at once (the last row moves into it); then the padding columns
 that no row needs any more are dropped (every row moves left), so a step attends to no more than
 it must. The slots themselves (and their graphs) stay while the batch lives (`free_memory` drops
-them once it is empty). A row that ends (not one removed) gives a copy of its cache, padding cut
-off, to the pool, for a client that sends the history again.
+them once it is empty). A row that ends (or is removed with `keep`: a stopped chat answer) gives a copy
+of its cache, padding cut off, to the pool, for a client that sends the history again.
 
-Greedy answers are the ones the prompt gets alone (`Engine.generate`, plain `generate`): padding
+Greedy answers are the ones the prompt gets alone (plain `generate`): padding
 is masked and positions are per row; seeded sampled answers too, each row drawing from its own
 generator.
 
-Memory (engine/kvbudget.py): the batch reserves, as `BATCH` in the engine's `--cache-mb` budget, its rows'
+Memory (engine/kvbudget.py): the batch reserves, as its `holder` (`BATCH`; ask's and chat's: `CHAT`) in
+the engine's `--cache-mb` budget, its running rows'
 worst case (every row at the longest final length of any row: what its slots may come to hold);
 `admit` first makes room (the pool's oldest entries go) and raises `Full` when the rows running leave
 too little (the caller waits for one to end), `ResourceError` when the row cannot fit even alone. A
-row that leaves (ended, failed, removed) gives its reservation back at once. Out of memory in `admit`
+row that ends, fails or is removed gives its reservation back at once (before its cache goes to the pool). Out of memory in `admit`
 raises `ResourceError` and leaves the batch as it was. Out of memory in a step's forward fails only
 the rows it hit: the pool and the allocator give back what they hold, then each row runs that step
 alone over its own slot (`step_alone`: a one-row view of the slots, no copy) and a row that still
@@ -63,16 +69,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from llava_cli.base.errors import LlavaError, ResourceError, one_line
-from llava_cli.base.settings import Settings
-from llava_cli.engine.graphstep import bucket_size
+from llava_cli.base.settings import COMPILE_ATTENTION_REASON, Settings
 from llava_cli.engine.kvbudget import BATCH, Full, budget_for, kv_bytes_per_token, over_budget
 from llava_cli.engine.kvrows import Slots, columns, prefix_of
-from llava_cli.engine.local import OUT_OF_MEMORY, Engine, PrefixCache, Prompt, image_keys
 from llava_cli.engine.logprobs import TokenLogprob, logprob_hook
 from llava_cli.engine.pipeline import NOT_FINITE, PaddedBatch, Row, RowFault, Sampler, checked_argmax, forward
 from llava_cli.engine.prefixpool import PrefixPool
+from llava_cli.engine.runner import OUT_OF_MEMORY, PrefixCache, Prompt, Runner, image_keys
 from llava_cli.engine.stops import before_stop
 
+MASKED_ATTENTION = ("sdpa", "eager")  # the attentions that take the mask hiding a bucket's empty columns
 CPU_MAX_BATCH = 8  # a CPU step's cost grows with its rows on big models; on small ones 8 rows cost what 1 does (bench/serve_concurrency.py)
 MAX_BATCH_LIMIT = 64  # the default's cap: past this many rows a GPU decode step is no longer bound by reading the weights, and rows mostly add latency
 SLOT_COLUMNS = (
@@ -125,19 +131,37 @@ class Sequence:
 
 
 class DecodeBatch:
-    def __init__(self, engine: Engine, pool: PrefixPool, *, captured_shapes: bool | None = None) -> None:
+    def __init__(
+        self,
+        engine: Runner,
+        pool: PrefixPool,
+        *,
+        captured_shapes: bool | None = None,
+        holder: str = BATCH,
+        compile_step: bool = False,
+    ) -> None:
         """`captured_shapes`: step over whole buckets, replayed as CUDA graphs (default: on CUDA; on a
-        CPU the same shapes run eagerly, for tests and bench/gpu.py's smoke run)."""
+        CPU the same shapes run eagerly, for tests and bench/gpu.py's smoke run). `holder`: the name
+        its rows' memory has in the budget. `compile_step` (`--compile`): the bucketed step runs through
+        `torch.compile` (its fixed shapes compile once per bucket), captured or not."""
+        masked = engine.model.config._attn_implementation in MASKED_ATTENTION  # flash-attention: exact shapes only
+        if compile_step and not masked:
+            raise LlavaError(f"--compile needs --attn sdpa or eager: {COMPILE_ATTENTION_REASON}")
         self.engine = engine
         self.model = engine.model
-        self.captured_shapes = engine.model.device.type == "cuda" if captured_shapes is None else captured_shapes
+        self.compile_step = compile_step
+        self.call = compiled(engine.model) if compile_step else engine.model  # what a bucketed step runs
+        self.captured_shapes = compile_step or (
+            engine.model.device.type == "cuda" and masked if captured_shapes is None else captured_shapes
+        )
+        self.holder = holder
         self.pool = pool
         self.budget = engine.budget
         self.token_bytes = kv_bytes_per_token(engine.model)
         self.sequences: list[Sequence] = []  # in slot order: sequence i holds row i of `slots`
         self.slots: Slots | None = None  # the static cache, kept (and its captured steps) while the batch lives
         self.width = 0  # the write column: every row's tokens end just before it
-        self.captured: dict[tuple[int, int], CapturedStep] = {}  # by (rows bucket, columns bucket), over `slots`
+        self.captured: dict[tuple[int, int, bool], CapturedStep] = {}  # by (rows, columns, graph), over `slots`
         self.capture_failure: str | None = None  # once capture failed, it is not tried again
         self.notes: list[str] = []  # one-line explanations (a failed capture), for `take_notes`
         self.prefills = 0  # prompts prefilled (the rows of one request's `n` share one)
@@ -157,19 +181,20 @@ class DecodeBatch:
         return self.token_bytes * rows * longest
 
     def report(self) -> None:
-        """Tell the budget what the running rows reserve now."""
-        longest = max((sequence.final_length for sequence in self.sequences), default=0)
-        self.budget.hold(BATCH, self.reservation(len(self.sequences), longest))
+        """Tell the budget what the running rows reserve now (a row that has ended reserves nothing)."""
+        running = [sequence for sequence in self.sequences if not sequence.ended]
+        longest = max((sequence.final_length for sequence in running), default=0)
+        self.budget.hold(self.holder, self.reservation(len(running), longest))
 
     def make_room(self, final_length: int, rows: int = 1) -> None:
         """Reserve room for `rows` more rows of `final_length` tokens: `Full` while the rows running leave too
         little, `ResourceError` when they cannot fit even alone (the module docstring)."""
         longest = max([final_length, *(sequence.final_length for sequence in self.sequences)])
         wanted = self.reservation(len(self.sequences) + rows, longest)
-        if self.budget.make_room(BATCH, wanted):
-            return self.budget.hold(BATCH, wanted)
+        if self.budget.make_room(self.holder, wanted):
+            return self.budget.hold(self.holder, wanted)
         alone = self.reservation(rows, final_length)
-        if self.sequences and self.budget.could_hold(BATCH, alone):
+        if self.sequences and self.budget.could_hold(self.holder, alone):
             raise Full
         raise ResourceError(over_budget(alone, self.budget))
 
@@ -276,15 +301,7 @@ class DecodeBatch:
                         self.advance(sequence, *outcome)
                 ended = [sequence for sequence in self.sequences if sequence.ended]
                 for sequence in ended:
-                    self.give_to_pool(
-                        sequence,
-                        functools.partial(
-                            self.live_slots.row,
-                            self.sequences.index(sequence),
-                            self.width - sequence.length,
-                            self.width,
-                        ),
-                    )
+                    self.give_to_pool(sequence, functools.partial(self.row_cache, sequence))
                 self.leave(ended)
         except torch.OutOfMemoryError:
             self.clear()
@@ -298,12 +315,13 @@ class DecodeBatch:
         return ended
 
     def run_step(self) -> Any:
-        """The next-token logits of every row: replayed as a CUDA graph where it may be (`capturing`),
-        else one forward over exactly the live rows and columns."""
-        if self.capturing():
+        """The next-token logits of every row: over whole buckets where `bucketed` (replayed as a CUDA graph
+        where `graphs`), else one forward over exactly the live rows and columns."""
+        if self.bucketed():
             tokens = [sequence.row.tokens[-1] for sequence in self.sequences]
             lengths = [sequence.length for sequence in self.sequences]
-            key = (rows_bucket(len(tokens)), min(columns_bucket(self.width + 1), self.live_slots.capacity_columns))
+            columns = min(columns_bucket(self.width + 1), self.live_slots.capacity_columns)
+            key = (rows_bucket(len(tokens)), columns, self.graphs())
             step = self.captured.get(key) or self.capture(key)
             if step is not None:
                 return step.run(tokens, lengths, self.width)[: len(tokens)]
@@ -321,13 +339,11 @@ class DecodeBatch:
         )
         tokens = [sequence.row.tokens[-1] for sequence in sequences]
         lengths = [sequence.length for sequence in sequences]
+        inputs = step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device)
+        if all(length == self.width for length in lengths):
+            inputs.mask = None  # no row has padding (a batch of one never has): a one-token query needs no mask
         try:
-            return forward(
-                self.model,
-                self.live_slots.cache,
-                step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device),
-                {},
-            )
+            return forward(self.model, self.live_slots.cache, inputs, {})
         finally:
             view.first = 0
 
@@ -347,17 +363,19 @@ class DecodeBatch:
                 outcomes.append(None)
         return outcomes
 
-    def capturing(self) -> bool:
-        """With captured shapes (on CUDA), unless a row asked for --no-cuda-graph or a capture failed."""
-        return (
-            self.captured_shapes
-            and self.capture_failure is None
-            and not any(sequence.sampler.settings.no_cuda_graph for sequence in self.sequences)
-        )
+    def graphs(self) -> bool:
+        """Whether bucketed steps are replayed as CUDA graphs (on CUDA): unless a row asked for --no-cuda-graph."""
+        return not any(sequence.sampler.settings.no_cuda_graph for sequence in self.sequences)
 
-    def capture(self, key: tuple[int, int]) -> CapturedStep | None:
-        """Capture the step of `key` (rows, columns); a failure becomes a note and the step runs uncaptured from then on."""
-        step = CapturedStep(self.model, self.live_slots, *key)
+    def bucketed(self) -> bool:
+        """Whether the step runs over whole buckets: with captured shapes (CUDA, --compile) unless a capture
+        failed, and, but for --compile's, only while its graph is replayed."""
+        return self.captured_shapes and self.capture_failure is None and (self.compile_step or self.graphs())
+
+    def capture(self, key: tuple[int, int, bool]) -> CapturedStep | None:
+        """Make (and, where `key` says, capture) the step of `key` (rows, columns, graph); a failure becomes a
+        note and the step runs uncaptured from then on."""
+        step = CapturedStep(self.call, self.model, self.live_slots, *key)
         try:
             step.capture(self.width)
         except Exception as err:  # whatever stops a capture, the uncaptured step gives the same answers
@@ -383,20 +401,33 @@ class DecodeBatch:
 
     def give_to_pool(self, sequence: Sequence, kv: Callable[[], Any]) -> None:
         """Keep the ended `sequence`'s cache (`kv()`: a one-row cache of exactly its tokens) in the pool,
-        unless it failed (its cache may hold what made it fail)."""
+        unless it failed (its cache may hold what made it fail). Its reservation is given back first, so
+        the pool may take its place."""
         if self.pool.keeps and sequence.error is None:
+            self.report()
             self.pool.keep(
                 PrefixCache(kv=kv(), ids=sequence.cached_ids, images=sequence.images),
                 len(sequence.prompt_ids),
                 sequence.source,
             )
 
-    def remove(self, sequence: Sequence) -> None:
+    def remove(self, sequence: Sequence, keep: bool = False) -> None:
+        """Take `sequence` out now (its client left, its answer was stopped); nothing if it is no longer in
+        the batch. `keep`: what its cache holds goes to the pool, as an ended row's (a chat's next turn reuses it)."""
         import torch
 
+        if sequence not in self.sequences:
+            return
         with torch.inference_mode():
+            kept = self.row_cache(sequence) if keep and self.pool.keeps else None
             self.leave([sequence])
+            if kept is not None:
+                self.give_to_pool(sequence, lambda: kept)
         self.report()
+
+    def row_cache(self, sequence: Sequence) -> Any:
+        """A one-row cache of exactly the tokens `sequence` has in its slot (copied)."""
+        return self.live_slots.row(self.sequences.index(sequence), self.width - sequence.length, self.width)
 
     def leave(self, leaving: list[Sequence]) -> None:
         """Free the leaving rows' slots at once (the last live row moves into each hole), then move the
@@ -425,9 +456,13 @@ class DecodeBatch:
         """After running out: the slots with their captured steps (once no row is left), the pool's caches,
         then all the engine holds (`Engine.free_memory`) go back to the device."""
         if not self.sequences:
-            self.slots, self.captured = None, {}
+            self.drop_slots()
         self.pool.clear()
         self.engine.free_memory()
+
+    def drop_slots(self) -> None:
+        """Give the slots and their captured steps back (the batch must be empty: the next row makes new ones)."""
+        self.slots, self.captured = None, {}
 
 
 def rows_bucket(rows: int) -> int:
@@ -436,7 +471,23 @@ def rows_bucket(rows: int) -> int:
 
 
 def columns_bucket(needed: int) -> int:
-    return bucket_size(needed, max(needed, SLOT_COLUMNS[-1]), SLOT_COLUMNS)
+    """The smallest of SLOT_COLUMNS that holds `needed` columns; past the last, doubling."""
+    size = next((bucket for bucket in SLOT_COLUMNS if bucket >= needed), SLOT_COLUMNS[-1])
+    while size < needed:
+        size *= 2
+    return size
+
+
+def replays_graphs(model: Any) -> bool:
+    """Whether a bucketed step of `model` is captured and replayed as a CUDA graph: on CUDA only."""
+    return bool(model.device.type == "cuda")
+
+
+def compiled(model: Any) -> Any:
+    """`model.__call__` through `torch.compile` for the bucketed step's fixed shapes (--compile)."""
+    import torch
+
+    return torch.compile(model.__call__, dynamic=False, fullgraph=False)
 
 
 def step_inputs(tokens: list[int], lengths: list[int], width: int, visible: int, device: Any) -> PaddedBatch:
@@ -457,10 +508,11 @@ class CapturedStep:
     CUDA graph: the host sets the buffers (rows past the live ones are empty slots), the graph runs the
     forward, writes each row's new keys and values at the device's write column and leaves the logits."""
 
-    def __init__(self, model: Any, slots: Slots, rows: int, columns: int) -> None:
+    def __init__(self, call: Any, model: Any, slots: Slots, rows: int, columns: int, graph: bool) -> None:
         import torch
 
-        self.model, self.slots, self.rows, self.columns = model, slots, rows, columns
+        self.call, self.model, self.slots, self.rows, self.columns = call, model, slots, rows, columns
+        self.record = graph and replays_graphs(model)
         device = model.device
         self.inputs = PaddedBatch(
             *(torch.zeros(shape, dtype=torch.long, device=device) for shape in ((rows, 1), (rows, columns), (rows, 1)))
@@ -482,7 +534,13 @@ class CapturedStep:
         view = self.slots.view
         view.rows, view.visible, view.width, view.column = self.rows, self.columns, 0, self.column
         try:
-            return forward(self.model, self.slots.cache, self.inputs, {})
+            return forward(self.call, self.slots.cache, self.inputs, {})
+        except Exception as err:
+            import torch
+
+            if isinstance(err, torch._dynamo.exc.TorchDynamoException):
+                raise LlavaError(f"--compile failed ({one_line(err)}); run without --compile") from None
+            raise
         finally:
             view.column = None
 
@@ -491,8 +549,8 @@ class CapturedStep:
         at column `width` of every slot: the next real step overwrites them there."""
         import torch
 
-        if self.model.device.type != "cuda":
-            return  # the same shapes, run eagerly
+        if not self.record:
+            return  # the same shapes, run eagerly (or compiled)
         self.set([0] * self.rows, [0] * self.rows, width)
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
@@ -527,7 +585,7 @@ class BatchAnswer:
 
 
 def answers_in_order(
-    engine: Engine,
+    engine: Runner,
     prompts: Iterable[Callable[[], Prompt]],
     settings: Settings,
     rows: int,
@@ -604,7 +662,7 @@ def answers_in_order(
             end(sequence, *running.pop(sequence))
 
 
-def rows_that_fit(engine: Engine, window: int) -> int:
+def rows_that_fit(engine: Runner, window: int) -> int:
     """The default --max-batch (module docstring): rows whose worst-case KV cache fits the `--cache-mb` budget."""
     if engine.loaded.device != "cuda":
         return CPU_MAX_BATCH

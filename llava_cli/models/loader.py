@@ -260,7 +260,9 @@ def check_mps(device: str, settings: Settings) -> None:
             f"{flag} needs bitsandbytes, which has no MPS backend; on Apple silicon drop it (float16 is used), or use --device cpu"
         )
     if settings.compile:
-        raise UsageError("--compile is not supported on MPS; drop it (Apple silicon decodes on the eager path)")
+        raise UsageError(
+            "--compile is not supported on MPS; drop it (Apple silicon decodes with the exact-shapes step)"
+        )
 
 
 def pick_dtype(requested: str, device: str, torch: Any) -> Any:
@@ -270,9 +272,9 @@ def pick_dtype(requested: str, device: str, torch: Any) -> Any:
 
 
 def pick_attention(requested: str) -> str:
-    """auto: SDPA. Both the default decode path and --compile keep a static cache whose empty and
-    stale slots only an attention mask hides; flash-attention takes none, so it runs only when asked
-    for (and then decoding keeps a growing dynamic cache without a CUDA graph)."""
+    """auto: SDPA. The decode step a GPU captures and --compile's run over whole buckets whose empty
+    columns only an attention mask hides; flash-attention takes none, so it runs only when asked for
+    (and then the step runs over exact shapes, without a CUDA graph)."""
     return "sdpa" if requested == "auto" else requested
 
 

@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 from llava_cli.base.errors import LlavaError
 from llava_cli.engine.backend import Done, TextChunk
 from llava_cli.engine.kvbudget import Full, KvBudget
-from llava_cli.engine.local import Engine, Stopped
+from llava_cli.engine.local import Engine
 from llava_cli.engine.logprobs import TokenLogprob, logprob_hook
 from llava_cli.engine.prefixpool import PrefixPool
+from llava_cli.engine.runner import Stopped
 from llava_cli.engine.scheduler import DecodeBatch, Sequence
 from llava_cli.engine.stops import StoppedStream, before_stop
 from llava_cli.engine.streaming import Stats, TextStream
