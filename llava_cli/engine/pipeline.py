@@ -111,8 +111,10 @@ def checked_argmax(logits: Any) -> list[int | None]:
     its per-row check in one host sync."""
     import torch
 
-    good = ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) & torch.isfinite(logits).any(dim=-1)
-    return [None if token < 0 else token for token in torch.where(good, logits.argmax(dim=-1), -1).tolist()]
+    # A row's max is NaN when it holds a NaN, +inf when it holds +inf and -inf when no score is finite:
+    # one reduction checks all three and gives the argmax.
+    top, tokens = logits.max(dim=-1)
+    return [None if token < 0 else token for token in torch.where(torch.isfinite(top), tokens, -1).tolist()]
 
 
 @dataclass
