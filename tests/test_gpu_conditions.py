@@ -36,7 +36,7 @@ def flash_installed(monkeypatch):
 
 
 def test_auto_attention_loads_sdpa_even_with_flash_installed(flash_installed, tiny_model):
-    # The default path and --compile both need an attention that masks a static cache: the model
+    # The bucketed step (a GPU's default) and --compile both need an attention that masks empty columns: the model
     # loaded with `--attn auto` runs SDPA, whatever is installed.
     loaded = load_model(Settings(model=str(tiny_model), attn="auto"))
     assert loaded.model.config._attn_implementation == "sdpa"
