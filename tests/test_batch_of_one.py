@@ -235,3 +235,18 @@ def test_ask_with_no_cuda_graph_answers_like_plain_generate(hf_home, images, ref
         result.stdout_text
         == reference.answer(render_llava15([("what is it?", 1, None)]), [images["green"]], MAX_NEW) + "\n"
     )
+
+
+def test_the_history_is_handed_to_the_next_turn_not_copied(loaded, settings):
+    """A chat never holds its conversation twice: the next turn's prefill starts from the history's own
+    tensors (views of its first columns), and the pool is empty until that answer's cache replaces it."""
+    engine, conversation = Engine(loaded), Conversation()
+    conversation.ask("tell me something")
+    answer_of(engine.generate(conversation, settings), conversation)
+    (entry,) = (held.entry for held in engine.history.entries.values())
+    conversation.ask("and more")
+    cache, keep, _ = engine.history.start(engine.encode(conversation))
+    assert 0 < keep < len(entry.ids) and engine.history.entries == {}
+    for given, held in zip(cache.layers, entry.kv.layers):
+        assert given.keys.untyped_storage().data_ptr() == held.keys.untyped_storage().data_ptr()
+        assert given.keys.shape[2] == keep

@@ -133,7 +133,7 @@ def test_generate_reserves_its_cache_and_refuses_an_answer_that_cannot_fit(tiny_
     conversation = Conversation(turns=[Turn(text="hi")])
     prompt_tokens = len(engine.encode(conversation).ids)
     engine.budget = KvBudget(kv_bytes_per_token(engine.model) * (prompt_tokens + BUDGET))
-    engine.history = PrefixPool(engine.budget, holder=HISTORY, most=1)  # the engine's own, on the new budget
+    engine.history = PrefixPool(engine.budget, history=True)  # the engine's own, on the new budget
     text, _ = answer_of(engine.generate(conversation, settings), conversation)
     assert text == alone(tiny_loaded, settings, "hi")
     (entry,) = (held.entry for held in engine.history.entries.values())

@@ -12,9 +12,9 @@ pipeline (engine/pipeline.py: sampler, constraint, stop texts, logprobs), exactl
 `ask --each` or `llava serve`. Greedy answers are the ones plain `model.generate` gives for the full
 prompt; seeded ones the ones every other path gives.
 
-Cache reuse: the batch's pool is the chat's history (`PrefixPool(holder=HISTORY, most=1)`): the cache of
-the last answer, prompt and answer, exactly the tokens and image digests it holds. The next turn starts
-from the longest common prefix (never splitting an image, never trusting one whose content changed) and
+Cache reuse: the batch's pool is the chat's history (`PrefixPool(history=True)`): the cache of the last
+answer, prompt and answer, exactly the tokens and image digests it holds. The next turn starts from
+(is handed, not a copy of) its longest common prefix (never splitting an image, never trusting one whose content changed) and
 runs only the new tokens; the vision tower sees only images that are not cached. A stopped answer
 leaves what it cached too. `reset` (/clear) forgets it.
 
@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from llava_cli.base.settings import Settings
 from llava_cli.engine.backend import Done, Events, Note, TextChunk
-from llava_cli.engine.kvbudget import CHAT, HISTORY
+from llava_cli.engine.kvbudget import CHAT
 from llava_cli.engine.logprobs import TokenLogprob, logprob_hook
 from llava_cli.engine.prefixpool import PrefixPool
 from llava_cli.engine.runner import Runner, Stopped, dropped_note
@@ -47,7 +47,7 @@ class Engine(Runner):
 
     def __init__(self, loaded: LoadedModel, cache_mb: int | None = None) -> None:
         super().__init__(loaded, cache_mb)
-        self.history = PrefixPool(self.budget, holder=HISTORY, most=1)
+        self.history = PrefixPool(self.budget, history=True)
         self.batch: DecodeBatch | None = None  # made by the first answer, for its --compile
 
     def batch_for(self, settings: Settings) -> DecodeBatch:

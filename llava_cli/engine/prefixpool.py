@@ -17,8 +17,10 @@ needs the room. `PrefixPool(None)`, or a budget without a cap (`--cache-mb 0`), 
   prompt tokens then its answer's, no padding) in place of the entry with key `replaces` and of
   the entries whose tokens and images it extends, so a chat holds one entry, not one per turn.
   Chats that only share a beginning (the prompt format, a system prompt) keep their own entries.
-- `PrefixPool(budget, holder=HISTORY, most=1)` is a chat's own history (engine/local.py): one entry,
-  kept whatever the budget's cap (`--cache-mb 0` included), given back when a running answer needs the room.
+- `PrefixPool(budget, history=True)` is a chat's own history (engine/local.py), `HISTORY` in the budget:
+  one entry, kept whatever the budget's cap (`--cache-mb 0` included), given back when a running answer
+  needs the room. Only its own next turn continues it, so `start` hands the entry over instead of
+  copying it (its first `keep` columns) and empties the pool: a chat never holds its conversation twice.
 - Scopes (`use_scope(scope)` before `start`): an entry is reused only by prompts of the scope that
   made it (`llava serve`: the API key and the request's `cache_salt`), so cached tokens and timing
   never tell one client what another sent. `source` is opaque: it carries the scope to `keep`.
@@ -31,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.engine.kvbudget import POOL, KvBudget
+from llava_cli.engine.kvbudget import HISTORY, POOL, KvBudget
 from llava_cli.engine.kvrows import nbytes, new_cache, prefix_of
 from llava_cli.engine.runner import PrefixCache, Prompt
 
@@ -45,24 +47,23 @@ class Held:
 
 
 class PrefixPool:
-    def __init__(self, budget: KvBudget | None, holder: str = POOL, most: int | None = None) -> None:
-        """`holder`: the name its bytes have in `budget`; `most`: keep at most this many entries, then
-        also under a budget without a cap (the module docstring)."""
+    def __init__(self, budget: KvBudget | None, history: bool = False) -> None:
+        """`history`: a chat's own history, not serve's pool (the module docstring)."""
         self.budget = budget
-        self.holder = holder
-        self.most = most
+        self.history = history
+        self.holder = HISTORY if history else POOL
         self.entries: dict[int, Held] = {}  # by key, least recently used first
         self.keys = (
             itertools.count()
         )  # a key, not the entry, names a source: an answer must not keep an evicted cache alive
         self.scope = ""  # of the next `start`
         if budget is not None:
-            budget.evictable(holder, self.evict)
+            budget.evictable(self.holder, self.evict)
 
     @property
     def keeps(self) -> bool:
-        """Whether this pool keeps anything: a capped budget, or a count of entries (`most`)."""
-        return self.budget is not None and (self.budget.limit_bytes is not None or self.most is not None)
+        """Whether this pool keeps anything: a chat's history, or serve's pool under a capped budget."""
+        return self.budget is not None and (self.budget.limit_bytes is not None or self.history)
 
     def use_scope(self, scope: str) -> None:
         self.scope = scope
@@ -76,10 +77,22 @@ class PrefixPool:
         for key, held in self.entries.items():
             if held.scope == self.scope and (reusable := held.entry.reusable_prefix(prompt)) > keep:
                 best, keep = key, reusable
+        if self.history:
+            return self.hand_over(best, keep)
         if best is None:
             return new_cache(), 0, (self.scope, None)
         held = self.entries[best] = self.entries.pop(best)  # now the most recently used
         return prefix_of(held.entry.kv, keep), keep, (self.scope, best if keep >= held.prompt_tokens else None)
+
+    def hand_over(self, best: int | None, keep: int) -> tuple[Any, int, tuple[str, int | None]]:
+        """A history's `start`: the entry's first `keep` columns themselves (views: the prefill's writes make
+        new tensors), and the pool emptied, since the answer's own cache replaces whatever it held."""
+        held = self.entries.get(best) if best is not None else None
+        self.clear()
+        if held is None:
+            return new_cache(), 0, (self.scope, None)
+        kv = new_cache([(layer.keys[:, :, :keep], layer.values[:, :, :keep]) for layer in held.entry.kv.layers])
+        return kv, keep, (self.scope, None)
 
     def keep(self, entry: PrefixCache, prompt_tokens: int, source: tuple[str, int | None] | None = None) -> None:
         if not self.keeps:
@@ -94,7 +107,7 @@ class PrefixPool:
             if key != replaces and not (held.scope == scope and extends(entry, held.entry))
         }
         self.entries[next(self.keys)] = Held(entry, size, prompt_tokens, scope)
-        while self.most is not None and len(self.entries) > self.most:
+        while self.history and len(self.entries) > 1:
             del self.entries[next(iter(self.entries))]
         self.within(self.room())
 
