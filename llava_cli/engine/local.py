@@ -101,10 +101,8 @@ class Engine(Runner):
                 if sequence.ended or stop():
                     break
                 batch.step()
-        finally:
-            batch.remove(
-                sequence, keep=True
-            )  # stopped, closed or failed midway: what it cached stays for the next turn
+        finally:  # stopped, closed or failed midway: what it cached stays for the next turn
+            batch.remove(sequence, keep=True)
         if sequence.error is not None:
             raise sequence.error
         if not sequence.finish_reason:
