@@ -111,7 +111,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def good_images(images, tmp_path_factory) -> list[str]:
-    """Sixteen distinct files cycling through the test images: four blocks, so a kill lands mid-run."""
+    """Sixteen distinct files cycling through the test images, so a kill lands mid-run."""
     return list(map(str, copies(images, tmp_path_factory.mktemp("good"), 16)))
 
 
@@ -186,18 +186,24 @@ def test_ray_each_with_two_actors_writes_the_lines_of_local_each(
 def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny_model, good_images, local_good, tmp_path):
     address, session = cluster
     output = tmp_path / "answers.jsonl"
+    # One image per block: sixteen blocks, so the kill lands mid-run however fast the answers come.
     run = subprocess.Popen(
-        llava_process(*ask_each(tiny_model, good_images, "--ray", address, "--actors", 2, "-o", output)),
+        llava_process(
+            *ask_each(tiny_model, good_images, "--ray", address, "--actors", 2, "--batch-size", 1, "-o", output)
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=cli_env(),
         preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 240
+    actors: list[int] = []
+    while not actors and time.monotonic() < deadline:  # found before the first answer: the kill follows it at once
+        actors = [pid for pid in processes_of_session(session) if ACTOR_TITLE in command_line(pid)]
+        time.sleep(0.01)
+    assert actors, "no actor process found"
     while not (output.exists() and output.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
         time.sleep(0.01)
-    actors = [pid for pid in processes_of_session(session) if ACTOR_TITLE in command_line(pid)]
-    assert actors, "no actor process found"
     os.kill(actors[0], signal.SIGKILL)
     written_before = output.read_bytes().count(b"\n")
     stdout, stderr = run.communicate(timeout=300)
