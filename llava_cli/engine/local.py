@@ -33,10 +33,9 @@ from collections.abc import Callable
 from llava_cli.base.settings import Settings
 from llava_cli.engine.backend import Done, Events, Note, TextChunk
 from llava_cli.engine.kvbudget import CHAT
-from llava_cli.engine.logprobs import TokenLogprob, logprob_hook
 from llava_cli.engine.prefixpool import PrefixPool
 from llava_cli.engine.runner import Runner, Stopped, dropped_note
-from llava_cli.engine.scheduler import DecodeBatch, Sequence
+from llava_cli.engine.scheduler import DecodeBatch
 from llava_cli.engine.streaming import Stats
 from llava_cli.models.loader import LoadedModel
 from llava_cli.prompt.conversation import Conversation
@@ -111,7 +110,7 @@ class Engine(Runner):
         if tail := stream.finish():
             yield TextChunk(tail)
         stats.end(len(sequence.tokens), sequence.finish_reason, time.perf_counter() - started, self.peak_memory_mb())
-        yield Done(stats, self.logprobs_of(sequence), answer=stream.text.strip())
+        yield Done(stats, sequence.logprobs or (), answer=stream.text.strip())
 
     @staticmethod
     def verbose_notes(batch: DecodeBatch, settings: Settings) -> Events:
@@ -119,8 +118,3 @@ class Engine(Runner):
         notes = batch.take_notes()
         if settings.verbose:
             yield from (Note(note) for note in notes)
-
-    @staticmethod
-    def logprobs_of(sequence: Sequence) -> tuple[TokenLogprob, ...]:
-        recorded = logprob_hook(sequence.sampler.hooks)
-        return tuple(recorded.tokens) if recorded else ()

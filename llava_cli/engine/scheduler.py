@@ -129,6 +129,12 @@ class Sequence:
     def cached_ids(self) -> list[int]:
         return (self.prompt_ids + self.row.tokens)[: self.length]
 
+    @property
+    def logprobs(self) -> tuple[TokenLogprob, ...] | None:
+        """Each token's logprobs so far, when its settings ask for them (`Settings.logprobs`), else None."""
+        recorded = logprob_hook(self.sampler.hooks)
+        return None if recorded is None else tuple(recorded.tokens)
+
 
 class DecodeBatch:
     def __init__(
@@ -610,7 +616,6 @@ def answers_in_order(
     held: tuple[int, Callable[[], Prompt]] | None = None  # made, waiting for room in the budget
 
     def end(sequence: Sequence, index: int, started: float, videos: tuple[dict[str, Any], ...]) -> None:
-        recorded = logprob_hook(sequence.sampler.hooks)
         done[index] = sequence.error or BatchAnswer(
             before_stop(engine.decode(sequence.row.tokens), settings.stop),
             len(sequence.prompt_ids),
@@ -618,7 +623,7 @@ def answers_in_order(
             sequence.row.finish_reason,
             time.perf_counter() - started,
             videos,
-            None if recorded is None else tuple(recorded.tokens),
+            sequence.logprobs,
         )
 
     while True:

@@ -292,8 +292,7 @@ class Worker:
         if rest or tail:  # a stream's last tokens may show no text (a stop held them back)
             answer.emit(TextChunk(tail, rest))
         self.answers.remove(answer)
-        recorded = logprob_hook(sequence.sampler.hooks)
-        self.end(answer, Done(self.figures(answer), tuple(recorded.tokens) if recorded else ()))
+        self.end(answer, Done(self.figures(answer), sequence.logprobs or ()))
 
     def unreported(self, answer: ServedAnswer) -> tuple[TokenLogprob, ...]:
         """The logprobs of the tokens pushed so far and not yet sent (none unless asked for)."""
