@@ -345,9 +345,9 @@ class DecodeBatch:
         )
         tokens = [sequence.row.tokens[-1] for sequence in sequences]
         lengths = [sequence.length for sequence in sequences]
-        inputs = step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device)
-        if all(length == self.width for length in lengths):
-            inputs.mask = None  # no row has padding (a batch of one never has): a one-token query needs no mask
+        # No row with padding (a batch of one never has any): a one-token query needs no mask.
+        padded = any(length != self.width for length in lengths)
+        inputs = step_inputs(tokens, lengths, self.width, self.width + 1, self.model.device, masked=padded)
         try:
             return forward(self.model, self.live_slots.cache, inputs, {})
         finally:
@@ -496,17 +496,20 @@ def compiled(model: Any) -> Any:
     return torch.compile(model.__call__, dynamic=False, fullgraph=False)
 
 
-def step_inputs(tokens: list[int], lengths: list[int], width: int, visible: int, device: Any) -> PaddedBatch:
+def step_inputs(
+    tokens: list[int], lengths: list[int], width: int, visible: int, device: Any, masked: bool = True
+) -> PaddedBatch:
     """Each row's newest token (written at column `width`) at its own position, the mask over `visible`
     columns showing each row its own tokens and the new one only (rows past `tokens` are empty slots:
-    they see their new column alone, so their scores stay finite)."""
+    they see their new column alone, so their scores stay finite); no mask unless `masked`."""
     import torch
 
-    rows = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
-    column = torch.arange(visible).unsqueeze(0)
-    mask = ((column >= width - rows) & (column <= width)).long()
-    inputs = PaddedBatch(torch.tensor(tokens).unsqueeze(1), mask, rows)
-    return PaddedBatch(*(tensor.to(device) for tensor in (inputs.ids, inputs.mask, inputs.positions)))
+    rows = torch.tensor(lengths, dtype=torch.long, device=device).unsqueeze(1)
+    ids = torch.tensor(tokens, device=device).unsqueeze(1)
+    if not masked:
+        return PaddedBatch(ids, None, rows)
+    column = torch.arange(visible, device=device).unsqueeze(0)
+    return PaddedBatch(ids, ((column >= width - rows) & (column <= width)).long(), rows)
 
 
 class CapturedStep:
