@@ -51,7 +51,6 @@ class PrefixPool:
         """`history`: a chat's own history, not serve's pool (the module docstring)."""
         self.budget = budget
         self.history = history
-        self.holder = HISTORY if history else POOL
         self.entries: dict[int, Held] = {}  # by key, least recently used first
         self.keys = (
             itertools.count()
@@ -59,6 +58,11 @@ class PrefixPool:
         self.scope = ""  # of the next `start`
         if budget is not None:
             budget.evictable(self.holder, self.evict)
+
+    @property
+    def holder(self) -> str:
+        """The name its bytes have in the budget."""
+        return HISTORY if self.history else POOL
 
     @property
     def keeps(self) -> bool:
